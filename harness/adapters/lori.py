@@ -1,0 +1,253 @@
+"""LoRI on PEFT's LoRA layers: W = W0 + s·(B ⊙ M)·A with A frozen and random, B trained under M.
+
+Methods (same rank, alpha and targets, so comparisons are fair):
+- lora:   PEFT LoRA, A and B trained; one adapter continued across the sequence (SeqLoRA).
+- lori-d: A frozen, B dense.
+- lori-s: A frozen, B trained only where the task's mask is 1.
+
+A modes for lori-*: `shared` (one adapter for the whole sequence; task t trains B under M_t and
+every other entry stays bit-identical) or `per_task` (adapter `task<t>` with its own seeded A_t and
+B_t; all are active; only B_t trains). A is seeded from (run seed, task index, module key) and
+stored with the adapter.
+
+Enforcement of a mask is exact whatever the optimizer does: a gradient hook zeroes the gradient
+outside M_t (so clipping sees the masked gradient), and after every optimizer step the entries
+outside M_t are copied back from the stage-start snapshot (AdamW's decoupled weight decay would
+otherwise move them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file, save_file
+
+from harness.adapters import masks as M
+from harness.errors import HarnessError
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts, stable across processes and Python versions (unlike hash())."""
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def init_A(shape: tuple[int, int], *, init: str, seed: int, task: int, key: str) -> torch.Tensor:
+    """Seeded frozen projection (r x d_in), generated in fp32 on CPU so every device gets the same A."""
+    g = torch.Generator().manual_seed(stable_seed(seed, task, key))
+    d_in = shape[1]
+    if init == "kaiming_uniform":
+        # PEFT's default LoRA-A init (kaiming_uniform, a=sqrt(5)) is U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        bound = 1.0 / math.sqrt(d_in)
+        return (torch.rand(shape, generator=g) * 2 - 1) * bound
+    if init == "gaussian":
+        # Same variance as the uniform init: 1 / (3 d_in).
+        return torch.randn(shape, generator=g) / math.sqrt(3 * d_in)
+    raise ValueError(f"unknown a_init {init!r}")
+
+
+def b_key(module_name: str) -> str:
+    """Key of a module's lora_B weight in PEFT's saved adapter file (adapter name stripped)."""
+    return f"{module_name}.lora_B.weight"
+
+
+def a_key(module_name: str) -> str:
+    return f"{module_name}.lora_A.weight"
+
+
+class MaskEnforcer:
+    """Keep B's entries outside the mask bit-identical to their stage-start values, exactly."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], masks: M.Masks):
+        self.params = params
+        self.masks = {k: masks[k].to(p.device) for k, p in params.items()}
+        self.snapshot = {k: p.detach().clone() for k, p in params.items()}
+        self.hooks = [p.register_hook(self._hook(k)) for k, p in params.items()]
+
+    def _hook(self, key: str):
+        mask = self.masks[key]
+
+        def fn(grad: torch.Tensor) -> torch.Tensor:
+            return grad * mask.to(grad.dtype)
+
+        return fn
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for k, p in self.params.items():
+            p.copy_(torch.where(self.masks[k], p, self.snapshot[k]))
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+class AdapterSequence:
+    """The adapters of one sequence on one base model: create per task, freeze, save, load."""
+
+    def __init__(
+        self,
+        base_model: torch.nn.Module,
+        *,
+        method: str,
+        rank: int,
+        alpha: float,
+        targets: list[str],
+        a_init: str = "kaiming_uniform",
+        a_mode: str = "shared",
+        seed: int = 0,
+    ):
+        if method not in ("lora", "lori-d", "lori-s"):
+            raise HarnessError(f"unknown method {method!r}: use lora, lori-d or lori-s")
+        self.method, self.rank, self.alpha, self.targets = method, rank, alpha, list(targets)
+        self.a_init, self.seed = a_init, seed
+        self.a_mode = a_mode if method != "lora" else "shared"
+        self.base_model = base_model
+        self.model: PeftModel | None = None
+        self.adapters: list[str] = []  # in task order (one entry in shared mode)
+        self.task_masks: list[M.Masks] = []  # M_1..M_t (lori-s), keyed by b_key
+
+    # --- structure -------------------------------------------------------------------------------
+    def _lora_config(self) -> LoraConfig:
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.targets, lora_dropout=0.0, bias="none")
+
+    def adapter_for_task(self, t: int) -> str:
+        return f"task{t}" if self.a_mode == "per_task" else "default"
+
+    def layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        assert self.model is not None
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, LoraLayer):
+                yield name, mod
+
+    def b_shapes(self) -> dict[str, tuple[int, int]]:
+        return {b_key(n): tuple(m.lora_B[self.adapters[-1]].weight.shape) for n, m in self.layers()}
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_out, d_in) of every adapted module."""
+        return {n: (m.out_features, m.in_features) for n, m in self.layers()}
+
+    def begin_task(self, t: int) -> str:
+        """Make the adapter that task t (1-based) trains; set requires_grad for exactly what trains."""
+        name = self.adapter_for_task(t)
+        if self.model is None:
+            try:
+                self.model = get_peft_model(self.base_model, self._lora_config(), adapter_name=name)
+            except ValueError as exc:
+                raise HarnessError(
+                    f"cannot attach adapters to targets {self.targets}: {exc}. Set `targets` to module names "
+                    "that exist in this model (e.g. q_proj,v_proj)."
+                ) from None
+            self._init_adapter(name, t)
+            self.adapters.append(name)
+        elif name not in self.adapters:
+            self.model.add_adapter(name, self._lora_config())
+            self._init_adapter(name, t)
+            self.adapters.append(name)
+        # All adapters active (per_task: ΔW = Σ_t s (B_t ⊙ M_t) A_t); set_adapter re-enables grads,
+        # so the freezing below must come after it.
+        self.model.base_model.set_adapter(list(self.adapters))
+        self.freeze_for(name)
+        return name
+
+    @torch.no_grad()
+    def _init_adapter(self, name: str, t: int) -> None:
+        for mod_name, layer in self.layers():
+            A = layer.lora_A[name].weight
+            A.copy_(init_A(tuple(A.shape), init=self.a_init, seed=self.seed, task=t if self.a_mode == "per_task" else 1, key=mod_name))
+            layer.lora_B[name].weight.zero_()
+
+    def freeze_for(self, trained: str) -> None:
+        """Only the current adapter's B (and A for lora) require grad; assert it."""
+        assert self.model is not None
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(False)
+        for _, layer in self.layers():
+            layer.lora_B[trained].weight.requires_grad_(True)
+            if self.method == "lora":
+                layer.lora_A[trained].weight.requires_grad_(True)
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                assert (f"lora_B.{trained}." in n) or (self.method == "lora" and f"lora_A.{trained}." in n), n
+
+    def b_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
+        return {b_key(n): layer.lora_B[adapter].weight for n, layer in self.layers()}
+
+    def a_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
+        return {b_key(n): layer.lora_A[adapter].weight.detach() for n, layer in self.layers()}
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        assert self.model is not None
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- accounting ------------------------------------------------------------------------------
+    def param_counts(self, stage_masks: M.Masks | None) -> dict[str, int]:
+        """Effective trainable parameters of one stage (mask-aware) and the LoRA equivalent."""
+        counts = M.count_params(self.linear_shapes(), self.rank)
+        if self.method == "lora":
+            eff = counts["lora"]
+        elif self.method == "lori-d":
+            eff = counts["lori_d"]
+        else:
+            eff = M.mask_nnz(stage_masks or {})
+        return {"trainable_params_effective": eff, "trainable_params_lora_equivalent": counts["lora"]}
+
+    # --- persistence -----------------------------------------------------------------------------
+    def save(self, folder: Path, stage_masks: M.Masks | None) -> None:
+        """Adapter weights (PEFT layout, safetensors) + this stage's mask under the lora_B keys."""
+        assert self.model is not None
+        self.model.save_pretrained(str(folder / "adapter"), selected_adapters=list(self.adapters), safe_serialization=True)
+        if stage_masks is not None:
+            save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in stage_masks.items()}, str(folder / "masks.safetensors"))
+        meta = {"method": self.method, "a_mode": self.a_mode, "adapters": self.adapters, "rank": self.rank, "alpha": self.alpha}
+        (folder / "adapters.json").write_text(json.dumps(meta, indent=2))
+
+    @staticmethod
+    def adapter_file(folder: Path, adapter: str) -> Path:
+        # PEFT stores the "default" adapter at the root, others in a sub-folder named after them.
+        root = folder / "adapter"
+        return root / "adapter_model.safetensors" if adapter == "default" else root / adapter / "adapter_model.safetensors"
+
+    @staticmethod
+    def load_masks(folder: Path) -> M.Masks | None:
+        p = folder / "masks.safetensors"
+        if not p.exists():
+            return None
+        return {k: v.bool() for k, v in load_file(str(p)).items()}
+
+    @torch.no_grad()
+    def load_weights(self, folder: Path) -> None:
+        """Load every adapter's tensors from a stage folder; shapes and keys must match exactly."""
+        assert self.model is not None
+        for name in self.adapters:
+            path = self.adapter_file(folder, name)
+            if not path.exists():
+                raise HarnessError(f"{path}: adapter file missing; the stage folder is incomplete. Delete it to redo the stage.")
+            sd = load_file(str(path))
+            expected = get_peft_model_state_dict(self.model, adapter_name=name)
+            missing = set(expected) - set(sd)
+            bad = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+            if missing or bad:
+                raise HarnessError(
+                    f"{path}: does not match this config's adapters (missing keys: {sorted(missing)[:3]}, "
+                    f"shape mismatches: {bad[:3]}). Was it written with another model, rank or targets?"
+                )
+            set_peft_model_state_dict(self.model, sd, adapter_name=name)
+        self.model.base_model.set_adapter(list(self.adapters))
+
+    def unload(self) -> torch.nn.Module:
+        """Remove the adapters and return the untouched base model (for the next sequence)."""
+        assert self.model is not None
+        base = self.model.unload()
+        self.model = None
+        self.adapters = []
+        return base
+

@@ -1,0 +1,214 @@
+"""`harness` command line. Flags for `run` and `validate` are generated from ExperimentConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from harness.errors import HarnessError
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from harness.config import cli_fields
+
+    g = p.add_argument_group("experiment knobs (override the YAML config; lists are comma-separated)")
+    for name, field in cli_fields():
+        default = field.default
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=name.upper().replace("_", "-"),
+                       help=f"{field.description} [default: {shown}]")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from harness.config import ExperimentConfig, parse_cli_value
+
+    return {k: parse_cli_value(k, v) for k, v in vars(args).items() if k in ExperimentConfig.model_fields}
+
+
+def _print_table(results: list[dict]) -> None:
+    import statistics as st
+
+    by: dict[str, list[dict]] = {}
+    for r in results:
+        by.setdefault(r["method"], []).append(r)
+    cols = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting")]
+    head = f"{'method':<10}" + "".join(f"{c[1]:>16}" for c in cols) + f"{'trainable':>14}{'LoRA-equiv':>14}{'runs':>6}"
+    print(head)
+    print("-" * len(head))
+    for method, rs in by.items():
+        cells = []
+        for key, _ in cols:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            if not vals:
+                cells.append(f"{'n/a':>16}")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:>16.3f}")
+            else:
+                cells.append(f"{st.mean(vals):>9.3f} ± {st.stdev(vals):.3f}")
+        eff = rs[0].get("trainable_params_effective", 0)
+        lora = rs[0].get("trainable_params_lora_equivalent", 0)
+        print(f"{method:<10}" + "".join(cells) + f"{eff:>14,}{lora:>14,}{len(rs):>6}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.scheduler import experiment_dir, install_signal_handlers, run_experiment
+
+    cfg = load_config(args.config, _overrides(args))
+    install_signal_handlers()
+    results = run_experiment(cfg, progress=not args.no_progress)
+    return _after_run(cfg, results, args)
+
+
+def _after_run(cfg, results, args) -> int:
+    from harness.scheduler import experiment_dir
+    from harness.tracking import default_tracking_uri
+
+    print()
+    _print_table(results)
+    print()
+    print(f"run folders: {experiment_dir(cfg)}")
+    print(f"MLflow store: {default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)}  (browse: make dashboard)")
+    if not getattr(args, "no_report", False):
+        from harness.report import write_report
+
+        index = write_report(cfg.experiment_name, Path(cfg.results_dir), cfg.tracking_uri)
+        print(f"report: {index}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.scheduler import install_signal_handlers, plan, run_experiment
+    from harness.suites import load_suite
+
+    run_dir = Path(args.run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise HarnessError(f"{run_dir}: no config.yaml here. Pass a sequence folder (results/<experiment>/<method>/seed-<s>) "
+                           "or an experiment folder (results/<experiment>).")
+    import yaml
+
+    data = yaml.safe_load(cfg_path.read_text()) or {}
+    seq = data.pop("sequence", None)
+    # The run folder's own location wins over a results_dir recorded elsewhere (folders can be moved).
+    levels = 1 + (2 if seq else 0) + (1 if seq and len(data.get("orders", [0])) > 1 else 0)
+    data["results_dir"] = str(run_dir.resolve().parents[levels - 1])
+    if seq:
+        data["methods"] = [seq["method"]]
+        data["seeds"] = [seq["seed"]]
+        data["orders"] = [seq["order_index"]]
+    cfg = load_config(None, {**data, **_overrides(args)})
+    install_signal_handlers()
+    results = run_experiment(cfg, progress=not args.no_progress)
+    return _after_run(cfg, results, args)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    if args.suite_only:
+        from harness.suites import validate_suite
+
+        suite = validate_suite(args.suite_only)
+        print(f"suite {suite.name}: OK ({len(suite.tasks)} tasks, {len(suite.orders)} order(s))")
+        return 0
+    from harness.config import load_config
+    from harness.scheduler import validate
+
+    cfg = load_config(args.config, _overrides(args))
+    suite, specs, uri = validate(cfg)
+    print(f"config OK: experiment {cfg.experiment_name}, {len(specs)} sequence(s) of {len(specs[0].tasks)} tasks, "
+          f"suite {suite.name}, model {cfg.model}, tracking {uri}")
+    return 0
+
+
+def cmd_suites(args: argparse.Namespace) -> int:
+    from harness.suites import list_suites
+
+    rows = list_suites()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'suite':<16}{'tasks':>6}{'orders':>8}  description")
+    for r in rows:
+        desc = (r.get("description") or "").strip().split("\n")[0][:70]
+        print(f"{r['name']:<16}{r['n_tasks']:>6}{r['n_orders']:>8}  {desc}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from harness.report import write_report
+
+    index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
+    print(f"report: {index}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from harness.dashboard import serve_dashboard
+
+    return serve_dashboard(Path(args.results_dir), port=args.port, tracking_uri=args.tracking_uri)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Continual-learning harness: LoRI vs LoRA adapters on task sequences.")
+    p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", help="Run an experiment (every method x seed x task order); finished stages are skipped.")
+    r.add_argument("config", nargs="?", help="Experiment YAML (optional; flags override it).")
+    r.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
+    r.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    _add_config_flags(r)
+    r.set_defaults(func=cmd_run)
+
+    rs = sub.add_parser("resume", help="Continue an interrupted run from its folder (sequence or experiment folder).")
+    rs.add_argument("run_dir", metavar="RUN_DIR")
+    rs.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
+    rs.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    rs.set_defaults(func=cmd_resume)
+
+    v = sub.add_parser("validate", help="Check a config (suite, model, capacity, paths, tracking) without training.")
+    v.add_argument("config", nargs="?", help="Experiment YAML (optional).")
+    v.add_argument("--suite-only", metavar="NAME_OR_PATH", help="Validate only a suite, thoroughly (data, labels, lm-eval tasks).")
+    _add_config_flags(v)
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("suites", help="List the task suites.")
+    s.add_argument("--json", action="store_true", help="Machine-readable output.")
+    s.set_defaults(func=cmd_suites)
+
+    rep = sub.add_parser("report", help="Write the forgetting report (HTML + PNG + CSV/JSON) from the MLflow store.")
+    rep.add_argument("experiment", nargs="?", help="Experiment name (default: the only one in the store).")
+    rep.add_argument("--results-dir", default="results", help="Results folder [default: results].")
+    rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or the sqlite store].")
+    rep.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("dashboard", help="Serve the MLflow UI over the results store on 127.0.0.1.")
+    d.add_argument("--results-dir", default="results", help="Results folder [default: results].")
+    d.add_argument("--port", type=int, default=5000, help="Port [default: 5000].")
+    d.add_argument("--tracking-uri", default=None, help="Store to serve [default: the sqlite store under --results-dir].")
+    d.set_defaults(func=cmd_dashboard)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        print(f"interrupted ({exc or 'Ctrl-C'}): finished stages are kept; continue with `harness resume RUN_DIR`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Every knob of an experiment, defined once: type, default, help. CLI flags and docs read it here.
+
+An experiment config is YAML (yaml.safe_load) whose keys are the fields below; CLI flags
+(`--field-name`) override YAML; the result is validated before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import ConfigError
+
+METHODS = ("lora", "lori-d", "lori-s")
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ExperimentConfig(BaseModel):
+    """A continual-learning experiment: methods x seeds x task orders over one suite and model."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- what to run -------------------------------------------------------------------------
+    experiment: str | None = Field(
+        None, description="MLflow experiment and results sub-folder name (default: <suite>-<model>)."
+    )
+    suite: str = Field("default", description="Task suite: a name under task_suites/ or a path to a suite folder.")
+    model: str = Field(
+        "smollm2-135m",
+        description="Base model: smollm2-135m (embedded), tiny-llama[-256] (tests), an HF hub id or a local path.",
+    )
+    methods: list[Literal["lora", "lori-d", "lori-s"]] = Field(
+        ["lori-s", "lora"], description="Adapter methods to compare (comma-separated): lora, lori-d, lori-s."
+    )
+    seeds: list[int] = Field([0], description="Seeds (comma-separated); each is a full sequence.")
+    orders: list[int] = Field([0], description="Indices of the suite's task orders to run (comma-separated).")
+    tasks: list[str] | None = Field(
+        None, description="Restrict each order to these tasks (comma-separated; order kept). Default: all."
+    )
+
+    # --- where things go ---------------------------------------------------------------------
+    results_dir: Path = Field(Path("results"), description="Folder for run folders, mlflow.db and reports.")
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///<results-dir>/mlflow.db).",
+    )
+    cache_dir: Path | None = Field(None, description="Model cache folder (default: ~/.cache/lori-harness).")
+
+    # --- hardware ----------------------------------------------------------------------------
+    device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", description="Model weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+    bf16_autocast: bool = Field(False, description="On CPU: run forward/backward under bf16 autocast (faster).")
+    trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+
+    # --- adapters (same for every method so comparisons are fair) ---------------------------
+    rank: int = Field(8, ge=1, description="Adapter rank r.")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator; s = alpha / r (default 2r, as LoRI).")
+    targets: list[str] = Field(DEFAULT_TARGETS, description="Module names to adapt (comma-separated).")
+
+    # --- LoRI ----------------------------------------------------------------------------------
+    a_init: Literal["kaiming_uniform", "gaussian"] = Field(
+        "kaiming_uniform", description="Init of the frozen random projection A (kaiming_uniform = reference code)."
+    )
+    a_mode: Literal["shared", "per_task"] = Field(
+        "shared", description="shared: one frozen A, one adapter continued; per_task: a fresh A_t and B_t per task."
+    )
+    mask_strategy: Literal["random", "magnitude"] = Field(
+        "random", description="lori-s masks: random (uniform) or magnitude (calibrate LoRI-D, keep top-k |B|)."
+    )
+    mask_density: float = Field(0.1, gt=0, le=1, description="Fraction of B entries trainable per task (lori-s).")
+    mask_scope: Literal["global", "module"] = Field(
+        "global", description="Magnitude top-k across all modules (global, as the paper) or per module."
+    )
+    calibration_steps: int | None = Field(
+        None, ge=1, description="LoRI-D steps to calibrate a magnitude mask (default: the task's full budget)."
+    )
+    overlap_policy: Literal["disjoint", "max_overlap", "independent"] = Field(
+        "disjoint", description="How task t's mask may reuse positions of earlier masks."
+    )
+    max_overlap: float = Field(
+        0.0, ge=0, le=1, description="With overlap_policy max_overlap: max fraction of M_t already used earlier."
+    )
+
+    # --- training budget (default: the suite's recommendation) ------------------------------
+    epochs: float | None = Field(None, gt=0, description="Epochs per task (default: suite budget).")
+    max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per task.")
+    batch_size: int | None = Field(None, ge=1, description="Training batch size (default: suite budget).")
+    max_seq_len: int | None = Field(None, ge=8, description="Truncate training sequences to this many tokens.")
+    lr_lora: float = Field(1e-3, gt=0, description="Learning rate for lora.")
+    lr_lori_d: float = Field(1e-3, gt=0, description="Learning rate for lori-d.")
+    lr_lori_s: float = Field(1e-2, gt=0, description="Learning rate for lori-s (about 10x lori-d, as the paper).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (masks stay exact either way).")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off); sees the masked gradient.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps per stage.")
+    train_limit: int | None = Field(None, ge=1, description="Use at most N training examples per task.")
+
+    # --- evaluation --------------------------------------------------------------------------
+    eval_scope: Literal["seen", "all"] = Field(
+        "all", description="After stage t evaluate tasks 1..t (seen) or every task (all; needed for FWT)."
+    )
+    eval_limit: int | None = Field(None, ge=1, description="Evaluate at most N test examples per task.")
+    eval_batch_size: int = Field(32, ge=1, description="lm-eval batch size.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one target module is needed")
+        return v
+
+    @field_validator("methods", "seeds", "orders")
+    @classmethod
+    def _nonempty_unique(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("must not be empty")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicates in {v}")
+        return v
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
+        return v
+
+    @model_validator(mode="after")
+    def _overlap(self) -> "ExperimentConfig":
+        if self.overlap_policy != "max_overlap" and self.max_overlap not in (0.0,):
+            raise ValueError("max_overlap is only used with overlap_policy: max_overlap")
+        return self
+
+    # derived values ----------------------------------------------------------------------------
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def experiment_name(self) -> str:
+        if self.experiment:
+            return self.experiment
+        model = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(self.model).name if "/" in self.model else self.model)
+        suite = Path(self.suite).name
+        return f"{suite}-{model}"
+
+    def lr_for(self, method: str) -> float:
+        return {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[method]
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        return d
+
+
+def _field_is_list(name: str) -> bool:
+    ann = str(ExperimentConfig.model_fields[name].annotation)
+    return ann.startswith("list") or "list[" in ann
+
+
+def cli_fields() -> list[tuple[str, Any]]:
+    """(name, FieldInfo) for every knob, in definition order: the CLI builds its flags from this."""
+    return list(ExperimentConfig.model_fields.items())
+
+
+def parse_cli_value(name: str, raw: str) -> Any:
+    """Turn a CLI string into what the config field expects (comma lists, booleans); pydantic checks the rest."""
+    if _field_is_list(name):
+        return [x.strip() for x in raw.split(",") if x.strip()]
+    ann = str(ExperimentConfig.model_fields[name].annotation)
+    if ann == "<class 'bool'>":
+        low = raw.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        return raw  # let pydantic complain
+    if raw.lower() in ("none", "null") and "None" in ann:
+        return None
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str, cli_keys: set[str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
+        top = str(e["loc"][0]) if e["loc"] else ""
+        where = f"--{top.replace('_', '-')}" if top in cli_keys else f"{source}: {loc}"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            known = ", ".join(ExperimentConfig.model_fields)
+            msg = f"unknown key (known keys: {known})"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}; got {e.get('input')!r}"
+        lines.append(f"{where}: {msg}")
+    return "invalid experiment config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML config (optional), apply CLI overrides, validate; ConfigError names file and key."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found. Pass an existing YAML file, or omit it to use defaults.")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of config keys, got {type(loaded).__name__}")
+        data.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+    overrides = overrides or {}
+    data.update(overrides)
+    try:
+        return ExperimentConfig(**data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, set(overrides))) from None

@@ -1,0 +1,88 @@
+"""Evaluation through lm-evaluation-harness with the model (and its adapters) in memory.
+
+One TaskManager (include_defaults=False: indexing lm-eval's built-in tasks costs ~11 s per
+construction) serves the whole run. No request cache: lm-eval's cache keys ignore the weights, so
+a shared cache would return the previous stage's answers. Bootstrap is off per stage. HFLM puts the
+model in eval mode and never switches back, so train mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, float]  # task -> primary metric in [0, 1]
+    raw: dict[str, dict]  # task -> lm-eval's metric dict for that task
+    wall_s: float
+    n_examples: dict[str, int]
+
+
+class Evaluator:
+    """Scores a model on suite tasks via lm-eval's simple_evaluate."""
+
+    def __init__(self, suite, tokenizer, *, batch_size: int = 32, limit: int | None = None, max_length: int = 512):
+        from lm_eval.tasks import TaskManager
+
+        self.suite = suite
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.limit = limit
+        self.max_length = max_length
+        self.configs = suite.lm_eval_task_configs()
+        self.task_manager = TaskManager(include_defaults=False, include_path=str(suite.path))
+
+    def evaluate(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False) -> EvalResult:
+        """Primary metric per task; model.train() is restored afterwards whatever happens."""
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        was_training = model.training
+        t0 = time.perf_counter()
+        try:
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, max_length=self.max_length)
+            cfgs = [self.configs[t] for t in tasks]
+            ctx = (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if bf16_autocast and next(model.parameters()).device.type == "cpu"
+                else torch.autocast("cpu", enabled=False)
+            )
+            with ctx, torch.no_grad():
+                out = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=cfgs,
+                    task_manager=self.task_manager,
+                    limit=self.limit,
+                    bootstrap_iters=0,
+                    log_samples=False,
+                    use_cache=None,
+                    cache_requests=False,
+                    verbosity="ERROR",
+                    random_seed=0,
+                    numpy_random_seed=0,
+                    torch_random_seed=0,
+                    fewshot_random_seed=0,
+                )
+        finally:
+            model.train(was_training)
+        results = out["results"]
+        scores, raw, n = {}, {}, {}
+        for t in tasks:
+            spec = self.suite.task(t)
+            name = self.configs[t]["task"]
+            if name not in results:
+                raise RuntimeError(f"lm-eval returned no result for task {name!r} (got {sorted(results)})")
+            metric_key = spec.metric_key
+            if metric_key not in results[name]:
+                raise RuntimeError(f"lm-eval result for {name!r} has no metric {metric_key!r}: {sorted(results[name])}")
+            scores[t] = float(results[name][metric_key])
+            raw[t] = {k: v for k, v in results[name].items() if isinstance(v, (int, float, str))}
+            n[t] = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
+        return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n)

@@ -1,0 +1,177 @@
+"""MLflow: one experiment per config, a parent run per sequence, a child run per stage.
+
+The run folder is the source of truth; MLflow mirrors it. Every logging step here is idempotent
+(a resumed sequence re-logs only what is missing), and runs are always terminated FINISHED or
+FAILED. Metric names (the dashboard's compare view reads them):
+    parent: acc/<task> (step = stage), ACC, BWT, FWT, forgetting,
+            trainable_params_effective, trainable_params_lora_equivalent
+    child:  train/loss (step = optimizer step), stage_wall_s, train_s, eval_s, train_tok_s,
+            eval/<task>, mask/density, mask/nnz, mask/overlap_with_earlier
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+
+def default_tracking_uri(results_dir: Path, explicit: str | None) -> str:
+    """--tracking-uri, else MLFLOW_TRACKING_URI, else sqlite:///<results_dir>/mlflow.db."""
+    if explicit:
+        return explicit
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{(results_dir / 'mlflow.db').resolve()}"
+
+
+def is_local_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:///")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (TrackingError) on a tracking server that does not answer; writes nothing."""
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                if r.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered HTTP {r.status} on /health")
+        except (urllib.error.URLError, OSError) as exc:
+            raise TrackingError(
+                f"tracking server {uri} is unreachable ({getattr(exc, 'reason', exc)}). Start it "
+                "(`make dashboard` serves the local store), fix --tracking-uri / MLFLOW_TRACKING_URI, "
+                "or omit them to use the embedded sqlite store under the results folder."
+            ) from None
+    elif is_local_sqlite(uri):
+        db = Path(uri[len("sqlite:///"):])
+        parent = db.parent if db.parent != Path("") else Path(".")
+        probe = parent
+        while not probe.exists():
+            probe = probe.parent
+        if not os.access(probe, os.W_OK):
+            raise TrackingError(f"cannot write the MLflow store {db}: {probe} is not writable. Choose another --results-dir.")
+    elif uri.startswith("file:"):
+        pass
+    elif "://" not in uri:
+        raise TrackingError(f"tracking URI {uri!r} is not a URI: use sqlite:///ABS/path.db, http://host:port, or omit it")
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient with the project's run layout."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                kwargs = {}
+                if artifact_root is not None and not uri.startswith(("http://", "https://")):
+                    kwargs["artifact_location"] = (artifact_root / experiment).resolve().as_uri()
+                self.experiment_id = self.client.create_experiment(experiment, **kwargs)
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    self.client.restore_experiment(exp.experiment_id)
+                self.experiment_id = exp.experiment_id
+        except Exception as exc:  # MLflow raises many types for a bad store
+            raise TrackingError(f"cannot open MLflow experiment {experiment!r} at {uri}: {exc}") from None
+
+    # --- runs ------------------------------------------------------------------------------
+    def create_parent(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "harness.kind": "sequence"})
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def reopen(self, run_id: str) -> None:
+        """Mark a parent RUNNING again when a sequence resumes (same run, not a new one)."""
+        self.client.update_run(run_id, status="RUNNING")
+
+    def create_stage(self, parent_id: str, stage: int, task: str, tags: dict[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"stage-{stage}-{task}",
+            tags={**tags, "mlflow.parentRunId": parent_id, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task},
+        )
+        return run.info.run_id
+
+    def stage_children(self, parent_id: str) -> list:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
+        )
+
+    def drop_unfinished_children(self, parent_id: str, finished_stage_runs: set[str]) -> int:
+        """Delete child runs of stages that never finished (killed mid-stage), so no stage counts twice."""
+        n = 0
+        for r in self.stage_children(parent_id):
+            if r.info.run_id not in finished_stage_runs:
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+                self.client.delete_run(r.info.run_id)
+                n += 1
+        return n
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def status(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.status
+
+    # --- logging ---------------------------------------------------------------------------
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_series(self, run_id: str, key: str, values: list[float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(key, float(v), ts, i + 1) for i, v in enumerate(values)]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i : i + 500])
+
+    def log_metric_once(self, run_id: str, key: str, value: float, step: int) -> None:
+        """Log a point unless one already exists at this step (idempotent re-logging on resume)."""
+        hist = self.client.get_metric_history(run_id, key)
+        if any(m.step == step for m in hist):
+            return
+        self.log_metrics(run_id, {key: value}, step=step)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_json(self, run_id: str, obj: Any, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / name
+            p.write_text(json.dumps(obj, indent=2))
+            self.client.log_artifact(run_id, str(p))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, v)

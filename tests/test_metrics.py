@@ -1,0 +1,69 @@
+"""Continual-learning metrics against hand-computed values (formulas in harness/metrics.py)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from harness.metrics import acc, as_matrix, bwt, forgetting, fwt, summarize
+
+# Rows: stage 0 (base) .. 3; columns: tasks 1..3. Task 1 recovers at stage 2 (0.95 > 0.9).
+R3 = as_matrix([
+    [0.2, 0.1, 0.3],
+    [0.9, 0.2, 0.3],
+    [0.95, 0.8, 0.4],
+    [0.6, 0.5, 0.9],
+])
+
+
+def test_acc_is_mean_of_last_row():
+    assert acc(R3) == pytest.approx((0.6 + 0.5 + 0.9) / 3)
+
+
+def test_bwt_compares_final_with_just_after_training():
+    # ((0.6 - 0.9) + (0.5 - 0.8)) / 2
+    assert bwt(R3) == pytest.approx(-0.3)
+
+
+def test_fwt_compares_one_stage_early_with_base_model():
+    # ((R[1,2] - b_2) + (R[2,3] - b_3)) / 2 = ((0.2 - 0.1) + (0.4 - 0.3)) / 2
+    assert fwt(R3) == pytest.approx(0.1)
+
+
+def test_forgetting_uses_best_of_stages_1_to_T_minus_1():
+    # task 1: max(0.9, 0.95) - 0.6 = 0.35 ; task 2: max(0.2, 0.8) - 0.5 = 0.3
+    assert forgetting(R3) == pytest.approx(0.325)
+    assert forgetting(R3) != pytest.approx(-bwt(R3))
+
+
+def test_forgetting_excludes_stage_zero():
+    R = as_matrix([[0.9, 0.9], [0.5, 0.1], [0.4, 0.8]])
+    # Only stage 1 counts for task 1: 0.5 - 0.4, although the base model scored 0.9.
+    assert forgetting(R) == pytest.approx(0.1)
+
+
+def test_single_task_sequence_has_only_acc():
+    R = as_matrix([[0.1], [0.8]])
+    assert summarize(R) == {"ACC": pytest.approx(0.8), "BWT": None, "FWT": None, "forgetting": None}
+
+
+def test_fwt_undefined_when_future_tasks_not_evaluated():
+    R = as_matrix([[0.2, 0.1], [0.9, None], [0.7, 0.8]])
+    assert fwt(R) is None
+    assert bwt(R) == pytest.approx(-0.2)
+
+
+def test_forgetting_skips_stages_where_task_was_not_evaluated():
+    R = as_matrix([[0.2, 0.1, 0.0], [0.9, None, None], [0.8, 0.7, None], [0.5, 0.6, 0.9]])
+    # task 1: max(0.9, 0.8) - 0.5 = 0.4 ; task 2: only stage 2 seen: 0.7 - 0.6 = 0.1
+    assert forgetting(R) == pytest.approx(0.25)
+
+
+def test_missing_final_score_makes_acc_undefined():
+    R = as_matrix([[0.2, 0.1], [0.9, 0.1], [None, 0.8]])
+    assert acc(R) is None
+
+
+def test_shape_is_checked():
+    with pytest.raises(ValueError):
+        acc(np.zeros((3, 3)))
