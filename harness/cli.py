@@ -152,6 +152,23 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return serve_dashboard(Path(args.results_dir), port=args.port, tracking_uri=args.tracking_uri)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench import format_table, run_bench, write_json
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    bad = [m for m in methods if m not in ("base", "lora", "lori-d", "lori-s")]
+    if bad:
+        raise HarnessError(f"--methods: unknown {bad}; choose from base, lora, lori-d, lori-s")
+    res = run_bench(args.model, methods=methods, rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
+                    steps=args.steps, density=args.mask_density, device=args.device, dtype=args.dtype,
+                    bf16_autocast=args.bf16_autocast, targets=[t for t in args.targets.split(",") if t] if args.targets else None)
+    print(format_table(res))
+    if args.json:
+        write_json(res, Path(args.json))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Continual-learning harness: LoRI vs LoRA adapters on task sequences.")
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
@@ -191,6 +208,20 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=5000, help="Port [default: 5000].")
     d.add_argument("--tracking-uri", default=None, help="Store to serve [default: the sqlite store under --results-dir].")
     d.set_defaults(func=cmd_dashboard)
+    b = sub.add_parser("bench", help="Median step time and tokens/s of lora, lori-d, lori-s and a bare base-model step.")
+    b.add_argument("--model", default="tiny-llama", help="Model name, hub id or path [default: tiny-llama].")
+    b.add_argument("--methods", default="base,lora,lori-d,lori-s", help="Comma-separated [default: base,lora,lori-d,lori-s].")
+    b.add_argument("--rank", type=int, default=8, help="Adapter rank [default: 8].")
+    b.add_argument("--targets", default=None, help="Target modules, comma-separated [default: all 7 projections].")
+    b.add_argument("--batch-size", type=int, default=8, help="Batch size [default: 8].")
+    b.add_argument("--seq-len", type=int, default=128, help="Tokens per sequence [default: 128].")
+    b.add_argument("--steps", type=int, default=10, help="Timed steps per method after 2 warm-up steps [default: 10].")
+    b.add_argument("--mask-density", type=float, default=0.1, help="lori-s mask density [default: 0.1].")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N [default: auto].")
+    b.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 [default: auto].")
+    b.add_argument("--bf16-autocast", action="store_true", help="CPU bf16 autocast.")
+    b.add_argument("--json", metavar="FILE", help="Also write the results as JSON.")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -1,0 +1,13 @@
+"""Test-wide settings: offline, telemetry off, one model cache per checkout (built once, reused)."""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("HARNESS_CACHE_DIR", str(ROOT / ".cache" / "models"))
+os.environ.pop("MLFLOW_TRACKING_URI", None)

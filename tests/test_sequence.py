@@ -1,0 +1,204 @@
+"""End to end on the tiny model: run, matrix, metrics, MLflow, resume after SIGKILL, bad input."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import metrics as MX
+from harness.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress"]
+
+
+def run_cli(*args):
+    return main(["run", *BASE, *args])
+
+
+def read_matrix(path: Path) -> tuple[list[str], np.ndarray]:
+    rows = list(csv.reader(path.open()))
+    header, body = rows[0], rows[1:]
+    assert header[0] == "stage"
+    assert [int(r[0]) for r in body] == list(range(len(body)))
+    return header[1:], np.array([[float(v) if v != "" else np.nan for v in r[1:]] for r in body])
+
+
+def mlflow_client(results: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    assert run_cli("--methods", "lori-s,lora", "--results-dir", str(results), "--experiment", "smoke-e2e") == 0
+    return results
+
+
+def test_run_folder_layout_and_matrix(smoke_run):
+    exp = smoke_run / "smoke-e2e"
+    assert (exp / "config.yaml").exists()
+    for method in ("lori-s", "lora"):
+        d = exp / method / "seed-0"
+        tasks, R = read_matrix(d / "matrix.csv")
+        assert R.shape == (len(tasks) + 1, len(tasks)) and len(tasks) == 3
+        assert not np.isnan(R).any()  # eval_scope all: every cell
+        assert ((R >= 0) & (R <= 1)).all()
+        stages = sorted(p.name for p in (d / "stages").iterdir())
+        assert stages == ["0-base", *[f"{i + 1}-{t}" for i, t in enumerate(tasks)]]
+        summary = json.loads((d / "summary.json").read_text())
+        recomputed = MX.summarize(R)
+        for key, name in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
+            assert summary[key] == pytest.approx(recomputed[name], abs=1e-6)
+        assert summary["trainable_params_effective"] > 0
+        for s in stages[1:]:
+            assert (d / "stages" / s / "adapter" / "adapter_model.safetensors").exists()
+            assert (d / "stages" / s / "masks.safetensors").exists() == (method == "lori-s")
+    s_lori = json.loads((exp / "lori-s" / "seed-0" / "summary.json").read_text())
+    s_lora = json.loads((exp / "lora" / "seed-0" / "summary.json").read_text())
+    assert s_lori["trainable_params_lora_equivalent"] == s_lora["trainable_params_effective"]
+    assert s_lori["trainable_params_effective"] < 0.1 * s_lora["trainable_params_effective"]
+
+
+def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run):
+    from safetensors.torch import load_file
+
+    d = smoke_run / "smoke-e2e" / "lori-s" / "seed-0" / "stages"
+    stage_dirs = sorted((p for p in d.iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
+    masks = [load_file(str(p / "masks.safetensors")) for p in stage_dirs]
+    final_B = load_file(str(stage_dirs[-1] / "adapter" / "adapter_model.safetensors"))
+    for k in masks[0]:
+        union = sum(m[k].int() for m in masks)
+        assert union.max() <= 1, "disjoint masks overlap"
+        assert (final_B[k][union == 0] == 0).all()
+    # Task 1's entries are bit-identical at the end of the sequence.
+    b1 = load_file(str(stage_dirs[0] / "adapter" / "adapter_model.safetensors"))
+    for k, m in masks[0].items():
+        assert (final_B[k][m.bool()] == b1[k][m.bool()]).all()
+
+
+def test_mlflow_holds_parents_children_metrics_and_artifacts(smoke_run):
+    c = mlflow_client(smoke_run)
+    exp = c.get_experiment_by_name("smoke-e2e")
+    parents = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'")
+    assert sorted(p.data.tags["harness.method"] for p in parents) == ["lora", "lori-s"]
+    for p in parents:
+        assert p.info.status == "FINISHED"
+        assert {"ACC", "BWT", "FWT", "forgetting", "trainable_params_effective"} <= set(p.data.metrics)
+        tasks = p.data.params["task_order"].split(",")
+        for t in tasks:
+            steps = [m.step for m in c.get_metric_history(p.info.run_id, f"acc/{t}")]
+            assert steps == [0, 1, 2, 3]
+        children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
+        assert sorted(int(ch.data.tags["harness.stage"]) for ch in children) == [1, 2, 3]
+        assert all(ch.info.status == "FINISHED" and "train_tok_s" in ch.data.metrics for ch in children)
+        names = {a.path for a in c.list_artifacts(p.info.run_id)}
+        assert {"matrix.csv", "matrix.json", "matrix_heatmap.png", "summary.json", "config.yaml", "diagnostics.json"} <= names
+
+
+def test_rerun_skips_finished_sequences(smoke_run, capsys):
+    assert run_cli("--methods", "lori-s,lora", "--results-dir", str(smoke_run), "--experiment", "smoke-e2e", "--no-report") == 0
+    assert "already complete" in capsys.readouterr().err
+    c = mlflow_client(smoke_run)
+    exp = c.get_experiment_by_name("smoke-e2e")
+    assert len(c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'")) == 2
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return [sys.executable, "-m", "harness.cli", *args], env
+
+
+def test_sigkill_mid_stage_2_then_resume_equals_uninterrupted(tmp_path):
+    # Enough steps per stage that the kill lands inside stage 2.
+    args = ["run", *BASE, "--methods", "lori-s", "--epochs", "40", "--no-report", "--experiment", "kill"]
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
+    cmd, env = _cli(*args, "--results-dir", str(ref_dir))
+    subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=ROOT)
+
+    cmd, env = _cli(*args, "--results-dir", str(kill_dir))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stages = kill_dir / "kill" / "lori-s" / "seed-0" / "stages"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.name.startswith("1-") for p in stages.glob("*")):
+        assert proc.poll() is None, "run ended before stage 1 finished"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = [p.name for p in stages.iterdir() if (p / "stage.json").exists()]
+    assert not any(n.startswith(("2-", "3-")) for n in finished), f"kill landed too late: {finished}"
+
+    seq_dir = kill_dir / "kill" / "lori-s" / "seed-0"
+    cmd, env = _cli("resume", str(seq_dir), "--no-report", "--no-progress")
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resuming" in out.stderr
+
+    _, R_ref = read_matrix(ref_dir / "kill" / "lori-s" / "seed-0" / "matrix.csv")
+    _, R_res = read_matrix(seq_dir / "matrix.csv")
+    np.testing.assert_array_equal(R_res, R_ref)
+
+    c = mlflow_client(kill_dir)
+    exp = c.get_experiment_by_name("kill")
+    parents = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(int(ch.data.tags["harness.stage"]) for ch in children) == [1, 2, 3]
+    for t in json.loads((seq_dir / "summary.json").read_text())["tasks"]:
+        steps = [m.step for m in c.get_metric_history(parents[0].info.run_id, f"acc/{t}")]
+        assert steps == [0, 1, 2, 3], f"acc/{t} logged {steps}"
+
+
+BAD_INPUTS = {
+    "unknown method": (["--methods", "lori-x"], "methods"),
+    "unknown task": (["--methods", "lora", "--tasks", "nope"], "nope"),
+    "unknown suite": (["--methods", "lora", "--suite", "no-such-suite"], "no-such-suite"),
+    "model unavailable offline": (["--methods", "lora", "--model", "meta-llama/Meta-Llama-3-8B"], "Meta-Llama-3-8B"),
+    "impossible capacity": (["--methods", "lori-s", "--mask-density", "0.5"], "capacity"),
+    "unreachable tracking server": (["--methods", "lora", "--tracking-uri", "http://127.0.0.1:9"], "unreachable"),
+    "bad value": (["--methods", "lora", "--rank", "0"], "--rank"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_message_and_writes_nothing(case, tmp_path, capsys):
+    args, needle = BAD_INPUTS[case]
+    results = tmp_path / "results"
+    rc = main(["run", *BASE[:-1], "--no-progress", *args, "--results-dir", str(results)]
+              if "--suite" not in args else ["run", "--model", "tiny-llama", *args, "--results-dir", str(results)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert needle in err
+    assert "Traceback" not in err
+    assert not results.exists()
+
+
+def test_missing_data_file_is_refused_before_anything_is_written(tmp_path, capsys):
+    import shutil
+
+    suite = tmp_path / "broken"
+    shutil.copytree(ROOT / "task_suites" / "smoke", suite)
+    victim = next(suite.rglob("*.train.jsonl"))
+    victim.unlink()
+    results = tmp_path / "results"
+    rc = main(["run", "--suite", str(suite), "--model", "tiny-llama", "--methods", "lora", "--results-dir", str(results)])
+    err = capsys.readouterr().err
+    assert rc == 2 and victim.name in err
+    assert not results.exists()
+
+
+def test_unwritable_results_folder(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    rc = main(["run", *BASE, "--methods", "lora", "--results-dir", str(blocker / "results")])
+    assert rc == 2 and "not writable" in capsys.readouterr().err
