@@ -108,16 +108,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    if args.suite_only:
-        from harness.suites import validate_suite
+    from harness.suites import validate_suite
 
-        suite = validate_suite(args.suite_only)
-        print(f"suite {suite.name}: OK ({len(suite.tasks)} tasks, {len(suite.orders)} order(s))")
+    overrides = _overrides(args)
+    if args.config is None and set(overrides) <= {"suite"} and "suite" in overrides:
+        # `harness validate --suite X`: the suite alone, thoroughly (data, labels, lm-eval tasks).
+        suite = validate_suite(overrides["suite"])
+        print(f"suite {suite.name}: OK ({len(suite.tasks)} tasks, {len(suite.orders)} order(s)) at {suite.path}")
         return 0
     from harness.config import load_config
     from harness.scheduler import validate
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = load_config(args.config, overrides)
+    validate_suite(cfg.suite)
     suite, specs, uri = validate(cfg)
     print(f"config OK: experiment {cfg.experiment_name}, {len(specs)} sequence(s) of {len(specs[0].tasks)} tasks, "
           f"suite {suite.name}, model {cfg.model}, tracking {uri}")
@@ -187,9 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--no-progress", action="store_true", help="No progress bars.")
     rs.set_defaults(func=cmd_resume)
 
-    v = sub.add_parser("validate", help="Check a config (suite, model, capacity, paths, tracking) without training.")
+    v = sub.add_parser("validate", help="Check a config (suite, model, capacity, paths, tracking) without training; with only --suite, check that suite.")
     v.add_argument("config", nargs="?", help="Experiment YAML (optional).")
-    v.add_argument("--suite-only", metavar="NAME_OR_PATH", help="Validate only a suite, thoroughly (data, labels, lm-eval tasks).")
     _add_config_flags(v)
     v.set_defaults(func=cmd_validate)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import ConfigError
 
 METHODS = ("lora", "lori-d", "lori-s")
+FALLBACK_LR = {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -90,9 +91,11 @@ class ExperimentConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per task.")
     batch_size: int | None = Field(None, ge=1, description="Training batch size (default: suite budget).")
     max_seq_len: int | None = Field(None, ge=8, description="Truncate training sequences to this many tokens.")
-    lr_lora: float = Field(1e-3, gt=0, description="Learning rate for lora.")
-    lr_lori_d: float = Field(1e-3, gt=0, description="Learning rate for lori-d.")
-    lr_lori_s: float = Field(1e-2, gt=0, description="Learning rate for lori-s (about 10x lori-d, as the paper).")
+    lr_lora: float | None = Field(None, gt=0, description="Learning rate for lora (default: the suite budget's, else 1e-3).")
+    lr_lori_d: float | None = Field(None, gt=0, description="Learning rate for lori-d (default: the suite budget's, else 1e-3).")
+    lr_lori_s: float | None = Field(
+        None, gt=0, description="Learning rate for lori-s (default: the suite budget's, else 1e-2: ~10x lori-d, as the paper)."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (masks stay exact either way).")
     grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off); sees the masked gradient.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps per stage.")
@@ -147,8 +150,14 @@ class ExperimentConfig(BaseModel):
         suite = Path(self.suite).name
         return f"{suite}-{model}"
 
-    def lr_for(self, method: str) -> float:
-        return {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[method]
+    def lr_for(self, method: str, suggested: dict[str, float] | None = None) -> float:
+        """The config's learning rate for a method, else the suite's recommendation, else the fallback."""
+        explicit = {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[method]
+        if explicit is not None:
+            return explicit
+        if suggested and method in suggested:
+            return float(suggested[method])
+        return FALLBACK_LR[method]
 
     def to_yaml_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")

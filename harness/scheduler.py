@@ -205,13 +205,15 @@ class SequenceRunner:
         return list(self.spec.tasks[:stage])
 
     def _budget(self, task: str) -> dict[str, Any]:
-        b = self.suite.task(task).budget_for(self.suite) if hasattr(self.suite.task(task), "budget_for") else self.budget
-        get = (lambda k, d=None: getattr(b, k, d)) if not isinstance(b, dict) else (lambda k, d=None: b.get(k, d))
+        """Config values win; the suite's recommended budget (task overrides applied) fills the rest."""
+        b = self.suite.task(task).budget_for(self.suite)
         return {
-            "epochs": self.cfg.epochs if self.cfg.epochs is not None else get("epochs", 1),
-            "batch_size": self.cfg.batch_size if self.cfg.batch_size is not None else get("batch_size", 8),
-            "max_seq_len": self.cfg.max_seq_len if self.cfg.max_seq_len is not None else get("max_seq_len", None),
+            "epochs": self.cfg.epochs if self.cfg.epochs is not None else b.epochs,
+            "batch_size": self.cfg.batch_size if self.cfg.batch_size is not None else b.batch_size,
+            "max_seq_len": self.cfg.max_seq_len if self.cfg.max_seq_len is not None else b.max_seq_len,
             "max_steps": self.cfg.max_steps,
+            "lr": self.cfg.lr_for(self.spec.method, b.lr),
+            "lr_lori_d": self.cfg.lr_for("lori-d", b.lr),
         }
 
     def _fill_row(self, stage: int, scores: dict[str, float]) -> None:
@@ -259,8 +261,9 @@ class SequenceRunner:
             params = {
                 "method": spec.method, "seed": spec.seed, "order_index": spec.order_index,
                 "task_order": ",".join(spec.tasks), "suite": self.suite.name, "model": cfg.model,
-                "rank": cfg.rank, "alpha": cfg.scale_alpha, "targets": ",".join(cfg.targets), "lr": cfg.lr_for(spec.method),
+                "rank": cfg.rank, "alpha": cfg.scale_alpha, "targets": ",".join(cfg.targets),
                 "eval_scope": cfg.eval_scope, "weight_decay": cfg.weight_decay,
+                "lr": self._budget(spec.tasks[0])["lr"], "epochs": self._budget(spec.tasks[0])["epochs"],
             }
             if spec.method != "lora":
                 params.update({"a_init": cfg.a_init, "a_mode": cfg.a_mode})
@@ -344,7 +347,7 @@ class SequenceRunner:
         name = adapters.begin_task(t)
         budget = self._budget(task)
         examples = self.suite.task(task).train_examples(limit=cfg.train_limit, seed=spec.seed)
-        lr = cfg.lr_for(spec.method)
+        lr = budget["lr"]
         stage_masks = None
         enforcer = None
         mask_stats: dict[str, float] = {}
@@ -359,7 +362,7 @@ class SequenceRunner:
             else:
                 tc = time.perf_counter()
                 start = {k: p.detach().clone() for k, p in b_params.items()}
-                self.model_train(adapters, examples, budget, lr=cfg.lr_lori_d, stage=t, desc=f"{task} calib",
+                self.model_train(adapters, examples, budget, lr=budget["lr_lori_d"], stage=t, desc=f"{task} calib",
                                  max_steps=cfg.calibration_steps or budget["max_steps"], enforcer=None, salt="calib")
                 with torch.no_grad():
                     scores = {k: (p.detach() - start[k]).abs().float().cpu() for k, p in b_params.items()}
