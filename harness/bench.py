@@ -129,3 +129,88 @@ def format_table(res: dict) -> str:
 
 def write_json(res: dict, path: Path) -> None:
     atomic_write_json(Path(path), res)
+
+
+# --- evaluation throughput: lm-eval vs a bare batched forward over the same requests ------------
+def _requests(suite, tasks: list[str], limit: int | None):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    cfgs = suite.lm_eval_task_configs()
+    td = get_task_dict([cfgs[t] for t in tasks], TaskManager(include_defaults=False))
+    ll, gen = [], []
+    for task in td.values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        for inst in task.instances:
+            (ll if inst.request_type == "loglikelihood" else gen).append(inst.args)
+    return ll, gen
+
+
+@torch.no_grad()
+def _bare_loglikelihood(model, tok, reqs, batch_size: int) -> None:
+    dev = next(model.parameters()).device
+    seqs = []
+    for ctx, cont in reqs:
+        c = tok(ctx, add_special_tokens=False)["input_ids"]
+        x = tok(cont, add_special_tokens=False)["input_ids"]
+        seqs.append((c + x, len(c)))
+    seqs.sort(key=lambda s: -len(s[0]))  # like lm-eval: longest first, little padding
+    pad = tok.pad_token_id or 0
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        L = max(len(s) for s, _ in chunk)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        for j, (s, _) in enumerate(chunk):
+            ids[j, : len(s)] = torch.tensor(s)
+        logp = torch.log_softmax(model(input_ids=ids.to(dev)).logits.float(), dim=-1)
+        for j, (s, n_ctx) in enumerate(chunk):
+            tgt = torch.tensor(s[n_ctx:], device=dev)
+            logp[j, n_ctx - 1 : len(s) - 1].gather(-1, tgt[:, None]).sum()
+
+
+@torch.no_grad()
+def _bare_generate(model, tok, reqs, batch_size: int) -> None:
+    dev = next(model.parameters()).device
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        reqs = sorted(reqs, key=lambda r: -len(r[0]))
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i : i + batch_size]
+            enc = tok([c for c, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            max_new = int(chunk[0][1].get("max_gen_toks", 16))
+            model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        tok.padding_side = side
+
+
+def run_eval_bench(model_name: str, suite_name: str, *, batch_size: int = 32, limit: int | None = None,
+                   device: str = "auto", dtype: str = "auto") -> dict:
+    """Time lm-eval (as the scheduler calls it) and a bare batched scorer on the same requests."""
+    from harness.evaluate import Evaluator
+    from harness.models import load_model, set_torch_threads
+    from harness.suites import load_suite
+
+    set_torch_threads()
+    suite = load_suite(suite_name)
+    model, tok = load_model(model_name, device=device, dtype=dtype)
+    model.eval()
+    tasks = suite.task_names
+    ll, gen = _requests(suite, tasks, limit)
+    ev = Evaluator(suite, tok, batch_size=batch_size, limit=limit)
+    out = {"model": model_name, "suite": suite.name, "batch_size": batch_size, "requests": {"loglikelihood": len(ll), "generate_until": len(gen)}}
+    # lm-eval, per request type (tasks split by kind so each side times the same work).
+    by_kind = {"loglikelihood": [t for t in tasks if suite.task(t).kind == "multiple_choice"],
+               "generate_until": [t for t in tasks if suite.task(t).kind != "multiple_choice"]}
+    bare = {"loglikelihood": lambda: _bare_loglikelihood(model, tok, ll, batch_size),
+            "generate_until": lambda: _bare_generate(model, tok, gen, batch_size)}
+    for kind, ts in by_kind.items():
+        if not ts:
+            continue
+        t0 = time.perf_counter()
+        ev.evaluate(model, ts)
+        t_lm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bare[kind]()
+        t_bare = time.perf_counter() - t0
+        out[kind] = {"lm_eval_s": t_lm, "bare_s": t_bare, "lm_eval_throughput_vs_bare": t_bare / t_lm}
+    return out

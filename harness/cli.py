@@ -162,6 +162,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bad = [m for m in methods if m not in ("base", "lora", "lori-d", "lori-s")]
     if bad:
         raise HarnessError(f"--methods: unknown {bad}; choose from base, lora, lori-d, lori-s")
+    if args.eval_suite:
+        from harness.bench import run_eval_bench
+
+        res = run_eval_bench(args.model, args.eval_suite, batch_size=args.eval_batch_size, limit=args.eval_limit,
+                             device=args.device, dtype=args.dtype)
+        for kind in ("loglikelihood", "generate_until"):
+            if kind in res:
+                r = res[kind]
+                print(f"{kind:<15} {res['requests'][kind]:>5} requests  lm-eval {r['lm_eval_s']:.1f}s  bare {r['bare_s']:.1f}s  "
+                      f"lm-eval throughput = {100 * r['lm_eval_throughput_vs_bare']:.0f}% of bare")
+        if args.json:
+            write_json(res, Path(args.json))
+        return 0
     res = run_bench(args.model, methods=methods, rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
                     steps=args.steps, density=args.mask_density, device=args.device, dtype=args.dtype,
                     bf16_autocast=args.bf16_autocast, targets=[t for t in args.targets.split(",") if t] if args.targets else None)
@@ -222,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N [default: auto].")
     b.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 [default: auto].")
     b.add_argument("--bf16-autocast", action="store_true", help="CPU bf16 autocast.")
+    b.add_argument("--eval-suite", metavar="SUITE", help="Instead: time lm-eval against a bare batched scorer on this suite's requests.")
+    b.add_argument("--eval-batch-size", type=int, default=32, help="With --eval-suite: batch size [default: 32].")
+    b.add_argument("--eval-limit", type=int, default=None, help="With --eval-suite: test examples per task [default: all].")
     b.add_argument("--json", metavar="FILE", help="Also write the results as JSON.")
     b.set_defaults(func=cmd_bench)
     return p
