@@ -72,11 +72,11 @@ class Tracker:
     """Thin wrapper over MlflowClient with the project's run layout."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
+        # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
+        # (and its children), silently redirecting the next experiment run in the same process.
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)
