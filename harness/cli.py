@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -249,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    from harness.models import downloads_allowed
+
+    if not downloads_allowed():
+        # lm-eval and datasets only look at HF_HUB_OFFLINE: make "downloads off" hold for them too.
+        os.environ["HF_HUB_OFFLINE"] = "1"
     try:
         return int(args.func(args) or 0)
     except HarnessError as exc:

@@ -111,7 +111,7 @@ def check_results_dir(path: Path) -> None:
 
 def validate(cfg: ExperimentConfig):
     """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths."""
-    from harness.models import check_model_available
+    from harness.models import check_model_available, downloads_allowed
     from harness.suites import load_suite
     from harness.tracking import check_reachable, default_tracking_uri
 
@@ -120,6 +120,13 @@ def validate(cfg: ExperimentConfig):
     for spec in specs:
         quick_capacity_check(cfg, len(spec.tasks))
     check_model_available(cfg.model, cache_dir=cfg.cache_dir)
+    hub_tasks = sorted({t for spec in specs for t in spec.tasks if suite.task(t).is_hub})
+    if hub_tasks and not downloads_allowed():
+        raise HarnessError(
+            f"suite {suite.name!r} reads Hugging Face datasets ({', '.join(hub_tasks)}) and hub downloads are off. "
+            "On a machine with hub access set HF_HUB_OFFLINE=0 (or HARNESS_ALLOW_DOWNLOADS=1); without the hub, "
+            "point HARNESS_DATA_OVERRIDES at local files of the same schema (see the README's Task suites)."
+        )
     check_results_dir(cfg.results_dir)
     uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
     check_reachable(uri)
@@ -401,14 +408,19 @@ class SequenceRunner:
             "stage_wall_s": wall, "train_s": res.wall_s, "eval_s": ev.wall_s, "save_s": save_s, "calibration_s": calib_s,
             "train_tok_s": res.tok_s, "train_steps": res.steps, **{f"eval/{k}": v for k, v in ev.scores.items()},
             **counts, **mask_stats})
-        self.tracker.finish(self.child_id, "FINISHED")
-        self.child_id = None
         self._fill_row(t, ev.scores)
         self._log_parent_row(t, ev.scores)
-        stage_wall[t] = wall
+        # Everything that is neither training nor evaluation: setup, masks, checkpoint, logging.
+        total = time.perf_counter() - t_stage
+        overhead = total - res.wall_s - ev.wall_s - calib_s
+        self.tracker.log_metrics(self.child_id, {"overhead_s": overhead, "overhead_frac": overhead / total})
+        self.tracker.finish(self.child_id, "FINISHED")
+        self.child_id = None
+        stage_wall[t] = total
         seen = " ".join(f"{k}={v:.2f}" for k, v in ev.scores.items())
         say(f"[{spec.label}] stage {t}/{self.T} {task}: loss {res.losses[0]:.3f}->{res.losses[-1]:.3f} "
-            f"{res.steps} steps {res.tok_s:.0f} tok/s train {res.wall_s:.1f}s eval {ev.wall_s:.1f}s | {seen}")
+            f"{res.steps} steps {res.tok_s:.0f} tok/s | train {res.wall_s:.1f}s eval {ev.wall_s:.1f}s "
+            f"other {overhead:.1f}s ({100 * overhead / total:.1f}%) | {seen}")
 
     def model_train(self, adapters: AdapterSequence, examples, budget, *, lr, stage, desc, max_steps, enforcer, salt: str = ""):
         from harness.train import train_stage
