@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from harness.errors import HarnessError
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Deprecation chatter from transformers' internals says nothing actionable to a harness user.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from harness.models import downloads_allowed

@@ -197,8 +197,10 @@ def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
 class SequenceRunner:
     """Runs (or resumes) one method x seed x order sequence."""
 
-    def __init__(self, cfg: ExperimentConfig, suite, spec: SequenceSpec, model, tokenizer, evaluator, tracker, progress: bool = True):
+    def __init__(self, cfg: ExperimentConfig, suite, spec: SequenceSpec, model, tokenizer, evaluator, tracker,
+                 progress: bool = True, base_cache: dict | None = None):
         self.cfg, self.suite, self.spec = cfg, suite, spec
+        self.base_cache = base_cache if base_cache is not None else {}
         self.model, self.tokenizer, self.evaluator, self.tracker = model, tokenizer, evaluator, tracker
         self.progress = progress
         self.T = len(spec.tasks)
@@ -316,7 +318,11 @@ class SequenceRunner:
         # Stage 0: the base model (b_j, needed for FWT).
         if 0 not in done:
             t0 = time.perf_counter()
-            ev = self.evaluator.evaluate(self.model, self._eval_tasks(0), bf16_autocast=cfg.bf16_autocast)
+            # The base model is the same for every method and seed: evaluate it once per task list.
+            key = tuple(self._eval_tasks(0))
+            if key not in self.base_cache:
+                self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=cfg.bf16_autocast)
+            ev = self.base_cache[key]
             with atomic_dir(run_dir / "stages" / "0-base") as tmp:
                 atomic_write_json(tmp / "eval.json", {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s})
                 atomic_write_json(tmp / STAGE_MARKER, {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None})
@@ -500,8 +506,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Sequen
     tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
     evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit)
     results = []
+    base_cache: dict = {}
     for spec in specs:
-        runner = SequenceRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress)
+        runner = SequenceRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress, base_cache=base_cache)
         results.append(runner.run())
         model = runner.model
     return results

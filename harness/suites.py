@@ -228,6 +228,37 @@ class _Subsample:
                 f"label_column={self.label_column!r}, seed={self.seed})")
 
 
+class _LocalDataset:
+    """lm-eval custom_dataset for local test files: read with the same reader as training data
+    (Python json/csv), so values keep their exact text. datasets' own json/csv builders let
+    pyarrow infer types and turn e.g. "1966-02-12" into a timestamp ("1966-02-12 00:00:00")."""
+
+    def __init__(self, path: Path, split: str):
+        self.path, self.split = Path(path), split
+
+    def __call__(self, **_ignored):
+        import datasets
+
+        return datasets.DatasetDict({self.split: datasets.Dataset.from_list(read_records(self.path))})
+
+    def __repr__(self) -> str:
+        return f"harness.suites._LocalDataset({str(self.path)!r}, split={self.split!r})"
+
+
+class _DropCustomDatasetHint(logging.Filter):
+    """lm-eval warns on every task with a custom_dataset that kwargs can be passed via --metadata;
+    for our local test files that is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+def _quiet_custom_dataset_hint() -> None:
+    lg = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropCustomDatasetHint) for f in lg.filters):
+        lg.addFilter(_DropCustomDatasetHint())
+
+
 # ============================================================================ data files
 def read_records(path: Path) -> list[dict]:
     """Rows of a JSONL or CSV file as dicts; ValueError naming the line on a bad row."""
@@ -648,6 +679,10 @@ class TaskSpec(_Strict):
             elif files is not None:
                 kw["data_files"] = absolute(files)
             cfg["dataset_kwargs"] = kw
+        test_file = self.test_file()
+        if test_file is not None and "custom_dataset" not in cfg:
+            cfg["custom_dataset"] = _LocalDataset(test_file, cfg.get("test_split") or "test")
+            _quiet_custom_dataset_hint()
         if (self.test_limit or self.test_per_class) and self._test_override is None and "process_docs" not in cfg:
             cfg["process_docs"] = _Subsample(self.test_limit, self.test_per_class, self.label_column)
         return cfg
@@ -875,7 +910,8 @@ def _check_lm_eval_task(t: TaskSpec, cfg: dict, test_rows: list[dict], problems:
     mismatches = 0
     for i, doc in enumerate(docs):
         try:
-            want = t.render(doc)
+            # what training sees: the file's record (read by the suite's reader), not lm-eval's doc
+            want = t.render(test_rows[i] if i < len(test_rows) else doc)
             got_text = task.doc_to_text(doc)
             if t.kind == "multiple_choice":
                 choices = task.doc_to_choice(doc)
