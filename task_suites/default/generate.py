@@ -96,7 +96,9 @@ FIRST = ["Ad", "Bel", "Cor", "Dra", "El", "Fen", "Gar", "Hal", "Is", "Jor", "Kel
 FIRST_END = ["ric", "wyn", "ora", "ith", "anne", "dor", "mira", "ton", "issa", "en"]
 LAST = ["Ashgrove", "Brannick", "Coldwell", "Dunmere", "Everholt", "Fairwick", "Greymoor",
         "Halloran", "Ironside", "Kestrel", "Larkfield", "Mossbury", "Northcott", "Oakhurst",
-        "Penhallow", "Quarrington", "Redmayne", "Stonebridge", "Thornbury", "Underhill"]
+        "Penhallow", "Quarrington", "Redmayne", "Stonebridge", "Thornbury", "Underhill", "Vanterpool",
+        "Whitlock", "Yardley", "Zennor", "Ambrose", "Blackwood", "Carrow", "Dewhurst", "Elsworth",
+        "Foxley"]
 TOWNS = ["Velmora", "Quistan", "Drovik", "Talbrenn", "Oskavel", "Marrowick", "Zuthen", "Pellacor"]
 FACT_TEMPLATES = [
     "{name} was born in the town of",
