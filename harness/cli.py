@@ -117,6 +117,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         # `harness validate --suite X`: the suite alone, thoroughly (data, labels, lm-eval tasks).
         suite = validate_suite(overrides["suite"])
         print(f"suite {suite.name}: OK ({len(suite.tasks)} tasks, {len(suite.orders)} order(s)) at {suite.path}")
+        for note in getattr(suite, "validation_notes", []) or []:
+            print(f"  note: {note}")
         return 0
     from harness.config import load_config
     from harness.scheduler import validate

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.io import atomic_write_bytes, atomic_write_text
 from harness.errors import HarnessError, TrackingError
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
@@ -113,27 +114,6 @@ def _json_clean(obj: Any) -> Any:
     if isinstance(obj, (float, np.floating)):
         return float(obj) if math.isfinite(float(obj)) else None
     return obj
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -908,7 +888,7 @@ def _write_report(experiment: str | None, results_dir: Path, tracking_uri: str |
         figures["subspace_overlap.png"] = _png_bytes(_fig_diagnostic(
             sub_diag, "A-subspace overlap ||A_i A_jᵀ||_F / (||A_i||_F ||A_j||_F)"))
     for name, data in figures.items():
-        _atomic_write_bytes(report_dir / name, data)
+        atomic_write_bytes(report_dir / name, data)
     for stale in report_dir.glob("*.png"):
         if stale.name not in figures:
             stale.unlink()
@@ -926,7 +906,7 @@ def _write_report(experiment: str | None, results_dir: Path, tracking_uri: str |
         "runs": df.to_dict(orient="records"),
         "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in skipped],
     }
-    _atomic_write_text(report_dir / "comparison.json", json.dumps(_json_clean(comparison), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(report_dir / "comparison.json", json.dumps(_json_clean(comparison), indent=2, allow_nan=False) + "\n")
     import pandas as pd
 
     flat = []
@@ -938,7 +918,7 @@ def _write_report(experiment: str | None, results_dir: Path, tracking_uri: str |
         for p in ("trainable_params_effective", "trainable_params_lora_equivalent", "effective_fraction_of_lora"):
             d[p] = r[p]
         flat.append(d)
-    _atomic_write_text(report_dir / "comparison.csv", pd.DataFrame(flat).to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(report_dir / "comparison.csv", pd.DataFrame(flat).to_csv(index=False, float_format="%.6g"))
     mean_matrices = {
         "columns": columns,
         "stages": list(range(n_rows)),
@@ -948,7 +928,7 @@ def _write_report(experiment: str | None, results_dir: Path, tracking_uri: str |
             for mm in mms
         },
     }
-    _atomic_write_text(report_dir / "mean_matrices.json", json.dumps(_json_clean(mean_matrices), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(report_dir / "mean_matrices.json", json.dumps(_json_clean(mean_matrices), indent=2, allow_nan=False) + "\n")
 
     # ---- log the figures to every finished parent run
     log_note = "not logged to MLflow (log_to_mlflow=False)."
@@ -970,7 +950,7 @@ def _write_report(experiment: str | None, results_dir: Path, tracking_uri: str |
     html_text = _render_html(exp, uri, runs, skipped, rows, verdicts, columns, mms, figures,
                              mask_diag, sub_diag, by_method, now, log_note)
     index = report_dir / "index.html"
-    _atomic_write_text(index, html_text)
+    atomic_write_text(index, html_text)
     return index
 
 
