@@ -147,24 +147,34 @@ def _requests(suite, tasks: list[str], limit: int | None):
 
 @torch.no_grad()
 def _bare_loglikelihood(model, tok, reqs, batch_size: int) -> None:
+    """An equally clever scorer: one forward per context when every choice is a single token."""
     dev = next(model.parameters()).device
-    seqs = []
+    by_ctx: dict[str, list[list[int]]] = {}
     for ctx, cont in reqs:
+        by_ctx.setdefault(ctx, []).append(tok(cont, add_special_tokens=False)["input_ids"])
+    seqs = []  # (token ids, n_ctx, continuations scored from this forward)
+    for ctx, conts in by_ctx.items():
         c = tok(ctx, add_special_tokens=False)["input_ids"]
-        x = tok(cont, add_special_tokens=False)["input_ids"]
-        seqs.append((c + x, len(c)))
+        if all(len(x) == 1 for x in conts):
+            seqs.append((c, len(c), conts))
+        else:
+            seqs.extend((c + x, len(c), [x]) for x in conts)
     seqs.sort(key=lambda s: -len(s[0]))  # like lm-eval: longest first, little padding
     pad = tok.pad_token_id or 0
     for i in range(0, len(seqs), batch_size):
         chunk = seqs[i : i + batch_size]
-        L = max(len(s) for s, _ in chunk)
+        L = max(len(s) for s, _, _ in chunk)
         ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        for j, (s, _) in enumerate(chunk):
+        for j, (s, _, _) in enumerate(chunk):
             ids[j, : len(s)] = torch.tensor(s)
-        logp = torch.log_softmax(model(input_ids=ids.to(dev)).logits.float(), dim=-1)
-        for j, (s, n_ctx) in enumerate(chunk):
-            tgt = torch.tensor(s[n_ctx:], device=dev)
-            logp[j, n_ctx - 1 : len(s) - 1].gather(-1, tgt[:, None]).sum()
+        logits = model(input_ids=ids.to(dev)).logits
+        for j, (s, n_ctx, conts) in enumerate(chunk):
+            if len(s) == n_ctx:  # single-token choices: all read off the last context position
+                lp = torch.log_softmax(logits[j, n_ctx - 1].float(), dim=-1)
+                [lp[x[0]] for x in conts]
+            else:
+                lp = torch.log_softmax(logits[j, n_ctx - 1 : len(s) - 1].float(), dim=-1)
+                lp.gather(-1, torch.tensor(s[n_ctx:], device=dev)[:, None]).sum()
 
 
 @torch.no_grad()
