@@ -124,7 +124,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from harness.scheduler import validate
 
     cfg = load_config(args.config, overrides)
-    validate_suite(cfg.suite)
     suite, specs, uri = validate(cfg)
     print(f"config OK: experiment {cfg.experiment_name}, {len(specs)} sequence(s) of {len(specs[0].tasks)} tasks, "
           f"suite {suite.name}, model {cfg.model}, tracking {uri}")

@@ -112,10 +112,12 @@ def check_results_dir(path: Path) -> None:
 def validate(cfg: ExperimentConfig):
     """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths."""
     from harness.models import check_model_available, downloads_allowed
-    from harness.suites import load_suite
+    from harness.suites import validate_suite
     from harness.tracking import check_reachable, default_tracking_uri
 
-    suite = load_suite(cfg.suite)
+    # The thorough check (data files, labels, lm-eval tasks): ~2 s, and a missing file must stop
+    # the run here, not at stage 3.
+    suite = validate_suite(cfg.suite)
     specs = plan(cfg, suite)
     for spec in specs:
         quick_capacity_check(cfg, len(spec.tasks))
