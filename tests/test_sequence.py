@@ -202,3 +202,28 @@ def test_unwritable_results_folder(tmp_path, capsys):
     blocker.write_text("not a folder")
     rc = main(["run", *BASE, "--methods", "lora", "--results-dir", str(blocker / "results")])
     assert rc == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
+    from safetensors.torch import load_file
+
+    results = tmp_path / "r"
+    assert run_cli("--methods", "lori-s", "--mask-strategy", "magnitude", "--a-mode", "per_task",
+                   "--overlap-policy", "max_overlap", "--max-overlap", "0.2", "--calibration-steps", "3",
+                   "--no-report", "--results-dir", str(results), "--experiment", "mag") == 0
+    d = results / "mag" / "lori-s" / "seed-0"
+    stage_dirs = sorted((p for p in (d / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
+    masks = [load_file(str(p / "masks.safetensors")) for p in stage_dirs]
+    for t, m in enumerate(masks[1:], start=2):
+        used = {k: sum(masks[i][k].int() for i in range(t - 1)) > 0 for k in m}
+        nnz = sum(int(v.sum()) for v in m.values())
+        overlap = sum(int((v.bool() & used[k]).sum()) for k, v in m.items())
+        assert overlap <= 0.2 * nnz
+    # Each task's own B (adapter task<t>) is zero outside its mask, from the files alone.
+    final = stage_dirs[-1] / "adapter"
+    for t, m in enumerate(masks, start=1):
+        B = load_file(str(final / f"task{t}" / "adapter_model.safetensors"))
+        for k, v in m.items():
+            assert (B[k][v == 0] == 0).all()
+    diag = json.loads((d / "diagnostics.json").read_text())
+    assert diag["subspace_overlap"]["matrix"][0][1] < diag["subspace_overlap"]["matrix"][0][0]
