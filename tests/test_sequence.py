@@ -47,6 +47,8 @@ def smoke_run(tmp_path_factory):
 def test_run_folder_layout_and_matrix(smoke_run):
     exp = smoke_run / "smoke-e2e"
     assert (exp / "config.yaml").exists()
+    report = exp / "report"
+    assert {"index.html", "comparison.csv", "comparison.json", "accuracy_matrices.png"} <= {p.name for p in report.iterdir()}
     for method in ("lori-s", "lora"):
         d = exp / method / "seed-0"
         tasks, R = read_matrix(d / "matrix.csv")
