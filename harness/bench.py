@@ -7,7 +7,6 @@ pass runs through every layer but computes no weight gradient): the floor every 
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path

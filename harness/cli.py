@@ -57,7 +57,7 @@ def _print_table(results: list[dict]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.scheduler import experiment_dir, install_signal_handlers, run_experiment
+    from harness.scheduler import install_signal_handlers, run_experiment
 
     cfg = load_config(args.config, _overrides(args))
     install_signal_handlers()
@@ -84,8 +84,7 @@ def _after_run(cfg, results, args) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.scheduler import install_signal_handlers, plan, run_experiment
-    from harness.suites import load_suite
+    from harness.scheduler import install_signal_handlers, run_experiment
 
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"

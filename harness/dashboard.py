@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import IO
 
 from harness.errors import HarnessError, TrackingError
-from harness.report import redact_uri, check_store_exists, resolve_tracking_uri
+from harness.report import check_store_exists, redact_uri
+from harness.tracking import default_tracking_uri
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -88,7 +89,7 @@ def server_command(backend_uri: str, artifacts_dir: Path, host: str, port: int, 
 
 
 def _backend_uri(results_dir: Path, tracking_uri: str | None) -> str:
-    uri = resolve_tracking_uri(results_dir, tracking_uri)
+    uri = default_tracking_uri(results_dir, tracking_uri)
     if uri.startswith(("http://", "https://", "databricks")):
         raise HarnessError(
             f"the runs are on a tracking server already ({redact_uri(uri)}): open it in a browser instead of "
@@ -218,7 +219,7 @@ def serve_dashboard(
         except TrackingError:
             stop_server(proc)
             raise
-        print(f"MLflow dashboard: {url}  (store: {redact_uri(resolve_tracking_uri(Path(results_dir).resolve(), tracking_uri))}); Ctrl-C to stop", flush=True)
+        print(f"MLflow dashboard: {url}  (store: {redact_uri(default_tracking_uri(Path(results_dir).resolve(), tracking_uri))}); Ctrl-C to stop", flush=True)
         while proc.poll() is None:
             try:
                 proc.wait(timeout=1.0)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.train import autocast_ctx
+
 log = logging.getLogger(__name__)
 
 
@@ -37,7 +39,8 @@ class Evaluator:
         self.limit = limit
         self.max_length = max_length
         self.configs = suite.lm_eval_task_configs()
-        self.task_manager = TaskManager(include_defaults=False, include_path=str(suite.path))
+        # Task configs are passed as dicts: no folder to index.
+        self.task_manager = TaskManager(include_defaults=False)
 
     def evaluate(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False) -> EvalResult:
         """Primary metric per task; model.train() is restored afterwards whatever happens."""
@@ -49,12 +52,7 @@ class Evaluator:
         try:
             lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, max_length=self.max_length)
             cfgs = [self.configs[t] for t in tasks]
-            ctx = (
-                torch.autocast("cpu", dtype=torch.bfloat16)
-                if bf16_autocast and next(model.parameters()).device.type == "cpu"
-                else torch.autocast("cpu", enabled=False)
-            )
-            with ctx, torch.no_grad():
+            with autocast_ctx(next(model.parameters()).device, bf16_autocast), torch.no_grad():
                 out = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=cfgs,

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from harness.io import atomic_write_bytes, atomic_write_text
+from harness.metrics import summarize
+from harness.tracking import default_tracking_uri
 from harness.errors import HarnessError, TrackingError
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
@@ -143,38 +145,6 @@ def _fmt_count(x: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def cl_metrics(R: np.ndarray) -> dict[str, float | None]:
-    """ACC, BWT, FWT, forgetting of one matrix (rows = stage 0..T, cols = tasks in training order,
-    NaN where not evaluated), exactly as defined in lori-reference.md. None where undefined."""
-    R = np.asarray(R, dtype=float)
-    T = R.shape[1]
-    out: dict[str, float | None] = {m: None for m in METRICS}
-    if R.shape[0] < T + 1 or T < 1:
-        return out
-    last = R[T]
-    if np.all(np.isfinite(last)):
-        out["ACC"] = float(np.mean(last))
-    if T >= 2:
-        # Task j (1-based) is trained at stage j: column j-1.
-        diffs = [R[T, j - 1] - R[j, j - 1] for j in range(1, T)]
-        if np.all(np.isfinite(diffs)):
-            out["BWT"] = float(np.sum(diffs) / (T - 1))
-        fwd = [R[j - 1, j - 1] - R[0, j - 1] for j in range(2, T + 1)]
-        if np.all(np.isfinite(fwd)):
-            out["FWT"] = float(np.sum(fwd) / (T - 1))
-        forg = []
-        for j in range(1, T):
-            prev = R[1:T, j - 1]
-            prev = prev[np.isfinite(prev)]
-            if prev.size == 0 or not np.isfinite(R[T, j - 1]):
-                forg = None
-                break
-            forg.append(float(np.max(prev) - R[T, j - 1]))
-        if forg is not None:
-            out["forgetting"] = float(np.sum(forg) / (T - 1))
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # Reading the store
 # --------------------------------------------------------------------------------------------
@@ -200,13 +170,6 @@ class SequenceRun:
     start_time_ms: int | None
     matrix_source: str
     notes: list[str] = field(default_factory=list)
-
-
-def resolve_tracking_uri(results_dir: Path, tracking_uri: str | None = None) -> str:
-    """Same rule as the scheduler (harness.tracking.default_tracking_uri), one definition."""
-    from harness.tracking import default_tracking_uri
-
-    return default_tracking_uri(Path(results_dir), tracking_uri)
 
 
 def _local_store_path(uri: str) -> Path | None:
@@ -389,7 +352,11 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
         "FWT": metric("FWT", "fwt"),
         "forgetting": metric("forgetting", "forgetting"),
     }
-    recomputed = cl_metrics(R)
+    # The scheduler's own definitions (harness.metrics); a malformed matrix defines nothing.
+    try:
+        recomputed = summarize(np.asarray(R, dtype=float))
+    except ValueError:
+        recomputed = {m: None for m in METRICS}
     for m in METRICS:
         lv, rv = logged[m], recomputed[m]
         if _finite(lv) and rv is not None and abs(lv - rv) > _CONSISTENCY_TOL:
@@ -836,7 +803,7 @@ def write_report(
 
 def _write_report(experiment: str | None, results_dir: Path, tracking_uri: str | None, log_to_mlflow: bool) -> Path:
     results_dir = Path(results_dir).resolve()
-    uri = resolve_tracking_uri(results_dir, tracking_uri)
+    uri = default_tracking_uri(results_dir, tracking_uri)
     check_store_exists(results_dir, uri)
     from mlflow.exceptions import MlflowException
 

@@ -43,7 +43,6 @@ from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_
 log = logging.getLogger(__name__)
 
 STAGE_MARKER = "stage.json"
-RESULT_KEYS = ("suite", "model", "methods", "seeds", "orders", "tasks")  # per-sequence keys are in `sequence:`
 
 
 def say(msg: str) -> None:
@@ -231,9 +230,13 @@ class SequenceRunner:
         for task, v in scores.items():
             self.R[stage, self.spec.tasks.index(task)] = v
 
-    def _log_parent_row(self, stage: int, scores: dict[str, float]) -> None:
-        for task, v in scores.items():
-            self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, stage)
+    def _log_parent_row(self, stage: int, scores: dict[str, float], *, resumed: bool = False) -> None:
+        """acc/<task> at step = stage; a resumed stage may already be logged, a new one never is."""
+        if resumed:
+            for task, v in scores.items():
+                self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, stage)
+        else:
+            self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in scores.items()}, step=stage)
 
     # --- main ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -269,12 +272,13 @@ class SequenceRunner:
             except Exception:
                 parent_id = None
         if not parent_id:
+            first = self._budget(spec.tasks[0])
             params = {
                 "method": spec.method, "seed": spec.seed, "order_index": spec.order_index,
                 "task_order": ",".join(spec.tasks), "suite": self.suite.name, "model": cfg.model,
                 "rank": cfg.rank, "alpha": cfg.scale_alpha, "targets": ",".join(cfg.targets),
                 "eval_scope": cfg.eval_scope, "weight_decay": cfg.weight_decay,
-                "lr": self._budget(spec.tasks[0])["lr"], "epochs": self._budget(spec.tasks[0])["epochs"],
+                "lr": first["lr"], "epochs": first["epochs"],
             }
             if spec.method != "lora":
                 params.update({"a_init": cfg.a_init, "a_mode": cfg.a_mode})
@@ -307,7 +311,7 @@ class SequenceRunner:
             info = read_json(d / STAGE_MARKER)
             ev = read_json(d / "eval.json")
             self._fill_row(t, ev["scores"])
-            self._log_parent_row(t, ev["scores"])
+            self._log_parent_row(t, ev["scores"], resumed=True)
             stage_wall[t] = info.get("wall_s", float("nan"))
             if info.get("mlflow_run_id"):
                 child_ids.add(info["mlflow_run_id"])
@@ -347,9 +351,8 @@ class SequenceRunner:
                     adapters.task_masks.append(m)
             if last:
                 adapters.load_weights(done[last])
-            counts = None
             for t in range(last + 1, self.T + 1):
-                counts = self._stage(t, adapters, stage_wall)
+                self._stage(t, adapters, stage_wall)
             return self._finish(adapters, stage_wall)
         finally:
             self.model = adapters.unload() if adapters.model is not None else self.model
@@ -443,7 +446,7 @@ class SequenceRunner:
         )
 
     def _finish(self, adapters: AdapterSequence, stage_wall: dict[int, float]) -> dict[str, Any]:
-        cfg, spec, run_dir = self.cfg, self.spec, self.spec.run_dir
+        spec, run_dir = self.spec, self.spec.run_dir
         summ = MX.summarize(self.R)
         counts = adapters.param_counts(adapters.task_masks[-1] if adapters.task_masks else None)
         if adapters.task_masks:

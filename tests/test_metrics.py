@@ -1,6 +1,5 @@
 """Continual-learning metrics against hand-computed values (formulas in harness/metrics.py)."""
 
-import math
 
 import numpy as np
 import pytest

@@ -168,7 +168,7 @@ class AdapterSequence:
     def freeze_for(self, trained: str) -> None:
         """Only the current adapter's B (and A for lora) require grad; assert it."""
         assert self.model is not None
-        for n, p in self.model.named_parameters():
+        for p in self.model.parameters():
             p.requires_grad_(False)
         for _, layer in self.layers():
             layer.lora_B[trained].weight.requires_grad_(True)
