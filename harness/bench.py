@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.adapters import masks as M
-from harness.adapters.lori import AdapterSequence, MaskEnforcer, stable_seed
+from harness.adapters.lori import AdapterSequence, MaskEnforcer
+from harness.seeding import stable_seed
 from harness.config import DEFAULT_TARGETS
 from harness.io import atomic_write_json
-from harness.train import autocast_ctx
+from harness.precision import autocast_ctx
 
 METHODS = ("base", "lora", "lori-d", "lori-s")
 

@@ -164,6 +164,16 @@ class ExperimentConfig(BaseModel):
         return d
 
 
+def parse_bool(raw: str) -> bool | None:
+    """True/False for 1/true/yes/on and 0/false/no/off (any case), None for anything else."""
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def _field_is_list(name: str) -> bool:
     ann = str(ExperimentConfig.model_fields[name].annotation)
     return ann.startswith("list") or "list[" in ann
@@ -180,12 +190,8 @@ def parse_cli_value(name: str, raw: str) -> Any:
         return [x.strip() for x in raw.split(",") if x.strip()]
     ann = str(ExperimentConfig.model_fields[name].annotation)
     if ann == "<class 'bool'>":
-        low = raw.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        return raw  # let pydantic complain
+        parsed = parse_bool(raw)
+        return raw if parsed is None else parsed  # pydantic complains about anything else
     if raw.lower() in ("none", "null") and "None" in ann:
         return None
     return raw

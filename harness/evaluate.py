@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harness.train import autocast_ctx
+from harness.precision import autocast_ctx
 
 log = logging.getLogger(__name__)
 

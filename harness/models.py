@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from harness.config import parse_bool
 from harness.errors import HarnessError, ModelUnavailableError
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only the loaders need it
@@ -75,8 +76,6 @@ _TINY_SPECS = {
     "tiny-llama-256": _TinySpec(256, 6, 8, 4, 688, 2048, 2048),
 }
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -183,11 +182,11 @@ def downloads_allowed() -> bool:
       should not silently fetch 16 GB; models come from the local HF cache or a local path.
     """
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        if os.environ.get(var, "").strip().lower() in _TRUE:
+        if parse_bool(os.environ.get(var, "")) is True:
             return False
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _FALSE:
+    if parse_bool(os.environ.get("HF_HUB_OFFLINE", "")) is False:
         return True
-    return os.environ.get("HARNESS_ALLOW_DOWNLOADS", "").strip().lower() in _TRUE
+    return parse_bool(os.environ.get("HARNESS_ALLOW_DOWNLOADS", "")) is True
 
 
 def _hf_hub_cache() -> Path:

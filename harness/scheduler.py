@@ -35,7 +35,8 @@ import torch
 
 from harness import metrics as MX
 from harness.adapters import masks as M
-from harness.adapters.lori import AdapterSequence, MaskEnforcer, stable_seed
+from harness.adapters.lori import AdapterSequence, MaskEnforcer
+from harness.seeding import stable_seed
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError, HarnessError
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json

@@ -171,7 +171,3 @@ class Tracker:
             p = Path(d) / name
             p.write_text(json.dumps(obj, indent=2))
             self.client.log_artifact(run_id, str(p))
-
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, v)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -11,7 +10,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from harness.adapters.lori import stable_seed
+from harness.precision import autocast_ctx
+from harness.seeding import stable_seed
 
 
 @dataclass
@@ -51,12 +51,6 @@ def _collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[st
         attn[i, : len(ids)] = 1
         labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
     return {"input_ids": input_ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
-
-
-def autocast_ctx(device: torch.device, bf16_autocast: bool):
-    if bf16_autocast and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def train_stage(

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.adapters import masks as M
-from harness.adapters.lori import AdapterSequence, MaskEnforcer, init_A, stable_seed
+from harness.adapters.lori import AdapterSequence, MaskEnforcer, init_A
+from harness.seeding import stable_seed
 from harness.errors import CapacityError
 from harness.train import train_stage
 

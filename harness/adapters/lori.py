@@ -18,7 +18,6 @@ otherwise move them).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -31,12 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from harness.adapters import masks as M
 from harness.errors import HarnessError
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts, stable across processes and Python versions (unlike hash())."""
-    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+from harness.seeding import stable_seed
 
 
 def init_A(shape: tuple[int, int], *, init: str, seed: int, task: int, key: str) -> torch.Tensor:
@@ -56,10 +50,6 @@ def init_A(shape: tuple[int, int], *, init: str, seed: int, task: int, key: str)
 def b_key(module_name: str) -> str:
     """Key of a module's lora_B weight in PEFT's saved adapter file (adapter name stripped)."""
     return f"{module_name}.lora_B.weight"
-
-
-def a_key(module_name: str) -> str:
-    return f"{module_name}.lora_A.weight"
 
 
 class MaskEnforcer:
@@ -127,9 +117,6 @@ class AdapterSequence:
         for name, mod in self.model.named_modules():
             if isinstance(mod, LoraLayer):
                 yield name, mod
-
-    def b_shapes(self) -> dict[str, tuple[int, int]]:
-        return {b_key(n): tuple(m.lora_B[self.adapters[-1]].weight.shape) for n, m in self.layers()}
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adapted module."""

@@ -19,6 +19,7 @@ from typing import Mapping
 import torch
 
 from harness.errors import CapacityError
+from harness.seeding import stable_seed
 
 Masks = dict[str, torch.Tensor]  # key -> bool tensor of B's shape
 
@@ -105,8 +106,6 @@ def allocate(
 
 def random_scores(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
     """Seeded uniform scores per module (the `random` strategy ranks these)."""
-    from harness.adapters.lori import stable_seed
-
     return {
         k: torch.rand(shape, generator=torch.Generator().manual_seed(stable_seed(seed, "mask", k)))
         for k, shape in shapes.items()
