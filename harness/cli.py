@@ -157,6 +157,12 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     return serve_dashboard(Path(args.results_dir), port=args.port, tracking_uri=args.tracking_uri)
 
 
+def cmd_tracking_server(args: argparse.Namespace) -> int:
+    from harness.tracking_server import serve_tracking_server
+
+    return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import format_table, run_bench, write_json
 
@@ -225,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=5000, help="Port [default: 5000].")
     d.add_argument("--tracking-uri", default=None, help="Store to serve [default: the sqlite store under --results-dir].")
     d.set_defaults(func=cmd_dashboard)
+    ts = sub.add_parser("tracking-server", help="Run a shared MLflow tracking server on PostgreSQL (127.0.0.1) until Ctrl-C.")
+    ts.add_argument("--results-dir", default="results", help="Results folder: PostgreSQL data and artifacts live under it [default: results].")
+    ts.add_argument("--port", type=int, default=5001, help="Port of the MLflow server [default: 5001].")
+    ts.add_argument("--backend-uri", default=None,
+                    help="Use this existing PostgreSQL URI (postgresql+psycopg://...) instead of starting one [default: start Debian's PostgreSQL].")
+    ts.set_defaults(func=cmd_tracking_server)
+
     b = sub.add_parser("bench", help="Median step time and tokens/s of lora, lori-d, lori-s and a bare base-model step.")
     b.add_argument("--model", default="tiny-llama", help="Model name, hub id or path [default: tiny-llama].")
     b.add_argument("--methods", default="base,lora,lori-d,lori-s", help="Comma-separated [default: base,lora,lori-d,lori-s].")

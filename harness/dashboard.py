@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from harness.errors import HarnessError, TrackingError
-from harness.report import check_store_exists, redact_uri
+from harness.tracking import check_store_exists, redact_uri
 from harness.tracking import default_tracking_uri
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}

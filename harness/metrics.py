@@ -1,18 +1,10 @@
 """Continual-learning metrics: pure functions over the accuracy matrix.
 
 R has rows for stages 0..T (row 0 = the base model before any training) and columns for tasks
-1..T in the order they were trained. Missing evaluations are NaN. Definitions (used everywhere in
-this project, also in the report):
-
-    ACC = (1/T) Σ_j R[T, j]
-    BWT = (1/(T-1)) Σ_{j<T} (R[T, j] - R[j, j])                    Lopez-Paz & Ranzato 2017
-    FWT = (1/(T-1)) Σ_{j>=2} (R[j-1, j] - b_j),  b_j = R[0, j]      needs eval_scope: all
-    F   = (1/(T-1)) Σ_{j<T} max_{l in 1..T-1} (R[l, j] - R[T, j])   Chaudhry et al. 2018
-
-Stage 0 is not in the max of F; stages where task j was not evaluated are skipped. A metric
-whose inputs are missing (T = 1, or FWT without the early evaluations) is None, never a guess.
-Avalanche (first score instead of max), Mammoth (last row inside the max) and some repositories
-(BWT divided by T) differ from these.
+1..T in the order they were trained. Missing evaluations are NaN. The definitions (METRIC_DEFINITIONS below is the one text; the report prints it):
+ACC, BWT (Lopez-Paz & Ranzato 2017), FWT, and forgetting F (Chaudhry et al. 2018).
+A metric whose inputs are missing (T = 1, FWT without the early evaluations, a cell that was not
+evaluated) is None, never a guess. LIBRARY_NOTE says how other libraries differ.
 """
 
 from __future__ import annotations
@@ -22,15 +14,20 @@ from typing import Sequence
 
 import numpy as np
 
-DEFINITIONS = {
-    "ACC": "ACC = (1/T) Σ_j R[T, j]: mean accuracy over all tasks after the last stage.",
-    "BWT": "BWT = (1/(T-1)) Σ_{j<T} (R[T, j] − R[j, j]): how much training later tasks changed "
-    "earlier ones (negative = forgetting; Lopez-Paz & Ranzato 2017).",
-    "FWT": "FWT = (1/(T-1)) Σ_{j≥2} (R[j-1, j] − b_j), b_j = stage-0 score: how much earlier "
-    "stages helped a task before it was trained (needs eval_scope: all).",
-    "forgetting": "F = (1/(T-1)) Σ_{j<T} max_{l∈1..T-1} (R[l, j] − R[T, j]): mean drop from each "
-    "task's best score to its final score (Chaudhry et al. 2018; stage 0 excluded from the max).",
-}
+METRIC_DEFINITIONS = """\
+R[i, j] = score on task j after training stage i (i, j = 1..T); b_j = score on task j before any
+training (the base model, "stage 0").
+- ACC  = (1/T) Σ_j R[T, j]
+- BWT  = (1/(T-1)) Σ_{j<T} (R[T, j] - R[j, j])                       (Lopez-Paz & Ranzato 2017)
+- FWT  = (1/(T-1)) Σ_{j>=2} (R[j-1, j] - b_j)    needs future tasks evaluated one stage early
+- Forgetting F = (1/(T-1)) Σ_{j<T} max_{l in 1..T-1} (R[l, j] - R[T, j])   (Chaudhry et al. 2018;
+  stage 0, the untrained model, is not in the max; stages where j was not evaluated are skipped)"""
+
+LIBRARY_NOTE = (
+    "Popular continual-learning libraries define these differently: Avalanche's forgetting uses the "
+    "first score instead of the max, Mammoth includes the last row in the max, and some repositories "
+    "divide BWT by T. Numbers from those tools are not directly comparable with the ones here."
+)
 
 
 def as_matrix(rows: Sequence[Sequence[float | None]]) -> np.ndarray:

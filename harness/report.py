@@ -34,6 +34,8 @@ from harness.io import atomic_write_bytes, atomic_write_text
 from harness.metrics import summarize
 from harness.tracking import default_tracking_uri
 from harness.errors import HarnessError, TrackingError
+from harness.metrics import LIBRARY_NOTE, METRIC_DEFINITIONS
+from harness.tracking import local_store_path, check_store_exists, redact_uri
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
 # Higher is better for ACC/BWT/FWT, lower is better for forgetting.
@@ -43,20 +45,6 @@ DISPLAY_NAMES = {"lori-s": "LoRI-S", "lori-d": "LoRI-D", "lora": "LoRA"}
 SEQUENCE_FILTER = "tags.`harness.kind` = 'sequence'"
 _CONSISTENCY_TOL = 1e-6
 
-METRIC_DEFINITIONS = """\
-R[i, j] = score on task j after training stage i (i, j = 1..T); b_j = score on task j before any
-training (the base model, "stage 0").
-- ACC  = (1/T) Σ_j R[T, j]
-- BWT  = (1/(T-1)) Σ_{j<T} (R[T, j] - R[j, j])                       (Lopez-Paz & Ranzato 2017)
-- FWT  = (1/(T-1)) Σ_{j>=2} (R[j-1, j] - b_j)    needs future tasks evaluated one stage early
-- Forgetting F = (1/(T-1)) Σ_{j<T} max_{l in 1..T-1} (R[l, j] - R[T, j])   (Chaudhry et al. 2018;
-  stage 0, the untrained model, is not in the max; stages where j was not evaluated are skipped)"""
-
-LIBRARY_NOTE = (
-    "Popular continual-learning libraries define these differently: Avalanche's forgetting uses the "
-    "first score instead of the max, Mammoth includes the last row in the max, and some repositories "
-    "divide BWT by T. Numbers from those tools are not directly comparable with the ones here."
-)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,20 +71,6 @@ def _safe_dirname(name: str) -> str:
     """An experiment name as one safe path component (MLflow allows '/' and spaces in names)."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
     return cleaned or "experiment"
-
-
-def redact_uri(uri: str) -> str:
-    """Drop user:password from a URI before it is written into a report."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
-    return uri
 
 
 def _finite(x: Any) -> bool:
@@ -170,23 +144,6 @@ class SequenceRun:
     start_time_ms: int | None
     matrix_source: str
     notes: list[str] = field(default_factory=list)
-
-
-def _local_store_path(uri: str) -> Path | None:
-    """The file behind a sqlite URI (None for servers and other databases)."""
-    if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///"):].split("?", 1)[0]
-        if rest in ("", ":memory:"):
-            return None
-        return Path(rest)  # sqlite:////abs/x.db -> /abs/x.db; sqlite:///rel/x.db -> rel/x.db
-    return None
-
-
-def check_store_exists(results_dir: Path, uri: str) -> None:
-    """A missing sqlite file means nothing was run yet (and opening it would create an empty store)."""
-    path = _local_store_path(uri)
-    if path is not None and not path.exists():
-        raise HarnessError(f"no runs yet under {Path(results_dir)}: run `make run-sequence` first (no {path})")
 
 
 @contextlib.contextmanager

@@ -15,11 +15,12 @@ import json
 import logging
 import os
 import tempfile
+import urllib.parse
 import time
 from pathlib import Path
 from typing import Any
 
-from harness.errors import TrackingError
+from harness.errors import HarnessError, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,37 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         pass
     elif "://" not in uri:
         raise TrackingError(f"tracking URI {uri!r} is not a URI: use sqlite:///ABS/path.db, http://host:port, or omit it")
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user:password from a URI before it is written into a report."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return uri
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urllib.parse.urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file behind a sqlite URI (None for servers and other databases)."""
+    if uri.startswith("sqlite:///"):
+        rest = uri[len("sqlite:///"):].split("?", 1)[0]
+        if rest in ("", ":memory:"):
+            return None
+        return Path(rest)  # sqlite:////abs/x.db -> /abs/x.db; sqlite:///rel/x.db -> rel/x.db
+    return None
+
+
+def check_store_exists(results_dir: Path, uri: str) -> None:
+    """A missing sqlite file means nothing was run yet (and opening it would create an empty store)."""
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        raise HarnessError(f"no runs yet under {Path(results_dir)}: run `make run-sequence` first (no {path})")
 
 
 class Tracker:
