@@ -1,8 +1,9 @@
 """`harness bench`: median training-step time and tokens/s per method on the same batch.
 
-Methods: lora, lori-d, lori-s (mask enforced exactly as in training) and `base`, a bare
-forward+backward through the frozen base model (input embeddings require grad, so the backward
-pass runs through every layer but computes no weight gradient): the floor every adapter pays.
+Methods: any of harness/methods (timed through the same train_step as training, hooks and mask
+enforcement included) and `base`, a bare forward+backward through the frozen base model (input
+embeddings require grad, so the backward pass runs through every layer but computes no weight
+gradient): the floor every adapter pays.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from harness.adapters import masks as M
-from harness.adapters.lori import AdapterSequence, MaskEnforcer
-from harness.seeding import stable_seed
-from harness.config import DEFAULT_TARGETS
 from harness.io import atomic_write_json
+from harness.methods import METHODS, StageContext
 from harness.precision import autocast_ctx
+from harness.train import Recipe, make_optimizer, train_step
 
-METHODS = ("base", "lora", "lori-d", "lori-s")
+DEFAULT_METHODS = ("base", "lora", "lori-d", "lori-s")
 
 
 def _batch(vocab: int, batch_size: int, seq_len: int, device) -> dict[str, torch.Tensor]:
@@ -44,75 +43,54 @@ def _time_steps(step, warmup: int, steps: int, desc: str) -> list[float]:
     return times
 
 
-def run_bench(
-    model_name: str = "tiny-llama",
-    *,
-    methods: tuple[str, ...] = METHODS,
-    rank: int = 8,
-    targets: list[str] | None = None,
-    batch_size: int = 8,
-    seq_len: int = 128,
-    steps: int = 10,
-    warmup: int = 2,
-    density: float = 0.1,
-    device: str = "auto",
-    dtype: str = "auto",
-    bf16_autocast: bool = False,
-) -> dict:
-    """Measure every method on one batch; returns {"model", "methods": {name: {step_s_median, train_tok_s}}, ...}."""
+def _base_step(model, batch, bf16_autocast: bool):
+    """Forward + backward through the frozen model (input embeddings require grad): the floor every adapter pays."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.enable_input_require_grads()
+    model.train()
+
+    def step():
+        with autocast_ctx(batch["input_ids"].device, bf16_autocast):
+            loss = model(**batch).loss
+        loss.backward()
+
+    return step
+
+
+def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: int = 8, seq_len: int = 128,
+              steps: int = 10, warmup: int = 2) -> dict:
+    """Time the real training step (harness.train.train_step, with the method's hooks) of every method on one batch.
+
+    Rank, alpha, targets, mask density, recipe, device and dtype come from the experiment config `cfg`."""
     from harness.models import load_model, set_torch_threads
 
     set_torch_threads()
-    targets = targets or list(DEFAULT_TARGETS)
-    model, tok = load_model(model_name, device=device, dtype=dtype)
+    if cfg.mask_strategy != "random":  # a magnitude mask needs a calibration run; the step itself is the same
+        cfg = cfg.model_copy(update={"mask_strategy": "random"})
+    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
     dev = next(model.parameters()).device
     batch = _batch(len(tok), batch_size, seq_len, dev)
-    n_tokens = batch_size * seq_len
-    out: dict = {"model": model_name, "device": str(dev), "batch_size": batch_size, "seq_len": seq_len, "rank": rank,
-                 "targets": targets, "steps": steps, "methods": {}}
-    for method in methods:
-        if method == "base":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.enable_input_require_grads()
-
-            def step():
-                with autocast_ctx(dev, bf16_autocast):
-                    loss = model(**batch).loss
-                loss.backward()
-
-            model.train()
-            times = _time_steps(step, warmup, steps, "base")
+    recipe = Recipe.from_config(cfg)
+    out: dict = {"model": cfg.model, "device": str(dev), "batch_size": batch_size, "seq_len": seq_len, "rank": cfg.rank,
+                 "targets": cfg.targets, "steps": steps, "methods": {}}
+    for name in methods:
+        if name == "base":
+            times = _time_steps(_base_step(model, batch, cfg.bf16_autocast), warmup, steps, "base")
             model.disable_input_require_grads()
         else:
-            seq = AdapterSequence(model, method=method, rank=rank, alpha=2 * rank, targets=targets, seed=0)
-            name = seq.begin_task(1)
-            params = seq.trainable_parameters()
-            enforcer = None
-            if method == "lori-s":
-                shapes = {k: tuple(p.shape) for k, p in seq.b_params(name).items()}
-                masks = M.allocate(M.random_scores(shapes, stable_seed(0, "bench")), None, density=density,
-                                   policy="independent", scope="module")
-                enforcer = MaskEnforcer(seq.b_params(name), masks)
-            opt = torch.optim.AdamW(params, lr=1e-4)
-            seq.model.train()
-
-            def step():
-                with autocast_ctx(dev, bf16_autocast):
-                    loss = seq.model(**batch).loss
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if enforcer is not None:
-                    enforcer.after_step()
-
-            times = _time_steps(step, warmup, steps, method)
-            if enforcer is not None:
-                enforcer.remove()
-            model = seq.unload()
+            method = METHODS[name](cfg, seed=0, tasks=["bench"], base_model=model)
+            method.begin_stage(StageContext(stage=1, task="bench", run_dir=Path("."), calibrate=lambda *a: None))
+            params = list(method.trainable().values())
+            opt, sched = make_optimizer(params, cfg.lr_for(name), recipe, warmup + steps)
+            method.model.train()
+            times = _time_steps(lambda: train_step(method.model, batch, params, opt, sched, recipe, method, cfg.bf16_autocast),
+                                warmup, steps, name)
+            method.end_stage()
+            model = method.unload()
         med = statistics.median(times)
-        out["methods"][method] = {"step_s_median": med, "train_tok_s": n_tokens / med,
-                                  "step_s_min": min(times), "step_s_max": max(times)}
+        out["methods"][name] = {"step_s_median": med, "train_tok_s": batch_size * seq_len / med,
+                                "step_s_min": min(times), "step_s_max": max(times)}
     return out
 
 

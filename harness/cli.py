@@ -13,21 +13,25 @@ from pathlib import Path
 from harness.errors import HarnessError
 
 
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     from harness.config import cli_fields
 
     g = p.add_argument_group("experiment knobs (override the YAML config; lists are comma-separated)")
     for name, field in cli_fields():
+        if name in skip:
+            continue
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, default=argparse.SUPPRESS, metavar=name.upper().replace("_", "-"),
-                       help=f"{field.description} [default: {shown}]")
+        flag = name.replace(".", "-").replace("_", "-")
+        g.add_argument(f"--{flag}", dest=name, default=argparse.SUPPRESS, metavar=flag.upper(),
+                       help=f"{field.description} [default: {shown}]".replace("%", "%%"))
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    from harness.config import ExperimentConfig, parse_cli_value
+    from harness.config import cli_fields, parse_cli_value
 
-    return {k: parse_cli_value(k, v) for k, v in vars(args).items() if k in ExperimentConfig.model_fields}
+    knobs = {name for name, _ in cli_fields()}
+    return {k: parse_cli_value(k, v) for k, v in vars(args).items() if k in knobs}
 
 
 def _print_table(results: list[dict]) -> None:
@@ -89,22 +93,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        raise HarnessError(f"{run_dir}: no config.yaml here. Pass a sequence folder (results/<experiment>/<method>/seed-<s>) "
+        raise HarnessError(f"{run_dir}: no config.yaml here. Pass a sequence folder (results/<experiment>/<method>/seed-<s>[/order-<k>]) "
                            "or an experiment folder (results/<experiment>).")
     import yaml
 
     data = yaml.safe_load(cfg_path.read_text()) or {}
     seq = data.pop("sequence", None)
-    # The run folder's own location wins over a results_dir recorded elsewhere (folders can be moved).
-    levels = 1 + (2 if seq else 0) + (1 if seq and len(data.get("orders", [0])) > 1 else 0)
+    # The folder's own location wins over a results_dir recorded elsewhere (folders can be moved):
+    # <results>/<experiment>[/<method>/seed-<s>[/order-<k>]].
+    levels = 1 + ((3 if run_dir.resolve().name.startswith("order-") else 2) if seq else 0)
     data["results_dir"] = str(run_dir.resolve().parents[levels - 1])
-    if seq:
-        data["methods"] = [seq["method"]]
-        data["seeds"] = [seq["seed"]]
-        data["orders"] = [seq["order_index"]]
+    # The recorded config is the whole experiment's (every method, seed and order): the folder
+    # layout is planned from it, and one sequence is picked out, never the plan narrowed.
     cfg = load_config(None, {**data, **_overrides(args)})
     install_signal_handlers()
-    results = run_experiment(cfg, progress=not args.no_progress)
+    results = run_experiment(cfg, progress=not args.no_progress, only=run_dir if seq else None)
     return _after_run(cfg, results, args)
 
 
@@ -120,10 +123,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  note: {note}")
         return 0
     from harness.config import load_config
-    from harness.scheduler import validate
+    from harness.planning import validate
 
     cfg = load_config(args.config, overrides)
-    suite, specs, uri = validate(cfg)
+    suite, specs, uri, _ = validate(cfg)
     print(f"config OK: experiment {cfg.experiment_name}, {len(specs)} sequence(s) of {len(specs[0].tasks)} tasks, "
           f"suite {suite.name}, model {cfg.model}, tracking {uri}")
     return 0
@@ -145,7 +148,9 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
+    from harness.tracking import default_tracking_uri, mark_interrupted
 
+    mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
     index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
     print(f"report: {index}")
     return 0
@@ -153,6 +158,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from harness.dashboard import serve_dashboard
+    from harness.tracking import default_tracking_uri, mark_interrupted
+
+    mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), None)
 
     return serve_dashboard(Path(args.results_dir), port=args.port, tracking_uri=args.tracking_uri)
 
@@ -165,16 +173,19 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import format_table, run_bench, write_json
+    from harness.config import load_config
+    from harness.methods import METHODS
 
-    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    bad = [m for m in methods if m not in ("base", "lora", "lori-d", "lori-s")]
+    methods = tuple(m.strip() for m in args.bench_methods.split(",") if m.strip())
+    bad = [m for m in methods if m != "base" and m not in METHODS]
     if bad:
-        raise HarnessError(f"--methods: unknown {bad}; choose from base, lora, lori-d, lori-s")
+        raise HarnessError(f"--methods: unknown {bad}; choose from base, {', '.join(METHODS)}")
+    cfg = load_config(None, _overrides(args))
     if args.eval_suite:
         from harness.bench import run_eval_bench
 
-        res = run_eval_bench(args.model, args.eval_suite, batch_size=args.eval_batch_size, limit=args.eval_limit,
-                             device=args.device, dtype=args.dtype)
+        res = run_eval_bench(cfg.model, args.eval_suite, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
+                             device=cfg.device, dtype=cfg.dtype)
         for kind in ("loglikelihood", "generate_until"):
             if kind in res:
                 r = res[kind]
@@ -183,9 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             write_json(res, Path(args.json))
         return 0
-    res = run_bench(args.model, methods=methods, rank=args.rank, batch_size=args.batch_size, seq_len=args.seq_len,
-                    steps=args.steps, density=args.mask_density, device=args.device, dtype=args.dtype,
-                    bf16_autocast=args.bf16_autocast, targets=[t for t in args.targets.split(",") if t] if args.targets else None)
+    res = run_bench(cfg, methods=methods, batch_size=args.bench_batch_size, seq_len=args.seq_len, steps=args.steps)
     print(format_table(res))
     if args.json:
         write_json(res, Path(args.json))
@@ -209,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("run_dir", metavar="RUN_DIR")
     rs.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
     rs.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    _add_config_flags(rs)
     rs.set_defaults(func=cmd_resume)
 
     v = sub.add_parser("validate", help="Check a config (suite, model, capacity, paths, tracking) without training; with only --suite, check that suite.")
@@ -238,22 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Use this existing PostgreSQL URI (postgresql+psycopg://...) instead of starting one [default: start Debian's PostgreSQL].")
     ts.set_defaults(func=cmd_tracking_server)
 
-    b = sub.add_parser("bench", help="Median step time and tokens/s of lora, lori-d, lori-s and a bare base-model step.")
-    b.add_argument("--model", default="tiny-llama", help="Model name, hub id or path [default: tiny-llama].")
-    b.add_argument("--methods", default="base,lora,lori-d,lori-s", help="Comma-separated [default: base,lora,lori-d,lori-s].")
-    b.add_argument("--rank", type=int, default=8, help="Adapter rank [default: 8].")
-    b.add_argument("--targets", default=None, help="Target modules, comma-separated [default: all 7 projections].")
-    b.add_argument("--batch-size", type=int, default=8, help="Batch size [default: 8].")
+    b = sub.add_parser("bench", help="Median step time and tokens/s of each method's real training step, and a bare base-model step.")
+    b.add_argument("--methods", dest="bench_methods", default="base,lora,lori-d,lori-s",
+                   help="Comma-separated: base and any method [default: base,lora,lori-d,lori-s].")
+    b.add_argument("--batch-size", dest="bench_batch_size", type=int, default=8, help="Batch size [default: 8].")
     b.add_argument("--seq-len", type=int, default=128, help="Tokens per sequence [default: 128].")
     b.add_argument("--steps", type=int, default=10, help="Timed steps per method after 2 warm-up steps [default: 10].")
-    b.add_argument("--mask-density", type=float, default=0.1, help="lori-s mask density [default: 0.1].")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N [default: auto].")
-    b.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 [default: auto].")
-    b.add_argument("--bf16-autocast", action="store_true", help="CPU bf16 autocast.")
     b.add_argument("--eval-suite", metavar="SUITE", help="Instead: time lm-eval against a bare batched scorer on this suite's requests.")
-    b.add_argument("--eval-batch-size", type=int, default=32, help="With --eval-suite: batch size [default: 32].")
-    b.add_argument("--eval-limit", type=int, default=None, help="With --eval-suite: test examples per task [default: all].")
     b.add_argument("--json", metavar="FILE", help="Also write the results as JSON.")
+    _add_config_flags(b, skip={"methods", "batch_size", "seeds", "orders", "tasks", "results_dir", "tracking_uri", "experiment",
+                               "suite", "wait_for_lock", "checkpoint_every", "eval_scope"})
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -14,9 +14,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.methods import METHODS
+from harness.methods.inclora import OLoRAKnobs
+from harness.methods.replay import ReplayKnobs
+from harness.suites.schema import DEFAULT_LR
 
-METHODS = ("lora", "lori-d", "lori-s")
-FALLBACK_LR = {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -34,8 +36,8 @@ class ExperimentConfig(BaseModel):
         "smollm2-135m",
         description="Base model: smollm2-135m (embedded), tiny-llama[-256] (tests), an HF hub id or a local path.",
     )
-    methods: list[Literal["lora", "lori-d", "lori-s"]] = Field(
-        ["lori-s", "lora"], description="Adapter methods to compare (comma-separated): lora, lori-d, lori-s."
+    methods: list[str] = Field(
+        ["lori-s", "lora"], description=f"Methods to compare (comma-separated): {', '.join(METHODS)} (see `harness methods`)."
     )
     seeds: list[int] = Field([0], description="Seeds (comma-separated); each is a full sequence.")
     orders: list[int] = Field([0], description="Indices of the suite's task orders to run (comma-separated).")
@@ -91,15 +93,39 @@ class ExperimentConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per task.")
     batch_size: int | None = Field(None, ge=1, description="Training batch size (default: suite budget).")
     max_seq_len: int | None = Field(None, ge=8, description="Truncate training sequences to this many tokens.")
-    lr_lora: float | None = Field(None, gt=0, description="Learning rate for lora (default: the suite budget's, else 1e-3).")
-    lr_lori_d: float | None = Field(None, gt=0, description="Learning rate for lori-d (default: the suite budget's, else 1e-3).")
-    lr_lori_s: float | None = Field(
-        None, gt=0, description="Learning rate for lori-s (default: the suite budget's, else 1e-2: ~10x lori-d, as the paper)."
+    lr_lora: float | None = Field(
+        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl "
+        f"(default: the suite budget's, else {DEFAULT_LR['lora']:g})."
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (masks stay exact either way).")
-    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off); sees the masked gradient.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps per stage.")
+    lr_lori_d: float | None = Field(
+        None, gt=0, description=f"Learning rate for lori-d (default: the suite budget's, else {DEFAULT_LR['lori-d']:g})."
+    )
+    lr_lori_s: float | None = Field(
+        None, gt=0, description=f"Learning rate for lori-s (default: the suite budget's, else {DEFAULT_LR['lori-s']:g}: ~10x lori-d, as the paper)."
+    )
     train_limit: int | None = Field(None, ge=1, description="Use at most N training examples per task.")
+
+    # --- training recipe (logged as params; see the README's "Training recipe") ----------------
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (0 as the LoRI reference; masks stay exact either way).")
+    grad_clip: float = Field(1.0, ge=0, description="Max gradient norm (0 = off); sees the masked gradient.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps per stage (0 = none, as the LoRI reference).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of each stage's steps (instead of warmup_steps).")
+    completion_eos: Literal["auto", "always", "never"] = Field(
+        "auto", description="EOS after each training completion: auto (generate tasks only, where it is the stop signal), always, never."
+    )
+    loss_reduction: Literal["token", "example"] = Field(
+        "token", description="Loss: mean over completion tokens (token) or mean of per-example means (example)."
+    )
+
+    # --- crash safety ------------------------------------------------------------------------
+    checkpoint_every: int = Field(
+        50, ge=0, description="Mid-stage checkpoint every N optimizer steps (0 = off); resume continues from it."
+    )
+    wait_for_lock: bool = Field(False, description="If another process runs a sequence folder, wait for it instead of refusing.")
+
+    # --- method knobs (one section per method that has knobs) -------------------------------
+    olora: OLoRAKnobs = Field(default_factory=OLoRAKnobs, description="O-LoRA knobs (method olora).")
+    replay: ReplayKnobs = Field(default_factory=ReplayKnobs, description="Replay-buffer knobs (method replay).")
 
     # --- evaluation --------------------------------------------------------------------------
     eval_scope: Literal["seen", "all"] = Field(
@@ -124,6 +150,14 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"duplicates in {v}")
         return v
 
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}")
+        return v
+
     @field_validator("experiment")
     @classmethod
     def _experiment_name(cls, v: str | None) -> str | None:
@@ -132,9 +166,15 @@ class ExperimentConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _overlap(self) -> "ExperimentConfig":
+    def _consistent(self) -> "ExperimentConfig":
         if self.overlap_policy != "max_overlap" and self.max_overlap not in (0.0,):
             raise ValueError("max_overlap is only used with overlap_policy: max_overlap")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        for cls in METHODS.values():
+            if cls.section and cls.section in self.model_fields_set and cls.name not in self.methods:
+                raise ValueError(f"{cls.section}: knobs of method {cls.name!r}, which is not in methods {self.methods}; "
+                                 f"add {cls.name} to methods or drop the {cls.section} section")
         return self
 
     # derived values ----------------------------------------------------------------------------
@@ -151,16 +191,21 @@ class ExperimentConfig(BaseModel):
         return f"{suite}-{model}"
 
     def lr_for(self, method: str, suggested: dict[str, float] | None = None) -> float:
-        """The config's learning rate for a method, else the suite's recommendation, else the fallback."""
-        explicit = {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[method]
+        """The learning rate of a method (its family's knob: lr_lora, lr_lori_d or lr_lori_s), else the suite's."""
+        family = METHODS[method].lr_method
+        explicit = {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[family]
         if explicit is not None:
             return explicit
-        if suggested and method in suggested:
-            return float(suggested[method])
-        return FALLBACK_LR[method]
+        if suggested and family in suggested:
+            return float(suggested[family])
+        return DEFAULT_LR[family]
 
     def to_yaml_dict(self) -> dict[str, Any]:
+        """The resolved config; sections of methods not in the run are left out (they would not validate)."""
         d = self.model_dump(mode="json")
+        for cls in METHODS.values():
+            if cls.section and cls.name not in self.methods:
+                d.pop(cls.section, None)
         return d
 
 
@@ -174,21 +219,36 @@ def parse_bool(raw: str) -> bool | None:
     return None
 
 
-def _field_is_list(name: str) -> bool:
-    ann = str(ExperimentConfig.model_fields[name].annotation)
-    return ann.startswith("list") or "list[" in ann
+def _section_model(field) -> type[BaseModel] | None:
+    ann = field.annotation
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
 
 
 def cli_fields() -> list[tuple[str, Any]]:
-    """(name, FieldInfo) for every knob, in definition order: the CLI builds its flags from this."""
-    return list(ExperimentConfig.model_fields.items())
+    """(dest, FieldInfo) for every knob in definition order; a method section's knobs are "section.knob".
+
+    The CLI builds its flags from this: --rank, --olora-lambda-orth, ..."""
+    out = []
+    for name, field in ExperimentConfig.model_fields.items():
+        sub = _section_model(field)
+        if sub is None:
+            out.append((name, field))
+        else:
+            out.extend((f"{name}.{k}", f) for k, f in sub.model_fields.items())
+    return out
+
+
+def _field(dest: str):
+    top, _, sub = dest.partition(".")
+    field = ExperimentConfig.model_fields[top]
+    return _section_model(field).model_fields[sub] if sub else field
 
 
 def parse_cli_value(name: str, raw: str) -> Any:
     """Turn a CLI string into what the config field expects (comma lists, booleans); pydantic checks the rest."""
-    if _field_is_list(name):
+    ann = str(_field(name).annotation)
+    if ann.startswith("list") or "list[" in ann:
         return [x.strip() for x in raw.split(",") if x.strip()]
-    ann = str(ExperimentConfig.model_fields[name].annotation)
     if ann == "<class 'bool'>":
         parsed = parse_bool(raw)
         return raw if parsed is None else parsed  # pydantic complains about anything else
@@ -197,12 +257,25 @@ def parse_cli_value(name: str, raw: str) -> Any:
     return raw
 
 
+def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"olora.lambda_orth": 1} -> {"olora": {"lambda_orth": 1}} (flags of method sections)."""
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        top, _, sub = k.partition(".")
+        if sub:
+            out.setdefault(top, {})[sub] = v
+        else:
+            out[k] = v
+    return out
+
+
 def _format_errors(err: ValidationError, source: str, cli_keys: set[str]) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(config)"
-        top = str(e["loc"][0]) if e["loc"] else ""
-        where = f"--{top.replace('_', '-')}" if top in cli_keys else f"{source}: {loc}"
+        nested, top = ".".join(str(p) for p in e["loc"][:2]), (str(e["loc"][0]) if e["loc"] else "")
+        flag = nested if nested in cli_keys else top
+        where = f"--{flag.replace('.', '-').replace('_', '-')}" if flag in cli_keys else f"{source}: {loc}"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             known = ", ".join(ExperimentConfig.model_fields)
@@ -231,9 +304,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of config keys, got {type(loaded).__name__}")
         data.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    overrides = overrides or {}
-    data.update(overrides)
+    flat = overrides or {}
+    for k, v in nest_overrides(flat).items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            data[k] = {**data[k], **v}  # a flag overrides one knob of a YAML section, not the section
+        else:
+            data[k] = v
     try:
         return ExperimentConfig(**data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, set(overrides))) from None
+        raise ConfigError(_format_errors(err, source, set(flat))) from None

@@ -87,3 +87,9 @@ def forgetting(R: np.ndarray) -> float | None:
 def summarize(R: np.ndarray) -> dict[str, float | None]:
     """All four metrics as a dict with the names used in MLflow and summary.json."""
     return {"ACC": acc(R), "BWT": bwt(R), "FWT": fwt(R), "forgetting": forgetting(R)}
+
+
+def summarize_reference(R: np.ndarray) -> dict[str, float | None]:
+    """A reference row (multi-task training, one stage): ACC of its final row; BWT, FWT, forgetting do not apply."""
+    final = [float(v) for v in R[-1]]
+    return {"ACC": _mean_or_none(final), "BWT": None, "FWT": None, "forgetting": None}

@@ -537,6 +537,40 @@ def check_model_available(name: str, *, cache_dir: str | os.PathLike | None = No
     )
 
 
+def model_config(name: str, *, cache_dir: str | os.PathLike | None = None, trust_remote_code: bool = False):
+    """The model's transformers config, read without loading any weights; None where it cannot be read here."""
+    from transformers import AutoConfig, LlamaConfig
+
+    try:
+        if name == "smollm2-135m":
+            ckpt = smollm2_checkpoint_dir(cache_dir)
+            if _is_complete(ckpt):
+                return AutoConfig.from_pretrained(str(ckpt))
+            gguf = _find_smollm2_gguf()
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if name in _TINY_SPECS:
+            t = _TINY_SPECS[name]
+            return LlamaConfig(vocab_size=t.vocab, hidden_size=t.hidden, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+                               num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate, max_position_embeddings=t.max_positions,
+                               tie_word_embeddings=True)
+        local = Path(name).expanduser()
+        source = str(local) if local.is_dir() else name
+        return AutoConfig.from_pretrained(source, local_files_only=not downloads_allowed() or local.is_dir(),
+                                          trust_remote_code=trust_remote_code, cache_dir=None if local.is_dir() else str(_hf_hub_cache()))
+    except Exception as exc:  # noqa: BLE001 - a preflight that cannot read the config falls back to the loaded model
+        logger.info("no config for %s without loading weights: %s", name, exc)
+        return None
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every Linear module of a model built from `config` on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
     from huggingface_hub.errors import GatedRepoError
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -130,9 +130,20 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
-    def reopen(self, run_id: str) -> None:
-        """Mark a parent RUNNING again when a sequence resumes (same run, not a new one)."""
-        self.client.update_run(run_id, status="RUNNING")
+    def reopen(self, run_id: str, where: Path) -> None:
+        """Mark a parent RUNNING again when a sequence resumes (same run, never a silent new one)."""
+        try:
+            run = self.client.get_run(run_id)
+            if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage == "deleted":
+                raise LookupError(f"it is {'deleted' if run.info.lifecycle_stage == 'deleted' else 'in another experiment'}")
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, "harness.interrupted", "false")
+        except Exception as exc:  # MLflow raises many types for a missing run or a broken store
+            raise TrackingError(
+                f"{where}: names MLflow parent run {run_id}, which cannot be reopened in {redact_uri(self.uri)} ({exc}). "
+                "Point --tracking-uri at the store this sequence was logged to; or, to log it as a new parent run, "
+                f"delete {where} (the finished stages are kept and re-logged)."
+            ) from None
 
     def create_stage(self, parent_id: str, stage: int, task: str, tags: dict[str, str]) -> str:
         run = self.client.create_run(
@@ -188,6 +199,15 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
+    def mirror_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
+        """Log only the keys the run does not have yet (re-mirroring a stage after a kill adds no duplicates)."""
+        have = set(self.client.get_run(run_id).data.metrics)
+        self.log_metrics(run_id, {k: v for k, v in metrics.items() if k not in have}, step=step)
+
+    def log_series_once(self, run_id: str, key: str, values: list[float]) -> None:
+        if not self.client.get_metric_history(run_id, key):
+            self.log_series(run_id, key, values)
+
     def log_metric_once(self, run_id: str, key: str, value: float, step: int) -> None:
         """Log a point unless one already exists at this step (idempotent re-logging on resume)."""
         hist = self.client.get_metric_history(run_id, key)
@@ -203,3 +223,39 @@ class Tracker:
             p = Path(d) / name
             p.write_text(json.dumps(obj, indent=2))
             self.client.log_artifact(run_id, str(p))
+
+
+def mark_interrupted(uri: str, experiment: str | None) -> int:
+    """Mark KILLED (tag harness.interrupted) every RUNNING sequence whose folder's lock nobody holds.
+
+    A process killed with SIGKILL cannot mark its own runs; its lock died with it, so a RUNNING
+    parent with a free lock is an interrupted sequence, which `harness resume` continues. Runs whose
+    folder is not visible from here (another machine's disk) are left alone. Returns how many."""
+    from harness.locking import is_locked
+
+    path = local_store_path(uri)
+    if path is not None and not path.exists():
+        return 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        exps = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+        exp_ids = [e.experiment_id for e in exps if e is not None]
+        if not exp_ids:
+            return 0
+        running = client.search_runs(exp_ids, "tags.`harness.kind` = 'sequence' and attributes.status = 'RUNNING'", max_results=1000)
+    except Exception as exc:  # noqa: BLE001 - the report/dashboard itself says what is wrong with the store
+        log.info("cannot look for interrupted runs in %s: %s", redact_uri(uri), exc)
+        return 0
+    n = 0
+    for run in running:
+        run_dir = run.data.tags.get("harness.run_dir")
+        if not run_dir or is_locked(Path(run_dir)) is not False:
+            continue
+        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
+        for r in [*children, run]:
+            client.set_tag(r.info.run_id, "harness.interrupted", "true")
+            client.set_terminated(r.info.run_id, status="KILLED")
+        n += 1
+    return n

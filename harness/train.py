@@ -1,17 +1,62 @@
-"""One stage of training: fresh AdamW, loss on completion tokens only, masks enforced every step."""
+"""One stage of training: fresh AdamW, loss on completion tokens only, the method's hooks every step.
+
+The recipe (what the loss sees and how the step is taken) is explicit and logged: EOS after the
+completion or not, warm-up, clipping, loss reduction, weight decay. `train_step` is THE training
+step: `harness bench` times this same function.
+"""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness import faults
+from harness.checkpoint import Progress, StageCheckpointer
 from harness.precision import autocast_ctx
 from harness.seeding import stable_seed
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The training recipe of every stage; the knobs (defaults, help) are defined in config.py."""
+
+    weight_decay: float
+    grad_clip: float
+    warmup_steps: int
+    warmup_ratio: float
+    loss_reduction: str  # "token" (mean over completion tokens) or "example" (mean of per-example means)
+    completion_eos: str  # "auto", "always", "never"
+
+    @classmethod
+    def from_config(cls, cfg) -> "Recipe":
+        return cls(weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps,
+                   warmup_ratio=cfg.warmup_ratio, loss_reduction=cfg.loss_reduction, completion_eos=cfg.completion_eos)
+
+    def add_eos(self, generative: bool) -> bool:
+        """auto: EOS only where it is the stop signal (generation); a choice's EOS is never scored."""
+        return self.completion_eos == "always" or (self.completion_eos == "auto" and generative)
+
+    def warmup_for(self, total_steps: int) -> int:
+        return self.warmup_steps if self.warmup_steps else int(math.ceil(self.warmup_ratio * total_steps))
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Linear warm-up to the full rate over `warmup` steps (step 0 gets 1/(warmup+1)), then constant."""
+    return min(1.0, (step + 1) / (warmup + 1)) if warmup > 0 else 1.0
+
+
+class StageHooks(Protocol):
+    """What a method may add to the step (see harness/methods/base.py)."""
+
+    def extra_loss(self) -> torch.Tensor | None: ...
+    def after_backward(self) -> None: ...
+    def after_step(self) -> None: ...
 
 
 @dataclass
@@ -20,19 +65,24 @@ class TrainResult:
     tokens: int
     wall_s: float
     losses: list[float] = field(default_factory=list)
+    checkpoint_s: float = 0.0
+    checkpoints: int = 0
+    resumed_from_step: int = 0
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
 
 
-def tokenize_examples(tokenizer, examples: list[dict], max_seq_len: int | None) -> list[tuple[list[int], int]]:
-    """(ids, n_prompt_tokens) per example: prompt + completion + EOS, truncated from the left of the prompt."""
+def tokenize_examples(tokenizer, examples: list[dict], max_seq_len: int | None, *, add_eos: bool = True) -> list[tuple[list[int], int]]:
+    """(ids, n_prompt_tokens) per example: prompt + completion (+ EOS), truncated from the left of the prompt.
+
+    An example's own "eos" key (set from the recipe's completion_eos and its task's kind) wins over add_eos."""
     out = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for ex in examples:
         p = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + eos
+        c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + (eos if ex.get("eos", add_eos) else [])
         if max_seq_len is not None and len(p) + len(c) > max_seq_len:
             keep = max(1, max_seq_len - len(c))
             p = p[-keep:]
@@ -41,7 +91,7 @@ def tokenize_examples(tokenizer, examples: list[dict], max_seq_len: int | None) 
     return out
 
 
-def _collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[str, torch.Tensor]:
+def collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[str, torch.Tensor]:
     L = max(len(ids) for ids, _ in batch)
     input_ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), L), -100, dtype=torch.long)
@@ -53,67 +103,115 @@ def _collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[st
     return {"input_ids": input_ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Next-token cross-entropy on labelled positions: mean over tokens, or mean of per-example means."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
+    per_tok = per_tok.view(labels.shape)
+    valid = (labels != -100).to(per_tok.dtype)
+    if reduction == "token":
+        return (per_tok * valid).sum() / valid.sum().clamp(min=1)
+    if reduction == "example":
+        n = valid.sum(dim=1)
+        per_ex = (per_tok * valid).sum(dim=1) / n.clamp(min=1)
+        return per_ex[n > 0].mean()
+    raise ValueError(f"unknown loss_reduction {reduction!r}")
+
+
+def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recipe: Recipe, hooks: StageHooks | None,
+               bf16_autocast: bool = False) -> float:
+    """One optimizer step: loss (+ the method's term), backward, hooks, clip, AdamW, schedule."""
+    device = batch["input_ids"].device
+    with autocast_ctx(device, bf16_autocast):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = lm_loss(logits, batch["labels"], recipe.loss_reduction)
+    extra = hooks.extra_loss() if hooks is not None else None
+    total = loss + extra if extra is not None else loss
+    total.backward()
+    if hooks is not None:
+        hooks.after_backward()  # masks gradients before clipping, so clipping sees what will be applied
+    if recipe.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    if hooks is not None:
+        hooks.after_step()
+    return float(loss.detach())
+
+
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    warmup = recipe.warmup_for(total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup))
+    return opt, sched
+
+
 def train_stage(
     model: torch.nn.Module,
     tokenizer,
     examples: list[dict],
-    params: list[torch.nn.Parameter],
+    params: dict[str, torch.nn.Parameter],
     *,
+    recipe: Recipe,
     lr: float,
     epochs: float,
     batch_size: int,
+    steps: int | None = None,
     max_steps: int | None = None,
     max_seq_len: int | None = None,
-    weight_decay: float = 0.0,
-    grad_clip: float = 1.0,
-    warmup_steps: int = 0,
     seed: int = 0,
     stage: int = 1,
     bf16_autocast: bool = False,
-    after_step: Callable[[], None] | None = None,
+    hooks: StageHooks | None = None,
+    checkpointer: StageCheckpointer | None = None,
     desc: str = "train",
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    """Train `params` on `examples` with a fresh optimizer; deterministic given (seed, stage) on CPU."""
+    """Train `params` on `examples` with a fresh optimizer; deterministic given (seed, stage) on CPU.
+
+    The stage takes `steps` optimizer steps if given, else `epochs` over the data; max_steps caps it.
+    With a checkpointer, a checkpoint of this stage is restored first (weights, AdamW, schedule,
+    RNG and data position), and one is written every `checkpoint_every` steps and at the end.
+    """
     device = next(model.parameters()).device
     data = tokenize_examples(tokenizer, examples, max_seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    steps_per_epoch = math.ceil(len(data) / batch_size)
-    total = math.ceil(epochs * steps_per_epoch)
+    total = steps if steps is not None else math.ceil(epochs * math.ceil(len(data) / batch_size))
     if max_steps is not None:
         total = min(total, max_steps)
+    plist = list(params.values())
     # The stage is a function of (checkpoint, config): its own generator, never global RNG state.
     gen = torch.Generator().manual_seed(stable_seed(seed, "stage", stage))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) if warmup_steps else 1.0)
+    opt, sched = make_optimizer(plist, lr, recipe, total)
+    prog = (checkpointer.restore(params, opt, sched, gen) if checkpointer else None) or Progress()
+    resumed_from = prog.step
     model.train()
-    result = TrainResult(steps=0, tokens=0, wall_s=0.0)
-    t0 = time.perf_counter()
-    order: list[int] = []
-    bar = tqdm(total=total, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter() - prog.wall_s
+    ckpt_s = 0.0
+    bar = tqdm(total=total, initial=prog.step, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
     try:
-        while result.steps < total:
-            if not order:
-                order = torch.randperm(len(data), generator=gen).tolist()
-            idx, order = order[:batch_size], order[batch_size:]
-            batch = _collate([data[i] for i in idx], pad_id, device)
-            with autocast_ctx(device, bf16_autocast):
-                out = model(**batch)
-            loss = out.loss
-            loss.backward()
-            if grad_clip and grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if after_step is not None:
-                after_step()
-            result.steps += 1
-            result.tokens += int(batch["attention_mask"].sum())
-            result.losses.append(float(loss.detach()))
+        while prog.step < total:
+            if not prog.order:
+                prog.order = torch.randperm(len(data), generator=gen).tolist()
+            idx, prog.order = prog.order[:batch_size], prog.order[batch_size:]
+            batch = collate([data[i] for i in idx], pad_id, device)
+            prog.losses.append(train_step(model, batch, plist, opt, sched, recipe, hooks, bf16_autocast))
+            prog.step += 1
+            prog.tokens += int(batch["attention_mask"].sum())
             bar.update(1)
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{prog.losses[-1]:.3f}")
+            if checkpointer is not None and checkpointer.due(prog.step, total):
+                tc = time.perf_counter()
+                prog.wall_s = tc - t0 - ckpt_s
+                checkpointer.save(params, opt, sched, gen, prog)
+                ckpt_s += time.perf_counter() - tc
+                if prog.step < total:
+                    faults.pause("mid-train", checkpointer.run_dir, stage)
+            if on_step is not None:
+                on_step(prog.step)
     finally:
         bar.close()
-    result.wall_s = time.perf_counter() - t0
-    return result
+    return TrainResult(steps=prog.step, tokens=prog.tokens, wall_s=time.perf_counter() - t0 - ckpt_s, losses=prog.losses,
+                       checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from)

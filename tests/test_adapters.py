@@ -8,10 +8,11 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.adapters import masks as M
-from harness.adapters.lori import AdapterSequence, MaskEnforcer, init_A
-from harness.seeding import stable_seed
+from harness.adapters.lori import AdapterSequence, init_A
+from harness.adapters.masks import MaskEnforcer
 from harness.errors import CapacityError
-from harness.train import train_stage
+from harness.seeding import stable_seed
+from harness.train import Recipe, train_stage
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -36,13 +37,28 @@ def tiny_model(seed=0):
 EXAMPLES = [{"prompt": f"q{i} is", "completion": f" a{i % 3}"} for i in range(24)]
 
 
+class EnforcerHooks:
+    """The training-step hooks of a masked stage (what the lori-s method does)."""
+
+    def __init__(self, enforcer):
+        self.enforcer = enforcer
+
+    def extra_loss(self):
+        return None
+
+    def after_backward(self):
+        self.enforcer.after_backward()
+
+    def after_step(self):
+        self.enforcer.after_step()
+
+
 def train(seq, name, masks=None, wd=0.1, steps=6, lr=5e-2, stage=1):
     enf = MaskEnforcer(seq.b_params(name), masks) if masks is not None else None
-    train_stage(seq.model, ByteTok(), EXAMPLES, seq.trainable_parameters(), lr=lr, epochs=10, batch_size=4,
-                max_steps=steps, weight_decay=wd, grad_clip=1.0, stage=stage, after_step=enf.after_step if enf else None,
-                progress=False)
-    if enf:
-        enf.remove()
+    recipe = Recipe(weight_decay=wd, grad_clip=1.0, warmup_steps=0, warmup_ratio=0.0, loss_reduction="token", completion_eos="always")
+    params = {n: p for n, p in seq.model.named_parameters() if p.requires_grad}
+    train_stage(seq.model, ByteTok(), EXAMPLES, params, recipe=recipe, lr=lr, epochs=10, batch_size=4,
+                max_steps=steps, stage=stage, hooks=EnforcerHooks(enf) if enf else None, progress=False)
 
 
 def allocate_random(seq, name, t, policy="disjoint", density=0.1, max_overlap=0.0):
@@ -55,7 +71,9 @@ def allocate_random(seq, name, t, policy="disjoint", density=0.1, max_overlap=0.
 
 
 def lori_s(a_mode="shared"):
-    return AdapterSequence(tiny_model(), method="lori-s", rank=4, alpha=8, targets=TARGETS, a_mode=a_mode, seed=0)
+    seq = AdapterSequence(tiny_model(), rank=4, alpha=8, targets=TARGETS, a_mode=a_mode, train_A=False, seed=0)
+    seq.task_masks = []  # M_1..M_t, as the lori-s method keeps them
+    return seq
 
 
 def test_masked_entries_stay_exactly_zero_with_weight_decay():
@@ -117,7 +135,7 @@ def test_disjoint_masks_share_no_position():
     for i in range(5):
         for j in range(i):
             assert all(not torch.any(masks[i][k] & masks[j][k]) for k in shapes)
-    assert all(int(m[k].sum()) == round(0.2 * math.prod(shapes[k])) for m in masks for k in shapes)
+    assert all(int(m[k].sum()) == math.floor(0.2 * math.prod(shapes[k])) for m in masks for k in shapes)
 
 
 @pytest.mark.parametrize("x", [0.0, 0.25, 0.5])
@@ -140,7 +158,7 @@ def test_magnitude_mask_is_top_k_of_allowed_positions_global():
     m = M.allocate(scores, used, density=0.25, policy="disjoint", scope="global")
     chosen = torch.cat([scores[k][m[k]] for k in scores])
     allowed_not_chosen = torch.cat([scores[k][~m[k] & ~used[k]] for k in scores])
-    assert chosen.numel() == round(0.25 * 120)
+    assert chosen.numel() == math.floor(0.25 * 120)
     assert not any(torch.any(m[k] & used[k]) for k in scores)
     assert chosen.min() >= allowed_not_chosen.max()
 
@@ -174,13 +192,18 @@ def test_parameter_counts_match_llama3_8b_hand_computed():
     assert lori_s / c["lora"] == pytest.approx(0.0525, abs=5e-4)
 
 
-def test_param_counts_know_masks():
-    seq = lori_s()
-    name = seq.begin_task(1)
-    m = allocate_random(seq, name, 1)
-    counts = seq.param_counts(m)
+def test_param_counts_know_masks(tmp_path):
+    from harness.config import ExperimentConfig
+    from harness.methods import METHODS, StageContext
+
+    cfg = ExperimentConfig(rank=4, alpha=8, targets=TARGETS, model="tiny-llama")
+    method = METHODS["lori-s"](cfg, seed=0, tasks=["a"], base_model=tiny_model())
+    method.begin_stage(StageContext(stage=1, task="a", run_dir=tmp_path, calibrate=None))
+    m = method.stage_masks
+    method.end_stage()
+    counts = method.param_counts()
     assert counts["trainable_params_effective"] == M.mask_nnz(m)
-    assert counts["trainable_params_lora_equivalent"] == sum(4 * (o + i) for o, i in seq.linear_shapes().values())
+    assert counts["trainable_params_lora_equivalent"] == sum(4 * (o + i) for o, i in method.adapters.linear_shapes().values())
 
 
 def test_overlap_diagnostics():
@@ -209,7 +232,8 @@ def test_save_load_gives_identical_logits_and_mask_keys_match_B(tmp_path, a_mode
         name = seq.begin_task(t)
         m = allocate_random(seq, name, t)
         train(seq, name, m, stage=t)
-    seq.save(tmp_path, m)
+    seq.save(tmp_path)
+    M.save_masks(tmp_path, m)
     x = torch.randint(2, 60, (2, 12))
     seq.model.eval()
     ref = seq.model(input_ids=x).logits
@@ -234,8 +258,8 @@ def test_save_load_gives_identical_logits_and_mask_keys_match_B(tmp_path, a_mode
 def test_loading_a_mismatched_checkpoint_is_a_clear_error(tmp_path):
     seq = lori_s()
     seq.begin_task(1)
-    seq.save(tmp_path, None)
-    other = AdapterSequence(tiny_model(), method="lori-s", rank=8, alpha=16, targets=TARGETS, seed=0)
+    seq.save(tmp_path)
+    other = AdapterSequence(tiny_model(), rank=8, alpha=16, targets=TARGETS, train_A=False, seed=0)
     other.begin_task(1)
     from harness.errors import HarnessError
 
@@ -244,7 +268,7 @@ def test_loading_a_mismatched_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_lora_trains_A_and_B():
-    seq = AdapterSequence(tiny_model(), method="lora", rank=4, alpha=8, targets=TARGETS, seed=0)
+    seq = AdapterSequence(tiny_model(), rank=4, alpha=8, targets=TARGETS, train_A=True, seed=0)
     name = seq.begin_task(1)
     before = {k: v.clone() for k, v in seq.a_tensors(name).items()}
     train(seq, name, None, steps=3)

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from harness.errors import HarnessError, SuiteError  # noqa: E402
 from harness.suites import (  # noqa: E402
+    DEFAULT_LR,
     _Subsample,
     format_to_jinja,
     list_suites,
@@ -134,6 +135,16 @@ def test_metric_keys():
     s = load_suite("default")
     assert s.task("stars").metric_key == "acc,none"
     assert s.task("facts").metric_key == "exact_match,strip"
+
+
+def test_budget_gives_an_lr_for_every_method(smoke_copy):
+    s = load_suite("olora-standard")  # its suite.yaml names no lr
+    assert s.task("agnews").budget_for(s).lr == DEFAULT_LR == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
+    _edit(smoke_copy, lambda d: (d["budget"].update(lr={"lora": 5e-3}), d["tasks"][0].update(budget={"lr": {"lori-s": 7e-2}})))
+    s = load_suite(smoke_copy)
+    assert s.task("weather").budget_for(s).lr == {"lora": 5e-3, "lori-d": 1e-3, "lori-s": 1e-2}
+    # a task's lr replaces the suite's mapping: the methods it leaves out get the defaults
+    assert s.task("parity").budget_for(s).lr == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 7e-2}
 
 
 # ----------------------------------------------------------------------------- lm-eval wiring

@@ -1,19 +1,10 @@
 """LoRI on PEFT's LoRA layers: W = W0 + s·(B ⊙ M)·A with A frozen and random, B trained under M.
 
-Methods (same rank, alpha and targets, so comparisons are fair):
-- lora:   PEFT LoRA, A and B trained; one adapter continued across the sequence (SeqLoRA).
-- lori-d: A frozen, B dense.
-- lori-s: A frozen, B trained only where the task's mask is 1.
-
-A modes for lori-*: `shared` (one adapter for the whole sequence; task t trains B under M_t and
+AdapterSequence holds the PEFT adapters of one sequence (the methods in harness/methods/ decide
+what trains). A modes: `shared` (one adapter for the whole sequence; task t trains B under M_t and
 every other entry stays bit-identical) or `per_task` (adapter `task<t>` with its own seeded A_t and
 B_t; all are active; only B_t trains). A is seeded from (run seed, task index, module key) and
 stored with the adapter.
-
-Enforcement of a mask is exact whatever the optimizer does: a gradient hook zeroes the gradient
-outside M_t (so clipping sees the masked gradient), and after every optimizer step the entries
-outside M_t are copied back from the stage-start snapshot (AdamW's decoupled weight decay would
-otherwise move them).
 """
 
 from __future__ import annotations
@@ -26,7 +17,7 @@ from typing import Iterator
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from harness.adapters import masks as M
 from harness.errors import HarnessError
@@ -52,34 +43,6 @@ def b_key(module_name: str) -> str:
     return f"{module_name}.lora_B.weight"
 
 
-class MaskEnforcer:
-    """Keep B's entries outside the mask bit-identical to their stage-start values, exactly."""
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], masks: M.Masks):
-        self.params = params
-        self.masks = {k: masks[k].to(p.device) for k, p in params.items()}
-        self.snapshot = {k: p.detach().clone() for k, p in params.items()}
-        self.hooks = [p.register_hook(self._hook(k)) for k, p in params.items()]
-
-    def _hook(self, key: str):
-        mask = self.masks[key]
-
-        def fn(grad: torch.Tensor) -> torch.Tensor:
-            return grad * mask.to(grad.dtype)
-
-        return fn
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        for k, p in self.params.items():
-            p.copy_(torch.where(self.masks[k], p, self.snapshot[k]))
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []
-
-
 class AdapterSequence:
     """The adapters of one sequence on one base model: create per task, freeze, save, load."""
 
@@ -87,23 +50,19 @@ class AdapterSequence:
         self,
         base_model: torch.nn.Module,
         *,
-        method: str,
         rank: int,
         alpha: float,
         targets: list[str],
         a_init: str = "kaiming_uniform",
         a_mode: str = "shared",
+        train_A: bool = False,
         seed: int = 0,
     ):
-        if method not in ("lora", "lori-d", "lori-s"):
-            raise HarnessError(f"unknown method {method!r}: use lora, lori-d or lori-s")
-        self.method, self.rank, self.alpha, self.targets = method, rank, alpha, list(targets)
-        self.a_init, self.seed = a_init, seed
-        self.a_mode = a_mode if method != "lora" else "shared"
+        self.rank, self.alpha, self.targets = rank, alpha, list(targets)
+        self.a_init, self.a_mode, self.train_A, self.seed = a_init, a_mode, train_A, seed
         self.base_model = base_model
         self.model: PeftModel | None = None
         self.adapters: list[str] = []  # in task order (one entry in shared mode)
-        self.task_masks: list[M.Masks] = []  # M_1..M_t (lori-s), keyed by b_key
 
     # --- structure -------------------------------------------------------------------------------
     def _lora_config(self) -> LoraConfig:
@@ -153,17 +112,17 @@ class AdapterSequence:
             layer.lora_B[name].weight.zero_()
 
     def freeze_for(self, trained: str) -> None:
-        """Only the current adapter's B (and A for lora) require grad; assert it."""
+        """Only the current adapter's B (and A when A trains) require grad; assert it."""
         assert self.model is not None
         for p in self.model.parameters():
             p.requires_grad_(False)
         for _, layer in self.layers():
             layer.lora_B[trained].weight.requires_grad_(True)
-            if self.method == "lora":
+            if self.train_A:
                 layer.lora_A[trained].weight.requires_grad_(True)
         for n, p in self.model.named_parameters():
             if p.requires_grad:
-                assert (f"lora_B.{trained}." in n) or (self.method == "lora" and f"lora_A.{trained}." in n), n
+                assert (f"lora_B.{trained}." in n) or (self.train_A and f"lora_A.{trained}." in n), n
 
     def b_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
         return {b_key(n): layer.lora_B[adapter].weight for n, layer in self.layers()}
@@ -175,26 +134,12 @@ class AdapterSequence:
         assert self.model is not None
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    # --- accounting ------------------------------------------------------------------------------
-    def param_counts(self, stage_masks: M.Masks | None) -> dict[str, int]:
-        """Effective trainable parameters of one stage (mask-aware) and the LoRA equivalent."""
-        counts = M.count_params(self.linear_shapes(), self.rank)
-        if self.method == "lora":
-            eff = counts["lora"]
-        elif self.method == "lori-d":
-            eff = counts["lori_d"]
-        else:
-            eff = M.mask_nnz(stage_masks or {})
-        return {"trainable_params_effective": eff, "trainable_params_lora_equivalent": counts["lora"]}
-
     # --- persistence -----------------------------------------------------------------------------
-    def save(self, folder: Path, stage_masks: M.Masks | None) -> None:
-        """Adapter weights (PEFT layout, safetensors) + this stage's mask under the lora_B keys."""
+    def save(self, folder: Path) -> None:
+        """Adapter weights in PEFT's layout (safetensors): `adapter/` (default) or `adapter/task<t>/`."""
         assert self.model is not None
         self.model.save_pretrained(str(folder / "adapter"), selected_adapters=list(self.adapters), safe_serialization=True)
-        if stage_masks is not None:
-            save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in stage_masks.items()}, str(folder / "masks.safetensors"))
-        meta = {"method": self.method, "a_mode": self.a_mode, "adapters": self.adapters, "rank": self.rank, "alpha": self.alpha}
+        meta = {"a_mode": self.a_mode, "train_A": self.train_A, "adapters": self.adapters, "rank": self.rank, "alpha": self.alpha}
         (folder / "adapters.json").write_text(json.dumps(meta, indent=2))
 
     @staticmethod
@@ -202,13 +147,6 @@ class AdapterSequence:
         # PEFT stores the "default" adapter at the root, others in a sub-folder named after them.
         root = folder / "adapter"
         return root / "adapter_model.safetensors" if adapter == "default" else root / adapter / "adapter_model.safetensors"
-
-    @staticmethod
-    def load_masks(folder: Path) -> M.Masks | None:
-        p = folder / "masks.safetensors"
-        if not p.exists():
-            return None
-        return {k: v.bool() for k, v in load_file(str(p)).items()}
 
     @torch.no_grad()
     def load_weights(self, folder: Path) -> None:

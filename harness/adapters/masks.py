@@ -14,9 +14,12 @@ calibration run for `magnitude`, seeded uniform noise for `random`).
 from __future__ import annotations
 
 import math
+from fractions import Fraction
+from pathlib import Path
 from typing import Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from harness.errors import CapacityError
 from harness.seeding import stable_seed
@@ -24,9 +27,28 @@ from harness.seeding import stable_seed
 Masks = dict[str, torch.Tensor]  # key -> bool tensor of B's shape
 
 
+def _exact(density: float) -> Fraction:
+    # Fraction(repr(x)) is the decimal the user wrote (0.1 -> 1/10), not the binary float
+    # (0.1000000000000000055...), so floor(p * n) and floor(1/p) come out as people compute them.
+    return Fraction(repr(float(density)))
+
+
 def k_for(n: int, density: float) -> int:
-    """Number of trainable entries for n entries at a density (at least one)."""
-    return max(1, int(round(density * n)))
+    """Trainable entries for n entries at a density: floor(p·n), at least one.
+
+    The floor (not round) is what makes the promise true: T·floor(p·n) ≤ T·p·n ≤ n for every
+    T ≤ 1/p, so floor(1/p) disjoint masks always fit a module."""
+    return max(1, math.floor(_exact(density) * n))
+
+
+def reuse_quota(k: int, max_overlap: float) -> int:
+    """How many of k positions may be reused under max_overlap x: floor(x·k)."""
+    return math.floor(_exact(max_overlap) * k)
+
+
+def max_disjoint_tasks(density: float) -> int:
+    """floor(1/p): how many disjoint masks of density p always fit, whatever the module's size."""
+    return math.floor(1 / _exact(density))
 
 
 def _select(scores: torch.Tensor, used: torch.Tensor, k: int, policy: str, max_overlap: float, where: str) -> torch.Tensor:
@@ -39,7 +61,7 @@ def _select(scores: torch.Tensor, used: torch.Tensor, k: int, policy: str, max_o
     elif policy == "disjoint":
         quota_used = 0
     elif policy == "max_overlap":
-        quota_used = int(math.floor(max_overlap * k + 1e-9))
+        quota_used = reuse_quota(k, max_overlap)
     else:
         raise ValueError(f"unknown overlap policy {policy!r}")
     free_idx = torch.nonzero(~used, as_tuple=True)[0]
@@ -132,7 +154,7 @@ def check_capacity(
     )
     for where, n in groups.items():
         k = k_for(n, density)
-        fresh = k if policy == "disjoint" else k - int(math.floor(max_overlap * k + 1e-9))
+        fresh = k if policy == "disjoint" else k - reuse_quota(k, max_overlap)
         need = k + (n_tasks - 1) * fresh
         if need > n:
             fit = 1 + (n - k) // fresh if fresh > 0 else n_tasks
@@ -140,7 +162,7 @@ def check_capacity(
                 f"mask capacity: {n_tasks} tasks at mask_density {density} with overlap_policy {policy}"
                 + (f" (max_overlap {max_overlap})" if policy == "max_overlap" else "")
                 + f" need {need} positions in {where} but it has {n}; at most {fit} tasks fit "
-                f"(disjoint masks fit floor(1/density) = {int(1 // density)}). Lower mask_density, run fewer tasks, "
+                f"(disjoint masks fit floor(1/density) = {max_disjoint_tasks(density)}). Lower mask_density, run fewer tasks, "
                 "or use overlap_policy max_overlap/independent."
             )
 
@@ -186,3 +208,41 @@ def subspace_overlap_matrix(task_As: list[Mapping[str, torch.Tensor]]) -> dict[s
     per_module = {k: [[subspace_overlap(task_As[i][k], task_As[j][k]) for j in range(T)] for i in range(T)] for k in keys}
     mean = [[sum(per_module[k][i][j] for k in keys) / max(1, len(keys)) for j in range(T)] for i in range(T)]
     return {"matrix": mean, "per_module": per_module}
+
+
+def save_masks(folder: Path, masks: Masks) -> None:
+    """A stage's mask as masks.safetensors, keyed like the lora_B weights (invariants checkable from files)."""
+    save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in masks.items()}, str(Path(folder) / "masks.safetensors"))
+
+
+def load_masks(folder: Path) -> Masks | None:
+    p = Path(folder) / "masks.safetensors"
+    if not p.exists():
+        return None
+    return {k: v.bool() for k, v in load_file(str(p)).items()}
+
+
+class MaskEnforcer:
+    """Keep B's entries outside the mask bit-identical to their stage-start values, exactly.
+
+    No tensor gradient hooks (FSDP skips them on sharded parameters): the gradient is masked after
+    backward, before clipping, so clipping sees what will be applied; after the optimizer step the
+    entries outside the mask are copied back from the stage-start snapshot (AdamW's decoupled
+    weight decay moves entries whose gradient is zero).
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], masks: M.Masks):
+        self.params = params
+        self.masks = {k: masks[k].to(p.device) for k, p in params.items()}
+        self.snapshot = {k: p.detach().clone() for k, p in params.items()}
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        for k, p in self.params.items():
+            if p.grad is not None:
+                p.grad.mul_(self.masks[k].to(p.grad.dtype))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        for k, p in self.params.items():
+            p.copy_(torch.where(self.masks[k], p, self.snapshot[k]))

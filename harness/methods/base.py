@@ -1,0 +1,138 @@
+"""The interface every continual-learning method implements; the scheduler calls only these verbs.
+
+A method owns the adapters of one sequence on one base model. The scheduler asks it, stage by
+stage, to set up (begin_stage), for what trains (trainable), for an optional loss term
+(extra_loss), to transform the stage's data (train_data), to act after backward and after the
+optimizer step (after_backward / after_step), to save and restore (save_stage / restore), to
+count parameters (param_counts) and to report diagnostics (diagnostics). Defaults are no-ops, so a
+method states only what it changes. Knobs of a method live in its own nested config section
+(`knobs`), defined once with defaults and help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel
+
+from harness.adapters import masks as M
+
+
+@dataclass
+class StageContext:
+    """What a method may need to set up a stage."""
+
+    stage: int
+    task: str
+    run_dir: Path
+    # calibrate(max_steps, lr_method): train what is trainable now on the stage's data, at that
+    # method's learning rate, for max_steps (None: the stage's budget). Used by magnitude masks.
+    calibrate: Callable[[int | None, str], Any]
+    # The method's tensors saved in this stage's mid-stage checkpoint (a resumed stage), else None.
+    resumed_extra: dict[str, torch.Tensor] | None = None
+
+
+class Method:
+    """Base class: plain sequential adapters with no extra term; subclasses override verbs."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `harness methods`
+    source: ClassVar[str]  # paper and equation
+    knobs: ClassVar[type[BaseModel] | None] = None  # nested config section (cfg.<section>)
+    section: ClassVar[str | None] = None
+    lr_method: ClassVar[str] = "lora"  # whose learning-rate knob this method uses (lr_lora, lr_lori_d, lr_lori_s)
+    reference: ClassVar[bool] = False  # a reference row (e.g. multi-task upper bound), never ranked as a sequence
+    independent_adapters: ClassVar[bool] = False  # per-task adapters can be trained separately (merging)
+    a_mode_from_config: ClassVar[bool] = False  # lori-*: cfg.a_mode decides shared/per_task A
+    per_task_adapters: ClassVar[bool] = False  # a new adapter per task, earlier ones frozen and active
+    train_A: ClassVar[bool] = True  # LoRA trains A; LoRI freezes it
+
+    def __init__(self, cfg, *, seed: int, tasks: list[str], base_model: torch.nn.Module,
+                 task_examples: Callable[[str], list[dict]] | None = None):
+        self.cfg, self.seed, self.tasks = cfg, seed, list(tasks)
+        self.task_examples = task_examples  # task -> its training examples (for methods that revisit earlier tasks)
+        from harness.adapters.lori import AdapterSequence  # PEFT loads in ~2 s; config and --help need none of it
+
+        a_mode = cfg.a_mode if self.a_mode_from_config else ("per_task" if self.per_task_adapters else "shared")
+        self.adapters = AdapterSequence(base_model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets,
+                                        a_init=cfg.a_init, a_mode=a_mode, train_A=self.train_A, seed=seed)
+        self.adapter: str | None = None  # the adapter the current stage trains
+
+    # --- the stage plan ---------------------------------------------------------------------
+    @classmethod
+    def stage_plan(cls, tasks: list[str]) -> list[list[str]]:
+        """Which tasks each stage trains on: one task per stage (a sequence)."""
+        return [[t] for t in tasks]
+
+    @classmethod
+    def preflight(cls, cfg, shapes: dict[str, tuple[int, int]], n_tasks: int) -> None:
+        """Refuse before training what cannot work (e.g. mask capacity); shapes are lora_B (d_out, r)."""
+
+    @classmethod
+    def params(cls, cfg) -> dict[str, Any]:
+        """Method-specific MLflow params of a sequence."""
+        return dict(cfg.model_dump(mode="json").get(cls.section) or {}) if cls.section else {}
+
+    # --- model ------------------------------------------------------------------------------
+    @property
+    def model(self):
+        return self.adapters.model
+
+    def restore(self, done: dict[int, Path]) -> None:
+        """Rebuild the state after the committed stages (adapters, masks, buffers)."""
+        last = max([t for t in done if t > 0], default=0)
+        for t in range(1, last + 1):
+            self.adapters.begin_task(t)
+            self.restore_stage(t, done[t])
+        if last:
+            self.adapters.load_weights(done[last])
+
+    def restore_stage(self, t: int, folder: Path) -> None:
+        """Per committed stage, in order (after its adapter exists, before weights load)."""
+
+    def begin_stage(self, ctx: StageContext) -> None:
+        self.adapter = self.adapters.begin_task(ctx.stage)
+
+    def train_data(self, stage: int, examples: list[dict]) -> list[dict]:
+        return examples
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        assert self.model is not None
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    # --- the step ---------------------------------------------------------------------------
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    # --- the stage's end ----------------------------------------------------------------------
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        """Tensors a mid-stage checkpoint must hold besides the weights (e.g. the stage's mask)."""
+        return {}
+
+    def end_stage(self) -> dict[str, float]:
+        """Close the stage; returns stage statistics to log (e.g. mask density)."""
+        return {}
+
+    def save_stage(self, folder: Path) -> None:
+        self.adapters.save(folder)
+
+    def param_counts(self) -> dict[str, int]:
+        """Trainable parameters of one stage (mask-aware) and the LoRA equivalent at the same rank/targets."""
+        counts = M.count_params(self.adapters.linear_shapes(), self.cfg.rank)
+        return {"trainable_params_effective": counts["lora"] if self.train_A else counts["lori_d"],
+                "trainable_params_lora_equivalent": counts["lora"]}
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {}
+
+    def unload(self) -> torch.nn.Module:
+        return self.adapters.unload()

@@ -1,0 +1,120 @@
+"""Planning and preflight: which sequences an experiment has, where they go, and whether they can run.
+
+Nothing here writes anything: bad input must stop a run before a folder, a store or a run exists.
+
+Run folder layout (a contract; see README):
+    <results>/<experiment>/<method>/seed-<s>/            with one task order configured
+    <results>/<experiment>/<method>/seed-<s>/order-<k>/  with several
+The layout is a function of the EXPERIMENT's config (its orders list), never of which sequences
+one command happens to run: resuming one sequence of a multi-order experiment plans the whole
+experiment and picks that sequence out.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness.config import ExperimentConfig
+from harness.errors import ConfigError, HarnessError
+from harness.methods import METHODS
+
+
+@dataclass
+class SequenceSpec:
+    method: str
+    seed: int
+    order_index: int
+    tasks: list[str]
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}/seed-{self.seed}/order-{self.order_index}"
+
+
+def experiment_dir(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.results_dir) / cfg.experiment_name
+
+
+def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
+    """Every method x seed x order, with its run folder."""
+    specs = []
+    for k in cfg.orders:
+        if k < 0 or k >= len(suite.orders):
+            raise ConfigError(f"orders: suite {suite.name!r} has {len(suite.orders)} order(s) (0..{len(suite.orders) - 1}); got {k}")
+        order = list(suite.orders[k])
+        if cfg.tasks:
+            unknown = [t for t in cfg.tasks if t not in order]
+            if unknown:
+                raise ConfigError(f"tasks: {unknown} not in suite {suite.name!r} order {k} ({', '.join(order)})")
+            order = [t for t in order if t in cfg.tasks]
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                d = experiment_dir(cfg) / method / f"seed-{seed}"
+                if len(cfg.orders) > 1:
+                    d = d / f"order-{k}"
+                specs.append(SequenceSpec(method, seed, k, order, d))
+    return specs
+
+
+def check_results_dir(path: Path) -> None:
+    """The results folder must be creatable: probe the deepest existing ancestor with a real temp folder.
+
+    os.access says yes to root everywhere, and a read-only or virtual filesystem (/proc, a
+    read-only mount) only says no when something is actually created there."""
+    probe = Path(path).resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise HarnessError(f"results folder {path} is not writable ({probe} is a file, not a folder). Pass another --results-dir.")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".harness-probe-"))
+    except OSError as exc:
+        raise HarnessError(f"results folder {path} is not writable ({probe}: {exc.strerror}). Pass another --results-dir.") from None
+
+
+def b_shapes(linear: dict[str, tuple[int, int]], targets: list[str], rank: int) -> dict[str, tuple[int, int]]:
+    """lora_B shapes (d_out, r) of every module PEFT would adapt, keyed like the adapter files."""
+    shapes = {f"{name}.lora_B.weight": (d_out, rank) for name, (d_out, _) in linear.items() if name.split(".")[-1] in targets}
+    if not shapes:
+        raise ConfigError(f"targets: none of {targets} names a Linear module of this model. Use names such as q_proj,v_proj.")
+    return shapes
+
+
+def preflight_methods(cfg: ExperimentConfig, specs: list[SequenceSpec], linear: dict[str, tuple[int, int]]) -> None:
+    """Each method's own checks (mask capacity for lori-s) on the model's real module shapes."""
+    shapes = b_shapes(linear, cfg.targets, cfg.rank)
+    for spec in specs:
+        METHODS[spec.method].preflight(cfg, shapes, len(spec.tasks))
+
+
+def validate(cfg: ExperimentConfig):
+    """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths."""
+    from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
+    from harness.suites import validate_suite
+    from harness.tracking import check_reachable, default_tracking_uri
+
+    # The thorough check (data files, labels, lm-eval tasks): ~2 s, and a missing file must stop
+    # the run here, not at stage 3.
+    suite = validate_suite(cfg.suite)
+    specs = plan(cfg, suite)
+    check_model_available(cfg.model, cache_dir=cfg.cache_dir)
+    # Real module shapes from the model's config (meta device, no weights); where the config cannot
+    # be read without loading, the same check runs on the loaded model before anything is written.
+    config = model_config(cfg.model, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+    if config is not None:
+        preflight_methods(cfg, specs, linear_shapes(config))
+    hub_tasks = sorted({t for spec in specs for t in spec.tasks if suite.task(t).is_hub})
+    if hub_tasks and not downloads_allowed():
+        raise HarnessError(
+            f"suite {suite.name!r} reads Hugging Face datasets ({', '.join(hub_tasks)}) and hub downloads are off. "
+            "On a machine with hub access set HF_HUB_OFFLINE=0 (or HARNESS_ALLOW_DOWNLOADS=1); without the hub, "
+            "point HARNESS_DATA_OVERRIDES at local files of the same schema (see the README's Task suites)."
+        )
+    check_results_dir(cfg.results_dir)
+    uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
+    check_reachable(uri)
+    return suite, specs, uri, config is not None

@@ -1,0 +1,102 @@
+"""What a sequence folder holds on disk, and how to read it back (the folder is the source of truth).
+
+    <sequence>/config.yaml   resolved experiment config + this sequence (method, seed, order, tasks)
+    <sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
+    <sequence>/.lock         held while a process works on the folder (harness/locking.py)
+    <sequence>/checkpoint/   the stage in progress (harness/checkpoint.py), removed on commit
+    <sequence>/stages/0-base/eval.json
+    <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
+                             replay.json (replay), eval.json, train.json, stage.json (written last;
+                             the folder appears by atomic rename)
+    <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from harness.errors import ConfigError
+from harness.io import atomic_write_json, atomic_write_text
+
+STAGE_MARKER = "stage.json"
+# Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
+NOT_COMPARED = {"results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
+                "olora", "replay"}
+
+
+def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if k not in NOT_COMPARED}
+    if method is not None:  # a method's own section does change what its stages compute
+        from harness.methods import METHODS
+
+        section = METHODS[method].section
+        if section:
+            out[section] = d.get(section)
+    return out
+
+
+def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> None:
+    """Refuse to continue a folder made with a different config (its stages would not belong together)."""
+    if not cfg_path.exists():
+        return
+    old, new = comparable(yaml.safe_load(cfg_path.read_text()) or {}, method), comparable(resolved, method)
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(
+            f"{cfg_path}: this run folder was made with a different config (keys differ: {', '.join(diff)}). "
+            "Use another --results-dir or experiment name, or delete the folder to start over."
+        )
+
+
+def clean_partial_writes(run_dir: Path) -> None:
+    """Temp folders of writes a kill interrupted (stage commits, checkpoints): never taken as finished."""
+    for parent in (run_dir, run_dir / "stages"):
+        if parent.is_dir():
+            for p in parent.glob(".tmp-*"):
+                shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.glob(".paused-*"):
+        p.unlink(missing_ok=True)
+
+
+def finished_stages(run_dir: Path) -> dict[int, Path]:
+    """Committed stages by index; a stage folder without its marker is deleted (it is redone)."""
+    out = {}
+    sdir = run_dir / "stages"
+    if not sdir.is_dir():
+        return out
+    for p in sdir.iterdir():
+        if (p / STAGE_MARKER).exists():
+            out[int(p.name.split("-", 1)[0])] = p
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["stage", *tasks])
+    for i in range(R.shape[0]):
+        w.writerow([i, *["" if math.isnan(v) else f"{v:.6f}" for v in R[i]]])
+    atomic_write_text(run_dir / "matrix.csv", buf.getvalue())
+    atomic_write_json(run_dir / "matrix.json", {
+        "tasks": tasks, "stages": list(range(R.shape[0])),
+        "R": [[None if math.isnan(v) else float(v) for v in row] for row in R],
+    })

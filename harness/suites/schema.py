@@ -1,0 +1,381 @@
+"""The task-suite format (suite.yaml and its lm-eval task YAMLs) and its pydantic models.
+
+A suite (a named sequence of tasks for continual learning) is a folder ``task_suites/<name>/``
+holding ``suite.yaml``, one lm-eval task YAML per task, and (for local suites) the data files.
+``load_suite("default")`` finds it; a path to the folder or to its ``suite.yaml`` works too.
+``HARNESS_SUITES_DIR`` replaces the folder that names resolve in.
+
+suite.yaml
+==========
+Every key, with its meaning (``yaml.safe_load`` only: no ``!function`` or other tags)::
+
+    name: default                 # [a-z0-9_-]+ ; prefixes the lm-eval task names (<suite>__<task>)
+    description: >                # one paragraph: what the tasks are, where the data comes from
+      ...
+    recommended_model: smollm2-135m   # optional: the model the suite was calibrated for
+    budget:                       # recommended training budget per task (a task's own `budget:`
+      epochs: 2                   #   overrides single keys). epochs > 0 (may be fractional)
+      batch_size: 8               #   >= 1
+      max_seq_len: 96             #   optional: truncate prompt+completion to this many tokens
+      lr: {lora: 1.0e-3, lori-s: 1.0e-2}   # optional: recommended learning rate per method
+                                  #   methods not given: DEFAULT_LR (lora 1e-3, lori-d 1e-3,
+                                  #   lori-s 1e-2); a task's lr replaces the whole mapping
+    orders:                       # one or more task orders (lists of task names); order 0 is the
+      - [a, b, c, d]              #   default; an order may use a subset, never a name twice
+    tasks:
+      - name: a                   # [a-z0-9_]+ , unique in the suite
+        description: ...          # optional, one line
+        kind: multiple_choice     # multiple_choice (scored by log-likelihood of each choice) or
+                                  #   generate (greedy generation, exact match)
+        train:                    # where training examples come from: exactly one of path / hf
+          path: data/a.train.jsonl      # JSONL (one object per line) or CSV with a header row,
+                                        #   relative to the suite folder
+          hf: {path: fancyzhx/dbpedia_14, name: null, split: train, revision: null}
+                                        # a Hugging Face dataset (needs the hub; `datasets`)
+          columns: {text: content}      # optional: template field -> source column. Fields not
+                                        #   listed are read from the column of the same name;
+                                        #   `label` (multiple_choice) and `answer` (generate)
+                                        #   may be mapped the same way.
+          per_class: 1000               # optional (multiple_choice): keep at most this many
+                                        #   examples per label (seeded, stratified)
+          limit: 1000                   # optional: keep at most this many examples: the first N
+                                        #   after a shuffle with a fixed seed (0): the same
+                                        #   examples for every run of the suite
+        prompt: "Review: {text}\\nStars:"   # str.format template over the (mapped) record; only
+                                        #   plain fields ({name}), no format specs/conversions
+        target: " {answer}"             # completion template. multiple_choice: {answer} is the
+                                        #   label's choice name (the only field allowed); generate:
+                                        #   any record fields, {answer} is the record's answer.
+                                        #   Training sees exactly prompt + target; end a generate
+                                        #   target with the stop string (" {answer}\\n") so the
+                                        #   trained model stops there.
+        choices: [positive, negative]   # multiple_choice: the label names, in index order. A
+                                        #   record's `label` is an int index, a choice name, or
+                                        #   (CSV) a string holding an int index.
+        lm_eval: a.yaml                 # the lm-eval task YAML, beside suite.yaml (see below)
+        metric: acc                     # the primary metric in lm-eval's results; the filter is
+                                        #   added for you ("acc" -> "acc,none"; "exact_match" with
+                                        #   one filter named strip -> "exact_match,strip"), or
+                                        #   give it in full: "exact_match,strip"
+        sizes: {train: 300, test: 100}  # example counts. Local data: checked against the files
+                                        #   (train after per_class/limit). Hub data: what
+                                        #   per_class/limit/test_limit yield (informational).
+        test_limit: 5000                # optional, hub suites: evaluate a seeded sample of at
+        test_per_class: 500             #   most this many test documents (in all / per label)
+                                        #   instead of the whole split (lm-eval process_docs)
+        budget: {epochs: 3}             # optional: overrides of the suite budget for this task
+
+The lm-eval task YAML
+=====================
+A normal lm-eval (0.4.13) task config *without* ``task:`` (set to ``<suite>__<task>``) and, usually,
+without ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice`` / ``target_delimiter``: those are
+generated from ``prompt`` / ``target`` / ``choices`` (as Jinja over the raw dataset row, the
+``columns`` mapping applied), so evaluation sees byte-for-byte the prompt that training used.
+If the YAML sets them itself, ``validate_suite`` checks on every test document that lm-eval
+renders the same prompt and gold answer as the suite. It must give the data (``dataset_path:
+json`` + ``dataset_kwargs: {data_files: {test: data/a.test.jsonl}}`` with paths relative to the
+YAML, made absolute for you; or a hub id for hub suites), ``test_split``, ``output_type``
+(``multiple_choice`` for kind multiple_choice, ``generate_until`` for generate) and
+``metric_list``. Generate tasks should strip the leading space of the answer with a filter::
+
+    generation_kwargs: {until: ["\\n"], max_gen_toks: 8, do_sample: false}
+    filter_list: [{name: strip, filter: [{function: remove_whitespace}, {function: take_first}]}]
+    metric_list: [{metric: exact_match, aggregation: mean, higher_is_better: true}]
+
+Local data overrides (hub suites without the hub)
+=================================================
+``load_suite(name, data_overrides=...)`` or the environment variable ``HARNESS_DATA_OVERRIDES``
+replace a task's data with local files of the same schema (same columns, same label encoding):
+either a folder holding ``<task>.train.jsonl`` / ``<task>.test.jsonl`` (or ``.csv``; a task with
+no file there keeps its source), or a mapping ``{task: {"train": path, "test": path}}`` (a bare
+path means train only). An overridden test file turns that task's lm-eval config into a local
+``json``/``csv`` dataset, so the whole suite validates and runs offline.
+
+Python API
+==========
+From ``harness.suites``: ``load_suite(name_or_path, data_overrides=None) -> Suite``,
+``validate_suite(name_or_path, data_overrides=None) -> Suite``, ``list_suites() -> list[dict]``;
+``Suite.task(name)``, ``Suite.lm_eval_task_configs() -> {task: lm-eval config dict}`` (pass the
+dicts to ``lm_eval.simple_evaluate(tasks=[...], task_manager=TaskManager(include_defaults=False))``),
+``TaskSpec.train_examples(limit=None, seed=0) -> [{"prompt", "completion"}]``,
+``TaskSpec.metric_key``, ``TaskSpec.budget_for(suite) -> Budget`` (every method has an ``lr``).
+The package's modules: ``schema`` (this format), ``data`` (records and rendering),
+``lm_eval_configs``, ``validation``, ``loading`` and ``locations``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+
+from harness.errors import SuiteError
+from harness.suites import data, lm_eval_configs
+from harness.suites.data import DATA_EXTS, template_fields
+from harness.suites.locations import SUITE_FILE, SUITE_NAME_RE, display
+
+TASK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
+# The learning rate of a method the suite does not name (LoRI-S trains ~10x higher, as the paper).
+DEFAULT_LR: dict[str, float] = {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not a silent default
+
+
+class Budget(_Strict):
+    """Recommended training budget per task; ``lr`` has every method of DEFAULT_LR."""
+
+    epochs: float = Field(2, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_seq_len: int | None = Field(None, ge=8)
+    lr: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LR))
+
+    @field_validator("lr")
+    @classmethod
+    def _complete_lr(cls, v: dict[str, float]) -> dict[str, float]:
+        return {**DEFAULT_LR, **v}
+
+
+class TaskBudget(_Strict):
+    """A task's overrides of the suite budget (every key optional)."""
+
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    max_seq_len: int | None = Field(None, ge=8)
+    lr: dict[str, float] | None = None
+
+    @field_validator("lr")
+    @classmethod
+    def _complete_lr(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        # A task's lr replaces the suite's whole mapping, so the methods it leaves out get the defaults.
+        return None if v is None else {**DEFAULT_LR, **v}
+
+
+class HFSource(_Strict):
+    """A Hugging Face hub dataset (``datasets.load_dataset`` arguments)."""
+
+    path: str
+    name: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+
+class TrainSource(_Strict):
+    """Where a task's training examples come from: a local file or a hub dataset, and the selection."""
+
+    path: str | None = None
+    hf: HFSource | None = None
+    columns: dict[str, str] = Field(default_factory=dict)
+    per_class: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainSource:
+        if (self.path is None) == (self.hf is None):
+            raise ValueError("give exactly one of `path` (local file) or `hf` (hub dataset)")
+        if self.path is not None and not self.path.lower().endswith(DATA_EXTS):
+            raise ValueError(f"path {self.path!r}: use a .jsonl or .csv file")
+        for k, v in self.columns.items():
+            if not k.isidentifier() or not str(v).isidentifier():
+                raise ValueError(f"columns: {k}: {v}: field and column names must be identifiers")
+        return self
+
+
+class Sizes(_Strict):
+    """Example counts of a task's train and test data."""
+
+    train: int = Field(ge=1)
+    test: int = Field(ge=1)
+
+
+class TaskSpec(_Strict):
+    """One task of a suite: training data, prompt format and its lm-eval task.
+
+    ``load_suite`` sets the private attributes (the suite's folder, name and file, the task's
+    index, data overrides); data and configs are read on demand by ``data`` / ``lm_eval_configs``."""
+
+    name: str
+    description: str | None = None
+    kind: Literal["multiple_choice", "generate"]
+    train: TrainSource
+    prompt: str
+    target: str = " {answer}"
+    choices: list[str] | None = None
+    lm_eval: str
+    metric: str
+    sizes: Sizes
+    test_limit: int | None = Field(None, ge=1)
+    test_per_class: int | None = Field(None, ge=1)
+    budget: TaskBudget | None = None
+
+    _suite_dir: Path = PrivateAttr(default=Path("."))
+    _suite_name: str = PrivateAttr(default="")
+    _suite_file: Path = PrivateAttr(default=Path(SUITE_FILE))
+    _index: int = PrivateAttr(default=0)
+    _train_override: Path | None = PrivateAttr(default=None)
+    _test_override: Path | None = PrivateAttr(default=None)
+    _cache: dict = PrivateAttr(default_factory=dict)  # files are read once per loaded suite
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not TASK_NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use lowercase letters, digits and _ only")
+        return v
+
+    @field_validator("prompt", "target")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        template_fields(v)
+        return v
+
+    @model_validator(mode="after")
+    def _kind_rules(self) -> TaskSpec:
+        if self.kind == "multiple_choice":
+            if not self.choices or len(self.choices) < 2:
+                raise ValueError("choices: a multiple_choice task needs at least 2 choices")
+            if len(set(self.choices)) != len(self.choices):
+                raise ValueError(f"choices: duplicates in {self.choices}")
+            bad = [f for f in template_fields(self.target) if f != "answer"]
+            if bad:
+                raise ValueError(f"target: a multiple_choice target may only use {{answer}}, not {bad}")
+        else:
+            if self.choices is not None:
+                raise ValueError("choices: only for kind multiple_choice")
+            if self.train.per_class is not None or self.test_per_class is not None:
+                raise ValueError("per_class / test_per_class: only for kind multiple_choice")
+        return self
+
+    # --- identity --------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        """The task's place in suite.yaml, for messages: "<file>: tasks[i]"."""
+        return f"{display(self._suite_file)}: tasks[{self._index}]"
+
+    @property
+    def lm_eval_name(self) -> str:
+        return f"{self._suite_name}__{self.name}"
+
+    @property
+    def lm_eval_path(self) -> Path:
+        return (self._suite_dir / self.lm_eval).resolve()
+
+    @property
+    def is_hub(self) -> bool:
+        return self.train.hf is not None and self._train_override is None
+
+    @property
+    def label_column(self) -> str:
+        return self.train.columns.get("label", "label")
+
+    def budget_for(self, suite: Suite) -> Budget:
+        """The suite budget with this task's overrides applied."""
+        if self.budget is None:
+            return suite.budget
+        over = {k: v for k, v in self.budget.model_dump().items() if v is not None}
+        return suite.budget.model_copy(update=over)
+
+    # --- data and lm-eval (harness.suites.data / lm_eval_configs) ---------------------------
+    def render(self, record: dict) -> dict[str, str]:
+        """{"prompt", "completion"} of one raw record (columns mapping applied)."""
+        return data.render(self, record)
+
+    def train_records(self) -> list[dict]:
+        """Raw training records after the suite's per_class / limit selection (fixed seed)."""
+        return data.train_records(self)
+
+    def train_examples(self, limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+        """Training examples [{"prompt", "completion"}] (loss on completion only).
+
+        All of them in file order, or with ``limit`` the first ``limit`` after a shuffle seeded
+        with ``seed``."""
+        return data.train_examples(self, limit, seed)
+
+    def test_records(self) -> list[dict]:
+        """Raw records of the local test file (lm-eval's documents); SuiteError for hub data."""
+        return data.test_records(self)
+
+    @property
+    def metric_key(self) -> str:
+        """The key of the primary metric in lm-eval's results[task], e.g. "acc,none"."""
+        return lm_eval_configs.metric_key(self)
+
+    def lm_eval_config(self) -> dict:
+        """The fully resolved lm-eval task config dict (see the module docstring)."""
+        return lm_eval_configs.lm_eval_config(self)
+
+
+class Suite(_Strict):
+    """A task suite (suite.yaml) with its folder."""
+
+    name: str
+    description: str = ""
+    recommended_model: str | None = None
+    budget: Budget = Field(default_factory=Budget)
+    orders: list[list[str]]
+    tasks: list[TaskSpec]
+
+    _path: Path = PrivateAttr(default=Path("."))
+    _file: Path = PrivateAttr(default=Path(SUITE_FILE))
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SUITE_NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use lowercase letters, digits, _ and - only")
+        return v
+
+    @field_validator("orders")
+    @classmethod
+    def _orders_nonempty(cls, v: list[list[str]]) -> list[list[str]]:
+        if not v:
+            raise ValueError("give at least one task order")
+        return v
+
+    @property
+    def path(self) -> Path:
+        """The suite folder."""
+        return self._path
+
+    @property
+    def file(self) -> Path:
+        return self._file
+
+    @property
+    def validation_notes(self) -> list[str]:
+        """What validate_suite could not check (hub data), one line each."""
+        return self._notes
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise SuiteError(f"{display(self._file)}: no task {name!r} (tasks: {', '.join(self.task_names)})")
+
+    def lm_eval_task_configs(self) -> dict[str, dict]:
+        """task name -> resolved lm-eval task config dict (task: '<suite>__<task>')."""
+        return {t.name: t.lm_eval_config() for t in self.tasks}
+
+    def summary(self) -> dict[str, Any]:
+        """The row `harness suites` shows (and --json prints) for this suite."""
+        return {
+            "name": self.name,
+            "description": " ".join(self.description.split()),
+            "recommended_model": self.recommended_model,
+            "n_tasks": len(self.tasks),
+            "n_orders": len(self.orders),
+            "tasks": self.task_names,
+            "kinds": {t.name: t.kind for t in self.tasks},
+            "train_sizes": {t.name: t.sizes.train for t in self.tasks},
+            "test_sizes": {t.name: t.sizes.test for t in self.tasks},
+            "hub": any(t.is_hub for t in self.tasks),
+            "path": str(self.path),
+        }
