@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from harness.errors import HarnessError, TrackingError
-from harness.tracking import check_store_exists, redact_uri
-from harness.tracking import default_tracking_uri
+from harness.tracking import check_store_exists, default_tracking_uri, redact_uri
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
@@ -47,6 +46,7 @@ def _url(host: str, port: int) -> str:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could bind host:port right now."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         # As the server does: connections in TIME_WAIT from a previous server do not block it.
@@ -78,6 +78,7 @@ def _server_env() -> dict[str, str]:
 
 
 def server_command(backend_uri: str, artifacts_dir: Path, host: str, port: int, workers: int = 1) -> list[str]:
+    """The `mlflow server` command line, run by this interpreter so it is the venv's MLflow."""
     return [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_uri,
@@ -109,9 +110,11 @@ def start_server(
     log: IO | int | None = None,
     workers: int = 1,
 ) -> tuple[subprocess.Popen, str]:
-    """Start `mlflow server` over the results folder's store; return (process, base URL) at once
-    (it answers /health some 10-13 s later: see wait_healthy). log: where its output goes
-    (a file object, subprocess.DEVNULL, or None = this process's stdout/stderr)."""
+    """Start `mlflow server` over the results folder's store; return (process, base URL) at once.
+
+    The server answers /health some 10-13 s later: see wait_healthy. log: where its output goes
+    (a file object, subprocess.DEVNULL, or None = this process's stdout/stderr).
+    """
     results_dir = Path(results_dir).resolve()
     backend = _backend_uri(results_dir, tracking_uri)
     if not port_is_free(host, port):
@@ -164,8 +167,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> int:
-    """Stop the server and every process it started (SIGTERM to its process group, SIGKILL to
-    what is left after timeout); return the server's exit code."""
+    """Stop the server and every process it started; return the server's exit code.
+
+    SIGTERM to its process group, SIGKILL to what is left after timeout.
+    """
     pgid = proc.pid  # start_new_session=True: the server leads its own group
     deadline = time.monotonic() + timeout
     if proc.poll() is None or _group_alive(pgid):
@@ -198,8 +203,10 @@ def serve_dashboard(
     host: str = "127.0.0.1",
     tracking_uri: str | None = None,
 ) -> int:
-    """Run the MLflow UI over the results folder until Ctrl-C; return 0 after a clean stop,
-    the server's exit code if it died on its own."""
+    """Run the MLflow UI over the results folder until Ctrl-C or SIGTERM/SIGHUP.
+
+    Returns 0 after a clean stop, the server's exit code if it died on its own.
+    """
     if not _is_loopback(host):
         print(
             f"warning: binding {host}: the MLflow UI has no authentication and is reachable from the network. "

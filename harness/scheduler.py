@@ -258,7 +258,7 @@ class SequenceRunner:
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
         atomic_write_json(run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()})
-        from harness.plots import matrix_heatmap
+        from harness.report.figures import matrix_heatmap
 
         matrix_heatmap(self.R, spec.tasks, f"{spec.method} seed {spec.seed} order {spec.order_index}", run_dir / "matrix_heatmap.png")
         summary = {

@@ -233,17 +233,47 @@ def test_experiment_selection_errors(store, tmp_path):
     assert not (tmp_path / "empty" / "mlflow.db").exists()  # nothing created by looking
 
 
-def test_matrix_rebuilt_from_metrics_when_artifact_missing(report, store, tmp_path):
-    """A copy of the store whose matrix.json files are gone: the acc/<task> histories give the same matrix."""
+def _copy_store(store, copy: Path) -> Path:
+    """A copy of the fixture store (without its report) that reads its own artifacts."""
     import sqlite3
 
-    copy = tmp_path / "results"
     shutil.copytree(store["results_dir"], copy, ignore=shutil.ignore_patterns("report"))
     # The copied db's artifact URIs still name the original folder: point them at the copy.
     con = sqlite3.connect(copy / "mlflow.db")
     con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(store["results_dir"]), str(copy)))
     con.commit()
     con.close()
+    return copy
+
+
+def test_generated_at_is_the_time_stated(store, tmp_path):
+    """A fixed generation time makes the whole report reproducible (the page shows it to the minute)."""
+    import datetime as dt
+
+    copy = _copy_store(store, tmp_path / "results")
+    when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    index = write_report(EXPERIMENT, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False,
+                         generated_at=when)
+    assert "Generated 2025-01-02 03:04 UTC from " in index.read_text(encoding="utf-8")
+    assert json.loads((index.parent / "comparison.json").read_text())["generated_at"] == "2025-01-02T03:04:05+00:00"
+
+
+def test_matrix_heatmap_writes_one_png(tmp_path):
+    """The scheduler's per-run heatmap: a PNG written atomically, a not-evaluated cell allowed."""
+    import numpy as np
+
+    from harness.report.figures import matrix_heatmap
+
+    R = np.array([[np.nan if v is None else v for v in row] for row in MATRICES[("lora", "1")]])
+    path = tmp_path / "matrix_heatmap.png"
+    matrix_heatmap(R, TASKS, "lora seed 1 order 0", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["matrix_heatmap.png"]
+
+
+def test_matrix_rebuilt_from_metrics_when_artifact_missing(report, store, tmp_path):
+    """A copy of the store whose matrix.json files are gone: the acc/<task> histories give the same matrix."""
+    copy = _copy_store(store, tmp_path / "results")
     removed = list((copy / "mlartifacts").rglob("matrix.json"))
     assert len(removed) == 4
     for p in removed:

@@ -1,0 +1,15 @@
+"""Forgetting report: read the sequences an experiment logged to MLflow, write a static HTML report.
+
+`write_report(experiment, results_dir, tracking_uri)` writes `<results_dir>/<experiment>/report/`:
+index.html (opens from disk, no network: figures are relative PNG files in the same folder, CSS is
+inline), the figures as PNG, comparison.csv / comparison.json (ACC, BWT, FWT, forgetting per method,
+mean and std over seeds and orders) and mean_matrices.json (the order-0 accuracy matrices averaged
+over seeds). The figures are also logged to every finished parent run under "report/".
+
+Modules: store (reading MLflow), aggregate (over seeds), figures (every Matplotlib figure, also the
+scheduler's per-run heatmap), page + templates/report.html.j2 (index.html), write (the folder).
+"""
+
+from harness.report.write import write_report
+
+__all__ = ["write_report"]

@@ -1,0 +1,216 @@
+"""Aggregation over seeds and task orders: mean matrices, per-method metric rows, verdicts.
+
+Standard deviations are sample standard deviations (ddof=1) and undefined (NaN) for fewer than
+two values. Matrices of different runs are aligned by task name, never by position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
+from harness.report.numbers import finite, fmt_pm
+from harness.report.store import SequenceRun
+
+PARAM_KEYS = ("trainable_params_effective", "trainable_params_lora_equivalent")
+
+
+@dataclass
+class MethodMatrix:
+    """One method's accuracy matrix, averaged over the seeds of the order shown in the heatmaps."""
+
+    method: str
+    order: str
+    seeds: list[str]
+    tasks: list[str]  # this method's training order (of the chosen order)
+    mean: np.ndarray  # aligned to the global columns
+    std: np.ndarray
+    count: np.ndarray
+
+
+def _align(matrices: list[tuple[list[str], np.ndarray]], columns: list[str], n_rows: int) -> np.ndarray:
+    """Stack matrices (tasks, M) into (n, n_rows, len(columns)) aligned by task name; NaN padding."""
+    out = np.full((len(matrices), n_rows, len(columns)), np.nan)
+    for k, (tasks, M) in enumerate(matrices):
+        for j, task in enumerate(tasks):
+            if task in columns:
+                rows = min(n_rows, M.shape[0])
+                out[k, :rows, columns.index(task)] = M[:rows, j]
+    return out
+
+
+def _nanmean_std(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, sample std (NaN where fewer than 2 values) and count along axis 0, ignoring NaN."""
+    count = np.sum(np.isfinite(stack), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.nansum(stack, axis=0)
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+        dev = np.where(np.isfinite(stack), stack - mean, 0.0)
+        var = np.sum(dev**2, axis=0) / np.maximum(count - 1, 1)
+        std = np.where(count > 1, np.sqrt(var), np.nan)
+    return mean, std, count
+
+
+def _heatmap_order(runs: list[SequenceRun]) -> str:
+    """The task order the heatmaps show: order 0 when it was run, else the first one."""
+    orders = sorted({r.order for r in runs}, key=num_sort_key)
+    return "0" if "0" in orders else orders[0]
+
+
+def method_matrices(by_method: dict[str, list[SequenceRun]]) -> tuple[list[str], int, list[MethodMatrix]]:
+    """(task columns in first-seen training order, number of stages, one MethodMatrix per method)."""
+    columns: list[str] = []
+    chosen: dict[str, list[SequenceRun]] = {}
+    for method, runs in by_method.items():
+        order = _heatmap_order(runs)
+        chosen[method] = sorted((r for r in runs if r.order == order), key=lambda r: num_sort_key(r.seed))
+        for r in chosen[method]:
+            for t in r.tasks:
+                if t not in columns:
+                    columns.append(t)
+    n_rows = max((r.R.shape[0] for rs in chosen.values() for r in rs), default=1)
+    out = []
+    for method, runs in chosen.items():
+        stack = _align([(r.tasks, r.R) for r in runs], columns, n_rows)
+        mean, std, count = _nanmean_std(stack)
+        out.append(
+            MethodMatrix(method, runs[0].order, [r.seed for r in runs], list(runs[0].tasks), mean, std, count)
+        )
+    return columns, n_rows, out
+
+
+def _diagnostic_matrix(run: SequenceRun, key: str) -> tuple[list[str], np.ndarray] | None:
+    """(tasks, square matrix) of one diagnostic of one run; None when absent or malformed."""
+    d = run.diagnostics.get(key)
+    if not isinstance(d, dict) or not d.get("tasks") or d.get("matrix") is None:
+        return None
+    try:
+        M = np.array([[np.nan if v is None else float(v) for v in row] for row in d["matrix"]], dtype=float)
+    except (TypeError, ValueError):
+        return None
+    tasks = [str(t) for t in d["tasks"]]
+    if M.shape != (len(tasks), len(tasks)):
+        return None
+    return tasks, M
+
+
+def diagnostic_matrices(by_method: dict[str, list[SequenceRun]], key: str) -> list[tuple[str, list[str], np.ndarray, int]]:
+    """Per method: (method, tasks, mean matrix over the heatmap order's seeds, n) for one diagnostic."""
+    out = []
+    for method, runs in by_method.items():
+        order = _heatmap_order(runs)
+        mats = [_diagnostic_matrix(r, key) for r in runs if r.order == order and r.diagnostics]
+        mats = [m for m in mats if m is not None]
+        if not mats:
+            continue
+        tasks = list(mats[0][0])
+        for t, _ in mats[1:]:
+            tasks += [x for x in t if x not in tasks]
+        # Align rows and columns by name.
+        stack = np.full((len(mats), len(tasks), len(tasks)), np.nan)
+        for k, (t, M) in enumerate(mats):
+            idx = [tasks.index(x) for x in t]
+            stack[k][np.ix_(idx, idx)] = M
+        mean, _, _ = _nanmean_std(stack)
+        out.append((method, tasks, mean, len(mats)))
+    return out
+
+
+def _method_row(method: str, g) -> dict[str, Any]:
+    """One method's summary over its runs (g: its rows of the runs table)."""
+    row: dict[str, Any] = {
+        "method": method,
+        "display_name": display_name(method),
+        "n_runs": int(len(g)),
+        "seeds": sorted(g["seed"].unique().tolist(), key=num_sort_key),
+        "orders": sorted(g["order"].unique().tolist(), key=num_sort_key),
+    }
+    for m in METRICS:
+        vals = g[m].dropna()
+        row[m] = {
+            "mean": float(vals.mean()) if len(vals) else float("nan"),
+            # Sample standard deviation (ddof=1) over seeds and orders; undefined for one run.
+            "std": float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"),
+            "n": int(len(vals)),
+        }
+    for p in PARAM_KEYS:
+        vals = g[p].dropna()
+        row[p] = float(vals.mean()) if len(vals) else float("nan")
+    eff, lora = row["trainable_params_effective"], row["trainable_params_lora_equivalent"]
+    row["effective_fraction_of_lora"] = eff / lora if finite(eff) and finite(lora) and lora else float("nan")
+    return row
+
+
+def aggregate(runs: list[SequenceRun]):
+    """(runs table as a DataFrame, one summary row per method in METHOD_ORDER)."""
+    import pandas as pd
+
+    df = pd.DataFrame(
+        [
+            {
+                "run_id": r.run_id,
+                "method": r.method,
+                "seed": r.seed,
+                "order": r.order,
+                **{m: r.metrics[m] for m in METRICS},
+                "trainable_params_effective": r.params_effective,
+                "trainable_params_lora_equivalent": r.params_lora_equivalent,
+            }
+            for r in runs
+        ]
+    )
+    grouped = df.groupby("method", sort=False)
+    rows = [_method_row(method, grouped.get_group(method)) for method in sorted(df["method"].unique(), key=method_sort_key)]
+    return df, rows
+
+
+def comparison_rows(rows: list[dict]) -> list[dict]:
+    """The method rows flattened to one level (the columns of comparison.csv)."""
+    flat = []
+    for r in rows:
+        d = {"method": r["method"], "display_name": r["display_name"], "n_runs": r["n_runs"],
+             "seeds": " ".join(r["seeds"]), "orders": " ".join(r["orders"])}
+        for m in METRICS:
+            d[f"{m}_mean"], d[f"{m}_std"], d[f"{m}_n"] = r[m]["mean"], r[m]["std"], r[m]["n"]
+        for p in (*PARAM_KEYS, "effective_fraction_of_lora"):
+            d[p] = r[p]
+        flat.append(d)
+    return flat
+
+
+def _compare(m: str, best: dict, other: dict) -> str:
+    """One pairwise verdict: the best method against another, on metric m."""
+    diff = abs(best[m]["mean"] - other[m]["mean"])
+    stds = [s for s in (best[m]["std"], other[m]["std"]) if finite(s)]
+    a, b = display_name(best["method"]), display_name(other["method"])
+    vs = f"{a} {fmt_pm(best[m]['mean'], best[m]['std'])} vs {b} {fmt_pm(other[m]['mean'], other[m]['std'])}"
+    d = f"{diff:.3f}" if diff >= 0.001 else f"{diff:.1e}"
+    if diff < 1e-9:
+        return f"{vs}: no difference"
+    if not stds:
+        return f"{vs}: {a} is better by {d} (one run each, no noise estimate)"
+    # Within noise: the gap is smaller than the larger of the two standard deviations.
+    if diff < max(stds):
+        return f"{vs}: the difference {d} is within noise (std up to {max(stds):.3f})"
+    return f"{vs}: {a} is better by {d}, more than the std ({max(stds):.3f})"
+
+
+def verdicts(rows: list[dict]) -> dict[str, str]:
+    """Per metric, one sentence: which method wins, and whether by more than the noise."""
+    out = {}
+    for m in METRICS:
+        direction = "higher" if HIGHER_IS_BETTER[m] else "lower"
+        cands = [r for r in rows if finite(r[m]["mean"])]
+        if len(cands) < 2:
+            if cands:
+                out[m] = f"{m} ({direction} is better): defined for {display_name(cands[0]['method'])} only; nothing to compare."
+            else:
+                out[m] = f"{m} ({direction} is better): not defined for any method (e.g. a single task, T = 1)."
+            continue
+        cands.sort(key=lambda r: r[m]["mean"], reverse=HIGHER_IS_BETTER[m])
+        parts = [_compare(m, cands[0], other) for other in cands[1:]]
+        out[m] = f"{m} ({direction} is better): " + "; ".join(parts) + "."
+    return out

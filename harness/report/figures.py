@@ -1,0 +1,262 @@
+"""Every Matplotlib figure of the harness: the per-run matrix heatmap and the report's figures.
+
+Object-oriented Matplotlib on the Agg canvas: no pyplot, so no global backend switch and no
+figure registry to leak into (the scheduler draws from a long-running process). Both heatmaps, the
+per-run `matrix_heatmap.png` and the report's side-by-side panels, are drawn by `_draw_heatmap`;
+they differ only in the HeatmapStyle and the layout around it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.io import atomic_write_bytes
+from harness.report.aggregate import PARAM_KEYS, MethodMatrix
+from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name
+from harness.report.numbers import finite, fmt_count
+
+_DPI = 110
+
+
+@dataclass(frozen=True)
+class HeatmapStyle:
+    """How the cells and labels of an annotated 0..1 heatmap look."""
+
+    missing_color: str | None  # not-evaluated cells; None leaves them transparent
+    missing_text: str | None  # text in not-evaluated cells; None writes nothing
+    white_below: float  # values below this get white text (dark end of viridis)
+    rotate_after: int  # rotate the column labels when the longest has more characters (-1: always)
+    rotation: int
+    tick_fontsize: float | None  # None: Matplotlib's default size
+    title_fontsize: float | None
+
+
+# The per-run file the scheduler writes next to matrix.json.
+RUN_STYLE = HeatmapStyle(None, None, 0.6, -1, 30, None, None)
+# The report's panels: grey "n/a" cells, so a gap is visibly not a zero.
+REPORT_STYLE = HeatmapStyle("#d9d9d9", "n/a", 0.55, 6, 35, 8, 10)
+
+
+def _size(fontsize: float | None) -> dict[str, float]:
+    # Passing fontsize=None would not mean "default" everywhere (a title would shrink to 10 pt).
+    return {} if fontsize is None else {"fontsize": fontsize}
+
+
+def _new_figure(w: float, h: float, dpi: float | None = _DPI, layout: str | None = "constrained"):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=dpi, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def _draw_heatmap(ax, M: np.ndarray, row_labels, col_labels, title: str, style: HeatmapStyle, fontsize: float):
+    """One annotated heatmap on ax (fixed 0..1 colour scale, the value in every cell); returns the image."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["viridis"]
+    if style.missing_color is not None:
+        cmap = cmap.with_extremes(bad=style.missing_color)
+    im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    rotate = max(map(len, col_labels), default=0) > style.rotate_after
+    ax.set_xticks(range(M.shape[1]), col_labels, rotation=style.rotation if rotate else 0,
+                  ha="right" if rotate else "center", **_size(style.tick_fontsize))
+    ax.set_yticks(range(M.shape[0]), row_labels[: M.shape[0]], **_size(style.tick_fontsize))
+    ax.set_title(title, **_size(style.title_fontsize))
+    for i in range(M.shape[0]):
+        for j in range(M.shape[1]):
+            v = M[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize,
+                        color="white" if v < style.white_below else "black")
+            elif style.missing_text is not None:
+                ax.text(j, i, style.missing_text, ha="center", va="center", fontsize=fontsize - 1, color="#555555")
+    return im
+
+
+def matrix_heatmap(R: np.ndarray, tasks: list[str], title: str, path: Path) -> None:
+    """Write one run's accuracy matrix as a PNG heatmap: rows = stage 0..T, columns = tasks.
+
+    The file is replaced atomically. Not-evaluated (NaN) cells stay blank.
+    """
+    # dpi=None: the layout is computed at Matplotlib's default 100 dpi, as the file always was.
+    fig = _new_figure(1.2 + 1.1 * len(tasks), 1.0 + 0.55 * R.shape[0], dpi=None, layout=None)
+    ax = fig.subplots()
+    im = _draw_heatmap(ax, R, [f"stage {i}" for i in range(R.shape[0])], tasks, title, RUN_STYLE, 8)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    atomic_write_bytes(Path(path), _png_bytes(fig))
+
+
+def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, xlabel, ylabel, highlight=None):
+    """Side-by-side heatmaps with one shared 0..1 colour scale and the value in every cell."""
+    from matplotlib.patches import Rectangle
+
+    n = len(panels)
+    n_rows = max(p[1].shape[0] for p in panels)
+    n_cols = max(p[1].shape[1] for p in panels)
+    cell = 0.62 if n_cols <= 8 else 0.45
+    fig = _new_figure(max(4.0, n * (n_cols * cell + 1.4) + 1.2), max(2.6, n_rows * cell * 0.9 + 1.9))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    fontsize = 9 if n_cols <= 6 else (7 if n_cols <= 10 else 5)
+    im = None
+    for k, (ax, (name, M)) in enumerate(zip(axes, panels)):
+        im = _draw_heatmap(ax, M, row_labels_per_panel[k], col_labels_per_panel[k], name, REPORT_STYLE, fontsize)
+        ax.set_xlabel(xlabel, fontsize=9)
+        if k == 0:
+            ax.set_ylabel(ylabel, fontsize=9)
+        for (i, j) in (highlight[k] if highlight else ()):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=1.8))
+    cbar = fig.colorbar(im, ax=list(axes), shrink=0.9, fraction=0.05)
+    cbar.set_label("accuracy" if "ccuracy" in title else "overlap", fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def _fig_accuracy_matrices(columns: list[str], n_rows: int, mms: list[MethodMatrix]):
+    panels, highlight = [], []
+    for mm in mms:
+        seeds = f"mean of {len(mm.seeds)} seeds" if len(mm.seeds) > 1 else f"seed {mm.seeds[0]}"
+        panels.append((f"{display_name(mm.method)} ({seeds}, order {mm.order})", mm.mean))
+        # Outline the cell of the task trained at each stage (R[t, t]).
+        highlight.append([(t + 1, columns.index(task)) for t, task in enumerate(mm.tasks) if task in columns])
+    stage_labels = ["0 (base)"] + [str(i) for i in range(1, n_rows)]
+    return _heatmap_panels(
+        panels, [stage_labels] * len(panels), [columns] * len(panels),
+        "Accuracy matrix R[stage, task] (outlined: task trained at that stage)",
+        "task (evaluated)", "stage (after training task #)", highlight,
+    )
+
+
+def _curve_panel(ax, task: str, j: int, stages: np.ndarray, mms: list[MethodMatrix], colors) -> None:
+    """One task's accuracy over stages, one line (± std band) per method."""
+    trained_at = {mm.tasks.index(task) + 1 for mm in mms if task in mm.tasks}
+    for t in sorted(trained_at):
+        ax.axvline(t, color="#999999", linestyle=":", linewidth=1)
+    for mm in mms:
+        y, s, c = mm.mean[:, j], mm.std[:, j], mm.count[:, j]
+        ok = np.isfinite(y)
+        if not ok.any():
+            continue
+        ax.plot(stages[ok], y[ok], marker="o", markersize=4, color=colors[mm.method], label=display_name(mm.method))
+        band = ok & np.isfinite(s) & (c > 1)
+        if band.any():
+            ax.fill_between(stages[band], (y - s)[band], (y + s)[band], color=colors[mm.method], alpha=0.18, linewidth=0)
+    ax.set_title(task + (f"  (trained at stage {', '.join(map(str, sorted(trained_at)))})" if trained_at else ""), fontsize=9)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xticks(stages)
+    ax.set_xlabel("stage", fontsize=8)
+    ax.set_ylabel("accuracy", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _fig_curves(columns: list[str], n_rows: int, mms: list[MethodMatrix], colors):
+    n = len(columns)
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure(3.2 * ncols + 0.6, 2.6 * nrows + 0.8)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    stages = np.arange(n_rows)
+    for idx, task in enumerate(columns):
+        _curve_panel(axes[idx // ncols][idx % ncols], task, columns.index(task), stages, mms, colors)
+    for idx in range(n, nrows * ncols):
+        axes[idx // ncols][idx % ncols].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=min(len(labels), 6))
+    fig.suptitle("Per-task accuracy over stages (mean over seeds, shaded ± std; dotted: stage the task was trained)", fontsize=10)
+    return fig
+
+
+def _fig_metrics(rows: list[dict], colors):
+    fig = _new_figure(min(11.0, max(6.0, 0.9 * len(METRICS) * max(1, len(rows)) + 2)), 3.8)
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(METRICS))
+    for k, r in enumerate(rows):
+        means = np.array([r[m]["mean"] for m in METRICS], dtype=float)
+        stds = np.array([r[m]["std"] for m in METRICS], dtype=float)
+        pos = x - 0.4 + width * (k + 0.5)
+        ok = np.isfinite(means)
+        ax.bar(pos[ok], means[ok], width * 0.92, color=colors[r["method"]], label=display_name(r["method"]),
+               yerr=np.nan_to_num(stds[ok], nan=0.0), capsize=3, error_kw={"linewidth": 1})
+        for p, v, sd in zip(pos[ok], means[ok], np.nan_to_num(stds[ok], nan=0.0)):
+            tip = v + sd if v >= 0 else v - sd
+            ax.annotate(f"{v:.2f}", (p, tip), textcoords="offset points", xytext=(0, 3 if v >= 0 else -10),
+                        ha="center", fontsize=7)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [f"{m}\n({'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better)" for m in METRICS], fontsize=8)
+    ax.set_ylabel("fraction", fontsize=9)
+    ax.set_title("Continual-learning metrics per method (mean ± std over seeds and orders)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def _fig_params(rows: list[dict], colors):
+    fig = _new_figure(max(4.5, 1.3 * len(rows) + 2.5), 3.2)
+    ax = fig.subplots()
+    x = np.arange(len(rows))
+    for off, key, label, hatch in ((-0.2, "trainable_params_effective", "effective (mask non-zeros)", None),
+                                   (0.2, "trainable_params_lora_equivalent", "LoRA-equivalent", "//")):
+        vals = np.array([r[key] for r in rows], dtype=float)
+        ok = np.isfinite(vals) & (vals > 0)
+        ax.bar(x[ok] + off, vals[ok], 0.38, color=[colors[r["method"]] for r, o in zip(rows, ok) if o],
+               hatch=hatch, edgecolor="black", linewidth=0.5, alpha=1.0 if hatch is None else 0.45, label=label)
+        for p, v in zip(x[ok] + off, vals[ok]):
+            ax.annotate(fmt_count(v), (p, v), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+    ax.set_yscale("log")
+    positive = [r[k] for r in rows for k in PARAM_KEYS if finite(r[k]) and r[k] > 0]
+    if positive:
+        ax.set_ylim(min(positive) / 5, max(positive) * 3)
+    ax.set_xticks(x, [display_name(r["method"]) for r in rows], fontsize=9)
+    ax.set_ylabel("parameters (log)", fontsize=9)
+    ax.set_title("Trainable parameters: effective vs LoRA-equivalent", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3, which="both")
+    return fig
+
+
+def _fig_diagnostic(diag, title: str):
+    panels = [(f"{display_name(m)} ({'mean of %d seeds' % n if n > 1 else '1 seed'})", M) for m, _, M, n in diag]
+    cols = [tasks for _, tasks, _, _ in diag]
+    return _heatmap_panels(panels, cols, cols, title, "task j", "task i", None)
+
+
+def _method_colors(methods: list[str]) -> dict[str, Any]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) -> dict[str, bytes]:
+    """The report's figures as {file name: PNG bytes}; optional ones only when there is data."""
+    colors = _method_colors(methods)
+    figures: dict[str, bytes] = {}
+    figures["accuracy_matrices.png"] = _png_bytes(_fig_accuracy_matrices(columns, n_rows, mms))
+    figures["forgetting_curves.png"] = _png_bytes(_fig_curves(columns, n_rows, mms, colors))
+    figures["cl_metrics.png"] = _png_bytes(_fig_metrics(rows, colors))
+    if any(finite(r[k]) for r in rows for k in PARAM_KEYS):
+        figures["trainable_params.png"] = _png_bytes(_fig_params(rows, colors))
+    if mask_diag:
+        figures["mask_overlap.png"] = _png_bytes(_fig_diagnostic(
+            mask_diag, "LoRI mask overlap |M_i ∧ M_j| / |M_j| (row i, column j)"))
+    if sub_diag:
+        figures["subspace_overlap.png"] = _png_bytes(_fig_diagnostic(
+            sub_diag, "A-subspace overlap ||A_i A_jᵀ||_F / (||A_i||_F ||A_j||_F)"))
+    return figures

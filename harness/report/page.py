@@ -1,0 +1,160 @@
+"""The report's index.html: the table rows and sentences it needs, rendered by templates/report.html.j2.
+
+The page opens from disk with no network: figures are relative PNG files in the same folder and
+the CSS is inline in the template.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from markupsafe import Markup
+
+from harness.metrics import LIBRARY_NOTE, METRIC_DEFINITIONS
+from harness.report.aggregate import MethodMatrix
+from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key, uniq
+from harness.report.numbers import finite, fmt, fmt_pm
+from harness.report.store import SequenceRun
+from harness.tracking import redact_uri
+
+_TEMPLATES = Path(__file__).with_name("templates")
+# The adapter settings shown per method, from the run parameters.
+_KNOBS = ["rank", "alpha", "targets", "mask_strategy", "mask_density", "overlap_policy", "a_mode"]
+
+
+@dataclass
+class PageData:
+    """Everything index.html shows, as computed by the rest of the report."""
+
+    experiment: str
+    uri: str
+    runs: list[SequenceRun]
+    skipped: list[tuple[str, str, str]]
+    by_method: dict[str, list[SequenceRun]]
+    rows: list[dict]
+    verdicts: dict[str, str]
+    mms: list[MethodMatrix]
+    figures: list[str]  # names of the PNG files written
+    mask_diag: list
+    sub_diag: list
+    now: _dt.datetime
+    log_note: str
+
+
+def _escape(value):
+    """Autoescape every {{ }} with html.escape (&#x27; for '), not markupsafe's (&#39;).
+
+    Both are correct HTML; html.escape keeps the page byte-identical to the reports written
+    before the template existed. Markup (a macro's output) is already escaped.
+    """
+    if hasattr(value, "__html__"):
+        return value
+    return Markup(html.escape(str(value)))
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(_TEMPLATES),
+        autoescape=True,
+        finalize=_escape,
+        undefined=jinja2.StrictUndefined,
+        # Block tags on their own line leave nothing behind: one template line = one page line.
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _run_dates(runs: list[SequenceRun]) -> str:
+    """The start minute of the runs, or the range from the first to the last."""
+    starts = [r.start_time_ms for r in runs if r.start_time_ms]
+    if not starts:
+        return "—"
+
+    def minute(ms: int) -> str:
+        return _dt.datetime.fromtimestamp(ms / 1000, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    first, last = minute(min(starts)), minute(max(starts))
+    return first if first == last else f"{first} – {last}"
+
+
+def _what_was_run(d: PageData) -> list[list[str]]:
+    runs = d.runs
+
+    def tagvals(key: str, param: str | None = None) -> str:
+        vals = uniq([r.tags.get(key) or (r.params.get(param) if param else None) for r in runs])
+        return ", ".join(vals) if vals else "—"
+
+    orders = []
+    for order in uniq(r.order for r in runs):
+        seqs = uniq(",".join(r.tasks) for r in runs if r.order == order)
+        orders.append(f"order {order}: " + " | ".join(s.replace(",", " → ") for s in seqs))
+    skipped = ", ".join(f"{n or i} ({s})" for i, n, s in d.skipped)
+    return [
+        ["experiment", d.experiment],
+        ["model", tagvals("harness.model", "model")],
+        ["suite", tagvals("harness.suite", "suite")],
+        ["methods", ", ".join(f"{display_name(m)} ({len(d.by_method[m])} runs)" for m in d.by_method)],
+        ["seeds", ", ".join(uniq(r.seed for r in runs))],
+        ["task orders", "; ".join(orders)],
+        ["git commit", tagvals("harness.git_commit")],
+        ["date (run starts)", _run_dates(runs)],
+        ["finished sequence runs", str(len(runs))],
+        ["skipped (not FINISHED)", f"{len(d.skipped)}: {skipped}" if d.skipped else "0"],
+    ]
+
+
+def _param_cells(row: dict) -> list[str]:
+    eff, lora, frac = (row[k] for k in ("trainable_params_effective", "trainable_params_lora_equivalent",
+                                         "effective_fraction_of_lora"))
+    return [
+        display_name(row["method"]),
+        f"{eff:,.0f}" if finite(eff) else "—",
+        f"{lora:,.0f}" if finite(lora) else "—",
+        f"{100 * frac:.2f}%" if finite(frac) else "—",
+    ]
+
+
+def _run_cells(r: SequenceRun) -> list[str]:
+    return ([r.run_name, r.run_id, display_name(r.method), r.seed, r.order, " → ".join(r.tasks)]
+            + [fmt(r.metrics[m]) for m in METRICS] + [r.matrix_source])
+
+
+def _context(d: PageData) -> dict:
+    runs = sorted(d.runs, key=lambda r: (method_sort_key(r.method), num_sort_key(r.order), num_sort_key(r.seed)))
+    return {
+        "experiment": d.experiment,
+        "generated": d.now.strftime("%Y-%m-%d %H:%M UTC"),
+        "store": redact_uri(d.uri),
+        "info_rows": _what_was_run(d),
+        "knob_headers": ["method"] + _KNOBS,
+        "knob_rows": [[display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—"
+                                           for k in _KNOBS] for m in d.by_method],
+        "verdicts": [d.verdicts[m] for m in METRICS],
+        "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
+        "metric_rows": [[display_name(r["method"]), r["n_runs"]] + [fmt_pm(r[m]["mean"], r[m]["std"]) for m in METRICS]
+                        for r in d.rows],
+        "several_seeds": any(len(mm.seeds) > 1 for mm in d.mms),
+        "several_orders": len({r.order for r in d.runs}) > 1,
+        "param_rows": [_param_cells(r) for r in d.rows],
+        "figures": d.figures,
+        "has_mask_overlap": bool(d.mask_diag),
+        "has_subspace_overlap": bool(d.sub_diag),
+        "mask_methods": ", ".join(display_name(m) for m, *_ in d.mask_diag),
+        "subspace_methods": ", ".join(display_name(m) for m, *_ in d.sub_diag),
+        "metric_definitions": METRIC_DEFINITIONS,
+        "library_note": LIBRARY_NOTE,
+        "run_headers": ["run", "run id", "method", "seed", "order", "tasks"] + list(METRICS) + ["matrix from"],
+        "run_rows": [_run_cells(r) for r in runs],
+        "problems": [(r, display_name(r.method), n) for r in d.runs for n in r.notes],
+        "log_note": d.log_note,
+    }
+
+
+def render_page(data: PageData) -> str:
+    """The report's index.html as text."""
+    return _environment().get_template("report.html.j2").render(_context(data))

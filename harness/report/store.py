@@ -1,0 +1,308 @@
+"""Reading the MLflow store: the experiment, its finished sequence runs, their matrices and artifacts.
+
+It reads exactly what the scheduler logs (see the MLflow contract in harness.tracking): parent runs
+tagged harness.kind=sequence, their final ACC/BWT/FWT/forgetting metrics and trainable-parameter
+counts, and the artifacts matrix.json, summary.json and diagnostics.json. When matrix.json cannot
+be downloaded the matrix is rebuilt from the `acc/<task>` metric histories (step = stage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness.errors import HarnessError, TrackingError
+from harness.metrics import summarize
+from harness.report.naming import METRICS
+from harness.report.numbers import finite
+from harness.tracking import check_store_exists, redact_uri
+
+SEQUENCE_FILTER = "tags.`harness.kind` = 'sequence'"
+# A logged metric and the one recomputed from the matrix agree up to float noise of the logging path.
+_CONSISTENCY_TOL = 1e-6
+
+
+@dataclass
+class SequenceRun:
+    """One finished parent run (a whole task sequence) as the report needs it."""
+
+    run_id: str
+    run_name: str
+    status: str
+    method: str
+    seed: str
+    order: str
+    tasks: list[str]
+    R: np.ndarray  # (T+1, T), NaN where not evaluated
+    metrics: dict[str, float]  # logged ACC/BWT/FWT/forgetting, NaN when not logged
+    params_effective: float
+    params_lora_equivalent: float
+    diagnostics: dict | None
+    summary: dict | None
+    tags: dict[str, str]
+    params: dict[str, str]
+    start_time_ms: int | None
+    matrix_source: str
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExperimentRuns:
+    """What the report reads from one experiment: the loaded finished runs and the skipped ones."""
+
+    client: Any
+    name: str
+    runs: list[SequenceRun]
+    skipped: list[tuple[str, str, str]]  # (run id, run name, status) of runs not FINISHED
+
+
+@contextlib.contextmanager
+def quiet_mlflow():
+    """No tqdm progress bars from artifact downloads/uploads (write_report prints nothing)."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _search_all_runs(client, experiment_id: str, filter_string: str, max_total: int | None = None) -> list:
+    """Every active run matching filter_string, oldest first, following the page tokens."""
+    from mlflow.entities import ViewType
+
+    runs: list = []
+    token = None
+    while True:
+        page = client.search_runs(
+            experiment_ids=[experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=min(1000, max_total or 1000),
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs.extend(page)
+        token = page.token
+        if not token or (max_total and len(runs) >= max_total):
+            return runs
+
+
+def _harness_experiments(client) -> list:
+    from mlflow.entities import ViewType
+
+    found = []
+    for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000):
+        if _search_all_runs(client, exp.experiment_id, SEQUENCE_FILTER, max_total=1):
+            found.append(exp)
+    return found
+
+
+def _pick_experiment(client, experiment: str | None, uri: str):
+    """The named experiment, or the only one with sequence runs; HarnessError lists the choices."""
+    harness_exps = _harness_experiments(client)
+    names = sorted(e.name for e in harness_exps)
+    listing = ", ".join(names) if names else "(none)"
+    if experiment is None:
+        if len(harness_exps) == 1:
+            return harness_exps[0]
+        if not harness_exps:
+            raise HarnessError(f"no harness sequence runs in {redact_uri(uri)}: run `make run-sequence` first")
+        raise HarnessError(
+            f"{len(harness_exps)} harness experiments in {redact_uri(uri)}: {listing}; pick one with --experiment NAME"
+        )
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or exp.lifecycle_stage != "active":
+        raise HarnessError(f"no experiment named {experiment!r} in {redact_uri(uri)}; harness experiments: {listing}")
+    return exp
+
+
+def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> ExperimentRuns:
+    """Load the FINISHED sequence runs of one experiment; HarnessError when there are none.
+
+    experiment=None picks the only harness experiment in the store. Store failures become
+    TrackingError naming the (redacted) URI.
+    """
+    check_store_exists(results_dir, uri)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = _client(uri)
+        exp = _pick_experiment(client, experiment, uri)
+        all_runs = _search_all_runs(client, exp.experiment_id, SEQUENCE_FILTER)
+    except HarnessError:
+        raise
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot read the tracking store {redact_uri(uri)}: {exc}") from exc
+
+    finished = [r for r in all_runs if r.info.status == "FINISHED"]
+    skipped = [(r.info.run_id, r.info.run_name, r.info.status) for r in all_runs if r.info.status != "FINISHED"]
+    if not finished:
+        raise HarnessError(
+            f"experiment {exp.name!r} has no FINISHED sequence runs ({len(skipped)} running/failed skipped): "
+            "wait for `make run-sequence` to finish"
+        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="harness-report-") as tmp:
+            runs = [_load_run(client, r, Path(tmp)) for r in finished]
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot read runs of {exp.name!r} from {redact_uri(uri)}: {exc}") from exc
+    return ExperimentRuns(client, exp.name, runs, skipped)
+
+
+def _download_json(client, run_id: str, name: str, available: set[str], dst: Path) -> tuple[Any, str | None]:
+    """(parsed JSON or None, a note when it was expected but unreadable)."""
+    if name not in available:
+        return None, None
+    try:
+        local = client.download_artifacts(run_id, name, str(dst))
+        with open(local, encoding="utf-8") as fh:
+            return json.load(fh), None
+    except Exception as exc:  # noqa: BLE001 - any download/parse failure falls back, with a note
+        return None, f"{name} could not be read ({type(exc).__name__}: {exc})"
+
+
+def _download_artifacts(client, run_id: str, dst: Path, notes: list[str]) -> tuple[set[str], Any, Any, Any]:
+    """(artifact names, matrix.json, summary.json, diagnostics.json); problems are appended to notes."""
+    try:
+        available = {a.path for a in client.list_artifacts(run_id)}
+    except Exception as exc:  # noqa: BLE001 - the metrics still give the matrix
+        available = set()
+        notes.append(f"artifacts could not be listed ({type(exc).__name__}: {exc})")
+    dst.mkdir(parents=True, exist_ok=True)
+    parsed = []
+    for name in ("matrix.json", "summary.json", "diagnostics.json"):
+        value, note = _download_json(client, run_id, name, available, dst)
+        if note:
+            notes.append(note)
+        parsed.append(value)
+    return available, parsed[0], parsed[1], parsed[2]
+
+
+def _matrix_from_metrics(client, run, tasks: list[str]) -> np.ndarray:
+    T = len(tasks)
+    R = np.full((T + 1, T), np.nan)
+    for j, task in enumerate(tasks):
+        for m in client.get_metric_history(run.info.run_id, f"acc/{task}"):
+            if 0 <= m.step <= T:
+                R[m.step, j] = m.value
+    return R
+
+
+def _matrix_from_json(matrix: dict) -> tuple[list[str], np.ndarray]:
+    tasks = [str(t) for t in matrix["tasks"]]
+    rows = matrix["R"]
+    T = len(tasks)
+    stages = matrix.get("stages") or list(range(len(rows)))
+    R = np.full((max(T + 1, len(rows)), T), np.nan)
+    for stage, row in zip(stages, rows):
+        for j, v in enumerate(row[:T]):
+            if v is not None:
+                R[int(stage), j] = float(v)
+    return tasks, R[: T + 1]
+
+
+def _accuracy_matrix(client, run, available, matrix, summary, notes) -> tuple[list[str], np.ndarray, str]:
+    """(tasks, R, where R came from): matrix.json when usable, else the acc/<task> histories."""
+    if isinstance(matrix, dict) and "tasks" in matrix and "R" in matrix:
+        try:
+            tasks, R = _matrix_from_json(matrix)
+            return tasks, R, "matrix.json"
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            notes.append(f"matrix.json is malformed ({exc}); rebuilt from acc/<task> metrics")
+    params, metrics = run.data.params, run.data.metrics
+    order_str = params.get("task_order") or ",".join((summary or {}).get("tasks") or [])
+    tasks = [t for t in order_str.split(",") if t]
+    if not tasks:
+        tasks = sorted(k[len("acc/"):] for k in metrics if k.startswith("acc/"))
+    R = _matrix_from_metrics(client, run, tasks)
+    if "matrix.json" not in available:
+        notes.append("no matrix.json artifact; matrix rebuilt from acc/<task> metrics")
+    return tasks, R, "acc/<task> metrics"
+
+
+def _logged(metrics: dict, summary: dict | None, name: str, summary_key: str) -> float:
+    """The run's metric, else summary.json's value, else NaN."""
+    if name in metrics:
+        return float(metrics[name])
+    v = (summary or {}).get(summary_key)
+    return float(v) if finite(v) else float("nan")
+
+
+def _consistency_notes(logged: dict[str, float], R: np.ndarray) -> list[str]:
+    """Where a logged metric disagrees with the scheduler's own definitions (harness.metrics) on R."""
+    try:
+        recomputed = summarize(np.asarray(R, dtype=float))
+    except ValueError:  # a malformed matrix defines nothing
+        recomputed = {m: None for m in METRICS}
+    notes = []
+    for m in METRICS:
+        lv, rv = logged[m], recomputed[m]
+        if finite(lv) and rv is not None and abs(lv - rv) > _CONSISTENCY_TOL:
+            notes.append(f"logged {m} = {lv:.6f} but the matrix gives {rv:.6f}")
+        elif finite(lv) != (rv is not None):
+            notes.append(
+                f"{m} is {'logged' if finite(lv) else 'not logged'} but the matrix "
+                f"{'defines' if rv is not None else 'does not define'} it"
+            )
+    return notes
+
+
+def _load_run(client, run, tmp: Path) -> SequenceRun:
+    info, data = run.info, run.data
+    tags, params, metrics = dict(data.tags), dict(data.params), dict(data.metrics)
+    notes: list[str] = []
+    available, matrix, summary, diagnostics = _download_artifacts(client, info.run_id, tmp / info.run_id, notes)
+    tasks, R, source = _accuracy_matrix(client, run, available, matrix, summary, notes)
+    summary = summary if isinstance(summary, dict) else None
+    method = tags.get("harness.method") or params.get("method") or (summary or {}).get("method") or "unknown"
+    seed = tags.get("harness.seed") or params.get("seed") or str((summary or {}).get("seed", "?"))
+    order = tags.get("harness.order") or params.get("order_index") or str((summary or {}).get("order_index", "?"))
+    logged = {
+        "ACC": _logged(metrics, summary, "ACC", "acc"),
+        "BWT": _logged(metrics, summary, "BWT", "bwt"),
+        "FWT": _logged(metrics, summary, "FWT", "fwt"),
+        "forgetting": _logged(metrics, summary, "forgetting", "forgetting"),
+    }
+    notes.extend(_consistency_notes(logged, R))
+    return SequenceRun(
+        run_id=info.run_id,
+        run_name=info.run_name or info.run_id,
+        status=info.status,
+        method=str(method),
+        seed=str(seed),
+        order=str(order),
+        tasks=list(tasks or []),
+        R=R,
+        metrics=logged,
+        params_effective=_logged(metrics, summary, "trainable_params_effective", "trainable_params_effective"),
+        params_lora_equivalent=_logged(
+            metrics, summary, "trainable_params_lora_equivalent", "trainable_params_lora_equivalent"
+        ),
+        diagnostics=diagnostics if isinstance(diagnostics, dict) else None,
+        summary=summary,
+        tags=tags,
+        params=params,
+        start_time_ms=info.start_time,
+        matrix_source=source,
+        notes=notes,
+    )

@@ -1,0 +1,133 @@
+"""The report folder: read the store, aggregate, write figures, tables and index.html, log the figures."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+import tempfile
+from pathlib import Path
+
+from harness.io import atomic_write_bytes, atomic_write_text
+from harness.report.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
+from harness.report.figures import report_figures
+from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
+from harness.report.numbers import json_clean
+from harness.report.page import PageData, render_page
+from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
+from harness.tracking import default_tracking_uri
+
+_STD_DEFINITION = (
+    "sample standard deviation (ddof=1) over all finished runs (seeds x orders) of a method; "
+    "null with fewer than 2 values"
+)
+
+
+def _safe_dirname(name: str) -> str:
+    """An experiment name as one safe path component (MLflow allows '/' and spaces in names)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
+    return cleaned or "experiment"
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(json_clean(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _write_figures(report_dir: Path, figures: dict[str, bytes]) -> None:
+    """Write the PNGs and remove older ones this report no longer has (e.g. diagnostics gone)."""
+    for name, data in figures.items():
+        atomic_write_bytes(report_dir / name, data)
+    for stale in report_dir.glob("*.png"):
+        if stale.name not in figures:
+            stale.unlink()
+
+
+def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, columns, n_rows, mms, now) -> None:
+    """comparison.json, comparison.csv and mean_matrices.json."""
+    import pandas as pd
+
+    _write_json(report_dir / "comparison.json", {
+        "experiment": exp.name,
+        "generated_at": now.isoformat(),
+        "std_definition": _STD_DEFINITION,
+        "units": "fractions in [-1, 1]",
+        "higher_is_better": HIGHER_IS_BETTER,
+        "methods": rows,
+        "verdicts": verdict,
+        "runs": df.to_dict(orient="records"),
+        "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in exp.skipped],
+    })
+    csv = pd.DataFrame(comparison_rows(rows)).to_csv(index=False, float_format="%.6g")
+    atomic_write_text(report_dir / "comparison.csv", csv)
+    _write_json(report_dir / "mean_matrices.json", {
+        "columns": columns,
+        "stages": list(range(n_rows)),
+        "methods": {
+            mm.method: {"order": mm.order, "seeds": mm.seeds, "task_order": mm.tasks,
+                        "mean": mm.mean, "std": mm.std, "count": mm.count}
+            for mm in mms
+        },
+    })
+
+
+def _log_figures(exp: ExperimentRuns, figures: dict[str, bytes]) -> str:
+    """Log the figures to every finished parent run under report/; return the page's note on it."""
+    failures = []
+    with tempfile.TemporaryDirectory(prefix="harness-report-log-") as stage_dir:
+        for name, data in figures.items():
+            Path(stage_dir, name).write_bytes(data)
+        for r in exp.runs:
+            try:
+                exp.client.log_artifacts(r.run_id, stage_dir, artifact_path="report")
+            except Exception as exc:  # noqa: BLE001 - the report on disk stays valid
+                failures.append(f"{r.run_id}: {type(exc).__name__}: {exc}")
+    if failures:
+        return f"logging the figures to MLflow failed for {len(failures)} run(s): " + "; ".join(failures[:3])
+    return f"the figures are also logged to each of the {len(exp.runs)} parent runs under report/."
+
+
+def write_report(
+    experiment: str | None,
+    results_dir: Path,
+    tracking_uri: str | None = None,
+    *,
+    log_to_mlflow: bool = True,
+    generated_at: _dt.datetime | None = None,
+) -> Path:
+    """Write the forgetting report of one experiment; return the path of its index.html.
+
+    experiment=None picks the only harness experiment in the store (HarnessError when there are
+    none or several). The figures are also logged to every finished parent run under "report/"
+    (log_to_mlflow=False skips that). generated_at (UTC, default now) is the time the page and
+    comparison.json state. Prints nothing.
+    """
+    with quiet_mlflow():
+        return _write_report(experiment, Path(results_dir).resolve(), tracking_uri, log_to_mlflow, generated_at)
+
+
+def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bool, now) -> Path:
+    uri = default_tracking_uri(results_dir, tracking_uri)
+    exp = read_experiment(experiment, results_dir, uri)
+    runs = exp.runs
+    report_dir = results_dir / _safe_dirname(exp.name) / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+
+    methods = sorted({r.method for r in runs}, key=method_sort_key)
+    by_method = {m: [r for r in runs if r.method == m] for m in methods}
+    df, rows = aggregate(runs)
+    verdict = verdicts(rows)
+    columns, n_rows, mms = method_matrices(by_method)
+    mask_diag = diagnostic_matrices(by_method, "mask_overlap")
+    sub_diag = diagnostic_matrices(by_method, "subspace_overlap")
+
+    figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag)
+    _write_figures(report_dir, figures)
+    now = now or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now)
+    log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
+
+    page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
+                    mask_diag, sub_diag, now, log_note)
+    index = report_dir / "index.html"
+    atomic_write_text(index, render_page(page))
+    return index
