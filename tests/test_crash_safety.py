@@ -115,13 +115,17 @@ def test_second_process_on_a_sequence_refuses_or_waits(reference, tmp_path):
         assert f"pid {holder.pid}" in out.stderr and "another process" in out.stderr
         assert "Traceback" not in out.stderr
         waiter = start("run", *RUN, "--results-dir", str(results), "--experiment", "crash", "--wait-for-lock", "true")
-        time.sleep(1.0)  # the waiter must be blocked on the lock, not finished
-        assert waiter.poll() is None
+        seen = ""
+        deadline = time.time() + 120
+        while "waiting for" not in seen:  # the waiter says it is blocked on the lock before we free it
+            line = waiter.stderr.readline()
+            assert line and time.time() < deadline, f"waiter never waited: {seen[-2000:]}"
+            seen += line
+        assert f"pid {holder.pid}" in seen
     finally:
         kill(holder)
     _, err = waiter.communicate(timeout=300)
     assert waiter.returncode == 0, err[-2000:]
-    assert "waiting for" in err
     np.testing.assert_array_equal(read_matrix(seq / "matrix.csv")[1], reference)
     check_mlflow(results, "crash", seq, n_stages=3)
 
