@@ -132,6 +132,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from harness.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:<9} {m.summary}")
+        print(f"{'':<9} source: {m.source}")
+        print(f"{'':<9} learning rate: --lr-{m.lr_method}" + ("   (a reference row, not ranked)" if m.reference else ""))
+        if m.knobs is not None:
+            for k, f in m.knobs.model_fields.items():
+                print(f"{'':<9} --{m.section}-{k.replace('_', '-')} (YAML {m.section}.{k}, default {f.default}): {f.description}")
+        print()
+    return 0
+
+
 def cmd_suites(args: argparse.Namespace) -> int:
     from harness.suites import list_suites
 
@@ -225,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("config", nargs="?", help="Experiment YAML (optional).")
     _add_config_flags(v)
     v.set_defaults(func=cmd_validate)
+
+    m = sub.add_parser("methods", help="List the continual-learning methods: description, source, knobs.")
+    m.set_defaults(func=cmd_methods)
 
     s = sub.add_parser("suites", help="List the task suites.")
     s.add_argument("--json", action="store_true", help="Machine-readable output.")

@@ -183,11 +183,17 @@ class LocalPostgres:
 
     def start(self) -> str:
         """Start (initdb first if new); return the backend URI (no password: MLflow gets PGPASSWORD)."""
-        if not (self.data / "PG_VERSION").exists():
-            proc = self._run("initdb", "-D", str(self.data), "-U", DB_ROLE, f"--pwfile={self.password_file}",
+        if not (self.data / "PG_VERSION").exists():  # initdb beside, then rename: an interrupted one leaves no half cluster
+            fresh = self.root / "data.initdb"
+            shutil.rmtree(fresh, ignore_errors=True)
+            proc = self._run("initdb", "-D", str(fresh), "-U", DB_ROLE, f"--pwfile={self.password_file}",
                              "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8", "--locale=C")
             if proc.returncode != 0:
                 raise self._fail("initdb", proc)
+            try:
+                fresh.rename(self.data)
+            except OSError as exc:
+                raise PostgresUnavailableError(f"{self.data} exists but is no PostgreSQL data folder ({exc}): remove it") from None
         self.port = free_port()
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories=''"
         proc = self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", opts)

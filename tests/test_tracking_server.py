@@ -33,7 +33,7 @@ from harness.dashboard import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROCS, N_THREADS, N_STEPS = 4, 2, 25
-HEALTH_TIMEOUT_S, STOP_TIMEOUT_S = 90, 60
+HEALTH_TIMEOUT_S, STOP_TIMEOUT_S, WRITE_TIMEOUT_S = 90, 60, 240
 
 WRITER = r"""
 import json, os, sys, tempfile, threading
@@ -127,11 +127,10 @@ def _server_processes(results: Path) -> set[tuple[int, int]]:
 
 def _kill_everything(proc: subprocess.Popen, results: Path, seen: set[tuple[int, int]]) -> None:
     """Last resort (finally): the CLI's group, the MLflow server's group, PostgreSQL (SIGQUIT = immediate)."""
-    for sig_target in (proc.pid,):
-        try:
-            os.killpg(sig_target, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     seen = seen | _server_processes(results)
     pidfile = results / "postgres" / "data" / "postmaster.pid"
     if pidfile.exists():
@@ -210,7 +209,7 @@ def _write_concurrently(uri: str, eid: str) -> tuple[dict, float]:
     runs, errors = {}, []
     try:
         for w in writers:
-            out, err = w.communicate(timeout=240)
+            out, err = w.communicate(timeout=max(1.0, WRITE_TIMEOUT_S - (time.monotonic() - t0)))
             assert w.returncode == 0, err[-3000:]
             res = json.loads(out.strip().splitlines()[-1])
             runs.update(res["runs"])
@@ -261,8 +260,11 @@ def _check_external_backend(results: Path, eid: str, runs: dict) -> None:
         _kill_everything(proc, other, set())
 
 
-def test_tracking_server_postgres_concurrent_writers_and_restart(results_dir):
+def test_tracking_server_postgres_concurrent_writers_and_restart(results_dir, monkeypatch):
     _require_postgres()
+    # MlflowClient retries a dead server for minutes by default: fail fast instead (writers inherit this).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from mlflow.tracking import MlflowClient
 
     logs = results_dir.parent

@@ -39,6 +39,7 @@ class Method:
     """Base class: plain sequential adapters with no extra term; subclasses override verbs."""
 
     name: ClassVar[str]
+    display: ClassVar[str]  # how reports and tables spell it
     summary: ClassVar[str]  # one line for `harness methods`
     source: ClassVar[str]  # paper and equation
     knobs: ClassVar[type[BaseModel] | None] = None  # nested config section (cfg.<section>)

@@ -15,6 +15,7 @@ from harness.methods.base import Method
 
 class IncLoRA(Method):
     name = "inclora"
+    display = "IncLoRA"
     summary = "IncLoRA: a new LoRA adapter per task; earlier adapters frozen and active (ΔW = Σ_i s B_i A_i)."
     source = "Wang et al. 2023 (O-LoRA paper's IncLoRA baseline): O-LoRA with λ1 = λ2 = 0."
     per_task_adapters = True
@@ -51,6 +52,7 @@ class OLoRAKnobs(BaseModel):
 
 class OLoRA(IncLoRA):
     name = "olora"
+    display = "O-LoRA"
     summary = "O-LoRA: IncLoRA + λ1 Σ|A_i A_tᵀ| (orthogonal subspaces) + λ2 ‖θ_t‖²."
     source = ("Wang et al., EMNLP Findings 2023 (O-LoRA), L = L_task + λ1 Σ_{i<t} ‖A_i A_tᵀ‖₁ + λ2 ‖θ_t‖²; "
               "the authors' code (src/uie_trainer_lora.py) uses an unsquared norm for the λ2 term.")

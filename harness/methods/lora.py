@@ -7,6 +7,7 @@ from harness.methods.base import Method
 
 class SeqLoRA(Method):
     name = "lora"
+    display = "LoRA"
     summary = "Sequential LoRA: one LoRA adapter (A and B trained) continued through the sequence (SeqLoRA)."
     source = "Hu et al. 2021 (LoRA), W = W0 + s·B·A; the naive continual baseline of O-LoRA (Wang et al. 2023)."
     independent_adapters = True

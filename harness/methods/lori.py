@@ -19,6 +19,7 @@ from harness.seeding import stable_seed
 
 class LoRID(Method):
     name = "lori-d"
+    display = "LoRI-D"
     summary = "LoRI-D: frozen random A, dense trained B (half of LoRA's parameters)."
     source = "Zhang et al. 2025 (LoRI), W = W0 + s·B·A with A frozen random."
     lr_method = "lori-d"
@@ -39,6 +40,7 @@ class LoRID(Method):
 
 class LoRIS(LoRID):
     name = "lori-s"
+    display = "LoRI-S"
     summary = "LoRI-S: frozen random A, B trained only under a sparse per-task mask (~5% of LoRA's parameters)."
     source = "Zhang et al. 2025 (LoRI), W = W0 + s·(B ⊙ M)·A; masks across tasks: this project (disjoint / max_overlap)."
     lr_method = "lori-s"

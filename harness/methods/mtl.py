@@ -7,6 +7,7 @@ from harness.methods.lora import SeqLoRA
 
 class MTL(SeqLoRA):
     name = "mtl"
+    display = "MTL"
     summary = "MTL: one LoRA adapter trained on the union of all tasks in one stage (same total steps): a reference, not a sequence."
     source = "Multi-task upper bound reported by every CL paper (e.g. O-LoRA, Wang et al. 2023)."
     reference = True

@@ -30,6 +30,7 @@ def buffer_indices(n: int, *, seed: int, task: str, fraction: float, per_task: i
 
 class Replay(SeqLoRA):
     name = "replay"
+    display = "Replay"
     summary = "Replay: SeqLoRA plus a seeded buffer of each earlier task's training examples mixed into every later stage."
     source = "Experience replay as in TRACE (Wang et al. 2023): 10% of each earlier task's data replayed."
     knobs = ReplayKnobs
