@@ -14,9 +14,10 @@ METHODS ?= lori-s,lora
 SEEDS ?= 0
 RESULTS ?= results
 PORT ?= 5000
+TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test run-sequence report dashboard bench clean-venv
+.PHONY: setup test run-sequence report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -43,6 +44,9 @@ dashboard: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/harness bench --model $(MODEL) $(ARGS)
+
+tracking-server: $(STAMP)
+	$(BIN)/harness tracking-server --results-dir $(RESULTS) --port $(TRACKING_PORT) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
