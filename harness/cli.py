@@ -56,7 +56,8 @@ def _print_table(results: list[dict]) -> None:
                 cells.append(f"{st.mean(vals):>9.3f} ± {st.stdev(vals):.3f}")
         eff = rs[0].get("trainable_params_effective", 0)
         lora = rs[0].get("trainable_params_lora_equivalent", 0)
-        print(f"{method:<10}" + "".join(cells) + f"{eff:>14,}{lora:>14,}{len(rs):>6}")
+        ref = "  reference (multi-task upper bound, not ranked)" if rs[0].get("reference") else ""
+        print(f"{method:<10}" + "".join(cells) + f"{eff:>14,}{lora:>14,}{len(rs):>6}{ref}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from harness.suites import (  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "task_suites"
 HUB_FIXTURES = Path(__file__).resolve().parent / "data" / "hub_schema"
-LOCAL_SUITES = ["default", "smoke"]
+LOCAL_SUITES = ["default", "smoke", "mc4"]
 HUB_SUITES = ["olora-standard", "olora-long"]
 
 
