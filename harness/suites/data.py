@@ -177,17 +177,22 @@ def _load_hf_train(task: TaskSpec) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+def _read_checked(path: Path, where: str) -> list[dict]:
+    """Records of a local data file; a missing or unreadable file is a SuiteError naming where it was given."""
+    if not path.is_file():
+        raise SuiteError(f"{where}: file {path} does not exist")
+    try:
+        return read_records(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise SuiteError(f"{where}: {display(path)}: {e}") from None
+
+
 def _raw_train_records(task: TaskSpec) -> list[dict]:
     if "train_raw" in task._cache:
         return task._cache["train_raw"]
     path = train_file(task)
     if path is not None:
-        if not path.is_file():
-            raise SuiteError(f"{task.where}.train.path: file {path} does not exist")
-        try:
-            rows = read_records(path)
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise SuiteError(f"{task.where}.train.path: {display(path)}: {e}") from None
+        rows = _read_checked(path, f"{task.where}.train.path")
     else:
         rows = _load_hf_train(task)
     task._cache["train_raw"] = rows
@@ -250,13 +255,7 @@ def test_records(task: TaskSpec) -> list[dict]:
     if path is None:
         raise SuiteError(f"{task.where}: test data is not a local file ({task.lm_eval}: dataset_path "
                          f"{read_lm_eval_yaml(task).get('dataset_path')!r})")
-    where = f"{display(task.lm_eval_path)}: dataset_kwargs.data_files"
-    if not path.is_file():
-        raise SuiteError(f"{where}: file {path} does not exist")
-    try:
-        rows = read_records(path)
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise SuiteError(f"{where}: {display(path)}: {e}") from None
+    rows = _read_checked(path, f"{display(task.lm_eval_path)}: dataset_kwargs.data_files")
     task._cache["test"] = rows
     return rows
 
