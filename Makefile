@@ -11,13 +11,14 @@ export TOKENIZERS_PARALLELISM := false
 SUITE ?= default
 MODEL ?= smollm2-135m
 METHODS ?= lori-s,lora
+MERGE_METHODS ?= lora,lori-d,lori-s
 SEEDS ?= 0
 RESULTS ?= results
 PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test run-sequence report dashboard bench tracking-server clean-venv
+.PHONY: setup test run-sequence merge report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -35,6 +36,10 @@ test: $(STAMP)
 
 run-sequence: $(STAMP)
 	$(BIN)/harness run --suite $(SUITE) --model $(MODEL) --methods $(METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
+
+# The LoRI paper's merging claim: one adapter per task, merged (cat, linear, ties), on the default suite.
+merge: $(STAMP)
+	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
 
 report: $(STAMP)
 	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)

@@ -112,6 +112,30 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _after_run(cfg, results, args)
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from harness.config import load_config
+    from harness.merging.protocol import run_merge
+    from harness.planning import experiment_dir
+    from harness.scheduler import install_signal_handlers
+
+    cfg = load_config(args.config, _overrides(args))
+    install_signal_handlers()
+    results = run_merge(cfg, progress=not args.no_progress)
+    print()
+    print(f"{'method':<8}{'seed':>5}  {'combination':<16}{'norm. acc':>10}{'avg drop':>10}{'ΔW rel. err':>13}")
+    for r in results:
+        for c, v in r["merges"].items():
+            fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+            print(f"{r['method']:<8}{r['seed']:>5}  {c:<16}{fmt(v['normalised_accuracy']):>10}{fmt(v['average_drop']):>10}"
+                  f"{v['relative_error']:>13.2e}")
+    print(f"\nmerge folders: {experiment_dir(cfg) / 'merge'}")
+    if not args.no_report:
+        from harness.report import write_report
+
+        print(f"report: {write_report(cfg.experiment_name, Path(cfg.results_dir), cfg.tracking_uri)}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from harness.suites import validate_suite
 
@@ -235,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--no-progress", action="store_true", help="No progress bars.")
     _add_config_flags(rs)
     rs.set_defaults(func=cmd_resume)
+
+    mg = sub.add_parser("merge", help="Train one adapter per task, evaluate each alone, merge them (PEFT), evaluate the merges.")
+    mg.add_argument("config", nargs="?", help="Experiment YAML (optional; flags override it).")
+    mg.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
+    mg.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    _add_config_flags(mg)
+    mg.set_defaults(func=cmd_merge)
 
     v = sub.add_parser("validate", help="Check a config (suite, model, capacity, paths, tracking) without training; with only --suite, check that suite.")
     v.add_argument("config", nargs="?", help="Experiment YAML (optional).")

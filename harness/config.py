@@ -123,6 +123,23 @@ class ExperimentConfig(BaseModel):
     )
     wait_for_lock: bool = Field(False, description="If another process runs a sequence folder, wait for it instead of refusing.")
 
+    # --- merging (`harness merge`: one adapter per task, trained separately, then merged) ------
+    merge_methods: list[Literal["cat", "linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "svd"]] = Field(
+        ["cat", "linear", "ties"], description="PEFT add_weighted_adapter combinations to evaluate (comma-separated)."
+    )
+    merge_weights: list[float] | None = Field(
+        None, description="Weight per task adapter (one value for all, or one per task; default: 0.5 lori-d, 0.4 lori-s "
+        "as the LoRI reference, 1/T for other methods)."
+    )
+    merge_density: float = Field(0.5, gt=0, le=1, description="Density kept by ties, dare_* and magnitude_prune.")
+    merge_masks: Literal["independent", "disjoint"] = Field(
+        "independent", description="LoRI-S task masks when merging: independent (the paper) or disjoint through the allocator."
+    )
+    merge_a: Literal["per_task", "shared"] = Field(
+        "per_task", description="LoRI's frozen A when merging: a seed per task, or one A shared by every task (linear is then free of cross terms)."
+    )
+    merge_pairs: bool = Field(False, description="Also merge every pair of tasks (interference matrix).")
+
     # --- method knobs (one section per method that has knobs) -------------------------------
     olora: OLoRAKnobs = Field(default_factory=OLoRAKnobs, description="O-LoRA knobs (method olora).")
     replay: ReplayKnobs = Field(default_factory=ReplayKnobs, description="Replay-buffer knobs (method replay).")

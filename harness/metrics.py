@@ -93,3 +93,32 @@ def summarize_reference(R: np.ndarray) -> dict[str, float | None]:
     """A reference row (multi-task training, one stage): ACC of its final row; BWT, FWT, forgetting do not apply."""
     final = [float(v) for v in R[-1]]
     return {"ACC": _mean_or_none(final), "BWT": None, "FWT": None, "forgetting": None}
+
+
+MERGE_DEFINITIONS = """\
+S[i, j] = score on task j of task i's adapter alone; m_j = score on task j of the merged model.
+- drop_j = S[j, j] - m_j                     (the task's own adapter against the merge)
+- average drop = (1/T) Σ_j (S[j, j] - m_j)
+- normalised accuracy = (1/T) Σ_j m_j / S[j, j]   (tasks with S[j, j] = 0 are left out)
+- interference I[i, j] = score on task i after merging adapters i and j - S[i, i]   (pairs only)"""
+
+
+def merge_summary(S: np.ndarray, merged: Sequence[float]) -> dict[str, float | None]:
+    """Average drop and normalised accuracy of one merge against the single-adapter diagonal."""
+    diag = np.diag(S).astype(float)
+    m = np.asarray(merged, dtype=float)
+    if np.isnan(diag).any() or np.isnan(m).any():
+        return {"average_drop": None, "normalised_accuracy": None}
+    ok = diag > 0
+    return {"average_drop": float(np.mean(diag - m)),
+            "normalised_accuracy": float(np.mean(m[ok] / diag[ok])) if ok.any() else None}
+
+
+def interference_matrix(S: np.ndarray, pair_scores: dict[tuple[int, int], tuple[float, float]]) -> list[list[float | None]]:
+    """I[i][j] = score on task i of the merge of (i, j) minus S[i, i]; None on the diagonal and for pairs not run."""
+    T = S.shape[0]
+    out: list[list[float | None]] = [[None] * T for _ in range(T)]
+    for (i, j), (si, sj) in pair_scores.items():
+        out[i][j] = float(si - S[i, i])
+        out[j][i] = float(sj - S[j, j])
+    return out

@@ -12,10 +12,12 @@ experiment and picks that sequence out.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError, HarnessError
@@ -118,3 +120,28 @@ def validate(cfg: ExperimentConfig):
     uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
     check_reachable(uri)
     return suite, specs, uri, config is not None
+
+
+def task_examples(cfg: ExperimentConfig, suite, task: str, seed: int, recipe) -> list[dict]:
+    """A task's training examples, each marked with whether EOS follows its completion (the recipe)."""
+    add = recipe.add_eos(suite.task(task).kind == "generate")
+    return [{**ex, "eos": add} for ex in suite.task(task).train_examples(limit=cfg.train_limit, seed=seed)]
+
+
+def stage_budget(cfg: ExperimentConfig, suite, tasks: list[str], method: str, seed: int) -> dict[str, Any]:
+    """Config values win; the suite's budget fills the rest. A multi-task stage gets the sum of its tasks' steps."""
+    b = suite.task(tasks[0]).budget_for(suite)
+    out = {"epochs": cfg.epochs if cfg.epochs is not None else b.epochs,
+           "batch_size": cfg.batch_size if cfg.batch_size is not None else b.batch_size,
+           "max_seq_len": cfg.max_seq_len if cfg.max_seq_len is not None else b.max_seq_len,
+           "max_steps": cfg.max_steps, "lr": cfg.lr_for(method, b.lr), "steps": None}
+    if len(tasks) > 1:
+        out["steps"] = sum(_task_steps(cfg, suite, t, method, seed) for t in tasks)
+    return out
+
+
+def _task_steps(cfg: ExperimentConfig, suite, task: str, method: str, seed: int) -> int:
+    b = stage_budget(cfg, suite, [task], method, seed)
+    n = len(suite.task(task).train_examples(limit=cfg.train_limit, seed=seed))
+    steps = math.ceil(b["epochs"] * math.ceil(n / b["batch_size"]))
+    return min(steps, b["max_steps"]) if b["max_steps"] else steps

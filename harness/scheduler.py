@@ -8,7 +8,6 @@ the source of truth (harness/sequence_files.py); MLflow mirrors it.
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from harness.config import ExperimentConfig
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
-from harness.planning import SequenceSpec, experiment_dir, preflight_methods, validate
+from harness.planning import SequenceSpec, experiment_dir, preflight_methods, stage_budget, task_examples, validate
 from harness.seeding import stable_seed
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, finished_stages, git_commit,
                                     write_matrix_files)
@@ -65,26 +64,10 @@ class SequenceRunner:
         return [t for t in self.spec.tasks if t in seen]
 
     def task_examples(self, task: str) -> list[dict]:
-        """A task's training examples, each marked with whether EOS follows its completion (the recipe)."""
-        add = self.recipe.add_eos(self.suite.task(task).kind == "generate")
-        return [{**ex, "eos": add} for ex in self.suite.task(task).train_examples(limit=self.cfg.train_limit, seed=self.spec.seed)]
+        return task_examples(self.cfg, self.suite, task, self.spec.seed, self.recipe)
 
     def budget(self, tasks: list[str], lr_method: str | None = None) -> dict[str, Any]:
-        """Config values win; the suite's budget fills the rest. A multi-task stage gets the sum of its tasks' steps."""
-        cfg, b = self.cfg, self.suite.task(tasks[0]).budget_for(self.suite)
-        out = {"epochs": cfg.epochs if cfg.epochs is not None else b.epochs,
-               "batch_size": cfg.batch_size if cfg.batch_size is not None else b.batch_size,
-               "max_seq_len": cfg.max_seq_len if cfg.max_seq_len is not None else b.max_seq_len,
-               "max_steps": cfg.max_steps, "lr": cfg.lr_for(lr_method or self.spec.method, b.lr), "steps": None}
-        if len(tasks) > 1:
-            out["steps"] = sum(self._task_steps(t) for t in tasks)
-        return out
-
-    def _task_steps(self, task: str) -> int:
-        b = self.budget([task])
-        n = len(self.suite.task(task).train_examples(limit=self.cfg.train_limit, seed=self.spec.seed))
-        steps = math.ceil(b["epochs"] * math.ceil(n / b["batch_size"]))
-        return min(steps, b["max_steps"]) if b["max_steps"] else steps
+        return stage_budget(self.cfg, self.suite, tasks, lr_method or self.spec.method, self.spec.seed)
 
     def fill_row(self, stage: int, scores: dict[str, float]) -> None:
         for task, v in scores.items():

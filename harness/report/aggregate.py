@@ -1,7 +1,9 @@
 """Aggregation over seeds and task orders: mean matrices, per-method metric rows, verdicts.
 
 Standard deviations are sample standard deviations (ddof=1) and undefined (NaN) for fewer than
-two values. Matrices of different runs are aligned by task name, never by position.
+two values. Matrices of different runs are aligned by task name, never by position. A reference
+method (e.g. multi-task training) gets a row like any method, marked reference, but is never
+ranked: the verdicts compare the sequence methods only.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ class MethodMatrix:
     order: str
     seeds: list[str]
     tasks: list[str]  # this method's training order (of the chosen order)
-    mean: np.ndarray  # aligned to the global columns
+    mean: np.ndarray  # aligned to the global columns; a reference keeps its own rows (base, all tasks)
     std: np.ndarray
     count: np.ndarray
+    reference: bool = False
 
 
 def _align(matrices: list[tuple[list[str], np.ndarray]], columns: list[str], n_rows: int) -> np.ndarray:
@@ -74,11 +77,12 @@ def method_matrices(by_method: dict[str, list[SequenceRun]]) -> tuple[list[str],
     n_rows = max((r.R.shape[0] for rs in chosen.values() for r in rs), default=1)
     out = []
     for method, runs in chosen.items():
-        stack = _align([(r.tasks, r.R) for r in runs], columns, n_rows)
+        reference = any(r.reference for r in runs)
+        rows = max(r.R.shape[0] for r in runs) if reference else n_rows
+        stack = _align([(r.tasks, r.R) for r in runs], columns, rows)
         mean, std, count = _nanmean_std(stack)
-        out.append(
-            MethodMatrix(method, runs[0].order, [r.seed for r in runs], list(runs[0].tasks), mean, std, count)
-        )
+        out.append(MethodMatrix(method, runs[0].order, [r.seed for r in runs], list(runs[0].tasks), mean, std, count,
+                                reference))
     return columns, n_rows, out
 
 
@@ -127,6 +131,8 @@ def _method_row(method: str, g) -> dict[str, Any]:
         "n_runs": int(len(g)),
         "seeds": sorted(g["seed"].unique().tolist(), key=num_sort_key),
         "orders": sorted(g["order"].unique().tolist(), key=num_sort_key),
+        # A reference row (multi-task training, one stage): only ACC applies, never ranked.
+        "reference": bool(g["reference"].any()),
     }
     for m in METRICS:
         vals = g[m].dropna()
@@ -145,7 +151,7 @@ def _method_row(method: str, g) -> dict[str, Any]:
 
 
 def aggregate(runs: list[SequenceRun]):
-    """(runs table as a DataFrame, one summary row per method in METHOD_ORDER)."""
+    """(runs table as a DataFrame, one summary row per method in the method layer's order)."""
     import pandas as pd
 
     df = pd.DataFrame(
@@ -158,6 +164,7 @@ def aggregate(runs: list[SequenceRun]):
                 **{m: r.metrics[m] for m in METRICS},
                 "trainable_params_effective": r.params_effective,
                 "trainable_params_lora_equivalent": r.params_lora_equivalent,
+                "reference": r.reference,
             }
             for r in runs
         ]
@@ -177,6 +184,7 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
             d[f"{m}_mean"], d[f"{m}_std"], d[f"{m}_n"] = r[m]["mean"], r[m]["std"], r[m]["n"]
         for p in (*PARAM_KEYS, "effective_fraction_of_lora"):
             d[p] = r[p]
+        d["reference"] = r["reference"]
         flat.append(d)
     return flat
 
@@ -199,14 +207,19 @@ def _compare(m: str, best: dict, other: dict) -> str:
 
 
 def verdicts(rows: list[dict]) -> dict[str, str]:
-    """Per metric, one sentence: which method wins, and whether by more than the noise."""
+    """Per metric, one sentence: which method wins, and whether by more than the noise.
+
+    Reference rows are left out: they are not sequences and never ranked (see page: reference note).
+    """
     out = {}
     for m in METRICS:
         direction = "higher" if HIGHER_IS_BETTER[m] else "lower"
-        cands = [r for r in rows if finite(r[m]["mean"])]
+        cands = [r for r in rows if finite(r[m]["mean"]) and not r.get("reference")]
         if len(cands) < 2:
             if cands:
                 out[m] = f"{m} ({direction} is better): defined for {display_name(cands[0]['method'])} only; nothing to compare."
+            elif all(r.get("reference") for r in rows):
+                out[m] = f"{m} ({direction} is better): only reference rows finished; they are not ranked."
             else:
                 out[m] = f"{m} ({direction} is better): not defined for any method (e.g. a single task, T = 1)."
             continue

@@ -101,43 +101,69 @@ def matrix_heatmap(R: np.ndarray, tasks: list[str], title: str, path: Path) -> N
     atomic_write_bytes(Path(path), _png_bytes(fig))
 
 
-def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, xlabel, ylabel, highlight=None):
-    """Side-by-side heatmaps with one shared 0..1 colour scale and the value in every cell."""
+# Side-by-side heatmaps wrap onto a new line after this many panels (methods).
+_PANELS_PER_LINE = 4
+
+
+def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, xlabel, ylabel, highlight=None,
+                    short_notes=None):
+    """Heatmaps side by side (wrapped after _PANELS_PER_LINE) with one shared 0..1 colour scale and the
+    value in every cell. A panel with a short note (short_notes[k], a reference run) and fewer rows keeps
+    the others' cell height and shows the note in the space below its rows."""
     from matplotlib.patches import Rectangle
 
     n = len(panels)
     n_rows = max(p[1].shape[0] for p in panels)
     n_cols = max(p[1].shape[1] for p in panels)
+    per_line = min(n, _PANELS_PER_LINE)
+    lines = math.ceil(n / per_line)
     cell = 0.62 if n_cols <= 8 else 0.45
-    fig = _new_figure(max(4.0, n * (n_cols * cell + 1.4) + 1.2), max(2.6, n_rows * cell * 0.9 + 1.9))
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    height = max(2.6, n_rows * cell * 0.9 + 1.9) if lines == 1 else lines * (n_rows * cell * 0.9 + 1.6) + 0.6
+    fig = _new_figure(max(4.0, per_line * (n_cols * cell + 1.4) + 1.2), height)
+    grid = fig.subplots(lines, per_line, squeeze=False)
+    axes = [grid[k // per_line][k % per_line] for k in range(n)]
+    for k in range(n, lines * per_line):
+        grid[k // per_line][k % per_line].set_visible(False)
     fontsize = 9 if n_cols <= 6 else (7 if n_cols <= 10 else 5)
     im = None
     for k, (ax, (name, M)) in enumerate(zip(axes, panels)):
         im = _draw_heatmap(ax, M, row_labels_per_panel[k], col_labels_per_panel[k], name, REPORT_STYLE, fontsize)
+        note = short_notes[k] if short_notes else None
+        if note and M.shape[0] < n_rows:  # same cell height as the other panels, the note below
+            ax.set_ylim(n_rows - 0.5, -0.5)
+            ax.text((M.shape[1] - 1) / 2, (M.shape[0] + n_rows - 1) / 2, note, ha="center", va="center",
+                    fontsize=9, color="#555555")
         ax.set_xlabel(xlabel, fontsize=9)
-        if k == 0:
+        if k % per_line == 0:
             ax.set_ylabel(ylabel, fontsize=9)
         for (i, j) in (highlight[k] if highlight else ()):
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=1.8))
-    cbar = fig.colorbar(im, ax=list(axes), shrink=0.9, fraction=0.05)
+    cbar = fig.colorbar(im, ax=[a for row in grid for a in row], shrink=0.9 if lines == 1 else 0.6, fraction=0.05)
     cbar.set_label("accuracy" if "ccuracy" in title else "overlap", fontsize=9)
     fig.suptitle(title, fontsize=11)
     return fig
 
 
 def _fig_accuracy_matrices(columns: list[str], n_rows: int, mms: list[MethodMatrix]):
-    panels, highlight = [], []
+    panels, highlight, row_labels = [], [], []
+    stage_labels = ["0 (base)"] + [str(i) for i in range(1, n_rows)]
     for mm in mms:
         seeds = f"mean of {len(mm.seeds)} seeds" if len(mm.seeds) > 1 else f"seed {mm.seeds[0]}"
+        if mm.reference:
+            # One multi-task stage: row 1 is after training on all tasks together, every one outlined.
+            panels.append((f"{display_name(mm.method)} (reference, {seeds})", mm.mean))
+            highlight.append([(1, columns.index(task)) for task in mm.tasks if task in columns])
+            row_labels.append(["0 (base)"] + ["all tasks"] * (mm.mean.shape[0] - 1))
+            continue
         panels.append((f"{display_name(mm.method)} ({seeds}, order {mm.order})", mm.mean))
         # Outline the cell of the task trained at each stage (R[t, t]).
         highlight.append([(t + 1, columns.index(task)) for t, task in enumerate(mm.tasks) if task in columns])
-    stage_labels = ["0 (base)"] + [str(i) for i in range(1, n_rows)]
+        row_labels.append(stage_labels)
     return _heatmap_panels(
-        panels, [stage_labels] * len(panels), [columns] * len(panels),
+        panels, row_labels, [columns] * len(panels),
         "Accuracy matrix R[stage, task] (outlined: task trained at that stage)",
         "task (evaluated)", "stage (after training task #)", highlight,
+        short_notes=["reference: one stage,\nall tasks trained together" if mm.reference else None for mm in mms],
     )
 
 
@@ -165,6 +191,7 @@ def _curve_panel(ax, task: str, j: int, stages: np.ndarray, mms: list[MethodMatr
 
 
 def _fig_curves(columns: list[str], n_rows: int, mms: list[MethodMatrix], colors):
+    mms = [mm for mm in mms if not mm.reference]  # one multi-task stage: no curve over stages
     n = len(columns)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
@@ -182,8 +209,17 @@ def _fig_curves(columns: list[str], n_rows: int, mms: list[MethodMatrix], colors
     return fig
 
 
+def _legend_label(row: dict) -> str:
+    return display_name(row["method"]) + (" (reference)" if row.get("reference") else "")
+
+
+# More methods than this: the metric bars get vertical value labels and the legend moves outside.
+_MANY_METHODS = 4
+
+
 def _fig_metrics(rows: list[dict], colors):
-    fig = _new_figure(min(11.0, max(6.0, 0.9 * len(METRICS) * max(1, len(rows)) + 2)), 3.8)
+    many = len(rows) > _MANY_METHODS
+    fig = _new_figure(min(13.0 if many else 11.0, max(6.0, 0.9 * len(METRICS) * max(1, len(rows)) + 2)), 3.8)
     ax = fig.subplots()
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(METRICS))
@@ -192,17 +228,26 @@ def _fig_metrics(rows: list[dict], colors):
         stds = np.array([r[m]["std"] for m in METRICS], dtype=float)
         pos = x - 0.4 + width * (k + 0.5)
         ok = np.isfinite(means)
-        ax.bar(pos[ok], means[ok], width * 0.92, color=colors[r["method"]], label=display_name(r["method"]),
-               yerr=np.nan_to_num(stds[ok], nan=0.0), capsize=3, error_kw={"linewidth": 1})
+        ax.bar(pos[ok], means[ok], width * 0.92, color=colors[r["method"]], label=_legend_label(r),
+               yerr=np.nan_to_num(stds[ok], nan=0.0), capsize=3 if not many else 2, error_kw={"linewidth": 1},
+               **({"hatch": "..", "edgecolor": "white", "linewidth": 0} if r.get("reference") else {}))
         for p, v, sd in zip(pos[ok], means[ok], np.nan_to_num(stds[ok], nan=0.0)):
             tip = v + sd if v >= 0 else v - sd
-            ax.annotate(f"{v:.2f}", (p, tip), textcoords="offset points", xytext=(0, 3 if v >= 0 else -10),
-                        ha="center", fontsize=7)
+            if many:  # vertical labels never run into their neighbours
+                ax.annotate(f"{v:.2f}", (p, tip), textcoords="offset points", xytext=(0, 2 if v >= 0 else -2),
+                            ha="center", va="bottom" if v >= 0 else "top", rotation=90, fontsize=7)
+            else:
+                ax.annotate(f"{v:.2f}", (p, tip), textcoords="offset points", xytext=(0, 3 if v >= 0 else -10),
+                            ha="center", fontsize=7)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, [f"{m}\n({'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better)" for m in METRICS], fontsize=8)
     ax.set_ylabel("fraction", fontsize=9)
     ax.set_title("Continual-learning metrics per method (mean ± std over seeds and orders)", fontsize=10)
-    ax.legend(fontsize=8)
+    if many:
+        ax.margins(y=0.18)  # room for the vertical labels
+        fig.legend(fontsize=8, loc="outside right upper")
+    else:
+        ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return fig
 
@@ -223,7 +268,8 @@ def _fig_params(rows: list[dict], colors):
     positive = [r[k] for r in rows for k in PARAM_KEYS if finite(r[k]) and r[k] > 0]
     if positive:
         ax.set_ylim(min(positive) / 5, max(positive) * 3)
-    ax.set_xticks(x, [display_name(r["method"]) for r in rows], fontsize=9)
+    ax.set_xticks(x, [display_name(r["method"]) + ("\n(reference)" if r.get("reference") else "") for r in rows],
+                  fontsize=9)
     ax.set_ylabel("parameters (log)", fontsize=9)
     ax.set_title("Trainable parameters: effective vs LoRA-equivalent", fontsize=10)
     ax.legend(fontsize=7)

@@ -1,23 +1,49 @@
-"""Names and orderings of methods and metrics, shared by every part of the report."""
+"""Names and orderings of methods and metrics, shared by every part of the report.
+
+Method names, their display spelling, their order and whether a method is a reference row all come
+from the method layer (harness.methods.METHODS, one definition). A method a store names but the
+harness no longer knows (an old store) keeps its raw name and sorts after the known ones.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting")
 # Higher is better for ACC/BWT/FWT, lower is better for forgetting.
 HIGHER_IS_BETTER = {"ACC": True, "BWT": True, "FWT": True, "forgetting": False}
-METHOD_ORDER = ("lori-s", "lori-d", "lora")
-DISPLAY_NAMES = {"lori-s": "LoRI-S", "lori-d": "LoRI-D", "lora": "LoRA"}
+# How a reference method (e.g. multi-task training) is marked wherever it appears.
+REFERENCE_LABEL = "reference (upper bound)"
+
+
+@functools.lru_cache(maxsize=1)
+def _known_methods() -> dict[str, Any]:
+    """harness.methods.METHODS, imported once on first use (it loads torch: the report needs it only here)."""
+    from harness.methods import METHODS
+
+    return dict(METHODS)
+
+
+def method_order() -> tuple[str, ...]:
+    """The known methods in the order the method layer lists them."""
+    return tuple(_known_methods())
 
 
 def display_name(method: str) -> str:
-    return DISPLAY_NAMES.get(method, method)
+    cls = _known_methods().get(method)
+    return getattr(cls, "display", None) or method
+
+
+def is_reference_method(method: str) -> bool:
+    """Whether the method layer defines `method` as a reference row (never ranked)."""
+    return bool(getattr(_known_methods().get(method), "reference", False))
 
 
 def method_sort_key(method: str) -> tuple[int, str]:
-    """Known methods in METHOD_ORDER, then the rest alphabetically."""
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Known methods in the method layer's order, then the rest alphabetically."""
+    order = method_order()
+    return (order.index(method) if method in order else len(order), method)
 
 
 def num_sort_key(value: str) -> tuple[int, Any]:

@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from markupsafe import Markup
+from markupsafe import Markup, escape
 
 from harness.metrics import LIBRARY_NOTE, METRIC_DEFINITIONS
 from harness.report.aggregate import MethodMatrix
-from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key, uniq
+from harness.report.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
+                                   num_sort_key, uniq)
 from harness.report.numbers import finite, fmt, fmt_pm
 from harness.report.store import SequenceRun
+from harness.report.unfinished import UnfinishedRun
 from harness.tracking import redact_uri
 
 _TEMPLATES = Path(__file__).with_name("templates")
@@ -43,6 +45,8 @@ class PageData:
     sub_diag: list
     now: _dt.datetime
     log_note: str
+    interrupted: list[UnfinishedRun] = field(default_factory=list)
+    running: list[UnfinishedRun] = field(default_factory=list)
 
 
 def _escape(value):
@@ -98,7 +102,8 @@ def _what_was_run(d: PageData) -> list[list[str]]:
         ["experiment", d.experiment],
         ["model", tagvals("harness.model", "model")],
         ["suite", tagvals("harness.suite", "suite")],
-        ["methods", ", ".join(f"{display_name(m)} ({len(d.by_method[m])} runs)" for m in d.by_method)],
+        ["methods", ", ".join(f"{display_name(m)} ({'reference, ' if any(r.reference for r in d.by_method[m]) else ''}"
+                              f"{len(d.by_method[m])} runs)" for m in d.by_method)],
         ["seeds", ", ".join(uniq(r.seed for r in runs))],
         ["task orders", "; ".join(orders)],
         ["git commit", tagvals("harness.git_commit")],
@@ -108,11 +113,43 @@ def _what_was_run(d: PageData) -> list[list[str]]:
     ]
 
 
+def _method_cell(method: str, reference: bool):
+    """The method's display name; a reference row says so visibly."""
+    if not reference:
+        return display_name(method)
+    return Markup(f"{escape(display_name(method))} <em>{escape(REFERENCE_LABEL)}</em>")
+
+
+def _metric_cell(value: str, metric: str, reference: bool) -> str:
+    """A reference row defines ACC only: its other metrics do not apply (n/a), they are not missing (—)."""
+    return "n/a" if reference and metric != "ACC" and value == "—" else value
+
+
+def _metric_row(r: dict) -> list:
+    ref = r["reference"]
+    return [_method_cell(r["method"], ref), r["n_runs"]] + [
+        _metric_cell(fmt_pm(r[m]["mean"], r[m]["std"]), m, ref) for m in METRICS]
+
+
+def _reference_notes(rows: list[dict]) -> list[str]:
+    """One sentence per reference method: what it is and its ACC, outside the verdicts (it is not ranked)."""
+    return [
+        f"{display_name(r['method'])} is a reference (upper bound), not ranked: trained on all tasks together in a "
+        f"single stage, so only ACC applies ({fmt_pm(r['ACC']['mean'], r['ACC']['std'])}); "
+        "BWT, FWT and forgetting are n/a."
+        for r in rows if r["reference"]
+    ]
+
+
+def _unfinished_cells(u: UnfinishedRun) -> list[str]:
+    return [display_name(u.method), u.seed, u.order, u.run_name, u.progress, u.resume_command or "— (no harness.run_dir tag)"]
+
+
 def _param_cells(row: dict) -> list[str]:
     eff, lora, frac = (row[k] for k in ("trainable_params_effective", "trainable_params_lora_equivalent",
                                          "effective_fraction_of_lora"))
     return [
-        display_name(row["method"]),
+        _method_cell(row["method"], row["reference"]),
         f"{eff:,.0f}" if finite(eff) else "—",
         f"{lora:,.0f}" if finite(lora) else "—",
         f"{100 * frac:.2f}%" if finite(frac) else "—",
@@ -120,8 +157,9 @@ def _param_cells(row: dict) -> list[str]:
 
 
 def _run_cells(r: SequenceRun) -> list[str]:
-    return ([r.run_name, r.run_id, display_name(r.method), r.seed, r.order, " → ".join(r.tasks)]
-            + [fmt(r.metrics[m]) for m in METRICS] + [r.matrix_source])
+    tasks = " + ".join(r.tasks) + " (together)" if r.reference else " → ".join(r.tasks)
+    return ([r.run_name, r.run_id, _method_cell(r.method, r.reference), r.seed, r.order, tasks]
+            + [_metric_cell(fmt(r.metrics[m]), m, r.reference) for m in METRICS] + [r.matrix_source])
 
 
 def _context(d: PageData) -> dict:
@@ -136,8 +174,12 @@ def _context(d: PageData) -> dict:
                                            for k in _KNOBS] for m in d.by_method],
         "verdicts": [d.verdicts[m] for m in METRICS],
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
-        "metric_rows": [[display_name(r["method"]), r["n_runs"]] + [fmt_pm(r[m]["mean"], r[m]["std"]) for m in METRICS]
-                        for r in d.rows],
+        "metric_rows": [_metric_row(r) for r in d.rows],
+        "reference_notes": _reference_notes(d.rows),
+        "reference_names": ", ".join(display_name(r["method"]) for r in d.rows if r["reference"]),
+        "unfinished_headers": ["method", "seed", "order", "run", "last finished stage", "continue with"],
+        "interrupted_rows": [_unfinished_cells(u) for u in d.interrupted],
+        "running_rows": [_unfinished_cells(u)[:5] for u in d.running],
         "several_seeds": any(len(mm.seeds) > 1 for mm in d.mms),
         "several_orders": len({r.order for r in d.runs}) > 1,
         "param_rows": [_param_cells(r) for r in d.rows],

@@ -4,6 +4,15 @@ It reads exactly what the scheduler logs (see the MLflow contract in harness.tra
 tagged harness.kind=sequence, their final ACC/BWT/FWT/forgetting metrics and trainable-parameter
 counts, and the artifacts matrix.json, summary.json and diagnostics.json. When matrix.json cannot
 be downloaded the matrix is rebuilt from the `acc/<task>` metric histories (step = stage).
+
+Which parent runs count (by MLflow status): FINISHED runs are loaded and reported. KILLED runs
+tagged harness.interrupted=true (a sequence killed outright; the CLI marks them before the report)
+are listed as interrupted, with how to resume them, and RUNNING runs as running (another process
+is working on them); neither enters any aggregate. Every run that is not FINISHED (those two and
+FAILED ones) is also listed as skipped.
+
+A reference run (tag harness.reference=true, e.g. multi-task training) has one training stage:
+its matrix has 2 rows (base, after training on all tasks) and only ACC is defined.
 """
 
 from __future__ import annotations
@@ -19,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from harness.errors import HarnessError, TrackingError
-from harness.metrics import summarize
-from harness.report.naming import METRICS
+from harness.metrics import summarize, summarize_reference
+from harness.report.naming import METRICS, is_reference_method
 from harness.report.numbers import finite
+from harness.report.unfinished import UnfinishedRun, classify_runs, no_finished_message
 from harness.tracking import check_store_exists, redact_uri
 
 SEQUENCE_FILTER = "tags.`harness.kind` = 'sequence'"
@@ -51,6 +61,7 @@ class SequenceRun:
     start_time_ms: int | None
     matrix_source: str
     notes: list[str] = field(default_factory=list)
+    reference: bool = False  # a reference row (one multi-task stage), never ranked
 
 
 @dataclass
@@ -61,6 +72,8 @@ class ExperimentRuns:
     name: str
     runs: list[SequenceRun]
     skipped: list[tuple[str, str, str]]  # (run id, run name, status) of runs not FINISHED
+    interrupted: list[UnfinishedRun] = field(default_factory=list)  # KILLED + harness.interrupted
+    running: list[UnfinishedRun] = field(default_factory=list)  # RUNNING: another process works on them
 
 
 @contextlib.contextmanager
@@ -137,7 +150,7 @@ def _pick_experiment(client, experiment: str | None, uri: str):
 
 
 def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> ExperimentRuns:
-    """Load the FINISHED sequence runs of one experiment; HarnessError when there are none.
+    """Load the FINISHED sequence runs of one experiment (and list the unfinished ones); HarnessError when there are none.
 
     experiment=None picks the only harness experiment in the store. Store failures become
     TrackingError naming the (redacted) URI.
@@ -154,19 +167,19 @@ def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> Expe
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"cannot read the tracking store {redact_uri(uri)}: {exc}") from exc
 
-    finished = [r for r in all_runs if r.info.status == "FINISHED"]
+    try:
+        finished, interrupted, running = classify_runs(client, all_runs)
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(f"cannot read runs of {exp.name!r} from {redact_uri(uri)}: {exc}") from exc
     skipped = [(r.info.run_id, r.info.run_name, r.info.status) for r in all_runs if r.info.status != "FINISHED"]
     if not finished:
-        raise HarnessError(
-            f"experiment {exp.name!r} has no FINISHED sequence runs ({len(skipped)} running/failed skipped): "
-            "wait for `make run-sequence` to finish"
-        )
+        raise HarnessError(no_finished_message(exp.name, skipped, interrupted, running))
     try:
         with tempfile.TemporaryDirectory(prefix="harness-report-") as tmp:
             runs = [_load_run(client, r, Path(tmp)) for r in finished]
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"cannot read runs of {exp.name!r} from {redact_uri(uri)}: {exc}") from exc
-    return ExperimentRuns(client, exp.name, runs, skipped)
+    return ExperimentRuns(client, exp.name, runs, skipped, interrupted, running)
 
 
 def _download_json(client, run_id: str, name: str, available: set[str], dst: Path) -> tuple[Any, str | None]:
@@ -198,34 +211,39 @@ def _download_artifacts(client, run_id: str, dst: Path, notes: list[str]) -> tup
     return available, parsed[0], parsed[1], parsed[2]
 
 
-def _matrix_from_metrics(client, run, tasks: list[str]) -> np.ndarray:
+def _matrix_from_metrics(client, run, tasks: list[str], reference: bool) -> np.ndarray:
+    """R from the acc/<task> histories: stages 0..T of a sequence, 0..last logged (at least 1) of a reference."""
     T = len(tasks)
-    R = np.full((T + 1, T), np.nan)
-    for j, task in enumerate(tasks):
-        for m in client.get_metric_history(run.info.run_id, f"acc/{task}"):
-            if 0 <= m.step <= T:
-                R[m.step, j] = m.value
+    values = [(m.step, j, m.value) for j, task in enumerate(tasks)
+              for m in client.get_metric_history(run.info.run_id, f"acc/{task}")]
+    n_rows = max([1] + [s for s, _, _ in values if s >= 0]) + 1 if reference else T + 1
+    R = np.full((n_rows, T), np.nan)
+    for step, j, value in values:
+        if 0 <= step < n_rows:
+            R[step, j] = value
     return R
 
 
-def _matrix_from_json(matrix: dict) -> tuple[list[str], np.ndarray]:
+def _matrix_from_json(matrix: dict, reference: bool) -> tuple[list[str], np.ndarray]:
+    """(tasks, R): T+1 rows for a sequence; a reference keeps its own stages (2 rows: base, all tasks)."""
     tasks = [str(t) for t in matrix["tasks"]]
     rows = matrix["R"]
     T = len(tasks)
     stages = matrix.get("stages") or list(range(len(rows)))
-    R = np.full((max(T + 1, len(rows)), T), np.nan)
+    n_rows = max([1] + [int(s) for s in stages]) + 1 if reference else T + 1
+    R = np.full((max(n_rows, len(rows)), T), np.nan)
     for stage, row in zip(stages, rows):
         for j, v in enumerate(row[:T]):
             if v is not None:
                 R[int(stage), j] = float(v)
-    return tasks, R[: T + 1]
+    return tasks, R[:n_rows]
 
 
-def _accuracy_matrix(client, run, available, matrix, summary, notes) -> tuple[list[str], np.ndarray, str]:
+def _accuracy_matrix(client, run, available, matrix, summary, notes, reference) -> tuple[list[str], np.ndarray, str]:
     """(tasks, R, where R came from): matrix.json when usable, else the acc/<task> histories."""
     if isinstance(matrix, dict) and "tasks" in matrix and "R" in matrix:
         try:
-            tasks, R = _matrix_from_json(matrix)
+            tasks, R = _matrix_from_json(matrix, reference)
             return tasks, R, "matrix.json"
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             notes.append(f"matrix.json is malformed ({exc}); rebuilt from acc/<task> metrics")
@@ -234,7 +252,7 @@ def _accuracy_matrix(client, run, available, matrix, summary, notes) -> tuple[li
     tasks = [t for t in order_str.split(",") if t]
     if not tasks:
         tasks = sorted(k[len("acc/"):] for k in metrics if k.startswith("acc/"))
-    R = _matrix_from_metrics(client, run, tasks)
+    R = _matrix_from_metrics(client, run, tasks, reference)
     if "matrix.json" not in available:
         notes.append("no matrix.json artifact; matrix rebuilt from acc/<task> metrics")
     return tasks, R, "acc/<task> metrics"
@@ -248,10 +266,10 @@ def _logged(metrics: dict, summary: dict | None, name: str, summary_key: str) ->
     return float(v) if finite(v) else float("nan")
 
 
-def _consistency_notes(logged: dict[str, float], R: np.ndarray) -> list[str]:
+def _consistency_notes(logged: dict[str, float], R: np.ndarray, reference: bool = False) -> list[str]:
     """Where a logged metric disagrees with the scheduler's own definitions (harness.metrics) on R."""
     try:
-        recomputed = summarize(np.asarray(R, dtype=float))
+        recomputed = (summarize_reference if reference else summarize)(np.asarray(R, dtype=float))
     except ValueError:  # a malformed matrix defines nothing
         recomputed = {m: None for m in METRICS}
     notes = []
@@ -272,9 +290,10 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
     tags, params, metrics = dict(data.tags), dict(data.params), dict(data.metrics)
     notes: list[str] = []
     available, matrix, summary, diagnostics = _download_artifacts(client, info.run_id, tmp / info.run_id, notes)
-    tasks, R, source = _accuracy_matrix(client, run, available, matrix, summary, notes)
     summary = summary if isinstance(summary, dict) else None
     method = tags.get("harness.method") or params.get("method") or (summary or {}).get("method") or "unknown"
+    reference = _is_reference(tags, summary, str(method))
+    tasks, R, source = _accuracy_matrix(client, run, available, matrix, summary, notes, reference)
     seed = tags.get("harness.seed") or params.get("seed") or str((summary or {}).get("seed", "?"))
     order = tags.get("harness.order") or params.get("order_index") or str((summary or {}).get("order_index", "?"))
     logged = {
@@ -283,7 +302,7 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
         "FWT": _logged(metrics, summary, "FWT", "fwt"),
         "forgetting": _logged(metrics, summary, "forgetting", "forgetting"),
     }
-    notes.extend(_consistency_notes(logged, R))
+    notes.extend(_consistency_notes(logged, R, reference))
     return SequenceRun(
         run_id=info.run_id,
         run_name=info.run_name or info.run_id,
@@ -305,4 +324,15 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
         start_time_ms=info.start_time,
         matrix_source=source,
         notes=notes,
+        reference=reference,
     )
+
+
+def _is_reference(tags: dict, summary: dict | None, method: str) -> bool:
+    """The run's harness.reference tag, else summary.json's "reference", else what the method layer says."""
+    tag = tags.get("harness.reference")
+    if tag is not None:
+        return str(tag).strip().lower() == "true"
+    if summary is not None and isinstance(summary.get("reference"), bool):
+        return summary["reference"]
+    return is_reference_method(method)

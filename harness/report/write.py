@@ -56,6 +56,11 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         "verdicts": verdict,
         "runs": df.to_dict(orient="records"),
         "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in exp.skipped],
+        # Not aggregated: killed sequences to resume, and sequences another process is running.
+        "interrupted_runs": [u.as_json() for u in exp.interrupted],
+        "running_runs": [u.as_json() for u in exp.running],
+        # The rows of comparison.csv (one level, one per method; reference rows marked).
+        "rows": comparison_rows(rows),
     })
     csv = pd.DataFrame(comparison_rows(rows)).to_csv(index=False, float_format="%.6g")
     atomic_write_text(report_dir / "comparison.csv", csv)
@@ -63,7 +68,7 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         "columns": columns,
         "stages": list(range(n_rows)),
         "methods": {
-            mm.method: {"order": mm.order, "seeds": mm.seeds, "task_order": mm.tasks,
+            mm.method: {"order": mm.order, "seeds": mm.seeds, "task_order": mm.tasks, "reference": mm.reference,
                         "mean": mm.mean, "std": mm.std, "count": mm.count}
             for mm in mms
         },
@@ -127,7 +132,7 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
 
     page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
-                    mask_diag, sub_diag, now, log_note)
+                    mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index

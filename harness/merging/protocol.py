@@ -1,0 +1,327 @@
+"""`harness merge`: train one adapter per task from the base model, evaluate each alone, merge them, evaluate.
+
+Folder (a contract; see README), per method and seed:
+    <results>/<experiment>/merge/<method>/seed-<s>/
+        config.yaml, state.json, .lock          as for sequences
+        adapters/<task>/                        PEFT folder (adapter_config.json, adapter_model.safetensors),
+                                                masks.safetensors (lori-s), train.json; appears by atomic rename
+        single.csv, single.json                 S[i, j]: adapter i alone on task j
+        merged.csv, merged.json                 one row per merge (combination x task set): scores, weights,
+                                                relative_error of ΔW against Σ w_i ΔW_i, cross_terms
+        summary.json                            per combination: normalised accuracy, average drop; interference
+A task adapter is trained once and reused by every merge; resume skips finished adapters, the
+single matrix and finished merge rows. MLflow: a parent run per (method, seed) with tag
+harness.kind=merge, a child run per trained adapter and per merge.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from harness import metrics as MX
+from harness.config import ExperimentConfig
+from harness.errors import ConfigError
+from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+from harness.locking import SequenceLock
+from harness.merging.combine import MERGED, folded, load_adapters, merge, relative_error
+from harness.methods import METHODS, StageContext
+from harness.planning import experiment_dir, stage_budget, task_examples
+from harness.sequence_files import git_commit
+from harness.train import Recipe, train_stage
+
+CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms
+REFERENCE_WEIGHTS = {"lori-d": 0.5, "lori-s": 0.4}  # the LoRI reference scripts' per-adapter weights
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class MergeSpec:
+    method: str
+    seed: int
+    tasks: list[str]
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        return f"merge/{self.method}/seed-{self.seed}"
+
+
+def merge_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The knobs a separately trained task adapter uses: its own A (or the shared one) and its mask policy."""
+    return cfg.model_copy(update={"a_mode": cfg.merge_a, "max_overlap": 0.0,
+                                  "overlap_policy": "disjoint" if cfg.merge_masks == "disjoint" else "independent"})
+
+
+def plan_merge(cfg: ExperimentConfig, suite) -> list[MergeSpec]:
+    bad = [m for m in cfg.methods if not METHODS[m].independent_adapters]
+    if bad:
+        ok = [m for m, c in METHODS.items() if c.independent_adapters]
+        raise ConfigError(f"--methods: {bad} do not train independent task adapters and cannot be merged; use {', '.join(ok)}")
+    order = list(suite.orders[cfg.orders[0]])
+    tasks = [t for t in order if not cfg.tasks or t in cfg.tasks]
+    if len(tasks) < 2:
+        raise ConfigError(f"tasks: merging needs at least 2 tasks, got {tasks}")
+    if cfg.merge_weights is not None and len(cfg.merge_weights) not in (1, len(tasks)):
+        raise ConfigError(f"--merge-weights: give one weight or one per task ({len(tasks)}: {', '.join(tasks)}), got {cfg.merge_weights}")
+    return [MergeSpec(m, s, tasks, experiment_dir(cfg) / "merge" / m / f"seed-{s}") for m in cfg.methods for s in cfg.seeds]
+
+
+def weights_for(cfg: ExperimentConfig, method: str, n: int) -> list[float]:
+    if cfg.merge_weights is not None:
+        return list(cfg.merge_weights) * n if len(cfg.merge_weights) == 1 else list(cfg.merge_weights)[:n]
+    return [REFERENCE_WEIGHTS.get(method, 1.0 / n)] * n
+
+
+class MergeRunner:
+    """One (method, seed): task adapters, single-adapter matrix, merges."""
+
+    def __init__(self, cfg: ExperimentConfig, suite, spec: MergeSpec, model, tokenizer, evaluator, tracker, progress: bool = True):
+        self.cfg, self.mcfg, self.suite, self.spec = cfg, merge_config(cfg), suite, spec
+        self.model, self.tokenizer, self.evaluator, self.tracker, self.progress = model, tokenizer, evaluator, tracker, progress
+        self.dir = spec.run_dir
+        self.weights = weights_for(cfg, spec.method, len(spec.tasks))
+
+    def run(self) -> dict[str, Any]:
+        with SequenceLock(self.dir, wait=self.cfg.wait_for_lock).acquire():
+            if (self.dir / "summary.json").exists() and read_json(self.dir / "summary.json").get("complete"):
+                say(f"[{self.spec.label}] already complete: skipping")
+                return read_json(self.dir / "summary.json")
+            atomic_write_yaml(self.dir / "config.yaml", {**self.cfg.to_yaml_dict(), "merge": {"method": self.spec.method,
+                              "seed": self.spec.seed, "tasks": self.spec.tasks}})
+            self.parent_id = self._open_parent()
+            try:
+                folders = {task: self._adapter(t, task) for t, task in enumerate(self.spec.tasks, start=1)}
+                S = self._single(folders)
+                rows = self._merges(folders, S)
+                out = self._finish(S, rows)
+            except BaseException:
+                self.tracker.finish(self.parent_id, "FAILED")
+                raise
+            self.tracker.finish(self.parent_id, "FINISHED")
+            return out
+
+    def _open_parent(self) -> str:
+        state = self.dir / "state.json"
+        if state.exists():
+            parent_id = read_json(state)["mlflow_parent_run_id"]
+            self.tracker.reopen(parent_id, state)
+            done = {read_json(p).get("mlflow_run_id") for p in self.dir.glob("adapters/*/train.json")}
+            if (self.dir / "merged.json").exists():
+                done |= {r.get("mlflow_run_id") for r in read_json(self.dir / "merged.json")["rows"]}
+            self.tracker.drop_unfinished_children(parent_id, done)
+            return parent_id
+        c, s = self.cfg, self.spec
+        tags = {"harness.protocol": "merge", "harness.method": s.method, "harness.seed": str(s.seed),
+                "harness.suite": self.suite.name, "harness.model": c.model, "harness.experiment": c.experiment_name,
+                "harness.git_commit": git_commit(), "harness.run_dir": str(self.dir.resolve())}
+        params = {"method": s.method, "seed": s.seed, "tasks": ",".join(s.tasks), "rank": c.rank, "alpha": c.scale_alpha,
+                  "targets": ",".join(c.targets), "merge_methods": ",".join(c.merge_methods), "merge_weights": self.weights,
+                  "merge_density": c.merge_density, "merge_masks": c.merge_masks, "merge_a": c.merge_a, **vars(Recipe.from_config(c))}
+        parent_id = self.tracker.create_parent(s.label, tags, params, kind="merge")
+        atomic_write_json(state, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
+        return parent_id
+
+    # --- task adapters ------------------------------------------------------------------------
+    def _adapter(self, t: int, task: str) -> Path:
+        """Train task t's adapter from the base model (once); returns its PEFT folder."""
+        final = self.dir / "adapters" / task
+        if (final / "train.json").exists():
+            return final
+        child = self.tracker.create_child(self.parent_id, f"adapter-{task}", {"harness.kind": "merge-adapter", "harness.task": task})
+        method = METHODS[self.spec.method](self.mcfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model)
+        if self.spec.method == "lori-s":  # earlier tasks' masks, for the disjoint policy (empty when independent)
+            method.task_masks = [m for m in (self._mask(x) for x in self.spec.tasks[: t - 1]) if m is not None] \
+                if self.cfg.merge_masks == "disjoint" else []
+        try:
+            method.begin_stage(StageContext(stage=t, task=task, run_dir=self.dir, calibrate=self._calibrator(method, t, task)))
+            b = stage_budget(self.mcfg, self.suite, [task], self.spec.method, self.spec.seed)
+            res = self._train(method, task, b, t)
+            stats = method.end_stage()
+            with atomic_dir(final) as tmp:
+                method.save_stage(tmp)
+                peft_dir = tmp / "adapter" / (method.adapter if method.adapter != "default" else "")
+                for f in peft_dir.iterdir():
+                    if f.is_file():
+                        shutil.move(str(f), tmp / f.name)
+                shutil.rmtree(tmp / "adapter")
+                atomic_write_json(tmp / "train.json", {"task": task, "steps": res.steps, "wall_s": res.wall_s, "losses": res.losses,
+                                                        "budget": b, "mlflow_run_id": child, **method.param_counts(), **stats})
+        finally:
+            self.model = method.unload()
+        self.tracker.log_series(child, "train/loss", res.losses)
+        self.tracker.log_metrics(child, {"train_s": res.wall_s, "train_steps": res.steps, **stats})
+        self.tracker.finish(child, "FINISHED")
+        say(f"[{self.spec.label}] adapter {t}/{len(self.spec.tasks)} {task}: loss {res.losses[0]:.3f}->{res.losses[-1]:.3f} "
+            f"{res.steps} steps in {res.wall_s:.1f}s")
+        return final
+
+    def _mask(self, task: str):
+        from harness.adapters.masks import load_masks
+
+        return load_masks(self.dir / "adapters" / task)
+
+    def _train(self, method, task: str, budget: dict, t: int, max_steps=None, hooks=True, seed_salt=""):
+        from harness.seeding import stable_seed
+
+        examples = task_examples(self.mcfg, self.suite, task, self.spec.seed, Recipe.from_config(self.mcfg))
+        return train_stage(method.model, self.tokenizer, examples, method.trainable(), recipe=Recipe.from_config(self.mcfg),
+                           lr=budget["lr"], epochs=budget["epochs"], batch_size=budget["batch_size"], steps=budget["steps"],
+                           max_steps=max_steps or budget["max_steps"], max_seq_len=budget["max_seq_len"],
+                           seed=stable_seed(self.spec.seed, seed_salt) if seed_salt else self.spec.seed, stage=t,
+                           bf16_autocast=self.cfg.bf16_autocast, hooks=method if hooks else None,
+                           desc=f"[merge {self.spec.method} s{self.spec.seed}] {task}", progress=self.progress)
+
+    def _calibrator(self, method, t: int, task: str):
+        def calibrate(max_steps, lr_method):
+            b = stage_budget(self.mcfg, self.suite, [task], lr_method, self.spec.seed)
+            self._train(method, task, b, t, max_steps=max_steps, hooks=False, seed_salt="calib")
+        return calibrate
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _single(self, folders: dict[str, Path]) -> np.ndarray:
+        """S[i, j]: task i's adapter alone on task j, folded into the weights."""
+        path = self.dir / "single.json"
+        if path.exists():
+            return np.array(read_json(path)["S"], dtype=float)
+        tasks = self.spec.tasks
+        S = np.full((len(tasks), len(tasks)), np.nan)
+        for i, task in enumerate(tasks):
+            model = load_adapters(self.model, {task: folders[task]})
+            try:
+                with folded(model, task):
+                    ev = self.evaluator.evaluate(model, tasks, bf16_autocast=self.cfg.bf16_autocast)
+            finally:
+                self.model = model.unload()
+            S[i] = [ev.scores[t] for t in tasks]
+            self.tracker.log_metrics(self.parent_id, {f"single/{task}": S[i, i]})
+        atomic_write_json(path, {"tasks": tasks, "S": S.tolist()})
+        atomic_write_text(self.dir / "single.csv", _csv(["adapter", *tasks], [[t, *row] for t, row in zip(tasks, S.tolist())]))
+        say(f"[{self.spec.label}] single adapters: " + " ".join(f"{t}={S[i, i]:.2f}" for i, t in enumerate(tasks)))
+        return S
+
+    def _merge_sets(self) -> list[tuple[str, list[str]]]:
+        sets = [(c, list(self.spec.tasks)) for c in self.cfg.merge_methods]
+        if self.cfg.merge_pairs:
+            sets += [(c, list(p)) for c in self.cfg.merge_methods for p in itertools.combinations(self.spec.tasks, 2)]
+        return sets
+
+    def _merges(self, folders: dict[str, Path], S: np.ndarray) -> list[dict]:
+        path = self.dir / "merged.json"
+        rows = read_json(path)["rows"] if path.exists() else []
+        done = {(r["combination"], tuple(r["tasks"])) for r in rows}
+        for combination, subset in self._merge_sets():
+            if (combination, tuple(subset)) not in done:
+                rows.append(self._merge_one(folders, combination, subset, S))
+                atomic_write_json(path, {"rows": rows})
+                self._write_merged_csv(rows)
+        return rows
+
+    def _merge_one(self, folders: dict[str, Path], combination: str, subset: list[str], S: np.ndarray) -> dict:
+        tasks = self.spec.tasks
+        weights = [self.weights[tasks.index(t)] for t in subset]
+        name = f"{combination}-{'+'.join(subset)}"
+        child = self.tracker.create_child(self.parent_id, name, {"harness.kind": "merge-combination", "harness.combination": combination})
+        model = load_adapters(self.model, {t: folders[t] for t in subset})
+        try:
+            merge(model, subset, weights, combination, self.cfg.merge_density)
+            rel = relative_error(model, subset, weights)
+            eval_tasks = tasks if len(subset) == len(tasks) else subset
+            with folded(model, MERGED):
+                ev = self.evaluator.evaluate(model, eval_tasks, bf16_autocast=self.cfg.bf16_autocast)
+        finally:
+            self.model = model.unload()
+        row = {"combination": combination, "tasks": subset, "weights": weights, "density": self.cfg.merge_density,
+               "scores": ev.scores, "relative_error": rel, "cross_terms": rel > CROSS_TERM_TOL, "eval_s": ev.wall_s, "mlflow_run_id": child}
+        if len(subset) == len(tasks):
+            row.update(MX.merge_summary(S, [ev.scores[t] for t in tasks]))
+        self.tracker.log_metrics(child, {"relative_error": rel, **{f"eval/{t}": v for t, v in ev.scores.items()},
+                                         **{k: row[k] for k in ("average_drop", "normalised_accuracy") if row.get(k) is not None}})
+        self.tracker.finish(child, "FINISHED")
+        warn = f"  WARNING: ΔW is {rel:.1%} off Σ w_i ΔW_i (cross terms B_i A_j)" if row["cross_terms"] else ""
+        say(f"[{self.spec.label}] {name}: " + " ".join(f"{t}={v:.2f}" for t, v in ev.scores.items()) + warn)
+        return row
+
+    def _write_merged_csv(self, rows: list[dict]) -> None:
+        tasks = self.spec.tasks
+        atomic_write_text(self.dir / "merged.csv", _csv(
+            ["combination", "tasks", *tasks, "average_drop", "normalised_accuracy", "relative_error"],
+            [[r["combination"], "+".join(r["tasks"]), *[r["scores"].get(t, "") for t in tasks], r.get("average_drop", ""),
+              r.get("normalised_accuracy", ""), r["relative_error"]] for r in rows]))
+
+    def _finish(self, S: np.ndarray, rows: list[dict]) -> dict[str, Any]:
+        tasks, full = self.spec.tasks, [r for r in rows if len(r["tasks"]) == len(self.spec.tasks)]
+        summary: dict[str, Any] = {
+            "protocol": "merge", "method": self.spec.method, "seed": self.spec.seed, "tasks": tasks, "weights": self.weights,
+            "single_diagonal": {t: float(S[i, i]) for i, t in enumerate(tasks)},
+            "merges": {r["combination"]: {k: r.get(k) for k in ("normalised_accuracy", "average_drop", "relative_error", "cross_terms")}
+                       | {"scores": r["scores"]} for r in full},
+            "interference": {}, "mlflow_parent_run_id": self.parent_id, "complete": True,
+        }
+        for combination in self.cfg.merge_methods if self.cfg.merge_pairs else []:
+            pairs = {(tasks.index(r["tasks"][0]), tasks.index(r["tasks"][1])): (r["scores"][r["tasks"][0]], r["scores"][r["tasks"][1]])
+                     for r in rows if r["combination"] == combination and len(r["tasks"]) == 2}
+            summary["interference"][combination] = MX.interference_matrix(S, pairs)
+        for r in full:
+            self.tracker.log_metrics(self.parent_id, {f"merged/{r['combination']}/{k}": r.get(k) for k in
+                                                      ("normalised_accuracy", "average_drop", "relative_error")})
+        for f in ("single.json", "merged.json", "config.yaml"):
+            self.tracker.log_artifact(self.parent_id, self.dir / f)
+        atomic_write_json(self.dir / "summary.json", summary)
+        self.tracker.log_json(self.parent_id, summary, "summary.json")
+        say(f"[{self.spec.label}] done: " + "  ".join(f"{c} norm.acc {v['normalised_accuracy']:.3f}" for c, v in summary["merges"].items()
+                                                      if v["normalised_accuracy"] is not None))
+        return summary
+
+
+def _csv(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in r])
+    return buf.getvalue()
+
+
+def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Validate everything (nothing written on bad input), then run every (method, seed) merge protocol."""
+    import torch
+
+    from harness.evaluate import Evaluator
+    from harness.models import load_model, set_torch_threads
+    from harness.planning import preflight_methods, validate
+    from harness.tracking import Tracker
+
+    mcfg = merge_config(cfg)
+    suite, _, uri, shapes_checked = validate(mcfg)
+    specs = plan_merge(cfg, suite)
+    set_torch_threads()
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
+                                  trust_remote_code=cfg.trust_remote_code)
+    say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s")
+    if not shapes_checked:
+        from harness.planning import SequenceSpec
+
+        preflight_methods(mcfg, [SequenceSpec(s.method, s.seed, 0, s.tasks, s.run_dir) for s in specs],
+                          {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
+    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit)
+    out = []
+    for spec in specs:
+        runner = MergeRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress)
+        out.append(runner.run())
+        model = runner.model
+    return out
