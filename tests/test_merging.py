@@ -1,0 +1,146 @@
+"""Merging: exactness of PEFT combinations against Σ w_i s_i B_i A_i, folding with exact restore, the merge protocol end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from harness.cli import main
+from harness.merging.combine import MERGED, folded, load_adapters, lora_layers, merge, relative_error
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def tiny():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+
+
+def adapter_folders(tmp_path: Path, shared_A: bool) -> dict[str, Path]:
+    """Two trained-looking LoRA adapters (random A and B), saved as PEFT folders."""
+    folders, first_A = {}, None
+    for i, name in enumerate(("a", "b")):
+        model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for mod_name, layer in lora_layers(model):
+                A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+                A.copy_(torch.randn(A.shape, generator=g) if not shared_A or first_A is None else first_A[mod_name])
+                B.copy_(torch.randn(B.shape, generator=g))
+        if shared_A and first_A is None:
+            first_A = {n: l.lora_A["default"].weight.detach().clone() for n, l in lora_layers(model)}
+        folders[name] = tmp_path / name
+        model.save_pretrained(str(folders[name]))
+    return folders
+
+
+def test_cat_merge_is_the_exact_weighted_sum(tmp_path):
+    model = load_adapters(tiny(), adapter_folders(tmp_path, shared_A=False))
+    merge(model, ["a", "b"], [0.4, 0.7], "cat", 0.5)
+    assert relative_error(model, ["a", "b"], [0.4, 0.7]) < 1e-6
+    for _, layer in lora_layers(model):  # and directly, module by module
+        exact = 0.4 * layer.get_delta_weight("a") + 0.7 * layer.get_delta_weight("b")
+        torch.testing.assert_close(layer.get_delta_weight(MERGED), exact, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties", "dare_linear"])
+def test_combinations_over_different_As_have_measured_cross_terms(tmp_path, combination):
+    model = load_adapters(tiny(), adapter_folders(tmp_path, shared_A=False))
+    torch.manual_seed(0)
+    merge(model, ["a", "b"], [0.5, 0.5], combination, 0.5)
+    assert relative_error(model, ["a", "b"], [0.5, 0.5]) > 0.1
+
+
+def test_linear_over_a_shared_A_has_no_cross_terms_and_is_exactly_proportional(tmp_path):
+    """PEFT's linear gives (Σ √(w_i s_i) B_i)(Σ √(w_j s_j) A): with equal w·s that is T·Σ w_i s_i B_i A, no cross terms."""
+    model = load_adapters(tiny(), adapter_folders(tmp_path, shared_A=True))
+    merge(model, ["a", "b"], [0.5, 0.5], "linear", 0.5)
+    for _, layer in lora_layers(model):
+        exact = 0.5 * layer.get_delta_weight("a") + 0.5 * layer.get_delta_weight("b")
+        torch.testing.assert_close(layer.get_delta_weight(MERGED), 2 * exact, rtol=1e-5, atol=1e-6)
+    merge(model, ["a", "b"], [0.5, 0.5], "cat", 0.5)  # and the run's own measure agrees with cat being exact
+    assert relative_error(model, ["a", "b"], [0.5, 0.5]) < 1e-6
+
+
+def test_folding_gives_the_adapter_outputs_and_restores_base_weights_bit_for_bit(tmp_path):
+    model = load_adapters(tiny(), adapter_folders(tmp_path, shared_A=False))
+    merge(model, ["a", "b"], [0.4, 0.4], "cat", 0.5)
+    model.eval()
+    before = {n: l.get_base_layer().weight.detach().clone() for n, l in lora_layers(model)}
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        unmerged = model(input_ids=x).logits
+        with folded(model, MERGED):
+            fast = model(input_ids=x).logits
+        with model.disable_adapter():
+            base = model(input_ids=x).logits
+    torch.testing.assert_close(fast, unmerged, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fast, base, atol=1e-3), "the merged adapter must change the outputs"
+    for n, l in lora_layers(model):
+        assert torch.equal(l.get_base_layer().weight, before[n])
+
+
+@pytest.fixture(scope="module")
+def merge_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("merge")
+    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora,lori-s", "--seeds", "0", "--epochs", "2",
+                 "--merge-methods", "cat,linear", "--merge-pairs", "true", "--no-progress", "--no-report",
+                 "--results-dir", str(results), "--experiment", "mg"]) == 0
+    return results
+
+
+def test_merge_folders_hold_the_documented_files(merge_run):
+    for method in ("lora", "lori-s"):
+        d = merge_run / "mg" / "merge" / method / "seed-0"
+        for task in ("parity", "weather", "copy"):
+            a = d / "adapters" / task
+            assert {"adapter_config.json", "adapter_model.safetensors", "train.json"} <= {p.name for p in a.iterdir()}
+            assert (a / "masks.safetensors").exists() == (method == "lori-s")
+        single = json.loads((d / "single.json").read_text())
+        assert single["tasks"] == ["parity", "weather", "copy"] and len(single["S"]) == 3
+        rows = json.loads((d / "merged.json").read_text())["rows"]
+        assert len(rows) == 2 * (1 + 3)  # (all tasks + 3 pairs) x (cat, linear)
+        cat = next(r for r in rows if r["combination"] == "cat" and len(r["tasks"]) == 3)
+        assert cat["relative_error"] < 1e-5 and not cat["cross_terms"]
+        lin = next(r for r in rows if r["combination"] == "linear" and len(r["tasks"]) == 3)
+        assert lin["cross_terms"]  # LoRI's per-task A's (and LoRA's trained A's) differ
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["complete"] and set(summary["merges"]) == {"cat", "linear"}
+        I = summary["interference"]["cat"]
+        assert I[0][0] is None and I[0][1] == pytest.approx(
+            next(r for r in rows if r["combination"] == "cat" and r["tasks"] == ["parity", "weather"])["scores"]["parity"] - single["S"][0][0])
+        assert (d / "single.csv").exists() and (d / "merged.csv").exists()
+
+
+def test_merge_mlflow_runs_and_resume_skips_finished_pieces(merge_run, capsys):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{merge_run / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("mg")
+    parents = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'merge'")
+    assert sorted(p.data.tags["harness.method"] for p in parents) == ["lora", "lori-s"]
+    for p in parents:
+        assert p.info.status == "FINISHED" and p.data.tags["harness.protocol"] == "merge"
+        kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
+        assert sorted(k.data.tags["harness.kind"] for k in kids).count("merge-adapter") == 3
+        assert sorted(k.data.tags["harness.kind"] for k in kids).count("merge-combination") == 8
+    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora,lori-s", "--seeds", "0", "--epochs", "2",
+                 "--merge-methods", "cat,linear", "--merge-pairs", "true", "--no-progress", "--no-report",
+                 "--results-dir", str(merge_run), "--experiment", "mg"]) == 0
+    assert capsys.readouterr().err.count("already complete") == 2
+    assert len(c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'merge'")) == 2
+
+
+@pytest.mark.parametrize("args,needle", [(["--methods", "inclora"], "cannot be merged"),
+                                         (["--methods", "lora", "--merge-weights", "0.1,0.2"], "--merge-weights"),
+                                         (["--methods", "lora", "--merge-methods", "avg"], "--merge-methods")])
+def test_bad_merge_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
+    results = tmp_path / "r"
+    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", *args, "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not results.exists()
