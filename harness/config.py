@@ -148,7 +148,14 @@ class ExperimentConfig(BaseModel):
     eval_scope: Literal["seen", "all"] = Field(
         "all", description="After stage t evaluate tasks 1..t (seen) or every task (all; needed for FWT)."
     )
-    eval_limit: int | None = Field(None, ge=1, description="Evaluate at most N test examples per task.")
+    eval_limit: int | None = Field(
+        None, ge=1, description="Evaluate a fixed seeded subset of N test examples per task (the same at every stage and run)."
+    )
+    eval_schedule: str = Field(
+        "full", description="full (every row), diagonal_final (R[t,t] after each stage + the final row: 2T-1 evaluations; "
+        "enough for ACC and BWT), or every:K (full rows every K stages + the final row, R[t,t] in between)."
+    )
+    eval_max_length: int = Field(512, ge=16, description="lm-eval's max_length: longest context + continuation in tokens.")
     eval_batch_size: int = Field(32, ge=1, description="lm-eval batch size.")
 
     @field_validator("targets")
@@ -175,6 +182,13 @@ class ExperimentConfig(BaseModel):
             raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}")
         return v
 
+    @field_validator("eval_schedule")
+    @classmethod
+    def _eval_schedule(cls, v: str) -> str:
+        if v in ("full", "diagonal_final") or re.fullmatch(r"every:[1-9][0-9]*", v):
+            return v
+        raise ValueError(f"{v!r}: use full, diagonal_final or every:K (K >= 1)")
+
     @field_validator("experiment")
     @classmethod
     def _experiment_name(cls, v: str | None) -> str | None:
@@ -198,6 +212,15 @@ class ExperimentConfig(BaseModel):
     @property
     def scale_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    @property
+    def full_row_every(self) -> int | None:
+        """Full evaluation rows every K stages (1 = every stage); None = only the final row (diagonal_final)."""
+        if self.eval_schedule == "full":
+            return 1
+        if self.eval_schedule == "diagonal_final":
+            return None
+        return int(self.eval_schedule.split(":")[1])
 
     @property
     def experiment_name(self) -> str:

@@ -58,7 +58,13 @@ class SequenceRunner:
         return tasks[0] if len(tasks) == 1 else "all"
 
     def eval_tasks(self, stage: int) -> list[str]:
-        if stage == 0 or self.cfg.eval_scope == "all" or self.method_cls.reference:
+        """What stage `stage` evaluates under eval_scope and eval_schedule (cells left out stay NaN: n/a, never guessed)."""
+        every, last = self.cfg.full_row_every, len(self.plan)
+        if stage == 0:
+            return list(self.spec.tasks) if every is not None else []  # diagonal_final: 2T-1 evaluations, no base row
+        if stage < last and (every is None or stage % every):
+            return [t for t in self.spec.tasks if t in self.plan[stage - 1]]  # the diagonal: R[t, t] only
+        if self.cfg.eval_scope == "all" or self.method_cls.reference:
             return list(self.spec.tasks)
         seen = {t for tasks in self.plan[:stage] for t in tasks}
         return [t for t in self.spec.tasks if t in seen]
@@ -122,7 +128,7 @@ class SequenceRunner:
         clean_partial_writes(self.run_dir)
         done = finished_stages(self.run_dir)
         self._replay_committed(done)
-        if 0 not in done:
+        if 0 not in done and self.eval_tasks(0):
             self._stage0()
         method = self.method_cls(self.cfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model,
                                  task_examples=self.task_examples)
@@ -290,7 +296,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     if only is None:  # resuming one sequence must not narrow what the experiment folder says it holds
         atomic_write_yaml(exp_dir / "config.yaml", cfg.to_yaml_dict())
     tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
-    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit)
+    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
+                          progress=progress)
     results, base_cache = [], {}
     for spec in specs:
         runner = SequenceRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress, base_cache=base_cache)

@@ -204,3 +204,31 @@ def test_results_dir_that_cannot_be_created_is_one_message(tmp_path, capsys):
     rc = main(["run", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--results-dir", "/proc/harness-no/results"])
     err = capsys.readouterr().err
     assert rc == 2 and "not writable" in err and "Traceback" not in err
+
+
+def test_eval_schedule_diagonal_final_evaluates_2T_minus_1_cells_and_reports_na(tmp_path):
+    results = tmp_path / "r"
+    out = cli("run", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--eval-schedule", "diagonal_final",
+              "--no-progress", "--no-report", "--results-dir", str(results), "--experiment", "sched")
+    assert out.returncode == 0, out.stderr[-2000:]
+    seq = results / "sched" / "lora" / "seed-0"
+    _, R = read_matrix(seq / "matrix.csv")
+    assert int((~np.isnan(R)).sum()) == 2 * 3 - 1
+    assert np.isnan(R[0]).all() and not np.isnan(R[3]).any() and not np.isnan(np.diag(R[1:])).any()
+    summary = json.loads((seq / "summary.json").read_text())
+    assert summary["acc"] is not None and summary["bwt"] is not None and summary["fwt"] is None
+    assert "Running loglikelihood requests" not in out.stderr  # lm-eval's own bars only with -v
+
+
+def test_eval_limit_draws_the_same_seeded_subset_at_every_stage():
+    from harness.evaluate import Evaluator
+    from harness.suites import load_suite
+
+    suite = load_suite("smoke")
+    a, b = Evaluator(suite, None, limit=10), Evaluator(suite, None, limit=10)
+    for task in ("parity", "weather"):
+        ia = a.subset(task)
+        assert ia == b.subset(task)  # same documents for every stage, method and seed
+        (idx,) = ia.values()
+        assert len(idx) == 10 and len(set(idx)) == 10 and idx != list(range(10))  # seeded, not lm-eval's first N
+    assert Evaluator(suite, None, limit=1000).subset("parity") is None

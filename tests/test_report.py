@@ -285,79 +285,132 @@ def test_matrix_rebuilt_from_metrics_when_artifact_missing(report, store, tmp_pa
     assert "no matrix.json artifact; matrix rebuilt from acc/&lt;task&gt; metrics" in index.read_text()
 
 
-# --- every method, a reference row, unfinished runs ----------------------------------------------
-
+# --- every method, a reference row, unfinished runs (test input, not results) ---------------------
 SEVEN = "all-methods"
 
 
-def _seven_matrix(k: int, seed: int) -> list[list[float]]:
-    """A made-up T = 3 sequence matrix, different per method k and seed (test input, not results)."""
+def _seven_matrix(k: int, seed: int, reference: bool = False) -> list[list[float]]:
     d = 0.01 * k + 0.005 * seed
+    if reference:  # one multi-task stage: base, all tasks
+        return [[0.25, 0.30, 0.50], [0.97 - d, 0.96, 0.98]]
     return [[0.25, 0.30, 0.50], [0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]]
 
 
-def _log_parent(client, exp_id, *, method, seed, tags=None, R=None, metrics=None, ts=1_760_000_000_000):
-    """One parent sequence run as the scheduler logs it (tags, params, acc/<task> per stage, matrix.json,
-    summary.json, metrics); left RUNNING: the caller terminates it."""
+def _log_parent(client, exp_id, method, seed, R, tags, metrics=None, status=None) -> str:
+    """A parent sequence run with its tags, task order and acc/<task> per stage (step = stage)."""
     from mlflow.entities import Metric, Param
 
-    run = client.create_run(exp_id, start_time=ts, run_name=f"{method}-s{seed}-o0", tags={
-        "harness.kind": "sequence", "harness.method": method, "harness.seed": str(seed), "harness.order": "0",
-        "harness.suite": "default", "harness.model": "smollm2-135m", **(tags or {})})
-    rid = run.info.run_id
-    params = {"method": method, "seed": str(seed), "order_index": "0", "task_order": ",".join(TASKS), "rank": "8"}
-    ms = [Metric(f"acc/{t}", R[s][j], ts + s, s) for s in range(len(R or [])) for j, t in enumerate(TASKS)]
-    ms += [Metric(k, v, ts + 9, 0) for k, v in (metrics or {}).items() if v is not None]
-    client.log_batch(rid, metrics=ms, params=[Param(k, v) for k, v in params.items()])
+    ts = 1_760_000_000_000
+    rid = client.create_run(exp_id, start_time=ts, run_name=f"{method}-s{seed}-o0", tags={
+        "harness.kind": "sequence", "harness.method": method, "harness.seed": str(seed), "harness.order": "0", **tags}).info.run_id
+    ms = [Metric(f"acc/{t}", v, ts + s, s) for s, row in enumerate(R) for t, v in zip(TASKS, row)]
+    ms += [Metric(k, v, ts, 0) for k, v in (metrics or {}).items() if v is not None]
+    client.log_batch(rid, metrics=ms, params=[Param("method", method), Param("task_order", ",".join(TASKS))])
+    if status:
+        client.set_terminated(rid, status)
     return rid
 
 
 def build_seven_method_store(results_dir: Path) -> dict:
-    """Every method of harness.methods (2 seeds each, FINISHED; mtl as its reference row: one stage, ACC
-    only), plus an interrupted lora sequence (KILLED + harness.interrupted, stopped after stage 1) and a
-    RUNNING replay sequence that must be listed but never aggregated."""
+    """Every method of harness.methods x 2 seeds, FINISHED (mtl: the reference, one stage, ACC only), plus a
+    sequence interrupted after stage 1 (KILLED + harness.interrupted, as mark_interrupted leaves it) and a RUNNING one."""
     import numpy as np
     from mlflow.tracking import MlflowClient
 
     from harness.methods import METHODS
     from harness.metrics import summarize, summarize_reference
 
-    results_dir = Path(results_dir).resolve()
-    results_dir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{results_dir / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = MlflowClient(tracking_uri=f"sqlite:///{results_dir / 'mlflow.db'}")
     exp_id = client.create_experiment(SEVEN, artifact_location=f"file://{results_dir / 'mlartifacts'}")
-    logged = {}
+    st = {"results_dir": results_dir, "logged": {}, "killed_dir": str(results_dir / SEVEN / "lora" / "seed-7")}
     for k, (method, cls) in enumerate(METHODS.items()):
         for seed in (0, 1):
-            R = [[0.25, 0.30, 0.50], [0.97 - 0.01 * seed, 0.96, 0.98]] if cls.reference else _seven_matrix(k, seed)
-            m = (summarize_reference if cls.reference else summarize)(np.array(R))
-            rid = _log_parent(client, exp_id, method=method, seed=seed, R=R, metrics={
-                **m, "trainable_params_effective": 460_800 * (1 + (method in ("inclora", "olora"))),
-                "trainable_params_lora_equivalent": 460_800}, tags={"harness.reference": str(cls.reference).lower()})
+            R = _seven_matrix(k, seed, cls.reference)
+            m = st["logged"][(method, seed)] = (summarize_reference if cls.reference else summarize)(np.array(R))
+            rid = _log_parent(client, exp_id, method, seed, R, {"harness.reference": str(cls.reference).lower()},
+                              {**m, "trainable_params_effective": 9e5 if "inc" in method else 4e5, "trainable_params_lora_equivalent": 4e5})
             client.log_dict(rid, {"tasks": TASKS, "stages": list(range(len(R))), "R": R}, "matrix.json")
-            client.log_dict(rid, {"method": method, "seed": seed, "tasks": TASKS, "reference": cls.reference,
-                                  "acc": m["ACC"], "bwt": m["BWT"], "fwt": m["FWT"], "forgetting": m["forgetting"]},
-                            "summary.json")
-            client.log_dict(rid, _diagnostics("lori-s" if method.startswith("lori") else "lora", str(seed)),
-                            "diagnostics.json")
+            client.log_dict(rid, _diagnostics("lori-s" if method.startswith("lori") else "lora", str(seed)), "diagnostics.json")
             client.set_terminated(rid, "FINISHED")
-            logged[(method, seed)] = m
-    run_dir = str(results_dir / SEVEN / "lora" / "seed-7")
-    killed = _log_parent(client, exp_id, method="lora", seed=7, R=_seven_matrix(0, 7)[:2],
-                         tags={"harness.run_dir": run_dir, "harness.reference": "false"})
-    client.set_tag(killed, "harness.interrupted", "true")
-    client.set_terminated(killed, "KILLED")
-    running = _log_parent(client, exp_id, method="replay", seed=8, R=_seven_matrix(0, 8)[:3])
-    return {"uri": uri, "results_dir": results_dir, "logged": logged, "killed": killed, "killed_dir": run_dir,
-            "running": running}
+    st["killed"] = _log_parent(client, exp_id, "lora", 7, _seven_matrix(0, 7)[:2],
+                               {"harness.run_dir": st["killed_dir"], "harness.interrupted": "true"}, status="KILLED")
+    st["running"] = _log_parent(client, exp_id, "replay", 8, _seven_matrix(0, 8)[:3], {})
+    return st
 
 
 @pytest.fixture(scope="module")
 def seven(tmp_path_factory):
-    store = build_seven_method_store(tmp_path_factory.mktemp("seven"))
-    store["index"] = write_report(SEVEN, store["results_dir"], log_to_mlflow=False)
-    return store
+    store = build_seven_method_store(tmp_path_factory.mktemp("seven").resolve())
+    return {**store, "index": write_report(SEVEN, store["results_dir"], log_to_mlflow=False)}
+
+
+def test_method_names_and_order_come_from_the_method_layer():
+    from harness.methods import METHODS
+    from harness.report.naming import display_name, is_reference_method, method_sort_key
+
+    assert [display_name(m) for m in METHODS] == [c.display for c in METHODS.values()] and display_name("old") == "old"
+    assert sorted(["zzz", "mtl", "aaa", "lora", "lori-s"], key=method_sort_key) == ["lori-s", "lora", "mtl", "aaa", "zzz"]
+    assert is_reference_method("mtl") and not is_reference_method("lora") and not is_reference_method("nope")
+
+
+def test_seven_methods_reference_row_never_ranked(seven):
+    from harness.methods import METHODS
+
+    text, rdir = seven["index"].read_text(encoding="utf-8"), seven["index"].parent
+    assert all(f'<td class="l">{c.display}' in text for c in METHODS.values())
+    assert "MTL is a reference (upper bound), not ranked" in text and "every logged ACC/BWT/FWT/forgetting matches" in text
+    row = text[text.index("MTL <em>reference (upper bound)</em></td><td>2</td>"):].split("</tr>")[0]
+    assert row.count("<td>n/a</td>") == 3  # BWT, FWT, forgetting do not apply
+    assert {p.name for p in rdir.glob("*.png")} == {"accuracy_matrices.png", "forgetting_curves.png", "cl_metrics.png",
+                                                    "trainable_params.png", "mask_overlap.png", "subspace_overlap.png"}
+    comp = json.loads((rdir / "comparison.json").read_text())
+    by = {r["method"]: r for r in comp["methods"]}
+    assert list(by) == list(METHODS) and [m for m in by if by[m]["reference"]] == ["mtl"]
+    assert by["mtl"]["ACC"]["mean"] == pytest.approx(statistics.mean(seven["logged"][("mtl", s)]["ACC"] for s in (0, 1)))
+    assert all(by["mtl"][k]["mean"] is None for k in ("BWT", "FWT", "forgetting"))
+    assert not any("MTL" in v or "mtl" in v for v in comp["verdicts"].values())
+    assert comp["verdicts"]["ACC"].startswith("ACC (higher is better): Replay ")  # MTL's higher ACC is not ranked
+    assert [r["method"] for r in comp["rows"] if r["reference"]] == ["mtl"]
+    import csv
+
+    rows = {r["method"]: r for r in csv.DictReader((rdir / "comparison.csv").open())}
+    assert (rows["mtl"]["reference"], rows["lora"]["reference"], rows["mtl"]["BWT_mean"]) == ("True", "False", "")
+    mm = json.loads((rdir / "mean_matrices.json").read_text())["methods"]
+    assert mm["mtl"]["reference"] and len(mm["mtl"]["mean"]) == 2 and len(mm["lora"]["mean"]) == 4
+
+
+def test_interrupted_and_running_runs_are_listed_not_aggregated(seven):
+    text, comp = seven["index"].read_text(encoding="utf-8"), json.loads((seven["index"].parent / "comparison.json").read_text())
+    assert {seven["killed"], seven["running"]}.isdisjoint(r["run_id"] for r in comp["runs"]) and len(comp["runs"]) == 14
+    assert all(r["seeds"] == ["0", "1"] for r in comp["methods"])
+    [killed], [running] = comp["interrupted_runs"], comp["running_runs"]
+    assert (killed["run_id"], killed["status"], killed["last_stage"]) == (seven["killed"], "KILLED", 1)
+    assert killed["resume_command"] == f"harness resume {seven['killed_dir']}"
+    assert (running["run_id"], running["last_stage"], running["resume_command"]) == (seven["running"], 2, None)
+    section = text[text.index("<h2>Interrupted sequences</h2>"):text.index("<h2>Running sequences</h2>")]
+    assert "lora-s7-o0" in section and "1 of 3" in section and f"harness resume {seven['killed_dir']}" in section
+    assert "replay-s8-o0" in text[text.index("<h2>Running sequences</h2>"):text.index("<h2>Which method")]
+    assert "lora-s7-o0" not in text[text.index("<h2>Runs</h2>"):] and "replay-s8-o0" not in text[text.index("<h2>Runs"):]
+
+
+def test_reference_matrix_rebuilt_from_metrics(seven, tmp_path):
+    copy = _copy_store(seven, tmp_path / "results")
+    for p in (copy / "mlartifacts").rglob("matrix.json"):
+        p.unlink()
+    index = write_report(SEVEN, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
+    got, want = (json.loads((i.parent / "mean_matrices.json").read_text())["methods"] for i in (index, seven["index"]))
+    assert got == want and "logged ACC" not in index.read_text(encoding="utf-8")  # mtl: 2 rows, still consistent
+
+
+def test_only_interrupted_runs_is_an_error_that_says_how_to_resume(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("cut", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
+    _log_parent(client, exp_id, "lora", 0, _seven_matrix(0, 0)[:1], {"harness.run_dir": "/r/lora/seed-0",
+                                                                   "harness.interrupted": "true"}, status="KILLED")
+    with pytest.raises(HarnessError, match=r"no FINISHED sequence runs .*1 interrupted.*`harness resume /r/lora/seed-0`"):
+        write_report("cut", tmp_path, log_to_mlflow=False)
 
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")

@@ -318,7 +318,8 @@ def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str,
         preflight_methods(mcfg, [SequenceSpec(s.method, s.seed, 0, s.tasks, s.run_dir) for s in specs],
                           {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
     tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
-    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit)
+    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
+                          progress=progress)
     out = []
     for spec in specs:
         runner = MergeRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress)
