@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test run-sequence merge report dashboard bench tracking-server clean-venv
+.PHONY: setup test run-sequence merge ablation report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ run-sequence: $(STAMP)
 # The LoRI paper's merging claim: one adapter per task, merged (cat, linear, ties), on the default suite.
 merge: $(STAMP)
 	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
+
+# The training-recipe ablation: recipe knobs x {lora, lori-s} x 3 seeds, one grid per suite (see README).
+ABLATION_GRID ?= completion_eos=always,auto;warmup_steps=0,5
+ablation: $(STAMP)
+	for suite in default mc4; do \
+	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods lora,lori-s --seeds 0,1,2 --experiment ablation-$$suite \
+	    --grid "$(ABLATION_GRID)" --results-dir $(RESULTS) $(ARGS) || exit $$?; \
+	done
 
 report: $(STAMP)
 	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)

@@ -39,9 +39,11 @@ def _print_table(results: list[dict]) -> None:
 
     by: dict[str, list[dict]] = {}
     for r in results:
-        by.setdefault(r["method"], []).append(r)
+        key = f"{r['method']} [{r['variant']}]" if r.get("variant") else r["method"]
+        by.setdefault(key, []).append(r)
     cols = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting")]
-    head = f"{'method':<10}" + "".join(f"{c[1]:>16}" for c in cols) + f"{'trainable':>14}{'LoRA-equiv':>14}{'runs':>6}"
+    width = max([10, *(len(k) + 2 for k in by)])
+    head = f"{'method':<{width}}" + "".join(f"{c[1]:>16}" for c in cols) + f"{'trainable':>14}{'LoRA-equiv':>14}{'runs':>6}"
     print(head)
     print("-" * len(head))
     for method, rs in by.items():
@@ -57,7 +59,10 @@ def _print_table(results: list[dict]) -> None:
         eff = rs[0].get("trainable_params_effective", 0)
         lora = rs[0].get("trainable_params_lora_equivalent", 0)
         ref = "  reference (multi-task upper bound, not ranked)" if rs[0].get("reference") else ""
-        print(f"{method:<10}" + "".join(cells) + f"{eff:>14,}{lora:>14,}{len(rs):>6}{ref}")
+        print(f"{method:<{width}}" + "".join(cells) + f"{eff:>14,}{lora:>14,}{len(rs):>6}{ref}")
+    variants = {r["variant"]: r.get("variant_values") for r in results if r.get("variant")}
+    for vid, values in variants.items():
+        print(f"  [{vid}] " + ", ".join(f"{k}={v}" for k, v in (values or {}).items()))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -101,10 +106,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     data = yaml.safe_load(cfg_path.read_text()) or {}
     seq = data.pop("sequence", None)
     # The folder's own location wins over a results_dir recorded elsewhere (folders can be moved):
-    # <results>/<experiment>[/<method>/seed-<s>[/order-<k>]].
-    levels = 1 + ((3 if run_dir.resolve().name.startswith("order-") else 2) if seq else 0)
-    data["results_dir"] = str(run_dir.resolve().parents[levels - 1])
-    # The recorded config is the whole experiment's (every method, seed and order): the folder
+    # the results folder is the parent of the experiment folder, wherever RUN_DIR sits below it.
+    name = load_config(None, {**data, "results_dir": "."}).experiment_name
+    exp_dir = next((p for p in [run_dir.resolve(), *run_dir.resolve().parents] if p.name == name), None)
+    if exp_dir is None:
+        raise HarnessError(f"{run_dir}: not inside an experiment folder named {name!r}; pass the folder `harness run` wrote.")
+    data["results_dir"] = str(exp_dir.parent)
+    # The recorded config is the whole experiment's (every method, seed, order and grid): the folder
     # layout is planned from it, and one sequence is picked out, never the plan narrowed.
     cfg = load_config(None, {**data, **_overrides(args)})
     install_signal_handlers()

@@ -44,6 +44,10 @@ class ExperimentConfig(BaseModel):
     tasks: list[str] | None = Field(
         None, description="Restrict each order to these tasks (comma-separated; order kept). Default: all."
     )
+    grid: dict[str, list[Any]] | None = Field(
+        None, description='Sweep knobs: "lr_lora=1e-3,2e-3;warmup_steps=0,5" (YAML: knob: [values]). Each combination '
+        "is a variant of the experiment, in its own variant-<id>/ folder level."
+    )
 
     # --- where things go ---------------------------------------------------------------------
     results_dir: Path = Field(Path("results"), description="Folder for run folders, mlflow.db and reports.")
@@ -202,6 +206,12 @@ class ExperimentConfig(BaseModel):
             raise ValueError("max_overlap is only used with overlap_policy: max_overlap")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        bad = sorted(k for k in (self.grid or {}) if k.split(".")[0] in NOT_SWEEPABLE or k.split(".")[0] not in type(self).model_fields)
+        if bad:
+            raise ValueError(f"grid: cannot sweep {bad}; sweep training, recipe, adapter or method knobs (e.g. lr_lora, warmup_steps, "
+                             "mask_density, olora.lambda_orth)")
+        if any(not v for v in (self.grid or {}).values()):
+            raise ValueError("grid: every knob needs at least one value")
         for cls in METHODS.values():
             if cls.section and cls.section in self.model_fields_set and cls.name not in self.methods:
                 raise ValueError(f"{cls.section}: knobs of method {cls.name!r}, which is not in methods {self.methods}; "
@@ -212,6 +222,33 @@ class ExperimentConfig(BaseModel):
     @property
     def scale_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+    def variants(self) -> list[tuple[str | None, dict[str, Any], "ExperimentConfig"]]:
+        """(id, knob values, config) per combination of the grid; [(None, {}, self)] without one.
+
+        The id is a short hash of the values alone, so a variant keeps its folder whatever else changes."""
+        if not self.grid:
+            return [(None, {}, self)]
+        import hashlib
+        import itertools
+        import json
+
+        keys = sorted(self.grid)
+        out = []
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            data = self.model_dump(exclude_unset=True)  # unset method sections stay unset (they must not validate)
+            for k, v in nest_overrides({k: parse_cli_value(k, v) if isinstance(v, str) else v for k, v in values.items()}).items():
+                data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+            try:
+                cfg = type(self)(**data)
+            except ValidationError as err:
+                raise ConfigError(_format_errors(err, f"grid variant {values}", set())) from None
+            # The id hashes the validated values, so "5" from a flag and 5 from YAML are the same variant.
+            values = {k: (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) if "." in k else getattr(cfg, k)) for k in keys}
+            vid = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            out.append((vid, values, cfg))
+        return out
 
     @property
     def full_row_every(self) -> int | None:
@@ -247,6 +284,24 @@ class ExperimentConfig(BaseModel):
             if cls.section and cls.name not in self.methods:
                 d.pop(cls.section, None)
         return d
+
+
+# Knobs a grid may not sweep: what the experiment is (model, suite, sequences), where it goes, and
+# how it is evaluated (every variant must be scored the same way to be comparable).
+NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
+                 "cache_dir", "device", "dtype", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
+                 "eval_batch_size", "eval_schedule", "eval_max_length"}
+
+
+def parse_grid(raw: str) -> dict[str, list[str]]:
+    """ "lr_lora=1e-3,2e-3;warmup_steps=0,5" -> {"lr_lora": ["1e-3", "2e-3"], "warmup_steps": ["0", "5"]}."""
+    out: dict[str, list[str]] = {}
+    for part in (p.strip() for p in raw.split(";") if p.strip()):
+        key, sep, values = part.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise ConfigError(f'--grid: {part!r} is not knob=v1,v2 (e.g. --grid "lr_lora=1e-3,2e-3;warmup_steps=0,5")')
+        out[key.strip().replace("-", "_")] = [v.strip() for v in values.split(",") if v.strip()]
+    return out
 
 
 def parse_bool(raw: str) -> bool | None:
@@ -286,6 +341,8 @@ def _field(dest: str):
 
 def parse_cli_value(name: str, raw: str) -> Any:
     """Turn a CLI string into what the config field expects (comma lists, booleans); pydantic checks the rest."""
+    if name == "grid":
+        return parse_grid(raw)
     ann = str(_field(name).annotation)
     if ann.startswith("list") or "list[" in ann:
         return [x.strip() for x in raw.split(",") if x.strip()]

@@ -5,6 +5,7 @@ Nothing here writes anything: bad input must stop a run before a folder, a store
 Run folder layout (a contract; see README):
     <results>/<experiment>/<method>/seed-<s>/            with one task order configured
     <results>/<experiment>/<method>/seed-<s>/order-<k>/  with several
+    <results>/<experiment>/variant-<id>/<method>/...      with a grid (id: hash of the variant's knob values)
 The layout is a function of the EXPERIMENT's config (its orders list), never of which sequences
 one command happens to run: resuming one sequence of a multi-order experiment plans the whole
 experiment and picks that sequence out.
@@ -31,10 +32,14 @@ class SequenceSpec:
     order_index: int
     tasks: list[str]
     run_dir: Path
+    cfg: ExperimentConfig | None = None  # the variant's config (a grid sets some knobs); None = the experiment's
+    variant: str | None = None
+    variant_values: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.method}/seed-{self.seed}/order-{self.order_index}"
+        v = f"variant-{self.variant}/" if self.variant else ""
+        return f"{v}{self.method}/seed-{self.seed}/order-{self.order_index}"
 
 
 def experiment_dir(cfg: ExperimentConfig) -> Path:
@@ -53,12 +58,14 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
             if unknown:
                 raise ConfigError(f"tasks: {unknown} not in suite {suite.name!r} order {k} ({', '.join(order)})")
             order = [t for t in order if t in cfg.tasks]
-        for method in cfg.methods:
-            for seed in cfg.seeds:
-                d = experiment_dir(cfg) / method / f"seed-{seed}"
-                if len(cfg.orders) > 1:
-                    d = d / f"order-{k}"
-                specs.append(SequenceSpec(method, seed, k, order, d))
+        for vid, values, vcfg in cfg.variants():
+            base = experiment_dir(cfg) / f"variant-{vid}" if vid else experiment_dir(cfg)
+            for method in cfg.methods:
+                for seed in cfg.seeds:
+                    d = base / method / f"seed-{seed}"
+                    if len(cfg.orders) > 1:
+                        d = d / f"order-{k}"
+                    specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values))
     return specs
 
 
@@ -88,9 +95,9 @@ def b_shapes(linear: dict[str, tuple[int, int]], targets: list[str], rank: int) 
 
 def preflight_methods(cfg: ExperimentConfig, specs: list[SequenceSpec], linear: dict[str, tuple[int, int]]) -> None:
     """Each method's own checks (mask capacity for lori-s) on the model's real module shapes."""
-    shapes = b_shapes(linear, cfg.targets, cfg.rank)
     for spec in specs:
-        METHODS[spec.method].preflight(cfg, shapes, len(spec.tasks))
+        c = spec.cfg or cfg
+        METHODS[spec.method].preflight(c, b_shapes(linear, c.targets, c.rank), len(spec.tasks))
 
 
 def validate(cfg: ExperimentConfig):

@@ -83,7 +83,7 @@ class SequenceRunner:
     def run(self) -> dict[str, Any]:
         resolved = self.cfg.to_yaml_dict()
         resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
-                                "tasks": self.spec.tasks}
+                                "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
         check_same_config(self.run_dir / "config.yaml", resolved, self.spec.method)
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock)
         with lock.acquire(on_wait=lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")):
@@ -119,7 +119,8 @@ class SequenceRunner:
         tags = {"harness.method": spec.method, "harness.seed": str(spec.seed), "harness.order": str(spec.order_index),
                 "harness.suite": self.suite.name, "harness.model": cfg.model, "harness.experiment": cfg.experiment_name,
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.run_dir.resolve()),
-                "harness.reference": str(self.method_cls.reference).lower()}
+                "harness.reference": str(self.method_cls.reference).lower(), "harness.variant": spec.variant or ""}
+        params.update({f"grid.{k}": v for k, v in (spec.variant_values or {}).items()})
         parent_id = self.tracker.create_parent(spec.label, tags, params)
         atomic_write_json(state_path, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
         return parent_id
@@ -252,7 +253,7 @@ class SequenceRunner:
         matrix_heatmap(self.R, spec.tasks, f"{spec.method} seed {spec.seed} order {spec.order_index}", run_dir / "matrix_heatmap.png")
         summary = {
             "method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "tasks": spec.tasks,
-            "reference": self.method_cls.reference,
+            "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
@@ -300,7 +301,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
                           progress=progress)
     results, base_cache = [], {}
     for spec in specs:
-        runner = SequenceRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress, base_cache=base_cache)
+        runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
+                                base_cache=base_cache)
         results.append(runner.run())
         model = runner.model
     return results

@@ -53,7 +53,7 @@ def hand_metrics(R: list[list[float | None]]) -> dict[str, float]:
 
 
 def _diagnostics(method: str, seed: str) -> dict:
-    if method == "lora":
+    if not method.startswith("lori"):
         return {"mask_overlap": None, "subspace_overlap": None}
     eps = 0.01 * int(seed)
     return {
@@ -65,10 +65,58 @@ def _diagnostics(method: str, seed: str) -> dict:
     }
 
 
+def _log_sequence(client, exp_id: str, method: str, seed: str, R: list, eff: float, lora_eq: float,
+                  experiment: str = EXPERIMENT, reference: bool = False) -> str:
+    """One FINISHED parent run with its children, as the scheduler logs it; a reference trains all tasks in one stage."""
+    import numpy as np
+    from mlflow.entities import Metric, Param
+
+    from harness.metrics import summarize_reference
+
+    ts = 1_760_000_000_000
+    tags = {
+        "harness.kind": "sequence", "harness.method": method, "harness.seed": seed, "harness.order": "0",
+        "harness.suite": "default", "harness.model": "smollm2-135m", "harness.experiment": experiment,
+        "harness.git_commit": "0123abcd", **({"harness.reference": "true"} if reference else {}),
+    }
+    rid = client.create_run(exp_id, start_time=ts, tags=tags, run_name=f"{method}-s{seed}-o0").info.run_id
+    m = summarize_reference(np.array(R)) if reference else hand_metrics(R)
+    params = {
+        "method": method, "seed": seed, "order_index": "0", "task_order": ",".join(TASKS), "suite": "default",
+        "model": "smollm2-135m", "rank": "8", "alpha": "16", "targets": "q_proj,v_proj",
+        "mask_strategy": "random" if method == "lori-s" else "none", "mask_density": "0.1" if method == "lori-s" else "1.0",
+        "overlap_policy": "disjoint", "a_mode": "shared",
+    }
+    metrics = [Metric(f"acc/{t}", R[s][j], ts + s, s) for s in range(len(R)) for j, t in enumerate(TASKS) if R[s][j] is not None]
+    metrics += [Metric(k, v, ts + 9, 0) for k, v in m.items() if v is not None]
+    metrics += [Metric("trainable_params_effective", eff, ts, 0), Metric("trainable_params_lora_equivalent", lora_eq, ts, 0)]
+    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
+    client.log_dict(rid, {"tasks": TASKS, "stages": list(range(len(R))), "R": R}, "matrix.json")
+    csv = "stage," + ",".join(TASKS) + "\n" + "".join(
+        f"{s}," + ",".join("" if v is None else str(v) for v in row) + "\n" for s, row in enumerate(R))
+    client.log_text(rid, csv, "matrix.csv")
+    client.log_dict(rid, {
+        "method": method, "seed": int(seed), "order_index": 0, "tasks": TASKS, "acc": m["ACC"], "bwt": m["BWT"],
+        "fwt": m["FWT"], "forgetting": m["forgetting"], "trainable_params_effective": eff, "reference": reference,
+        "trainable_params_lora_equivalent": lora_eq, "stage_wall_s": [60.0, 61.0, 59.5], "mlflow_parent_run_id": rid,
+    }, "summary.json")
+    client.log_text(rid, f"experiment: {experiment}\nmethods: [{method}]\n", "config.yaml")
+    client.log_dict(rid, _diagnostics(method, seed), "diagnostics.json")
+    for stage, task in enumerate(["all"] if reference else TASKS, start=1):
+        child = client.create_run(exp_id, start_time=ts + stage, run_name=f"stage-{stage}-{task}", tags={
+            "mlflow.parentRunId": rid, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task})
+        cm = [Metric("train/loss", 2.0 / (k + 1), ts + k, k) for k in range(5)]
+        cm += [Metric("stage_wall_s", 60.0, ts, 0), Metric("train_tok_s", 150.0, ts, 0)]
+        cm += [Metric(f"eval/{t}", R[stage][j], ts, 0) for j, t in enumerate(TASKS) if R[stage][j] is not None]
+        client.log_batch(child.info.run_id, metrics=cm)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    client.set_terminated(rid, "FINISHED")
+    return rid
+
+
 def build_fixture_store(results_dir: Path) -> dict:
     """A sqlite MLflow store under results_dir as the scheduler writes it: 2 methods x 2 seeds
     (FINISHED), plus one RUNNING and one FAILED parent run that the report must skip."""
-    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     results_dir = Path(results_dir).resolve()
@@ -77,48 +125,8 @@ def build_fixture_store(results_dir: Path) -> dict:
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=f"file://{results_dir / 'mlartifacts'}")
     ts = 1_760_000_000_000
-    parents = {}
-    for (method, seed), R in MATRICES.items():
-        tags = {
-            "harness.kind": "sequence", "harness.method": method, "harness.seed": seed, "harness.order": "0",
-            "harness.suite": "default", "harness.model": "smollm2-135m", "harness.experiment": EXPERIMENT,
-            "harness.git_commit": "0123abcd",
-        }
-        run = client.create_run(exp_id, start_time=ts, tags=tags, run_name=f"{method}-s{seed}-o0")
-        rid = run.info.run_id
-        parents[(method, seed)] = rid
-        m = hand_metrics(R)
-        eff, lora_eq = PARAMS[method]
-        params = {
-            "method": method, "seed": seed, "order_index": "0", "task_order": ",".join(TASKS), "suite": "default",
-            "model": "smollm2-135m", "rank": "8", "alpha": "16", "targets": "q_proj,v_proj",
-            "mask_strategy": "random" if method == "lori-s" else "none", "mask_density": "0.1" if method == "lori-s" else "1.0",
-            "overlap_policy": "disjoint", "a_mode": "shared",
-        }
-        metrics = [Metric(f"acc/{t}", R[s][j], ts + s, s) for s in range(4) for j, t in enumerate(TASKS) if R[s][j] is not None]
-        metrics += [Metric(k, v, ts + 9, 0) for k, v in m.items()]
-        metrics += [Metric("trainable_params_effective", eff, ts, 0), Metric("trainable_params_lora_equivalent", lora_eq, ts, 0)]
-        client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
-        client.log_dict(rid, {"tasks": TASKS, "stages": [0, 1, 2, 3], "R": R}, "matrix.json")
-        csv = "stage," + ",".join(TASKS) + "\n" + "".join(
-            f"{s}," + ",".join("" if v is None else str(v) for v in row) + "\n" for s, row in enumerate(R))
-        client.log_text(rid, csv, "matrix.csv")
-        client.log_dict(rid, {
-            "method": method, "seed": int(seed), "order_index": 0, "tasks": TASKS, "acc": m["ACC"], "bwt": m["BWT"],
-            "fwt": m["FWT"], "forgetting": m["forgetting"], "trainable_params_effective": eff,
-            "trainable_params_lora_equivalent": lora_eq, "stage_wall_s": [60.0, 61.0, 59.5], "mlflow_parent_run_id": rid,
-        }, "summary.json")
-        client.log_text(rid, f"experiment: {EXPERIMENT}\nmethods: [{method}]\n", "config.yaml")
-        client.log_dict(rid, _diagnostics(method, seed), "diagnostics.json")
-        for stage, task in enumerate(TASKS, start=1):
-            child = client.create_run(exp_id, start_time=ts + stage, run_name=f"stage-{stage}-{task}", tags={
-                "mlflow.parentRunId": rid, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task})
-            cm = [Metric("train/loss", 2.0 / (k + 1), ts + k, k) for k in range(5)]
-            cm += [Metric("stage_wall_s", 60.0, ts, 0), Metric("train_tok_s", 150.0, ts, 0)]
-            cm += [Metric(f"eval/{t}", R[stage][j], ts, 0) for j, t in enumerate(TASKS) if R[stage][j] is not None]
-            client.log_batch(child.info.run_id, metrics=cm)
-            client.set_terminated(child.info.run_id, "FINISHED")
-        client.set_terminated(rid, "FINISHED")
+    parents = {(method, seed): _log_sequence(client, exp_id, method, seed, R, *PARAMS[method])
+               for (method, seed), R in MATRICES.items()}
     # Incomplete sequences: skipped by the report.
     for status, seed in (("RUNNING", "2"), ("FAILED", "3")):
         run = client.create_run(exp_id, start_time=ts, run_name=f"lora-s{seed}-o0", tags={
@@ -290,22 +298,19 @@ SEVEN = "all-methods"
 
 
 def _seven_matrix(k: int, seed: int, reference: bool = False) -> list[list[float]]:
-    d = 0.01 * k + 0.005 * seed
-    if reference:  # one multi-task stage: base, all tasks
-        return [[0.25, 0.30, 0.50], [0.97 - d, 0.96, 0.98]]
-    return [[0.25, 0.30, 0.50], [0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]]
+    d = 0.01 * k + 0.005 * seed  # a reference has one multi-task stage: base, all tasks
+    return [[0.25, 0.30, 0.50]] + ([[0.97 - d, 0.96, 0.98]] if reference else
+                                   [[0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]])
 
 
-def _log_parent(client, exp_id, method, seed, R, tags, metrics=None, status=None) -> str:
-    """A parent sequence run with its tags, task order and acc/<task> per stage (step = stage)."""
+def _log_unfinished(client, exp_id, method, seed, R, tags, status=None) -> str:
+    """A parent run that did not finish: its acc/<task> up to where it stopped (step = stage)."""
     from mlflow.entities import Metric, Param
 
-    ts = 1_760_000_000_000
-    rid = client.create_run(exp_id, start_time=ts, run_name=f"{method}-s{seed}-o0", tags={
+    rid = client.create_run(exp_id, run_name=f"{method}-s{seed}-o0", tags={
         "harness.kind": "sequence", "harness.method": method, "harness.seed": str(seed), "harness.order": "0", **tags}).info.run_id
-    ms = [Metric(f"acc/{t}", v, ts + s, s) for s, row in enumerate(R) for t, v in zip(TASKS, row)]
-    ms += [Metric(k, v, ts, 0) for k, v in (metrics or {}).items() if v is not None]
-    client.log_batch(rid, metrics=ms, params=[Param("method", method), Param("task_order", ",".join(TASKS))])
+    client.log_batch(rid, metrics=[Metric(f"acc/{t}", v, 0, s) for s, row in enumerate(R) for t, v in zip(TASKS, row)],
+                     params=[Param("task_order", ",".join(TASKS))])
     if status:
         client.set_terminated(rid, status)
     return rid
@@ -314,27 +319,20 @@ def _log_parent(client, exp_id, method, seed, R, tags, metrics=None, status=None
 def build_seven_method_store(results_dir: Path) -> dict:
     """Every method of harness.methods x 2 seeds, FINISHED (mtl: the reference, one stage, ACC only), plus a
     sequence interrupted after stage 1 (KILLED + harness.interrupted, as mark_interrupted leaves it) and a RUNNING one."""
-    import numpy as np
     from mlflow.tracking import MlflowClient
 
     from harness.methods import METHODS
-    from harness.metrics import summarize, summarize_reference
 
     client = MlflowClient(tracking_uri=f"sqlite:///{results_dir / 'mlflow.db'}")
     exp_id = client.create_experiment(SEVEN, artifact_location=f"file://{results_dir / 'mlartifacts'}")
-    st = {"results_dir": results_dir, "logged": {}, "killed_dir": str(results_dir / SEVEN / "lora" / "seed-7")}
+    st = {"results_dir": results_dir, "killed_dir": str(results_dir / SEVEN / "lora" / "seed-7"), "R": {}}
     for k, (method, cls) in enumerate(METHODS.items()):
-        for seed in (0, 1):
-            R = _seven_matrix(k, seed, cls.reference)
-            m = st["logged"][(method, seed)] = (summarize_reference if cls.reference else summarize)(np.array(R))
-            rid = _log_parent(client, exp_id, method, seed, R, {"harness.reference": str(cls.reference).lower()},
-                              {**m, "trainable_params_effective": 9e5 if "inc" in method else 4e5, "trainable_params_lora_equivalent": 4e5})
-            client.log_dict(rid, {"tasks": TASKS, "stages": list(range(len(R))), "R": R}, "matrix.json")
-            client.log_dict(rid, _diagnostics("lori-s" if method.startswith("lori") else "lora", str(seed)), "diagnostics.json")
-            client.set_terminated(rid, "FINISHED")
-    st["killed"] = _log_parent(client, exp_id, "lora", 7, _seven_matrix(0, 7)[:2],
-                               {"harness.run_dir": st["killed_dir"], "harness.interrupted": "true"}, status="KILLED")
-    st["running"] = _log_parent(client, exp_id, "replay", 8, _seven_matrix(0, 8)[:3], {})
+        for seed in ("0", "1"):
+            R = st["R"][(method, seed)] = _seven_matrix(k, int(seed), cls.reference)
+            _log_sequence(client, exp_id, method, seed, R, 4e5 * (1 + k), 4e5, SEVEN, cls.reference)
+    st["killed"] = _log_unfinished(client, exp_id, "lora", 7, _seven_matrix(0, 7)[:2],
+                                   {"harness.run_dir": st["killed_dir"], "harness.interrupted": "true"}, status="KILLED")
+    st["running"] = _log_unfinished(client, exp_id, "replay", 8, _seven_matrix(0, 8)[:3], {})
     return st
 
 
@@ -354,6 +352,8 @@ def test_method_names_and_order_come_from_the_method_layer():
 
 
 def test_seven_methods_reference_row_never_ranked(seven):
+    import csv
+
     from harness.methods import METHODS
 
     text, rdir = seven["index"].read_text(encoding="utf-8"), seven["index"].parent
@@ -361,25 +361,22 @@ def test_seven_methods_reference_row_never_ranked(seven):
     assert "MTL is a reference (upper bound), not ranked" in text and "every logged ACC/BWT/FWT/forgetting matches" in text
     row = text[text.index("MTL <em>reference (upper bound)</em></td><td>2</td>"):].split("</tr>")[0]
     assert row.count("<td>n/a</td>") == 3  # BWT, FWT, forgetting do not apply
-    assert {p.name for p in rdir.glob("*.png")} == {"accuracy_matrices.png", "forgetting_curves.png", "cl_metrics.png",
-                                                    "trainable_params.png", "mask_overlap.png", "subspace_overlap.png"}
+    assert len(list(rdir.glob("*.png"))) == 6
     comp = json.loads((rdir / "comparison.json").read_text())
     by = {r["method"]: r for r in comp["methods"]}
     assert list(by) == list(METHODS) and [m for m in by if by[m]["reference"]] == ["mtl"]
-    assert by["mtl"]["ACC"]["mean"] == pytest.approx(statistics.mean(seven["logged"][("mtl", s)]["ACC"] for s in (0, 1)))
+    assert by["mtl"]["ACC"]["mean"] == pytest.approx(statistics.mean(statistics.mean(seven["R"][("mtl", s)][1]) for s in "01"))
     assert all(by["mtl"][k]["mean"] is None for k in ("BWT", "FWT", "forgetting"))
     assert not any("MTL" in v or "mtl" in v for v in comp["verdicts"].values())
     assert comp["verdicts"]["ACC"].startswith("ACC (higher is better): Replay ")  # MTL's higher ACC is not ranked
     assert [r["method"] for r in comp["rows"] if r["reference"]] == ["mtl"]
-    import csv
-
     rows = {r["method"]: r for r in csv.DictReader((rdir / "comparison.csv").open())}
     assert (rows["mtl"]["reference"], rows["lora"]["reference"], rows["mtl"]["BWT_mean"]) == ("True", "False", "")
     mm = json.loads((rdir / "mean_matrices.json").read_text())["methods"]
     assert mm["mtl"]["reference"] and len(mm["mtl"]["mean"]) == 2 and len(mm["lora"]["mean"]) == 4
 
 
-def test_interrupted_and_running_runs_are_listed_not_aggregated(seven):
+def test_interrupted_and_running_runs_are_listed_not_aggregated(seven, tmp_path):
     text, comp = seven["index"].read_text(encoding="utf-8"), json.loads((seven["index"].parent / "comparison.json").read_text())
     assert {seven["killed"], seven["running"]}.isdisjoint(r["run_id"] for r in comp["runs"]) and len(comp["runs"]) == 14
     assert all(r["seeds"] == ["0", "1"] for r in comp["methods"])
@@ -391,6 +388,14 @@ def test_interrupted_and_running_runs_are_listed_not_aggregated(seven):
     assert "lora-s7-o0" in section and "1 of 3" in section and f"harness resume {seven['killed_dir']}" in section
     assert "replay-s8-o0" in text[text.index("<h2>Running sequences</h2>"):text.index("<h2>Which method")]
     assert "lora-s7-o0" not in text[text.index("<h2>Runs</h2>"):] and "replay-s8-o0" not in text[text.index("<h2>Runs"):]
+    # Nothing finished yet: the error says what to resume.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp_id = client.create_experiment("cut", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
+    _log_unfinished(client, exp_id, "lora", 0, [], {"harness.run_dir": "/r/seed-0", "harness.interrupted": "true"}, "KILLED")
+    with pytest.raises(HarnessError, match=r"no FINISHED sequence runs .*1 interrupted.*`harness resume /r/seed-0`"):
+        write_report("cut", tmp_path, log_to_mlflow=False)
 
 
 def test_reference_matrix_rebuilt_from_metrics(seven, tmp_path):
@@ -400,17 +405,6 @@ def test_reference_matrix_rebuilt_from_metrics(seven, tmp_path):
     index = write_report(SEVEN, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
     got, want = (json.loads((i.parent / "mean_matrices.json").read_text())["methods"] for i in (index, seven["index"]))
     assert got == want and "logged ACC" not in index.read_text(encoding="utf-8")  # mtl: 2 rows, still consistent
-
-
-def test_only_interrupted_runs_is_an_error_that_says_how_to_resume(tmp_path):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    exp_id = client.create_experiment("cut", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
-    _log_parent(client, exp_id, "lora", 0, _seven_matrix(0, 0)[:1], {"harness.run_dir": "/r/lora/seed-0",
-                                                                   "harness.interrupted": "true"}, status="KILLED")
-    with pytest.raises(HarnessError, match=r"no FINISHED sequence runs .*1 interrupted.*`harness resume /r/lora/seed-0`"):
-        write_report("cut", tmp_path, log_to_mlflow=False)
 
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")

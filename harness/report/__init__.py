@@ -6,6 +6,11 @@ inline), the figures as PNG, comparison.csv / comparison.json (ACC, BWT, FWT, fo
 mean and std over seeds and orders) and mean_matrices.json (the order-0 accuracy matrices averaged
 over seeds). The figures are also logged to every finished parent run under "report/".
 
+Methods, their display names and order come from harness.methods.METHODS. A reference method
+(e.g. mtl, tag harness.reference) is a row marked reference: ACC only, never ranked, no curve.
+Only FINISHED sequences are aggregated; interrupted (KILLED + harness.interrupted) and RUNNING
+ones are listed apart, with how to resume the interrupted ones.
+
 Modules: store (reading MLflow), aggregate (over seeds), figures (every Matplotlib figure, also the
 scheduler's per-run heatmap), page + templates/report.html.j2 (index.html), write (the folder).
 """

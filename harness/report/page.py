@@ -141,8 +141,9 @@ def _reference_notes(rows: list[dict]) -> list[str]:
     ]
 
 
-def _unfinished_cells(u: UnfinishedRun) -> list[str]:
-    return [display_name(u.method), u.seed, u.order, u.run_name, u.progress, u.resume_command or "— (no harness.run_dir tag)"]
+def _unfinished_cells(u: UnfinishedRun) -> list:
+    cmd = Markup(f"<code>{escape(u.resume_command)}</code>") if u.resume_command else "— (no harness.run_dir tag)"
+    return [display_name(u.method), u.seed, u.order, u.run_name, u.progress, cmd]
 
 
 def _param_cells(row: dict) -> list[str]:

@@ -1,0 +1,79 @@
+"""Sweeping knobs: --grid makes variants, each in variant-<id>/, tagged in MLflow, resumable, validated up front."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from harness.cli import main
+from test_sequence import mlflow_client, read_matrix
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--tasks", "parity,weather", "--seeds", "0",
+        "--no-progress", "--no-report"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("grid")
+    assert main(["run", *BASE, "--grid", "warmup_steps=0,3;completion_eos=auto,always", "--results-dir", str(results),
+                 "--experiment", "g"]) == 0
+    return results
+
+
+def variant_dirs(results: Path) -> dict[tuple, Path]:
+    out = {}
+    for d in (results / "g").glob("variant-*"):
+        seq = d / "lora" / "seed-0"
+        v = yaml.safe_load((seq / "config.yaml").read_text())["sequence"]["variant_values"]
+        out[(v["warmup_steps"], v["completion_eos"])] = seq
+    return out
+
+
+def test_every_combination_is_a_variant_with_its_knob_values(grid_run):
+    dirs = variant_dirs(grid_run)
+    assert set(dirs) == {(0, "auto"), (0, "always"), (3, "auto"), (3, "always")}
+    for (warmup, eos), seq in dirs.items():
+        cfg = yaml.safe_load((seq / "config.yaml").read_text())
+        assert cfg["warmup_steps"] == warmup and cfg["completion_eos"] == eos
+        assert json.loads((seq / "summary.json").read_text())["complete"]
+
+
+def test_variants_are_tagged_in_mlflow_with_their_values_as_params(grid_run):
+    c = mlflow_client(grid_run)
+    runs = c.search_runs([c.get_experiment_by_name("g").experiment_id], "tags.`harness.kind` = 'sequence'")
+    assert len(runs) == 4 and len({r.data.tags["harness.variant"] for r in runs}) == 4
+    for r in runs:
+        assert {"grid.warmup_steps", "grid.completion_eos"} <= set(r.data.params)
+        assert r.data.params["grid.warmup_steps"] == r.data.params["warmup_steps"]
+
+
+def test_a_variant_equals_the_same_knobs_run_without_a_grid(grid_run, tmp_path):
+    assert main(["run", *BASE, "--results-dir", str(tmp_path), "--experiment", "plain"]) == 0
+    _, plain = read_matrix(tmp_path / "plain" / "lora" / "seed-0" / "matrix.csv")
+    _, variant = read_matrix(variant_dirs(grid_run)[(0, "auto")] / "matrix.csv")
+    np.testing.assert_array_equal(variant, plain)
+
+
+def test_resume_of_a_variant_sequence_stays_in_its_folder(grid_run):
+    seq = variant_dirs(grid_run)[(3, "always")]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "resume", str(seq), "--no-report", "--no-progress"],
+                         env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("already complete") == 1
+
+
+@pytest.mark.parametrize("grid,needle", [("seeds=0,1", "cannot sweep ['seeds']"), ("warmup_steps=-1", "grid variant"),
+                                         ("warmup_steps", "is not knob=v1,v2")])
+def test_bad_grid_exits_2_and_writes_nothing(tmp_path, capsys, grid, needle):
+    results = tmp_path / "r"
+    assert main(["run", *BASE, "--grid", grid, "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    assert not results.exists()
