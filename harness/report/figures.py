@@ -101,13 +101,15 @@ def matrix_heatmap(R: np.ndarray, tasks: list[str], title: str, path: Path) -> N
     atomic_write_bytes(Path(path), _png_bytes(fig))
 
 
-# Side-by-side heatmaps wrap onto a new line after this many panels (methods).
+# More than 3 side-by-side heatmaps (methods) wrap onto new lines: at most this many per line, and
+# no wider than _MAX_WIDTH inches, so the cells stay readable in the page.
 _PANELS_PER_LINE = 4
+_MAX_WIDTH = 16.0
 
 
 def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, xlabel, ylabel, highlight=None,
                     short_notes=None):
-    """Heatmaps side by side (wrapped after _PANELS_PER_LINE) with one shared 0..1 colour scale and the
+    """Heatmaps side by side (wrapped beyond 3, see _PANELS_PER_LINE) with one shared 0..1 colour scale and the
     value in every cell. A panel with a short note (short_notes[k], a reference run) and fewer rows keeps
     the others' cell height and shows the note in the space below its rows."""
     from matplotlib.patches import Rectangle
@@ -115,9 +117,10 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
     n = len(panels)
     n_rows = max(p[1].shape[0] for p in panels)
     n_cols = max(p[1].shape[1] for p in panels)
-    per_line = min(n, _PANELS_PER_LINE)
-    lines = math.ceil(n / per_line)
     cell = 0.62 if n_cols <= 8 else 0.45
+    fit = int((_MAX_WIDTH - 1.2) // (n_cols * cell + 1.4))
+    per_line = n if n <= 3 else min(n, _PANELS_PER_LINE, max(2, fit))
+    lines = math.ceil(n / per_line)
     height = max(2.6, n_rows * cell * 0.9 + 1.9) if lines == 1 else lines * (n_rows * cell * 0.9 + 1.6) + 0.6
     fig = _new_figure(max(4.0, per_line * (n_cols * cell + 1.4) + 1.2), height)
     grid = fig.subplots(lines, per_line, squeeze=False)
