@@ -223,33 +223,6 @@ class ExperimentConfig(BaseModel):
     def scale_alpha(self) -> float:
         return self.alpha if self.alpha is not None else 2.0 * self.rank
 
-    def variants(self) -> list[tuple[str | None, dict[str, Any], "ExperimentConfig"]]:
-        """(id, knob values, config) per combination of the grid; [(None, {}, self)] without one.
-
-        The id is a short hash of the values alone, so a variant keeps its folder whatever else changes."""
-        if not self.grid:
-            return [(None, {}, self)]
-        import hashlib
-        import itertools
-        import json
-
-        keys = sorted(self.grid)
-        out = []
-        for combo in itertools.product(*(self.grid[k] for k in keys)):
-            values = dict(zip(keys, combo))
-            data = self.model_dump(exclude_unset=True)  # unset method sections stay unset (they must not validate)
-            for k, v in nest_overrides({k: parse_cli_value(k, v) if isinstance(v, str) else v for k, v in values.items()}).items():
-                data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
-            try:
-                cfg = type(self)(**data)
-            except ValidationError as err:
-                raise ConfigError(_format_errors(err, f"grid variant {values}", set())) from None
-            # The id hashes the validated values, so "5" from a flag and 5 from YAML are the same variant.
-            values = {k: (getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) if "." in k else getattr(cfg, k)) for k in keys}
-            vid = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
-            out.append((vid, values, cfg))
-        return out
-
     @property
     def full_row_every(self) -> int | None:
         """Full evaluation rows every K stages (1 = every stage); None = only the final row (diagonal_final)."""
@@ -366,7 +339,7 @@ def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_errors(err: ValidationError, source: str, cli_keys: set[str]) -> str:
+def format_errors(err: ValidationError, source: str, cli_keys: set[str]) -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(config)"
@@ -410,4 +383,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     try:
         return ExperimentConfig(**data)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, set(flat))) from None
+        raise ConfigError(format_errors(err, source, set(flat))) from None

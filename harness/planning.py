@@ -13,6 +13,9 @@ experiment and picks that sequence out.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
 import math
 import os
 import tempfile
@@ -20,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import ExperimentConfig
+from pydantic import ValidationError
+
+from harness.config import ExperimentConfig, format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import METHODS
 
@@ -46,6 +51,30 @@ def experiment_dir(cfg: ExperimentConfig) -> Path:
     return Path(cfg.results_dir) / cfg.experiment_name
 
 
+def variants(cfg: ExperimentConfig) -> list[tuple[str | None, dict[str, Any], ExperimentConfig]]:
+    """(id, knob values, config) per combination of the grid; [(None, {}, cfg)] without one.
+
+    The id is a short hash of the values alone, so a variant keeps its folder whatever else changes."""
+    if not cfg.grid:
+        return [(None, {}, cfg)]
+    keys = sorted(cfg.grid)
+    out = []
+    for combo in itertools.product(*(cfg.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        data = cfg.model_dump(exclude_unset=True)  # unset method sections stay unset (they must not validate)
+        for k, v in nest_overrides({k: parse_cli_value(k, v) if isinstance(v, str) else v for k, v in values.items()}).items():
+            data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
+        try:
+            vcfg = ExperimentConfig(**data)
+        except ValidationError as err:
+            raise ConfigError(format_errors(err, f"grid variant {values}", set())) from None
+        # The id hashes the validated values, so "5" from a flag and 5 from YAML are the same variant.
+        values = {k: (getattr(getattr(vcfg, k.split(".")[0]), k.split(".")[1]) if "." in k else getattr(vcfg, k)) for k in keys}
+        vid = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        out.append((vid, values, vcfg))
+    return out
+
+
 def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
     """Every method x seed x order, with its run folder."""
     specs = []
@@ -58,7 +87,7 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
             if unknown:
                 raise ConfigError(f"tasks: {unknown} not in suite {suite.name!r} order {k} ({', '.join(order)})")
             order = [t for t in order if t in cfg.tasks]
-        for vid, values, vcfg in cfg.variants():
+        for vid, values, vcfg in variants(cfg):
             base = experiment_dir(cfg) / f"variant-{vid}" if vid else experiment_dir(cfg)
             for method in cfg.methods:
                 for seed in cfg.seeds:
