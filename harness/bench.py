@@ -58,11 +58,41 @@ def _base_step(model, batch, bf16_autocast: bool):
     return step
 
 
+def _nbytes(tensors) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
+def adapter_memory(method, opt, batch, recipe, bf16_autocast: bool) -> dict[str, int]:
+    """Bytes held for training the adapter, measured from the tensors themselves (not from formulas).
+
+    params: every adapter tensor (A and B of every adapter, frozen or not); grads: the gradients a
+    step leaves on the trainable tensors; optimizer: AdamW's state tensors; snapshot: whatever the
+    method keeps besides (LoRI-S: its stage-start copy of B and the masks)."""
+    from harness.train import lm_loss
+
+    model = method.model
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    trainable = list(method.trainable().values())
+    with autocast_ctx(batch["input_ids"].device, bf16_autocast):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lm_loss(logits, batch["labels"], recipe.loss_reduction).backward()
+    grads = [p.grad for p in trainable if p.grad is not None]
+    out = {"params_bytes": _nbytes(params), "grads_bytes": _nbytes(grads),
+           "optimizer_bytes": _nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)),
+           "snapshot_bytes": _nbytes(method.held_tensors())}
+    out["total_bytes"] = sum(out.values())
+    for p in trainable:
+        p.grad = None
+    return out
+
+
 def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: int = 8, seq_len: int = 128,
-              steps: int = 10, warmup: int = 2) -> dict:
+              steps: int = 10, warmup: int = 2, memory: bool = False) -> dict:
     """Time the real training step (harness.train.train_step, with the method's hooks) of every method on one batch.
 
-    Rank, alpha, targets, mask density, recipe, device and dtype come from the experiment config `cfg`."""
+    Rank, alpha, targets, mask density, recipe, device and dtype come from the experiment config `cfg`.
+    With memory=True, also {"memory": {METHOD: {params_bytes, grads_bytes, optimizer_bytes, snapshot_bytes,
+    total_bytes}}}, measured after the timed steps (so AdamW's state exists)."""
     from harness.models import load_model, set_torch_threads
 
     set_torch_threads()
@@ -86,6 +116,8 @@ def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: in
             method.model.train()
             times = _time_steps(lambda: train_step(method.model, batch, params, opt, sched, recipe, method, cfg.bf16_autocast),
                                 warmup, steps, name)
+            if memory:
+                out.setdefault("memory", {})[name] = adapter_memory(method, opt, batch, recipe, cfg.bf16_autocast)
             method.end_stage()
             model = method.unload()
         med = statistics.median(times)
@@ -95,6 +127,7 @@ def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: in
 
 
 def format_table(res: dict) -> str:
+    """Step times (and, with --memory, adapter training memory in MB) as a plain-text table."""
     rows = [f"model {res['model']} on {res['device']}, batch {res['batch_size']}x{res['seq_len']}, rank {res['rank']}, "
             f"{len(res['targets'])} target modules, median of {res['steps']} steps",
             f"{'method':<8}{'step s (median)':>17}{'tokens/s':>11}{'vs lora':>9}"]
@@ -102,6 +135,13 @@ def format_table(res: dict) -> str:
     for name, m in res["methods"].items():
         rel = f"{m['step_s_median'] / lora:>8.2f}x" if lora else ""
         rows.append(f"{name:<8}{m['step_s_median']:>17.4f}{m['train_tok_s']:>11.0f}{rel:>9}")
+    if res.get("memory"):
+        mb = lambda b: f"{b / 2**20:>10.2f}"  # noqa: E731
+        rows += ["", "adapter training memory, MB (measured from the tensors)",
+                 f"{'method':<8}{'params':>10}{'grads':>10}{'optimizer':>10}{'snapshot':>10}{'total':>10}"]
+        for name, m in res["memory"].items():
+            rows.append(f"{name:<8}{mb(m['params_bytes'])}{mb(m['grads_bytes'])}{mb(m['optimizer_bytes'])}"
+                        f"{mb(m['snapshot_bytes'])}{mb(m['total_bytes'])}")
     return "\n".join(rows)
 
 

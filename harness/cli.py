@@ -241,7 +241,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.json:
             write_json(res, Path(args.json))
         return 0
-    res = run_bench(cfg, methods=methods, batch_size=args.bench_batch_size, seq_len=args.seq_len, steps=args.steps)
+    res = run_bench(cfg, methods=methods, batch_size=args.bench_batch_size, seq_len=args.seq_len, steps=args.steps,
+                    memory=args.memory)
     print(format_table(res))
     if args.json:
         write_json(res, Path(args.json))
@@ -311,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", dest="bench_batch_size", type=int, default=8, help="Batch size [default: 8].")
     b.add_argument("--seq-len", type=int, default=128, help="Tokens per sequence [default: 128].")
     b.add_argument("--steps", type=int, default=10, help="Timed steps per method after 2 warm-up steps [default: 10].")
+    b.add_argument("--memory", action="store_true",
+                   help="Also measure adapter training memory per method (params, grads, optimizer state, snapshots) from the tensors.")
     b.add_argument("--eval-suite", metavar="SUITE", help="Instead: time lm-eval against a bare batched scorer on this suite's requests.")
     b.add_argument("--json", metavar="FILE", help="Also write the results as JSON.")
     _add_config_flags(b, skip={"methods", "batch_size", "seeds", "orders", "tasks", "results_dir", "tracking_uri", "experiment",

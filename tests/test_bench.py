@@ -20,3 +20,21 @@ def test_bench_writes_json_contract(tmp_path, capsys):
 def test_bench_rejects_unknown_method(capsys):
     assert main(["bench", "--methods", "lora,foo"]) == 2
     assert "foo" in capsys.readouterr().err
+
+
+def test_bench_memory_is_measured_from_the_tensors(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-llama", "--methods", "lora,lori-d,lori-s", "--steps", "1", "--seq-len", "16",
+                 "--batch-size", "2", "--memory", "--json", str(out)]) == 0
+    mem = json.loads(out.read_text())["memory"]
+    keys = {"params_bytes", "grads_bytes", "optimizer_bytes", "snapshot_bytes", "total_bytes"}
+    assert set(mem) == {"lora", "lori-d", "lori-s"} and all(set(m) == keys for m in mem.values())
+    lora, lori_d, lori_s = mem["lora"], mem["lori-d"], mem["lori-s"]
+    # Same rank and targets: the same adapter tensors; LoRA trains A and B, LoRI only B (AdamW: 2 moments per entry).
+    assert lora["params_bytes"] == lori_d["params_bytes"] == lori_s["params_bytes"]
+    assert lori_d["grads_bytes"] < lora["grads_bytes"]
+    extra = lori_d["optimizer_bytes"] - 2 * lori_d["grads_bytes"]  # two moments per entry + one 4-byte step per tensor
+    assert 0 < extra <= 4 * 64 and extra % 4 == 0
+    assert lora["snapshot_bytes"] == 0 and lori_s["snapshot_bytes"] > 0  # LoRI-S holds B's stage-start copy and its masks
+    for m in mem.values():
+        assert m["total_bytes"] == sum(v for k, v in m.items() if k != "total_bytes")

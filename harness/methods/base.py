@@ -135,5 +135,9 @@ class Method:
     def diagnostics(self) -> dict[str, Any]:
         return {}
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Tensors the method keeps during a stage besides parameters, gradients and optimizer state (bench --memory)."""
+        return []
+
     def unload(self) -> torch.nn.Module:
         return self.adapters.unload()

@@ -98,6 +98,10 @@ class LoRIS(LoRID):
         return M.allocate(scores, used, density=self.cfg.mask_density, policy=self.cfg.overlap_policy,
                           max_overlap=self.cfg.max_overlap, scope=scope)
 
+    def held_tensors(self) -> list[torch.Tensor]:
+        enf = self.enforcer
+        return [*enf.snapshot.values(), *enf.masks.values()] if enf is not None else []
+
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
         return {f"mask/{k}": v.to(torch.uint8) for k, v in (self.stage_masks or {}).items()}
 

@@ -123,6 +123,19 @@ def diagnostic_matrices(by_method: dict[str, list[SequenceRun]], key: str) -> li
     return out
 
 
+def mean_std_n(values) -> dict[str, float | int]:
+    """{mean, std, n} of the finite values (a pandas Series or a list; NaN dropped)."""
+    import pandas as pd
+
+    vals = pd.Series(values, dtype=float).dropna()
+    return {
+        "mean": float(vals.mean()) if len(vals) else float("nan"),
+        # Sample standard deviation (ddof=1) over seeds (and orders); undefined for one run.
+        "std": float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"),
+        "n": int(len(vals)),
+    }
+
+
 def _method_row(method: str, g) -> dict[str, Any]:
     """One method's summary over its runs (g: its rows of the runs table)."""
     row: dict[str, Any] = {
@@ -135,13 +148,7 @@ def _method_row(method: str, g) -> dict[str, Any]:
         "reference": bool(g["reference"].any()),
     }
     for m in METRICS:
-        vals = g[m].dropna()
-        row[m] = {
-            "mean": float(vals.mean()) if len(vals) else float("nan"),
-            # Sample standard deviation (ddof=1) over seeds and orders; undefined for one run.
-            "std": float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"),
-            "n": int(len(vals)),
-        }
+        row[m] = mean_std_n(g[m])
     for p in PARAM_KEYS:
         vals = g[p].dropna()
         row[p] = float(vals.mean()) if len(vals) else float("nan")
@@ -223,7 +230,15 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
             else:
                 out[m] = f"{m} ({direction} is better): not defined for any method (e.g. a single task, T = 1)."
             continue
-        cands.sort(key=lambda r: r[m]["mean"], reverse=HIGHER_IS_BETTER[m])
-        parts = [_compare(m, cands[0], other) for other in cands[1:]]
-        out[m] = f"{m} ({direction} is better): " + "; ".join(parts) + "."
+        out[m] = f"{m} ({direction} is better): " + ranked_comparisons(m, cands, HIGHER_IS_BETTER[m]) + "."
     return out
+
+
+def ranked_comparisons(key: str, cands: list[dict], higher_is_better: bool) -> str:
+    """The best of cands (by row[key]["mean"]) against each other one, "; "-joined, by the within-noise rule of _compare.
+
+    cands: at least two rows with "method" and key -> {mean, std}; the sequence verdicts and the merging
+    verdicts both use it, so both call a difference within noise the same way.
+    """
+    ranked = sorted(cands, key=lambda r: r[key]["mean"], reverse=higher_is_better)
+    return "; ".join(_compare(key, ranked[0], other) for other in ranked[1:])

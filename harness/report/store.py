@@ -1,4 +1,4 @@
-"""Reading the MLflow store: the experiment, its finished sequence runs, their matrices and artifacts.
+"""Reading the MLflow store: the experiment, its finished sequence (and merge) runs, their matrices and artifacts.
 
 It reads exactly what the scheduler logs (see the MLflow contract in harness.tracking): parent runs
 tagged harness.kind=sequence, their final ACC/BWT/FWT/forgetting metrics and trainable-parameter
@@ -13,12 +13,15 @@ FAILED ones) is also listed as skipped.
 
 A reference run (tag harness.reference=true, e.g. multi-task training) has one training stage:
 its matrix has 2 rows (base, after training on all tasks) and only ACC is defined.
+
+An experiment may also (or only) hold `harness merge` parent runs (harness.kind=merge): the
+FINISHED ones are loaded by merge_store, the others listed apart (merge_skipped). The report
+needs finished runs of at least one kind.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -29,6 +32,8 @@ import numpy as np
 
 from harness.errors import HarnessError, TrackingError
 from harness.metrics import summarize, summarize_reference
+from harness.report.artifacts import download_jsons
+from harness.report.merge_store import MERGE_FILTER, MergeRun, load_merge_run
 from harness.report.naming import METRICS, is_reference_method
 from harness.report.numbers import finite
 from harness.report.unfinished import UnfinishedRun, classify_runs, no_finished_message
@@ -74,6 +79,8 @@ class ExperimentRuns:
     skipped: list[tuple[str, str, str]]  # (run id, run name, status) of runs not FINISHED
     interrupted: list[UnfinishedRun] = field(default_factory=list)  # KILLED + harness.interrupted
     running: list[UnfinishedRun] = field(default_factory=list)  # RUNNING: another process works on them
+    merges: list[MergeRun] = field(default_factory=list)  # finished `harness merge` parents
+    merge_skipped: list[tuple[str, str, str]] = field(default_factory=list)  # merge parents not FINISHED
 
 
 @contextlib.contextmanager
@@ -125,13 +132,13 @@ def _harness_experiments(client) -> list:
 
     found = []
     for exp in client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000):
-        if _search_all_runs(client, exp.experiment_id, SEQUENCE_FILTER, max_total=1):
+        if any(_search_all_runs(client, exp.experiment_id, f, max_total=1) for f in (SEQUENCE_FILTER, MERGE_FILTER)):
             found.append(exp)
     return found
 
 
 def _pick_experiment(client, experiment: str | None, uri: str):
-    """The named experiment, or the only one with sequence runs; HarnessError lists the choices."""
+    """The named experiment, or the only one with sequence or merge runs; HarnessError lists the choices."""
     harness_exps = _harness_experiments(client)
     names = sorted(e.name for e in harness_exps)
     listing = ", ".join(names) if names else "(none)"
@@ -139,7 +146,8 @@ def _pick_experiment(client, experiment: str | None, uri: str):
         if len(harness_exps) == 1:
             return harness_exps[0]
         if not harness_exps:
-            raise HarnessError(f"no harness sequence runs in {redact_uri(uri)}: run `make run-sequence` first")
+            raise HarnessError(f"no harness sequence runs (nor merge runs) in {redact_uri(uri)}: "
+                               "run `make run-sequence` (or `harness merge`) first")
         raise HarnessError(
             f"{len(harness_exps)} harness experiments in {redact_uri(uri)}: {listing}; pick one with --experiment NAME"
         )
@@ -150,7 +158,8 @@ def _pick_experiment(client, experiment: str | None, uri: str):
 
 
 def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> ExperimentRuns:
-    """Load the FINISHED sequence runs of one experiment (and list the unfinished ones); HarnessError when there are none.
+    """Load the FINISHED sequence and merge runs of one experiment (and list the unfinished ones); HarnessError when
+    there are none of either kind.
 
     experiment=None picks the only harness experiment in the store. Store failures become
     TrackingError naming the (redacted) URI.
@@ -162,6 +171,7 @@ def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> Expe
         client = _client(uri)
         exp = _pick_experiment(client, experiment, uri)
         all_runs = _search_all_runs(client, exp.experiment_id, SEQUENCE_FILTER)
+        merge_runs = _search_all_runs(client, exp.experiment_id, MERGE_FILTER)
     except HarnessError:
         raise
     except (MlflowException, OSError) as exc:
@@ -172,42 +182,25 @@ def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> Expe
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"cannot read runs of {exp.name!r} from {redact_uri(uri)}: {exc}") from exc
     skipped = [(r.info.run_id, r.info.run_name, r.info.status) for r in all_runs if r.info.status != "FINISHED"]
-    if not finished:
-        raise HarnessError(no_finished_message(exp.name, skipped, interrupted, running))
+    merge_finished = [r for r in merge_runs if r.info.status == "FINISHED"]
+    merge_skipped = [(r.info.run_id, r.info.run_name, r.info.status) for r in merge_runs if r.info.status != "FINISHED"]
+    if not finished and not merge_finished:
+        msg = no_finished_message(exp.name, skipped, interrupted, running)
+        if merge_runs:
+            msg += f"; nor FINISHED merge runs ({len(merge_runs)} not finished: rerun `harness merge`, it resumes)"
+        raise HarnessError(msg)
     try:
         with tempfile.TemporaryDirectory(prefix="harness-report-") as tmp:
             runs = [_load_run(client, r, Path(tmp)) for r in finished]
+            merges = [load_merge_run(client, r, Path(tmp)) for r in merge_finished]
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"cannot read runs of {exp.name!r} from {redact_uri(uri)}: {exc}") from exc
-    return ExperimentRuns(client, exp.name, runs, skipped, interrupted, running)
-
-
-def _download_json(client, run_id: str, name: str, available: set[str], dst: Path) -> tuple[Any, str | None]:
-    """(parsed JSON or None, a note when it was expected but unreadable)."""
-    if name not in available:
-        return None, None
-    try:
-        local = client.download_artifacts(run_id, name, str(dst))
-        with open(local, encoding="utf-8") as fh:
-            return json.load(fh), None
-    except Exception as exc:  # noqa: BLE001 - any download/parse failure falls back, with a note
-        return None, f"{name} could not be read ({type(exc).__name__}: {exc})"
+    return ExperimentRuns(client, exp.name, runs, skipped, interrupted, running, merges, merge_skipped)
 
 
 def _download_artifacts(client, run_id: str, dst: Path, notes: list[str]) -> tuple[set[str], Any, Any, Any]:
     """(artifact names, matrix.json, summary.json, diagnostics.json); problems are appended to notes."""
-    try:
-        available = {a.path for a in client.list_artifacts(run_id)}
-    except Exception as exc:  # noqa: BLE001 - the metrics still give the matrix
-        available = set()
-        notes.append(f"artifacts could not be listed ({type(exc).__name__}: {exc})")
-    dst.mkdir(parents=True, exist_ok=True)
-    parsed = []
-    for name in ("matrix.json", "summary.json", "diagnostics.json"):
-        value, note = _download_json(client, run_id, name, available, dst)
-        if note:
-            notes.append(note)
-        parsed.append(value)
+    available, parsed = download_jsons(client, run_id, ("matrix.json", "summary.json", "diagnostics.json"), dst, notes)
     return available, parsed[0], parsed[1], parsed[2]
 
 
