@@ -6,13 +6,20 @@ inline), the figures as PNG, comparison.csv / comparison.json (ACC, BWT, FWT, fo
 mean and std over seeds and orders) and mean_matrices.json (the order-0 accuracy matrices averaged
 over seeds). The figures are also logged to every finished parent run under "report/".
 
+An experiment's `harness merge` runs (harness.kind=merge) give the Merging section: normalised
+accuracy and average drop per method x combination (mean ± std over seeds, merging.csv and
+comparison.json "merging"), the per-task single-vs-merged scores (merge_scores.png), the pairwise
+interference heatmaps when pairs were merged (merge_interference.png), the merges whose ΔW has
+cross terms, and a verdict per combination. An experiment may hold either kind of run, or both.
+
 Methods, their display names and order come from harness.methods.METHODS. A reference method
 (e.g. mtl, tag harness.reference) is a row marked reference: ACC only, never ranked, no curve.
 Only FINISHED sequences are aggregated; interrupted (KILLED + harness.interrupted) and RUNNING
 ones are listed apart, with how to resume the interrupted ones.
 
 Modules: store (reading MLflow), aggregate (over seeds), figures (every Matplotlib figure, also the
-scheduler's per-run heatmap), page + templates/report.html.j2 (index.html), write (the folder).
+scheduler's per-run heatmap), page + templates/report.html.j2 (index.html), write (the folder);
+for merge runs merge_store (reading), merging (over seeds), merge_figures; artifacts (JSON downloads).
 """
 
 from harness.report.write import write_report

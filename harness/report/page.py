@@ -1,5 +1,8 @@
 """The report's index.html: the table rows and sentences it needs, rendered by templates/report.html.j2.
 
+The sequence sections appear when the experiment has finished sequence runs, the Merging section
+when it has finished merge runs (either or both).
+
 The page opens from disk with no network: figures are relative PNG files in the same folder and
 the CSS is inline in the template.
 """
@@ -14,8 +17,10 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
-from harness.metrics import LIBRARY_NOTE, METRIC_DEFINITIONS
+from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
 from harness.report.aggregate import MethodMatrix
+from harness.report.merge_store import MergeRun
+from harness.report.merging import DROP, NORM, MergingSummary
 from harness.report.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
                                    num_sort_key, uniq)
 from harness.report.numbers import finite, fmt, fmt_pm
@@ -47,6 +52,7 @@ class PageData:
     log_note: str
     interrupted: list[UnfinishedRun] = field(default_factory=list)
     running: list[UnfinishedRun] = field(default_factory=list)
+    merging: MergingSummary | None = None  # None: no finished merge runs
 
 
 def _escape(value):
@@ -164,11 +170,25 @@ def _run_cells(r: SequenceRun) -> list[str]:
 
 
 def _context(d: PageData) -> dict:
-    runs = sorted(d.runs, key=lambda r: (method_sort_key(r.method), num_sort_key(r.order), num_sort_key(r.seed)))
-    return {
+    common = {
         "experiment": d.experiment,
         "generated": d.now.strftime("%Y-%m-%d %H:%M UTC"),
         "store": redact_uri(d.uri),
+        "has_sequences": bool(d.runs),
+        "unfinished_headers": ["method", "seed", "order", "run", "last finished stage", "continue with"],
+        "interrupted_rows": [_unfinished_cells(u) for u in d.interrupted],
+        "running_rows": [_unfinished_cells(u)[:5] for u in d.running],
+        "figures": d.figures,
+        "merging": _merging_context(d.merging) if d.merging else None,
+        "merge_definitions": MERGE_DEFINITIONS,
+        "log_note": d.log_note,
+    }
+    return {**common, **(_sequence_context(d) if d.runs else {})}
+
+
+def _sequence_context(d: PageData) -> dict:
+    runs = sorted(d.runs, key=lambda r: (method_sort_key(r.method), num_sort_key(r.order), num_sort_key(r.seed)))
+    return {
         "info_rows": _what_was_run(d),
         "knob_headers": ["method"] + _KNOBS,
         "knob_rows": [[display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—"
@@ -178,13 +198,9 @@ def _context(d: PageData) -> dict:
         "metric_rows": [_metric_row(r) for r in d.rows],
         "reference_notes": _reference_notes(d.rows),
         "reference_names": ", ".join(display_name(r["method"]) for r in d.rows if r["reference"]),
-        "unfinished_headers": ["method", "seed", "order", "run", "last finished stage", "continue with"],
-        "interrupted_rows": [_unfinished_cells(u) for u in d.interrupted],
-        "running_rows": [_unfinished_cells(u)[:5] for u in d.running],
         "several_seeds": any(len(mm.seeds) > 1 for mm in d.mms),
         "several_orders": len({r.order for r in d.runs}) > 1,
         "param_rows": [_param_cells(r) for r in d.rows],
-        "figures": d.figures,
         "has_mask_overlap": bool(d.mask_diag),
         "has_subspace_overlap": bool(d.sub_diag),
         "mask_methods": ", ".join(display_name(m) for m, *_ in d.mask_diag),
@@ -194,7 +210,79 @@ def _context(d: PageData) -> dict:
         "run_headers": ["run", "run id", "method", "seed", "order", "tasks"] + list(METRICS) + ["matrix from"],
         "run_rows": [_run_cells(r) for r in runs],
         "problems": [(r, display_name(r.method), n) for r in d.runs for n in r.notes],
-        "log_note": d.log_note,
+    }
+
+
+# --- the Merging section --------------------------------------------------------------------------
+CROSS_TERMS_EXPLAINED = (
+    "linear, ties and dare_* (dare_linear, dare_ties; also magnitude_prune) combine the A's and the B's separately, "
+    "ΔW = (Σ_i √(w_i s_i) B_i)(Σ_j √(w_j s_j) A_j), so cross terms B_i A_j (i ≠ j) appear whenever the tasks' A's "
+    "differ (LoRA's trained A's, LoRI's per-task A's). cat stacks the ranks and is exact: ΔW = Σ_i w_i s_i B_i A_i."
+)
+
+
+def _by_method(runs: list[MergeRun], value) -> str:
+    """One value per method ("LoRA: x; LoRI-S: y"), or just the value when every method has the same."""
+    per = {m: ", ".join(uniq(value(r) for r in runs if r.method == m)) or "—" for m in dict.fromkeys(r.method for r in runs)}
+    if len(set(per.values())) == 1:
+        return next(iter(per.values()))
+    return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
+
+
+def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
+    runs = ms.runs
+
+    def vals(tag: str | None, param: str | None = None) -> str:
+        found = uniq((r.tags.get(tag) if tag else None) or (r.params.get(param) if param else None) for r in runs)
+        return ", ".join(found) if found else "—"
+
+    skipped = ", ".join(f"{n or i} ({s})" for i, n, s in ms.skipped)
+    return [
+        ["methods", ", ".join(f"{display_name(m)} ({sum(r.method == m for r in runs)} runs)" for m in ms.methods)],
+        ["seeds", ", ".join(uniq(r.seed for r in runs))],
+        ["tasks merged", _by_method(runs, lambda r: " + ".join(r.tasks))],
+        ["combinations", ", ".join(ms.combinations) or "—"],
+        ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
+        ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
+        ["merge density (ties, dare)", vals(None, "merge_density")],
+        ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
+        ["model", vals("harness.model", "model")],
+        ["suite", vals("harness.suite", "suite")],
+        ["git commit", vals("harness.git_commit")],
+        ["date (run starts)", _run_dates(runs)],
+        ["finished merge runs", str(len(runs))],
+        ["skipped (not FINISHED)", f"{len(ms.skipped)}: {skipped}" if ms.skipped else "0"],
+    ]
+
+
+def _fmt_err(x) -> str:
+    return f"{float(x):.2e}" if finite(x) else "—"
+
+
+def _merge_run_rows(ms: MergingSummary) -> list[list[str]]:
+    return [[r.run_name, r.run_id, display_name(r.method), r.seed, c, fmt(e[NORM]), fmt(e[DROP]), _fmt_err(e["relative_error"]),
+             " ".join(f"{t}={e['scores'][t]:.2f}" for t in r.tasks if t in e["scores"]) or "—", r.source]
+            for r in ms.runs for c, e in r.merges.items()]
+
+
+def _merging_context(ms: MergingSummary) -> dict:
+    return {
+        "info_rows": _merge_info_rows(ms),
+        "verdicts": [ms.verdicts[c] for c in ms.combinations],
+        "headers": ["method", "combination", "seeds", "normalised accuracy (↑)", "average drop (↓)", "max ΔW rel. error",
+                    "cross terms"],
+        "rows": [[display_name(c.method), c.combination, len(c.seeds), fmt_pm(c.normalised_accuracy["mean"],
+                  c.normalised_accuracy["std"]), fmt_pm(c.average_drop["mean"], c.average_drop["std"]),
+                  _fmt_err(c.relative_error_max), "yes" if c.cross_terms else "no"] for c in ms.cells],
+        "tolerance": f"{ms.tolerance:g}",
+        "cross_terms_explained": CROSS_TERMS_EXPLAINED,
+        "warnings": [f"{display_name(c.method)} · {c.combination}: relative error {_fmt_err(c.relative_error_max)}"
+                     + (f" (ΔW up to {100 * c.relative_error_max:.3g}% off Σ_i w_i s_i B_i A_i)" if finite(c.relative_error_max)
+                        else "") for c in ms.warnings],
+        "run_headers": ["run", "run id", "method", "seed", "combination", "normalised accuracy", "average drop",
+                        "ΔW rel. error", "merged scores m_j", "from"],
+        "run_rows": _merge_run_rows(ms),
+        "problems": [(r, display_name(r.method), n) for r in ms.runs for n in r.notes],
     }
 
 

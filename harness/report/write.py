@@ -1,4 +1,9 @@
-"""The report folder: read the store, aggregate, write figures, tables and index.html, log the figures."""
+"""The report folder: read the store, aggregate, write figures, tables and index.html, log the figures.
+
+Sequence runs give comparison.csv, mean_matrices.json and the sequence figures; merge runs give
+merging.csv, comparison.json's "merging" and the merge_*.png figures. A report of only one kind
+has only its files (the other kind's files left from an earlier report are removed).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 from harness.io import atomic_write_bytes, atomic_write_text
 from harness.report.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
 from harness.report.figures import report_figures
+from harness.report.merge_figures import merge_figures
+from harness.report.merging import MergingSummary, merging_json, merging_rows, summarize_merging
 from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
@@ -42,10 +49,12 @@ def _write_figures(report_dir: Path, figures: dict[str, bytes]) -> None:
             stale.unlink()
 
 
-def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, columns, n_rows, mms, now) -> None:
-    """comparison.json, comparison.csv and mean_matrices.json."""
+def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, columns, n_rows, mms, now,
+                  merging: MergingSummary | None = None) -> None:
+    """comparison.json, plus comparison.csv and mean_matrices.json (sequence runs) and merging.csv (merge runs)."""
     import pandas as pd
 
+    merge_part = {"merging": merging_json(merging)} if merging else {}
     _write_json(report_dir / "comparison.json", {
         "experiment": exp.name,
         "generated_at": now.isoformat(),
@@ -54,14 +63,22 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         "higher_is_better": HIGHER_IS_BETTER,
         "methods": rows,
         "verdicts": verdict,
-        "runs": df.to_dict(orient="records"),
+        "runs": df.to_dict(orient="records") if df is not None else [],
         "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in exp.skipped],
         # Not aggregated: killed sequences to resume, and sequences another process is running.
         "interrupted_runs": [u.as_json() for u in exp.interrupted],
         "running_runs": [u.as_json() for u in exp.running],
         # The rows of comparison.csv (one level, one per method; reference rows marked).
         "rows": comparison_rows(rows),
+        **merge_part,
     })
+    _remove_stale(report_dir, ("comparison.csv", "mean_matrices.json") if not exp.runs else ())
+    _remove_stale(report_dir, ("merging.csv",) if not merging else ())
+    if merging:
+        merging_csv = pd.DataFrame(merging_rows(merging)).to_csv(index=False, float_format="%.6g")
+        atomic_write_text(report_dir / "merging.csv", merging_csv)
+    if not exp.runs:
+        return
     csv = pd.DataFrame(comparison_rows(rows)).to_csv(index=False, float_format="%.6g")
     atomic_write_text(report_dir / "comparison.csv", csv)
     _write_json(report_dir / "mean_matrices.json", {
@@ -75,20 +92,25 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
     })
 
 
+def _remove_stale(report_dir: Path, names) -> None:
+    for name in names:
+        (report_dir / name).unlink(missing_ok=True)
+
+
 def _log_figures(exp: ExperimentRuns, figures: dict[str, bytes]) -> str:
     """Log the figures to every finished parent run under report/; return the page's note on it."""
     failures = []
     with tempfile.TemporaryDirectory(prefix="harness-report-log-") as stage_dir:
         for name, data in figures.items():
             Path(stage_dir, name).write_bytes(data)
-        for r in exp.runs:
+        for r in [*exp.runs, *exp.merges]:
             try:
                 exp.client.log_artifacts(r.run_id, stage_dir, artifact_path="report")
             except Exception as exc:  # noqa: BLE001 - the report on disk stays valid
                 failures.append(f"{r.run_id}: {type(exc).__name__}: {exc}")
     if failures:
         return f"logging the figures to MLflow failed for {len(failures)} run(s): " + "; ".join(failures[:3])
-    return f"the figures are also logged to each of the {len(exp.runs)} parent runs under report/."
+    return f"the figures are also logged to each of the {len(exp.runs) + len(exp.merges)} parent runs under report/."
 
 
 def write_report(
@@ -119,20 +141,23 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
 
     methods = sorted({r.method for r in runs}, key=method_sort_key)
     by_method = {m: [r for r in runs if r.method == m] for m in methods}
-    df, rows = aggregate(runs)
-    verdict = verdicts(rows)
-    columns, n_rows, mms = method_matrices(by_method)
+    # Only merge runs: no sequence aggregates, tables or figures (page: has_sequences is false).
+    df, rows = aggregate(runs) if runs else (None, [])
+    verdict = verdicts(rows) if runs else {}
+    columns, n_rows, mms = method_matrices(by_method) if runs else ([], 0, [])
     mask_diag = diagnostic_matrices(by_method, "mask_overlap")
     sub_diag = diagnostic_matrices(by_method, "subspace_overlap")
+    merging = summarize_merging(exp.merges, exp.merge_skipped) if exp.merges else None
 
-    figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag)
+    figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) if runs else {}
+    figures.update(merge_figures(merging) if merging else {})
     _write_figures(report_dir, figures)
     now = now or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now)
+    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging)
     log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
 
     page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
-                    mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running)
+                    mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index
