@@ -115,7 +115,8 @@ class ExperimentConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps per stage (0 = none, as the LoRI reference).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of each stage's steps (instead of warmup_steps).")
     completion_eos: Literal["auto", "always", "never"] = Field(
-        "auto", description="EOS after each training completion: auto (generate tasks only, where it is the stop signal), always, never."
+        "always", description="EOS after each training completion: always, auto (generate tasks only, where it is the stop "
+        "signal; a multiple-choice score never reads it), never. Default: always, until the ablation decides (README)."
     )
     loss_reduction: Literal["token", "example"] = Field(
         "token", description="Loss: mean over completion tokens (token) or mean of per-example means (example)."
