@@ -255,26 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", help="Run an experiment (every method x seed x task order); finished stages are skipped.")
-    r.add_argument("config", nargs="?", help="Experiment YAML (optional; flags override it).")
-    r.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
-    r.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    _add_config_flags(r)
-    r.set_defaults(func=cmd_run)
+    def training_command(name: str, help_: str, func, positional: tuple[str, str, str | None]) -> None:
+        c = sub.add_parser(name, help=help_)
+        c.add_argument(positional[0], nargs=positional[2], metavar=positional[0].upper(), help=positional[1])
+        c.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
+        c.add_argument("--no-progress", action="store_true", help="No progress bars.")
+        _add_config_flags(c)
+        c.set_defaults(func=func)
 
-    rs = sub.add_parser("resume", help="Continue an interrupted run from its folder (sequence or experiment folder).")
-    rs.add_argument("run_dir", metavar="RUN_DIR")
-    rs.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
-    rs.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    _add_config_flags(rs)
-    rs.set_defaults(func=cmd_resume)
-
-    mg = sub.add_parser("merge", help="Train one adapter per task, evaluate each alone, merge them (PEFT), evaluate the merges.")
-    mg.add_argument("config", nargs="?", help="Experiment YAML (optional; flags override it).")
-    mg.add_argument("--no-report", action="store_true", help="Do not write the report at the end.")
-    mg.add_argument("--no-progress", action="store_true", help="No progress bars.")
-    _add_config_flags(mg)
-    mg.set_defaults(func=cmd_merge)
+    config_arg = ("config", "Experiment YAML (optional; flags override it).", "?")
+    training_command("run", "Run an experiment (every method x seed x task order); finished stages are skipped.", cmd_run, config_arg)
+    training_command("resume", "Continue an interrupted run from its folder (sequence or experiment folder).", cmd_resume,
+                     ("run_dir", "A sequence folder or an experiment folder.", None))
+    training_command("merge", "Train one adapter per task, evaluate each alone, merge them (PEFT), evaluate the merges.", cmd_merge,
+                     config_arg)
 
     v = sub.add_parser("validate", help="Check a config (suite, model, capacity, paths, tracking) without training; with only --suite, check that suite.")
     v.add_argument("config", nargs="?", help="Experiment YAML (optional).")
