@@ -13,7 +13,6 @@ import json
 import os
 from html import escape as html_escape
 import re
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -335,19 +334,10 @@ def close(a, b) -> bool:
     return a == b
 
 
-def _copy(store: dict, copy: Path) -> Path:
-    import sqlite3
-
-    shutil.copytree(store["results_dir"], copy, ignore=shutil.ignore_patterns("report"))
-    con = sqlite3.connect(copy / "mlflow.db")
-    con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(store["results_dir"]), str(copy)))
-    con.commit()
-    con.close()
-    return copy
-
-
 def test_rebuilt_from_merged_json_without_summary(merge_only, tmp_path):
-    copy = _copy(merge_only, tmp_path / "results")
+    from test_report import _copy_store
+
+    copy = _copy_store(merge_only, tmp_path / "results")
     removed = list((copy / "mlartifacts").rglob("summary.json"))
     assert len(removed) == 4
     for p in removed:
@@ -363,7 +353,9 @@ def test_rebuilt_from_merged_json_without_summary(merge_only, tmp_path):
 def test_inconsistent_logged_metric_is_noted(merge_only, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    copy = _copy(merge_only, tmp_path / "results")
+    from test_report import _copy_store
+
+    copy = _copy_store(merge_only, tmp_path / "results")
     uri = f"sqlite:///{copy / 'mlflow.db'}"
     rid = merge_only["parents"][("lora", "0")]
     MlflowClient(tracking_uri=uri).log_metric(rid, "merged/linear/normalised_accuracy", 0.1, timestamp=1_900_000_000_000)
