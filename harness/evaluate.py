@@ -55,6 +55,12 @@ class Evaluator:
         # Task configs are passed as dicts: no folder to index.
         self.task_manager = TaskManager(include_defaults=False)
 
+    @classmethod
+    def from_config(cls, suite, tokenizer, cfg, *, progress: bool = True) -> "Evaluator":
+        """The evaluator an experiment config asks for (eval_batch_size, eval_limit, eval_max_length)."""
+        return cls(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
+                   progress=progress)
+
     def subset(self, task: str) -> dict[str, list[int]] | None:
         """The fixed seeded test documents of a task under eval_limit (None: all of them)."""
         if self.limit is None:

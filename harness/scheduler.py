@@ -25,10 +25,9 @@ from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_js
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.planning import SequenceSpec, experiment_dir, preflight_methods, stage_budget, task_examples, validate
-from harness.seeding import stable_seed
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, finished_stages, git_commit,
                                     write_matrix_files)
-from harness.train import Recipe, train_stage
+from harness.train import Recipe, train_method
 
 
 def say(msg: str) -> None:
@@ -154,7 +153,7 @@ class SequenceRunner:
             if info.get("mlflow_run_id"):
                 child_ids.add(info["mlflow_run_id"])
                 if self.tracker.status(info["mlflow_run_id"]) != "FINISHED":
-                    self._mirror_stage(info["mlflow_run_id"], d)
+                    self._mirror_stage(info["mlflow_run_id"], d, fresh=False)
         dropped = self.tracker.drop_unfinished_children(self.parent_id, child_ids)
         if done:
             say(f"[{self.spec.label}] resuming: stages {sorted(done)} finished"
@@ -186,7 +185,8 @@ class SequenceRunner:
 
         def calibrate(max_steps: int | None, lr_method: str):
             tc = time.perf_counter()
-            self._train(method, examples, self.budget(self.plan[t - 1], lr_method), t, f"{name} calib", max_steps=max_steps, salt="calib")
+            self._train(method, examples, self.budget(self.plan[t - 1], lr_method), t, f"{name} calib", max_steps=max_steps,
+                        calibration=True)
             calib["s"] += time.perf_counter() - tc
 
         method.begin_stage(StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate, resumed_extra=ckpt.load_extra()))
@@ -213,7 +213,7 @@ class SequenceRunner:
                 "mlflow_run_id": self.child_id, **method.param_counts(), **stats})
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
-        self._mirror_stage(self.child_id, stage_dir)
+        self._mirror_stage(self.child_id, stage_dir, fresh=True)
         self.child_id = None
         self.stage_wall[t] = total
         say(f"[{spec.label}] stage {t}/{len(self.plan)} {name}: loss {res.losses[0]:.3f}->{res.losses[-1]:.3f} "
@@ -221,26 +221,30 @@ class SequenceRunner:
             f"other {overhead:.1f}s ({100 * overhead / total:.1f}%) | " + " ".join(f"{k}={v:.2f}" for k, v in ev.scores.items()))
         faults.pause("between-stages", self.run_dir, t)
 
-    def _mirror_stage(self, child_id: str, stage_dir: Path) -> None:
-        """Copy a committed stage's files into MLflow; idempotent, so a kill halfway is mended on resume."""
+    def _mirror_stage(self, child_id: str, stage_dir: Path, *, fresh: bool) -> None:
+        """Copy a committed stage's files into MLflow.
+
+        A fresh stage logs in batches; re-mirroring after a kill (fresh=False) first asks the store what it
+        already has, so nothing is logged twice. The history queries stay off the normal path."""
         info, ev, tr = (read_json(stage_dir / f) for f in (STAGE_MARKER, "eval.json", "train.json"))
         t = info["stage"]
-        self.tracker.log_series_once(child_id, "train/loss", tr["losses"])
         skip = {"stage", "task", "mlflow_run_id"}
-        self.tracker.mirror_metrics(child_id, {k: v for k, v in info.items() if k not in skip and isinstance(v, (int, float))})
-        faults.pause("mlflow", self.run_dir, t)
-        self.tracker.mirror_metrics(child_id, {f"eval/{k}": v for k, v in ev["scores"].items()})
-        for task, v in ev["scores"].items():
-            self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, t)
+        stage_metrics = {k: v for k, v in info.items() if k not in skip and isinstance(v, (int, float))}
+        evals = {f"eval/{k}": v for k, v in ev["scores"].items()}
+        if fresh:
+            self.tracker.log_series(child_id, "train/loss", tr["losses"])
+            self.tracker.log_metrics(child_id, stage_metrics)
+            faults.pause("mlflow", self.run_dir, t)
+            self.tracker.log_metrics(child_id, evals)
+            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}, step=t)
+        else:
+            self.tracker.log_series_once(child_id, "train/loss", tr["losses"])
+            self.tracker.mirror_metrics(child_id, {**stage_metrics, **evals})  # acc/<task>: _replay_committed
         self.tracker.finish(child_id, "FINISHED")
 
-    def _train(self, method, examples, budget, stage: int, desc: str, *, max_steps=None, salt: str = "", checkpointer=None):
-        return train_stage(
-            method.model, self.tokenizer, examples, method.trainable(), recipe=self.recipe, lr=budget["lr"],
-            epochs=budget["epochs"], batch_size=budget["batch_size"], steps=budget["steps"],
-            max_steps=max_steps or budget["max_steps"], max_seq_len=budget["max_seq_len"],
-            seed=stable_seed(self.spec.seed, salt) if salt else self.spec.seed, stage=stage, bf16_autocast=self.cfg.bf16_autocast,
-            hooks=None if salt else method, checkpointer=checkpointer, desc=desc, progress=self.progress)
+    def _train(self, method, examples, budget, stage: int, desc: str, **kw):
+        return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
+                            bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress, **kw)
 
     def _finish(self, method) -> dict[str, Any]:
         spec, run_dir = self.spec, self.run_dir
@@ -272,7 +276,7 @@ class SequenceRunner:
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
     """Validate everything, then run every sequence (or only the one in folder `only`), skipping finished work."""
     from harness.evaluate import Evaluator
-    from harness.models import load_model, set_torch_threads
+    from harness.models import load_model, module_shapes, set_torch_threads
     from harness.tracking import Tracker
 
     suite, specs, uri, shapes_checked = validate(cfg)
@@ -289,16 +293,14 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
                                   trust_remote_code=cfg.trust_remote_code)
     say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     if not shapes_checked:
-        preflight_methods(cfg, specs, {n: (m.out_features, m.in_features) for n, m in model.named_modules()
-                                       if isinstance(m, torch.nn.Linear)})
+        preflight_methods(cfg, specs, module_shapes(model))
     # Only now is anything written: the experiment folder, the store, the runs.
     exp_dir = experiment_dir(cfg)
     exp_dir.mkdir(parents=True, exist_ok=True)
     if only is None:  # resuming one sequence must not narrow what the experiment folder says it holds
         atomic_write_yaml(exp_dir / "config.yaml", cfg.to_yaml_dict())
     tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
-    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
-                          progress=progress)
+    evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
     results, base_cache = [], {}
     for spec in specs:
         runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,

@@ -215,3 +215,16 @@ def train_stage(
         bar.close()
     return TrainResult(steps=prog.step, tokens=prog.tokens, wall_s=time.perf_counter() - t0 - ckpt_s, losses=prog.losses,
                        checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from)
+
+
+def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recipe: Recipe, seed: int, stage: int,
+                 bf16_autocast: bool, calibration: bool = False, max_steps: int | None = None,
+                 checkpointer: StageCheckpointer | None = None, desc: str = "train", progress: bool = True) -> TrainResult:
+    """One stage of a method (harness/methods) on a budget from planning.stage_budget; sequences and merging share it.
+
+    calibration=True is the LoRI-D pre-run of a magnitude mask: no method hooks, its own data order."""
+    return train_stage(
+        method.model, tokenizer, examples, method.trainable(), recipe=recipe, lr=budget["lr"], epochs=budget["epochs"],
+        batch_size=budget["batch_size"], steps=budget["steps"], max_steps=max_steps or budget["max_steps"],
+        max_seq_len=budget["max_seq_len"], seed=stable_seed(seed, "calib") if calibration else seed, stage=stage,
+        bf16_autocast=bf16_autocast, hooks=None if calibration else method, checkpointer=checkpointer, desc=desc, progress=progress)

@@ -9,6 +9,7 @@ Chromium (Debian's /usr/bin/chromium, driven by the python playwright package).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -412,24 +413,32 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def test_report_renders_in_headless_chromium(report, tmp_path):
+@contextlib.contextmanager
+def chromium_page(path: Path):
+    """A page of Debian's headless Chromium (driven by playwright) that has loaded `path`, and the URLs it requested.
+
+    Skips, saying how to get one, where Chromium or playwright is missing."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} missing: install it with `apt-get install -y chromium chromium-driver` "
                     "(or run .ci/install-browser.sh)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
-    shot = tmp_path / "report.png"
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(report.as_uri(), wait_until="load")
-            imgs = page.evaluate(
-                "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
-            page.screenshot(path=str(shot), full_page=True)
+            page.goto(path.as_uri(), wait_until="load")
+            yield page, requests
         finally:
             browser.close()
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    shot = tmp_path / "report.png"
+    with chromium_page(report) as (page, requests):
+        imgs = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        page.screenshot(path=str(shot), full_page=True)
     assert len(imgs) == len(list(report.parent.glob("*.png"))) == 6
     for src, complete, width in imgs:
         assert complete and width > 0, src

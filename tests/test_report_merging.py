@@ -22,7 +22,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-from test_report import CHROMIUM, CHROMIUM_ARGS, EXPERIMENT, build_fixture_store  # noqa: E402
+from test_report import EXPERIMENT, build_fixture_store  # noqa: E402
 
 from harness.errors import HarnessError  # noqa: E402
 from harness.report import write_report  # noqa: E402
@@ -365,24 +365,14 @@ def test_inconsistent_logged_metric_is_noted(merge_only, tmp_path):
 
 @pytest.mark.parametrize("which", ["mixed", "merge_only"])
 def test_merging_images_load_in_headless_chromium(which, request, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} missing: install it with `apt-get install -y chromium chromium-driver` "
-                    "(or run .ci/install-browser.sh)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
+    from test_report import chromium_page
+
     index = request.getfixturevalue(which)["index"]
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto(index.as_uri(), wait_until="load")
-            merging = page.evaluate("Array.from(document.querySelectorAll('section#merging img'))"
-                                    ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
-            every = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
-            page.locator("section#merging").screenshot(path=str(tmp_path / "merging.png"))
-        finally:
-            browser.close()
+    with chromium_page(index) as (page, requests):
+        merging = page.evaluate("Array.from(document.querySelectorAll('section#merging img'))"
+                                ".map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        every = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        page.locator("section#merging").screenshot(path=str(tmp_path / "merging.png"))
     assert sorted(src for src, _, _ in merging) == ["merge_interference.png", "merge_scores.png"]
     assert len(every) == len(list(index.parent.glob("*.png")))
     for src, complete, width in every:

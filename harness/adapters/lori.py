@@ -19,7 +19,6 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from harness.adapters import masks as M
 from harness.errors import HarnessError
 from harness.seeding import stable_seed
 

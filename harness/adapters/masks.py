@@ -231,7 +231,7 @@ class MaskEnforcer:
     weight decay moves entries whose gradient is zero).
     """
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], masks: M.Masks):
+    def __init__(self, params: dict[str, torch.nn.Parameter], masks: Masks):
         self.params = params
         self.masks = {k: masks[k].to(p.device) for k, p in params.items()}
         self.snapshot = {k: p.detach().clone() for k, p in params.items()}

@@ -31,13 +31,14 @@ import numpy as np
 from harness import metrics as MX
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError
+from harness.adapters.lori import AdapterSequence
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.merging.combine import MERGED, folded, load_adapters, merge, relative_error
 from harness.methods import METHODS, StageContext
 from harness.planning import experiment_dir, stage_budget, task_examples
 from harness.sequence_files import git_commit
-from harness.train import Recipe, train_stage
+from harness.train import Recipe, train_method
 
 CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms
 REFERENCE_WEIGHTS = {"lori-d": 0.5, "lori-s": 0.4}  # the LoRI reference scripts' per-adapter weights
@@ -142,9 +143,9 @@ class MergeRunner:
             return final
         child = self.tracker.create_child(self.parent_id, f"adapter-{task}", {"harness.kind": "merge-adapter", "harness.task": task})
         method = METHODS[self.spec.method](self.mcfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model)
-        if self.spec.method == "lori-s":  # earlier tasks' masks, for the disjoint policy (empty when independent)
-            method.task_masks = [m for m in (self._mask(x) for x in self.spec.tasks[: t - 1]) if m is not None] \
-                if self.cfg.merge_masks == "disjoint" else []
+        if self.cfg.merge_masks == "disjoint":  # what earlier tasks used, for the allocator to avoid (LoRI-S: masks)
+            for s, earlier in enumerate(self.spec.tasks[: t - 1], start=1):
+                method.restore_stage(s, self.dir / "adapters" / earlier)
         try:
             method.begin_stage(StageContext(stage=t, task=task, run_dir=self.dir, calibrate=self._calibrator(method, t, task)))
             b = stage_budget(self.mcfg, self.suite, [task], self.spec.method, self.spec.seed)
@@ -152,8 +153,7 @@ class MergeRunner:
             stats = method.end_stage()
             with atomic_dir(final) as tmp:
                 method.save_stage(tmp)
-                peft_dir = tmp / "adapter" / (method.adapter if method.adapter != "default" else "")
-                for f in peft_dir.iterdir():
+                for f in AdapterSequence.adapter_file(tmp, method.adapter).parent.iterdir():  # flatten to a stock PEFT folder
                     if f.is_file():
                         shutil.move(str(f), tmp / f.name)
                 shutil.rmtree(tmp / "adapter")
@@ -168,26 +168,16 @@ class MergeRunner:
             f"{res.steps} steps in {res.wall_s:.1f}s")
         return final
 
-    def _mask(self, task: str):
-        from harness.adapters.masks import load_masks
-
-        return load_masks(self.dir / "adapters" / task)
-
-    def _train(self, method, task: str, budget: dict, t: int, max_steps=None, hooks=True, seed_salt=""):
-        from harness.seeding import stable_seed
-
-        examples = task_examples(self.mcfg, self.suite, task, self.spec.seed, Recipe.from_config(self.mcfg))
-        return train_stage(method.model, self.tokenizer, examples, method.trainable(), recipe=Recipe.from_config(self.mcfg),
-                           lr=budget["lr"], epochs=budget["epochs"], batch_size=budget["batch_size"], steps=budget["steps"],
-                           max_steps=max_steps or budget["max_steps"], max_seq_len=budget["max_seq_len"],
-                           seed=stable_seed(self.spec.seed, seed_salt) if seed_salt else self.spec.seed, stage=t,
-                           bf16_autocast=self.cfg.bf16_autocast, hooks=method if hooks else None,
-                           desc=f"[merge {self.spec.method} s{self.spec.seed}] {task}", progress=self.progress)
+    def _train(self, method, task: str, budget: dict, t: int, **kw):
+        recipe = Recipe.from_config(self.mcfg)
+        return train_method(method, self.tokenizer, task_examples(self.mcfg, self.suite, task, self.spec.seed, recipe), budget,
+                            recipe=recipe, seed=self.spec.seed, stage=t, bf16_autocast=self.cfg.bf16_autocast,
+                            desc=f"[merge {self.spec.method} s{self.spec.seed}] {task}", progress=self.progress, **kw)
 
     def _calibrator(self, method, t: int, task: str):
         def calibrate(max_steps, lr_method):
             b = stage_budget(self.mcfg, self.suite, [task], lr_method, self.spec.seed)
-            self._train(method, task, b, t, max_steps=max_steps, hooks=False, seed_salt="calib")
+            self._train(method, task, b, t, max_steps=max_steps, calibration=True)
         return calibrate
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -297,29 +287,24 @@ def _csv(header: list[str], rows: list[list]) -> str:
 
 def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Validate everything (nothing written on bad input), then run every (method, seed) merge protocol."""
-    import torch
 
     from harness.evaluate import Evaluator
-    from harness.models import load_model, set_torch_threads
+    from harness.models import load_model, module_shapes, set_torch_threads
     from harness.planning import preflight_methods, validate
     from harness.tracking import Tracker
 
     mcfg = merge_config(cfg)
-    suite, _, uri, shapes_checked = validate(mcfg)
+    suite, seq_specs, uri, shapes_checked = validate(mcfg)
     specs = plan_merge(cfg, suite)
     set_torch_threads()
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
                                   trust_remote_code=cfg.trust_remote_code)
     say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s")
-    if not shapes_checked:
-        from harness.planning import SequenceSpec
-
-        preflight_methods(mcfg, [SequenceSpec(s.method, s.seed, 0, s.tasks, s.run_dir) for s in specs],
-                          {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    if not shapes_checked:  # the same capacity check validate() runs when the config is readable without weights
+        preflight_methods(mcfg, seq_specs, module_shapes(model))
     tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
-    evaluator = Evaluator(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
-                          progress=progress)
+    evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
     out = []
     for spec in specs:
         runner = MergeRunner(cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress)

@@ -7,7 +7,6 @@ max_overlap, independent), from seeded random scores or from |B| after a LoRI-D 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ class LoRIS(LoRID):
         super().__init__(cfg, **kw)
         self.task_masks: list[M.Masks] = []
         self.stage_masks: M.Masks | None = None
-        self.enforcer: MaskEnforcer | None = None
+        self.enforcer: M.MaskEnforcer | None = None
         self.stats: dict[str, float] = {}
 
     @classmethod

@@ -32,7 +32,7 @@ from harness.models.environment import (
     set_torch_threads,
 )
 from harness.models.hub import _load_pretrained, check_pretrained_available
-from harness.models.shapes import linear_shapes, model_config
+from harness.models.shapes import linear_shapes, model_config, module_shapes
 from harness.models.smollm2 import (
     SMOLLM2_GGUF,
     SMOLLM2_INSTALL_HINT,
@@ -61,6 +61,7 @@ __all__ = [
     "downloads_allowed",
     "ensure_smollm2_checkpoint",
     "linear_shapes",
+    "module_shapes",
     "load_model",
     "model_config",
     "resolve_device",

@@ -36,4 +36,9 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    return module_shapes(model)
+
+
+def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every Linear module of a built (or loaded) model."""
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
