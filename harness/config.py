@@ -62,6 +62,23 @@ class ExperimentConfig(BaseModel):
     dtype: str = Field("auto", description="Model weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
     bf16_autocast: bool = Field(False, description="On CPU: run forward/backward under bf16 autocast (faster).")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun / accelerate launch (several processes): DDP, or FSDP2 (fully_shard). One process: ignored."
+    )
+
+    # --- launching sequences (one process, a Ray cluster or a Slurm array) ------------------
+    launcher: Literal["local", "ray", "slurm"] = Field(
+        "local", description="local: sequences one after another in this process; ray: one Ray task per sequence; "
+        "slurm: one Slurm array job per sequence through submitit. ray and slurm need a tracking server (harness tracking-server)."
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to use with launcher ray (e.g. 10.0.0.5:6379 or ray://host:10001; default: a local Ray started for the run)."
+    )
+    job_cpus: int = Field(1, ge=1, description="CPUs per job (one job = one sequence or one merge job) under ray and slurm.")
+    job_gpus: float = Field(0, ge=0, description="GPUs per job under ray and slurm (0 = CPU only; a fraction shares a GPU under ray).")
+    job_retries: int = Field(2, ge=0, description="Times a dead job (worker killed, node lost, preemption) is retried; it resumes from its checkpoint.")
+    slurm_partition: str | None = Field(None, description="Slurm partition for launcher slurm (default: the cluster's default).")
+    slurm_time: int = Field(240, ge=1, description="Slurm time limit per job in minutes.")
 
     # --- adapters (same for every method so comparisons are fair) ---------------------------
     rank: int = Field(8, ge=1, description="Adapter rank r.")
@@ -162,6 +179,10 @@ class ExperimentConfig(BaseModel):
     )
     eval_max_length: int = Field(512, ge=16, description="lm-eval's max_length: longest context + continuation in tokens.")
     eval_batch_size: int = Field(32, ge=1, description="lm-eval batch size.")
+    eval_merged: bool = Field(
+        False, description="Evaluate with the adapters folded into the base weights (restored exactly afterwards) instead of through PEFT."
+    )
+    eval_bf16: bool = Field(False, description="On CPU: evaluate under bf16 autocast (README: measured speed and agreement).")
 
     @field_validator("targets")
     @classmethod
@@ -264,7 +285,8 @@ class ExperimentConfig(BaseModel):
 # how it is evaluated (every variant must be scored the same way to be comparable).
 NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
                  "cache_dir", "device", "dtype", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
-                 "eval_batch_size", "eval_schedule", "eval_max_length"}
+                 "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16", "launcher", "ray_address",
+                 "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time", "distributed"}
 
 
 def parse_grid(raw: str) -> dict[str, list[str]]:
