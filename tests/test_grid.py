@@ -77,3 +77,25 @@ def test_bad_grid_exits_2_and_writes_nothing(tmp_path, capsys, grid, needle):
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not results.exists()
+
+
+def test_report_never_averages_variants_and_compares_each_method_at_its_best(grid_run):
+    from harness.report import write_report
+
+    index = write_report("g", grid_run, log_to_mlflow=False)
+    comp = json.loads((index.parent / "comparison.json").read_text())
+    variants = comp["variants"]
+    assert len(variants) == 4 and {v["method"] for v in variants} == {"lora"}
+    assert {(v["values"]["warmup_steps"], v["values"]["completion_eos"]) for v in variants} == {
+        ("0", "auto"), ("0", "always"), ("3", "auto"), ("3", "always")}
+    best = max(variants, key=lambda v: v["ACC"]["mean"])
+    assert comp["selection"]["chosen"] == {"lora": best["variant"]}
+    # The headline row is the chosen variant's one run, with its ACC, not a mean over the four variants.
+    (row,) = comp["methods"]
+    assert row["n_runs"] == 1 and row["ACC"]["mean"] == pytest.approx(best["ACC"]["mean"])
+    for v in variants:  # each variant's numbers are its own run's summary
+        seq = variant_dirs(grid_run)[(int(v["values"]["warmup_steps"]), v["values"]["completion_eos"])]
+        assert v["ACC"]["mean"] == pytest.approx(json.loads((seq / "summary.json").read_text())["acc"])
+    page = index.read_text()
+    assert "id='sensitivity'" in page and "sensitivity.png" in page and "highest mean ACC" in page
+    assert (index.parent / "sensitivity.png").stat().st_size > 1000

@@ -24,6 +24,7 @@ from harness.report.merging import DROP, NORM, MergingSummary
 from harness.report.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
                                    num_sort_key, uniq)
 from harness.report.numbers import finite, fmt, fmt_pm
+from harness.report.sensitivity import SELECTION_CRITERION
 from harness.report.store import SequenceRun
 from harness.report.unfinished import UnfinishedRun
 from harness.tracking import redact_uri
@@ -53,6 +54,7 @@ class PageData:
     interrupted: list[UnfinishedRun] = field(default_factory=list)
     running: list[UnfinishedRun] = field(default_factory=list)
     merging: MergingSummary | None = None  # None: no finished merge runs
+    sensitivity: tuple[list[str], list[list[str]]] | None = None  # a grid experiment: (headers, rows per method x variant)
 
 
 def _escape(value):
@@ -182,6 +184,8 @@ def _context(d: PageData) -> dict:
         "merging": _merging_context(d.merging) if d.merging else None,
         "merge_definitions": MERGE_DEFINITIONS,
         "log_note": d.log_note,
+        "sensitivity": d.sensitivity,
+        "selection_criterion": SELECTION_CRITERION,
     }
     return {**common, **(_sequence_context(d) if d.runs else {})}
 

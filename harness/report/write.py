@@ -21,6 +21,8 @@ from harness.report.merging import MergingSummary, merging_json, merging_rows, s
 from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
+from harness.report.sensitivity import (SELECTION_CRITERION, best_variants, has_variants, selected_runs, sensitivity_figure,
+                                        sensitivity_table, variant_rows)
 from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
 from harness.tracking import default_tracking_uri
 
@@ -50,7 +52,7 @@ def _write_figures(report_dir: Path, figures: dict[str, bytes]) -> None:
 
 
 def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, columns, n_rows, mms, now,
-                  merging: MergingSummary | None = None) -> None:
+                  merging: MergingSummary | None = None, grid: dict | None = None) -> None:
     """comparison.json, plus comparison.csv and mean_matrices.json (sequence runs) and merging.csv (merge runs)."""
     import pandas as pd
 
@@ -71,6 +73,8 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         # The rows of comparison.csv (one level, one per method; reference rows marked).
         "rows": comparison_rows(rows),
         **merge_part,
+        # A grid experiment: one row per method x variant, and which variant each method is compared at.
+        **(grid or {}),
     })
     _remove_stale(report_dir, ("comparison.csv", "mean_matrices.json") if not exp.runs else ())
     _remove_stale(report_dir, ("merging.csv",) if not merging else ())
@@ -135,7 +139,13 @@ def write_report(
 def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bool, now) -> Path:
     uri = default_tracking_uri(results_dir, tracking_uri)
     exp = read_experiment(experiment, results_dir, uri)
-    runs = exp.runs
+    runs, grid, vrows, chosen = exp.runs, None, [], {}
+    if has_variants(exp.runs):  # variants of a method are never averaged together: compare each at its best
+        vrows = variant_rows(exp.runs)
+        chosen = best_variants(vrows)
+        runs = selected_runs(exp.runs, chosen)
+        grid = {"variants": [v.as_json() for v in vrows],
+                "selection": {"criterion": SELECTION_CRITERION, "chosen": chosen}}
     report_dir = results_dir / _safe_dirname(exp.name) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
 
@@ -151,13 +161,17 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
 
     figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) if runs else {}
     figures.update(merge_figures(merging) if merging else {})
+    sens_png = sensitivity_figure(vrows) if vrows else None
+    if sens_png:
+        figures["sensitivity.png"] = sens_png
     _write_figures(report_dir, figures)
     now = now or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging)
+    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging, grid)
     log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
 
     page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
-                    mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging)
+                    mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
+                    sensitivity_table(vrows, chosen) if vrows else None)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index

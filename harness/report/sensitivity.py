@@ -1,0 +1,135 @@
+"""Grid experiments in the report: one row per method x variant, each method's best variant, the sensitivity figure.
+
+A variant is one combination of the swept knobs (`--grid`); its runs carry the tag harness.variant and
+the knob values as params grid.<knob> (harness.scheduler). Runs of different variants of a method are
+never averaged together. The report's headline comparison uses each method's best variant, chosen by
+SELECTION_CRITERION, and says so on the page and in comparison.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from harness.report.aggregate import mean_std_n
+from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
+from harness.report.numbers import finite
+from harness.report.store import SequenceRun
+
+SELECTION_METRIC = "ACC"
+SELECTION_CRITERION = (
+    "each method at its variant with the highest mean ACC over seeds and orders. The harness evaluates on the "
+    "suite's test split only, so this choice is made on the same data it is reported on and is optimistic for "
+    "every method alike; read the sensitivity figure for how much the choice matters."
+)
+
+
+def variant_of(run: SequenceRun) -> str | None:
+    return run.tags.get("harness.variant") or None
+
+
+def knob_values(run: SequenceRun) -> dict[str, str]:
+    """The swept knobs of a run's variant, from its grid.<knob> params (as logged: strings)."""
+    return {k[len("grid."):]: v for k, v in sorted(run.params.items()) if k.startswith("grid.")}
+
+
+@dataclass
+class VariantRow:
+    method: str
+    variant: str
+    values: dict[str, str]
+    seeds: list[str]
+    metrics: dict[str, dict[str, float | int]]  # metric -> {mean, std, n}
+
+    def as_json(self) -> dict[str, Any]:
+        return {"method": self.method, "display_name": display_name(self.method), "variant": self.variant,
+                "values": self.values, "seeds": self.seeds, **self.metrics}
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items())
+
+
+def has_variants(runs: list[SequenceRun]) -> bool:
+    return any(variant_of(r) for r in runs)
+
+
+def variant_rows(runs: list[SequenceRun]) -> list[VariantRow]:
+    """One row per (method, variant), methods in the method layer's order, variants by their knob values."""
+    groups: dict[tuple[str, str], list[SequenceRun]] = {}
+    for r in runs:
+        groups.setdefault((r.method, variant_of(r) or "-"), []).append(r)
+    rows = []
+    for (method, variant), rs in groups.items():
+        rows.append(VariantRow(method, variant, knob_values(rs[0]), sorted({r.seed for r in rs}, key=num_sort_key),
+                               {m: mean_std_n([r.metrics[m] for r in rs]) for m in METRICS}))
+    return sorted(rows, key=lambda v: (method_sort_key(v.method), [num_sort_key(x) for x in v.values.values()]))
+
+
+def best_variants(rows: list[VariantRow]) -> dict[str, str]:
+    """method -> its variant with the best mean of SELECTION_METRIC (first in knob order on a tie)."""
+    sign = 1.0 if HIGHER_IS_BETTER[SELECTION_METRIC] else -1.0
+    best: dict[str, VariantRow] = {}
+    for v in rows:
+        score = v.metrics[SELECTION_METRIC]["mean"]
+        if not finite(score):
+            continue
+        cur = best.get(v.method)
+        if cur is None or sign * score > sign * cur.metrics[SELECTION_METRIC]["mean"]:
+            best[v.method] = v
+    return {m: v.variant for m, v in best.items()}
+
+
+def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[SequenceRun]:
+    """The runs of each method's chosen variant (methods with no finite ACC anywhere keep none)."""
+    return [r for r in runs if chosen.get(r.method) == (variant_of(r) or "-")]
+
+
+def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of the page's per-variant table; the chosen variant is marked."""
+    from harness.report.numbers import fmt_pm
+
+    knobs = sorted({k for v in rows for k in v.values})
+    headers = ["method", *knobs, "seeds", *METRICS, "chosen"]
+    out = []
+    for v in rows:
+        out.append([display_name(v.method), *(v.values.get(k, "") for k in knobs), str(len(v.seeds)),
+                    *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
+                    "best ACC" if chosen.get(v.method) == v.variant else ""])
+    return headers, out
+
+
+def sensitivity_figure(rows: list[VariantRow], metrics: tuple[str, ...] = ("ACC", "BWT")) -> bytes | None:
+    """Each metric (rows of panels) against each swept knob (columns), per method, error bars = std over seeds.
+
+    A panel's lines are one per method and combination of the OTHER knobs, so no two variants are averaged."""
+    from harness.report.figures import _new_figure, _png_bytes
+
+    knobs = sorted({k for v in rows for k in v.values})
+    if not knobs:
+        return None
+    fig = _new_figure(4.2 * len(knobs), 3.0 * len(metrics))
+    axes = fig.subplots(len(metrics), len(knobs), squeeze=False)
+    for j, knob in enumerate(knobs):
+        xs = sorted({v.values.get(knob, "") for v in rows}, key=num_sort_key)
+        lines: dict[tuple[str, str], list[VariantRow]] = {}
+        for v in rows:
+            others = ", ".join(f"{k}={x}" for k, x in v.values.items() if k != knob)
+            lines.setdefault((v.method, others), []).append(v)
+        for i, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for k, ((method, others), vs) in enumerate(lines.items()):
+                vs = sorted(vs, key=lambda v: xs.index(v.values.get(knob, "")))
+                pos = np.array([xs.index(v.values.get(knob, "")) for v in vs], dtype=float) + (k - len(lines) / 2) * 0.03
+                mean = [v.metrics[metric]["mean"] for v in vs]
+                std = [v.metrics[metric]["std"] if finite(v.metrics[metric]["std"]) else 0.0 for v in vs]
+                label = display_name(method) + (f" ({others})" if others else "")
+                ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=label)
+            ax.set_xticks(range(len(xs)), xs)
+            ax.set_xlabel(knob)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return _png_bytes(fig)
