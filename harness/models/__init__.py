@@ -18,6 +18,7 @@ configs and Linear shapes without weights in :mod:`harness.models.shapes`.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
@@ -129,6 +130,11 @@ def load_model(
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
     check_model_available(name, cache_dir=cache_dir)
+    if not logging.getLogger("harness").isEnabledFor(logging.DEBUG):
+        # One bar per stage is ours to show; transformers' "Loading weights" bar only with harness -v.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if name == "smollm2-135m":
         model, tokenizer = _load_smollm2(cache_dir, resolved_device, resolved_dtype)
     elif name in _TINY_SPECS:
