@@ -1,7 +1,7 @@
 """`harness bench`: median training-step time and tokens/s per method on the same batch.
 
-Methods: any of harness/methods (timed through the same train_step as training, hooks and mask
-enforcement included) and `base`, a bare forward+backward through the frozen base model (input
+Methods: any of harness/methods (timed through the same train_step as training, with the method's
+hooks; LoRI-S's mask is part of its forward pass) and `base`, a bare forward+backward through the frozen base model (input
 embeddings require grad, so the backward pass runs through every layer but computes no weight
 gradient): the floor every adapter pays.
 """
@@ -59,15 +59,17 @@ def _base_step(model, batch, bf16_autocast: bool):
 
 
 def _nbytes(tensors) -> int:
-    return int(sum(t.numel() * t.element_size() for t in tensors))
+    unique = {(t.device, t.data_ptr()): t for t in tensors}
+    return int(sum(t.numel() * t.element_size() for t in unique.values()))
 
 
 def adapter_memory(method, opt, batch, recipe, bf16_autocast: bool) -> dict[str, int]:
     """Bytes held for training the adapter, measured from the tensors themselves (not from formulas).
 
-    params: every adapter tensor (A and B of every adapter, frozen or not); grads: the gradients a
-    step leaves on the trainable tensors; optimizer: AdamW's state tensors; snapshot: whatever the
-    method keeps besides (LoRI-S: its stage-start copy of B and the masks)."""
+    params: every adapter parameter (A and B of every adapter, frozen or not, and LoRI-S's trainable
+    values vectors); grads: the gradients a step leaves on the trainable tensors; optimizer: AdamW's
+    state tensors; snapshot: whatever the method keeps besides (Method.held_tensors; LoRI-S: the
+    mask positions, no copy of B). A tensor is counted once however many lists name it."""
     from harness.train import lm_loss
 
     model = method.model

@@ -67,16 +67,21 @@ def _print_table(results: list[dict]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.scheduler import install_signal_handlers, run_experiment
+    from harness.launchers import run_sequences
+    from harness.scheduler import install_signal_handlers
 
     cfg = load_config(args.config, _overrides(args))
     install_signal_handlers()
-    results = run_experiment(cfg, progress=not args.no_progress)
+    results = run_sequences(cfg, progress=not args.no_progress)
     return _after_run(cfg, results, args)
 
 
 def _after_run(cfg, results, args) -> int:
-    from harness.scheduler import experiment_dir
+    from harness import distributed
+
+    if not distributed.is_main():  # under torchrun every rank has the results; rank 0 alone prints and reports
+        return 0
+    from harness.planning import experiment_dir
     from harness.tracking import default_tracking_uri
 
     print()
@@ -94,7 +99,8 @@ def _after_run(cfg, results, args) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.scheduler import install_signal_handlers, run_experiment
+    from harness.launchers import run_sequences
+    from harness.scheduler import install_signal_handlers
 
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -116,7 +122,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     # layout is planned from it, and one sequence is picked out, never the plan narrowed.
     cfg = load_config(None, {**data, **_overrides(args)})
     install_signal_handlers()
-    results = run_experiment(cfg, progress=not args.no_progress, only=run_dir if seq else None)
+    results = run_sequences(cfg, progress=not args.no_progress, only=run_dir if seq else None)
     return _after_run(cfg, results, args)
 
 
@@ -127,6 +133,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from harness.scheduler import install_signal_handlers
 
     cfg = load_config(args.config, _overrides(args))
+    if cfg.launcher != "local":
+        from harness.errors import ConfigError
+
+        raise ConfigError(f"--launcher {cfg.launcher}: `harness merge` runs its jobs in this process only so far; "
+                          "pass --launcher local (sequences of `harness run` go to Ray and Slurm).")
     install_signal_handlers()
     results = run_merge(cfg, progress=not args.no_progress)
     print()
@@ -218,6 +229,14 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
     return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from harness.export import export_adapter
+
+    out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
+    print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from harness.bench import format_table, run_bench, write_json
     from harness.config import load_config
@@ -228,6 +247,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if bad:
         raise HarnessError(f"--methods: unknown {bad}; choose from base, {', '.join(METHODS)}")
     cfg = load_config(None, _overrides(args))
+    if args.eval_suite and not args.eval_bare:
+        from harness.eval_bench import format_eval_table, run_eval_modes
+
+        modes = tuple(m.strip() for m in args.eval_modes.split(",") if m.strip())
+        res = run_eval_modes(cfg, suite=args.eval_suite, modes=modes, adapter=Path(args.adapter) if args.adapter else None,
+                             repeats=args.eval_repeats, progress=True)
+        print(format_eval_table(res))
+        if args.json:
+            write_json(res, Path(args.json))
+        return 0
     if args.eval_suite:
         from harness.bench import run_eval_bench
 
@@ -300,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Use this existing PostgreSQL URI (postgresql+psycopg://...) instead of starting one [default: start Debian's PostgreSQL].")
     ts.set_defaults(func=cmd_tracking_server)
 
+    e = sub.add_parser("export", help="Write a sequence's adapter at a committed stage as a stock PEFT folder "
+                                      "(adapter_config.json + adapter_model.safetensors).")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder: results/<experiment>/<method>/seed-<s>[/order-<k>].")
+    e.add_argument("out", metavar="OUT", help="Folder to write: new or empty (never overwritten).")
+    e.add_argument("--stage", type=int, default=None, metavar="T", help="Committed stage to export [default: the last committed one].")
+    e.set_defaults(func=cmd_export)
+
     b = sub.add_parser("bench", help="Median step time and tokens/s of each method's real training step, and a bare base-model step.")
     b.add_argument("--methods", dest="bench_methods", default="base,lora,lori-d,lori-s",
                    help="Comma-separated: base and any method [default: base,lora,lori-d,lori-s].")
@@ -308,7 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=10, help="Timed steps per method after 2 warm-up steps [default: 10].")
     b.add_argument("--memory", action="store_true",
                    help="Also measure adapter training memory per method (params, grads, optimizer state, snapshots) from the tensors.")
-    b.add_argument("--eval-suite", metavar="SUITE", help="Instead: time lm-eval against a bare batched scorer on this suite's requests.")
+    b.add_argument("--eval-suite", metavar="SUITE",
+                   help="Instead: time lm-eval on this suite's tasks through PEFT, with the adapters folded (eval_merged) and under "
+                        "bf16 autocast, and how far their answers agree.")
+    b.add_argument("--eval-modes", default="peft_fp32,merged_fp32,merged_bf16",
+                   help="With --eval-suite: modes to time, of peft_fp32, merged_fp32, merged_bf16, peft_bf16 "
+                        "[default: peft_fp32,merged_fp32,merged_bf16].")
+    b.add_argument("--eval-repeats", type=int, default=1, help="With --eval-suite: interleaved runs per mode; seconds = median [default: 1].")
+    b.add_argument("--adapter", metavar="FOLDER",
+                   help="With --eval-suite: a PEFT adapter folder (e.g. from harness export) instead of a seeded adapter.")
+    b.add_argument("--eval-bare", action="store_true",
+                   help="With --eval-suite: instead, time lm-eval against a bare batched scorer on the same requests.")
     b.add_argument("--json", metavar="FILE", help="Also write the results as JSON.")
     _add_config_flags(b, skip={"methods", "batch_size", "seeds", "orders", "tasks", "results_dir", "tracking_uri", "experiment",
                                "suite", "wait_for_lock", "checkpoint_every", "eval_scope"})
@@ -322,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Deprecation chatter from transformers' internals says nothing actionable to a harness user.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3"):
+    for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3", "ray", "submitit"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from harness.models import downloads_allowed
 

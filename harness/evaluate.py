@@ -9,6 +9,12 @@ With eval_limit N, every task is scored on a fixed seeded subset of N test docum
 (task, N) alone, so a cell means the same documents at every stage, for every method and seed
 (lm-eval's own `limit` would take the first N). lm-eval's progress bars and chatter are shown only
 with `harness -v`; otherwise one bar per stage evaluation, one tick per task.
+
+eval_merged folds the adapters the forward pass uses into the base weights for the evaluation
+(harness.merging.combine.folded: base weights untouched, LoRA layers out of the forward), so lm-eval
+runs at base-model speed; eval_bf16 (or the run's bf16_autocast) evaluates under CPU bf16 autocast.
+With log_samples, each task's per-document predictions come back too (the choice ranked first, or the
+generated text), so two ways of evaluating can be compared document by document.
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness.precision import autocast_ctx
 from harness.seeding import stable_seed
 
 log = logging.getLogger(__name__)
@@ -36,13 +42,15 @@ class EvalResult:
     raw: dict[str, dict]  # task -> lm-eval's metric dict for that task
     wall_s: float
     n_examples: dict[str, int]
+    # task -> [{"doc_id", "pred", "loglikelihoods" (multiple choice only)}], only with log_samples
+    samples: dict[str, list[dict]] | None = None
 
 
 class Evaluator:
-    """Scores a model on suite tasks via lm-eval's simple_evaluate."""
+    """Scores a model on suite tasks via lm-eval's evaluate(), one task at a time."""
 
     def __init__(self, suite, tokenizer, *, batch_size: int = 32, limit: int | None = None, max_length: int = 512,
-                 progress: bool = True):
+                 progress: bool = True, merged: bool = False, bf16: bool = False):
         from lm_eval.tasks import TaskManager
 
         self.suite = suite
@@ -51,15 +59,17 @@ class Evaluator:
         self.limit = limit
         self.max_length = max_length
         self.progress = progress
+        self.merged = merged  # fold the active adapters into the weights while evaluating
+        self.bf16 = bf16  # bf16 autocast whatever the caller passes
         self.configs = suite.lm_eval_task_configs()
         # Task configs are passed as dicts: no folder to index.
         self.task_manager = TaskManager(include_defaults=False)
 
     @classmethod
     def from_config(cls, suite, tokenizer, cfg, *, progress: bool = True) -> "Evaluator":
-        """The evaluator an experiment config asks for (eval_batch_size, eval_limit, eval_max_length)."""
+        """The evaluator an experiment config asks for (eval_batch_size, eval_limit, eval_max_length, eval_merged, eval_bf16)."""
         return cls(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
-                   progress=progress)
+                   progress=progress, merged=cfg.eval_merged, bf16=cfg.eval_bf16)
 
     def subset(self, task: str) -> dict[str, list[int]] | None:
         """The fixed seeded test documents of a task under eval_limit (None: all of them)."""
@@ -71,33 +81,20 @@ class Evaluator:
         idx = sorted(random.Random(stable_seed("eval-subset", task, self.limit)).sample(range(n), self.limit))
         return {self.configs[task]["task"]: idx}
 
-    def evaluate(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False) -> EvalResult:
-        """Primary metric per task; model.train() is restored afterwards whatever happens."""
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+    def evaluate(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False,
+                 merged: bool | None = None, log_samples: bool = False) -> EvalResult:
+        """Primary metric per task; model.train() is restored afterwards whatever happens.
 
-        was_training = model.training
-        verbose = logging.getLogger("harness").isEnabledFor(logging.DEBUG)
+        bf16 autocast if the caller or eval_bf16 asks; merged (default: eval_merged) folds the active adapters."""
+        merged = self.merged if merged is None else merged
         t0 = time.perf_counter()
-        results, n_samples = {}, {}
-        bar = tqdm(total=len(tasks), desc="evaluate", leave=False, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
-        try:
-            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, max_length=self.max_length)
-            for t in tasks:  # one task at a time: one tick of our bar each, lm-eval's own bars silenced
-                quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
-                with quiet, autocast_ctx(next(model.parameters()).device, bf16_autocast), torch.no_grad():
-                    out = lm_eval.simple_evaluate(
-                        model=lm, tasks=[self.configs[t]], task_manager=self.task_manager, samples=self.subset(t),
-                        bootstrap_iters=0, log_samples=False, use_cache=None, cache_requests=False,
-                        verbosity="INFO" if verbose else "ERROR", random_seed=0, numpy_random_seed=0,
-                        torch_random_seed=0, fewshot_random_seed=0,
-                    )
-                results.update(out["results"])
-                n_samples.update(out.get("n-samples", {}))
-                bar.update(1)
-        finally:
-            bar.close()
-            model.train(was_training)
+        if merged:
+            from harness.merging.combine import folded  # PEFT loads in ~2 s: only when needed
+
+            with folded(model):
+                results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, log_samples)
+        else:
+            results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, log_samples)
         scores, raw, n = {}, {}, {}
         for t in tasks:
             spec = self.suite.task(t)
@@ -110,4 +107,65 @@ class Evaluator:
             scores[t] = float(results[name][metric_key])
             raw[t] = {k: v for k, v in results[name].items() if isinstance(v, (int, float, str))}
             n[t] = int(n_samples.get(name, {}).get("effective", 0))
-        return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n)
+        preds = {t: predictions(samples[self.configs[t]["task"]], self.suite.task(t).kind) for t in tasks} if log_samples else None
+        return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds)
+
+    def _run(self, model: torch.nn.Module, tasks: list[str], bf16: bool, log_samples: bool) -> tuple[dict, dict, dict]:
+        """lm-eval's results, n-samples and (with log_samples) samples for the tasks, one task at a time."""
+        from lm_eval.models.huggingface import HFLM
+
+        was_training = model.training
+        verbose = logging.getLogger("harness").isEnabledFor(logging.DEBUG)
+        results, n_samples, samples = {}, {}, {}
+        bar = tqdm(total=len(tasks), desc="evaluate", leave=False, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
+        try:
+            # lm-eval wraps every forward in torch.autocast(enabled=mixed_precision_dtype is not None), which
+            # switches an outer autocast off: bf16 must be asked of HFLM itself. CPU only, as in training.
+            cpu_bf16 = bf16 and next(model.parameters()).device.type == "cpu"
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, max_length=self.max_length,
+                      mixed_precision_dtype=torch.bfloat16 if cpu_bf16 else None)
+            for t in tasks:  # one task at a time: one tick of our bar each, lm-eval's own bars silenced
+                quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
+                with quiet, torch.no_grad():
+                    out = self._lm_eval(lm, t, log_samples, verbose)
+                results.update(out["results"])
+                n_samples.update(out.get("n-samples", {}))
+                samples.update(out.get("samples") or {})
+                bar.update(1)
+        finally:
+            bar.close()
+            model.train(was_training)
+        return results, n_samples, samples
+
+    def _lm_eval(self, lm, task: str, log_samples: bool, verbose: bool) -> dict:
+        """lm-eval's evaluate() on one task, set up as simple_evaluate sets it up (seeds 0, zero-shot, fewshot seed 0).
+
+        Not simple_evaluate itself: after every call it reports the environment (torch's collect_env and
+        `pip list` in subprocesses, git), ~0.3-0.7 s per task here: a third of a tiny model's evaluation."""
+        from lm_eval.evaluator import evaluate
+        from lm_eval.utils import setup_logging
+
+        random.seed(0)
+        np.random.seed(0)
+        torch.manual_seed(0)
+        loaded = self.task_manager.load([self.configs[task]])
+        for obj in loaded["tasks"].values():
+            if obj.get_config("num_fewshot") is None:
+                obj.set_config(key="num_fewshot", value=0)
+            obj.set_fewshot_seed(seed=0)
+        out = evaluate(lm=lm, task_dict=loaded, samples=self.subset(task), bootstrap_iters=0, log_samples=log_samples,
+                       cache_requests=False)
+        setup_logging(verbosity="INFO" if verbose else "ERROR")
+        return out
+
+
+def predictions(samples: list[dict], kind: str) -> list[dict]:
+    """Per document, in doc_id order: the choice ranked first (with every choice's log-likelihood) or the generated text."""
+    out = []
+    for s in sorted(samples, key=lambda s: s["doc_id"]):
+        if kind == "multiple_choice":
+            lls = [float(r[0]) for r in s["filtered_resps"]]  # one (loglikelihood, is_greedy) per choice
+            out.append({"doc_id": s["doc_id"], "pred": max(range(len(lls)), key=lls.__getitem__), "loglikelihoods": lls})
+        else:
+            out.append({"doc_id": s["doc_id"], "pred": s["filtered_resps"][0]})
+    return out

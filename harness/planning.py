@@ -129,12 +129,38 @@ def preflight_methods(cfg: ExperimentConfig, specs: list[SequenceSpec], linear: 
         METHODS[spec.method].preflight(c, b_shapes(linear, c.targets, c.rank), len(spec.tasks))
 
 
+def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
+    """Jobs on Ray or Slurm run in parallel processes: they need a tracking server, and Slurm whole GPUs.
+
+    Several processes opening one sqlite store race on its schema and lock it ("database is
+    locked"), so a parallel launcher with sqlite is refused before anything is written."""
+    from harness.tracking import local_store_path
+
+    if cfg.launcher == "local":
+        return
+    if local_store_path(uri) is not None or uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+        raise ConfigError(
+            f"--launcher {cfg.launcher}: its jobs log to MLflow in parallel, which the store {uri} cannot take "
+            "(several processes on one sqlite/file store fail). Start a tracking server shared by every job: "
+            f"`harness tracking-server --results-dir {cfg.results_dir}` (or `make tracking-server`), then pass the URI it prints, "
+            "e.g. --tracking-uri http://127.0.0.1:5001 (or set MLFLOW_TRACKING_URI).")
+    if cfg.launcher == "slurm":
+        if cfg.job_gpus != int(cfg.job_gpus):
+            raise ConfigError(f"--job-gpus {cfg.job_gpus}: Slurm gives whole GPUs to a job; use 0, 1, 2, ... with --launcher slurm.")
+        import shutil
+
+        if shutil.which("sbatch") is None:
+            raise HarnessError("--launcher slurm: no `sbatch` on PATH here. Run `harness run` on a Slurm login node "
+                               "(or use --launcher local / ray).")
+
+
 def validate(cfg: ExperimentConfig):
-    """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths."""
+    """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths, launcher."""
     from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
     from harness.suites import validate_suite
     from harness.tracking import check_reachable, default_tracking_uri
 
+    check_launcher(cfg, default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri))
     # The thorough check (data files, labels, lm-eval tasks): ~2 s, and a missing file must stop
     # the run here, not at stage 3.
     suite = validate_suite(cfg.suite)

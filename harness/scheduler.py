@@ -4,10 +4,16 @@ A stage is a function of (previous stage's checkpoint, config): its RNG is seede
 stage), never carried over, so a resumed sequence reproduces an uninterrupted one. The scheduler
 never knows which method it runs: it calls the verbs of harness/methods/base.py. The folder is
 the source of truth (harness/sequence_files.py); MLflow mirrors it.
+
+Under torchrun / accelerate launch every rank runs the sequence and trains (harness/distributed.py);
+rank 0 alone takes the lock, writes files, logs to MLflow and evaluates, and tells the others what is
+finished; they wait at barriers. Each stage starts with a check that every rank holds the same masks
+and weights (a hash, printed by every rank and kept in stage.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -15,24 +21,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from harness import distributed as D
 from harness import faults
 from harness import metrics as MX
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
-from harness.methods import METHODS, StageContext
-from harness.planning import SequenceSpec, experiment_dir, preflight_methods, stage_budget, task_examples, validate
+from harness.methods import METHODS, Method, StageContext
+from harness.planning import SequenceSpec, stage_budget, task_examples
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, finished_stages, git_commit,
                                     write_matrix_files)
 from harness.train import Recipe, train_method
 
 
-def say(msg: str) -> None:
-    """One line for the user (stderr, so stdout stays machine-readable)."""
-    print(msg, file=sys.stderr, flush=True)
+def say(msg: str, *, every_rank: bool = False) -> None:
+    """One line for the user (stderr, so stdout stays machine-readable); under a launcher only rank 0's,
+    unless every_rank (then prefixed with the rank)."""
+    if every_rank and D.is_distributed():
+        msg = f"[rank {D.rank()}/{D.world_size()}] {msg}"
+    elif not D.is_main():
+        return
+    sys.stderr.write(msg + "\n")  # one write: ranks sharing a stream do not split each other's lines
+    sys.stderr.flush()
 
 
 class SequenceRunner:
@@ -50,6 +62,8 @@ class SequenceRunner:
         self.recipe = Recipe.from_config(cfg)
         self.run_dir = spec.run_dir
         self.stage_wall: dict[int, float] = {}
+        self.parent_id: str | None = None  # rank 0's MLflow runs (other ranks never log)
+        self.child_id: str | None = None
 
     # --- small facts -------------------------------------------------------------------------
     def stage_name(self, t: int) -> str:
@@ -80,28 +94,46 @@ class SequenceRunner:
 
     # --- the sequence ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        self._join_launch()
         resolved = self.cfg.to_yaml_dict()
         resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
                                 "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
         check_same_config(self.run_dir / "config.yaml", resolved, self.spec.method)
-        lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock)
-        with lock.acquire(on_wait=lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")):
+        main = D.is_main()
+        lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
+        waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
+        with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
             summary_path = self.run_dir / "summary.json"
-            if summary_path.exists() and read_json(summary_path).get("complete"):
+            if D.broadcast_object(main and summary_path.exists() and bool(read_json(summary_path).get("complete"))):
                 say(f"[{self.spec.label}] already complete: skipping ({self.run_dir})")
-                return read_json(summary_path)
-            atomic_write_yaml(self.run_dir / "config.yaml", resolved)
-            self.parent_id = self._open_parent()
-            self.child_id: str | None = None
+                return D.broadcast_object(read_json(summary_path) if main else None)
+            if main:
+                atomic_write_yaml(self.run_dir / "config.yaml", resolved)
+                self.parent_id = self._open_parent()
             try:
                 out = self._run_stages()
             except BaseException:
                 if self.child_id:
                     self.tracker.finish(self.child_id, "FAILED")
-                self.tracker.finish(self.parent_id, "FAILED")
+                if self.parent_id:
+                    self.tracker.finish(self.parent_id, "FAILED")
                 raise
-            self.tracker.finish(self.parent_id, "FINISHED")
+            if main:
+                self.tracker.finish(self.parent_id, "FINISHED")
             return out
+
+    def _join_launch(self) -> None:
+        """Under a launcher: refuse what this launch cannot run (on every rank, before anything of the sequence is
+        written), then join the process group once; a no-op for one process."""
+        if not D.is_distributed():
+            return
+        for t, tasks in enumerate(self.plan, 1):
+            D.check_batch_size(self.budget(tasks)["batch_size"], f"{self.spec.label}, stage {t} ({'+'.join(tasks)})")
+        D.check_fsdp_method(self.method_cls, Method, self.cfg.distributed)
+        D.init(self.cfg.device)
+        dev = D.device()
+        if dev is not None and next(self.model.parameters()).device != dev:
+            self.model = self.model.to(dev)  # loaded before the group existed: each rank's model on its own GPU
 
     def _open_parent(self) -> str:
         state_path = self.run_dir / "state.json"
@@ -125,11 +157,15 @@ class SequenceRunner:
         return parent_id
 
     def _run_stages(self) -> dict[str, Any]:
-        clean_partial_writes(self.run_dir)
-        done = finished_stages(self.run_dir)
-        self._replay_committed(done)
-        if 0 not in done and self.eval_tasks(0):
-            self._stage0()
+        main = D.is_main()
+        if main:
+            clean_partial_writes(self.run_dir)
+        done = D.broadcast_object(finished_stages(self.run_dir) if main else None)  # rank 0 also drops unfinished ones
+        if main:
+            self._replay_committed(done)
+            if 0 not in done and self.eval_tasks(0):
+                self._stage0()
+        D.barrier()  # the others wait while rank 0 evaluates the base model
         method = self.method_cls(self.cfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model,
                                  task_examples=self.task_examples)
         try:
@@ -175,9 +211,11 @@ class SequenceRunner:
         say(f"[{self.spec.label}] stage 0 (base model) " + " ".join(f"{k}={v:.2f}" for k, v in ev.scores.items()) + f"  eval {ev.wall_s:.1f}s")
 
     def _stage(self, t: int, method) -> None:
+        """Every rank: set up and train the stage; then rank 0 evaluates and commits it while the others wait."""
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         t_stage = time.perf_counter()
-        self.child_id = self.tracker.create_stage(self.parent_id, t, name, {"harness.method": spec.method, "harness.seed": str(spec.seed)})
+        if D.is_main():
+            self.child_id = self.tracker.create_stage(self.parent_id, t, name, {"harness.method": spec.method, "harness.seed": str(spec.seed)})
         budget = self.budget(self.plan[t - 1])
         examples = method.train_data(t, [ex for task in self.plan[t - 1] for ex in self.task_examples(task)])
         ckpt = StageCheckpointer(self.run_dir, t, name, cfg.checkpoint_every)
@@ -191,8 +229,36 @@ class SequenceRunner:
 
         method.begin_stage(StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate, resumed_extra=ckpt.load_extra()))
         ckpt.extra = method.checkpoint_extra()
+        launch = self._check_ranks_agree(t, method)
         res = self._train(method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt)
         stats = method.end_stage()
+        if launch:
+            launch["rank0_trainable_elements"] = res.local_trainable  # under FSDP rank 0's shards only
+        if D.is_main():
+            self._commit(t, method, res, {**stats, **launch}, budget=budget, n_examples=len(examples), calib_s=calib["s"],
+                         t_stage=t_stage)
+        D.barrier()  # the others wait while rank 0 evaluates and commits the stage
+        if D.is_main():
+            faults.pause("between-stages", self.run_dir, t)
+
+    def _check_ranks_agree(self, t: int, method) -> dict[str, Any]:
+        """Under a launcher: every rank must start the stage from the same masks, buffers and trainable weights.
+
+        Hashes them on every rank and compares with rank 0's (HarnessError on all ranks if any differs); every
+        rank prints its hash. Returns what stage.json records about the launch (nothing for one process)."""
+        if not D.is_distributed():
+            return {}
+        tensors = {f"extra/{k}": v for k, v in method.checkpoint_extra().items()}
+        tensors.update({f"buffer/{n}": b for n, b in method.model.named_buffers()})
+        tensors.update({f"param/{n}": p for n, p in method.trainable().items()})
+        digest = D.check_identical(tensors, f"[{self.spec.label}] stage {t}: masks, buffers and trainable weights")
+        say(f"[{self.spec.label}] stage {t} state hash {digest}", every_rank=True)
+        return {"world_size": D.world_size(), "distributed": self.cfg.distributed, "state_hash": digest}
+
+    def _commit(self, t: int, method, res, stats: dict[str, Any], *, budget: dict, n_examples: int, calib_s: float,
+                t_stage: float) -> None:
+        """Rank 0: evaluate the trained stage, write its folder (atomically, stage.json last), mirror it to MLflow."""
+        cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         faults.pause("eval", self.run_dir, t)
         ev = self.evaluator.evaluate(method.model, self.eval_tasks(t), bf16_autocast=cfg.bf16_autocast)
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
@@ -201,13 +267,13 @@ class SequenceRunner:
             method.save_stage(tmp)
             atomic_write_json(tmp / "eval.json", {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s})
             atomic_write_json(tmp / "train.json", {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s,
-                                                    "budget": budget, "losses": res.losses, "calibration_s": calib["s"],
+                                                    "budget": budget, "losses": res.losses, "calibration_s": calib_s,
                                                     "checkpoints": res.checkpoints, "resumed_from_step": res.resumed_from_step,
-                                                    "train_examples": len(examples)})
+                                                    "train_examples": n_examples})
             total = time.perf_counter() - t_stage
-            overhead = total - res.wall_s - ev.wall_s - calib["s"]
+            overhead = total - res.wall_s - ev.wall_s - calib_s
             atomic_write_json(tmp / STAGE_MARKER, {
-                "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib["s"],
+                "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
                 "mlflow_run_id": self.child_id, **method.param_counts(), **stats})
@@ -219,7 +285,6 @@ class SequenceRunner:
         say(f"[{spec.label}] stage {t}/{len(self.plan)} {name}: loss {res.losses[0]:.3f}->{res.losses[-1]:.3f} "
             f"{res.steps} steps {res.tok_s:.0f} tok/s | train {res.wall_s:.1f}s eval {ev.wall_s:.1f}s "
             f"other {overhead:.1f}s ({100 * overhead / total:.1f}%) | " + " ".join(f"{k}={v:.2f}" for k, v in ev.scores.items()))
-        faults.pause("between-stages", self.run_dir, t)
 
     def _mirror_stage(self, child_id: str, stage_dir: Path, *, fresh: bool) -> None:
         """Copy a committed stage's files into MLflow.
@@ -244,9 +309,13 @@ class SequenceRunner:
 
     def _train(self, method, examples, budget, stage: int, desc: str, **kw):
         return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
-                            bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress, **kw)
+                            bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress,
+                            distributed=self.cfg.distributed, **kw)
 
     def _finish(self, method) -> dict[str, Any]:
+        """Rank 0 writes the matrix, diagnostics and summary and logs them; every rank returns that summary."""
+        if not D.is_main():
+            return D.broadcast_object(None)
         spec, run_dir = self.spec, self.run_dir
         summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
         counts = method.param_counts()
@@ -270,44 +339,7 @@ class SequenceRunner:
         fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
         say(f"[{spec.label}] done: ACC {fmt(summ['ACC'])} BWT {fmt(summ['BWT'])} FWT {fmt(summ['FWT'])} "
             f"forgetting {fmt(summ['forgetting'])}  trainable {counts['trainable_params_effective']:,}")
-        return summary
-
-
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
-    """Validate everything, then run every sequence (or only the one in folder `only`), skipping finished work."""
-    from harness.evaluate import Evaluator
-    from harness.models import load_model, module_shapes, set_torch_threads
-    from harness.tracking import Tracker
-
-    suite, specs, uri, shapes_checked = validate(cfg)
-    if only is not None:
-        specs = [s for s in specs if s.run_dir.resolve() == Path(only).resolve()]
-        if not specs:
-            from harness.errors import HarnessError
-
-            raise HarnessError(f"{only}: not a sequence folder of experiment {cfg.experiment_name} (its config plans other folders)")
-    set_torch_threads()
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
-                                  trust_remote_code=cfg.trust_remote_code)
-    say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
-    if not shapes_checked:
-        preflight_methods(cfg, specs, module_shapes(model))
-    # Only now is anything written: the experiment folder, the store, the runs.
-    exp_dir = experiment_dir(cfg)
-    exp_dir.mkdir(parents=True, exist_ok=True)
-    if only is None:  # resuming one sequence must not narrow what the experiment folder says it holds
-        atomic_write_yaml(exp_dir / "config.yaml", cfg.to_yaml_dict())
-    tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
-    evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
-    results, base_cache = [], {}
-    for spec in specs:
-        runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
-                                base_cache=base_cache)
-        results.append(runner.run())
-        model = runner.model
-    return results
+        return D.broadcast_object(summary)
 
 
 def install_signal_handlers() -> None:

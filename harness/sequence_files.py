@@ -7,7 +7,8 @@
     <sequence>/stages/0-base/eval.json
     <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
                              replay.json (replay), eval.json, train.json, stage.json (written last;
-                             the folder appears by atomic rename)
+                             the folder appears by atomic rename; under a launcher it also records
+                             world_size, distributed, state_hash, rank0_trainable_elements)
     <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png
 """
 
@@ -30,7 +31,9 @@ from harness.io import atomic_write_json, atomic_write_text
 STAGE_MARKER = "stage.json"
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
-                "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a", "merge_pairs"}
+                "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a", "merge_pairs",
+                # How a sequence is dispatched or split over processes, not what it computes (a resume may change them).
+                "launcher", "ray_address", "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time", "distributed"}
 
 
 def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:

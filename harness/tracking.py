@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import distributed
 from harness.errors import HarnessError, TrackingError
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,11 @@ class Tracker:
         # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
         # (and its children), silently redirecting the next experiment run in the same process.
         self.uri = uri
+        if not distributed.is_main():
+            # Under a launcher rank 0 alone logs (the scheduler gates every call); the other ranks must not even open
+            # the store: several processes creating a fresh sqlite store at once race on its schema.
+            self.client, self.experiment_id = None, None
+            return
         self.client = MlflowClient(tracking_uri=uri)
         try:
             exp = self.client.get_experiment_by_name(experiment)

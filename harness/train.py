@@ -3,6 +3,11 @@
 The recipe (what the loss sees and how the step is taken) is explicit and logged: EOS after the
 completion or not, warm-up, clipping, loss reduction, weight decay. `train_step` is THE training
 step: `harness bench` times this same function.
+
+Under torchrun / accelerate launch (harness/distributed.py) every rank draws the same global data
+order and trains on its slice of each global batch; its loss is the sum of its terms scaled by
+world_size / (the global batch's number of terms), so the gradient DDP or FSDP averages over ranks is
+the one-process gradient of the global batch. Rank 0 alone writes checkpoints; every rank restores.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from harness import distributed as D
 from harness import faults
 from harness.checkpoint import Progress, StageCheckpointer
 from harness.precision import autocast_ctx
@@ -68,6 +74,7 @@ class TrainResult:
     checkpoint_s: float = 0.0
     checkpoints: int = 0
     resumed_from_step: int = 0
+    local_trainable: int = 0  # elements of the trainable parameters this rank held (FSDP: its shards)
 
     @property
     def tok_s(self) -> float:
@@ -103,28 +110,49 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[str
     return {"input_ids": input_ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Next-token cross-entropy on labelled positions: mean over tokens, or mean of per-example means."""
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, *, scale: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy on labelled positions: mean over tokens, or mean of per-example means.
+
+    scale (several processes): a rank's share instead of a mean, the sum of its terms times `scale`
+    (world_size / the global batch's number of terms, see rank_batch)."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
     per_tok = per_tok.view(labels.shape)
     valid = (labels != -100).to(per_tok.dtype)
     if reduction == "token":
-        return (per_tok * valid).sum() / valid.sum().clamp(min=1)
+        return (per_tok * valid).sum() / valid.sum().clamp(min=1) if scale is None else (per_tok * valid).sum() * scale
     if reduction == "example":
         n = valid.sum(dim=1)
         per_ex = (per_tok * valid).sum(dim=1) / n.clamp(min=1)
-        return per_ex[n > 0].mean()
+        return per_ex[n > 0].mean() if scale is None else per_ex[n > 0].sum() * scale
     raise ValueError(f"unknown loss_reduction {reduction!r}")
 
 
+def loss_terms(batch: list[tuple[list[int], int]], reduction: str) -> int:
+    """How many terms lm_loss averages over in a batch: labelled next-token positions, or examples that have any."""
+    per_ex = [max(0, len(ids) - max(n_prompt, 1)) for ids, n_prompt in batch]  # position 0 is never a target
+    return sum(per_ex) if reduction == "token" else sum(1 for n in per_ex if n > 0)
+
+
+def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reduction: str) -> tuple[dict[str, torch.Tensor], float | None]:
+    """This rank's slice of a global batch and its loss scale; one process: the whole batch and no scale."""
+    if not D.is_distributed():
+        return collate(items, pad_id, device), None
+    mine, weight = D.shard(items), 1.0
+    if not mine:  # a last batch shorter than the world: this rank still steps (collectives), adding nothing
+        mine, weight = items[:1], 0.0
+    return collate(mine, pad_id, device), weight * D.world_size() / max(1, loss_terms(items, reduction))
+
+
 def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recipe: Recipe, hooks: StageHooks | None,
-               bf16_autocast: bool = False) -> float:
-    """One optimizer step: loss (+ the method's term), backward, hooks, clip, AdamW, schedule."""
+               bf16_autocast: bool = False, loss_scale: float | None = None) -> float:
+    """One optimizer step: loss (+ the method's term), backward, hooks, clip, AdamW, schedule.
+
+    With loss_scale (a rank's share, see rank_batch) the returned loss is the global batch's, averaged over ranks."""
     device = batch["input_ids"].device
     with autocast_ctx(device, bf16_autocast):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = lm_loss(logits, batch["labels"], recipe.loss_reduction)
+    loss = lm_loss(logits, batch["labels"], recipe.loss_reduction, scale=loss_scale)
     extra = hooks.extra_loss() if hooks is not None else None
     total = loss + extra if extra is not None else loss
     total.backward()
@@ -137,7 +165,7 @@ def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recip
     opt.zero_grad(set_to_none=True)
     if hooks is not None:
         hooks.after_step()
-    return float(loss.detach())
+    return float(loss.detach()) if loss_scale is None else D.mean_over_ranks(loss)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, total_steps: int):
@@ -168,12 +196,14 @@ def train_stage(
     desc: str = "train",
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    distributed: str = "ddp",
 ) -> TrainResult:
     """Train `params` on `examples` with a fresh optimizer; deterministic given (seed, stage) on CPU.
 
     The stage takes `steps` optimizer steps if given, else `epochs` over the data; max_steps caps it.
     With a checkpointer, a checkpoint of this stage is restored first (weights, AdamW, schedule,
     RNG and data position), and one is written every `checkpoint_every` steps and at the end.
+    Under a launcher the model is wrapped for the stage (`distributed`: ddp or fsdp) after the restore.
     """
     device = next(model.parameters()).device
     data = tokenize_examples(tokenizer, examples, max_seq_len)
@@ -188,38 +218,47 @@ def train_stage(
     prog = (checkpointer.restore(params, opt, sched, gen) if checkpointer else None) or Progress()
     resumed_from = prog.step
     model.train()
+    staged = D.StageModel.wrap(model, params, opt, sched, distributed, lambda ps: make_optimizer(ps, lr, recipe, total))
+    plist, main = list(staged.params.values()), D.is_main()
     t0 = time.perf_counter() - prog.wall_s
     ckpt_s = 0.0
-    bar = tqdm(total=total, initial=prog.step, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=prog.step, desc=desc, leave=False, disable=not progress or not main, dynamic_ncols=True)
     try:
         while prog.step < total:
             if not prog.order:
                 prog.order = torch.randperm(len(data), generator=gen).tolist()
             idx, prog.order = prog.order[:batch_size], prog.order[batch_size:]
-            batch = collate([data[i] for i in idx], pad_id, device)
-            prog.losses.append(train_step(model, batch, plist, opt, sched, recipe, hooks, bf16_autocast))
+            items = [data[i] for i in idx]
+            batch, scale = rank_batch(items, pad_id, device, recipe.loss_reduction)
+            prog.losses.append(train_step(staged.module, batch, plist, staged.opt, staged.sched, recipe, hooks, bf16_autocast, scale))
             prog.step += 1
-            prog.tokens += int(batch["attention_mask"].sum())
+            prog.tokens += sum(len(ids) for ids, _ in items)  # the global batch's tokens (its attention mask's sum)
             bar.update(1)
             bar.set_postfix(loss=f"{prog.losses[-1]:.3f}")
             if checkpointer is not None and checkpointer.due(prog.step, total):
                 tc = time.perf_counter()
                 prog.wall_s = tc - t0 - ckpt_s
-                checkpointer.save(params, opt, sched, gen, prog)
+                full_params, full_opt = staged.full_state()  # every rank: gathers under FSDP
+                if main:
+                    checkpointer.save(full_params, full_opt, staged.sched, gen, prog)
                 ckpt_s += time.perf_counter() - tc
-                if prog.step < total:
+                if prog.step < total and main:
                     faults.pause("mid-train", checkpointer.run_dir, stage)
             if on_step is not None:
                 on_step(prog.step)
+        local = staged.local_elements()
+        staged.close()
     finally:
         bar.close()
     return TrainResult(steps=prog.step, tokens=prog.tokens, wall_s=time.perf_counter() - t0 - ckpt_s, losses=prog.losses,
-                       checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from)
+                       checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from,
+                       local_trainable=local)
 
 
 def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recipe: Recipe, seed: int, stage: int,
                  bf16_autocast: bool, calibration: bool = False, max_steps: int | None = None,
-                 checkpointer: StageCheckpointer | None = None, desc: str = "train", progress: bool = True) -> TrainResult:
+                 checkpointer: StageCheckpointer | None = None, desc: str = "train", progress: bool = True,
+                 distributed: str = "ddp") -> TrainResult:
     """One stage of a method (harness/methods) on a budget from planning.stage_budget; sequences and merging share it.
 
     calibration=True is the LoRI-D pre-run of a magnitude mask: no method hooks, its own data order."""
@@ -227,4 +266,5 @@ def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recip
         method.model, tokenizer, examples, method.trainable(), recipe=recipe, lr=budget["lr"], epochs=budget["epochs"],
         batch_size=budget["batch_size"], steps=budget["steps"], max_steps=max_steps or budget["max_steps"],
         max_seq_len=budget["max_seq_len"], seed=stable_seed(seed, "calib") if calibration else seed, stage=stage,
-        bf16_autocast=bf16_autocast, hooks=None if calibration else method, checkpointer=checkpointer, desc=desc, progress=progress)
+        bf16_autocast=bf16_autocast, hooks=None if calibration else method, checkpointer=checkpointer, desc=desc, progress=progress,
+        distributed=distributed)

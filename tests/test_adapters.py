@@ -8,8 +8,9 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.adapters import masks as M
+from harness.adapters import stage_files as SF
 from harness.adapters.lori import AdapterSequence, init_A
-from harness.adapters.masks import MaskEnforcer
+from harness.adapters.sparse import SparseStage, mask_index
 from harness.errors import CapacityError
 from harness.seeding import stable_seed
 from harness.train import Recipe, train_stage
@@ -37,28 +38,17 @@ def tiny_model(seed=0):
 EXAMPLES = [{"prompt": f"q{i} is", "completion": f" a{i % 3}"} for i in range(24)]
 
 
-class EnforcerHooks:
-    """The training-step hooks of a masked stage (what the lori-s method does)."""
-
-    def __init__(self, enforcer):
-        self.enforcer = enforcer
-
-    def extra_loss(self):
-        return None
-
-    def after_backward(self):
-        self.enforcer.after_backward()
-
-    def after_step(self):
-        self.enforcer.after_step()
-
-
 def train(seq, name, masks=None, wd=0.1, steps=6, lr=5e-2, stage=1):
-    enf = MaskEnforcer(seq.b_params(name), masks) if masks is not None else None
+    """Train like the lori-s method: only the mask's values are parameters (masks=None: everything that requires grad)."""
+    sparse = SparseStage(seq.b_modules(name), {k: mask_index(v) for k, v in masks.items()}) if masks is not None else None
     recipe = Recipe(weight_decay=wd, grad_clip=1.0, warmup_steps=0, warmup_ratio=0.0, loss_reduction="token", completion_eos="always")
     params = {n: p for n, p in seq.model.named_parameters() if p.requires_grad}
+    if sparse is not None:
+        assert sum(p.numel() for p in params.values()) == M.mask_nnz(masks)  # the optimizer sees only the mask's entries
     train_stage(seq.model, ByteTok(), EXAMPLES, params, recipe=recipe, lr=lr, epochs=10, batch_size=4,
-                max_steps=steps, stage=stage, hooks=EnforcerHooks(enf) if enf else None, progress=False)
+                max_steps=steps, stage=stage, progress=False)
+    if sparse is not None:
+        sparse.commit()
 
 
 def allocate_random(seq, name, t, policy="disjoint", density=0.1, max_overlap=0.0):
@@ -199,10 +189,11 @@ def test_param_counts_know_masks(tmp_path):
     cfg = ExperimentConfig(rank=4, alpha=8, targets=TARGETS, model="tiny-llama")
     method = METHODS["lori-s"](cfg, seed=0, tasks=["a"], base_model=tiny_model())
     method.begin_stage(StageContext(stage=1, task="a", run_dir=tmp_path, calibrate=None))
-    m = method.stage_masks
+    nnz = sum(v.numel() for v in method.stage_index.values())
+    assert nnz == sum(p.numel() for p in method.trainable().values())
     method.end_stage()
     counts = method.param_counts()
-    assert counts["trainable_params_effective"] == M.mask_nnz(m)
+    assert counts["trainable_params_effective"] == nnz
     assert counts["trainable_params_lora_equivalent"] == sum(4 * (o + i) for o, i in method.adapters.linear_shapes().values())
 
 
@@ -233,18 +224,18 @@ def test_save_load_gives_identical_logits_and_mask_keys_match_B(tmp_path, a_mode
         m = allocate_random(seq, name, t)
         train(seq, name, m, stage=t)
     seq.save(tmp_path)
-    M.save_masks(tmp_path, m)
+    SF.save_masks(tmp_path, m)
     x = torch.randint(2, 60, (2, 12))
     seq.model.eval()
     ref = seq.model(input_ids=x).logits
     # Masks file: one tensor per module under the SAME key as its lora_B weight in the adapter file.
     weights = load_file(str(AdapterSequence.adapter_file(tmp_path, name)))
-    masks = load_file(str(tmp_path / "masks.safetensors"))
-    assert set(masks) == {k for k in weights if ".lora_B." in k}
+    masks = SF.load_masks(tmp_path)
+    assert set(masks) == set(load_file(str(tmp_path / "masks.safetensors"))) == {k for k in weights if ".lora_B." in k}
     zero_outside = M.union(seq.task_masks) if a_mode == "shared" else m
     for k, v in masks.items():
         assert v.shape == weights[k].shape
-        assert torch.equal(v.bool(), m[k])
+        assert torch.equal(v, m[k])
         assert torch.all(weights[k][~zero_outside[k]] == 0)
 
     fresh = lori_s(a_mode)
@@ -273,3 +264,25 @@ def test_lora_trains_A_and_B():
     before = {k: v.clone() for k, v in seq.a_tensors(name).items()}
     train(seq, name, None, steps=3)
     assert any(not torch.equal(v, before[k]) for k, v in seq.a_tensors(name).items())
+
+
+@pytest.mark.parametrize("rank", [1, 5, 8, 12])
+def test_mask_bit_packing_round_trips_and_takes_an_eighth_of_a_byte_per_entry(tmp_path, rank):
+    g = torch.Generator().manual_seed(rank)
+    masks = {"m.lora_B.weight": torch.rand(37, rank, generator=g) < 0.3, "n.lora_B.weight": torch.rand(3, rank, generator=g) < 0.5}
+    SF.save_masks(tmp_path, masks)
+    raw = load_file(str(tmp_path / "masks.safetensors"))
+    assert raw["m.lora_B.weight"].shape == (37, math.ceil(rank / 8)) and raw["m.lora_B.weight"].dtype == torch.uint8
+    back = SF.load_masks(tmp_path)
+    assert all(torch.equal(back[k], masks[k]) for k in masks)
+    # Bit j (least significant first) of byte c is column 8c + j: a file reader needs nothing else.
+    row = masks["m.lora_B.weight"][0]
+    assert int(raw["m.lora_B.weight"][0, 0]) == sum(1 << j for j in range(min(8, rank)) if row[j])
+
+
+def test_masks_of_the_older_dense_layout_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    m = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) < 0.5
+    save_file({"k.lora_B.weight": m.to(torch.uint8)}, str(tmp_path / "masks.safetensors"))
+    assert torch.equal(SF.load_masks(tmp_path)["k.lora_B.weight"], m)

@@ -58,29 +58,35 @@ def test_run_folder_layout_and_matrix(smoke_run):
             assert summary[key] == pytest.approx(recomputed[name], abs=1e-6)
         assert summary["trainable_params_effective"] > 0
         for s in stages[1:]:
-            assert (d / "stages" / s / "adapter" / "adapter_model.safetensors").exists()
-            assert (d / "stages" / s / "masks.safetensors").exists() == (method == "lori-s")
+            files = {p.name for p in (d / "stages" / s).iterdir()}
+            if method == "lori-s":  # what the stage trained (mask, values, how to regenerate A), never a dense B
+                assert {"masks.safetensors", "values.safetensors", "lori.json"} <= files and "adapter" not in files
+            else:
+                assert (d / "stages" / s / "adapter" / "adapter_model.safetensors").exists() and "masks.safetensors" not in files
     s_lori = json.loads((exp / "lori-s" / "seed-0" / "summary.json").read_text())
     s_lora = json.loads((exp / "lora" / "seed-0" / "summary.json").read_text())
     assert s_lori["trainable_params_lora_equivalent"] == s_lora["trainable_params_effective"]
     assert s_lori["trainable_params_effective"] < 0.1 * s_lora["trainable_params_effective"]
 
 
-def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run):
+def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_path):
     from safetensors.torch import load_file
 
-    d = smoke_run / "smoke-e2e" / "lori-s" / "seed-0" / "stages"
-    stage_dirs = sorted((p for p in d.iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
-    masks = [load_file(str(p / "masks.safetensors")) for p in stage_dirs]
-    final_B = load_file(str(stage_dirs[-1] / "adapter" / "adapter_model.safetensors"))
+    from harness.adapters.stage_files import load_masks
+    from harness.export import export_adapter
+
+    seq = smoke_run / "smoke-e2e" / "lori-s" / "seed-0"
+    stage_dirs = sorted((p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
+    masks = [load_masks(p) for p in stage_dirs]
+    final_B = load_file(str(export_adapter(seq, tmp_path / "last") / "adapter_model.safetensors"))
     for k in masks[0]:
         union = sum(m[k].int() for m in masks)
         assert union.max() <= 1, "disjoint masks overlap"
         assert (final_B[k][union == 0] == 0).all()
     # Task 1's entries are bit-identical at the end of the sequence.
-    b1 = load_file(str(stage_dirs[0] / "adapter" / "adapter_model.safetensors"))
+    b1 = load_file(str(export_adapter(seq, tmp_path / "first", 1) / "adapter_model.safetensors"))
     for k, m in masks[0].items():
-        assert (final_B[k][m.bool()] == b1[k][m.bool()]).all()
+        assert (final_B[k][m] == b1[k][m]).all()
 
 
 def test_mlflow_holds_parents_children_metrics_and_artifacts(smoke_run):
@@ -158,23 +164,26 @@ def test_unwritable_results_folder(tmp_path, capsys):
 def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
     from safetensors.torch import load_file
 
+    from harness.adapters.stage_files import load_masks
+    from harness.export import export_adapter
+
     results = tmp_path / "r"
     assert run_cli("--methods", "lori-s", "--mask-strategy", "magnitude", "--a-mode", "per_task",
                    "--overlap-policy", "max_overlap", "--max-overlap", "0.2", "--calibration-steps", "3",
                    "--no-report", "--results-dir", str(results), "--experiment", "mag") == 0
     d = results / "mag" / "lori-s" / "seed-0"
     stage_dirs = sorted((p for p in (d / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
-    masks = [load_file(str(p / "masks.safetensors")) for p in stage_dirs]
+    masks = [load_masks(p) for p in stage_dirs]
     for t, m in enumerate(masks[1:], start=2):
         used = {k: sum(masks[i][k].int() for i in range(t - 1)) > 0 for k in m}
         nnz = sum(int(v.sum()) for v in m.values())
-        overlap = sum(int((v.bool() & used[k]).sum()) for k, v in m.items())
+        overlap = sum(int((v & used[k]).sum()) for k, v in m.items())
         assert overlap <= 0.2 * nnz
-    # Each task's own B (adapter task<t>) is zero outside its mask, from the files alone.
-    final = stage_dirs[-1] / "adapter"
-    for t, m in enumerate(masks, start=1):
-        B = load_file(str(final / f"task{t}" / "adapter_model.safetensors"))
+    # Each task's own B_t is zero outside its mask, from the files alone: the export puts B_1..B_T side by side (r columns each).
+    B = load_file(str(export_adapter(d, tmp_path / "out") / "adapter_model.safetensors"))
+    for t, m in enumerate(masks):
         for k, v in m.items():
-            assert (B[k][v == 0] == 0).all()
+            r = v.shape[1]
+            assert (B[k][:, t * r:(t + 1) * r][~v] == 0).all()
     diag = json.loads((d / "diagnostics.json").read_text())
     assert diag["subspace_overlap"]["matrix"][0][1] < diag["subspace_overlap"]["matrix"][0][0]

@@ -29,7 +29,7 @@ from harness.suites import (  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "task_suites"
 HUB_FIXTURES = Path(__file__).resolve().parent / "data" / "hub_schema"
-LOCAL_SUITES = ["default", "smoke", "mc4"]
+LOCAL_SUITES = ["default", "smoke", "mc4", "smoke15"]
 HUB_SUITES = ["olora-standard", "olora-long"]
 
 
@@ -47,6 +47,29 @@ def test_generator_reproduces_committed_files(suite, tmp_path):
         assert filecmp.cmp(a, b, shallow=False), f"{suite}/{name}: two runs differ"
         assert filecmp.cmp(a, c, shallow=False), f"{suite}/{name}: committed file is stale (run generate.py)"
         assert c.stat().st_size < 200_000
+
+
+def test_smoke15_configs_are_what_its_generator_writes(tmp_path):
+    """suite.yaml and the 15 lm-eval YAMLs come from generate.py's one task table."""
+    subprocess.run([sys.executable, str(SUITES / "smoke15" / "generate.py"), "--out", str(tmp_path / "data"),
+                    "--configs", str(tmp_path)], check=True, capture_output=True)
+    written = sorted(p.name for p in tmp_path.glob("*.yaml"))
+    assert written == sorted(p.name for p in (SUITES / "smoke15").glob("*.yaml")) and len(written) == 16
+    for name in written:
+        assert filecmp.cmp(tmp_path / name, SUITES / "smoke15" / name, shallow=False), f"smoke15/{name} is stale"
+
+
+def test_smoke15_is_fifteen_small_tasks_of_both_kinds_in_one_order():
+    s = load_suite("smoke15")
+    assert len(s.tasks) == 15 and len(s.orders) == 1 and sorted(s.orders[0]) == sorted(s.task_names)
+    kinds = [t.kind for t in s.tasks]
+    assert kinds.count("multiple_choice") == 10 and kinds.count("generate") == 5
+    label_sets = [tuple(t.choices) for t in s.tasks if t.kind == "multiple_choice"]
+    assert len(set(label_sets)) == len(label_sets), "every multiple-choice task has its own label words"
+    assert len({t.prompt for t in s.tasks}) == 15
+    for t in s.tasks:
+        size = sum((SUITES / "smoke15" / "data" / f"{t.name}.{split}.jsonl").stat().st_size for split in ("train", "test"))
+        assert size < 5_000, f"{t.name}: {size} bytes"
 
 
 # ----------------------------------------------------------------------------- data hygiene

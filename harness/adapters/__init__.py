@@ -1,1 +1,1 @@
-"""Adapters: LoRI (frozen A, masked B) and the LoRA baseline, on PEFT; mask allocation."""
+"""Adapters on PEFT: LoRI (frozen A, B trained under a mask as sparse values) and the LoRA baseline; mask allocation and LoRI-S stage files."""

@@ -42,6 +42,16 @@ def b_key(module_name: str) -> str:
     return f"{module_name}.lora_B.weight"
 
 
+def a_key(b: str) -> str:
+    """The lora_A key of the module whose lora_B key is `b`."""
+    return b[: -len("lora_B.weight")] + "lora_A.weight"
+
+
+def lora_config(rank: int, alpha: float, targets: list[str], **kw) -> LoraConfig:
+    """The PEFT config of every adapter here (and of exported ones): no dropout, no bias, scaling alpha / r."""
+    return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none", **kw)
+
+
 class AdapterSequence:
     """The adapters of one sequence on one base model: create per task, freeze, save, load."""
 
@@ -65,7 +75,11 @@ class AdapterSequence:
 
     # --- structure -------------------------------------------------------------------------------
     def _lora_config(self) -> LoraConfig:
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=self.targets, lora_dropout=0.0, bias="none")
+        return lora_config(self.rank, self.alpha, self.targets)
+
+    def a_task(self, t: int) -> int:
+        """The task index A is seeded from: t (per_task) or 1 (one shared A)."""
+        return t if self.a_mode == "per_task" else 1
 
     def adapter_for_task(self, t: int) -> str:
         return f"task{t}" if self.a_mode == "per_task" else "default"
@@ -107,7 +121,7 @@ class AdapterSequence:
     def _init_adapter(self, name: str, t: int) -> None:
         for mod_name, layer in self.layers():
             A = layer.lora_A[name].weight
-            A.copy_(init_A(tuple(A.shape), init=self.a_init, seed=self.seed, task=t if self.a_mode == "per_task" else 1, key=mod_name))
+            A.copy_(init_A(tuple(A.shape), init=self.a_init, seed=self.seed, task=self.a_task(t), key=mod_name))
             layer.lora_B[name].weight.zero_()
 
     def freeze_for(self, trained: str) -> None:
@@ -125,6 +139,10 @@ class AdapterSequence:
 
     def b_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
         return {b_key(n): layer.lora_B[adapter].weight for n, layer in self.layers()}
+
+    def b_modules(self, adapter: str) -> dict[str, torch.nn.Linear]:
+        """The lora_B Linear of every adapted module, keyed like the adapter files (for SparseStage)."""
+        return {b_key(n): layer.lora_B[adapter] for n, layer in self.layers()}
 
     def a_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
         return {b_key(n): layer.lora_A[adapter].weight.detach() for n, layer in self.layers()}

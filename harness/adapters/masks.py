@@ -1,7 +1,8 @@
 """Mask allocation across the tasks of a sequence, capacity checks, parameter counting, overlaps.
 
 Pure functions over tensors keyed by the lora_B key of each adapted module (the same key the
-adapter's safetensors file uses), so every invariant can be checked from the files alone.
+adapter's safetensors file uses), so every invariant can be checked from the files alone. How a
+mask is enforced in training is harness/adapters/sparse.py; how it is stored, stage_files.py.
 
 Overlap policies for task t's mask M_t given the positions U used by M_1..M_{t-1}:
 - disjoint:     M_t ∩ U = ∅
@@ -15,11 +16,9 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from harness.errors import CapacityError
 from harness.seeding import stable_seed
@@ -208,41 +207,3 @@ def subspace_overlap_matrix(task_As: list[Mapping[str, torch.Tensor]]) -> dict[s
     per_module = {k: [[subspace_overlap(task_As[i][k], task_As[j][k]) for j in range(T)] for i in range(T)] for k in keys}
     mean = [[sum(per_module[k][i][j] for k in keys) / max(1, len(keys)) for j in range(T)] for i in range(T)]
     return {"matrix": mean, "per_module": per_module}
-
-
-def save_masks(folder: Path, masks: Masks) -> None:
-    """A stage's mask as masks.safetensors, keyed like the lora_B weights (invariants checkable from files)."""
-    save_file({k: v.to(torch.uint8).contiguous().cpu() for k, v in masks.items()}, str(Path(folder) / "masks.safetensors"))
-
-
-def load_masks(folder: Path) -> Masks | None:
-    p = Path(folder) / "masks.safetensors"
-    if not p.exists():
-        return None
-    return {k: v.bool() for k, v in load_file(str(p)).items()}
-
-
-class MaskEnforcer:
-    """Keep B's entries outside the mask bit-identical to their stage-start values, exactly.
-
-    No tensor gradient hooks (FSDP skips them on sharded parameters): the gradient is masked after
-    backward, before clipping, so clipping sees what will be applied; after the optimizer step the
-    entries outside the mask are copied back from the stage-start snapshot (AdamW's decoupled
-    weight decay moves entries whose gradient is zero).
-    """
-
-    def __init__(self, params: dict[str, torch.nn.Parameter], masks: Masks):
-        self.params = params
-        self.masks = {k: masks[k].to(p.device) for k, p in params.items()}
-        self.snapshot = {k: p.detach().clone() for k, p in params.items()}
-
-    @torch.no_grad()
-    def after_backward(self) -> None:
-        for k, p in self.params.items():
-            if p.grad is not None:
-                p.grad.mul_(self.masks[k].to(p.grad.dtype))
-
-    @torch.no_grad()
-    def after_step(self) -> None:
-        for k, p in self.params.items():
-            p.copy_(torch.where(self.masks[k], p, self.snapshot[k]))

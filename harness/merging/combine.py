@@ -13,16 +13,20 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
+
+from harness.errors import HarnessError
 
 MERGED = "merged"
 
 
-def lora_layers(model: PeftModel) -> list[tuple[str, LoraLayer]]:
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, LoraLayer]]:
+    """Every LoRA layer of a model, with its qualified name (none for a plain base model)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
@@ -56,24 +60,74 @@ def relative_error(model: PeftModel, adapters: list[str], weights: list[float], 
     return math.sqrt(num / den) if den > 0 else 0.0
 
 
-@contextlib.contextmanager
-def folded(model: PeftModel, adapter: str) -> Iterator[PeftModel]:
-    """The adapter's ΔW added into the base weights, the LoRA branch off: the model runs at base-model speed.
+def _adapters_in_forward(layer: LoraLayer) -> list[str]:
+    """The adapters this layer's forward adds to the base output (PEFT's lora.Linear.forward, mirrored)."""
+    if layer.merged:
+        if layer.disable_adapters:  # PEFT would unmerge in place on the next forward
+            raise HarnessError("an adapter is merged in place (merge_adapter) and disabled; unmerge it before evaluating")
+        return []  # already inside the base weights
+    if layer.disable_adapters:
+        return []
+    return [a for a in layer.active_adapters if a in layer.lora_A]
 
-    The base weights are copied first and copied back afterwards, so they are restored bit for bit
-    (merging and unmerging in place drifts them)."""
-    saved = {}
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            if adapter in layer.lora_A:
-                w = layer.get_base_layer().weight
-                saved[name] = w.detach().clone()
-                w.add_(layer.get_delta_weight(adapter).to(w.dtype))
+
+def _check_foldable(name: str, layer: LoraLayer, adapters: list[str]) -> None:
+    """Refuse what W0 + Σ get_delta_weight would not reproduce (DoRA-like variants, LoRA biases, nesting)."""
+    where = f"module {name!r}"
+    if not isinstance(layer, LoraLinear) or isinstance(layer.base_layer, LoraLayer):
+        raise HarnessError(f"{where}: only LoRA on plain linear layers can be folded ({type(layer).__name__}); "
+                           "set eval_merged false")
+    for a in adapters:
+        if a in layer.lora_variant or layer.lora_bias.get(a, False):
+            raise HarnessError(f"{where}: adapter {a!r} is a LoRA variant or has a LoRA bias, which folding does not "
+                               "reproduce; set eval_merged false")
+
+
+@contextlib.contextmanager
+def folded(model: torch.nn.Module, adapter: str | Sequence[str] | None = None) -> Iterator[torch.nn.Module]:
+    """The adapters' ΔW folded into the weights and the LoRA layers taken out: the model runs at base-model speed.
+
+    adapter: one adapter name or several (summed), or None for exactly what the forward pass adds now (each
+    layer's active adapters; IncLoRA's and per-task LoRI's stacks included). Every LoRA layer is replaced in
+    its parent by its base layer holding a new weight W0 + Σ ΔW_a (computed in fp32). The original base
+    weight tensors are never written and no requires_grad flag is touched (PEFT's disable_adapter would
+    re-enable gradients of frozen adapters); layers and weights are put back afterwards, so the base
+    weights are bit-identical and training continues as before. Costs one extra copy of the adapted
+    weights while folded. A model without LoRA layers (the base model) is left as it is."""
+    names = [adapter] if isinstance(adapter, str) else (list(adapter) if adapter is not None else None)
+    layers = lora_layers(model)
+    plan = []
+    for name, layer in layers:
+        use = _adapters_in_forward(layer) if names is None else [a for a in names if a in layer.lora_A]
+        _check_foldable(name, layer, use)
+        plan.append((name, layer, use))
+    _refuse_shared_weights(model, [layer.base_layer for _, layer, _ in plan])
+    swapped = []  # (parent, child name, lora layer, original weight Parameter)
     try:
-        with model.disable_adapter():
-            yield model
-    finally:
         with torch.no_grad():
-            layers = dict(lora_layers(model))
-            for name, w0 in saved.items():
-                layers[name].get_base_layer().weight.copy_(w0)
+            for name, layer, use in plan:
+                base = layer.base_layer
+                w0 = base.weight
+                if use:
+                    w = w0.float() + sum(layer.get_delta_weight(a).float() for a in use)
+                    base._parameters["weight"] = torch.nn.Parameter(w.to(w0.dtype), requires_grad=False)
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                setattr(parent, child, base)
+                swapped.append((parent, child, layer, w0))
+        yield model
+    finally:
+        for parent, child, layer, w0 in reversed(swapped):
+            layer.base_layer._parameters["weight"] = w0
+            setattr(parent, child, layer)
+
+
+def _refuse_shared_weights(model: torch.nn.Module, bases: list[torch.nn.Module]) -> None:
+    """A base weight tied to another module (e.g. embeddings) would be folded for one user and not the other."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    for b in bases:
+        if seen.get(id(b.weight), 0) > 1:
+            raise HarnessError(f"a LoRA-adapted weight of shape {tuple(b.weight.shape)} is tied to another module; "
+                               "folding cannot serve both. Set eval_merged false")

@@ -4,7 +4,8 @@ Folder (a contract; see README), per method and seed:
     <results>/<experiment>/merge/<method>/seed-<s>/
         config.yaml, state.json, .lock          as for sequences
         adapters/<task>/                        PEFT folder (adapter_config.json, adapter_model.safetensors),
-                                                masks.safetensors (lori-s), train.json; appears by atomic rename
+                                                masks.safetensors, values.safetensors, lori.json (lori-s, as a
+                                                sequence's stage), train.json; appears by atomic rename
         single.csv, single.json                 S[i, j]: adapter i alone on task j
         merged.csv, merged.json                 one row per merge (combination x task set): scores, weights,
                                                 relative_error of ΔW against Σ w_i ΔW_i, cross_terms
@@ -31,7 +32,7 @@ import numpy as np
 from harness import metrics as MX
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError
-from harness.adapters.lori import AdapterSequence
+from harness.export import write_peft_folder
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.merging.combine import MERGED, folded, load_adapters, merge, relative_error
@@ -152,11 +153,9 @@ class MergeRunner:
             res = self._train(method, task, b, t)
             stats = method.end_stage()
             with atomic_dir(final) as tmp:
-                method.save_stage(tmp)
-                for f in AdapterSequence.adapter_file(tmp, method.adapter).parent.iterdir():  # flatten to a stock PEFT folder
-                    if f.is_file():
-                        shutil.move(str(f), tmp / f.name)
-                shutil.rmtree(tmp / "adapter")
+                method.save_stage(tmp)  # what the method keeps (lori-s: masks, values, lori.json), then a stock PEFT folder
+                shutil.rmtree(tmp / "adapter", ignore_errors=True)
+                write_peft_folder(method.adapters, tmp)
                 atomic_write_json(tmp / "train.json", {"task": task, "steps": res.steps, "wall_s": res.wall_s, "losses": res.losses,
                                                         "budget": b, "mlflow_run_id": child, **method.param_counts(), **stats})
         finally:

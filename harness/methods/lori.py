@@ -2,7 +2,10 @@
 
 LoRI-S chooses task t's mask M_t among the positions the overlap policy leaves (disjoint,
 max_overlap, independent), from seeded random scores or from |B| after a LoRI-D calibration run
-(whose B is then thrown away, as in the reference pipeline), and keeps it exact with MaskEnforcer.
+(whose B is then thrown away, as in the reference pipeline), and trains only the mask's entries
+(harness/adapters/sparse.py: per module a values vector scattered into the frozen B, so gradients,
+AdamW moments and the stage files are O(nnz) and the mask is exact by construction). A stage folder
+holds the stage's mask and values (harness/adapters/stage_files.py), never a dense B.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from pathlib import Path
 import torch
 
 from harness.adapters import masks as M
+from harness.adapters import stage_files as SF
+from harness.adapters.sparse import SparseStage, index_to_mask, mask_index
+from harness.errors import HarnessError
 from harness.methods.base import Method, StageContext
 from harness.seeding import stable_seed
 
@@ -46,9 +52,12 @@ class LoRIS(LoRID):
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
-        self.task_masks: list[M.Masks] = []
-        self.stage_masks: M.Masks | None = None
-        self.enforcer: M.MaskEnforcer | None = None
+        # Masks as flat positions (int32), O(nnz): M_1..M_t of the committed stages, and the current stage's.
+        self.task_masks: list[dict[str, torch.Tensor]] = []
+        self.stage_index: dict[str, torch.Tensor] | None = None
+        self.stage = 0
+        self.b_shapes: dict[str, tuple[int, int]] = {}
+        self.sparse: SparseStage | None = None
         self.stats: dict[str, float] = {}
 
     @classmethod
@@ -61,26 +70,81 @@ class LoRIS(LoRID):
         M.check_capacity(shapes, n_tasks, density=cfg.mask_density, policy=cfg.overlap_policy, max_overlap=cfg.max_overlap,
                          scope="module" if cfg.mask_strategy == "random" else cfg.mask_scope)
 
-    def restore_stage(self, t: int, folder: Path) -> None:
-        masks = M.load_masks(folder)
-        if masks is None:
-            raise FileNotFoundError(f"{folder}/masks.safetensors missing: delete the stage folder to redo the stage")
-        self.task_masks.append(masks)
+    # --- masks as positions --------------------------------------------------------------------
+    def _dense(self, index: dict[str, torch.Tensor]) -> M.Masks:
+        return {k: index_to_mask(v, self.b_shapes[k]) for k, v in index.items()}
 
+    def _used(self) -> M.Masks | None:
+        """Positions used by M_1..M_{t-1} (dense, built for the allocator and dropped)."""
+        return M.union([self._dense(m) for m in self.task_masks]) if self.task_masks else None
+
+    # --- resume --------------------------------------------------------------------------------
+    def restore(self, done: dict[int, Path]) -> None:
+        """Replay the committed stages' files: B.flat[M_t] = values_t for t = 1..last, A regenerated and verified.
+
+        Stages written by an older harness (a dense adapter/ holding all of B, no values) may come first:
+        the last of them is loaded whole, and the sparse stages replay on top."""
+        stages = sorted(t for t in done if t > 0)
+        dense = [t for t in stages if not SF.is_sparse_stage(done[t])]
+        if dense != stages[: len(dense)]:
+            raise HarnessError(f"{done[dense[-1]]}: a LoRI-S stage in the older dense layout after sparse ones; "
+                               "delete the stage folders from that one on to redo them.")
+        for t in stages:
+            name = self.adapters.begin_task(t)
+            if t in dense:
+                self.restore_stage(t, done[t])
+                if t == dense[-1]:
+                    self.adapters.load_weights(done[t])
+                continue
+            masks, values, meta = SF.read_stage(done[t])
+            self._record(masks)
+            self._check_A(name, meta, done[t])
+            for k, mod in self.adapters.b_modules(name).items():
+                SF.apply_values(mod.weight, masks[k], values[k])
+
+    def restore_stage(self, t: int, folder: Path) -> None:
+        """Record committed stage t's mask (the allocator avoids it); the model is not touched."""
+        masks = SF.load_masks(folder)
+        if masks is None:
+            raise HarnessError(f"{folder}/{SF.MASKS} missing: delete the stage folder to redo the stage")
+        self._record(masks)
+
+    def _record(self, masks: M.Masks) -> None:
+        self.b_shapes.update({k: tuple(v.shape) for k, v in masks.items()})
+        self.task_masks.append({k: mask_index(v) for k, v in masks.items()})
+
+    def _check_A(self, name: str, meta: dict, folder: Path) -> None:
+        digest = SF.a_digest(self._a(name))
+        if digest != meta.get("a_sha256"):
+            raise HarnessError(f"{folder}/{SF.META}: A regenerated from seed {self.seed} does not match the A this stage trained "
+                               "with (sha256 differs: another torch version, a_init or model?). Re-run with the environment "
+                               "that wrote it, or delete the stage folders to redo them.")
+
+    def _a(self, name: str) -> dict[str, torch.Tensor]:
+        from harness.adapters.lori import a_key
+
+        return {a_key(k): v for k, v in self.adapters.a_tensors(name).items()}
+
+    # --- the stage -----------------------------------------------------------------------------
     def begin_stage(self, ctx: StageContext) -> None:
         super().begin_stage(ctx)
-        b_params = self.adapters.b_params(self.adapter)
-        used = M.union(self.task_masks) if self.task_masks else None
+        self.stage = ctx.stage
+        modules = self.adapters.b_modules(self.adapter)
+        self.b_shapes = {k: tuple(m.weight.shape) for k, m in modules.items()}
+        used = self._used()
         if ctx.resumed_extra:
-            masks = {k[len("mask/"):]: v.bool() for k, v in ctx.resumed_extra.items() if k.startswith("mask/")}
+            index = {k[len("mask/"):]: mask_index(v.bool()) if v.dtype == torch.uint8 else v.to(torch.int32)  # uint8: older dense masks
+                     for k, v in ctx.resumed_extra.items() if k.startswith("mask/")}
+            masks = self._dense(index)
         else:
-            masks = self._choose_masks(ctx, b_params, used)
+            masks = self._choose_masks(ctx, {k: m.weight for k, m in modules.items()}, used)
+            index = {k: mask_index(v) for k, v in masks.items()}
         nnz = M.mask_nnz(masks)
         self.stats = {"mask/nnz": nnz, "mask/density": nnz / sum(m.numel() for m in masks.values())}
         if used is not None:
             self.stats["mask/overlap_with_earlier"] = sum(int((masks[k] & used[k]).sum()) for k in masks) / nnz
-        self.stage_masks = masks
-        self.enforcer = M.MaskEnforcer(b_params, masks)
+        self.stage_index = index
+        self.sparse = SparseStage(modules, index)  # from here on only the values train
 
     def _choose_masks(self, ctx: StageContext, b_params, used) -> M.Masks:
         shapes = {k: tuple(p.shape) for k, p in b_params.items()}
@@ -88,7 +152,7 @@ class LoRIS(LoRID):
             scores, scope = M.random_scores(shapes, stable_seed(self.seed, "task", ctx.stage)), "module"
         else:
             start = {k: p.detach().clone() for k, p in b_params.items()}
-            ctx.calibrate(self.cfg.calibration_steps, "lori-d")  # a LoRI-D run, at LoRI-D's learning rate
+            ctx.calibrate(self.cfg.calibration_steps, "lori-d")  # a LoRI-D run (dense B trains), at LoRI-D's learning rate
             with torch.no_grad():
                 scores = {k: (p.detach() - start[k]).abs().float().cpu() for k, p in b_params.items()}
                 for k, p in b_params.items():
@@ -98,33 +162,38 @@ class LoRIS(LoRID):
                           max_overlap=self.cfg.max_overlap, scope=scope)
 
     def held_tensors(self) -> list[torch.Tensor]:
-        enf = self.enforcer
-        return [*enf.snapshot.values(), *enf.masks.values()] if enf is not None else []
+        """The mask positions held (this stage's and the committed stages'); no copy of B, no dense mask."""
+        tensors = [*(self.sparse.tensors() if self.sparse else []), *(self.stage_index or {}).values(),
+                   *(v for m in self.task_masks for v in m.values())]
+        return list({(t.device, t.data_ptr()): t for t in tensors}.values())
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
-        return {f"mask/{k}": v.to(torch.uint8) for k, v in (self.stage_masks or {}).items()}
-
-    def after_backward(self) -> None:
-        self.enforcer.after_backward()
-
-    def after_step(self) -> None:
-        self.enforcer.after_step()
+        return {f"mask/{k}": v for k, v in (self.stage_index or {}).items()}
 
     def end_stage(self) -> dict[str, float]:
-        self.task_masks.append(self.stage_masks)
-        self.enforcer = None
+        self.sparse.commit()  # B is a plain frozen Parameter again, holding the trained values
+        self.sparse = None
+        self.task_masks.append(self.stage_index)
         return self.stats
 
     def save_stage(self, folder: Path) -> None:
-        super().save_stage(folder)
-        M.save_masks(folder, self.stage_masks)
+        """The stage's mask and values, and how to regenerate and check A; the sequence's B is the replay of its stages."""
+        a = self.adapters
+        modules = a.b_modules(self.adapter)
+        values = {k: mod.weight.detach().reshape(-1)[self.stage_index[k].to(mod.weight.device)] for k, mod in modules.items()}
+        dtype = next(iter(values.values())).dtype
+        meta = {"adapter": self.adapter, "a_mode": a.a_mode, "rank": a.rank, "alpha": a.alpha, "targets": a.targets,
+                "a_init": a.a_init, "seed": a.seed, "a_task": a.a_task(self.stage), "dtype": str(dtype).removeprefix("torch."),
+                "nnz": int(sum(v.numel() for v in values.values())), "a_sha256": SF.a_digest(self._a(self.adapter))}
+        SF.save_stage(folder, self._dense(self.stage_index), values, meta)
 
     def param_counts(self) -> dict[str, int]:
         counts = super().param_counts()
-        counts["trainable_params_effective"] = max((M.mask_nnz(m) for m in self.task_masks), default=0)
+        counts["trainable_params_effective"] = max((sum(v.numel() for v in m.values()) for m in self.task_masks), default=0)
         return counts
 
     def diagnostics(self) -> dict:
         out = super().diagnostics()
-        out["mask_overlap"] = {"tasks": self.tasks[: len(self.task_masks)], "matrix": M.mask_overlap_matrix(self.task_masks)}
+        out["mask_overlap"] = {"tasks": self.tasks[: len(self.task_masks)],
+                               "matrix": M.mask_overlap_matrix([self._dense(m) for m in self.task_masks])}
         return out

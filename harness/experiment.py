@@ -1,0 +1,106 @@
+"""Running an experiment in this process: plan (or pick one sequence), preflight, load the model once, run its sequences.
+
+`harness run` with launcher local calls run_experiment for the whole experiment; a launcher's job
+(harness/launchers) calls it for one sequence folder with preflight=False. The sequence loop itself
+is harness/scheduler.py.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness import distributed as D
+from harness.config import ExperimentConfig
+from harness.io import atomic_write_yaml
+from harness.methods import METHODS
+from harness.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
+from harness.scheduler import SequenceRunner, say
+
+
+def check_batch_sizes(cfg: ExperimentConfig, suite, specs) -> None:
+    """Under several processes every stage's global batch must split evenly over the ranks (before anything is written)."""
+    if D.world_size() == 1:
+        return
+    for spec in specs:
+        for t, tasks in enumerate(METHODS[spec.method].stage_plan(spec.tasks), 1):
+            budget = stage_budget(spec.cfg or cfg, suite, tasks, spec.method, spec.seed)
+            D.check_batch_size(budget["batch_size"], f"{spec.label}, stage {t} ({'+'.join(tasks)})")
+
+
+def planned_sequences(cfg: ExperimentConfig, only: Path | None = None, *, preflight: bool = True):
+    """(suite, specs, tracking URI, shapes checked) of the experiment, or of the one sequence in folder `only`.
+
+    preflight=False is for a launcher's job: its driver already ran the whole preflight, so the job
+    only re-plans (cheap, writes nothing) to find its folder."""
+    from harness.suites import load_suite
+    from harness.tracking import default_tracking_uri
+
+    if preflight:
+        suite, specs, uri, shapes_checked = validate(cfg)
+    else:
+        suite = load_suite(cfg.suite)
+        specs, uri, shapes_checked = plan(cfg, suite), default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri), True
+    if only is not None:
+        specs = [s for s in specs if s.run_dir.resolve() == Path(only).resolve()]
+        if not specs:
+            from harness.errors import HarnessError
+
+            raise HarnessError(f"{only}: not a sequence folder of experiment {cfg.experiment_name} (its config plans other folders)")
+    return suite, specs, uri, shapes_checked
+
+
+def write_experiment_files(cfg: ExperimentConfig, *, only: Path | None = None) -> Path:
+    """The experiment folder and its config.yaml; resuming one sequence must not narrow what it says it holds."""
+    exp_dir = experiment_dir(cfg)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    if only is None:
+        atomic_write_yaml(exp_dir / "config.yaml", cfg.to_yaml_dict())
+    return exp_dir
+
+
+def open_tracker(cfg: ExperimentConfig, uri: str):
+    """The experiment's MLflow tracker: creates the experiment on first use, afterwards only looks it up."""
+    from harness.tracking import Tracker
+
+    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
+
+
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None, preflight: bool = True,
+                   threads: int | None = None) -> list[dict[str, Any]]:
+    """Validate everything, then run every sequence (or only the one in folder `only`), skipping finished work.
+
+    A launcher's job calls this with only=<its folder>, preflight=False (the driver checked) and
+    threads=job_cpus (a Ray worker sees every CPU of its node, not the CPUs it was given)."""
+    from harness.evaluate import Evaluator
+    from harness.models import load_model, module_shapes, set_torch_threads
+
+    suite, specs, uri, shapes_checked = planned_sequences(cfg, only, preflight=preflight)
+    check_batch_sizes(cfg, suite, specs)
+    if threads is None:
+        set_torch_threads()
+    else:
+        torch.set_num_threads(threads)
+    D.init(cfg.device)  # several processes: join the group now, so each GPU rank loads onto its own device
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
+                                  trust_remote_code=cfg.trust_remote_code)
+    say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
+    if not shapes_checked:
+        preflight_methods(cfg, specs, module_shapes(model))
+    # Only now is anything written: the experiment folder, the store, the runs.
+    if D.is_main():  # under torchrun / accelerate launch rank 0 alone writes
+        write_experiment_files(cfg, only=only)
+    tracker = open_tracker(cfg, uri)
+    evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
+    results, base_cache = [], {}
+    for spec in specs:
+        runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
+                                base_cache=base_cache)
+        results.append(runner.run())
+        model = runner.model
+    return results

@@ -1,0 +1,210 @@
+"""The driver of a Ray or Slurm sweep: the `harness run` process, which plans, dispatches and gathers.
+
+Order matters, so bad input costs nothing: the whole preflight of a local run (planning.validate:
+suite, model shapes, capacity, tracking server; and no sequence folder held by another process)
+runs first; then the cluster is reached; only then are the experiment's config.yaml and its MLflow
+experiment written, once, here (several jobs creating one experiment at the same moment race in
+MLflow). Each job runs one sequence through the same run_experiment(only=<folder>) as
+`harness resume`, so a job that dies is retried and continues from its last committed stage or
+mid-stage checkpoint. A backend (ray_launcher.RayBackend, slurm_launcher.SlurmBackend) only
+submits, polls and cancels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness.errors import HarnessError
+from harness.launchers.job import payload
+from harness.launchers.progress import StageMonitor
+from harness.planning import SequenceSpec
+
+POLL_S = 1.0  # how often the driver looks at jobs and run folders
+LOCK_RELEASE_S = 120.0  # how long a cancelled job may take to let go of its folder before runs are marked anyway
+
+
+class JobsFailed(HarnessError):
+    """Some sequences did not finish; exit 2 when all of them failed on input the user can fix, else 1."""
+
+    def __init__(self, message: str, user_errors_only: bool):
+        super().__init__(message)
+        self.exit_code = 2 if user_errors_only else 1
+
+
+@dataclass
+class Job:
+    spec: SequenceSpec
+    attempt: int = 1
+
+
+class Backend(Protocol):
+    def describe(self) -> str: ...
+    def submit(self, payloads: list[dict]) -> list[Any]: ...
+    def poll(self, handles: list[Any]) -> list[tuple[Any, str, Any]]: ...
+    def cancel(self, handles: list[Any]) -> None: ...
+    def log_of(self, handle: Any) -> str: ...
+    def close(self) -> None: ...
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def check_free(specs: list[SequenceSpec], wait: bool) -> None:
+    """Refuse (exit 2), as a local run does, when another process holds a sequence folder; unless asked to wait."""
+    from harness.locking import LOCK_NAME, is_locked
+
+    if wait:
+        return
+    for spec in specs:
+        if is_locked(spec.run_dir):
+            try:
+                who = json.loads((spec.run_dir / LOCK_NAME).read_text())
+                holder = f"host {who.get('host', '?')}, pid {who.get('pid', '?')}"
+            except (OSError, ValueError):
+                holder = "an unknown process"
+            raise HarnessError(f"{spec.run_dir} is being run by another process ({holder}). Wait for it to finish, "
+                               "pass --wait-for-lock true to wait for it, or stop that process first.")
+
+
+def make_backend(cfg, exp_dir: Path) -> Backend:
+    if cfg.launcher == "ray":
+        from harness.launchers.ray_launcher import RayBackend
+
+        return RayBackend(cfg, exp_dir)
+    from harness.launchers.slurm_launcher import SlurmBackend
+
+    return SlurmBackend(cfg, exp_dir)
+
+
+def run_jobs(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
+    """Preflight, dispatch one job per sequence, follow the run folders, gather each summary.json (spec order)."""
+    from harness.planning import experiment_dir
+    from harness.experiment import open_tracker, planned_sequences, write_experiment_files
+
+    _, specs, uri, shapes_checked = planned_sequences(cfg, only)
+    if not shapes_checked:  # the model's config is unreadable without weights: check capacity on the loaded model
+        from harness.models import load_model, module_shapes
+        from harness.planning import preflight_methods
+
+        model, _ = load_model(cfg.model, seed=0, device="cpu", dtype="fp32", cache_dir=cfg.cache_dir,
+                              trust_remote_code=cfg.trust_remote_code)
+        preflight_methods(cfg, specs, module_shapes(model))
+        del model
+    check_free(specs, cfg.wait_for_lock)
+    backend = make_backend(cfg, experiment_dir(cfg))  # reaches the cluster; writes nothing
+    try:
+        write_experiment_files(cfg, only=only)
+        tracker = open_tracker(cfg, uri)  # the experiment is created here, once; jobs only look it up
+        say(f"{len(specs)} sequence(s) on {backend.describe()}; tracking {uri}")
+        return _follow(cfg, backend, tracker, specs, progress)
+    finally:
+        backend.close()
+
+
+def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress: bool) -> list[dict[str, Any]]:
+    monitor = StageMonitor(cfg, specs, progress=progress)
+    summaries: dict[Path, dict] = {}
+    failures: list[tuple[str, str, bool]] = []  # (label, message, user error)
+    pending: dict[Any, Job] = {}
+
+    def submit(jobs: list[Job]) -> None:
+        payloads = [payload(cfg, j.spec.run_dir, attempt=j.attempt, label=j.spec.label, log=log_path(cfg, j)) for j in jobs]
+        for job, handle in zip(jobs, backend.submit(payloads)):
+            pending[handle] = job
+
+    try:
+        submit([Job(s) for s in specs])
+        while pending:
+            for handle, kind, value in backend.poll(list(pending)):
+                job = pending.pop(handle)
+                if kind == "ok" and value.get("ok"):
+                    summaries[job.spec.run_dir] = gathered(job.spec)
+                    monitor.sequence_done(job.spec, summaries[job.spec.run_dir])
+                elif kind == "ok":
+                    failures.append((job.spec.label, value.get("error", "?"), True))
+                    monitor.say(f"[{job.spec.label}] failed: {value.get('error')}")
+                elif kind == "died" and job.attempt <= cfg.job_retries:
+                    monitor.say(f"[{job.spec.label}] job died ({value}); retry {job.attempt}/{cfg.job_retries}: "
+                                "it continues from the last committed stage or checkpoint")
+                    submit([Job(job.spec, job.attempt + 1)])
+                else:
+                    what = "died" if kind == "died" else "failed"
+                    failures.append((job.spec.label, f"{what} (attempt {job.attempt}): {value}\n  log: {backend.log_of(handle)}", False))
+                    monitor.say(f"[{job.spec.label}] {what} (attempt {job.attempt}); log: {backend.log_of(handle)}")
+            monitor.poll()
+            if pending:
+                time.sleep(POLL_S)
+    except BaseException as exc:  # Ctrl-C, SIGTERM, or the driver itself failing: its jobs go with it
+        monitor.close()
+        if pending:
+            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"driver stopped ({type(exc).__name__})"
+            say(f"{why}: cancelling {len(pending)} job(s)")
+            backend.cancel(list(pending))
+            mark_failed(tracker, [j.spec for j in pending.values()])
+        raise
+    monitor.close()
+    if failures:
+        lines = "\n".join(f"  [{label}] {msg}" for label, msg, _ in failures)
+        raise JobsFailed(f"{len(failures)} of {len(specs)} sequence(s) did not finish:\n{lines}\n"
+                         "Finished stages are kept: fix the cause and run the same command again (finished work is skipped).",
+                         user_errors_only=all(user for _, _, user in failures))
+    return [summaries[s.run_dir] for s in specs]
+
+
+def log_path(cfg, job: Job) -> Path | None:
+    """Ray jobs write their output under results/<experiment>/ray/ (Slurm jobs: submitit's files under slurm/)."""
+    if cfg.launcher != "ray":
+        return None
+    from harness.planning import experiment_dir
+
+    return experiment_dir(cfg) / "ray" / f"{job.spec.label.replace('/', '_')}.log"
+
+
+def gathered(spec: SequenceSpec) -> dict[str, Any]:
+    """The sequence's summary.json: the folder is the source of truth, and the driver must be able to see it."""
+    path = spec.run_dir / "summary.json"
+    deadline = time.monotonic() + 30  # a shared filesystem may show a file written elsewhere a moment late
+    while True:
+        try:
+            summary = json.loads(path.read_text())
+            if summary.get("complete"):
+                return summary
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise HarnessError(f"[{spec.label}] its job finished but {path} is missing or incomplete here: the results folder must be "
+                               "on a filesystem that the driver and every worker share (same path).")
+        time.sleep(0.5)
+
+
+def mark_failed(tracker, specs: list[SequenceSpec]) -> None:
+    """Cancelled sequences: once their job has let go of the folder, RUNNING parent and stage runs become FAILED."""
+    from harness.io import read_json
+    from harness.locking import is_locked
+
+    deadline = time.monotonic() + LOCK_RELEASE_S
+    for spec in specs:
+        state = spec.run_dir / "state.json"
+        if not state.exists():
+            continue  # the job never got as far as opening its MLflow run
+        while is_locked(spec.run_dir) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if is_locked(spec.run_dir):
+            say(f"[{spec.label}] still held by its job: not marked (harness report marks it when it has stopped)")
+            continue
+        parent = read_json(state)["mlflow_parent_run_id"]
+        try:
+            if tracker.status(parent) != "RUNNING":
+                continue
+            for child in tracker.stage_children(parent):
+                if child.info.status == "RUNNING":
+                    tracker.finish(child.info.run_id, "FAILED")
+            tracker.finish(parent, "FAILED")
+        except Exception as exc:  # noqa: BLE001 - a store problem must not hide the interruption itself
+            say(f"[{spec.label}] could not mark MLflow run {parent} FAILED: {exc}")

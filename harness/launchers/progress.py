@@ -1,0 +1,106 @@
+"""What the driver shows while jobs run elsewhere: one line per finished stage and sequence, one bar.
+
+It reads the run folders, not the workers' output: a stage exists for everyone once its folder
+`stages/<t>-<name>/` holds `stage.json` (committed by atomic rename), so the driver sees the same
+progress whatever launcher, node or retry produced it, and a driver that comes back (`harness
+resume`) counts what is already done.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from harness.methods import METHODS
+from harness.planning import SequenceSpec
+
+STAGE_MARKER = "stage.json"  # harness/sequence_files.py's marker, written last
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # not there yet, or on a filesystem that shows it late
+        return None
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def stage_line(label: str, stage_dir: Path, n_stages: int) -> str | None:
+    """The line a local run prints for a finished stage, rebuilt from the stage's files."""
+    info, ev = _read(stage_dir / STAGE_MARKER), _read(stage_dir / "eval.json")
+    if info is None or ev is None:
+        return None
+    scores = " ".join(f"{k}={v:.2f}" for k, v in ev.get("scores", {}).items())
+    if info.get("stage") == 0:
+        return f"[{label}] stage 0 (base model) {scores}  eval {ev.get('wall_s', 0):.1f}s"
+    tr = _read(stage_dir / "train.json") or {}
+    losses = tr.get("losses") or []
+    loss = f"loss {losses[0]:.3f}->{losses[-1]:.3f} " if losses else ""
+    return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
+            f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s | {scores}")
+
+
+def done_line(label: str, summary: dict) -> str:
+    return (f"[{label}] done: ACC {_fmt(summary.get('acc'))} BWT {_fmt(summary.get('bwt'))} FWT {_fmt(summary.get('fwt'))} "
+            f"forgetting {_fmt(summary.get('forgetting'))}  trainable {summary.get('trainable_params_effective', 0):,}")
+
+
+class StageMonitor:
+    """Polls the run folders of the dispatched sequences; prints new stages; one tqdm bar (stages done / total)."""
+
+    def __init__(self, cfg, specs: list[SequenceSpec], *, progress: bool = True):
+        self.specs = specs
+        self.n_stages = {s.run_dir: len(METHODS[s.method].stage_plan(s.tasks)) for s in specs}
+        # Stage 0 (the base model) is a committed stage too, unless the schedule skips the base row.
+        with_base = {s.run_dir: (s.cfg or cfg).full_row_every is not None for s in specs}
+        self.total = sum(n + with_base[d] for d, n in self.n_stages.items())
+        self.seen: set[Path] = set()
+        self.finished: set[Path] = set()
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc="stages", unit="stage", file=sys.stderr, disable=not progress,
+                        dynamic_ncols=True, leave=True)
+        already = self._committed()
+        if already:
+            self.seen |= already
+            self.bar.update(len(already))
+            self.say(f"{len(already)} of {self.total} stages already committed: they are skipped")
+
+    def say(self, msg: str) -> None:
+        if self.bar.disable:
+            print(msg, file=sys.stderr, flush=True)
+        else:
+            self.bar.write(msg, file=sys.stderr)
+
+    def _committed(self, spec: SequenceSpec | None = None) -> set[Path]:
+        out = set()
+        for s in [spec] if spec else self.specs:
+            sdir = s.run_dir / "stages"
+            if sdir.is_dir():
+                out |= {p for p in sdir.iterdir() if (p / STAGE_MARKER).is_file()}
+        return out
+
+    def poll(self) -> None:
+        """Print every stage committed since the last poll, in stage order per sequence."""
+        for spec in self.specs:
+            new = sorted(self._committed(spec) - self.seen, key=lambda p: int(p.name.split("-", 1)[0]))
+            for stage_dir in new:
+                line = stage_line(spec.label, stage_dir, self.n_stages[spec.run_dir])
+                if line is None:
+                    continue  # its files are not all visible yet: next poll
+                self.seen.add(stage_dir)
+                self.bar.update(1)
+                self.say(line)
+
+    def sequence_done(self, spec: SequenceSpec, summary: dict) -> None:
+        self.poll()
+        if spec.run_dir not in self.finished:
+            self.finished.add(spec.run_dir)
+            self.say(done_line(spec.label, summary))
+
+    def close(self) -> None:
+        self.bar.close()
