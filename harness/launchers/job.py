@@ -67,11 +67,14 @@ def _output_to(log: str | None) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(log, "ab", buffering=0) as f:
+    # Python's sys.stdout/sys.stderr too: where something (pytest's capture, a notebook) replaced them, they no longer
+    # write to file descriptors 1 and 2.
+    with open(log, "ab", buffering=0) as f, open(log, "a", buffering=1, encoding="utf-8", errors="replace") as text:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
         try:
-            yield
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
