@@ -77,9 +77,11 @@ def forgetting(R: np.ndarray) -> float | None:
         return None
     drops = []
     for j in range(T - 1):
-        seen = [R[l, j] for l in range(1, T) if not math.isnan(R[l, j])]
-        if not seen or math.isnan(R[T, j]):
+        # Every stage from the one that trained task j to T-1 must have been evaluated on it (eval_schedule
+        # diagonal_final / every:K leave them out): a max over fewer stages would be a guess, so n/a.
+        if any(math.isnan(R[l, j]) for l in range(j + 1, T)) or math.isnan(R[T, j]):
             return None
+        seen = [R[l, j] for l in range(1, T) if not math.isnan(R[l, j])]
         drops.append(max(seen) - R[T, j])
     return _mean_or_none(drops)
 

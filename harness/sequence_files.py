@@ -52,6 +52,13 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     if not cfg_path.exists():
         return
     old, new = comparable(yaml.safe_load(cfg_path.read_text()) or {}, method), comparable(resolved, method)
+    # A knob added after the folder was made did not exist then: the old code behaved as its default does.
+    from harness.config import ExperimentConfig
+
+    defaults = ExperimentConfig().model_dump(mode="json")
+    for k in set(new) - set(old):
+        if k in defaults and new[k] == defaults[k]:
+            old[k] = new[k]
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(

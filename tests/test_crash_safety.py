@@ -232,3 +232,20 @@ def test_eval_limit_draws_the_same_seeded_subset_at_every_stage():
         (idx,) = ia.values()
         assert len(idx) == 10 and len(set(idx)) == 10 and idx != list(range(10))  # seeded, not lm-eval's first N
     assert Evaluator(suite, None, limit=1000).subset("parity") is None
+
+
+def test_a_folder_made_before_a_knob_existed_resumes_when_the_knob_is_at_its_default(tmp_path):
+    """Upgrading the harness must not strand run folders: a knob missing from their config.yaml means its default."""
+    import yaml as _yaml
+
+    from harness.errors import ConfigError
+    from harness.sequence_files import check_same_config
+
+    from harness.config import load_config
+
+    resolved = load_config(None, {"suite": "smoke", "model": "tiny-llama"}).to_yaml_dict()
+    old = {k: v for k, v in resolved.items() if k not in ("eval_merged", "eval_bf16")}  # written by an older harness
+    (tmp_path / "config.yaml").write_text(_yaml.safe_dump(old))
+    check_same_config(tmp_path / "config.yaml", resolved, "lora")  # defaults: the same computation, no refusal
+    with pytest.raises(ConfigError, match="eval_bf16"):
+        check_same_config(tmp_path / "config.yaml", {**resolved, "eval_bf16": True}, "lora")

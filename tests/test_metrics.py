@@ -66,3 +66,16 @@ def test_missing_final_score_makes_acc_undefined():
 def test_shape_is_checked():
     with pytest.raises(ValueError):
         acc(np.zeros((3, 3)))
+
+
+def test_forgetting_is_na_when_a_stage_it_maximises_over_was_not_evaluated():
+    """diagonal_final leaves R[l, j] for j < l < T out: forgetting is n/a, not a max over fewer stages; BWT stays defined."""
+    import numpy as np
+
+    from harness.metrics import bwt, forgetting
+
+    nan = float("nan")
+    R = np.array([[0.1, 0.1, 0.1], [0.9, nan, nan], [nan, 0.8, nan], [0.5, 0.6, 0.7]])
+    assert forgetting(R) is None and bwt(R) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    R[2, 0] = 0.95  # the full row-2 cell for task 1 is there now: max(0.9, 0.95) - 0.5 and 0.8 - 0.6
+    assert forgetting(R) == pytest.approx(((0.95 - 0.5) + (0.8 - 0.6)) / 2)
