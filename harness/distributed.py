@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import atexit
 import copy
-import hashlib
 import os
 from datetime import timedelta
 from typing import Any, Callable, Mapping
 
 from harness.errors import ConfigError, HarnessError
+from harness.seeding import tensors_digest
 
 # Bounds a wait at a barrier or collective: rank 0 evaluating a large suite alone can take long. A rank
 # that dies does not make the others wait this long: torchrun tears the whole group down.
@@ -145,18 +145,6 @@ def mean_over_ranks(value):
 
 
 # --- the same masks and weights on every rank -------------------------------------------------------
-def tensors_digest(tensors: Mapping[str, Any]) -> str:
-    """sha256 over names, dtypes, shapes and exact bytes (order-independent)."""
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def check_identical(tensors: Mapping[str, Any], what: str) -> str:
     """Hash `tensors` on every rank and compare with rank 0's; HarnessError on every rank if any differs."""
     digest = tensors_digest(tensors)

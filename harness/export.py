@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from harness.adapters import stage_files as SF
 from harness.errors import HarnessError
 from harness.io import atomic_dir
+from harness.seeding import tensors_digest
 from harness.sequence_files import STAGE_MARKER
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -162,7 +163,7 @@ def _regenerate_A(meta: dict, d_in: dict[str, int], dtype: torch.dtype, folder: 
     suffix = ".lora_B.weight"
     A = {a_key(k): init_A((meta["rank"], d), init=meta["a_init"], seed=meta["seed"], task=meta["a_task"],
                           key=k[: -len(suffix)]).to(dtype) for k, d in d_in.items()}
-    if SF.a_digest(A) != meta.get("a_sha256"):
+    if tensors_digest(A) != meta.get("a_sha256"):
         raise HarnessError(f"{folder}/{SF.META}: A regenerated from seed {meta['seed']} does not match the stored sha256 "
                            "(another torch version, or another model than the run's?). Export with the environment that wrote it.")
     return A

@@ -14,7 +14,6 @@ uint8 of B's shape) are still read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Mapping
@@ -69,16 +68,6 @@ def load_masks(folder: Path) -> dict[str, torch.Tensor] | None:
     if meta.get("format") is None:  # the older layout: uint8 of B's shape
         return {k: v.bool() for k, v in tensors.items()}
     raise HarnessError(f"{p}: unknown mask format {meta.get('format')!r} (written by a newer harness?)")
-
-
-def a_digest(a: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over (key, dtype, shape, bytes) of every A in key order: A is regenerated and checked against it."""
-    h = hashlib.sha256()
-    for k in sorted(a):
-        t = a[k].detach().contiguous().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_stage(folder: Path, masks: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor], meta: dict) -> None:

@@ -19,7 +19,7 @@ from harness.adapters import stage_files as SF
 from harness.adapters.sparse import SparseStage, index_to_mask, mask_index
 from harness.errors import HarnessError
 from harness.methods.base import Method, StageContext
-from harness.seeding import stable_seed
+from harness.seeding import stable_seed, tensors_digest
 
 
 class LoRID(Method):
@@ -114,7 +114,7 @@ class LoRIS(LoRID):
         self.task_masks.append({k: mask_index(v) for k, v in masks.items()})
 
     def _check_A(self, name: str, meta: dict, folder: Path) -> None:
-        digest = SF.a_digest(self._a(name))
+        digest = tensors_digest(self._a(name))
         if digest != meta.get("a_sha256"):
             raise HarnessError(f"{folder}/{SF.META}: A regenerated from seed {self.seed} does not match the A this stage trained "
                                "with (sha256 differs: another torch version, a_init or model?). Re-run with the environment "
@@ -184,7 +184,7 @@ class LoRIS(LoRID):
         dtype = next(iter(values.values())).dtype
         meta = {"adapter": self.adapter, "a_mode": a.a_mode, "rank": a.rank, "alpha": a.alpha, "targets": a.targets,
                 "a_init": a.a_init, "seed": a.seed, "a_task": a.a_task(self.stage), "dtype": str(dtype).removeprefix("torch."),
-                "nnz": int(sum(v.numel() for v in values.values())), "a_sha256": SF.a_digest(self._a(self.adapter))}
+                "nnz": int(sum(v.numel() for v in values.values())), "a_sha256": tensors_digest(self._a(self.adapter))}
         SF.save_stage(folder, self._dense(self.stage_index), values, meta)
 
     def param_counts(self) -> dict[str, int]:
