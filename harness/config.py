@@ -114,6 +114,10 @@ class ExperimentConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="Cap on optimizer steps per task.")
     batch_size: int | None = Field(None, ge=1, description="Training batch size (default: suite budget).")
     max_seq_len: int | None = Field(None, ge=8, description="Truncate training sequences to this many tokens.")
+    lr: float | None = Field(
+        None, gt=0, description="One learning rate for every method of the run (e.g. --grid \"lr=1e-3,2e-3\"); a family's own "
+        "lr_lora / lr_lori_d / lr_lori_s still wins for that family. Default: per family."
+    )
     lr_lora: float | None = Field(
         None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl "
         f"(default: the suite budget's, else {DEFAULT_LR['lora']:g})."
@@ -263,11 +267,13 @@ class ExperimentConfig(BaseModel):
         return f"{suite}-{model}"
 
     def lr_for(self, method: str, suggested: dict[str, float] | None = None) -> float:
-        """The learning rate of a method (its family's knob: lr_lora, lr_lori_d or lr_lori_s), else the suite's."""
+        """The learning rate of a method: its family's knob (lr_lora, lr_lori_d or lr_lori_s), else lr, else the suite's."""
         family = METHODS[method].lr_method
         explicit = {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[family]
         if explicit is not None:
             return explicit
+        if self.lr is not None:
+            return self.lr
         if suggested and family in suggested:
             return float(suggested[family])
         return DEFAULT_LR[family]

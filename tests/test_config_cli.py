@@ -79,3 +79,15 @@ def test_hub_model_offline_is_exit_2_with_one_paragraph(tmp_path):
 def test_max_overlap_needs_its_policy():
     with pytest.raises(Exception, match="max_overlap"):
         load_config(None, {"max_overlap": 0.2})
+
+
+def test_one_lr_for_every_method_as_the_issue_spells_the_grid():
+    """`--grid "lr=1e-3,2e-3;warmup_steps=0,5"`: lr sets every family's rate unless the family's own knob is given."""
+    from harness.config import load_config, parse_grid
+    from harness.planning import variants
+
+    cfg = load_config(None, {"methods": ["lora", "lori-s"], "grid": parse_grid("lr=1e-3,2e-3;warmup_steps=0,5")})
+    got = sorted((v["lr"], v["warmup_steps"], c.lr_for("lora"), c.lr_for("lori-s")) for _, v, c in variants(cfg))
+    assert got == [(1e-3, 0, 1e-3, 1e-3), (1e-3, 5, 1e-3, 1e-3), (2e-3, 0, 2e-3, 2e-3), (2e-3, 5, 2e-3, 2e-3)]
+    own = load_config(None, {"lr": "1e-3", "lr_lori_s": "2e-2"})
+    assert own.lr_for("lora") == 1e-3 and own.lr_for("lori-s") == 2e-2
