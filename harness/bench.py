@@ -59,8 +59,7 @@ def _base_step(model, batch, bf16_autocast: bool):
 
 
 def _nbytes(tensors) -> int:
-    unique = {(t.device, t.data_ptr()): t for t in tensors}
-    return int(sum(t.numel() * t.element_size() for t in unique.values()))
+    return int(sum(t.numel() * t.element_size() for t in tensors))
 
 
 def adapter_memory(method, opt, batch, recipe, bf16_autocast: bool) -> dict[str, int]:
@@ -69,7 +68,7 @@ def adapter_memory(method, opt, batch, recipe, bf16_autocast: bool) -> dict[str,
     params: every adapter parameter (A and B of every adapter, frozen or not, and LoRI-S's trainable
     values vectors); grads: the gradients a step leaves on the trainable tensors; optimizer: AdamW's
     state tensors; snapshot: whatever the method keeps besides (Method.held_tensors; LoRI-S: the
-    mask positions, no copy of B). A tensor is counted once however many lists name it."""
+    mask positions, no copy of B; it lists each tensor once)."""
     from harness.train import lm_loss
 
     model = method.model

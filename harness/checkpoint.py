@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from harness import faults
+from harness.errors import HarnessError
 from harness.io import atomic_dir, read_json
 
 CKPT_DIR = "checkpoint"
@@ -94,8 +95,12 @@ class StageCheckpointer:
         st = read_json(self.path / "state.json")
         tensors = load_file(str(self.path / "tensors.safetensors"))
         missing = [n for n in params if f"param/{n}" not in tensors]
-        if missing:
-            raise RuntimeError(f"{self.path}: checkpoint lacks {missing[:3]}; delete the folder to redo the stage from its start")
+        if missing:  # written by a harness whose trainable tensors differ (e.g. LoRI-S before its sparse state)
+            raise HarnessError(
+                f"{self.path}: this mid-stage checkpoint of stage {self.stage} ({self.task}) does not hold this harness's "
+                f"trainable tensors (missing {len(missing)}, e.g. {missing[0]}); it was written by another harness version. "
+                f"Delete that folder and run the same command again: stage {self.stage} restarts from its beginning and "
+                f"the committed stages are kept.")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param/{n}"].to(p.device, p.dtype))

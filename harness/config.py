@@ -289,10 +289,12 @@ class ExperimentConfig(BaseModel):
 
 # Knobs a grid may not sweep: what the experiment is (model, suite, sequences), where it goes, and
 # how it is evaluated (every variant must be scored the same way to be comparable).
+# How a sequence is dispatched or split over processes: never what it computes (a resume may change them).
+LAUNCH_KEYS = frozenset({"launcher", "ray_address", "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time",
+                         "distributed"})
 NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
                  "cache_dir", "device", "dtype", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
-                 "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16", "launcher", "ray_address",
-                 "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time", "distributed"}
+                 "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16"} | LAUNCH_KEYS
 
 
 def parse_grid(raw: str) -> dict[str, list[str]]:

@@ -53,17 +53,20 @@ def seeded_adapter(model: torch.nn.Module, cfg, *, seed: int = 0, relative_delta
 
 def load_adapter(model: torch.nn.Module, folder: Path):
     """A PeftModel from a PEFT adapter folder, or every adapter of a stage folder (adapters.json), all active."""
+    from harness.adapters.lori import AdapterSequence
+    from harness.adapters.stage_files import is_sparse_stage
+    from harness.export import CONFIG
     from harness.io import read_json
     from harness.merging.combine import load_adapters
 
     folder = Path(folder)
-    if (folder / "values.safetensors").is_file():
+    if is_sparse_stage(folder):
         raise HarnessError(f"{folder}: a LoRI-S stage folder holds masks and values, not a PEFT adapter; "
                            "write one with `harness export RUN_DIR --stage T OUT` and pass OUT")
     if (folder / "adapters.json").is_file():  # a sequence's stage folder: adapter/ and adapter/<name>/
         names = read_json(folder / "adapters.json")["adapters"]
-        folders = {n: folder / "adapter" if n == "default" else folder / "adapter" / n for n in names}
-    elif (folder / "adapter_config.json").is_file():
+        folders = {n: AdapterSequence.adapter_file(folder, n).parent for n in names}
+    elif (folder / CONFIG).is_file():
         names, folders = ["default"], {"default": folder}
     else:
         raise HarnessError(f"{folder}: neither a PEFT adapter folder (adapter_config.json) nor a stage folder "

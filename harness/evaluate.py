@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harness.precision import autocast_dtype
 from harness.seeding import stable_seed
 
 log = logging.getLogger(__name__)
@@ -88,14 +89,14 @@ class Evaluator:
         bf16 autocast if the caller or eval_bf16 asks; merged (default: eval_merged) folds the active adapters."""
         merged = self.merged if merged is None else merged
         t0 = time.perf_counter()
+        fold = contextlib.nullcontext()
         if merged:
             from harness.merging.combine import folded  # PEFT loads in ~2 s: only when needed
 
-            with folded(model):
-                results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, log_samples)
-        else:
+            fold = folded(model)
+        with fold:
             results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, log_samples)
-        scores, raw, n = {}, {}, {}
+        scores, raw, n, preds = {}, {}, {}, ({} if log_samples else None)
         for t in tasks:
             spec = self.suite.task(t)
             name = self.configs[t]["task"]
@@ -107,7 +108,8 @@ class Evaluator:
             scores[t] = float(results[name][metric_key])
             raw[t] = {k: v for k, v in results[name].items() if isinstance(v, (int, float, str))}
             n[t] = int(n_samples.get(name, {}).get("effective", 0))
-        preds = {t: predictions(samples[self.configs[t]["task"]], self.suite.task(t).kind) for t in tasks} if log_samples else None
+            if log_samples:
+                preds[t] = predictions(samples[name], spec.kind)
         return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds)
 
     def _run(self, model: torch.nn.Module, tasks: list[str], bf16: bool, log_samples: bool) -> tuple[dict, dict, dict]:
@@ -121,9 +123,8 @@ class Evaluator:
         try:
             # lm-eval wraps every forward in torch.autocast(enabled=mixed_precision_dtype is not None), which
             # switches an outer autocast off: bf16 must be asked of HFLM itself. CPU only, as in training.
-            cpu_bf16 = bf16 and next(model.parameters()).device.type == "cpu"
             lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, max_length=self.max_length,
-                      mixed_precision_dtype=torch.bfloat16 if cpu_bf16 else None)
+                      mixed_precision_dtype=autocast_dtype(next(model.parameters()).device, bf16))
             for t in tasks:  # one task at a time: one tick of our bar each, lm-eval's own bars silenced
                 quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
                 with quiet, torch.no_grad():

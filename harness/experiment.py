@@ -16,16 +16,18 @@ import torch
 from harness import distributed as D
 from harness.config import ExperimentConfig
 from harness.io import atomic_write_yaml
-from harness.methods import METHODS
+from harness.methods import METHODS, Method
 from harness.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
 from harness.scheduler import SequenceRunner, say
 
 
-def check_batch_sizes(cfg: ExperimentConfig, suite, specs) -> None:
-    """Under several processes every stage's global batch must split evenly over the ranks (before anything is written)."""
-    if D.world_size() == 1:
+def check_launch(cfg: ExperimentConfig, suite, specs) -> None:
+    """Under several processes, before anything is loaded or written: every stage's global batch must split evenly
+    over the ranks, and under FSDP no method may change the step (its verbs would see released parameters)."""
+    if not D.is_distributed():
         return
     for spec in specs:
+        D.check_fsdp_method(METHODS[spec.method], Method, (spec.cfg or cfg).distributed)
         for t, tasks in enumerate(METHODS[spec.method].stage_plan(spec.tasks), 1):
             budget = stage_budget(spec.cfg or cfg, suite, tasks, spec.method, spec.seed)
             D.check_batch_size(budget["batch_size"], f"{spec.label}, stage {t} ({'+'.join(tasks)})")
@@ -79,7 +81,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     from harness.models import load_model, module_shapes, set_torch_threads
 
     suite, specs, uri, shapes_checked = planned_sequences(cfg, only, preflight=preflight)
-    check_batch_sizes(cfg, suite, specs)
+    check_launch(cfg, suite, specs)
     if threads is None:
         set_torch_threads()
     else:
@@ -89,6 +91,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
                                   trust_remote_code=cfg.trust_remote_code)
+    if D.device() is not None and next(model.parameters()).device != D.device():
+        model = model.to(D.device())  # e.g. a hub model placed on cuda:0: each rank's model on its own GPU
     say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
     if not shapes_checked:
         preflight_methods(cfg, specs, module_shapes(model))

@@ -26,24 +26,19 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from harness.adapters import stage_files as SF
+from harness.adapters.sparse import mask_index
 from harness.errors import HarnessError
 from harness.io import atomic_dir
 from harness.seeding import tensors_digest
-from harness.sequence_files import STAGE_MARKER
+from harness import sequence_files
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 Adapter = dict[str, torch.Tensor]  # PEFT state dict of one adapter: <module>.lora_A.weight / .lora_B.weight
 
 
 def committed_stages(run_dir: Path) -> dict[int, Path]:
-    """Training stages whose commit marker exists (read only: unlike a resume, nothing is cleaned up)."""
-    sdir = Path(run_dir) / "stages"
-    out = {}
-    for p in sdir.iterdir() if sdir.is_dir() else []:
-        head = p.name.split("-", 1)[0]
-        if p.is_dir() and head.isdigit() and int(head) > 0 and (p / STAGE_MARKER).exists():
-            out[int(head)] = p
-    return out
+    """Training stages (t >= 1) whose commit marker exists (read only: unlike a resume, nothing is cleaned up)."""
+    return {t: p for t, p in sequence_files.committed_stages(run_dir).items() if t > 0}
 
 
 def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
@@ -90,20 +85,12 @@ def stack(adapters: list[Adapter]) -> Adapter:
 
 
 def write_peft_folder(seq, folder: Path) -> None:
-    """A live AdapterSequence's adapters as one stock PEFT folder (what merging loads)."""
-    from peft import get_peft_model_state_dict
-
+    """A live AdapterSequence's adapters as one stock PEFT folder (what merging loads): saved as a stage saves
+    them, then copied (one adapter) or stacked (several) as `harness export` does."""
     folder = Path(folder)
-    if len(seq.adapters) == 1:
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            seq.model.save_pretrained(tmp, selected_adapters=list(seq.adapters), safe_serialization=True)
-            src = Path(tmp) if seq.adapters[0] == "default" else Path(tmp) / seq.adapters[0]  # PEFT's layout
-            for name in (CONFIG, WEIGHTS):
-                shutil.move(str(src / name), folder / name)
-        return
-    adapters = [{k: v.detach().cpu() for k, v in get_peft_model_state_dict(seq.model, adapter_name=n).items()} for n in seq.adapters]
-    config = json.loads(json.dumps(seq.model.peft_config[seq.adapters[0]].to_dict(), default=list))
-    write_adapters(folder, adapters, config)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        seq.save(Path(tmp))
+        _export_dense(Path(tmp), folder)
 
 
 def _export_dense(stage_dir: Path, out: Path) -> None:
@@ -153,7 +140,7 @@ def lori_s_adapters(run_cfg: dict, folders: list[Path]) -> tuple[list[Adapter], 
             B[name] = {k: torch.zeros(m.shape, dtype=dtype) for k, m in masks.items()}
             A[name] = _regenerate_A(meta, d_in, dtype, folder)
         for k in masks:
-            SF.apply_values(B[name][k], masks[k], values[k])
+            SF.apply_values(B[name][k], mask_index(masks[k]), values[k])
     return [{**{a_key(k): A[n][a_key(k)] for k in B[n]}, **B[n]} for n in B], meta
 
 

@@ -38,6 +38,26 @@ def _holder(fd: int) -> str:
         return "an unknown process"
 
 
+def _locked(run_dir: Path, holder: str) -> SequenceLockedError:
+    return SequenceLockedError(f"{run_dir} is being run by another process ({holder}). Wait for it to finish, "
+                               "pass --wait-for-lock true to wait here, or stop that process first.")
+
+
+def refuse_if_held(run_dir: Path) -> None:
+    """SequenceLockedError naming the holder when another process holds the folder's lock (a probe, as is_locked)."""
+    if not is_locked(run_dir):
+        return
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        raise _locked(run_dir, "an unknown process") from None
+    try:
+        holder = _holder(fd)
+    finally:
+        os.close(fd)
+    raise _locked(run_dir, holder)
+
+
 class SequenceLock:
     """Hold the lock of one sequence folder for the life of a `with` block (or until release())."""
 
@@ -58,10 +78,7 @@ class SequenceLock:
                 holder = _holder(fd)
                 if not self.wait:
                     os.close(fd)
-                    raise SequenceLockedError(
-                        f"{self.path.parent} is being run by another process ({holder}). Wait for it to finish, "
-                        "pass --wait-for-lock true to wait here, or stop that process first."
-                    ) from None
+                    raise _locked(self.path.parent, holder) from None
                 if not announced and on_wait is not None:
                     on_wait(holder)
                     announced = True

@@ -134,11 +134,9 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
 
     Several processes opening one sqlite store race on its schema and lock it ("database is
     locked"), so a parallel launcher with sqlite is refused before anything is written."""
-    from harness.tracking import local_store_path
-
     if cfg.launcher == "local":
         return
-    if local_store_path(uri) is not None or uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+    if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
         raise ConfigError(
             f"--launcher {cfg.launcher}: its jobs log to MLflow in parallel, which the store {uri} cannot take "
             "(several processes on one sqlite/file store fail). Start a tracking server shared by every job: "
@@ -160,7 +158,8 @@ def validate(cfg: ExperimentConfig):
     from harness.suites import validate_suite
     from harness.tracking import check_reachable, default_tracking_uri
 
-    check_launcher(cfg, default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri))
+    uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
+    check_launcher(cfg, uri)
     # The thorough check (data files, labels, lm-eval tasks): ~2 s, and a missing file must stop
     # the run here, not at stage 3.
     suite = validate_suite(cfg.suite)
@@ -179,7 +178,6 @@ def validate(cfg: ExperimentConfig):
             "point HARNESS_DATA_OVERRIDES at local files of the same schema (see the README's Task suites)."
         )
     check_results_dir(cfg.results_dir)
-    uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
     check_reachable(uri)
     return suite, specs, uri, config is not None
 

@@ -1,4 +1,4 @@
-"""Numerics shared by training, evaluation and bench: the CPU bf16 autocast context."""
+"""Numerics shared by training, evaluation and bench: CPU bf16 autocast, asked for as a context or as a dtype."""
 
 from __future__ import annotations
 
@@ -7,8 +7,12 @@ import contextlib
 import torch
 
 
+def autocast_dtype(device: torch.device, bf16_autocast: bool) -> torch.dtype | None:
+    """bf16 on CPU when asked (CUDA runs in the model's own dtype); None: no autocast."""
+    return torch.bfloat16 if bf16_autocast and device.type == "cpu" else None
+
+
 def autocast_ctx(device: torch.device, bf16_autocast: bool):
-    """bf16 autocast on CPU when asked (CUDA runs in the model's own dtype); otherwise a no-op."""
-    if bf16_autocast and device.type == "cpu":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The autocast_dtype as a context; a no-op where there is none."""
+    dtype = autocast_dtype(device, bf16_autocast)
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()

@@ -29,10 +29,10 @@ from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
-from harness.methods import METHODS, Method, StageContext
+from harness.methods import METHODS, StageContext
 from harness.planning import SequenceSpec, stage_budget, task_examples
-from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, finished_stages, git_commit,
-                                    write_matrix_files)
+from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, done_line, finished_stages, git_commit,
+                                    stage_line, write_matrix_files)
 from harness.train import Recipe, train_method
 
 
@@ -94,7 +94,6 @@ class SequenceRunner:
 
     # --- the sequence ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        self._join_launch()
         resolved = self.cfg.to_yaml_dict()
         resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
                                 "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
@@ -104,9 +103,10 @@ class SequenceRunner:
         waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
         with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
             summary_path = self.run_dir / "summary.json"
-            if D.broadcast_object(main and summary_path.exists() and bool(read_json(summary_path).get("complete"))):
+            done = D.broadcast_object(read_json(summary_path) if main and summary_path.exists() else None)
+            if done and done.get("complete"):
                 say(f"[{self.spec.label}] already complete: skipping ({self.run_dir})")
-                return D.broadcast_object(read_json(summary_path) if main else None)
+                return done
             if main:
                 atomic_write_yaml(self.run_dir / "config.yaml", resolved)
                 self.parent_id = self._open_parent()
@@ -121,19 +121,6 @@ class SequenceRunner:
             if main:
                 self.tracker.finish(self.parent_id, "FINISHED")
             return out
-
-    def _join_launch(self) -> None:
-        """Under a launcher: refuse what this launch cannot run (on every rank, before anything of the sequence is
-        written), then join the process group once; a no-op for one process."""
-        if not D.is_distributed():
-            return
-        for t, tasks in enumerate(self.plan, 1):
-            D.check_batch_size(self.budget(tasks)["batch_size"], f"{self.spec.label}, stage {t} ({'+'.join(tasks)})")
-        D.check_fsdp_method(self.method_cls, Method, self.cfg.distributed)
-        D.init(self.cfg.device)
-        dev = D.device()
-        if dev is not None and next(self.model.parameters()).device != dev:
-            self.model = self.model.to(dev)  # loaded before the group existed: each rank's model on its own GPU
 
     def _open_parent(self) -> str:
         state_path = self.run_dir / "state.json"
@@ -202,13 +189,15 @@ class SequenceRunner:
         if key not in self.base_cache:
             self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast)
         ev = self.base_cache[key]
+        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
+        info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
-            atomic_write_json(tmp / "eval.json", {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s})
-            atomic_write_json(tmp / STAGE_MARKER, {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None})
+            atomic_write_json(tmp / "eval.json", evj)
+            atomic_write_json(tmp / STAGE_MARKER, info)
         self.fill_row(0, ev.scores)
         self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
         self.stage_wall[0] = time.perf_counter() - t0
-        say(f"[{self.spec.label}] stage 0 (base model) " + " ".join(f"{k}={v:.2f}" for k, v in ev.scores.items()) + f"  eval {ev.wall_s:.1f}s")
+        say(stage_line(self.spec.label, len(self.plan), info, evj))
 
     def _stage(self, t: int, method) -> None:
         """Every rank: set up and train the stage; then rank 0 evaluates and commits it while the others wait."""
@@ -229,7 +218,7 @@ class SequenceRunner:
 
         method.begin_stage(StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate, resumed_extra=ckpt.load_extra()))
         ckpt.extra = method.checkpoint_extra()
-        launch = self._check_ranks_agree(t, method)
+        launch = self._check_ranks_agree(t, method, ckpt.extra)
         res = self._train(method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt)
         stats = method.end_stage()
         if launch:
@@ -241,14 +230,14 @@ class SequenceRunner:
         if D.is_main():
             faults.pause("between-stages", self.run_dir, t)
 
-    def _check_ranks_agree(self, t: int, method) -> dict[str, Any]:
+    def _check_ranks_agree(self, t: int, method, extra: dict[str, Any]) -> dict[str, Any]:
         """Under a launcher: every rank must start the stage from the same masks, buffers and trainable weights.
 
         Hashes them on every rank and compares with rank 0's (HarnessError on all ranks if any differs); every
         rank prints its hash. Returns what stage.json records about the launch (nothing for one process)."""
         if not D.is_distributed():
             return {}
-        tensors = {f"extra/{k}": v for k, v in method.checkpoint_extra().items()}
+        tensors = {f"extra/{k}": v for k, v in extra.items()}
         tensors.update({f"buffer/{n}": b for n, b in method.model.named_buffers()})
         tensors.update({f"param/{n}": p for n, p in method.trainable().items()})
         digest = D.check_identical(tensors, f"[{self.spec.label}] stage {t}: masks, buffers and trainable weights")
@@ -265,26 +254,26 @@ class SequenceRunner:
         t_save = time.perf_counter()
         with atomic_dir(stage_dir) as tmp:
             method.save_stage(tmp)
-            atomic_write_json(tmp / "eval.json", {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s})
-            atomic_write_json(tmp / "train.json", {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s,
-                                                    "budget": budget, "losses": res.losses, "calibration_s": calib_s,
-                                                    "checkpoints": res.checkpoints, "resumed_from_step": res.resumed_from_step,
-                                                    "train_examples": n_examples})
+            evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
+            trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
+                   "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
+                   "resumed_from_step": res.resumed_from_step, "train_examples": n_examples}
+            atomic_write_json(tmp / "eval.json", evj)
+            atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
             overhead = total - res.wall_s - ev.wall_s - calib_s
-            atomic_write_json(tmp / STAGE_MARKER, {
+            info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
-                "mlflow_run_id": self.child_id, **method.param_counts(), **stats})
+                "mlflow_run_id": self.child_id, **method.param_counts(), **stats}
+            atomic_write_json(tmp / STAGE_MARKER, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
         self._mirror_stage(self.child_id, stage_dir, fresh=True)
         self.child_id = None
         self.stage_wall[t] = total
-        say(f"[{spec.label}] stage {t}/{len(self.plan)} {name}: loss {res.losses[0]:.3f}->{res.losses[-1]:.3f} "
-            f"{res.steps} steps {res.tok_s:.0f} tok/s | train {res.wall_s:.1f}s eval {ev.wall_s:.1f}s "
-            f"other {overhead:.1f}s ({100 * overhead / total:.1f}%) | " + " ".join(f"{k}={v:.2f}" for k, v in ev.scores.items()))
+        say(stage_line(spec.label, len(self.plan), info, evj, trj))
 
     def _mirror_stage(self, child_id: str, stage_dir: Path, *, fresh: bool) -> None:
         """Copy a committed stage's files into MLflow.
@@ -336,9 +325,7 @@ class SequenceRunner:
             self.tracker.log_artifact(self.parent_id, run_dir / name)
         self.tracker.log_json(self.parent_id, summary, "summary.json")
         atomic_write_json(run_dir / "summary.json", summary)
-        fmt = lambda v: "n/a" if v is None else f"{v:+.3f}"  # noqa: E731
-        say(f"[{spec.label}] done: ACC {fmt(summ['ACC'])} BWT {fmt(summ['BWT'])} FWT {fmt(summ['FWT'])} "
-            f"forgetting {fmt(summ['forgetting'])}  trainable {counts['trainable_params_effective']:,}")
+        say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
 
 

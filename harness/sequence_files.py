@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 import yaml
 
+from harness.config import LAUNCH_KEYS, ExperimentConfig
 from harness.errors import ConfigError
 from harness.io import atomic_write_json, atomic_write_text
 
 STAGE_MARKER = "stage.json"
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
-                "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a", "merge_pairs",
-                # How a sequence is dispatched or split over processes, not what it computes (a resume may change them).
-                "launcher", "ray_address", "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time", "distributed"}
+                "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
+                "merge_pairs"} | LAUNCH_KEYS
 
 
 def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -53,8 +53,6 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
         return
     old, new = comparable(yaml.safe_load(cfg_path.read_text()) or {}, method), comparable(resolved, method)
     # A knob added after the folder was made did not exist then: the old code behaved as its default does.
-    from harness.config import ExperimentConfig
-
     defaults = ExperimentConfig().model_dump(mode="json")
     for k in set(new) - set(old):
         if k in defaults and new[k] == defaults[k]:
@@ -77,16 +75,23 @@ def clean_partial_writes(run_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def committed_stages(run_dir: Path) -> dict[int, Path]:
+    """Stage folders (`<t>-<name>`, stage 0 included) whose commit marker exists, by index; read only."""
+    sdir = Path(run_dir) / "stages"
+    out = {}
+    for p in sdir.iterdir() if sdir.is_dir() else []:
+        head = p.name.split("-", 1)[0]
+        if head.isdigit() and (p / STAGE_MARKER).exists():
+            out[int(head)] = p
+    return out
+
+
 def finished_stages(run_dir: Path) -> dict[int, Path]:
     """Committed stages by index; a stage folder without its marker is deleted (it is redone)."""
-    out = {}
-    sdir = run_dir / "stages"
-    if not sdir.is_dir():
-        return out
-    for p in sdir.iterdir():
-        if (p / STAGE_MARKER).exists():
-            out[int(p.name.split("-", 1)[0])] = p
-        elif p.is_dir():
+    out = committed_stages(run_dir)
+    sdir = Path(run_dir) / "stages"
+    for p in sdir.iterdir() if sdir.is_dir() else []:
+        if p.is_dir() and p not in out.values():
             shutil.rmtree(p, ignore_errors=True)
     return out
 
@@ -110,3 +115,28 @@ def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
         "tasks": tasks, "stages": list(range(R.shape[0])),
         "R": [[None if math.isnan(v) else float(v) for v in row] for row in R],
     })
+
+
+def _signed(v) -> str:
+    return "n/a" if v is None else f"{v:+.3f}"
+
+
+def stage_line(label: str, n_stages: int, info: dict, ev: dict, tr: dict | None = None) -> str:
+    """The one line a finished stage gets, from its stage.json, eval.json and train.json contents.
+
+    The scheduler prints it as it commits a stage; a launcher's driver rebuilds it from the committed files."""
+    scores = " ".join(f"{k}={v:.2f}" for k, v in ev.get("scores", {}).items())
+    if info.get("stage") == 0:
+        return f"[{label}] stage 0 (base model) {scores}  eval {ev.get('wall_s', 0):.1f}s"
+    losses = (tr or {}).get("losses") or []
+    loss = f"loss {losses[0]:.3f}->{losses[-1]:.3f} " if losses else ""
+    other = f" other {info['overhead_s']:.1f}s ({100 * info['overhead_frac']:.1f}%)" if "overhead_s" in info else ""
+    return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
+            f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
+            f"{other} | {scores}")
+
+
+def done_line(label: str, summary: dict) -> str:
+    """The line a finished sequence gets, from its summary.json contents."""
+    return (f"[{label}] done: ACC {_signed(summary.get('acc'))} BWT {_signed(summary.get('bwt'))} FWT {_signed(summary.get('fwt'))} "
+            f"forgetting {_signed(summary.get('forgetting'))}  trainable {summary.get('trainable_params_effective', 0):,}")

@@ -41,7 +41,8 @@ def wait_for(path: Path, proc, timeout=300):
     deadline = time.time() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {path.name} appeared: {proc.stderr.read()[-2000:]}")
+            out = proc.stderr.read()[-2000:] if proc.stderr else "(its output went to a log file)"
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {path.name} appeared: {out}")
         assert time.time() < deadline, f"{path} did not appear within {timeout}s"
         time.sleep(0.05)
 

@@ -17,7 +17,7 @@ import pytest
 
 from test_crash_safety import wait_for
 import test_launcher_ray
-from test_launcher_ray import ROOT, SMALL, check_folder, check_store, cli
+from test_launcher_ray import SMALL, check_folder, check_store, cli, start_cli
 from test_sequence import read_matrix
 
 TWO = ["--methods", "lori-s,lora", "--seeds", "0"]
@@ -81,17 +81,13 @@ def test_two_sequences_as_a_slurm_job_array_match_a_local_run(local_reference, t
 def test_a_slurm_job_killed_mid_stage_is_resubmitted_and_resumes(local_reference, tracking_server, tmp_path):
     import os
     import signal
-    import sys
 
     results = tmp_path / "r"
     seq = results / "die" / "lora" / "seed-0"
     log = tmp_path / "driver.log"
     args = [*SMALL, "--methods", "lora", "--seeds", "0", "--no-progress", "--experiment", "die"]
-    with open(log, "wb") as f:
-        driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *args, "--results-dir", str(results), "--launcher", "slurm",
-                                   "--slurm-time", "10", "--tracking-uri", tracking_server],
-                                  cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "mid-train:2"},
-                                  stdout=f, stderr=subprocess.STDOUT)
+    driver = start_cli("run", *args, "--results-dir", str(results), "--launcher", "slurm", "--slurm-time", "10",
+                       "--tracking-uri", tracking_server, env_extra={"HARNESS_FAULT_PAUSE": "mid-train:2"}, log=log)
     try:
         wait_for(seq / ".paused-mid-train", driver, timeout=300)
         os.kill(int((seq / ".paused-mid-train").read_text()), signal.SIGKILL)  # the job's process dies; Slurm says FAILED

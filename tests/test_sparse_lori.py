@@ -10,7 +10,7 @@ from harness.adapters import masks as M
 from harness.adapters import stage_files as SF
 from harness.adapters.lori import AdapterSequence
 from harness.adapters.sparse import SparseStage, mask_index
-from harness.checkpoint import StageCheckpointer
+from harness.checkpoint import Progress, StageCheckpointer
 from harness.config import ExperimentConfig
 from harness.errors import HarnessError
 from harness.methods import METHODS, StageContext
@@ -198,6 +198,20 @@ def test_mid_stage_checkpoint_holds_only_the_values_and_resumes_exactly(tmp_path
     second.end_stage()
     for k, p in whole.adapters.b_params("default").items():
         assert torch.equal(second.adapters.b_params("default")[k], p), k
+
+
+def test_a_mid_stage_checkpoint_from_the_older_dense_layout_is_one_clear_refusal(tmp_path):
+    """A dense-era checkpoint (lora_B.weight, not the sparse values) cannot be restored: say so and what to do."""
+    ckdir = tmp_path / "seq"
+    dense = {"model.q_proj.lora_B.default.weight": torch.nn.Parameter(torch.zeros(4, 2))}
+    opt = torch.optim.AdamW(dense.values(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = StageCheckpointer(ckdir, 2, "b", every=1)
+    ck.save(dense, opt, sched, torch.Generator(), Progress())
+    sparse = {"model.q_proj.lora_B.default.parametrizations.weight.0.values": torch.nn.Parameter(torch.zeros(3))}
+    opt2 = torch.optim.AdamW(sparse.values(), lr=1e-3)
+    with pytest.raises(HarnessError, match=r"another harness version\. Delete that folder .* stage 2 restarts"):
+        ck.restore(sparse, opt2, torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0), torch.Generator())
 
 
 def test_a_lori_s_stage_folder_is_a_small_fraction_of_a_lora_stage(tmp_path):

@@ -138,7 +138,7 @@ class AdapterSequence:
                 assert (f"lora_B.{trained}." in n) or (self.train_A and f"lora_A.{trained}." in n), n
 
     def b_params(self, adapter: str) -> dict[str, torch.nn.Parameter]:
-        return {b_key(n): layer.lora_B[adapter].weight for n, layer in self.layers()}
+        return {k: m.weight for k, m in self.b_modules(adapter).items()}
 
     def b_modules(self, adapter: str) -> dict[str, torch.nn.Linear]:
         """The lora_B Linear of every adapted module, keyed like the adapter files (for SparseStage)."""

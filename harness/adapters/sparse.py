@@ -83,10 +83,6 @@ class SparseStage:
     def index(self) -> dict[str, torch.Tensor]:
         return {k: p.index for k, p in self.parts.items()}
 
-    def tensors(self) -> list[torch.Tensor]:
-        """What the stage holds besides B, A and `values`: the index vectors."""
-        return [p.index for p in self.parts.values()]
-
     @torch.no_grad()
     def commit(self) -> None:
         """Write the trained values into B (a plain frozen Parameter again) and remove the parametrization."""

@@ -98,6 +98,7 @@ def read_stage(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
 
 
 @torch.no_grad()
-def apply_values(B: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> None:
-    """Write a stage's values into B (in place) at its mask's positions: replaying stages 1..t rebuilds B_t."""
-    B.view(-1)[torch.nonzero(mask.reshape(-1), as_tuple=True)[0].to(B.device)] = values.to(B.device, B.dtype)
+def apply_values(B: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Write a stage's values into B (in place) at its mask's flat positions (sparse.mask_index): replaying stages
+    1..t rebuilds B_t."""
+    B.view(-1)[index.to(B.device, torch.long)] = values.to(B.device, B.dtype)

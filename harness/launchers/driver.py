@@ -57,19 +57,12 @@ def say(msg: str) -> None:
 
 def check_free(specs: list[SequenceSpec], wait: bool) -> None:
     """Refuse (exit 2), as a local run does, when another process holds a sequence folder; unless asked to wait."""
-    from harness.locking import LOCK_NAME, is_locked
+    from harness.locking import refuse_if_held
 
     if wait:
         return
     for spec in specs:
-        if is_locked(spec.run_dir):
-            try:
-                who = json.loads((spec.run_dir / LOCK_NAME).read_text())
-                holder = f"host {who.get('host', '?')}, pid {who.get('pid', '?')}"
-            except (OSError, ValueError):
-                holder = "an unknown process"
-            raise HarnessError(f"{spec.run_dir} is being run by another process ({holder}). Wait for it to finish, "
-                               "pass --wait-for-lock true to wait for it, or stop that process first.")
+        refuse_if_held(spec.run_dir)
 
 
 def make_backend(cfg, exp_dir: Path) -> Backend:
@@ -114,7 +107,7 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
     pending: dict[Any, Job] = {}
 
     def submit(jobs: list[Job]) -> None:
-        payloads = [payload(cfg, j.spec.run_dir, attempt=j.attempt, label=j.spec.label, log=log_path(cfg, j)) for j in jobs]
+        payloads = [payload(cfg, j.spec.run_dir, attempt=j.attempt, label=j.spec.label) for j in jobs]
         for job, handle in zip(jobs, backend.submit(payloads)):
             pending[handle] = job
 
@@ -155,15 +148,6 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
                          "Finished stages are kept: fix the cause and run the same command again (finished work is skipped).",
                          user_errors_only=all(user for _, _, user in failures))
     return [summaries[s.run_dir] for s in specs]
-
-
-def log_path(cfg, job: Job) -> Path | None:
-    """Ray jobs write their output under results/<experiment>/ray/ (Slurm jobs: submitit's files under slurm/)."""
-    if cfg.launcher != "ray":
-        return None
-    from harness.planning import experiment_dir
-
-    return experiment_dir(cfg) / "ray" / f"{job.spec.label.replace('/', '_')}.log"
 
 
 def gathered(spec: SequenceSpec) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def forwarded_environment(environ: dict[str, str] | None = None) -> dict[str, st
     return {k: v for k, v in env.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES}
 
 
-def payload(cfg, run_dir: Path, *, attempt: int, label: str, log: Path | None) -> dict[str, Any]:
+def payload(cfg, run_dir: Path, *, attempt: int, label: str, log: Path | None = None) -> dict[str, Any]:
     """What a job needs, as plain data (no secrets). Paths are made absolute: a worker's working folder is not the driver's."""
     data = cfg.to_yaml_dict()
     data["results_dir"] = str(Path(cfg.results_dir).resolve())

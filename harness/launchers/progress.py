@@ -14,9 +14,7 @@ from pathlib import Path
 
 from harness.methods import METHODS
 from harness.planning import SequenceSpec
-
-STAGE_MARKER = "stage.json"  # harness/sequence_files.py's marker, written last
-
+from harness.sequence_files import STAGE_MARKER, committed_stages, done_line, stage_line
 
 def _read(path: Path) -> dict | None:
     try:
@@ -25,28 +23,12 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:+.3f}"
-
-
-def stage_line(label: str, stage_dir: Path, n_stages: int) -> str | None:
-    """The line a local run prints for a finished stage, rebuilt from the stage's files."""
+def committed_stage_line(label: str, stage_dir: Path, n_stages: int) -> str | None:
+    """The line a local run prints for a finished stage, rebuilt from the stage's files (None: not readable yet)."""
     info, ev = _read(stage_dir / STAGE_MARKER), _read(stage_dir / "eval.json")
     if info is None or ev is None:
         return None
-    scores = " ".join(f"{k}={v:.2f}" for k, v in ev.get("scores", {}).items())
-    if info.get("stage") == 0:
-        return f"[{label}] stage 0 (base model) {scores}  eval {ev.get('wall_s', 0):.1f}s"
-    tr = _read(stage_dir / "train.json") or {}
-    losses = tr.get("losses") or []
-    loss = f"loss {losses[0]:.3f}->{losses[-1]:.3f} " if losses else ""
-    return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
-            f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s | {scores}")
-
-
-def done_line(label: str, summary: dict) -> str:
-    return (f"[{label}] done: ACC {_fmt(summary.get('acc'))} BWT {_fmt(summary.get('bwt'))} FWT {_fmt(summary.get('fwt'))} "
-            f"forgetting {_fmt(summary.get('forgetting'))}  trainable {summary.get('trainable_params_effective', 0):,}")
+    return stage_line(label, n_stages, info, ev, _read(stage_dir / "train.json"))
 
 
 class StageMonitor:
@@ -77,19 +59,16 @@ class StageMonitor:
             self.bar.write(msg, file=sys.stderr)
 
     def _committed(self, spec: SequenceSpec | None = None) -> set[Path]:
-        out = set()
-        for s in [spec] if spec else self.specs:
-            sdir = s.run_dir / "stages"
-            if sdir.is_dir():
-                out |= {p for p in sdir.iterdir() if (p / STAGE_MARKER).is_file()}
-        return out
+        return {p for s in ([spec] if spec else self.specs) for p in committed_stages(s.run_dir).values()}
 
     def poll(self) -> None:
         """Print every stage committed since the last poll, in stage order per sequence."""
         for spec in self.specs:
+            if spec.run_dir in self.finished:  # its stages were all shown when it finished
+                continue
             new = sorted(self._committed(spec) - self.seen, key=lambda p: int(p.name.split("-", 1)[0]))
             for stage_dir in new:
-                line = stage_line(spec.label, stage_dir, self.n_stages[spec.run_dir])
+                line = committed_stage_line(spec.label, stage_dir, self.n_stages[spec.run_dir])
                 if line is None:
                     continue  # its files are not all visible yet: next poll
                 self.seen.add(stage_dir)

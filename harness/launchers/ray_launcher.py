@@ -58,7 +58,7 @@ def _import_ray(loopback: bool):
 
 class RayBackend:
     def __init__(self, cfg, exp_dir: Path):
-        self.cfg, self.address = cfg, cfg.ray_address
+        self.cfg, self.address, self.exp_dir = cfg, cfg.ray_address, exp_dir
         if self.address:
             _check_reachable(self.address)
         loopback = self.address is None or (_host_port(self.address) or ("",))[0].startswith(LOOPBACK)
@@ -100,7 +100,8 @@ class RayBackend:
 
     def submit(self, payloads: list[dict]) -> list[Any]:
         refs = []
-        for p in payloads:
+        for p in payloads:  # a Ray job's output goes to results/<experiment>/ray/<label>.log
+            p = {**p, "log": str(Path(self.exp_dir).resolve() / "ray" / f"{p['label'].replace('/', '_')}.log")}
             ref = self.remote.remote(p)
             self.logs[ref] = p["log"]
             refs.append(ref)

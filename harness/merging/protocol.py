@@ -290,7 +290,7 @@ def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str,
     from harness.evaluate import Evaluator
     from harness.models import load_model, module_shapes, set_torch_threads
     from harness.planning import preflight_methods, validate
-    from harness.tracking import Tracker
+    from harness.experiment import open_tracker
 
     mcfg = merge_config(cfg)
     suite, seq_specs, uri, shapes_checked = validate(mcfg)
@@ -302,7 +302,7 @@ def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str,
     say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s")
     if not shapes_checked:  # the same capacity check validate() runs when the config is readable without weights
         preflight_methods(mcfg, seq_specs, module_shapes(model))
-    tracker = Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
+    tracker = open_tracker(cfg, uri)
     evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
     out = []
     for spec in specs:

@@ -100,7 +100,7 @@ class LoRIS(LoRID):
             self._record(masks)
             self._check_A(name, meta, done[t])
             for k, mod in self.adapters.b_modules(name).items():
-                SF.apply_values(mod.weight, masks[k], values[k])
+                SF.apply_values(mod.weight, self.task_masks[-1][k], values[k])  # the positions _record just took
 
     def restore_stage(self, t: int, folder: Path) -> None:
         """Record committed stage t's mask (the allocator avoids it); the model is not touched."""
@@ -137,7 +137,7 @@ class LoRIS(LoRID):
                      for k, v in ctx.resumed_extra.items() if k.startswith("mask/")}
             masks = self._dense(index)
         else:
-            masks = self._choose_masks(ctx, {k: m.weight for k, m in modules.items()}, used)
+            masks = self._choose_masks(ctx, self.adapters.b_params(self.adapter), used)
             index = {k: mask_index(v) for k, v in masks.items()}
         nnz = M.mask_nnz(masks)
         self.stats = {"mask/nnz": nnz, "mask/density": nnz / sum(m.numel() for m in masks.values())}
@@ -163,7 +163,7 @@ class LoRIS(LoRID):
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The mask positions held (this stage's and the committed stages'); no copy of B, no dense mask."""
-        tensors = [*(self.sparse.tensors() if self.sparse else []), *(self.stage_index or {}).values(),
+        tensors = [*(self.sparse.index().values() if self.sparse else []), *(self.stage_index or {}).values(),
                    *(v for m in self.task_masks for v in m.values())]
         return list({(t.device, t.data_ptr()): t for t in tensors}.values())
 

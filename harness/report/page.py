@@ -54,7 +54,7 @@ class PageData:
     interrupted: list[UnfinishedRun] = field(default_factory=list)
     running: list[UnfinishedRun] = field(default_factory=list)
     merging: MergingSummary | None = None  # None: no finished merge runs
-    sensitivity: tuple[list[str], list[list[str]]] | None = None  # a grid experiment: (headers, rows per method x variant)
+    sensitivity: tuple[list[str], list[list[str]], int] | None = None  # a grid: (headers, rows per method x variant, text columns)
 
 
 def _escape(value):

@@ -15,7 +15,7 @@ import numpy as np
 
 from harness.report.aggregate import mean_std_n
 from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
-from harness.report.numbers import finite
+from harness.report.numbers import finite, fmt_pm
 from harness.report.store import SequenceRun
 
 SELECTION_METRIC = "ACC"
@@ -46,10 +46,6 @@ class VariantRow:
     def as_json(self) -> dict[str, Any]:
         return {"method": self.method, "display_name": display_name(self.method), "variant": self.variant,
                 "values": self.values, "seeds": self.seeds, **self.metrics}
-
-    @property
-    def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values.items())
 
 
 def has_variants(runs: list[SequenceRun]) -> bool:
@@ -82,15 +78,25 @@ def best_variants(rows: list[VariantRow]) -> dict[str, str]:
     return {m: v.variant for m, v in best.items()}
 
 
+def select_variants(runs: list[SequenceRun]) -> tuple[list[SequenceRun], list[VariantRow], dict[str, str], dict | None]:
+    """(the runs the headline compares, per-variant rows, method -> chosen variant, comparison.json's grid part).
+
+    Without a grid: every run, no rows, no choice, None. With one: each method's runs at its best variant."""
+    if not has_variants(runs):
+        return runs, [], {}, None
+    vrows = variant_rows(runs)
+    chosen = best_variants(vrows)
+    grid = {"variants": [v.as_json() for v in vrows], "selection": {"criterion": SELECTION_CRITERION, "chosen": chosen}}
+    return selected_runs(runs, chosen), vrows, chosen, grid
+
+
 def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[SequenceRun]:
     """The runs of each method's chosen variant (methods with no finite ACC anywhere keep none)."""
     return [r for r in runs if chosen.get(r.method) == (variant_of(r) or "-")]
 
 
-def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[list[str], list[list[str]]]:
-    """(headers, rows) of the page's per-variant table; the chosen variant is marked."""
-    from harness.report.numbers import fmt_pm
-
+def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[list[str], list[list[str]], int]:
+    """(headers, rows, left-aligned columns) of the page's per-variant table; the chosen variant is marked."""
     knobs = sorted({k for v in rows for k in v.values})
     headers = ["method", *knobs, "seeds", *METRICS, "chosen"]
     out = []
@@ -98,7 +104,7 @@ def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[l
         out.append([display_name(v.method), *(v.values.get(k, "") for k in knobs), str(len(v.seeds)),
                     *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
                     "best ACC" if chosen.get(v.method) == v.variant else ""])
-    return headers, out
+    return headers, out, 1 + len(knobs)  # method and the knobs are text
 
 
 def sensitivity_figure(rows: list[VariantRow], metrics: tuple[str, ...] = ("ACC", "BWT")) -> bytes | None:

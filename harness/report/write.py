@@ -21,8 +21,7 @@ from harness.report.merging import MergingSummary, merging_json, merging_rows, s
 from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
-from harness.report.sensitivity import (SELECTION_CRITERION, best_variants, has_variants, selected_runs, sensitivity_figure,
-                                        sensitivity_table, variant_rows)
+from harness.report.sensitivity import select_variants, sensitivity_figure, sensitivity_table
 from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
 from harness.tracking import default_tracking_uri
 
@@ -139,13 +138,7 @@ def write_report(
 def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bool, now) -> Path:
     uri = default_tracking_uri(results_dir, tracking_uri)
     exp = read_experiment(experiment, results_dir, uri)
-    runs, grid, vrows, chosen = exp.runs, None, [], {}
-    if has_variants(exp.runs):  # variants of a method are never averaged together: compare each at its best
-        vrows = variant_rows(exp.runs)
-        chosen = best_variants(vrows)
-        runs = selected_runs(exp.runs, chosen)
-        grid = {"variants": [v.as_json() for v in vrows],
-                "selection": {"criterion": SELECTION_CRITERION, "chosen": chosen}}
+    runs, vrows, chosen, grid = select_variants(exp.runs)  # variants are never averaged together
     report_dir = results_dir / _safe_dirname(exp.name) / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
 
