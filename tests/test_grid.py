@@ -99,3 +99,27 @@ def test_report_never_averages_variants_and_compares_each_method_at_its_best(gri
     page = index.read_text()
     assert "id='sensitivity'" in page and "sensitivity.png" in page and "highest mean ACC" in page
     assert (index.parent / "sensitivity.png").stat().st_size > 1000
+
+
+def _vrow(method, eos, mean, std):
+    from harness.report.sensitivity import VariantRow
+
+    return VariantRow(method, f"v-{eos}", {"completion_eos": eos}, ["0", "1", "2"],
+                      {m: {"mean": mean if m == "ACC" else float("nan"), "std": std, "n": 3} for m in
+                       ("ACC", "BWT", "FWT", "forgetting")})
+
+
+def test_the_report_says_plainly_when_the_verdict_depends_on_the_recipe():
+    from harness.report.sensitivity import recipe_verdicts
+
+    same = [_vrow("lora", "always", 0.40, 0.10), _vrow("lori-s", "always", 0.85, 0.03),
+            _vrow("lora", "auto", 0.50, 0.05), _vrow("lori-s", "auto", 0.80, 0.04)]
+    lines, summary = recipe_verdicts(same)
+    assert len(lines) == 2 and lines[0].startswith("completion_eos=always: LoRI-S")
+    assert summary.startswith("The verdict is the same at every variant") and "more than the std" in summary
+    # At `auto` the lead shrinks below the std: the verdict now depends on the recipe.
+    flips = same[:2] + [_vrow("lora", "auto", 0.78, 0.05), _vrow("lori-s", "auto", 0.80, 0.04)]
+    lines, summary = recipe_verdicts(flips)
+    assert "within noise" in lines[1] and summary.startswith("The verdict depends on the recipe")
+    # One variant: nothing to compare across.
+    assert recipe_verdicts(same[:2])[1] is None

@@ -196,21 +196,31 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
     return flat
 
 
+def noise_class(m: str, best: dict, other: dict) -> str:
+    """How the best row's lead over another on metric m compares with the noise: "none" (no difference),
+    "unknown" (one run each), "within" (the gap is smaller than the larger of the two stds) or "beyond"."""
+    diff = abs(best[m]["mean"] - other[m]["mean"])
+    stds = [s for s in (best[m]["std"], other[m]["std"]) if finite(s)]
+    if diff < 1e-9:
+        return "none"
+    if not stds:
+        return "unknown"
+    return "within" if diff < max(stds) else "beyond"
+
+
 def _compare(m: str, best: dict, other: dict) -> str:
     """One pairwise verdict: the best method against another, on metric m."""
     diff = abs(best[m]["mean"] - other[m]["mean"])
-    stds = [s for s in (best[m]["std"], other[m]["std"]) if finite(s)]
+    std = max([s for s in (best[m]["std"], other[m]["std"]) if finite(s)], default=float("nan"))
     a, b = display_name(best["method"]), display_name(other["method"])
     vs = f"{a} {fmt_pm(best[m]['mean'], best[m]['std'])} vs {b} {fmt_pm(other[m]['mean'], other[m]['std'])}"
     d = f"{diff:.3f}" if diff >= 0.001 else f"{diff:.1e}"
-    if diff < 1e-9:
-        return f"{vs}: no difference"
-    if not stds:
-        return f"{vs}: {a} is better by {d} (one run each, no noise estimate)"
-    # Within noise: the gap is smaller than the larger of the two standard deviations.
-    if diff < max(stds):
-        return f"{vs}: the difference {d} is within noise (std up to {max(stds):.3f})"
-    return f"{vs}: {a} is better by {d}, more than the std ({max(stds):.3f})"
+    return {
+        "none": f"{vs}: no difference",
+        "unknown": f"{vs}: {a} is better by {d} (one run each, no noise estimate)",
+        "within": f"{vs}: the difference {d} is within noise (std up to {std:.3f})",
+        "beyond": f"{vs}: {a} is better by {d}, more than the std ({std:.3f})",
+    }[noise_class(m, best, other)]
 
 
 def verdicts(rows: list[dict]) -> dict[str, str]:

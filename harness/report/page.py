@@ -55,6 +55,8 @@ class PageData:
     running: list[UnfinishedRun] = field(default_factory=list)
     merging: MergingSummary | None = None  # None: no finished merge runs
     sensitivity: tuple[list[str], list[list[str]], int] | None = None  # a grid: (headers, rows per method x variant, text columns)
+    variant_verdicts: list[str] = field(default_factory=list)  # a grid: the methods compared within each variant
+    recipe_verdict: str | None = None  # a grid: whether those verdicts agree across variants
 
 
 def _escape(value):
@@ -185,6 +187,8 @@ def _context(d: PageData) -> dict:
         "merge_definitions": MERGE_DEFINITIONS,
         "log_note": d.log_note,
         "sensitivity": d.sensitivity,
+        "variant_verdicts": d.variant_verdicts,
+        "recipe_verdict": d.recipe_verdict,
         "selection_criterion": SELECTION_CRITERION,
     }
     return {**common, **(_sequence_context(d) if d.runs else {})}

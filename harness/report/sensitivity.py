@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.report.aggregate import mean_std_n
+from harness.report.aggregate import mean_std_n, noise_class, ranked_comparisons
 from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
 from harness.report.numbers import finite, fmt_pm
 from harness.report.store import SequenceRun
@@ -86,8 +86,40 @@ def select_variants(runs: list[SequenceRun]) -> tuple[list[SequenceRun], list[Va
         return runs, [], {}, None
     vrows = variant_rows(runs)
     chosen = best_variants(vrows)
-    grid = {"variants": [v.as_json() for v in vrows], "selection": {"criterion": SELECTION_CRITERION, "chosen": chosen}}
+    lines, summary = recipe_verdicts(vrows)
+    grid = {"variants": [v.as_json() for v in vrows], "selection": {"criterion": SELECTION_CRITERION, "chosen": chosen},
+            "verdicts_per_variant": lines, "recipe_verdict": summary}
     return selected_runs(runs, chosen), vrows, chosen, grid
+
+
+def recipe_verdicts(rows: list[VariantRow]) -> tuple[list[str], str | None]:
+    """(one ACC verdict per variant with two or more methods, one sentence on whether they agree).
+
+    The methods are compared within each variant, by the report's within-noise rule. The verdict depends on
+    the recipe when the ACC leader, or whether its lead over the runner-up exceeds the noise, changes between
+    variants; the page and comparison.json say so plainly."""
+    by_variant: dict[str, list[VariantRow]] = {}
+    for v in rows:
+        by_variant.setdefault(v.variant, []).append(v)
+    lines, outcomes = [], set()
+    for vs in by_variant.values():
+        cands = [{"method": v.method, SELECTION_METRIC: v.metrics[SELECTION_METRIC]} for v in vs
+                 if finite(v.metrics[SELECTION_METRIC]["mean"])]
+        if len(cands) < 2:
+            continue
+        ranked = sorted(cands, key=lambda r: r[SELECTION_METRIC]["mean"], reverse=HIGHER_IS_BETTER[SELECTION_METRIC])
+        label = ", ".join(f"{k}={x}" for k, x in vs[0].values.items()) or "no grid knobs"
+        lines.append(f"{label}: " + ranked_comparisons(SELECTION_METRIC, cands, HIGHER_IS_BETTER[SELECTION_METRIC]))
+        outcomes.add((ranked[0]["method"], noise_class(SELECTION_METRIC, ranked[0], ranked[1])))
+    if len(lines) < 2:
+        return lines, None
+    if len(outcomes) > 1:
+        return lines, (f"The verdict depends on the recipe: the {SELECTION_METRIC} leader, or whether its lead over the "
+                       f"runner-up is more than the noise, changes between the variants below.")
+    (leader, cls), = outcomes
+    how = {"beyond": "by more than the std", "within": "but within noise", "unknown": "(one run each, no noise estimate)",
+           "none": "with no difference"}[cls]
+    return lines, f"The verdict is the same at every variant: {display_name(leader)} leads on {SELECTION_METRIC} {how}."
 
 
 def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[SequenceRun]:

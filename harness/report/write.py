@@ -164,7 +164,8 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
 
     page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
                     mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
-                    sensitivity_table(vrows, chosen) if vrows else None)
+                    sensitivity_table(vrows, chosen) if vrows else None,
+                    grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index
