@@ -136,8 +136,9 @@ class ExperimentConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps per stage (0 = none, as the LoRI reference).")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warm-up as a fraction of each stage's steps (instead of warmup_steps).")
     completion_eos: Literal["auto", "always", "never"] = Field(
-        "always", description="EOS after each training completion: always, auto (generate tasks only, where it is the stop "
-        "signal; a multiple-choice score never reads it), never. Default: always, until the ablation decides (README)."
+        "auto", description="EOS after each training completion: auto (generate tasks only, where it is the stop signal; "
+        "a multiple-choice score never reads it, yet on a one-token answer it is half the loss), always (before "
+        "2026-11-25), never. auto was chosen by the recipe ablation, 3 seeds x 2 suites (README: Training recipe)."
     )
     loss_reduction: Literal["token", "example"] = Field(
         "token", description="Loss: mean over completion tokens (token) or mean of per-example means (example)."
@@ -286,6 +287,10 @@ class ExperimentConfig(BaseModel):
                 d.pop(cls.section, None)
         return d
 
+
+# What the code did before a knob existed, where that is not the knob's default: a run folder whose
+# config.yaml lacks the knob was made with this value (harness.sequence_files.check_same_config).
+BEFORE_KNOB_EXISTED = {"completion_eos": "always"}
 
 # Knobs a grid may not sweep: what the experiment is (model, suite, sequences), where it goes, and
 # how it is evaluated (every variant must be scored the same way to be comparable).

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from harness.config import LAUNCH_KEYS, ExperimentConfig
+from harness.config import BEFORE_KNOB_EXISTED, LAUNCH_KEYS, ExperimentConfig
 from harness.errors import ConfigError
 from harness.io import atomic_write_json, atomic_write_text
 
@@ -52,16 +52,19 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     if not cfg_path.exists():
         return
     old, new = comparable(yaml.safe_load(cfg_path.read_text()) or {}, method), comparable(resolved, method)
-    # A knob added after the folder was made did not exist then: the old code behaved as its default does.
-    defaults = ExperimentConfig().model_dump(mode="json")
+    # A knob added after the folder was made did not exist then: the old code behaved as the knob's default
+    # does, or as BEFORE_KNOB_EXISTED says where a default has changed since.
+    defaults = {**ExperimentConfig().model_dump(mode="json"), **BEFORE_KNOB_EXISTED}
     for k in set(new) - set(old):
-        if k in defaults and new[k] == defaults[k]:
-            old[k] = new[k]
+        if k in defaults:
+            old[k] = defaults[k]
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        was = "; ".join(f"{k}: folder {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
         raise ConfigError(
-            f"{cfg_path}: this run folder was made with a different config (keys differ: {', '.join(diff)}). "
-            "Use another --results-dir or experiment name, or delete the folder to start over."
+            f"{cfg_path}: this run folder was made with a different config ({was}). To continue it, pass the "
+            "folder's values (a default may have changed since, e.g. --completion-eos always); otherwise use "
+            "another --results-dir or experiment name, or delete the folder to start over."
         )
 
 

@@ -250,3 +250,19 @@ def test_a_folder_made_before_a_knob_existed_resumes_when_the_knob_is_at_its_def
     check_same_config(tmp_path / "config.yaml", resolved, "lora")  # defaults: the same computation, no refusal
     with pytest.raises(ConfigError, match="eval_bf16"):
         check_same_config(tmp_path / "config.yaml", {**resolved, "eval_bf16": True}, "lora")
+
+
+def test_a_folder_made_before_completion_eos_existed_trained_with_eos_always(tmp_path):
+    """The default became auto after the ablation; a folder without the knob was trained with EOS always."""
+    import yaml as _yaml
+
+    from harness.config import load_config
+    from harness.errors import ConfigError
+    from harness.sequence_files import check_same_config
+
+    resolved = load_config(None, {"suite": "smoke", "model": "tiny-llama"}).to_yaml_dict()
+    assert resolved["completion_eos"] == "auto"
+    (tmp_path / "config.yaml").write_text(_yaml.safe_dump({k: v for k, v in resolved.items() if k != "completion_eos"}))
+    with pytest.raises(ConfigError, match="completion_eos: folder 'always', now 'auto'.*--completion-eos always"):
+        check_same_config(tmp_path / "config.yaml", resolved, "lora")
+    check_same_config(tmp_path / "config.yaml", {**resolved, "completion_eos": "always"}, "lora")
