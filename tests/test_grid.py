@@ -56,7 +56,7 @@ def test_variants_are_tagged_in_mlflow_with_their_values_as_params(grid_run):
 def test_a_variant_equals_the_same_knobs_run_without_a_grid(grid_run, tmp_path):
     assert main(["run", *BASE, "--results-dir", str(tmp_path), "--experiment", "plain"]) == 0
     _, plain = read_matrix(tmp_path / "plain" / "lora" / "seed-0" / "matrix.csv")
-    _, variant = read_matrix(variant_dirs(grid_run)[(0, "always")] / "matrix.csv")  # the defaults: warm-up 0, EOS always
+    _, variant = read_matrix(variant_dirs(grid_run)[(0, "auto")] / "matrix.csv")  # the defaults: warm-up 0, EOS auto
     np.testing.assert_array_equal(variant, plain)
 
 
