@@ -48,7 +48,10 @@ def cli(*args, env_extra=None, timeout=RUN_TIMEOUT_S):
 def start_cli(*args, env_extra=None, log: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A shell without job control starts
+        # background commands (e.g. CI run with `&`) with SIGINT ignored, which the driver would inherit.
+        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 # --- real servers ------------------------------------------------------------------------------------------------
