@@ -1,6 +1,7 @@
 """Test-wide settings: offline, telemetry off, one model cache per checkout (built once, reused)."""
 
 import os
+import signal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,3 +12,9 @@ os.environ["DO_NOT_TRACK"] = "true"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HARNESS_CACHE_DIR", str(ROOT / ".cache" / "models"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def sigint_at_default() -> None:
+    """preexec_fn for a child that a test will Ctrl-C: a terminal's foreground process has SIGINT at its default,
+    but a shell without job control starts background commands (CI run with `&`) with it ignored, and that is inherited."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

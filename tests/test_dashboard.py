@@ -84,6 +84,8 @@ def test_server_serves_the_parent_runs(tmp_path):
 def test_serve_dashboard_stops_cleanly_on_ctrl_c(tmp_path):
     """The user path: `harness dashboard` prints the address, Ctrl-C (SIGINT) stops server and workers."""
     import signal
+
+    from conftest import sigint_at_default
     import subprocess
     import sys
     import time
@@ -94,8 +96,7 @@ def test_serve_dashboard_stops_cleanly_on_ctrl_c(tmp_path):
     code = f"import sys\nfrom harness.dashboard import serve_dashboard\nsys.exit(serve_dashboard({str(store['results_dir'])!r}, port={port}))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        # A shell's background job ignores SIGINT; a terminal's foreground process does not.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        preexec_fn=sigint_at_default,
     )
     try:
         deadline = time.monotonic() + 90

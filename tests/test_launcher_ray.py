@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import sigint_at_default
 from test_crash_safety import wait_for
 from test_sequence import read_matrix
 from test_tracking_server import _kill_everything, _require_postgres, _server_processes, _start, _wait_ready
@@ -48,10 +49,8 @@ def cli(*args, env_extra=None, timeout=RUN_TIMEOUT_S):
 def start_cli(*args, env_extra=None, log: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log, "wb") as f:
-        # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A shell without job control starts
-        # background commands (e.g. CI run with `&`) with SIGINT ignored, which the driver would inherit.
         return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                preexec_fn=sigint_at_default)
 
 
 # --- real servers ------------------------------------------------------------------------------------------------

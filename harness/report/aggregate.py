@@ -250,5 +250,10 @@ def ranked_comparisons(key: str, cands: list[dict], higher_is_better: bool) -> s
     cands: at least two rows with "method" and key -> {mean, std}; the sequence verdicts and the merging
     verdicts both use it, so both call a difference within noise the same way.
     """
-    ranked = sorted(cands, key=lambda r: r[key]["mean"], reverse=higher_is_better)
+    ranked = rank(key, cands, higher_is_better)
     return "; ".join(_compare(key, ranked[0], other) for other in ranked[1:])
+
+
+def rank(key: str, cands: list[dict], higher_is_better: bool) -> list[dict]:
+    """cands best first by row[key]["mean"]."""
+    return sorted(cands, key=lambda r: r[key]["mean"], reverse=higher_is_better)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.report.aggregate import mean_std_n, noise_class, ranked_comparisons
+from harness.report.aggregate import mean_std_n, noise_class, rank, ranked_comparisons
 from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
 from harness.report.numbers import finite, fmt_pm
 from harness.report.store import SequenceRun
@@ -46,6 +46,10 @@ class VariantRow:
     def as_json(self) -> dict[str, Any]:
         return {"method": self.method, "display_name": display_name(self.method), "variant": self.variant,
                 "values": self.values, "seeds": self.seeds, **self.metrics}
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "no grid knobs"
 
 
 def has_variants(runs: list[SequenceRun]) -> bool:
@@ -107,9 +111,8 @@ def recipe_verdicts(rows: list[VariantRow]) -> tuple[list[str], str | None]:
                  if finite(v.metrics[SELECTION_METRIC]["mean"])]
         if len(cands) < 2:
             continue
-        ranked = sorted(cands, key=lambda r: r[SELECTION_METRIC]["mean"], reverse=HIGHER_IS_BETTER[SELECTION_METRIC])
-        label = ", ".join(f"{k}={x}" for k, x in vs[0].values.items()) or "no grid knobs"
-        lines.append(f"{label}: " + ranked_comparisons(SELECTION_METRIC, cands, HIGHER_IS_BETTER[SELECTION_METRIC]))
+        ranked = rank(SELECTION_METRIC, cands, HIGHER_IS_BETTER[SELECTION_METRIC])
+        lines.append(f"{vs[0].label}: " + ranked_comparisons(SELECTION_METRIC, ranked, HIGHER_IS_BETTER[SELECTION_METRIC]))
         outcomes.add((ranked[0]["method"], noise_class(SELECTION_METRIC, ranked[0], ranked[1])))
     if len(lines) < 2:
         return lines, None
