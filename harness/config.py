@@ -59,7 +59,18 @@ class ExperimentConfig(BaseModel):
 
     # --- hardware ----------------------------------------------------------------------------
     device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N.")
-    dtype: str = Field("auto", description="Model weights dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16.")
+    dtype: str = Field("auto", description="The frozen base model's weights: auto (CUDA_AUTO_DTYPE on CUDA, fp32 on CPU; "
+                       "README: Precision), fp32, bf16, fp16 (CUDA only).")
+    adapter_dtype: Literal["fp32", "base"] = Field(
+        "fp32", description="Adapter tensors (A, B, LoRI-S values), so their gradients and AdamW moments: fp32 whatever the "
+        "base dtype (PEFT's autocast_adapter_dtype), or base (the base model's dtype; for precision experiments)."
+    )
+    tf32: bool = Field(False, description="CUDA: TF32 matmuls in training (evaluation, folding and merging always run without).")
+    compile: Literal["auto", "none", "default", "reduce-overhead"] = Field(
+        "auto", description="torch.compile of the training step: none, default, reduce-overhead (CUDA graphs; batches padded "
+        "to a few fixed lengths); auto = COMPILE_AUTO per device (README: On a GPU). Falls back to eager, once and "
+        "recorded, where it cannot work."
+    )
     bf16_autocast: bool = Field(False, description="On CPU: run forward/backward under bf16 autocast (faster).")
     trust_remote_code: bool = Field(False, description="Allow model repositories to run their own code.")
     distributed: Literal["ddp", "fsdp"] = Field(
@@ -298,7 +309,7 @@ BEFORE_KNOB_EXISTED = {"completion_eos": "always"}
 LAUNCH_KEYS = frozenset({"launcher", "ray_address", "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time",
                          "distributed"})
 NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
-                 "cache_dir", "device", "dtype", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
+                 "cache_dir", "device", "dtype", "compile", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
                  "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16"} | LAUNCH_KEYS
 
 

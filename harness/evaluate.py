@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from harness.precision import autocast_dtype
+from harness.precision import autocast_dtype, exact_matmuls
 from harness.seeding import stable_seed
 
 log = logging.getLogger(__name__)
+FOLD_CHECK_DOCS = 8  # documents per task that eval_merged's first evaluation also answers through PEFT
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Evaluator:
         self.merged = merged  # fold the active adapters into the weights while evaluating
         self.bf16 = bf16  # bf16 autocast whatever the caller passes
         self.configs = suite.lm_eval_task_configs()
+        self.checked_fold = False  # eval_merged: the first evaluation of a model with adapters checks folding first
+        self.fold_agreement: dict[str, float] | None = None
         # Task configs are passed as dicts: no folder to index.
         self.task_manager = TaskManager(include_defaults=False)
 
@@ -88,13 +91,16 @@ class Evaluator:
 
         bf16 autocast if the caller or eval_bf16 asks; merged (default: eval_merged) folds the active adapters."""
         merged = self.merged if merged is None else merged
+        if merged and not self.checked_fold and _has_adapters(model):
+            self.checked_fold = True  # before the recursive calls below
+            self.fold_agreement = self.check_fold(model, tasks, bf16_autocast=bf16_autocast)
         t0 = time.perf_counter()
         fold = contextlib.nullcontext()
         if merged:
             from harness.merging.combine import folded  # PEFT loads in ~2 s: only when needed
 
             fold = folded(model)
-        with fold:
+        with exact_matmuls(), fold:
             results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, log_samples)
         scores, raw, n, preds = {}, {}, {}, ({} if log_samples else None)
         for t in tasks:
@@ -111,6 +117,24 @@ class Evaluator:
             if log_samples:
                 preds[t] = predictions(samples[name], spec.kind)
         return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds)
+
+    def check_fold(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False) -> dict[str, float]:
+        """Answer FOLD_CHECK_DOCS documents per task folded and through PEFT; warn (stderr) where they differ.
+
+        Returns the fraction of agreeing documents per task (kept as fold_agreement; 1.0 expected: see README Precision)."""
+        saved, self.limit = self.limit, min(FOLD_CHECK_DOCS, self.limit or FOLD_CHECK_DOCS)
+        try:
+            peft = self.evaluate(model, tasks, bf16_autocast=bf16_autocast, merged=False, log_samples=True).samples
+            fold = self.evaluate(model, tasks, bf16_autocast=bf16_autocast, merged=True, log_samples=True).samples
+        finally:
+            self.limit = saved
+        agreement = {t: sum(a["pred"] == b["pred"] for a, b in zip(peft[t], fold[t])) / max(1, len(peft[t])) for t in tasks}
+        bad = {t: f for t, f in agreement.items() if f < 1.0}
+        if bad:
+            sys.stderr.write(f"warning: eval_merged: the folded model answered differently from the PEFT path on "
+                             f"{', '.join(f'{t} ({1 - f:.0%} of {FOLD_CHECK_DOCS})' for t, f in bad.items())}; its scores are "
+                             "not exact. Set --eval-merged false, or see the README's Precision section.\n")
+        return agreement
 
     def _run(self, model: torch.nn.Module, tasks: list[str], bf16: bool, log_samples: bool) -> tuple[dict, dict, dict]:
         """lm-eval's results, n-samples and (with log_samples) samples for the tasks, one task at a time."""
@@ -158,6 +182,11 @@ class Evaluator:
                        cache_requests=False)
         setup_logging(verbosity="INFO" if verbose else "ERROR")
         return out
+
+
+def _has_adapters(model: torch.nn.Module) -> bool:
+    """Whether PEFT LoRA layers are in the model (duck-typed: importing PEFT here would cost the CLI ~2 s)."""
+    return any(hasattr(m, "lora_A") for m in model.modules())
 
 
 def predictions(samples: list[dict], kind: str) -> list[dict]:

@@ -17,6 +17,7 @@ from harness import distributed as D
 from harness.config import ExperimentConfig
 from harness.io import atomic_write_yaml
 from harness.methods import METHODS, Method
+from harness.precision import precision_of, set_tf32
 from harness.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
 from harness.scheduler import SequenceRunner, say
 
@@ -93,7 +94,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
                                   trust_remote_code=cfg.trust_remote_code)
     if D.device() is not None and next(model.parameters()).device != D.device():
         model = model.to(D.device())  # e.g. a hub model placed on cuda:0: each rank's model on its own GPU
-    say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}")
+    set_tf32(cfg.tf32)  # explicit, never the library's default; evaluation and folding switch it off (precision.exact_matmuls)
+    say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}: "
+        f"{precision_of(cfg, model).describe()}")
     if not shapes_checked:
         preflight_methods(cfg, specs, module_shapes(model))
     # Only now is anything written: the experiment folder, the store, the runs.

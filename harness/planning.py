@@ -28,6 +28,8 @@ from pydantic import ValidationError
 from harness.config import ExperimentConfig, format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import METHODS
+from harness.models.environment import resolve_device, resolve_dtype
+from harness.precision import check_dtype_on_device
 
 
 @dataclass
@@ -152,6 +154,14 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
                                "(or use --launcher local / ray).")
 
 
+def check_precision(cfg: ExperimentConfig) -> None:
+    """The base dtype must exist on the device (fp16 needs CUDA; bf16 needs a GPU that has it); nothing is loaded."""
+    device = resolve_device(cfg.device)
+    why = check_dtype_on_device(resolve_dtype(cfg.dtype, device), device)
+    if why:
+        raise ConfigError(f"--dtype {cfg.dtype} on {device}: {why}")
+
+
 def validate(cfg: ExperimentConfig):
     """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths, launcher."""
     from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
@@ -159,6 +169,7 @@ def validate(cfg: ExperimentConfig):
     from harness.tracking import check_reachable, default_tracking_uri
 
     uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
+    check_precision(cfg)
     check_launcher(cfg, uri)
     # The thorough check (data files, labels, lm-eval tasks): ~2 s, and a missing file must stop
     # the run here, not at stage 3.

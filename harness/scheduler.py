@@ -30,6 +30,7 @@ from harness.config import ExperimentConfig
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
+from harness.precision import precision_of
 from harness.planning import SequenceSpec, stage_budget, task_examples
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, done_line, finished_stages, git_commit,
                                     stage_line, write_matrix_files)
@@ -97,6 +98,7 @@ class SequenceRunner:
         resolved = self.cfg.to_yaml_dict()
         resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
                                 "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
+        resolved["precision"] = precision_of(self.cfg, self.model).record()  # a resume under another precision is refused
         check_same_config(self.run_dir / "config.yaml", resolved, self.spec.method)
         main = D.is_main()
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
@@ -133,7 +135,9 @@ class SequenceRunner:
         params = {"method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "task_order": ",".join(spec.tasks),
                   "suite": self.suite.name, "model": cfg.model, "rank": cfg.rank, "alpha": cfg.scale_alpha,
                   "targets": ",".join(cfg.targets), "eval_scope": cfg.eval_scope, "lr": first["lr"], "epochs": first["epochs"],
-                  "checkpoint_every": cfg.checkpoint_every, **vars(self.recipe), **self.method_cls.params(cfg)}
+                  "checkpoint_every": cfg.checkpoint_every, **vars(self.recipe), **self.method_cls.params(cfg),
+                  "dtype": cfg.dtype, "adapter_dtype": cfg.adapter_dtype, "tf32": cfg.tf32,
+                  **{f"precision.{k}": v for k, v in precision_of(cfg, self.model).record().items()}}
         tags = {"harness.method": spec.method, "harness.seed": str(spec.seed), "harness.order": str(spec.order_index),
                 "harness.suite": self.suite.name, "harness.model": cfg.model, "harness.experiment": cfg.experiment_name,
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.run_dir.resolve()),
@@ -266,7 +270,8 @@ class SequenceRunner:
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
-                "mlflow_run_id": self.child_id, **method.param_counts(), **stats}
+                "mlflow_run_id": self.child_id, "precision": precision_of(cfg, method.model).record(), **method.param_counts(),
+                **stats}
             atomic_write_json(tmp / STAGE_MARKER, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)

@@ -30,6 +30,8 @@ from harness.errors import ConfigError
 from harness.io import atomic_write_json, atomic_write_text
 
 STAGE_MARKER = "stage.json"
+# config.yaml blocks that are records of the run, not knobs, added after folders existed (precision: harness/precision.py).
+RECORDED_SINCE = {"precision"}
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
                 "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
@@ -58,6 +60,8 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     for k in set(new) - set(old):
         if k in defaults:
             old[k] = defaults[k]
+        elif k in RECORDED_SINCE:  # the folder predates the record: nothing to compare it with
+            new.pop(k)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         was = "; ".join(f"{k}: folder {old.get(k)!r}, now {new.get(k)!r}" for k in diff)

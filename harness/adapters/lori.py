@@ -20,6 +20,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from harness.errors import HarnessError
+from harness.precision import adapter_torch_dtype
 from harness.seeding import stable_seed
 
 
@@ -66,8 +67,10 @@ class AdapterSequence:
         a_mode: str = "shared",
         train_A: bool = False,
         seed: int = 0,
+        adapter_dtype: str = "fp32",
     ):
         self.rank, self.alpha, self.targets = rank, alpha, list(targets)
+        self.adapter_dtype = adapter_dtype  # fp32 whatever the base dtype, or the base's (harness/precision.py)
         self.a_init, self.a_mode, self.train_A, self.seed = a_init, a_mode, train_A, seed
         self.base_model = base_model
         self.model: PeftModel | None = None
@@ -99,7 +102,8 @@ class AdapterSequence:
         name = self.adapter_for_task(t)
         if self.model is None:
             try:
-                self.model = get_peft_model(self.base_model, self._lora_config(), adapter_name=name)
+                self.model = get_peft_model(self.base_model, self._lora_config(), adapter_name=name,
+                                            autocast_adapter_dtype=self.adapter_dtype == "fp32")
             except ValueError as exc:
                 raise HarnessError(
                     f"cannot attach adapters to targets {self.targets}: {exc}. Set `targets` to module names "
@@ -108,7 +112,7 @@ class AdapterSequence:
             self._init_adapter(name, t)
             self.adapters.append(name)
         elif name not in self.adapters:
-            self.model.add_adapter(name, self._lora_config())
+            self.model.add_adapter(name, self._lora_config(), autocast_adapter_dtype=self.adapter_dtype == "fp32")
             self._init_adapter(name, t)
             self.adapters.append(name)
         # All adapters active (per_task: ΔW = Σ_t s (B_t ⊙ M_t) A_t); set_adapter re-enables grads,
@@ -119,10 +123,19 @@ class AdapterSequence:
 
     @torch.no_grad()
     def _init_adapter(self, name: str, t: int) -> None:
+        want = adapter_torch_dtype(self.adapter_dtype, self.base_dtype())
         for mod_name, layer in self.layers():
             A = layer.lora_A[name].weight
             A.copy_(init_A(tuple(A.shape), init=self.a_init, seed=self.seed, task=self.a_task(t), key=mod_name))
             layer.lora_B[name].weight.zero_()
+            for part in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                if part.dtype != want:  # the precision policy, checked where the tensors are made
+                    raise HarnessError(f"{mod_name}: adapter {name!r} is {part.dtype}, the policy says {want} "
+                                       f"(adapter_dtype {self.adapter_dtype}); this PEFT version casts adapters differently")
+
+    def base_dtype(self) -> torch.dtype:
+        """The dtype of the frozen base weights of the adapted layers."""
+        return next(layer.base_layer.weight.dtype for _, layer in self.layers())
 
     def freeze_for(self, trained: str) -> None:
         """Only the current adapter's B (and A when A trains) require grad; assert it."""

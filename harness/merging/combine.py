@@ -21,6 +21,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
 from harness.errors import HarnessError
+from harness.precision import exact_matmuls
 
 MERGED = "merged"
 
@@ -89,7 +90,8 @@ def folded(model: torch.nn.Module, adapter: str | Sequence[str] | None = None) -
 
     adapter: one adapter name or several (summed), or None for exactly what the forward pass adds now (each
     layer's active adapters; IncLoRA's and per-task LoRI's stacks included). Every LoRA layer is replaced in
-    its parent by its base layer holding a new weight W0 + Σ ΔW_a (computed in fp32). The original base
+    its parent by a layer holding W0 + Σ ΔW_a, summed in fp32 and kept in fp32 (a bf16/fp16 base: applied in
+    fp32, output in the activations' dtype; see Fp32FoldedLinear). TF32 is off while folded. The original base
     weight tensors are never written and no requires_grad flag is touched (PEFT's disable_adapter would
     re-enable gradients of frozen adapters); layers and weights are put back afterwards, so the base
     weights are bit-identical and training continues as before. Costs one extra copy of the adapted
@@ -102,24 +104,52 @@ def folded(model: torch.nn.Module, adapter: str | Sequence[str] | None = None) -
         _check_foldable(name, layer, use)
         plan.append((name, layer, use))
     _refuse_shared_weights(model, [layer.base_layer for _, layer, _ in plan])
-    swapped = []  # (parent, child name, lora layer, original weight Parameter)
+    swapped = []  # (parent, child name, lora layer)
     try:
-        with torch.no_grad():
-            for name, layer, use in plan:
-                base = layer.base_layer
-                w0 = base.weight
-                if use:
-                    w = w0.float() + sum(layer.get_delta_weight(a).float() for a in use)
-                    base._parameters["weight"] = torch.nn.Parameter(w.to(w0.dtype), requires_grad=False)
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name)
-                setattr(parent, child, base)
-                swapped.append((parent, child, layer, w0))
-        yield model
+        with exact_matmuls():
+            with torch.no_grad():
+                for name, layer, use in plan:
+                    parent_name, _, child = name.rpartition(".")
+                    parent = model.get_submodule(parent_name)
+                    setattr(parent, child, _folded_linear(layer, use))
+                    swapped.append((parent, child, layer))
+            yield model
     finally:
-        for parent, child, layer, w0 in reversed(swapped):
-            layer.base_layer._parameters["weight"] = w0
+        for parent, child, layer in reversed(swapped):
             setattr(parent, child, layer)
+
+
+class Fp32FoldedLinear(torch.nn.Module):
+    """A folded layer of a low-precision base: W0 + ΔW kept in fp32 and applied in fp32, the output in the input's dtype.
+
+    Rounding W0 + ΔW to bf16 would lose most of a small ΔW (bf16 keeps 8 bits: an update below ~0.4% of a weight
+    vanishes), so the folded model would answer differently from the PEFT path, which adds the fp32 LoRA branch to
+    the base output and rounds only the sum (tests/test_precision.py)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight, self.bias).to(x.dtype)
+
+
+def _folded_linear(layer: LoraLayer, use: list[str]) -> torch.nn.Module:
+    """What replaces a LoRA layer while folded: a copy of its base layer holding W0 + Σ ΔW (fp32 sum), never W0 itself."""
+    base = layer.base_layer
+    if not use:
+        return base  # no adapter in this layer's forward: the base layer as it is
+    w0 = base.weight
+    w = w0.float() + sum(layer.get_delta_weight(a).float() for a in use)
+    if w0.dtype != torch.float32:
+        bias = base.bias.detach().float() if base.bias is not None else None
+        return Fp32FoldedLinear(w, bias)
+    out = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+    out.weight = torch.nn.Parameter(w, requires_grad=False)
+    if base.bias is not None:
+        out.bias = base.bias  # shared, never written
+    return out
 
 
 def _refuse_shared_weights(model: torch.nn.Module, bases: list[torch.nn.Module]) -> None:

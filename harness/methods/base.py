@@ -59,7 +59,8 @@ class Method:
 
         a_mode = cfg.a_mode if self.a_mode_from_config else ("per_task" if self.per_task_adapters else "shared")
         self.adapters = AdapterSequence(base_model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets,
-                                        a_init=cfg.a_init, a_mode=a_mode, train_A=self.train_A, seed=seed)
+                                        a_init=cfg.a_init, a_mode=a_mode, train_A=self.train_A, seed=seed,
+                                        adapter_dtype=cfg.adapter_dtype)
         self.adapter: str | None = None  # the adapter the current stage trains
 
     # --- the stage plan ---------------------------------------------------------------------

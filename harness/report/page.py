@@ -116,11 +116,21 @@ def _what_was_run(d: PageData) -> list[list[str]]:
                               f"{len(d.by_method[m])} runs)" for m in d.by_method)],
         ["seeds", ", ".join(uniq(r.seed for r in runs))],
         ["task orders", "; ".join(orders)],
+        ["precision", ", ".join(uniq(_precision_text(r.params) for r in runs))],
         ["git commit", tagvals("harness.git_commit")],
         ["date (run starts)", _run_dates(runs)],
         ["finished sequence runs", str(len(runs))],
         ["skipped (not FINISHED)", f"{len(d.skipped)}: {skipped}" if d.skipped else "0"],
     ]
+
+
+def _precision_text(params: dict) -> str:
+    """One run's numerics as recorded (harness/precision.py); older runs did not record them."""
+    if "precision.base_dtype" not in params:
+        return "not recorded (before 2026-12)"
+    tf32 = "TF32 in training" if str(params.get("precision.tf32_train")).lower() == "true" else "no TF32"
+    return (f"{params.get('precision.device_type')}: base {params['precision.base_dtype']}, adapters and AdamW "
+            f"{params.get('precision.adapter_dtype')}, {tf32}")
 
 
 def _method_cell(method: str, reference: bool):

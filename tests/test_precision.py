@@ -1,0 +1,141 @@
+"""The precision policy: a bf16 base, fp32 adapters and optimizer state, exact masks, folding that answers as PEFT does.
+
+harness/precision.py states the policy; README "Precision" the experiment that chose the CUDA default.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from harness.config import ExperimentConfig, load_config  # noqa: E402
+from harness.errors import ConfigError  # noqa: E402
+from harness.evaluate import Evaluator  # noqa: E402
+from harness.merging.combine import Fp32FoldedLinear, folded  # noqa: E402
+from harness.methods import METHODS, StageContext  # noqa: E402
+from harness.models import load_model  # noqa: E402
+from harness.planning import check_precision  # noqa: E402
+from harness.precision import exact_matmuls, precision_of, set_tf32  # noqa: E402
+from harness.suites import load_suite  # noqa: E402
+from harness.train import Recipe, make_optimizer, train_stage  # noqa: E402
+
+TASKS = ["weather", "copy"]
+
+
+def _stage(method, suite, tok, t: int, task: str, cfg, *, steps: int = 6, lr: float = 3e-2):
+    method.begin_stage(StageContext(stage=t, task=task, run_dir=Path("."), calibrate=lambda *a: None))
+    examples = [{**ex, "eos": True} for ex in suite.task(task).train_examples()]
+    train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=lr, epochs=1,
+                batch_size=8, steps=steps, max_seq_len=32, seed=0, stage=t, hooks=method, progress=False)
+    method.end_stage()
+
+
+def _method(name: str, dtype: str, **knobs):
+    model, tok = load_model("tiny-llama", dtype=dtype)
+    cfg = ExperimentConfig(model="tiny-llama", suite="smoke", methods=[name], dtype=dtype, **knobs)
+    return METHODS[name](cfg, seed=0, tasks=TASKS, base_model=model), tok, cfg
+
+
+@pytest.mark.parametrize("name", ["lora", "lori-s"])
+def test_bf16_base_keeps_adapters_and_adamw_state_in_fp32(name):
+    method, tok, cfg = _method(name, "bf16")
+    method.begin_stage(StageContext(stage=1, task="weather", run_dir=Path("."), calibrate=lambda *a: None))
+    base = [p for n, p in method.model.named_parameters() if "lora_" not in n]
+    assert base and all(p.dtype == torch.bfloat16 for p in base)
+    trainable = method.trainable()
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    for _, layer in method.adapters.layers():  # A (frozen for LoRI), B (for LoRI-S: frozen B plus the sparse values)
+        assert layer.lora_A[method.adapter].weight.dtype == torch.float32
+        assert layer.lora_B[method.adapter].weight.dtype == torch.float32
+    opt, _ = make_optimizer(list(trainable.values()), 1e-3, Recipe.from_config(cfg), 4)
+    suite = load_suite("smoke")
+    from harness.train import collate, tokenize_examples, train_step
+
+    batch = collate(tokenize_examples(tok, suite.task("weather").train_examples()[:4], 32), 0, "cpu")
+    train_step(method.model, batch, list(trainable.values()), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+               Recipe.from_config(cfg), method)
+    moments = [v for state in opt.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert precision_of(cfg, method.model).record()["optimizer_state_dtype"] == "float32"
+
+
+def test_adapter_dtype_base_puts_adapters_in_the_base_dtype():
+    method, _, _ = _method("lori-s", "bf16", adapter_dtype="base")
+    method.begin_stage(StageContext(stage=1, task="weather", run_dir=Path("."), calibrate=lambda *a: None))
+    assert all(p.dtype == torch.bfloat16 for p in method.trainable().values())
+
+
+def test_earlier_lori_s_entries_are_bit_identical_after_a_bf16_stage():
+    method, tok, cfg = _method("lori-s", "bf16")
+    suite = load_suite("smoke")
+    _stage(method, suite, tok, 1, "weather", cfg)
+    mask1 = method.task_masks[0]
+    before = {k: m.weight.detach().reshape(-1)[mask1[k].long()].clone() for k, m in method.adapters.b_modules(method.adapter).items()}
+    assert any(bool(v.abs().sum() > 0) for v in before.values())
+    _stage(method, suite, tok, 2, "copy", cfg)
+    after = {k: m.weight.detach().reshape(-1)[mask1[k].long()] for k, m in method.adapters.b_modules(method.adapter).items()}
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["lora", "lori-s"])
+def test_folded_evaluation_answers_as_the_peft_path(name, dtype):
+    method, tok, cfg = _method(name, dtype)
+    suite = load_suite("smoke")
+    _stage(method, suite, tok, 1, "weather", cfg, steps=12)
+    # An untrained generation is a chain of near-ties that any rounding flips; a trained one is what is evaluated.
+    _stage(method, suite, tok, 2, "copy", cfg, steps=40)
+    ev = Evaluator(suite, tok, limit=16, progress=False)
+    peft = ev.evaluate(method.model, ["weather", "copy"], merged=False, log_samples=True)
+    fold = ev.evaluate(method.model, ["weather", "copy"], merged=True, log_samples=True)
+    for t in ("weather", "copy"):
+        assert [s["pred"] for s in peft.samples[t]] == [s["pred"] for s in fold.samples[t]], t
+    with folded(method.model):
+        kinds = {type(m) for m in method.model.modules()}
+    assert (Fp32FoldedLinear in kinds) == (dtype == "bf16")  # a bf16 base folds into fp32 weights, never into bf16
+
+
+def test_first_merged_evaluation_checks_folding_against_peft():
+    method, tok, cfg = _method("lori-s", "bf16")
+    suite = load_suite("smoke")
+    _stage(method, suite, tok, 1, "weather", cfg)
+    ev = Evaluator(suite, tok, limit=16, progress=False, merged=True)
+    ev.evaluate(method.model, ["weather"])
+    assert ev.checked_fold and ev.fold_agreement == {"weather": 1.0}
+
+
+def test_tf32_is_off_inside_exact_matmuls_and_restored():
+    set_tf32(True)
+    try:
+        with exact_matmuls():
+            assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        set_tf32(False)
+
+
+def test_unknown_adapter_dtype_is_a_config_error():
+    with pytest.raises(ConfigError, match="adapter-dtype.*fp32.*base"):
+        load_config(overrides={"adapter_dtype": "fp8"})
+
+
+def test_fp16_on_cpu_is_refused_before_anything_is_loaded():
+    with pytest.raises(ConfigError, match="fp16 weights need a CUDA GPU"):
+        check_precision(load_config(overrides={"dtype": "fp16", "device": "cpu"}))
+
+
+@pytest.mark.parametrize("flag", [["--adapter-dtype", "fp8"], ["--dtype", "fp16", "--device", "cpu"]])
+def test_bad_precision_flags_exit_2_and_write_nothing(tmp_path, flag):
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "smoke", "--model", "tiny-llama",
+                          "--results-dir", str(tmp_path / "r"), *flag], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()
