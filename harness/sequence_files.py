@@ -65,8 +65,10 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         was = "; ".join(f"{k}: folder {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
+        hint = (" Its stages were computed under another precision: resume on the folder's device with its --dtype, "
+                "--adapter-dtype and --tf32." if "precision" in diff else "")
         raise ConfigError(
-            f"{cfg_path}: this run folder was made with a different config ({was}). To continue it, pass the "
+            f"{cfg_path}: this run folder was made with a different config ({was}).{hint} To continue it, pass the "
             "folder's values (a default may have changed since, e.g. --completion-eos always); otherwise use "
             "another --results-dir or experiment name, or delete the folder to start over."
         )
