@@ -1,9 +1,12 @@
 """`harness bench`: median training-step time and tokens/s per method on the same batch.
 
-Methods: any of harness/methods (timed through the same train_step as training, with the method's
-hooks; LoRI-S's mask is part of its forward pass) and `base`, a bare forward+backward through the frozen base model (input
-embeddings require grad, so the backward pass runs through every layer but computes no weight
-gradient): the floor every adapter pays.
+Rows, all on the same device and batch:
+- `base`: a bare forward+backward through the frozen base model (input embeddings require grad, so the
+  backward pass runs through every layer but computes no weight gradient): the floor every adapter pays;
+- `peft-bare`: a bare PEFT LoRA loop (transformers + PEFT + AdamW, no harness code): what the harness's
+  own step costs is measured against it;
+- any of harness/methods, timed through the same train_step as training (with the method's hooks;
+  LoRI-S's mask is part of its forward pass), eager and, when `compile` resolves to a mode, compiled.
 """
 
 from __future__ import annotations
@@ -13,20 +16,30 @@ import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from harness.compiled import CompiledLoss, resolve_mode
 from harness.io import atomic_write_json
 from harness.methods import METHODS, StageContext
-from harness.precision import autocast_ctx
-from harness.train import Recipe, make_optimizer, train_step
+from harness.models import load_model, set_torch_threads
+from harness.models.environment import device_name
+from harness.precision import autocast_ctx, precision_of, set_tf32
+from harness.profile_step import format_profile, profile_step
+from harness.train import Recipe, forward_loss, lm_loss, make_optimizer, train_step
 
-DEFAULT_METHODS = ("base", "lora", "lori-d", "lori-s")
+DEFAULT_METHODS = ("base", "peft-bare", "lora", "lori-d", "lori-s")
 
 
 def _batch(vocab: int, batch_size: int, seq_len: int, device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
     return {"input_ids": ids.to(device), "labels": ids.clone().to(device), "attention_mask": torch.ones_like(ids).to(device)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _time_steps(step, warmup: int, steps: int, desc: str) -> list[float]:
@@ -69,8 +82,6 @@ def adapter_memory(method, opt, batch, recipe, bf16_autocast: bool) -> dict[str,
     values vectors); grads: the gradients a step leaves on the trainable tensors; optimizer: AdamW's
     state tensors; snapshot: whatever the method keeps besides (Method.held_tensors; LoRI-S: the
     mask positions, no copy of B; it lists each tensor once)."""
-    from harness.train import lm_loss
-
     model = method.model
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     trainable = list(method.trainable().values())
@@ -87,55 +98,117 @@ def adapter_memory(method, opt, batch, recipe, bf16_autocast: bool) -> dict[str,
     return out
 
 
+def _peft_bare_step(model, batch, cfg):
+    """A bare PEFT LoRA loop, no harness code: transformers + PEFT + AdamW as their users write it (HF's own loss)."""
+    peft_model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.scale_alpha, target_modules=list(cfg.targets),
+                                                  lora_dropout=0.0, bias="none"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr_for("lora"), fused=params[0].device.type == "cuda" or None)
+    peft_model.train()
+
+    def step():
+        peft_model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return peft_model, step
+
+
+def _method_step(name: str, model, batch, cfg, recipe, total: int, compile_mode: str):
+    """A method's real harness step (train_step with its hooks), eager or compiled like a stage compiles it."""
+    method = METHODS[name](cfg, seed=0, tasks=["bench"], base_model=model)
+    method.begin_stage(StageContext(stage=1, task="bench", run_dir=Path("."), calibrate=lambda *a: None))
+    params = list(method.trainable().values())
+    opt, sched = make_optimizer(params, cfg.lr_for(name), recipe, total)
+    method.model.train()
+    loss_fn = CompiledLoss(forward_loss, compile_mode, batch["input_ids"].device)
+    step = lambda: train_step(method.model, batch, params, opt, sched, recipe, method, cfg.bf16_autocast, None, loss_fn)  # noqa: E731
+    return method, opt, step, loss_fn
+
+
 def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: int = 8, seq_len: int = 128,
-              steps: int = 10, warmup: int = 2, memory: bool = False) -> dict:
-    """Time the real training step (harness.train.train_step, with the method's hooks) of every method on one batch.
+              steps: int = 10, warmup: int = 2, memory: bool = False, profile: bool = False) -> dict:
+    """Time the bare base step, a bare PEFT LoRA loop and each method's real training step (eager, and compiled when
+    cfg.compile resolves to a mode) on one batch, on the same device.
 
-    Rank, alpha, targets, mask density, recipe, device and dtype come from the experiment config `cfg`.
-    With memory=True, also {"memory": {METHOD: {params_bytes, grads_bytes, optimizer_bytes, snapshot_bytes,
-    total_bytes}}}, measured after the timed steps (so AdamW's state exists)."""
-    from harness.models import load_model, set_torch_threads
-
+    Rank, alpha, targets, mask density, recipe, device, dtype and compile come from the experiment config `cfg`.
+    Rows: methods[NAME] (eager) and methods["NAME compiled:MODE"]; each has step_s_median, train_tok_s, vs_base,
+    vs_peft_bare. With memory=True, also {"memory": {METHOD: {...bytes}}}; with profile=True, {"profile": {ROW: ...}}
+    (harness/profile_step.py)."""
     set_torch_threads()
     if cfg.mask_strategy != "random":  # a magnitude mask needs a calibration run; the step itself is the same
         cfg = cfg.model_copy(update={"mask_strategy": "random"})
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+    set_tf32(cfg.tf32)
     dev = next(model.parameters()).device
     batch = _batch(len(tok), batch_size, seq_len, dev)
     recipe = Recipe.from_config(cfg)
-    out: dict = {"model": cfg.model, "device": str(dev), "batch_size": batch_size, "seq_len": seq_len, "rank": cfg.rank,
-                 "targets": cfg.targets, "steps": steps, "methods": {}}
+    compiled = resolve_mode(cfg.compile, dev)
+    out: dict = {"model": cfg.model, "device": str(dev), "device_name": device_name(dev), "batch_size": batch_size,
+                 "seq_len": seq_len, "rank": cfg.rank, "targets": cfg.targets, "steps": steps,
+                 "precision": precision_of(cfg, model).record(), "torch": torch.__version__, "methods": {}}
     for name in methods:
-        if name == "base":
-            times = _time_steps(_base_step(model, batch, cfg.bf16_autocast), warmup, steps, "base")
-            model.disable_input_require_grads()
-        else:
-            method = METHODS[name](cfg, seed=0, tasks=["bench"], base_model=model)
-            method.begin_stage(StageContext(stage=1, task="bench", run_dir=Path("."), calibrate=lambda *a: None))
-            params = list(method.trainable().values())
-            opt, sched = make_optimizer(params, cfg.lr_for(name), recipe, warmup + steps)
-            method.model.train()
-            times = _time_steps(lambda: train_step(method.model, batch, params, opt, sched, recipe, method, cfg.bf16_autocast),
-                                warmup, steps, name)
-            if memory:
-                out.setdefault("memory", {})[name] = adapter_memory(method, opt, batch, recipe, cfg.bf16_autocast)
-            method.end_stage()
-            model = method.unload()
-        med = statistics.median(times)
-        out["methods"][name] = {"step_s_median": med, "train_tok_s": batch_size * seq_len / med,
-                                "step_s_min": min(times), "step_s_max": max(times)}
+        for mode in ("none", compiled) if name not in ("base", "peft-bare") and compiled != "none" else ("none",):
+            row = name if mode == "none" else f"{name} compiled:{mode}"
+            model, times, extra = _time_row(name, model, batch, cfg, recipe, warmup, steps, mode, memory, profile, row)
+            med = statistics.median(times)
+            out["methods"][row] = {"step_s_median": med, "train_tok_s": batch_size * seq_len / med,
+                                   "step_s_min": min(times), "step_s_max": max(times), **extra.get("row", {})}
+            for key in ("memory", "profile"):
+                if key in extra:
+                    out.setdefault(key, {})[row] = extra[key]
+    for key in ("base", "peft-bare"):
+        ref = out["methods"].get(key, {}).get("step_s_median")
+        for m in out["methods"].values():
+            if ref:
+                m[f"vs_{key.replace('-', '_')}"] = m["step_s_median"] / ref
     return out
 
 
+def _time_row(name, model, batch, cfg, recipe, warmup, steps, mode, memory, profile, row):
+    """(the base model back, step times, extras) of one bench row; the model is unloaded to its base afterwards."""
+    extra: dict = {}
+    dev = batch["input_ids"].device
+    if name == "base":
+        step = _base_step(model, batch, cfg.bf16_autocast)
+        times = _time_steps(step, warmup, steps, row)
+        if profile:
+            extra["profile"] = profile_step(step, dev)
+        model.disable_input_require_grads()
+        return model, times, extra
+    if name == "peft-bare":
+        peft_model, step = _peft_bare_step(model, batch, cfg)
+        times = _time_steps(step, warmup, steps, row)
+        if profile:
+            extra["profile"] = profile_step(step, dev)
+        return peft_model.unload(), times, extra
+    method, opt, step, loss_fn = _method_step(name, model, batch, cfg, recipe, warmup + steps + 8, mode)
+    t0 = time.perf_counter()
+    step()  # the first step (compiles, if compiled) is timed alone
+    _sync(dev)
+    extra["row"] = {"first_step_s": time.perf_counter() - t0, "compile_used": loss_fn.used}
+    times = _time_steps(step, warmup, steps, row)
+    if memory and mode == "none":
+        extra["memory"] = adapter_memory(method, opt, batch, recipe, cfg.bf16_autocast)
+    if profile:
+        extra["profile"] = profile_step(step, dev)
+    method.end_stage()
+    return method.unload(), times, extra
+
+
 def format_table(res: dict) -> str:
-    """Step times (and, with --memory, adapter training memory in MB) as a plain-text table."""
-    rows = [f"model {res['model']} on {res['device']}, batch {res['batch_size']}x{res['seq_len']}, rank {res['rank']}, "
-            f"{len(res['targets'])} target modules, median of {res['steps']} steps",
-            f"{'method':<8}{'step s (median)':>17}{'tokens/s':>11}{'vs lora':>9}"]
+    """Step times, ratios to the bare base step and the bare PEFT loop (and, with --memory, adapter memory in MB;
+    with --profile, where each row's time goes) as a plain-text table."""
+    rows = [f"model {res['model']} on {res.get('device_name', res['device'])}, batch {res['batch_size']}x{res['seq_len']}, "
+            f"rank {res['rank']}, {len(res['targets'])} target modules, median of {res['steps']} steps",
+            f"{'row':<26}{'step s (median)':>17}{'tokens/s':>11}{'vs base':>9}{'vs peft':>9}{'vs lora':>9}{'1st step s':>11}"]
     lora = res["methods"].get("lora", {}).get("step_s_median")
+    ratio = lambda m, k: f"{m[k]:>8.2f}x" if k in m else f"{'':>9}"  # noqa: E731
     for name, m in res["methods"].items():
-        rel = f"{m['step_s_median'] / lora:>8.2f}x" if lora else ""
-        rows.append(f"{name:<8}{m['step_s_median']:>17.4f}{m['train_tok_s']:>11.0f}{rel:>9}")
+        rel = f"{m['step_s_median'] / lora:>8.2f}x" if lora else f"{'':>9}"
+        first = f"{m['first_step_s']:>11.2f}" if "first_step_s" in m else ""
+        rows.append(f"{name:<26}{m['step_s_median']:>17.4f}{m['train_tok_s']:>11.0f}{ratio(m, 'vs_base')}{ratio(m, 'vs_peft_bare')}"
+                    f"{rel}{first}")
     if res.get("memory"):
         mb = lambda b: f"{b / 2**20:>10.2f}"  # noqa: E731
         rows += ["", "adapter training memory, MB (measured from the tensors)",
@@ -143,103 +216,11 @@ def format_table(res: dict) -> str:
         for name, m in res["memory"].items():
             rows.append(f"{name:<8}{mb(m['params_bytes'])}{mb(m['grads_bytes'])}{mb(m['optimizer_bytes'])}"
                         f"{mb(m['snapshot_bytes'])}{mb(m['total_bytes'])}")
+    if res.get("profile"):
+        rows += ["", "profile per step (torch.profiler; harness/profile_step.py)"]
+        rows += [format_profile(name, p) for name, p in res["profile"].items()]
     return "\n".join(rows)
 
 
 def write_json(res: dict, path: Path) -> None:
     atomic_write_json(Path(path), res)
-
-
-# --- evaluation throughput: lm-eval vs a bare batched forward over the same requests ------------
-def _requests(suite, tasks: list[str], limit: int | None):
-    from lm_eval.tasks import TaskManager, get_task_dict
-
-    cfgs = suite.lm_eval_task_configs()
-    td = get_task_dict([cfgs[t] for t in tasks], TaskManager(include_defaults=False))
-    ll, gen = [], []
-    for task in td.values():
-        task.build_all_requests(limit=limit, rank=0, world_size=1)
-        for inst in task.instances:
-            (ll if inst.request_type == "loglikelihood" else gen).append(inst.args)
-    return ll, gen
-
-
-@torch.no_grad()
-def _bare_loglikelihood(model, tok, reqs, batch_size: int) -> None:
-    """An equally clever scorer: one forward per context when every choice is a single token."""
-    dev = next(model.parameters()).device
-    by_ctx: dict[str, list[list[int]]] = {}
-    for ctx, cont in reqs:
-        by_ctx.setdefault(ctx, []).append(tok(cont, add_special_tokens=False)["input_ids"])
-    seqs = []  # (token ids, n_ctx, continuations scored from this forward)
-    for ctx, conts in by_ctx.items():
-        c = tok(ctx, add_special_tokens=False)["input_ids"]
-        if all(len(x) == 1 for x in conts):
-            seqs.append((c, len(c), conts))
-        else:
-            seqs.extend((c + x, len(c), [x]) for x in conts)
-    seqs.sort(key=lambda s: -len(s[0]))  # like lm-eval: longest first, little padding
-    pad = tok.pad_token_id or 0
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i : i + batch_size]
-        L = max(len(s) for s, _, _ in chunk)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        for j, (s, _, _) in enumerate(chunk):
-            ids[j, : len(s)] = torch.tensor(s)
-        logits = model(input_ids=ids.to(dev)).logits
-        for j, (s, n_ctx, conts) in enumerate(chunk):
-            if len(s) == n_ctx:  # single-token choices: all read off the last context position
-                lp = torch.log_softmax(logits[j, n_ctx - 1].float(), dim=-1)
-                [lp[x[0]] for x in conts]
-            else:
-                lp = torch.log_softmax(logits[j, n_ctx - 1 : len(s) - 1].float(), dim=-1)
-                lp.gather(-1, torch.tensor(s[n_ctx:], device=dev)[:, None]).sum()
-
-
-@torch.no_grad()
-def _bare_generate(model, tok, reqs, batch_size: int) -> None:
-    dev = next(model.parameters()).device
-    side = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        reqs = sorted(reqs, key=lambda r: -len(r[0]))
-        for i in range(0, len(reqs), batch_size):
-            chunk = reqs[i : i + batch_size]
-            enc = tok([c for c, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            max_new = int(chunk[0][1].get("max_gen_toks", 16))
-            model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
-    finally:
-        tok.padding_side = side
-
-
-def run_eval_bench(model_name: str, suite_name: str, *, batch_size: int = 32, limit: int | None = None,
-                   device: str = "auto", dtype: str = "auto") -> dict:
-    """Time lm-eval (as the scheduler calls it) and a bare batched scorer on the same requests."""
-    from harness.evaluate import Evaluator
-    from harness.models import load_model, set_torch_threads
-    from harness.suites import load_suite
-
-    set_torch_threads()
-    suite = load_suite(suite_name)
-    model, tok = load_model(model_name, device=device, dtype=dtype)
-    model.eval()
-    tasks = suite.task_names
-    ll, gen = _requests(suite, tasks, limit)
-    ev = Evaluator(suite, tok, batch_size=batch_size, limit=limit)
-    out = {"model": model_name, "suite": suite.name, "batch_size": batch_size, "requests": {"loglikelihood": len(ll), "generate_until": len(gen)}}
-    # lm-eval, per request type (tasks split by kind so each side times the same work).
-    by_kind = {"loglikelihood": [t for t in tasks if suite.task(t).kind == "multiple_choice"],
-               "generate_until": [t for t in tasks if suite.task(t).kind != "multiple_choice"]}
-    bare = {"loglikelihood": lambda: _bare_loglikelihood(model, tok, ll, batch_size),
-            "generate_until": lambda: _bare_generate(model, tok, gen, batch_size)}
-    for kind, ts in by_kind.items():
-        if not ts:
-            continue
-        t0 = time.perf_counter()
-        ev.evaluate(model, ts)
-        t_lm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        bare[kind]()
-        t_bare = time.perf_counter() - t0
-        out[kind] = {"lm_eval_s": t_lm, "bare_s": t_bare, "lm_eval_throughput_vs_bare": t_bare / t_lm}
-    return out

@@ -243,9 +243,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from harness.methods import METHODS
 
     methods = tuple(m.strip() for m in args.bench_methods.split(",") if m.strip())
-    bad = [m for m in methods if m != "base" and m not in METHODS]
+    bad = [m for m in methods if m not in ("base", "peft-bare") and m not in METHODS]
     if bad:
-        raise HarnessError(f"--methods: unknown {bad}; choose from base, {', '.join(METHODS)}")
+        raise HarnessError(f"--methods: unknown {bad}; choose from base, peft-bare, {', '.join(METHODS)}")
     cfg = load_config(None, _overrides(args))
     if args.eval_suite and not args.eval_bare:
         from harness.eval_bench import format_eval_table, run_eval_modes
@@ -258,7 +258,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_json(res, Path(args.json))
         return 0
     if args.eval_suite:
-        from harness.bench import run_eval_bench
+        from harness.eval_bench import run_eval_bench
 
         res = run_eval_bench(cfg.model, args.eval_suite, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
                              device=cfg.device, dtype=cfg.dtype)
@@ -271,7 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_json(res, Path(args.json))
         return 0
     res = run_bench(cfg, methods=methods, batch_size=args.bench_batch_size, seq_len=args.seq_len, steps=args.steps,
-                    memory=args.memory)
+                    memory=args.memory, profile=args.profile)
     print(format_table(res))
     if args.json:
         write_json(res, Path(args.json))
@@ -337,8 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="Median step time and tokens/s of each method's real training step, and a bare base-model step.")
-    b.add_argument("--methods", dest="bench_methods", default="base,lora,lori-d,lori-s",
-                   help="Comma-separated: base and any method [default: base,lora,lori-d,lori-s].")
+    b.add_argument("--methods", dest="bench_methods", default="base,peft-bare,lora,lori-d,lori-s",
+                   help="Comma-separated: base (bare base step), peft-bare (a bare PEFT LoRA loop, no harness code) and any "
+                        "method; with --compile MODE each method is also timed compiled [default: base,peft-bare,lora,lori-d,lori-s].")
+    b.add_argument("--profile", action="store_true",
+                   help="Also profile each row (torch.profiler): aten ops, kernels, host vs device time, synchronisations per step.")
     b.add_argument("--batch-size", dest="bench_batch_size", type=int, default=8, help="Batch size [default: 8].")
     b.add_argument("--seq-len", type=int, default=128, help="Tokens per sequence [default: 128].")
     b.add_argument("--steps", type=int, default=10, help="Timed steps per method after 2 warm-up steps [default: 10].")

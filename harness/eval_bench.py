@@ -19,6 +19,7 @@ warm-up on two documents per task first, so no mode pays for loading the data.
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -149,3 +150,98 @@ def format_eval_table(res: dict) -> str:
     for t in res["tasks"]:
         rows.append(f"{t:<16}" + "".join(f"{m['tasks'][t]['score']:>13.3f}" for m in res["modes"].values()))
     return "\n".join(rows)
+
+
+# --- evaluation throughput: lm-eval vs a bare batched forward over the same requests ------------
+def _requests(suite, tasks: list[str], limit: int | None):
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    cfgs = suite.lm_eval_task_configs()
+    td = get_task_dict([cfgs[t] for t in tasks], TaskManager(include_defaults=False))
+    ll, gen = [], []
+    for task in td.values():
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        for inst in task.instances:
+            (ll if inst.request_type == "loglikelihood" else gen).append(inst.args)
+    return ll, gen
+
+
+@torch.no_grad()
+def _bare_loglikelihood(model, tok, reqs, batch_size: int) -> None:
+    """An equally clever scorer: one forward per context when every choice is a single token."""
+    dev = next(model.parameters()).device
+    by_ctx: dict[str, list[list[int]]] = {}
+    for ctx, cont in reqs:
+        by_ctx.setdefault(ctx, []).append(tok(cont, add_special_tokens=False)["input_ids"])
+    seqs = []  # (token ids, n_ctx, continuations scored from this forward)
+    for ctx, conts in by_ctx.items():
+        c = tok(ctx, add_special_tokens=False)["input_ids"]
+        if all(len(x) == 1 for x in conts):
+            seqs.append((c, len(c), conts))
+        else:
+            seqs.extend((c + x, len(c), [x]) for x in conts)
+    seqs.sort(key=lambda s: -len(s[0]))  # like lm-eval: longest first, little padding
+    pad = tok.pad_token_id or 0
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i : i + batch_size]
+        L = max(len(s) for s, _, _ in chunk)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        for j, (s, _, _) in enumerate(chunk):
+            ids[j, : len(s)] = torch.tensor(s)
+        logits = model(input_ids=ids.to(dev)).logits
+        for j, (s, n_ctx, conts) in enumerate(chunk):
+            if len(s) == n_ctx:  # single-token choices: all read off the last context position
+                lp = torch.log_softmax(logits[j, n_ctx - 1].float(), dim=-1)
+                [lp[x[0]] for x in conts]
+            else:
+                lp = torch.log_softmax(logits[j, n_ctx - 1 : len(s) - 1].float(), dim=-1)
+                lp.gather(-1, torch.tensor(s[n_ctx:], device=dev)[:, None]).sum()
+
+
+@torch.no_grad()
+def _bare_generate(model, tok, reqs, batch_size: int) -> None:
+    dev = next(model.parameters()).device
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        reqs = sorted(reqs, key=lambda r: -len(r[0]))
+        for i in range(0, len(reqs), batch_size):
+            chunk = reqs[i : i + batch_size]
+            enc = tok([c for c, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
+            max_new = int(chunk[0][1].get("max_gen_toks", 16))
+            model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+    finally:
+        tok.padding_side = side
+
+
+def run_eval_bench(model_name: str, suite_name: str, *, batch_size: int = 32, limit: int | None = None,
+                   device: str = "auto", dtype: str = "auto") -> dict:
+    """Time lm-eval (as the scheduler calls it) and a bare batched scorer on the same requests."""
+    from harness.evaluate import Evaluator
+    from harness.models import load_model, set_torch_threads
+    from harness.suites import load_suite
+
+    set_torch_threads()
+    suite = load_suite(suite_name)
+    model, tok = load_model(model_name, device=device, dtype=dtype)
+    model.eval()
+    tasks = suite.task_names
+    ll, gen = _requests(suite, tasks, limit)
+    ev = Evaluator(suite, tok, batch_size=batch_size, limit=limit)
+    out = {"model": model_name, "suite": suite.name, "batch_size": batch_size, "requests": {"loglikelihood": len(ll), "generate_until": len(gen)}}
+    # lm-eval, per request type (tasks split by kind so each side times the same work).
+    by_kind = {"loglikelihood": [t for t in tasks if suite.task(t).kind == "multiple_choice"],
+               "generate_until": [t for t in tasks if suite.task(t).kind != "multiple_choice"]}
+    bare = {"loglikelihood": lambda: _bare_loglikelihood(model, tok, ll, batch_size),
+            "generate_until": lambda: _bare_generate(model, tok, gen, batch_size)}
+    for kind, ts in by_kind.items():
+        if not ts:
+            continue
+        t0 = time.perf_counter()
+        ev.evaluate(model, ts)
+        t_lm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        bare[kind]()
+        t_bare = time.perf_counter() - t0
+        out[kind] = {"lm_eval_s": t_lm, "bare_s": t_bare, "lm_eval_throughput_vs_bare": t_bare / t_lm}
+    return out

@@ -30,6 +30,7 @@ from harness.config import ExperimentConfig
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
+from harness.compiled import resolve_mode
 from harness.precision import precision_of
 from harness.planning import SequenceSpec, stage_budget, task_examples
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, done_line, finished_stages, git_commit,
@@ -261,7 +262,8 @@ class SequenceRunner:
             evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
             trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
                    "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
-                   "resumed_from_step": res.resumed_from_step, "train_examples": n_examples}
+                   "resumed_from_step": res.resumed_from_step, "train_examples": n_examples, "compile_used": res.compile_used,
+                   "compile_note": res.compile_note}
             atomic_write_json(tmp / "eval.json", evj)
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
@@ -304,7 +306,8 @@ class SequenceRunner:
     def _train(self, method, examples, budget, stage: int, desc: str, **kw):
         return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
                             bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress,
-                            distributed=self.cfg.distributed, **kw)
+                            distributed=self.cfg.distributed, compile_mode=resolve_mode(self.cfg.compile, next(self.model.parameters()).device),
+                            **kw)
 
     def _finish(self, method) -> dict[str, Any]:
         """Rank 0 writes the matrix, diagnostics and summary and logs them; every rank returns that summary."""

@@ -24,8 +24,11 @@ from tqdm.auto import tqdm
 from harness import distributed as D
 from harness import faults
 from harness.checkpoint import Progress, StageCheckpointer
+from harness.compiled import CompiledLoss, pad_to_bucket
 from harness.precision import autocast_ctx
 from harness.seeding import stable_seed
+
+LOSS_EVERY = 10  # steps between reads of the loss (each read waits for the device)
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,30 @@ class TrainResult:
     checkpoints: int = 0
     resumed_from_step: int = 0
     local_trainable: int = 0  # elements of the trainable parameters this rank held (FSDP: its shards)
+    compile_used: str = "none"  # the torch.compile mode that ran (none: eager, asked for or fallen back to)
+    compile_note: str | None = None  # why compile fell back to eager
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+class LossLog:
+    """Step losses kept as device tensors and read every LOSS_EVERY steps (one synchronisation, not one per step)."""
+
+    def __init__(self, losses: list[float], bar):
+        self.losses, self.bar, self.pending = losses, bar, []
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss)
+        if len(self.pending) >= LOSS_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.losses.extend(torch.stack(self.pending).float().cpu().tolist())
+            self.pending = []
+            self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
 
 
 def tokenize_examples(tokenizer, examples: list[dict], max_seq_len: int | None, *, add_eos: bool = True) -> list[tuple[list[int], int]]:
@@ -144,15 +167,23 @@ def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reductio
     return collate(mine, pad_id, device), weight * D.world_size() / max(1, loss_terms(items, reduction))
 
 
+def forward_loss(model, input_ids, attention_mask, labels, reduction: str, scale: float | None = None) -> torch.Tensor:
+    """The forward pass and the loss: what `compile` compiles (harness/compiled.py)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return lm_loss(logits, labels, reduction, scale=scale)
+
+
 def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recipe: Recipe, hooks: StageHooks | None,
-               bf16_autocast: bool = False, loss_scale: float | None = None) -> float:
+               bf16_autocast: bool = False, loss_scale: float | None = None, loss_fn: Callable | None = None) -> torch.Tensor:
     """One optimizer step: loss (+ the method's term), backward, hooks, clip, AdamW, schedule.
 
-    With loss_scale (a rank's share, see rank_batch) the returned loss is the global batch's, averaged over ranks."""
+    Returns the loss as a detached tensor: reading it (a host-device synchronisation) is the caller's choice.
+    loss_fn: forward_loss or its compiled form. With loss_scale (a rank's share, see rank_batch) the returned loss is
+    the global batch's, averaged over ranks."""
     device = batch["input_ids"].device
     with autocast_ctx(device, bf16_autocast):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = lm_loss(logits, batch["labels"], recipe.loss_reduction, scale=loss_scale)
+        loss = (loss_fn or forward_loss)(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         recipe.loss_reduction, loss_scale)
     extra = hooks.extra_loss() if hooks is not None else None
     total = loss + extra if extra is not None else loss
     total.backward()
@@ -165,11 +196,14 @@ def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recip
     opt.zero_grad(set_to_none=True)
     if hooks is not None:
         hooks.after_step()
-    return float(loss.detach()) if loss_scale is None else D.mean_over_ranks(loss)
+    return loss.detach() if loss_scale is None else torch.tensor(D.mean_over_ranks(loss))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, total_steps: int):
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay)
+    """AdamW with its state in the parameters' dtype (fp32 adapters: harness/precision.py); fused into a few kernels
+    on CUDA (one launch per step instead of one per tensor), PyTorch's default implementation on CPU."""
+    fused = bool(params) and all(p.device.type == "cuda" for p in params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, fused=fused or None)
     warmup = recipe.warmup_for(total_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup))
     return opt, sched
@@ -197,6 +231,7 @@ def train_stage(
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
     distributed: str = "ddp",
+    compile_mode: str = "none",
 ) -> TrainResult:
     """Train `params` on `examples` with a fresh optimizer; deterministic given (seed, stage) on CPU.
 
@@ -223,6 +258,8 @@ def train_stage(
     t0 = time.perf_counter() - prog.wall_s
     ckpt_s = 0.0
     bar = tqdm(total=total, initial=prog.step, desc=desc, leave=False, disable=not progress or not main, dynamic_ncols=True)
+    losses = LossLog(prog.losses, bar)
+    loss_fn = CompiledLoss(forward_loss, compile_mode, device)
     try:
         while prog.step < total:
             if not prog.order:
@@ -230,12 +267,15 @@ def train_stage(
             idx, prog.order = prog.order[:batch_size], prog.order[batch_size:]
             items = [data[i] for i in idx]
             batch, scale = rank_batch(items, pad_id, device, recipe.loss_reduction)
-            prog.losses.append(train_step(staged.module, batch, plist, staged.opt, staged.sched, recipe, hooks, bf16_autocast, scale))
+            if loss_fn.used != "none":
+                batch = pad_to_bucket(batch, pad_id)
+            losses.add(train_step(staged.module, batch, plist, staged.opt, staged.sched, recipe, hooks, bf16_autocast, scale,
+                                  loss_fn))
             prog.step += 1
             prog.tokens += sum(len(ids) for ids, _ in items)  # the global batch's tokens (its attention mask's sum)
             bar.update(1)
-            bar.set_postfix(loss=f"{prog.losses[-1]:.3f}")
             if checkpointer is not None and checkpointer.due(prog.step, total):
+                losses.flush()
                 tc = time.perf_counter()
                 prog.wall_s = tc - t0 - ckpt_s
                 full_params, full_opt = staged.full_state()  # every rank: gathers under FSDP
@@ -246,19 +286,20 @@ def train_stage(
                     faults.pause("mid-train", checkpointer.run_dir, stage)
             if on_step is not None:
                 on_step(prog.step)
+        losses.flush()
         local = staged.local_elements()
         staged.close()
     finally:
         bar.close()
     return TrainResult(steps=prog.step, tokens=prog.tokens, wall_s=time.perf_counter() - t0 - ckpt_s, losses=prog.losses,
                        checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from,
-                       local_trainable=local)
+                       local_trainable=local, compile_used=loss_fn.used, compile_note=loss_fn.reason)
 
 
 def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recipe: Recipe, seed: int, stage: int,
                  bf16_autocast: bool, calibration: bool = False, max_steps: int | None = None,
                  checkpointer: StageCheckpointer | None = None, desc: str = "train", progress: bool = True,
-                 distributed: str = "ddp") -> TrainResult:
+                 distributed: str = "ddp", compile_mode: str = "none") -> TrainResult:
     """One stage of a method (harness/methods) on a budget from planning.stage_budget; sequences and merging share it.
 
     calibration=True is the LoRI-D pre-run of a magnitude mask: no method hooks, its own data order."""
@@ -267,4 +308,4 @@ def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recip
         batch_size=budget["batch_size"], steps=budget["steps"], max_steps=max_steps or budget["max_steps"],
         max_seq_len=budget["max_seq_len"], seed=stable_seed(seed, "calib") if calibration else seed, stage=stage,
         bf16_autocast=bf16_autocast, hooks=None if calibration else method, checkpointer=checkpointer, desc=desc, progress=progress,
-        distributed=distributed)
+        distributed=distributed, compile_mode=compile_mode)

@@ -188,3 +188,10 @@ def _build_atomically(final: Path, build: Callable[[Path], dict], what: str) -> 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def device_name(device: torch.device) -> str:
+    """What a measurement ran on, in words (the GPU's name, or the CPU's thread count)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
