@@ -52,7 +52,7 @@ class Evaluator:
     """Scores a model on suite tasks via lm-eval's evaluate(), one task at a time."""
 
     def __init__(self, suite, tokenizer, *, batch_size: int = 32, limit: int | None = None, max_length: int = 512,
-                 progress: bool = True, merged: bool = False, bf16: bool = False):
+                 progress: bool = True, merged: bool | None = False, bf16: bool = False):
         from lm_eval.tasks import TaskManager
 
         self.suite = suite
@@ -90,7 +90,8 @@ class Evaluator:
         """Primary metric per task; model.train() is restored afterwards whatever happens.
 
         bf16 autocast if the caller or eval_bf16 asks; merged (default: eval_merged) folds the active adapters."""
-        merged = self.merged if merged is None else merged
+        if merged is None:  # the evaluator's setting; None there: folded on CUDA, through PEFT on CPU
+            merged = self.merged if self.merged is not None else next(model.parameters()).device.type == "cuda"
         if merged and not self.checked_fold and _has_adapters(model):
             self.checked_fold = True  # before the recursive calls below
             self.fold_agreement = self.check_fold(model, tasks, bf16_autocast=bf16_autocast)
