@@ -75,6 +75,8 @@ class CompiledLoss:
         if self.fn is None:
             return self.eager(*args)
         try:
+            if self.mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # a new training step: the last step's graph outputs may be reused
             return self.fn(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: eager is always correct
             self.reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"

@@ -196,7 +196,8 @@ def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recip
     opt.zero_grad(set_to_none=True)
     if hooks is not None:
         hooks.after_step()
-    return loss.detach() if loss_scale is None else torch.tensor(D.mean_over_ranks(loss))
+    # clone: a CUDA-graph replay (compile reduce-overhead) overwrites its outputs in place at the next step
+    return loss.detach().clone() if loss_scale is None else torch.tensor(D.mean_over_ranks(loss))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, total_steps: int):
