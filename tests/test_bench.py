@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from harness.cli import main
 
 
@@ -11,9 +13,12 @@ def test_bench_writes_json_contract(tmp_path, capsys):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["model"] == "tiny-llama"
-    assert set(res["methods"]) == {"base", "lora", "lori-d", "lori-s"}
+    assert set(res["methods"]) == {"base", "peft-bare", "lora", "lori-d", "lori-s"}
     for m in res["methods"].values():
         assert m["step_s_median"] > 0 and m["train_tok_s"] > 0
+        assert m["vs_base"] == pytest.approx(m["step_s_median"] / res["methods"]["base"]["step_s_median"])
+        assert m["vs_peft_bare"] == pytest.approx(m["step_s_median"] / res["methods"]["peft-bare"]["step_s_median"])
+    assert res["precision"]["base_dtype"] == "float32" and res["device_name"]
     assert "lori-s" in capsys.readouterr().out
 
 
@@ -46,3 +51,15 @@ def test_bench_memory_is_measured_from_the_tensors(tmp_path):
     assert lori_s["total_bytes"] <= 0.35 * lora["total_bytes"]
     for m in mem.values():
         assert m["total_bytes"] == sum(v for k, v in m.items() if k != "total_bytes")
+
+
+def test_bench_profile_says_where_a_step_goes(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "tiny-llama", "--methods", "base,lora", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
+                 "--profile", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["profile"]
+    assert set(prof) == {"base", "lora"}
+    for p in prof.values():
+        assert p["aten_ops"] > 0 and p["host_s"] > 0 and p["device_s"] is None  # CPU: no device time
+        assert p["top_ops_self_cpu_s"]
+    assert prof["lora"]["aten_ops"] > prof["base"]["aten_ops"]  # the LoRA layers add operators to every adapted module
