@@ -336,9 +336,12 @@ def test_resolve_dtype_names_on_cpu(name, expected):
     assert resolve_dtype(name, torch.device("cpu")) is expected
 
 
-def test_resolve_dtype_auto_is_bf16_on_cuda(monkeypatch):
+def test_resolve_dtype_auto_is_fp32_on_cuda_too(monkeypatch):
+    """The CUDA default was chosen on the H200 precision table (README: Precision): fp32, as on CPU."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_dtype("auto", "cuda") is torch.bfloat16
+    assert resolve_dtype("auto", "cuda") is torch.float32
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("bf16", "cuda") is torch.bfloat16
 
 
 def test_resolve_dtype_rejects_unknown_names():

@@ -58,7 +58,8 @@ def test_bf16_base_keeps_adapters_and_adamw_state_in_fp32(name):
     suite = load_suite("smoke")
     from harness.train import collate, tokenize_examples, train_step
 
-    batch = collate(tokenize_examples(tok, suite.task("weather").train_examples()[:4], 32), 0, "cpu")
+    device = next(method.model.parameters()).device
+    batch = collate(tokenize_examples(tok, suite.task("weather").train_examples()[:4], 32), 0, device)
     train_step(method.model, batch, list(trainable.values()), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                Recipe.from_config(cfg), method)
     moments = [v for state in opt.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
