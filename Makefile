@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test run-sequence merge ablation report dashboard bench tracking-server clean-venv
+.PHONY: setup test test-fast run-sequence merge ablation report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests $(ARGS)
+
+# The inner loop: every test except the end-to-end ones marked slow (they still run in `make test` and CI).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" tests $(ARGS)
 
 run-sequence: $(STAMP)
 	$(BIN)/harness run --suite $(SUITE) --model $(MODEL) --methods $(METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
