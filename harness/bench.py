@@ -25,7 +25,7 @@ from harness.methods import METHODS, StageContext
 from harness.models import load_model, set_torch_threads
 from harness.models.environment import device_name
 from harness.precision import autocast_ctx, precision_of, set_tf32
-from harness.profile_step import format_profile, profile_step
+from harness.profile_step import format_profile, profile_step, sync as _sync
 from harness.train import Recipe, forward_loss, lm_loss, make_optimizer, train_step
 
 DEFAULT_METHODS = ("base", "peft-bare", "lora", "lori-d", "lori-s")
@@ -35,11 +35,6 @@ def _batch(vocab: int, batch_size: int, seq_len: int, device) -> dict[str, torch
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
     return {"input_ids": ids.to(device), "labels": ids.clone().to(device), "attention_mask": torch.ones_like(ids).to(device)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time_steps(step, warmup: int, steps: int, desc: str) -> list[float]:

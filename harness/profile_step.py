@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -27,14 +28,14 @@ def _sync(device: torch.device) -> None:
 def profile_step(step: Callable[[], object], device: torch.device, *, steps: int = 5, top: int = 8) -> dict:
     """Profile `steps` calls of `step` (after one untimed call) and summarise them per step."""
     step()
-    _sync(device)
+    sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         host_s = (time.perf_counter() - t0) / steps  # launches only: the device may still be working
-        _sync(device)
+        sync(device)
         wall_s = (time.perf_counter() - t0) / steps
     events = prof.events()
     names = Counter(e.name for e in events)
