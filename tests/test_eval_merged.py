@@ -131,6 +131,7 @@ def test_from_config_reads_eval_merged_and_eval_bf16(eval_merged, eval_bf16, run
     method, trained_ev = trained("lora")
     cfg = ExperimentConfig(model="tiny-llama", suite="smoke", eval_merged=eval_merged, eval_bf16=eval_bf16, eval_limit=4)
     ev = Evaluator.from_config(load_suite("smoke"), trained_ev.tokenizer, cfg, progress=False)
+    ev.checked_fold = True  # the first merged evaluation's PEFT cross-check runs the LoRA layers (tests/test_precision.py)
     seen, hooks = _forward_probe(method.model)
     try:
         ev.evaluate(method.model, ["weather"], bf16_autocast=run_bf16)  # how the scheduler calls it
