@@ -104,18 +104,19 @@ def folded(model: torch.nn.Module, adapter: str | Sequence[str] | None = None) -
         _check_foldable(name, layer, use)
         plan.append((name, layer, use))
     _refuse_shared_weights(model, [layer.base_layer for _, layer, _ in plan])
-    swapped = []  # (parent, child name, lora layer)
+    swapped = []  # (parent, child name, lora layer, original base weight Parameter)
     try:
         with exact_matmuls():
             with torch.no_grad():
                 for name, layer, use in plan:
                     parent_name, _, child = name.rpartition(".")
                     parent = model.get_submodule(parent_name)
+                    swapped.append((parent, child, layer, layer.base_layer.weight))
                     setattr(parent, child, _folded_linear(layer, use))
-                    swapped.append((parent, child, layer))
             yield model
     finally:
-        for parent, child, layer in reversed(swapped):
+        for parent, child, layer, w0 in reversed(swapped):
+            layer.base_layer._parameters["weight"] = w0
             setattr(parent, child, layer)
 
 
@@ -136,20 +137,17 @@ class Fp32FoldedLinear(torch.nn.Module):
 
 
 def _folded_linear(layer: LoraLayer, use: list[str]) -> torch.nn.Module:
-    """What replaces a LoRA layer while folded: a copy of its base layer holding W0 + Σ ΔW (fp32 sum), never W0 itself."""
+    """What replaces a LoRA layer while folded: its base layer holding a new fp32 Parameter W0 + Σ ΔW (the
+    original W0 tensor is never written and is put back by `folded`), or for a bf16/fp16 base an Fp32FoldedLinear."""
     base = layer.base_layer
     if not use:
         return base  # no adapter in this layer's forward: the base layer as it is
     w0 = base.weight
     w = w0.float() + sum(layer.get_delta_weight(a).float() for a in use)
     if w0.dtype != torch.float32:
-        bias = base.bias.detach().float() if base.bias is not None else None
-        return Fp32FoldedLinear(w, bias)
-    out = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-    out.weight = torch.nn.Parameter(w, requires_grad=False)
-    if base.bias is not None:
-        out.bias = base.bias  # shared, never written
-    return out
+        return Fp32FoldedLinear(w, base.bias.detach().float() if base.bias is not None else None)
+    base._parameters["weight"] = torch.nn.Parameter(w, requires_grad=False)
+    return base
 
 
 def _refuse_shared_weights(model: torch.nn.Module, bases: list[torch.nn.Module]) -> None:
