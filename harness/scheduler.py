@@ -25,14 +25,15 @@ import numpy as np
 from harness import distributed as D
 from harness import faults
 from harness import metrics as MX
+from harness.analysis import documents as DOCS
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.planning import SequenceSpec, stage_budget, task_examples
-from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, done_line, finished_stages, git_commit,
-                                    stage_line, write_matrix_files)
+from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line,
+                                    finished_stages, git_commit, stage_line, write_documents, write_matrix_files)
 from harness.train import Recipe, train_method
 
 
@@ -193,6 +194,7 @@ class SequenceRunner:
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
+            write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(0, ev.documents or {}))
             atomic_write_json(tmp / STAGE_MARKER, info)
         self.fill_row(0, ev.scores)
         self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
@@ -259,6 +261,7 @@ class SequenceRunner:
                    "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
                    "resumed_from_step": res.resumed_from_step, "train_examples": n_examples}
             atomic_write_json(tmp / "eval.json", evj)
+            write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
             overhead = total - res.wall_s - ev.wall_s - calib_s
@@ -309,6 +312,10 @@ class SequenceRunner:
         summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
+        committed = committed_stages(run_dir)
+        stage_docs = DOCS.read_stage_documents(committed)
+        if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
+            write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
         atomic_write_json(run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()})
         from harness.report.figures import matrix_heatmap
 
@@ -321,8 +328,9 @@ class SequenceRunner:
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
         }
         self.tracker.log_metrics(self.parent_id, {**summ, **counts})
-        for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml"):
-            self.tracker.log_artifact(self.parent_id, run_dir / name)
+        for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", DOCS.DOCUMENTS_FILE):
+            if (run_dir / name).exists():
+                self.tracker.log_artifact(self.parent_id, run_dir / name)
         self.tracker.log_json(self.parent_id, summary, "summary.json")
         atomic_write_json(run_dir / "summary.json", summary)
         say(done_line(spec.label, summary))

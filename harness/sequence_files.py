@@ -4,18 +4,21 @@
     <sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
     <sequence>/.lock         held while a process works on the folder (harness/locking.py)
     <sequence>/checkpoint/   the stage in progress (harness/checkpoint.py), removed on commit
-    <sequence>/stages/0-base/eval.json
+    <sequence>/stages/0-base/eval.json, documents.json
     <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
-                             replay.json (replay), eval.json, train.json, stage.json (written last;
+                             replay.json (replay), eval.json, documents.json (each document's score,
+                             harness/analysis/documents.py), train.json, stage.json (written last;
                              the folder appears by atomic rename; under a launcher it also records
                              world_size, distributed, state_hash, rank0_trainable_elements)
-    <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png
+    <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png,
+                documents.json (every stage's per-document scores, gathered)
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import shutil
 import subprocess
@@ -118,6 +121,11 @@ def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
         "tasks": tasks, "stages": list(range(R.shape[0])),
         "R": [[None if math.isnan(v) else float(v) for v in row] for row in R],
     })
+
+
+def write_documents(path: Path, content: dict) -> None:
+    """A documents.json (harness/analysis/documents.py), compact: one line, 0/1 scores as integers."""
+    atomic_write_text(path, json.dumps(content, separators=(",", ":")) + "\n")
 
 
 def _signed(v) -> str:

@@ -69,6 +69,27 @@ def test_run_folder_layout_and_matrix(smoke_run):
     assert s_lori["trainable_params_effective"] < 0.1 * s_lora["trainable_params_effective"]
 
 
+def test_per_document_files_recompute_every_cell_exactly(smoke_run):
+    from harness.analysis.documents import check_documents, matrix_from_documents
+
+    for method in ("lori-s", "lora"):
+        d = smoke_run / "smoke-e2e" / method / "seed-0"
+        matrix = json.loads((d / "matrix.json").read_text())
+        R = MX.as_matrix(matrix["R"])
+        for stage in (d / "stages").iterdir():  # every stage folder holds its own, committed with it
+            content = json.loads((stage / "documents.json").read_text())
+            assert set(content["tasks"]) == set(json.loads((stage / "eval.json").read_text())["scores"])
+        docs = json.loads((d / "documents.json").read_text())
+        assert docs["tasks"] == matrix["tasks"]
+        for task in docs["tasks"]:
+            entry = docs["documents"][task]
+            assert len(entry["doc_ids"]) == 32 and all(set(row) <= {0, 1} for row in entry["scores"])
+        assert check_documents(docs, R) == []
+        got = matrix_from_documents(docs)
+        assert (got == R).all()  # exactly, not approximately
+    assert check_documents(docs, R + np.eye(*R.shape) * 1e-9)  # a cell that differs is found
+
+
 def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -105,7 +126,8 @@ def test_mlflow_holds_parents_children_metrics_and_artifacts(smoke_run):
         assert sorted(int(ch.data.tags["harness.stage"]) for ch in children) == [1, 2, 3]
         assert all(ch.info.status == "FINISHED" and "train_tok_s" in ch.data.metrics for ch in children)
         names = {a.path for a in c.list_artifacts(p.info.run_id)}
-        assert {"matrix.csv", "matrix.json", "matrix_heatmap.png", "summary.json", "config.yaml", "diagnostics.json"} <= names
+        assert {"matrix.csv", "matrix.json", "matrix_heatmap.png", "summary.json", "config.yaml", "diagnostics.json",
+                "documents.json"} <= names
 
 
 def test_rerun_skips_finished_sequences(smoke_run, capsys):
