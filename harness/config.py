@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.metrics import LEARN_MARGIN
 from harness.methods import METHODS
 from harness.methods.inclora import OLoRAKnobs
 from harness.methods.replay import ReplayKnobs
@@ -188,6 +189,11 @@ class ExperimentConfig(BaseModel):
         False, description="Evaluate with the adapters folded into the base weights (restored exactly afterwards) instead of through PEFT."
     )
     eval_bf16: bool = Field(False, description="On CPU: evaluate under bf16 autocast (README: measured speed and agreement).")
+    learn_margin: float = Field(
+        LEARN_MARGIN, ge=0, le=1, description="A task counts as learned when its score right after its own stage beats the base model's "
+        "by at least this much; otherwise the console, summary.json and the report flag it, so a training failure is not read "
+        "as forgetting."
+    )
 
     @field_validator("targets")
     @classmethod

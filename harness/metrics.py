@@ -25,6 +25,9 @@ training (the base model, "stage 0").
 - LA   = (1/T) Σ_j R[j, j]      learning accuracy (Riemer et al. 2019): how well each task was learned at
   its own stage; a task whose R[j, j] does not clear b_j by the margin learn_margin is flagged as not learned"""
 
+# A task is learned when R[j, j] - b_j >= this (the config knob learn_margin's default; folders that predate it use it).
+LEARN_MARGIN = 0.05
+
 LIBRARY_NOTE = (
     "Popular continual-learning libraries define these differently: Avalanche's forgetting uses the "
     "first score instead of the max, Mammoth includes the last row in the max, and some repositories "

@@ -33,7 +33,8 @@ from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.planning import SequenceSpec, stage_budget, task_examples
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line,
-                                    finished_stages, git_commit, stage_line, write_documents, write_matrix_files)
+                                    finished_stages, git_commit, learn_check, stage_line, write_documents,
+                                    write_matrix_files)
 from harness.train import Recipe, train_method
 
 
@@ -88,6 +89,10 @@ class SequenceRunner:
 
     def budget(self, tasks: list[str], lr_method: str | None = None) -> dict[str, Any]:
         return stage_budget(self.cfg, self.suite, tasks, lr_method or self.spec.method, self.spec.seed)
+
+    def base_scores(self) -> dict[str, float]:
+        """task -> the base model's score (stage 0; NaN where it was not evaluated)."""
+        return {task: float(self.R[0, j]) for j, task in enumerate(self.spec.tasks)}
 
     def fill_row(self, stage: int, scores: dict[str, float]) -> None:
         for task, v in scores.items():
@@ -269,7 +274,8 @@ class SequenceRunner:
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
-                "mlflow_run_id": self.child_id, **method.param_counts(), **stats}
+                "mlflow_run_id": self.child_id, **method.param_counts(), **stats,
+                "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin)}
             atomic_write_json(tmp / STAGE_MARKER, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
@@ -310,6 +316,7 @@ class SequenceRunner:
             return D.broadcast_object(None)
         spec, run_dir = self.spec, self.run_dir
         summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
+        learned = self._learned()
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
         committed = committed_stages(run_dir)
@@ -324,10 +331,11 @@ class SequenceRunner:
             "method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "tasks": spec.tasks,
             "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
+            "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
         }
-        self.tracker.log_metrics(self.parent_id, {**summ, **counts})
+        self.tracker.log_metrics(self.parent_id, {**summ, **counts, **({"LA": learned["LA"]} if learned["LA"] is not None else {})})
         for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", DOCS.DOCUMENTS_FILE):
             if (run_dir / name).exists():
                 self.tracker.log_artifact(self.parent_id, run_dir / name)
@@ -335,6 +343,16 @@ class SequenceRunner:
         atomic_write_json(run_dir / "summary.json", summary)
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
+
+    def _learned(self) -> dict[str, Any]:
+        """LA and the tasks whose own-stage score did not clear the base score by learn_margin (None: not judged).
+
+        A reference run (one stage, every task at once) has no per-task own stage: not judged here (its stage.json is)."""
+        if self.method_cls.reference:
+            return {"LA": None, "not_learned": None}
+        flagged = MX.not_learned(self.R, self.cfg.learn_margin)
+        return {"LA": MX.learning_accuracy(self.R),
+                "not_learned": None if flagged is None else [self.spec.tasks[j] for j in flagged]}
 
 
 def install_signal_handlers() -> None:

@@ -35,6 +35,7 @@ from harness.io import atomic_write_json, atomic_write_text
 STAGE_MARKER = "stage.json"
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
+                "learn_margin",
                 "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
                 "merge_pairs"} | LAUNCH_KEYS
 
@@ -144,10 +145,31 @@ def stage_line(label: str, n_stages: int, info: dict, ev: dict, tr: dict | None 
     other = f" other {info['overhead_s']:.1f}s ({100 * info['overhead_frac']:.1f}%)" if "overhead_s" in info else ""
     return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
             f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
-            f"{other} | {scores}")
+            f"{other} | {scores}{not_learned_note(info.get('learn_check'))}")
+
+
+def learn_check(tasks: list[str], scores: dict[str, float], base: dict[str, float], margin: float) -> dict:
+    """stage.json's "learn_check": which of the stage's own tasks did not beat the base model by margin.
+
+    A task without a base score (eval_schedule diagonal_final evaluates no base row) is not judged."""
+    flagged = [{"task": t, "score": scores[t], "base": base[t]} for t in tasks
+               if t in scores and base.get(t) is not None and not math.isnan(base[t]) and scores[t] - base[t] < margin]
+    return {"margin": margin, "judged": [t for t in tasks if t in scores and base.get(t) is not None and not math.isnan(base[t])],
+            "not_learned": flagged}
+
+
+def not_learned_note(check: dict | None) -> str:
+    """The console's flag for tasks a stage did not learn (empty when all were learned or none was judged)."""
+    if not check or not check.get("not_learned"):
+        return ""
+    items = ", ".join(f"{f['task']} {f['score']:.2f} (base {f['base']:.2f})" for f in check["not_learned"])
+    return f" | NOT LEARNED (own-stage score under base + {check['margin']:g}; a training failure, not forgetting): {items}"
 
 
 def done_line(label: str, summary: dict) -> str:
     """The line a finished sequence gets, from its summary.json contents."""
+    flagged = summary.get("not_learned") or []
     return (f"[{label}] done: ACC {_signed(summary.get('acc'))} BWT {_signed(summary.get('bwt'))} FWT {_signed(summary.get('fwt'))} "
-            f"forgetting {_signed(summary.get('forgetting'))}  trainable {summary.get('trainable_params_effective', 0):,}")
+            f"forgetting {_signed(summary.get('forgetting'))} LA {_signed(summary.get('la'))}  "
+            f"trainable {summary.get('trainable_params_effective', 0):,}"
+            + (f"  NOT LEARNED: {', '.join(flagged)}" if flagged else ""))

@@ -209,3 +209,30 @@ def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
             assert (B[k][:, t * r:(t + 1) * r][~v] == 0).all()
     diag = json.loads((d / "diagnostics.json").read_text())
     assert diag["subspace_overlap"]["matrix"][0][1] < diag["subspace_overlap"]["matrix"][0][0]
+
+
+@pytest.mark.slow
+def test_a_stage_that_does_not_train_is_flagged_as_not_learned(tmp_path, monkeypatch, capsys):
+    import harness.scheduler as S
+    from harness.train import TrainResult
+
+    real = S.train_method
+
+    def zero_steps_at_stage_1(method, *a, stage, **kw):
+        return TrainResult(steps=0, tokens=0, wall_s=0.0) if stage == 1 else real(method, *a, stage=stage, **kw)
+
+    monkeypatch.setattr(S, "train_method", zero_steps_at_stage_1)
+    assert run_cli("--methods", "lora", "--max-steps", "2", "--results-dir", str(tmp_path), "--experiment", "untrained",
+                   "--no-report") == 0
+    d = tmp_path / "untrained" / "lora" / "seed-0"
+    first = json.loads((d / "summary.json").read_text())["tasks"][0]
+    stage1 = next(p for p in (d / "stages").iterdir() if p.name.startswith("1-"))
+    check = json.loads((stage1 / "stage.json").read_text())["learn_check"]
+    assert check["margin"] == 0.05 and [f["task"] for f in check["not_learned"]] == [first]
+    assert check["not_learned"][0]["score"] == check["not_learned"][0]["base"]  # B = 0: the base model, exactly
+    summary = json.loads((d / "summary.json").read_text())
+    assert first in summary["not_learned"] and summary["learn_margin"] == 0.05
+    _, R = read_matrix(d / "matrix.csv")
+    assert summary["la"] == pytest.approx(MX.learning_accuracy(R), abs=1e-6)
+    err = capsys.readouterr().err
+    assert f"NOT LEARNED (own-stage score under base + 0.05; a training failure, not forgetting): {first}" in err
