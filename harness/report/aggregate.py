@@ -189,6 +189,7 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
              "seeds": " ".join(r["seeds"]), "orders": " ".join(r["orders"])}
         for m in METRICS:
             d[f"{m}_mean"], d[f"{m}_std"], d[f"{m}_n"] = r[m]["mean"], r[m]["std"], r[m]["n"]
+            d[f"{m}_ci_low"], d[f"{m}_ci_high"] = r[m].get("ci_low"), r[m].get("ci_high")
         for p in (*PARAM_KEYS, "effective_fraction_of_lora"):
             d[p] = r[p]
         d["reference"] = r["reference"]

@@ -17,8 +17,11 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
+from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
 from harness.report.aggregate import MethodMatrix
+from harness.report.intervals import (PAIRED_HEADERS, STATISTICS_NOTE, fmt_metric, not_learned_sentences,
+                                      paired_table_rows)
 from harness.report.merge_store import MergeRun
 from harness.report.merging import DROP, NORM, MergingSummary
 from harness.report.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
@@ -57,6 +60,7 @@ class PageData:
     sensitivity: tuple[list[str], list[list[str]], int] | None = None  # a grid: (headers, rows per method x variant, text columns)
     variant_verdicts: list[str] = field(default_factory=list)  # a grid: the methods compared within each variant
     recipe_verdict: str | None = None  # a grid: whether those verdicts agree across variants
+    paired: list[dict] = field(default_factory=list)  # comparison.json's paired_comparisons (the verdicts' evidence)
 
 
 def _escape(value):
@@ -138,7 +142,7 @@ def _metric_cell(value: str, metric: str, reference: bool) -> str:
 def _metric_row(r: dict) -> list:
     ref = r["reference"]
     return [_method_cell(r["method"], ref), r["n_runs"]] + [
-        _metric_cell(fmt_pm(r[m]["mean"], r[m]["std"]), m, ref) for m in METRICS]
+        _metric_cell(fmt_metric(r, m), m, ref) for m in METRICS]
 
 
 def _reference_notes(rows: list[dict]) -> list[str]:
@@ -202,6 +206,10 @@ def _sequence_context(d: PageData) -> dict:
         "knob_rows": [[display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—"
                                            for k in _KNOBS] for m in d.by_method],
         "verdicts": [d.verdicts[m] for m in METRICS],
+        "paired_headers": PAIRED_HEADERS,
+        "paired_rows": paired_table_rows(d.paired),
+        "statistics_note": STATISTICS_NOTE.format(n=N_BOOT),
+        "not_learned": not_learned_sentences(d.runs),
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
         "metric_rows": [_metric_row(r) for r in d.rows],
         "reference_notes": _reference_notes(d.rows),
