@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test run-sequence merge ablation report dashboard bench tracking-server clean-venv
+.PHONY: setup test run-sequence merge ablation all-methods report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -54,6 +54,19 @@ ablation: $(STAMP)
 	done; \
 	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
 	tail -n 3 $(RESULTS)/ablation-*.log; exit $$status
+
+# The all-methods table over 3 seeds at today's defaults, on both CPU suites (full evaluation: FWT, forgetting, the
+# general-text cross-entropy after every stage); run side by side like the ablation; reports and intervals in
+# results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it.
+ALL_METHODS ?= lori-s,lora,inclora,olora,replay,mtl
+all-methods: $(STAMP)
+	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in default mc4; do \
+	  taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds 0,1,2 \
+	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-progress $(ARGS) \
+	    > $(RESULTS)/all-methods-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
+	done; \
+	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
+	tail -n 3 $(RESULTS)/all-methods-*.log; exit $$status
 
 report: $(STAMP)
 	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)

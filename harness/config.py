@@ -194,6 +194,11 @@ class ExperimentConfig(BaseModel):
         "by at least this much; otherwise the console, summary.json and the report flag it, so a training failure is not read "
         "as forgetting."
     )
+    general_ce_tokens: int = Field(
+        1024, ge=0, description="Tokens of a fixed general English text (harness/assets/general_text.txt) whose mean "
+        "cross-entropy is measured for the base model and after every stage: general-ability forgetting (general_ce, "
+        "general_ce_rise in summary.json and MLflow); 0 = off."
+    )
 
     @field_validator("targets")
     @classmethod

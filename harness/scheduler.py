@@ -28,6 +28,7 @@ from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
+from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
@@ -64,6 +65,7 @@ class SequenceRunner:
         self.recipe = Recipe.from_config(cfg)
         self.run_dir = spec.run_dir
         self.stage_wall: dict[int, float] = {}
+        self.general_ce: dict[int, float | None] = {}  # stage -> cross-entropy on the general text
         self.parent_id: str | None = None  # rank 0's MLflow runs (other ranks never log)
         self.child_id: str | None = None
 
@@ -178,6 +180,9 @@ class SequenceRunner:
             self.fill_row(t, scores)
             for task, v in scores.items():
                 self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, t)
+            self.general_ce[t] = read_json(d / "eval.json").get("general_ce")
+            if self.general_ce[t] is not None:
+                self.tracker.log_metric_once(self.parent_id, "general_ce", self.general_ce[t], t)
             self.stage_wall[t] = info.get("wall_s", float("nan"))
             if info.get("mlflow_run_id"):
                 child_ids.add(info["mlflow_run_id"])
@@ -195,14 +200,19 @@ class SequenceRunner:
         if key not in self.base_cache:
             self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast)
         ev = self.base_cache[key]
-        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
+        if "general_ce" not in self.base_cache:
+            self.base_cache["general_ce"] = general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)
+        self.general_ce[0] = self.base_cache["general_ce"]
+        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
+               "general_ce": self.general_ce[0]}
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(0, ev.documents or {}))
             atomic_write_json(tmp / STAGE_MARKER, info)
         self.fill_row(0, ev.scores)
-        self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
+        self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}
+                                 | ({"general_ce": self.general_ce[0]} if self.general_ce[0] is not None else {}), step=0)
         self.stage_wall[0] = time.perf_counter() - t0
         say(stage_line(self.spec.label, len(self.plan), info, evj))
 
@@ -257,11 +267,15 @@ class SequenceRunner:
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         faults.pause("eval", self.run_dir, t)
         ev = self.evaluator.evaluate(method.model, self.eval_tasks(t), bf16_autocast=cfg.bf16_autocast)
+        t_ce = time.perf_counter()
+        self.general_ce[t] = general_ce(method.model, self.tokenizer, cfg.general_ce_tokens)
+        ce_s = time.perf_counter() - t_ce
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
         t_save = time.perf_counter()
         with atomic_dir(stage_dir) as tmp:
             method.save_stage(tmp)
-            evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
+            evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
+                   "general_ce": self.general_ce[t], "general_ce_s": ce_s}
             trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
                    "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
                    "resumed_from_step": res.resumed_from_step, "train_examples": n_examples}
@@ -269,13 +283,14 @@ class SequenceRunner:
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
-            overhead = total - res.wall_s - ev.wall_s - calib_s
+            overhead = total - res.wall_s - ev.wall_s - calib_s - ce_s
             info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
                 "mlflow_run_id": self.child_id, **method.param_counts(), **stats,
-                "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin)}
+                "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
+                **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {})}
             atomic_write_json(tmp / STAGE_MARKER, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
@@ -299,7 +314,8 @@ class SequenceRunner:
             self.tracker.log_metrics(child_id, stage_metrics)
             faults.pause("mlflow", self.run_dir, t)
             self.tracker.log_metrics(child_id, evals)
-            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}, step=t)
+            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}
+                                     | ({"general_ce": ev["general_ce"]} if ev.get("general_ce") is not None else {}), step=t)
         else:
             self.tracker.log_series_once(child_id, "train/loss", tr["losses"])
             self.tracker.mirror_metrics(child_id, {**stage_metrics, **evals})  # acc/<task>: _replay_committed
@@ -332,10 +348,12 @@ class SequenceRunner:
             "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
+            **self._general_ce_summary(),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
         }
-        self.tracker.log_metrics(self.parent_id, {**summ, **counts, **({"LA": learned["LA"]} if learned["LA"] is not None else {})})
+        extra = {"LA": learned["LA"], "general_ce_rise": summary["general_ce_rise"]}
+        self.tracker.log_metrics(self.parent_id, {**summ, **counts, **{k: v for k, v in extra.items() if v is not None}})
         for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", DOCS.DOCUMENTS_FILE):
             if (run_dir / name).exists():
                 self.tracker.log_artifact(self.parent_id, run_dir / name)
@@ -343,6 +361,13 @@ class SequenceRunner:
         atomic_write_json(run_dir / "summary.json", summary)
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
+
+    def _general_ce_summary(self) -> dict[str, Any]:
+        """summary.json's general-ability forgetting: CE per stage, the base model's, its rise after the last stage."""
+        per_stage = [self.general_ce.get(t) for t in range(len(self.plan) + 1)]
+        base, last = per_stage[0], per_stage[-1]
+        return {"general_ce": per_stage, "general_ce_base": base,
+                "general_ce_rise": last - base if base is not None and last is not None else None}
 
     def _learned(self) -> dict[str, Any]:
         """LA and the tasks whose own-stage score did not clear the base score by learn_margin (None: not judged).

@@ -90,6 +90,23 @@ def test_per_document_files_recompute_every_cell_exactly(smoke_run):
     assert check_documents(docs, R + np.eye(*R.shape) * 1e-9)  # a cell that differs is found
 
 
+def test_general_text_cross_entropy_after_every_stage_in_summary_mlflow_and_report(smoke_run):
+    c = mlflow_client(smoke_run)
+    exp = c.get_experiment_by_name("smoke-e2e")
+    for p in c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'"):
+        d = Path(p.data.tags["harness.run_dir"])
+        s = json.loads((d / "summary.json").read_text())
+        assert len(s["general_ce"]) == 4 and all(v > 0 for v in s["general_ce"])
+        assert s["general_ce_base"] == s["general_ce"][0]
+        assert s["general_ce_rise"] == pytest.approx(s["general_ce"][-1] - s["general_ce"][0])
+        history = {m.step: m.value for m in c.get_metric_history(p.info.run_id, "general_ce")}
+        assert history == {t: pytest.approx(v) for t, v in enumerate(s["general_ce"])}
+        assert p.data.metrics["general_ce_rise"] == pytest.approx(s["general_ce_rise"])
+    comp = json.loads((smoke_run / "smoke-e2e" / "report" / "comparison.json").read_text())
+    assert all(r["general_ce_rise"]["n"] == 1 for r in comp["methods"])
+    assert (smoke_run / "smoke-e2e" / "report" / "general_ce.png").exists()
+
+
 def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -222,7 +239,8 @@ def test_a_stage_that_does_not_train_is_flagged_as_not_learned(tmp_path, monkeyp
         return TrainResult(steps=0, tokens=0, wall_s=0.0) if stage == 1 else real(method, *a, stage=stage, **kw)
 
     monkeypatch.setattr(S, "train_method", zero_steps_at_stage_1)
-    assert run_cli("--methods", "lora", "--max-steps", "2", "--results-dir", str(tmp_path), "--experiment", "untrained",
+    assert run_cli("--methods", "lora", "--tasks", "parity,weather", "--max-steps", "2", "--results-dir", str(tmp_path),
+                   "--experiment", "untrained",
                    "--no-report") == 0
     d = tmp_path / "untrained" / "lora" / "seed-0"
     first = json.loads((d / "summary.json").read_text())["tasks"][0]

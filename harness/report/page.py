@@ -19,6 +19,7 @@ from markupsafe import Markup, escape
 
 from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
+from harness.report import general
 from harness.report.aggregate import MethodMatrix
 from harness.report.intervals import (PAIRED_HEADERS, STATISTICS_NOTE, fmt_metric, not_learned_sentences,
                                       paired_table_rows)
@@ -210,6 +211,8 @@ def _sequence_context(d: PageData) -> dict:
         "paired_rows": paired_table_rows(d.paired),
         "statistics_note": STATISTICS_NOTE.format(n=N_BOOT),
         "not_learned": not_learned_sentences(d.runs),
+        "general_headers": general.HEADERS,
+        "general_rows": general.rows(d.by_method),
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
         "metric_rows": [_metric_row(r) for r in d.rows],
         "reference_notes": _reference_notes(d.rows),

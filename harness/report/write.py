@@ -16,7 +16,8 @@ from pathlib import Path
 from harness.analysis.statistics import LEVEL, N_BOOT, SEED
 from harness.io import atomic_write_bytes, atomic_write_text
 from harness.report.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
-from harness.report.figures import report_figures
+from harness.report import general
+from harness.report.figures import _method_colors, report_figures
 from harness.report.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, not_learned_notes, paired_verdicts,
                                       units_by_method)
 from harness.report.merge_figures import merge_figures
@@ -169,6 +170,9 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
 
     figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) if runs else {}
     figures.update(merge_figures(merging) if merging else {})
+    ce_png = general.figure(general.curves(by_method), _method_colors(methods))
+    if ce_png:
+        figures["general_ce.png"] = ce_png
     sens_png = sensitivity_figure(vrows) if vrows else None
     if sens_png:
         figures["sensitivity.png"] = sens_png
