@@ -28,6 +28,7 @@ from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
+from harness.evaluate import Evaluator
 from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
@@ -349,10 +350,13 @@ class SequenceRunner:
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
             **self._general_ce_summary(),
+            "validation": self._validation(method),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
         }
-        extra = {"LA": learned["LA"], "general_ce_rise": summary["general_ce_rise"]}
+        val = summary["validation"] or {}
+        extra = {"LA": learned["LA"], "general_ce_rise": summary["general_ce_rise"], "val_ACC": val.get("acc"),
+                 **{f"val/{t}": v for t, v in (val.get("scores") or {}).items()}}
         self.tracker.log_metrics(self.parent_id, {**summ, **counts, **{k: v for k, v in extra.items() if v is not None}})
         for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", DOCS.DOCUMENTS_FILE):
             if (run_dir / name).exists():
@@ -361,6 +365,20 @@ class SequenceRunner:
         atomic_write_json(run_dir / "summary.json", summary)
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
+
+    def _validation(self, method) -> dict[str, Any] | None:
+        """The final model on the validation split of each task that has one (None: no task has one).
+
+        ACC on the validation split (their mean) is what grid selection reads, so the test split never chooses."""
+        configs = self.suite.lm_eval_validation_configs()
+        tasks = [t for t in self.spec.tasks if t in configs]
+        if not tasks:
+            return None
+        ev = Evaluator.from_config(self.suite, self.tokenizer, self.cfg, progress=self.progress)
+        ev.configs, ev.limit = configs, None  # the validation documents, all of them
+        res = ev.evaluate(method.model, tasks, bf16_autocast=self.cfg.bf16_autocast)
+        return {"tasks": tasks, "scores": res.scores, "acc": sum(res.scores.values()) / len(tasks),
+                "complete": len(tasks) == len(self.spec.tasks)}
 
     def _general_ce_summary(self) -> dict[str, Any]:
         """summary.json's general-ability forgetting: CE per stage, the base model's, its rise after the last stage."""

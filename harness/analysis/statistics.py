@@ -89,10 +89,7 @@ def has_documents(units: list[Unit]) -> bool:
 
 def document_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     """(n_boot, n): how often each of n documents is drawn in each replicate, divided by n (rows sum to 1)."""
-    idx = rng.integers(0, n, size=(n_boot, n))
-    W = np.zeros((n_boot, n))
-    np.add.at(W, (np.arange(n_boot)[:, None], idx), 1.0)
-    return W / n
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # n draws with replacement, as counts
 
 
 def document_draws(rng: np.random.Generator, units: list[Unit], n_boot: int) -> dict[str, np.ndarray]:

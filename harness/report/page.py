@@ -62,6 +62,7 @@ class PageData:
     variant_verdicts: list[str] = field(default_factory=list)  # a grid: the methods compared within each variant
     recipe_verdict: str | None = None  # a grid: whether those verdicts agree across variants
     paired: list[dict] = field(default_factory=list)  # comparison.json's paired_comparisons (the verdicts' evidence)
+    selection_criterion: str = SELECTION_CRITERION  # a grid: how each method's variant was chosen, and on which split
 
 
 def _escape(value):
@@ -194,7 +195,7 @@ def _context(d: PageData) -> dict:
         "sensitivity": d.sensitivity,
         "variant_verdicts": d.variant_verdicts,
         "recipe_verdict": d.recipe_verdict,
-        "selection_criterion": SELECTION_CRITERION,
+        "selection_criterion": d.selection_criterion,
     }
     return {**common, **(_sequence_context(d) if d.runs else {})}
 

@@ -25,7 +25,7 @@ from harness.report.merging import MergingSummary, merging_json, merging_rows, s
 from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
-from harness.report.sensitivity import select_variants, sensitivity_figure, sensitivity_table
+from harness.report.sensitivity import SELECTION_CRITERION, select_variants, sensitivity_figure, sensitivity_table
 from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
 from harness.tracking import default_tracking_uri
 
@@ -184,7 +184,8 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
                     mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
                     sensitivity_table(vrows, chosen) if vrows else None,
-                    grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired)
+                    grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired,
+                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index
