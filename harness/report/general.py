@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from harness.report.aggregate import mean_std_n
+from harness.report.figures import _new_figure, _png_bytes
 from harness.report.naming import display_name
 from harness.report.numbers import finite, fmt, fmt_pm
 from harness.report.store import SequenceRun
@@ -57,8 +58,6 @@ def rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
 
 def figure(cs: dict[str, tuple[np.ndarray, np.ndarray]], colors) -> bytes | None:
     """general_ce.png: one line per method over stages (0 = base model), error bars = std over seeds."""
-    from harness.report.figures import _new_figure, _png_bytes
-
     if not cs:
         return None
     fig = _new_figure(6.5, 3.6)
