@@ -167,6 +167,11 @@ class ExperimentConfig(BaseModel):
         "per_task", description="LoRI's frozen A when merging: a seed per task, or one A shared by every task (linear is then free of cross terms)."
     )
     merge_pairs: bool = Field(False, description="Also merge every pair of tasks (interference matrix).")
+    merge_weight_grid: list[float] | None = Field(
+        None, description="Candidate weights (one value for every adapter, e.g. 0.25,0.5,0.75,1): each method, seed and "
+        "combination is merged at the candidate with the best mean score on the suite's validation split (every task "
+        "needs one), so methods are compared at tuned weights; overrides merge_weights."
+    )
 
     # --- method knobs (one section per method that has knobs) -------------------------------
     olora: OLoRAKnobs = Field(default_factory=OLoRAKnobs, description="O-LoRA knobs (method olora).")

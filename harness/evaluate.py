@@ -176,3 +176,14 @@ def predictions(samples: list[dict], kind: str) -> list[dict]:
         else:
             out.append({"doc_id": s["doc_id"], "pred": s["filtered_resps"][0]})
     return out
+
+
+def validation_evaluator(suite, tokenizer, cfg, *, progress: bool = True) -> Evaluator | None:
+    """An evaluator whose documents are each task's validation split (suite.yaml `validation:`), all of them; None
+    when no task has one. Its results are those tasks' scores on held-out training records, never test documents."""
+    configs = suite.lm_eval_validation_configs()
+    if not configs:
+        return None
+    ev = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
+    ev.configs, ev.limit = configs, None
+    return ev

@@ -28,7 +28,7 @@ from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
-from harness.evaluate import Evaluator
+from harness.evaluate import validation_evaluator
 from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
@@ -370,12 +370,10 @@ class SequenceRunner:
         """The final model on the validation split of each task that has one (None: no task has one).
 
         ACC on the validation split (their mean) is what grid selection reads, so the test split never chooses."""
-        configs = self.suite.lm_eval_validation_configs()
-        tasks = [t for t in self.spec.tasks if t in configs]
+        ev = validation_evaluator(self.suite, self.tokenizer, self.cfg, progress=self.progress)
+        tasks = [t for t in self.spec.tasks if ev is not None and t in ev.configs]
         if not tasks:
             return None
-        ev = Evaluator.from_config(self.suite, self.tokenizer, self.cfg, progress=self.progress)
-        ev.configs, ev.limit = configs, None  # the validation documents, all of them
         res = ev.evaluate(method.model, tasks, bf16_autocast=self.cfg.bf16_autocast)
         return {"tasks": tasks, "scores": res.scores, "acc": sum(res.scores.values()) / len(tasks),
                 "complete": len(tasks) == len(self.spec.tasks)}

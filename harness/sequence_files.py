@@ -37,7 +37,7 @@ STAGE_MARKER = "stage.json"
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
                 "learn_margin",
                 "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
-                "merge_pairs"} | LAUNCH_KEYS
+                "merge_pairs", "merge_weight_grid"} | LAUNCH_KEYS
 
 
 def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:

@@ -75,3 +75,28 @@ def test_grid_selection_uses_the_validation_split_and_says_so(tmp_path):
     best = max(comp["variants"], key=lambda v: v["validation_ACC"]["mean"])
     assert comp["selection"]["chosen"]["lora"] == best["variant"]
     assert "The test split did not choose" in (results / "val" / "report" / "index.html").read_text()
+
+
+def test_a_merge_weight_grid_without_validation_splits_is_refused_before_anything_is_written(tmp_path, capsys):
+    code = main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--seeds", "0", "--no-progress",
+                 "--merge-weight-grid", "0.5,1", "--results-dir", str(tmp_path / "r")])
+    assert code == 2 and "validation split on every merged task" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("summary.json"))
+
+
+@pytest.mark.slow
+def test_merge_weights_are_chosen_on_the_validation_split(tmp_path):
+    suite = smoke_with_validation(tmp_path, 8)
+    results = tmp_path / "results"
+    assert main(["merge", "--suite", str(suite), "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--methods", "lora",
+                 "--tasks", "parity,weather", "--max-steps", "1", "--merge-methods", "cat", "--merge-weight-grid", "0.5,1,2",
+                 "--experiment", "mw", "--results-dir", str(results)]) == 0
+    row = json.loads(next(results.rglob("merged.json")).read_text())["rows"][0]
+    sel = row["weight_selection"]
+    assert sel["split"] == "validation" and [c["weight"] for c in sel["candidates"]] == [0.5, 1.0, 2.0]
+    best = max(sel["candidates"], key=lambda c: c["validation_score"])  # the first on a tie, as the protocol
+    assert sel["chosen"] == best["weight"] and row["weights"] == [best["weight"]] * 2
+    summary = json.loads(next(results.rglob("merge/lora/seed-0/summary.json")).read_text())
+    assert summary["merges"]["cat"]["weight_selection"]["chosen"] == sel["chosen"]
+    html = (results / "mw" / "report" / "index.html").read_text()
+    assert f"weight chosen on the validation split (per combination)</td><td class=\"l\">cat {sel['chosen']:g}" in html

@@ -249,6 +249,11 @@ def _by_method(runs: list[MergeRun], value) -> str:
     return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
 
 
+def _chosen_weights(r: MergeRun) -> str:
+    """merge_weight_grid: the weight each combination was merged at ("cat 0.5, linear 0.75"), empty without a grid."""
+    return ", ".join(f"{c} {e['chosen_weight']:g}" for c, e in r.merges.items() if e.get("chosen_weight") is not None)
+
+
 def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
     runs = ms.runs
 
@@ -264,6 +269,8 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["combinations", ", ".join(ms.combinations) or "—"],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
         ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
+        *([["weight chosen on the validation split (per combination)", _by_method(runs, _chosen_weights)]]
+          if any(_chosen_weights(r) for r in runs) else []),
         ["merge density (ties, dare)", vals(None, "merge_density")],
         ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
         ["model", vals("harness.model", "model")],
