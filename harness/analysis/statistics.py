@@ -18,7 +18,8 @@ docs/statistics.md describes the method for readers of the report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,8 @@ class Unit:
     scores: dict[str, np.ndarray] | None = None  # task -> (stages, documents); None without per-document files
     doc_ids: dict[str, list[int]] | None = None
     reference: bool = False
+    # resampled matrices per document draw (a report asks for them once per metric and comparison)
+    _resampled: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -92,20 +95,30 @@ def document_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarra
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # n draws with replacement, as counts
 
 
-def document_draws(rng: np.random.Generator, units: list[Unit], n_boot: int) -> dict[str, np.ndarray]:
+def document_draws(seed: int, units: list[Unit], n_boot: int) -> dict[str, np.ndarray]:
     """task -> document weights, one draw per task shared by every unit (tasks in sorted order: reproducible)."""
-    sizes = {t: len(ids) for t, ids in units[0].doc_ids.items()}
-    return {t: document_weights(rng, sizes[t], n_boot) for t in sorted(sizes)}
+    return _draws(seed, tuple(sorted((t, len(ids)) for t, ids in units[0].doc_ids.items())), n_boot)
+
+
+@functools.lru_cache(maxsize=8)
+def _draws(seed: int, sizes: tuple[tuple[str, int], ...], n_boot: int) -> dict[str, np.ndarray]:
+    """The draws are a function of (seed, task sizes, n_boot) alone: made once, shared by every estimate and comparison."""
+    rng = np.random.default_rng([seed, 0])
+    return {t: document_weights(rng, n, n_boot) for t, n in sizes}
 
 
 def resampled_matrices(unit: Unit, draws: dict[str, np.ndarray]) -> np.ndarray:
     """(n_boot, stages, T): the unit's matrix recomputed on each replicate's documents (NaN where not evaluated)."""
+    cached = unit._resampled.get(id(draws))
+    if cached is not None and cached[0] is draws:  # holding the draws keeps their id from being reused
+        return cached[1]
     n_boot = next(iter(draws.values())).shape[0]
     out = np.full((n_boot, unit.R.shape[0], len(unit.tasks)), np.nan)
     for j, task in enumerate(unit.tasks):
         A = unit.scores[task]  # (stages, documents); a row not evaluated is all NaN and stays NaN
         out[:, :, j] = draws[task] @ np.nan_to_num(A).T
         out[:, np.isnan(A).any(axis=1), j] = np.nan
+    unit._resampled[id(draws)] = (draws, out)
     return out
 
 
@@ -138,10 +151,9 @@ def _resampled_label(documents: bool, n_units: int) -> str:
 
 def _setup(units: list[Unit], n_units: int, n_boot: int, seed: int) -> tuple[dict | None, np.ndarray, bool]:
     """(document draws or None, seed draws (n_boot, n_units), whether documents are resampled)."""
-    rng = np.random.default_rng(seed)
     docs = has_documents(units)
-    draws = document_draws(rng, units, n_boot) if docs else None
-    return draws, rng.integers(0, n_units, size=(n_boot, n_units)), docs
+    draws = document_draws(seed, units, n_boot) if docs else None
+    return draws, np.random.default_rng([seed, 1]).integers(0, n_units, size=(n_boot, n_units)), docs
 
 
 def estimate(units: list[Unit], metric: str, *, n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> Estimate:
