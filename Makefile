@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test test-fast run-sequence merge ablation report dashboard bench tracking-server clean-venv
+.PHONY: setup test test-fast run-sequence merge ablation all-methods report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -41,9 +41,13 @@ test-fast: $(STAMP)
 run-sequence: $(STAMP)
 	$(BIN)/harness run --suite $(SUITE) --model $(MODEL) --methods $(METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
 
-# The LoRI paper's merging claim: one adapter per task, merged (cat, linear, ties), on the default suite.
+# The LoRI paper's merging claim: one adapter per task, merged (cat, linear, ties), on the default suite, each method
+# at the per-adapter weight of MERGE_WEIGHT_GRID that scores best on the validation split (MERGE_WEIGHT_GRID= for the
+# fixed merge_weights). The merge table over 3 seeds: make merge SEEDS=0,1,2.
+MERGE_WEIGHT_GRID ?= 0.25,0.5,0.75,1.0
 merge: $(STAMP)
-	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
+	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) \
+	  $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS)
 
 # The training-recipe ablation: recipe knobs x {lora, lori-s} x 3 seeds, one grid per suite (see README).
 # ACC and BWT need only R[t,t] and the final row: diagonal_final evaluation (2T-1 instead of T(T+1) evaluations).
@@ -58,6 +62,19 @@ ablation: $(STAMP)
 	done; \
 	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
 	tail -n 3 $(RESULTS)/ablation-*.log; exit $$status
+
+# The all-methods table over 3 seeds at today's defaults, on both CPU suites (full evaluation: FWT, forgetting, the
+# general-text cross-entropy after every stage); run side by side like the ablation; reports and intervals in
+# results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it.
+ALL_METHODS ?= lori-s,lora,inclora,olora,replay,mtl
+all-methods: $(STAMP)
+	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in default mc4; do \
+	  taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds 0,1,2 \
+	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-progress $(ARGS) \
+	    > $(RESULTS)/all-methods-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
+	done; \
+	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
+	tail -n 3 $(RESULTS)/all-methods-*.log; exit $$status
 
 report: $(STAMP)
 	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.metrics import LEARN_MARGIN
 from harness.methods import METHODS
 from harness.methods.inclora import OLoRAKnobs
 from harness.methods.replay import ReplayKnobs
@@ -178,6 +179,11 @@ class ExperimentConfig(BaseModel):
         "per_task", description="LoRI's frozen A when merging: a seed per task, or one A shared by every task (linear is then free of cross terms)."
     )
     merge_pairs: bool = Field(False, description="Also merge every pair of tasks (interference matrix).")
+    merge_weight_grid: list[float] | None = Field(
+        None, description="Candidate weights (one value for every adapter, e.g. 0.25,0.5,0.75,1): each method, seed and "
+        "combination is merged at the candidate with the best mean score on the suite's validation split (every task "
+        "needs one), so methods are compared at tuned weights; overrides merge_weights."
+    )
 
     # --- method knobs (one section per method that has knobs) -------------------------------
     olora: OLoRAKnobs = Field(default_factory=OLoRAKnobs, description="O-LoRA knobs (method olora).")
@@ -202,6 +208,16 @@ class ExperimentConfig(BaseModel):
         "evaluation), false on CPU."
     )
     eval_bf16: bool = Field(False, description="On CPU: evaluate under bf16 autocast (README: measured speed and agreement).")
+    learn_margin: float = Field(
+        LEARN_MARGIN, ge=0, le=1, description="A task counts as learned when its score right after its own stage beats the base model's "
+        "by at least this much; otherwise the console, summary.json and the report flag it, so a training failure is not read "
+        "as forgetting."
+    )
+    general_ce_tokens: int = Field(
+        1024, ge=0, description="Tokens of a fixed general English text (harness/assets/general_text.txt) whose mean "
+        "cross-entropy is measured for the base model and after every stage: general-ability forgetting (general_ce, "
+        "general_ce_rise in summary.json and MLflow); 0 = off."
+    )
 
     @field_validator("targets")
     @classmethod

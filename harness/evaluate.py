@@ -14,7 +14,9 @@ eval_merged folds the adapters the forward pass uses into the base weights for t
 (harness.merging.combine.folded: base weights untouched, LoRA layers out of the forward), so lm-eval
 runs at base-model speed; eval_bf16 (or the run's bf16_autocast) evaluates under CPU bf16 autocast.
 With log_samples, each task's per-document predictions come back too (the choice ranked first, or the
-generated text), so two ways of evaluating can be compared document by document.
+generated text), so two ways of evaluating can be compared document by document. Every evaluation returns
+each document's score on the primary metric (`documents`; harness.analysis.documents): lm-eval keeps its
+per-sample output for that, which costs nothing measurable beside the forward passes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from harness.analysis.documents import sample_scores
 from harness.precision import autocast_dtype, exact_matmuls
 from harness.seeding import stable_seed
 
@@ -46,6 +49,8 @@ class EvalResult:
     n_examples: dict[str, int]
     # task -> [{"doc_id", "pred", "loglikelihoods" (multiple choice only)}], only with log_samples
     samples: dict[str, list[dict]] | None = None
+    # task -> {"metric", "doc_ids", "scores"}: each document's score on the primary metric (always)
+    documents: dict[str, dict] | None = None
 
 
 class Evaluator:
@@ -102,8 +107,8 @@ class Evaluator:
 
             fold = folded(model)
         with exact_matmuls(), fold:
-            results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, log_samples)
-        scores, raw, n, preds = {}, {}, {}, ({} if log_samples else None)
+            results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, True)  # per-document scores
+        scores, raw, n, preds, docs = {}, {}, {}, ({} if log_samples else None), {}
         for t in tasks:
             spec = self.suite.task(t)
             name = self.configs[t]["task"]
@@ -117,7 +122,8 @@ class Evaluator:
             n[t] = int(n_samples.get(name, {}).get("effective", 0))
             if log_samples:
                 preds[t] = predictions(samples[name], spec.kind)
-        return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds)
+            docs[t] = sample_scores(samples[name], metric_key)
+        return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds, documents=docs)
 
     def check_fold(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False) -> dict[str, float]:
         """Answer FOLD_CHECK_DOCS documents per task folded and through PEFT; warn (stderr) where they differ.
@@ -200,3 +206,14 @@ def predictions(samples: list[dict], kind: str) -> list[dict]:
         else:
             out.append({"doc_id": s["doc_id"], "pred": s["filtered_resps"][0]})
     return out
+
+
+def validation_evaluator(suite, tokenizer, cfg, *, progress: bool = True) -> Evaluator | None:
+    """An evaluator whose documents are each task's validation split (suite.yaml `validation:`), all of them; None
+    when no task has one. Its results are those tasks' scores on held-out training records, never test documents."""
+    configs = suite.lm_eval_validation_configs()
+    if not configs:
+        return None
+    ev = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
+    ev.configs, ev.limit = configs, None
+    return ev

@@ -21,7 +21,12 @@ training (the base model, "stage 0").
 - BWT  = (1/(T-1)) Σ_{j<T} (R[T, j] - R[j, j])                       (Lopez-Paz & Ranzato 2017)
 - FWT  = (1/(T-1)) Σ_{j>=2} (R[j-1, j] - b_j)    needs future tasks evaluated one stage early
 - Forgetting F = (1/(T-1)) Σ_{j<T} max_{l in 1..T-1} (R[l, j] - R[T, j])   (Chaudhry et al. 2018;
-  stage 0, the untrained model, is not in the max; stages where j was not evaluated are skipped)"""
+  stage 0, the untrained model, is not in the max; stages where j was not evaluated are skipped)
+- LA   = (1/T) Σ_j R[j, j]      learning accuracy (Riemer et al. 2019): how well each task was learned at
+  its own stage; a task whose R[j, j] does not clear b_j by the margin learn_margin is flagged as not learned"""
+
+# A task is learned when R[j, j] - b_j >= this (the config knob learn_margin's default; folders that predate it use it).
+LEARN_MARGIN = 0.05
 
 LIBRARY_NOTE = (
     "Popular continual-learning libraries define these differently: Avalanche's forgetting uses the "
@@ -41,49 +46,124 @@ def _check(R: np.ndarray) -> int:
     return R.shape[1]
 
 
+def _stack(R) -> tuple[np.ndarray, int]:
+    """(R as floats, T) for one matrix or a stack of them (..., T+1, T)."""
+    R = np.asarray(R, dtype=float)
+    if R.ndim < 2 or R.shape[-2] != R.shape[-1] + 1:
+        raise ValueError(f"accuracy matrices must have T+1 rows (stages 0..T) and T columns, got {R.shape}")
+    return R, R.shape[-1]
+
+
 def _mean_or_none(values: list[float]) -> float | None:
     if not values or any(math.isnan(v) for v in values):
         return None
     return float(sum(values) / len(values))
 
 
+def _scalar(v: np.ndarray) -> float | None:
+    x = float(v)
+    return None if math.isnan(x) else x
+
+
+# The definitions, on one matrix or a stack (..., T+1, T) at once (a bootstrap evaluates thousands): NaN where
+# a metric is undefined. The scalar functions below are these on one matrix, with None for NaN.
+def acc_values(R) -> np.ndarray:
+    R, T = _stack(R)
+    return R[..., T, :].mean(axis=-1)
+
+
+def bwt_values(R) -> np.ndarray:
+    R, T = _stack(R)
+    if T < 2:
+        return np.full(R.shape[:-2], np.nan)
+    j = np.arange(T - 1)  # R[j+1, j] is task j (0-based) right after its stage
+    return (R[..., T, j] - R[..., j + 1, j]).mean(axis=-1)
+
+
+def fwt_values(R) -> np.ndarray:
+    R, T = _stack(R)
+    if T < 2:
+        return np.full(R.shape[:-2], np.nan)
+    j = np.arange(1, T)
+    return (R[..., j, j] - R[..., 0, j]).mean(axis=-1)
+
+
+def forgetting_values(R) -> np.ndarray:
+    R, T = _stack(R)
+    if T < 2:
+        return np.full(R.shape[:-2], np.nan)
+    drops = []
+    for j in range(T - 1):
+        # Every stage from the one that trained task j to T must have been evaluated on it (eval_schedule
+        # diagonal_final / every:K leave them out): a max over fewer stages would be a guess, so n/a.
+        complete = ~np.isnan(R[..., j + 1:T + 1, j]).any(axis=-1)
+        best = np.fmax.reduce(R[..., 1:T, j], axis=-1)  # max over the evaluated stages 1..T-1
+        drops.append(np.where(complete, best - R[..., T, j], np.nan))
+    return np.stack(drops, axis=-1).mean(axis=-1)
+
+
+def learning_accuracy_values(R) -> np.ndarray:
+    R, T = _stack(R)
+    j = np.arange(T)
+    return R[..., j + 1, j].mean(axis=-1)
+
+
 def acc(R: np.ndarray) -> float | None:
     """Average accuracy over all tasks after the final stage."""
-    T = _check(R)
-    return _mean_or_none([R[T, j] for j in range(T)])
+    _check(R)
+    return _scalar(acc_values(R))
 
 
 def bwt(R: np.ndarray) -> float | None:
     """Backward transfer; None when T = 1 or a needed entry is missing."""
-    T = _check(R)
-    if T < 2:
-        return None
-    # Row index i (1-based stage) and column j (0-based task): R[j+1, j] is "right after its stage".
-    return _mean_or_none([R[T, j] - R[j + 1, j] for j in range(T - 1)])
+    _check(R)
+    return _scalar(bwt_values(R))
 
 
 def fwt(R: np.ndarray) -> float | None:
     """Forward transfer against the base model; None unless tasks were evaluated one stage early."""
-    T = _check(R)
-    if T < 2:
-        return None
-    return _mean_or_none([R[j, j] - R[0, j] for j in range(1, T)])
+    _check(R)
+    return _scalar(fwt_values(R))
 
 
 def forgetting(R: np.ndarray) -> float | None:
     """Average forgetting (max over stages 1..T-1 of the drop to the final score)."""
+    _check(R)
+    return _scalar(forgetting_values(R))
+
+
+def learning_accuracy(R: np.ndarray) -> float | None:
+    """LA (Riemer et al. 2019): the mean of each task's score right after its own stage, R[j, j]."""
+    _check(R)
+    return _scalar(learning_accuracy_values(R))
+
+
+def reference_acc_values(R) -> np.ndarray:
+    """A reference run's ACC (one multi-task stage: its matrix is the base row and the final row)."""
+    return np.asarray(R, dtype=float)[..., -1, :].mean(axis=-1)
+
+
+# Metric name -> its definition on a stack of matrices (the names of summarize, MLflow and summary.json).
+METRIC_VALUES = {"ACC": acc_values, "BWT": bwt_values, "FWT": fwt_values, "forgetting": forgetting_values,
+                 "LA": learning_accuracy_values}
+REFERENCE_VALUES = {"ACC": reference_acc_values}
+
+
+def learn_gains(R: np.ndarray) -> list[float | None]:
+    """Per task: its score right after its own stage minus the base model's, R[j, j] - b_j (None where either is missing)."""
     T = _check(R)
-    if T < 2:
+    return [_scalar(R[j + 1, j] - R[0, j]) for j in range(T)]
+
+
+def not_learned(R: np.ndarray, margin: float) -> list[int] | None:
+    """Indices of the tasks whose own-stage score does not clear the base score by margin (R[j, j] - b_j < margin).
+
+    A task that was never learned loses nothing afterwards that it had: its low final score is a training failure,
+    not forgetting. None when no gain is known (no base row, e.g. eval_schedule diagonal_final)."""
+    gains = learn_gains(R)
+    if all(g is None for g in gains):
         return None
-    drops = []
-    for j in range(T - 1):
-        # Every stage from the one that trained task j to T-1 must have been evaluated on it (eval_schedule
-        # diagonal_final / every:K leave them out): a max over fewer stages would be a guess, so n/a.
-        if any(math.isnan(R[l, j]) for l in range(j + 1, T)) or math.isnan(R[T, j]):
-            return None
-        seen = [R[l, j] for l in range(1, T) if not math.isnan(R[l, j])]
-        drops.append(max(seen) - R[T, j])
-    return _mean_or_none(drops)
+    return [j for j, g in enumerate(gains) if g is not None and g < margin]
 
 
 def summarize(R: np.ndarray) -> dict[str, float | None]:

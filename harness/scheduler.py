@@ -25,16 +25,20 @@ import numpy as np
 from harness import distributed as D
 from harness import faults
 from harness import metrics as MX
+from harness.analysis import documents as DOCS
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
+from harness.evaluate import validation_evaluator
+from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.compiled import resolve_mode
 from harness.precision import precision_of
 from harness.planning import SequenceSpec, stage_budget, task_examples
-from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, done_line, finished_stages, git_commit,
-                                    stage_line, write_matrix_files)
+from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line,
+                                    finished_stages, git_commit, learn_check, stage_line, write_documents,
+                                    write_matrix_files)
 from harness.train import Recipe, train_method
 
 
@@ -64,6 +68,7 @@ class SequenceRunner:
         self.recipe = Recipe.from_config(cfg)
         self.run_dir = spec.run_dir
         self.stage_wall: dict[int, float] = {}
+        self.general_ce: dict[int, float | None] = {}  # stage -> cross-entropy on the general text
         self.parent_id: str | None = None  # rank 0's MLflow runs (other ranks never log)
         self.child_id: str | None = None
 
@@ -89,6 +94,10 @@ class SequenceRunner:
 
     def budget(self, tasks: list[str], lr_method: str | None = None) -> dict[str, Any]:
         return stage_budget(self.cfg, self.suite, tasks, lr_method or self.spec.method, self.spec.seed)
+
+    def base_scores(self) -> dict[str, float]:
+        """task -> the base model's score (stage 0; NaN where it was not evaluated)."""
+        return {task: float(self.R[0, j]) for j, task in enumerate(self.spec.tasks)}
 
     def fill_row(self, stage: int, scores: dict[str, float]) -> None:
         for task, v in scores.items():
@@ -177,6 +186,9 @@ class SequenceRunner:
             self.fill_row(t, scores)
             for task, v in scores.items():
                 self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, t)
+            self.general_ce[t] = read_json(d / "eval.json").get("general_ce")
+            if self.general_ce[t] is not None:
+                self.tracker.log_metric_once(self.parent_id, "general_ce", self.general_ce[t], t)
             self.stage_wall[t] = info.get("wall_s", float("nan"))
             if info.get("mlflow_run_id"):
                 child_ids.add(info["mlflow_run_id"])
@@ -194,13 +206,19 @@ class SequenceRunner:
         if key not in self.base_cache:
             self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast)
         ev = self.base_cache[key]
-        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
+        if "general_ce" not in self.base_cache:
+            self.base_cache["general_ce"] = general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)
+        self.general_ce[0] = self.base_cache["general_ce"]
+        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
+               "general_ce": self.general_ce[0]}
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
+            write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(0, ev.documents or {}))
             atomic_write_json(tmp / STAGE_MARKER, info)
         self.fill_row(0, ev.scores)
-        self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
+        self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}
+                                 | ({"general_ce": self.general_ce[0]} if self.general_ce[0] is not None else {}), step=0)
         self.stage_wall[0] = time.perf_counter() - t0
         say(stage_line(self.spec.label, len(self.plan), info, evj))
 
@@ -255,25 +273,31 @@ class SequenceRunner:
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         faults.pause("eval", self.run_dir, t)
         ev = self.evaluator.evaluate(method.model, self.eval_tasks(t), bf16_autocast=cfg.bf16_autocast)
+        t_ce = time.perf_counter()
+        self.general_ce[t] = general_ce(method.model, self.tokenizer, cfg.general_ce_tokens)
+        ce_s = time.perf_counter() - t_ce
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
         t_save = time.perf_counter()
         with atomic_dir(stage_dir) as tmp:
             method.save_stage(tmp)
-            evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
+            evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
+                   "general_ce": self.general_ce[t], "general_ce_s": ce_s}
             trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
                    "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
                    "resumed_from_step": res.resumed_from_step, "train_examples": n_examples, "compile_used": res.compile_used,
                    "compile_note": res.compile_note}
             atomic_write_json(tmp / "eval.json", evj)
+            write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
-            overhead = total - res.wall_s - ev.wall_s - calib_s
+            overhead = total - res.wall_s - ev.wall_s - calib_s - ce_s
             info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
                 "mlflow_run_id": self.child_id, "precision": precision_of(cfg, method.model).record(), **method.param_counts(),
-                **stats}
+                **stats, "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
+                **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {})}
             atomic_write_json(tmp / STAGE_MARKER, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
@@ -297,7 +321,8 @@ class SequenceRunner:
             self.tracker.log_metrics(child_id, stage_metrics)
             faults.pause("mlflow", self.run_dir, t)
             self.tracker.log_metrics(child_id, evals)
-            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}, step=t)
+            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}
+                                     | ({"general_ce": ev["general_ce"]} if ev.get("general_ce") is not None else {}), step=t)
         else:
             self.tracker.log_series_once(child_id, "train/loss", tr["losses"])
             self.tracker.mirror_metrics(child_id, {**stage_metrics, **evals})  # acc/<task>: _replay_committed
@@ -315,8 +340,13 @@ class SequenceRunner:
             return D.broadcast_object(None)
         spec, run_dir = self.spec, self.run_dir
         summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
+        learned = self._learned()
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
+        committed = committed_stages(run_dir)
+        stage_docs = DOCS.read_stage_documents(committed)
+        if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
+            write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
         atomic_write_json(run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()})
         from harness.report.figures import matrix_heatmap
 
@@ -325,16 +355,52 @@ class SequenceRunner:
             "method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "tasks": spec.tasks,
             "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
+            "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
+            **self._general_ce_summary(),
+            "validation": self._validation(method),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
         }
-        self.tracker.log_metrics(self.parent_id, {**summ, **counts})
-        for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml"):
-            self.tracker.log_artifact(self.parent_id, run_dir / name)
+        val = summary["validation"] or {}
+        extra = {"LA": learned["LA"], "general_ce_rise": summary["general_ce_rise"], "val_ACC": val.get("acc"),
+                 **{f"val/{t}": v for t, v in (val.get("scores") or {}).items()}}
+        self.tracker.log_metrics(self.parent_id, {**summ, **counts, **{k: v for k, v in extra.items() if v is not None}})
+        for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", DOCS.DOCUMENTS_FILE):
+            if (run_dir / name).exists():
+                self.tracker.log_artifact(self.parent_id, run_dir / name)
         self.tracker.log_json(self.parent_id, summary, "summary.json")
         atomic_write_json(run_dir / "summary.json", summary)
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
+
+    def _validation(self, method) -> dict[str, Any] | None:
+        """The final model on the validation split of each task that has one (None: no task has one).
+
+        ACC on the validation split (their mean) is what grid selection reads, so the test split never chooses."""
+        ev = validation_evaluator(self.suite, self.tokenizer, self.cfg, progress=self.progress)
+        tasks = [t for t in self.spec.tasks if ev is not None and t in ev.configs]
+        if not tasks:
+            return None
+        res = ev.evaluate(method.model, tasks, bf16_autocast=self.cfg.bf16_autocast)
+        return {"tasks": tasks, "scores": res.scores, "acc": sum(res.scores.values()) / len(tasks),
+                "complete": len(tasks) == len(self.spec.tasks)}
+
+    def _general_ce_summary(self) -> dict[str, Any]:
+        """summary.json's general-ability forgetting: CE per stage, the base model's, its rise after the last stage."""
+        per_stage = [self.general_ce.get(t) for t in range(len(self.plan) + 1)]
+        base, last = per_stage[0], per_stage[-1]
+        return {"general_ce": per_stage, "general_ce_base": base,
+                "general_ce_rise": last - base if base is not None and last is not None else None}
+
+    def _learned(self) -> dict[str, Any]:
+        """LA and the tasks whose own-stage score did not clear the base score by learn_margin (None: not judged).
+
+        A reference run (one stage, every task at once) has no per-task own stage: not judged here (its stage.json is)."""
+        if self.method_cls.reference:
+            return {"LA": None, "not_learned": None}
+        flagged = MX.not_learned(self.R, self.cfg.learn_margin)
+        return {"LA": MX.learning_accuracy(self.R),
+                "not_learned": None if flagged is None else [self.spec.tasks[j] for j in flagged]}
 
 
 def install_signal_handlers() -> None:

@@ -4,18 +4,21 @@
     <sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
     <sequence>/.lock         held while a process works on the folder (harness/locking.py)
     <sequence>/checkpoint/   the stage in progress (harness/checkpoint.py), removed on commit
-    <sequence>/stages/0-base/eval.json
+    <sequence>/stages/0-base/eval.json, documents.json
     <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
-                             replay.json (replay), eval.json, train.json, stage.json (written last;
+                             replay.json (replay), eval.json, documents.json (each document's score,
+                             harness/analysis/documents.py), train.json, stage.json (written last;
                              the folder appears by atomic rename; under a launcher it also records
                              world_size, distributed, state_hash, rank0_trainable_elements)
-    <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png
+    <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png,
+                documents.json (every stage's per-document scores, gathered)
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import shutil
 import subprocess
@@ -34,8 +37,9 @@ STAGE_MARKER = "stage.json"
 RECORDED_SINCE = {"precision"}
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
+                "learn_margin",
                 "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
-                "merge_pairs"} | LAUNCH_KEYS
+                "merge_pairs", "merge_weight_grid"} | LAUNCH_KEYS
 
 
 def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:
@@ -126,6 +130,11 @@ def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
     })
 
 
+def write_documents(path: Path, content: dict) -> None:
+    """A documents.json (harness/analysis/documents.py), compact: one line, 0/1 scores as integers."""
+    atomic_write_text(path, json.dumps(content, separators=(",", ":")) + "\n")
+
+
 def _signed(v) -> str:
     return "n/a" if v is None else f"{v:+.3f}"
 
@@ -142,10 +151,31 @@ def stage_line(label: str, n_stages: int, info: dict, ev: dict, tr: dict | None 
     other = f" other {info['overhead_s']:.1f}s ({100 * info['overhead_frac']:.1f}%)" if "overhead_s" in info else ""
     return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
             f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
-            f"{other} | {scores}")
+            f"{other} | {scores}{not_learned_note(info.get('learn_check'))}")
+
+
+def learn_check(tasks: list[str], scores: dict[str, float], base: dict[str, float], margin: float) -> dict:
+    """stage.json's "learn_check": which of the stage's own tasks did not beat the base model by margin.
+
+    A task without a base score (eval_schedule diagonal_final evaluates no base row) is not judged."""
+    flagged = [{"task": t, "score": scores[t], "base": base[t]} for t in tasks
+               if t in scores and base.get(t) is not None and not math.isnan(base[t]) and scores[t] - base[t] < margin]
+    return {"margin": margin, "judged": [t for t in tasks if t in scores and base.get(t) is not None and not math.isnan(base[t])],
+            "not_learned": flagged}
+
+
+def not_learned_note(check: dict | None) -> str:
+    """The console's flag for tasks a stage did not learn (empty when all were learned or none was judged)."""
+    if not check or not check.get("not_learned"):
+        return ""
+    items = ", ".join(f"{f['task']} {f['score']:.2f} (base {f['base']:.2f})" for f in check["not_learned"])
+    return f" | NOT LEARNED (own-stage score under base + {check['margin']:g}; a training failure, not forgetting): {items}"
 
 
 def done_line(label: str, summary: dict) -> str:
     """The line a finished sequence gets, from its summary.json contents."""
+    flagged = summary.get("not_learned") or []
     return (f"[{label}] done: ACC {_signed(summary.get('acc'))} BWT {_signed(summary.get('bwt'))} FWT {_signed(summary.get('fwt'))} "
-            f"forgetting {_signed(summary.get('forgetting'))}  trainable {summary.get('trainable_params_effective', 0):,}")
+            f"forgetting {_signed(summary.get('forgetting'))} LA {_signed(summary.get('la'))}  "
+            f"trainable {summary.get('trainable_params_effective', 0):,}"
+            + (f"  NOT LEARNED: {', '.join(flagged)}" if flagged else ""))

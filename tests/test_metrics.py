@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from harness.metrics import acc, as_matrix, bwt, forgetting, fwt, summarize
+from harness.metrics import acc, as_matrix, bwt, forgetting, fwt, learn_gains, learning_accuracy, not_learned, summarize
 
 # Rows: stage 0 (base) .. 3; columns: tasks 1..3. Task 1 recovers at stage 2 (0.95 > 0.9).
 R3 = as_matrix([
@@ -79,3 +79,21 @@ def test_forgetting_is_na_when_a_stage_it_maximises_over_was_not_evaluated():
     assert forgetting(R) is None and bwt(R) == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
     R[2, 0] = 0.95  # the full row-2 cell for task 1 is there now: max(0.9, 0.95) - 0.5 and 0.8 - 0.6
     assert forgetting(R) == pytest.approx(((0.95 - 0.5) + (0.8 - 0.6)) / 2)
+
+
+def test_learning_accuracy_is_the_mean_of_each_tasks_own_stage_score():
+    R = as_matrix([[0.2, 0.3, 0.4],
+                   [0.9, 0.3, 0.5],
+                   [0.6, 0.8, 0.5],
+                   [0.5, 0.7, 0.35]])
+    assert learning_accuracy(R) == pytest.approx((0.9 + 0.8 + 0.35) / 3)
+    assert learn_gains(R) == [pytest.approx(0.7), pytest.approx(0.5), pytest.approx(-0.05)]
+    assert not_learned(R, 0.05) == [2]  # task 3 never beat its base score: its low final score is not forgetting
+    assert not_learned(R, 0.6) == [1, 2]
+    R[2, 1] = np.nan
+    assert learning_accuracy(R) is None  # a missing own-stage score: n/a, never guessed
+
+
+def test_not_learned_is_undefined_without_a_base_row():
+    R = as_matrix([[None, None], [0.9, None], [0.5, 0.2]])  # diagonal_final: no stage 0
+    assert not_learned(R, 0.05) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from html import escape as html_escape
 import os
 import shutil
 import statistics
@@ -361,7 +362,7 @@ def test_seven_methods_reference_row_never_ranked(seven):
     assert all(f'<td class="l">{c.display}' in text for c in METHODS.values())
     assert "MTL is a reference (upper bound), not ranked" in text and "every logged ACC/BWT/FWT/forgetting matches" in text
     row = text[text.index("MTL <em>reference (upper bound)</em></td><td>2</td>"):].split("</tr>")[0]
-    assert row.count("<td>n/a</td>") == 3  # BWT, FWT, forgetting do not apply
+    assert row.count("<td>n/a</td>") == 4  # BWT, FWT, forgetting, LA do not apply
     assert len(list(rdir.glob("*.png"))) == 6
     comp = json.loads((rdir / "comparison.json").read_text())
     by = {r["method"]: r for r in comp["methods"]}
@@ -448,3 +449,67 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     keep = os.environ.get("HARNESS_REPORT_SCREENSHOT")
     if keep:
         shutil.copyfile(shot, keep)
+
+
+def test_verdicts_without_per_document_results_resample_seeds_and_say_so(report):
+    comp = json.loads((report.parent / "comparison.json").read_text())
+    assert "seed-level only: these runs have no per-document results" in comp["verdicts"]["ACC"]
+    assert comp["verdicts_std_rule"]["ACC"].startswith("ACC (higher is better): LoRI-S ")  # the old rule, kept
+    acc = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC")
+    assert acc["resampled"] == "seeds" and acc["n_pairs"] == 2 and acc["std_rule"] in ("within", "beyond")
+
+
+DOC_P = {"lori-s": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.85, 0.9, 0.5], [0.8, 0.85, 0.9]],
+         # LoRA forgets more, and never learns the last task: its own-stage score stays at the base model's.
+         "lora": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.5, 0.9, 0.5], [0.3, 0.5, 0.5]]}
+
+
+@pytest.fixture(scope="module")
+def doc_report(tmp_path_factory):
+    """2 methods x 3 seeds whose matrices are the means of per-document scores logged as documents.json."""
+    import numpy as np
+    from mlflow.tracking import MlflowClient
+
+    results_dir = tmp_path_factory.mktemp("doc-results").resolve()
+    client = MlflowClient(tracking_uri=f"sqlite:///{results_dir / 'mlflow.db'}")
+    exp_id = client.create_experiment("docs", artifact_location=f"file://{results_dir / 'mlartifacts'}")
+    rng = np.random.default_rng(0)
+    difficulty = {t: rng.random(40) for t in TASKS}  # the same 40 test documents for every method and seed
+    for method, P in DOC_P.items():
+        for seed in ("0", "1", "2"):
+            u = {t: np.where(rng.random(40) < 0.8, difficulty[t], rng.random(40)) for t in TASKS}
+            rows = {t: [[int(u[t][d] < P[i][j]) for d in range(40)] for i in range(4)] for j, t in enumerate(TASKS)}
+            R = [[sum(rows[t][i]) / 40 for t in TASKS] for i in range(4)]
+            rid = _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], experiment="docs")
+            client.log_dict(rid, {"tasks": TASKS, "stages": [0, 1, 2, 3],
+                                  "documents": {t: {"doc_ids": list(range(40)), "scores": rows[t]} for t in TASKS}},
+                            "documents.json")
+    return write_report("docs", results_dir, log_to_mlflow=False)
+
+
+def test_verdicts_come_from_the_paired_bootstrap_over_seeds_and_documents(doc_report):
+    comp = json.loads((doc_report.parent / "comparison.json").read_text())
+    acc = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC")
+    assert (acc["a"], acc["b"], acc["resampled"], acc["n_pairs"]) == ("lori-s", "lora", "documents and seeds", 3)
+    assert acc["significant"] and 0 < acc["low"] <= acc["difference"] <= acc["high"] and acc["p"] < 0.01
+    assert "LoRI-S is better by" in comp["verdicts"]["ACC"] and "3 seeds and the test documents" in comp["verdicts"]["ACC"]
+    assert "95% CI [" in comp["verdicts"]["ACC"] and "p " in comp["verdicts"]["ACC"]
+    by = {r["method"]: r for r in comp["methods"]}
+    for m in ("ACC", "BWT", "forgetting", "LA"):
+        e = by["lori-s"][m]
+        assert e["ci_low"] <= e["mean"] <= e["ci_high"] and e["ci_resampled"] == "documents and seeds"
+    cells = json.loads((doc_report.parent / "mean_matrices.json").read_text())["methods"]["lora"]
+    for lo, mean, hi in zip(sum(cells["ci_low"], []), sum(cells["mean"], []), sum(cells["ci_high"], [])):
+        assert lo <= mean <= hi
+    html = doc_report.read_text(encoding="utf-8")
+    assert "std rule (old verdict)" in html and html_escape(comp["verdicts"]["ACC"]) in html
+
+
+def test_a_task_never_learned_is_flagged_in_the_report(doc_report):
+    comp = json.loads((doc_report.parent / "comparison.json").read_text())
+    flagged = {(f["method"], f["seed"]): f["tasks"] for f in comp["not_learned"]}
+    assert flagged == {("lora", s): ["sentiment"] for s in ("0", "1", "2")}
+    html = doc_report.read_text(encoding="utf-8")
+    assert "LoRA seed 0 order 0: sentiment did not beat the base model by 0.05" in html
+    by = {r["method"]: r for r in comp["methods"]}
+    assert by["lora"]["LA"]["mean"] < by["lori-s"]["LA"]["mean"]

@@ -69,6 +69,44 @@ def test_run_folder_layout_and_matrix(smoke_run):
     assert s_lori["trainable_params_effective"] < 0.1 * s_lora["trainable_params_effective"]
 
 
+def test_per_document_files_recompute_every_cell_exactly(smoke_run):
+    from harness.analysis.documents import check_documents, matrix_from_documents
+
+    for method in ("lori-s", "lora"):
+        d = smoke_run / "smoke-e2e" / method / "seed-0"
+        matrix = json.loads((d / "matrix.json").read_text())
+        R = MX.as_matrix(matrix["R"])
+        for stage in (d / "stages").iterdir():  # every stage folder holds its own, committed with it
+            content = json.loads((stage / "documents.json").read_text())
+            assert set(content["tasks"]) == set(json.loads((stage / "eval.json").read_text())["scores"])
+        docs = json.loads((d / "documents.json").read_text())
+        assert docs["tasks"] == matrix["tasks"]
+        for task in docs["tasks"]:
+            entry = docs["documents"][task]
+            assert len(entry["doc_ids"]) == 32 and all(set(row) <= {0, 1} for row in entry["scores"])
+        assert check_documents(docs, R) == []
+        got = matrix_from_documents(docs)
+        assert (got == R).all()  # exactly, not approximately
+    assert check_documents(docs, R + np.eye(*R.shape) * 1e-9)  # a cell that differs is found
+
+
+def test_general_text_cross_entropy_after_every_stage_in_summary_mlflow_and_report(smoke_run):
+    c = mlflow_client(smoke_run)
+    exp = c.get_experiment_by_name("smoke-e2e")
+    for p in c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'"):
+        d = Path(p.data.tags["harness.run_dir"])
+        s = json.loads((d / "summary.json").read_text())
+        assert len(s["general_ce"]) == 4 and all(v > 0 for v in s["general_ce"])
+        assert s["general_ce_base"] == s["general_ce"][0]
+        assert s["general_ce_rise"] == pytest.approx(s["general_ce"][-1] - s["general_ce"][0])
+        history = {m.step: m.value for m in c.get_metric_history(p.info.run_id, "general_ce")}
+        assert history == {t: pytest.approx(v) for t, v in enumerate(s["general_ce"])}
+        assert p.data.metrics["general_ce_rise"] == pytest.approx(s["general_ce_rise"])
+    comp = json.loads((smoke_run / "smoke-e2e" / "report" / "comparison.json").read_text())
+    assert all(r["general_ce_rise"]["n"] == 1 for r in comp["methods"])
+    assert (smoke_run / "smoke-e2e" / "report" / "general_ce.png").exists()
+
+
 def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_path):
     from safetensors.torch import load_file
 
@@ -105,7 +143,8 @@ def test_mlflow_holds_parents_children_metrics_and_artifacts(smoke_run):
         assert sorted(int(ch.data.tags["harness.stage"]) for ch in children) == [1, 2, 3]
         assert all(ch.info.status == "FINISHED" and "train_tok_s" in ch.data.metrics for ch in children)
         names = {a.path for a in c.list_artifacts(p.info.run_id)}
-        assert {"matrix.csv", "matrix.json", "matrix_heatmap.png", "summary.json", "config.yaml", "diagnostics.json"} <= names
+        assert {"matrix.csv", "matrix.json", "matrix_heatmap.png", "summary.json", "config.yaml", "diagnostics.json",
+                "documents.json"} <= names
 
 
 def test_rerun_skips_finished_sequences(smoke_run, capsys):
@@ -187,3 +226,31 @@ def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
             assert (B[k][:, t * r:(t + 1) * r][~v] == 0).all()
     diag = json.loads((d / "diagnostics.json").read_text())
     assert diag["subspace_overlap"]["matrix"][0][1] < diag["subspace_overlap"]["matrix"][0][0]
+
+
+@pytest.mark.slow
+def test_a_stage_that_does_not_train_is_flagged_as_not_learned(tmp_path, monkeypatch, capsys):
+    import harness.scheduler as S
+    from harness.train import TrainResult
+
+    real = S.train_method
+
+    def zero_steps_at_stage_1(method, *a, stage, **kw):
+        return TrainResult(steps=0, tokens=0, wall_s=0.0) if stage == 1 else real(method, *a, stage=stage, **kw)
+
+    monkeypatch.setattr(S, "train_method", zero_steps_at_stage_1)
+    assert run_cli("--methods", "lora", "--tasks", "parity,weather", "--max-steps", "2", "--results-dir", str(tmp_path),
+                   "--experiment", "untrained",
+                   "--no-report") == 0
+    d = tmp_path / "untrained" / "lora" / "seed-0"
+    first = json.loads((d / "summary.json").read_text())["tasks"][0]
+    stage1 = next(p for p in (d / "stages").iterdir() if p.name.startswith("1-"))
+    check = json.loads((stage1 / "stage.json").read_text())["learn_check"]
+    assert check["margin"] == 0.05 and [f["task"] for f in check["not_learned"]] == [first]
+    assert check["not_learned"][0]["score"] == check["not_learned"][0]["base"]  # B = 0: the base model, exactly
+    summary = json.loads((d / "summary.json").read_text())
+    assert first in summary["not_learned"] and summary["learn_margin"] == 0.05
+    _, R = read_matrix(d / "matrix.csv")
+    assert summary["la"] == pytest.approx(MX.learning_accuracy(R), abs=1e-6)
+    err = capsys.readouterr().err
+    assert f"NOT LEARNED (own-stage score under base + 0.05; a training failure, not forgetting): {first}" in err

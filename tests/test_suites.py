@@ -79,7 +79,8 @@ def test_train_and_test_are_disjoint_and_sized(suite):
     for t in s.tasks:
         train = {e["prompt"] for e in t.train_examples()}
         test = {t.render(r)["prompt"] for r in t.test_records()}
-        assert len(train) == t.sizes.train, f"{t.name}: duplicate train prompts"
+        held_out = t.validation.size if t.validation else 0  # sizes.train counts the validation split carved from it
+        assert len(train) == t.sizes.train - held_out, f"{t.name}: duplicate train prompts"
         assert len(test) == t.sizes.test, f"{t.name}: duplicate test prompts"
         assert not train & test, f"{t.name}: {len(train & test)} test prompts also in train"
 

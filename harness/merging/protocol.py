@@ -31,6 +31,7 @@ import numpy as np
 
 from harness import metrics as MX
 from harness.config import ExperimentConfig
+from harness.evaluate import validation_evaluator
 from harness.errors import ConfigError
 from harness.export import write_peft_folder
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
@@ -76,6 +77,12 @@ def plan_merge(cfg: ExperimentConfig, suite) -> list[MergeSpec]:
     tasks = [t for t in order if not cfg.tasks or t in cfg.tasks]
     if len(tasks) < 2:
         raise ConfigError(f"tasks: merging needs at least 2 tasks, got {tasks}")
+    if cfg.merge_weight_grid is not None:
+        missing = [t for t in tasks if suite.task(t).validation is None]
+        if missing or any(w <= 0 for w in cfg.merge_weight_grid) or not cfg.merge_weight_grid:
+            raise ConfigError(f"--merge-weight-grid {cfg.merge_weight_grid}: give positive weights, and the suite needs a "
+                              f"validation split on every merged task (suite.yaml tasks[].validation: {{size: N}}); "
+                              f"{', '.join(missing) or 'every task has one'}")
     if cfg.merge_weights is not None and len(cfg.merge_weights) not in (1, len(tasks)):
         raise ConfigError(f"--merge-weights: give one weight or one per task ({len(tasks)}: {', '.join(tasks)}), got {cfg.merge_weights}")
     return [MergeSpec(m, s, tasks, experiment_dir(cfg) / "merge" / m / f"seed-{s}") for m in cfg.methods for s in cfg.seeds]
@@ -95,6 +102,7 @@ class MergeRunner:
         self.model, self.tokenizer, self.evaluator, self.tracker, self.progress = model, tokenizer, evaluator, tracker, progress
         self.dir = spec.run_dir
         self.weights = weights_for(cfg, spec.method, len(spec.tasks))
+        self.validator = validation_evaluator(suite, tokenizer, cfg, progress=progress) if cfg.merge_weight_grid else None
 
     def run(self) -> dict[str, Any]:
         with SequenceLock(self.dir, wait=self.cfg.wait_for_lock).acquire():
@@ -218,9 +226,31 @@ class MergeRunner:
                 self._write_merged_csv(rows)
         return rows
 
+    def _select_weight(self, folders: dict[str, Path], combination: str, subset: list[str]) -> dict[str, Any]:
+        """merge_weight_grid: each candidate (the same weight for every adapter) merged and scored on the validation
+        split of the subset's tasks; the best mean wins (the first on a tie). The test documents are not looked at."""
+        scores = {}
+        for w in self.cfg.merge_weight_grid:
+            model = load_adapters(self.model, {t: folders[t] for t in subset})
+            try:
+                merge(model, subset, [w] * len(subset), combination, self.cfg.merge_density)
+                with folded(model, MERGED):
+                    ev = self.validator.evaluate(model, subset, bf16_autocast=self.cfg.bf16_autocast)
+            finally:
+                self.model = model.unload()
+            scores[w] = sum(ev.scores.values()) / len(subset)
+        chosen = max(scores, key=scores.get)
+        say(f"[{self.spec.label}] {combination}: weight {chosen:g} chosen on the validation split ("
+            + " ".join(f"{w:g}={v:.3f}" for w, v in scores.items()) + ")")
+        return {"split": "validation", "candidates": [{"weight": w, "validation_score": v} for w, v in scores.items()],
+                "chosen": chosen}
+
     def _merge_one(self, folders: dict[str, Path], combination: str, subset: list[str], S: np.ndarray) -> dict:
         tasks = self.spec.tasks
         weights = [self.weights[tasks.index(t)] for t in subset]
+        selection = self._select_weight(folders, combination, subset) if self.validator else None
+        if selection:
+            weights = [selection["chosen"]] * len(subset)
         name = f"{combination}-{'+'.join(subset)}"
         child = self.tracker.create_child(self.parent_id, name, {"harness.kind": "merge-combination", "harness.combination": combination})
         model = load_adapters(self.model, {t: folders[t] for t in subset})
@@ -233,7 +263,8 @@ class MergeRunner:
         finally:
             self.model = model.unload()
         row = {"combination": combination, "tasks": subset, "weights": weights, "density": self.cfg.merge_density,
-               "scores": ev.scores, "relative_error": rel, "cross_terms": rel > CROSS_TERM_TOL, "eval_s": ev.wall_s, "mlflow_run_id": child}
+               "scores": ev.scores, "relative_error": rel, "cross_terms": rel > CROSS_TERM_TOL, "eval_s": ev.wall_s, "mlflow_run_id": child,
+               "weight_selection": selection}
         if len(subset) == len(tasks):
             row.update(MX.merge_summary(S, [ev.scores[t] for t in tasks]))
         self.tracker.log_metrics(child, {"relative_error": rel, **{f"eval/{t}": v for t, v in ev.scores.items()},
@@ -255,7 +286,8 @@ class MergeRunner:
         summary: dict[str, Any] = {
             "protocol": "merge", "method": self.spec.method, "seed": self.spec.seed, "tasks": tasks, "weights": self.weights,
             "single_diagonal": {t: float(S[i, i]) for i, t in enumerate(tasks)},
-            "merges": {r["combination"]: {k: r.get(k) for k in ("normalised_accuracy", "average_drop", "relative_error", "cross_terms")}
+            "merges": {r["combination"]: {k: r.get(k) for k in ("normalised_accuracy", "average_drop", "relative_error", "cross_terms",
+                                                                "weights", "weight_selection")}
                        | {"scores": r["scores"]} for r in full},
             "interference": {}, "mlflow_parent_run_id": self.parent_id, "complete": True,
         }

@@ -17,7 +17,11 @@ Methods, their display names and order come from harness.methods.METHODS. A refe
 Only FINISHED sequences are aggregated; interrupted (KILLED + harness.interrupted) and RUNNING
 ones are listed apart, with how to resume the interrupted ones.
 
-Modules: store (reading MLflow), aggregate (over seeds), figures (every Matplotlib figure, also the
+Verdicts come from paired bootstrap comparisons over seeds and test documents (intervals: each method's
+metrics and every cell; docs/statistics.md); the older std rule is kept as a column (verdicts_std_rule).
+
+Modules: store (reading MLflow), aggregate (over seeds), intervals (bootstrap intervals and the verdicts),
+general (cross-entropy on the general text), figures (every Matplotlib figure, also the
 scheduler's per-run heatmap), page + templates/report.html.j2 (index.html), write (the folder);
 for merge runs merge_store (reading), merging (over seeds), merge_figures; artifacts (JSON downloads).
 """

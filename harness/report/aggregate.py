@@ -149,6 +149,7 @@ def _method_row(method: str, g) -> dict[str, Any]:
     }
     for m in METRICS:
         row[m] = mean_std_n(g[m])
+    row["general_ce_rise"] = mean_std_n(g["general_ce_rise"])  # cross-entropy on the general text: last stage − base
     for p in PARAM_KEYS:
         vals = g[p].dropna()
         row[p] = float(vals.mean()) if len(vals) else float("nan")
@@ -172,6 +173,7 @@ def aggregate(runs: list[SequenceRun]):
                 "trainable_params_effective": r.params_effective,
                 "trainable_params_lora_equivalent": r.params_lora_equivalent,
                 "reference": r.reference,
+                "general_ce_rise": (r.summary or {}).get("general_ce_rise"),
             }
             for r in runs
         ]
@@ -189,6 +191,9 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
              "seeds": " ".join(r["seeds"]), "orders": " ".join(r["orders"])}
         for m in METRICS:
             d[f"{m}_mean"], d[f"{m}_std"], d[f"{m}_n"] = r[m]["mean"], r[m]["std"], r[m]["n"]
+            d[f"{m}_ci_low"], d[f"{m}_ci_high"] = r[m].get("ci_low"), r[m].get("ci_high")
+        g = r.get("general_ce_rise") or {}
+        d["general_ce_rise_mean"], d["general_ce_rise_std"], d["general_ce_rise_n"] = g.get("mean"), g.get("std"), g.get("n")
         for p in (*PARAM_KEYS, "effective_fraction_of_lora"):
             d[p] = r[p]
         d["reference"] = r["reference"]

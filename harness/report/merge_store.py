@@ -90,6 +90,8 @@ def _merge_entry(values: dict, tasks: list[str]) -> dict:
     entry = {k: _num(values.get(k)) for k in MERGE_KEYS}
     entry["cross_terms"] = values.get("cross_terms") if isinstance(values.get("cross_terms"), bool) else None
     entry["scores"] = {t: _num(scores[t]) for t in tasks if t in scores}
+    selection = values.get("weight_selection") if isinstance(values.get("weight_selection"), dict) else {}
+    entry["chosen_weight"] = _num(selection.get("chosen")) if selection else None  # merge_weight_grid's pick
     return entry
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-METRICS = ("ACC", "BWT", "FWT", "forgetting")
-# Higher is better for ACC/BWT/FWT, lower is better for forgetting.
-HIGHER_IS_BETTER = {"ACC": True, "BWT": True, "FWT": True, "forgetting": False}
+METRICS = ("ACC", "BWT", "FWT", "forgetting", "LA")
+# Higher is better for ACC/BWT/FWT and LA (learning accuracy: plasticity), lower is better for forgetting.
+HIGHER_IS_BETTER = {"ACC": True, "BWT": True, "FWT": True, "forgetting": False, "LA": True}
 # How a reference method (e.g. multi-task training) is marked wherever it appears.
 REFERENCE_LABEL = "reference (upper bound)"
 

@@ -17,8 +17,12 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
+from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
+from harness.report import general
 from harness.report.aggregate import MethodMatrix
+from harness.report.intervals import (PAIRED_HEADERS, STATISTICS_NOTE, fmt_metric, not_learned_sentences,
+                                      paired_table_rows)
 from harness.report.merge_store import MergeRun
 from harness.report.merging import DROP, NORM, MergingSummary
 from harness.report.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
@@ -57,6 +61,8 @@ class PageData:
     sensitivity: tuple[list[str], list[list[str]], int] | None = None  # a grid: (headers, rows per method x variant, text columns)
     variant_verdicts: list[str] = field(default_factory=list)  # a grid: the methods compared within each variant
     recipe_verdict: str | None = None  # a grid: whether those verdicts agree across variants
+    paired: list[dict] = field(default_factory=list)  # comparison.json's paired_comparisons (the verdicts' evidence)
+    selection_criterion: str = SELECTION_CRITERION  # a grid: how each method's variant was chosen, and on which split
 
 
 def _escape(value):
@@ -148,7 +154,7 @@ def _metric_cell(value: str, metric: str, reference: bool) -> str:
 def _metric_row(r: dict) -> list:
     ref = r["reference"]
     return [_method_cell(r["method"], ref), r["n_runs"]] + [
-        _metric_cell(fmt_pm(r[m]["mean"], r[m]["std"]), m, ref) for m in METRICS]
+        _metric_cell(fmt_metric(r, m), m, ref) for m in METRICS]
 
 
 def _reference_notes(rows: list[dict]) -> list[str]:
@@ -199,7 +205,7 @@ def _context(d: PageData) -> dict:
         "sensitivity": d.sensitivity,
         "variant_verdicts": d.variant_verdicts,
         "recipe_verdict": d.recipe_verdict,
-        "selection_criterion": SELECTION_CRITERION,
+        "selection_criterion": d.selection_criterion,
     }
     return {**common, **(_sequence_context(d) if d.runs else {})}
 
@@ -212,6 +218,12 @@ def _sequence_context(d: PageData) -> dict:
         "knob_rows": [[display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—"
                                            for k in _KNOBS] for m in d.by_method],
         "verdicts": [d.verdicts[m] for m in METRICS],
+        "paired_headers": PAIRED_HEADERS,
+        "paired_rows": paired_table_rows(d.paired),
+        "statistics_note": STATISTICS_NOTE.format(n=N_BOOT),
+        "not_learned": not_learned_sentences(d.runs),
+        "general_headers": general.HEADERS,
+        "general_rows": general.rows(d.by_method),
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
         "metric_rows": [_metric_row(r) for r in d.rows],
         "reference_notes": _reference_notes(d.rows),
@@ -247,6 +259,11 @@ def _by_method(runs: list[MergeRun], value) -> str:
     return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
 
 
+def _chosen_weights(r: MergeRun) -> str:
+    """merge_weight_grid: the weight each combination was merged at ("cat 0.5, linear 0.75"), empty without a grid."""
+    return ", ".join(f"{c} {e['chosen_weight']:g}" for c, e in r.merges.items() if e.get("chosen_weight") is not None)
+
+
 def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
     runs = ms.runs
 
@@ -262,6 +279,8 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["combinations", ", ".join(ms.combinations) or "—"],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
         ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
+        *([["weight chosen on the validation split (per combination)", _by_method(runs, _chosen_weights)]]
+          if any(_chosen_weights(r) for r in runs) else []),
         ["merge density (ties, dare)", vals(None, "merge_density")],
         ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
         ["model", vals("harness.model", "model")],

@@ -24,6 +24,18 @@ SELECTION_CRITERION = (
     "suite's test split only, so this choice is made on the same data it is reported on and is optimistic for "
     "every method alike; read the sensitivity figure for how much the choice matters."
 )
+# When every task of the suite has a validation split (suite.yaml `validation:`), the choice is made there instead.
+SELECTION_CRITERION_VALIDATION = (
+    "each method at its variant with the highest mean ACC on the suite's validation split (records carved from the "
+    "training data with a fixed seed, never trained on, disjoint from the test documents), over seeds and orders. "
+    "The test split did not choose: the numbers below are not optimistic from the selection."
+)
+
+
+def validation_acc(run: SequenceRun) -> float:
+    """ACC of the run's final model on the validation split of every task (NaN without one for every task)."""
+    val = (run.summary or {}).get("validation") or {}
+    return float(val["acc"]) if val.get("complete") and finite(val.get("acc")) else float("nan")
 
 
 def variant_of(run: SequenceRun) -> str | None:
@@ -42,10 +54,11 @@ class VariantRow:
     values: dict[str, str]
     seeds: list[str]
     metrics: dict[str, dict[str, float | int]]  # metric -> {mean, std, n}
+    validation: dict[str, float | int] | None = None  # {mean, std, n} of validation ACC (None: no validation split)
 
     def as_json(self) -> dict[str, Any]:
         return {"method": self.method, "display_name": display_name(self.method), "variant": self.variant,
-                "values": self.values, "seeds": self.seeds, **self.metrics}
+                "values": self.values, "seeds": self.seeds, **self.metrics, "validation_ACC": self.validation}
 
     @property
     def label(self) -> str:
@@ -63,21 +76,32 @@ def variant_rows(runs: list[SequenceRun]) -> list[VariantRow]:
         groups.setdefault((r.method, variant_of(r) or "-"), []).append(r)
     rows = []
     for (method, variant), rs in groups.items():
+        val = mean_std_n([validation_acc(r) for r in rs])
         rows.append(VariantRow(method, variant, knob_values(rs[0]), sorted({r.seed for r in rs}, key=num_sort_key),
-                               {m: mean_std_n([r.metrics[m] for r in rs]) for m in METRICS}))
+                               {m: mean_std_n([r.metrics[m] for r in rs]) for m in METRICS},
+                               val if val["n"] == len(rs) else None))
     return sorted(rows, key=lambda v: (method_sort_key(v.method), [num_sort_key(x) for x in v.values.values()]))
 
 
-def best_variants(rows: list[VariantRow]) -> dict[str, str]:
-    """method -> its variant with the best mean of SELECTION_METRIC (first in knob order on a tie)."""
+def selection_split(rows: list[VariantRow]) -> str:
+    """"validation" when every variant row has validation ACC for all its runs, else "test"."""
+    return "validation" if rows and all(v.validation is not None for v in rows) else "test"
+
+
+def _score(v: VariantRow, split: str) -> float:
+    return v.validation["mean"] if split == "validation" else v.metrics[SELECTION_METRIC]["mean"]
+
+
+def best_variants(rows: list[VariantRow], split: str = "test") -> dict[str, str]:
+    """method -> its variant with the best mean of SELECTION_METRIC on the split (first in knob order on a tie)."""
     sign = 1.0 if HIGHER_IS_BETTER[SELECTION_METRIC] else -1.0
     best: dict[str, VariantRow] = {}
     for v in rows:
-        score = v.metrics[SELECTION_METRIC]["mean"]
+        score = _score(v, split)
         if not finite(score):
             continue
         cur = best.get(v.method)
-        if cur is None or sign * score > sign * cur.metrics[SELECTION_METRIC]["mean"]:
+        if cur is None or sign * score > sign * _score(cur, split):
             best[v.method] = v
     return {m: v.variant for m, v in best.items()}
 
@@ -89,9 +113,12 @@ def select_variants(runs: list[SequenceRun]) -> tuple[list[SequenceRun], list[Va
     if not has_variants(runs):
         return runs, [], {}, None
     vrows = variant_rows(runs)
-    chosen = best_variants(vrows)
+    split = selection_split(vrows)
+    chosen = best_variants(vrows, split)
     lines, summary = recipe_verdicts(vrows)
-    grid = {"variants": [v.as_json() for v in vrows], "selection": {"criterion": SELECTION_CRITERION, "chosen": chosen},
+    criterion = SELECTION_CRITERION_VALIDATION if split == "validation" else SELECTION_CRITERION
+    grid = {"variants": [v.as_json() for v in vrows],
+            "selection": {"criterion": criterion, "chosen": chosen, "split": split},
             "verdicts_per_variant": lines, "recipe_verdict": summary}
     return selected_runs(runs, chosen), vrows, chosen, grid
 
@@ -133,12 +160,14 @@ def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[Seque
 def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[list[str], list[list[str]], int]:
     """(headers, rows, left-aligned columns) of the page's per-variant table; the chosen variant is marked."""
     knobs = sorted({k for v in rows for k in v.values})
-    headers = ["method", *knobs, "seeds", *METRICS, "chosen"]
+    val = any(v.validation is not None for v in rows)
+    headers = ["method", *knobs, "seeds", *METRICS, *(["validation ACC"] if val else []), "chosen"]
     out = []
     for v in rows:
         out.append([display_name(v.method), *(v.values.get(k, "") for k in knobs), str(len(v.seeds)),
                     *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
-                    "best ACC" if chosen.get(v.method) == v.variant else ""])
+                    *([fmt_pm(v.validation["mean"], v.validation["std"]) if v.validation else "—"] if val else []),
+                    ("best validation ACC" if v.validation else "best ACC") if chosen.get(v.method) == v.variant else ""])
     return headers, out, 1 + len(knobs)  # method and the knobs are text
 
 

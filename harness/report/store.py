@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from harness.errors import HarnessError, TrackingError
-from harness.metrics import summarize, summarize_reference
+from harness.analysis.documents import check_documents
+from harness.metrics import LEARN_MARGIN, learning_accuracy, not_learned, summarize, summarize_reference
 from harness.report.artifacts import download_jsons
 from harness.report.merge_store import MERGE_FILTER, MergeRun, load_merge_run
 from harness.report.naming import METRICS, is_reference_method
@@ -67,6 +68,9 @@ class SequenceRun:
     matrix_source: str
     notes: list[str] = field(default_factory=list)
     reference: bool = False  # a reference row (one multi-task stage), never ranked
+    documents: dict | None = None  # documents.json (per-document scores) when logged and consistent with R
+    not_learned: list[str] | None = None  # tasks whose own-stage score did not clear base + learn_margin (None: not judged)
+    learn_margin: float = LEARN_MARGIN
 
 
 @dataclass
@@ -198,10 +202,25 @@ def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> Expe
     return ExperimentRuns(client, exp.name, runs, skipped, interrupted, running, merges, merge_skipped)
 
 
-def _download_artifacts(client, run_id: str, dst: Path, notes: list[str]) -> tuple[set[str], Any, Any, Any]:
-    """(artifact names, matrix.json, summary.json, diagnostics.json); problems are appended to notes."""
-    available, parsed = download_jsons(client, run_id, ("matrix.json", "summary.json", "diagnostics.json"), dst, notes)
-    return available, parsed[0], parsed[1], parsed[2]
+def _download_artifacts(client, run_id: str, dst: Path, notes: list[str]) -> tuple[set[str], Any, Any, Any, Any]:
+    """(artifact names, matrix.json, summary.json, diagnostics.json, documents.json); problems are appended to notes."""
+    names = ("matrix.json", "summary.json", "diagnostics.json", "documents.json")
+    available, parsed = download_jsons(client, run_id, names, dst, notes)
+    return available, parsed[0], parsed[1], parsed[2], parsed[3]
+
+
+def _usable_documents(docs: Any, tasks: list[str], R: np.ndarray, notes: list[str]) -> dict | None:
+    """documents.json when it recomputes every cell of R exactly; otherwise None, with a note (absent: no note)."""
+    if docs is None:
+        return None
+    try:
+        problems = check_documents(docs, R) if list(docs["tasks"]) == list(tasks) else ["its tasks differ from the matrix's"]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        problems = [f"malformed ({type(exc).__name__}: {exc})"]
+    if problems:
+        notes.append(f"documents.json does not recompute the matrix ({problems[0]}); intervals resample seeds only")
+        return None
+    return docs
 
 
 def _matrix_from_metrics(client, run, tasks: list[str], reference: bool) -> np.ndarray:
@@ -262,7 +281,8 @@ def _logged(metrics: dict, summary: dict | None, name: str, summary_key: str) ->
 def _consistency_notes(logged: dict[str, float], R: np.ndarray, reference: bool = False) -> list[str]:
     """Where a logged metric disagrees with the scheduler's own definitions (harness.metrics) on R."""
     try:
-        recomputed = (summarize_reference if reference else summarize)(np.asarray(R, dtype=float))
+        R = np.asarray(R, dtype=float)
+        recomputed = {**summarize_reference(R), "LA": None} if reference else {**summarize(R), "LA": learning_accuracy(R)}
     except ValueError:  # a malformed matrix defines nothing
         recomputed = {m: None for m in METRICS}
     notes = []
@@ -282,7 +302,7 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
     info, data = run.info, run.data
     tags, params, metrics = dict(data.tags), dict(data.params), dict(data.metrics)
     notes: list[str] = []
-    available, matrix, summary, diagnostics = _download_artifacts(client, info.run_id, tmp / info.run_id, notes)
+    available, matrix, summary, diagnostics, documents = _download_artifacts(client, info.run_id, tmp / info.run_id, notes)
     summary = summary if isinstance(summary, dict) else None
     method = tags.get("harness.method") or params.get("method") or (summary or {}).get("method") or "unknown"
     reference = _is_reference(tags, summary, str(method))
@@ -294,8 +314,12 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
         "BWT": _logged(metrics, summary, "BWT", "bwt"),
         "FWT": _logged(metrics, summary, "FWT", "fwt"),
         "forgetting": _logged(metrics, summary, "forgetting", "forgetting"),
+        "LA": _logged(metrics, summary, "LA", "la"),
     }
+    if not finite(logged["LA"]) and not reference:  # logged since LA existed; older runs: from the matrix
+        logged["LA"] = _float_or_nan(_safe(learning_accuracy, R))
     notes.extend(_consistency_notes(logged, R, reference))
+    margin = float((summary or {}).get("learn_margin") or LEARN_MARGIN)
     return SequenceRun(
         run_id=info.run_id,
         run_name=info.run_name or info.run_id,
@@ -318,7 +342,31 @@ def _load_run(client, run, tmp: Path) -> SequenceRun:
         matrix_source=source,
         notes=notes,
         reference=reference,
+        documents=_usable_documents(documents, list(tasks or []), R, notes),
+        not_learned=_not_learned(summary, R, margin, tasks, reference),
+        learn_margin=margin,
     )
+
+
+def _safe(fn, R):
+    try:
+        return fn(np.asarray(R, dtype=float))
+    except ValueError:  # a malformed matrix defines nothing
+        return None
+
+
+def _float_or_nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _not_learned(summary: dict | None, R: np.ndarray, margin: float, tasks: list[str], reference: bool) -> list[str] | None:
+    """summary.json's not_learned, else (older runs) recomputed from the matrix; None for references and when not judged."""
+    if reference:
+        return None
+    if summary is not None and "not_learned" in summary:
+        return summary["not_learned"]
+    flagged = _safe(lambda M: not_learned(M, margin), R)
+    return None if flagged is None else [tasks[j] for j in flagged]
 
 
 def _is_reference(tags: dict, summary: dict | None, method: str) -> bool:

@@ -13,15 +13,19 @@ import re
 import tempfile
 from pathlib import Path
 
+from harness.analysis.statistics import LEVEL, N_BOOT, SEED
 from harness.io import atomic_write_bytes, atomic_write_text
 from harness.report.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
-from harness.report.figures import report_figures
+from harness.report import general
+from harness.report.figures import _method_colors, report_figures
+from harness.report.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, not_learned_notes, paired_verdicts,
+                                      units_by_method)
 from harness.report.merge_figures import merge_figures
 from harness.report.merging import MergingSummary, merging_json, merging_rows, summarize_merging
 from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
-from harness.report.sensitivity import select_variants, sensitivity_figure, sensitivity_table
+from harness.report.sensitivity import SELECTION_CRITERION, select_variants, sensitivity_figure, sensitivity_table
 from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
 from harness.tracking import default_tracking_uri
 
@@ -51,7 +55,8 @@ def _write_figures(report_dir: Path, figures: dict[str, bytes]) -> None:
 
 
 def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, columns, n_rows, mms, now,
-                  merging: MergingSummary | None = None, grid: dict | None = None) -> None:
+                  merging: MergingSummary | None = None, grid: dict | None = None, stats: dict | None = None,
+                  cells: dict | None = None) -> None:
     """comparison.json, plus comparison.csv and mean_matrices.json (sequence runs) and merging.csv (merge runs)."""
     import pandas as pd
 
@@ -71,6 +76,8 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         "running_runs": [u.as_json() for u in exp.running],
         # The rows of comparison.csv (one level, one per method; reference rows marked).
         "rows": comparison_rows(rows),
+        # The verdicts' evidence (paired bootstrap), the older std-rule sentences, tasks a run did not learn.
+        **(stats or {}),
         **merge_part,
         # A grid experiment: one row per method x variant, and which variant each method is compared at.
         **(grid or {}),
@@ -89,7 +96,9 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         "stages": list(range(n_rows)),
         "methods": {
             mm.method: {"order": mm.order, "seeds": mm.seeds, "task_order": mm.tasks, "reference": mm.reference,
-                        "mean": mm.mean, "std": mm.std, "count": mm.count}
+                        "mean": mm.mean, "std": mm.std, "count": mm.count,
+                        "ci_low": (cells or {}).get(mm.method, (None, None))[0],
+                        "ci_high": (cells or {}).get(mm.method, (None, None))[1]}
             for mm in mms
         },
     })
@@ -146,26 +155,37 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     by_method = {m: [r for r in runs if r.method == m] for m in methods}
     # Only merge runs: no sequence aggregates, tables or figures (page: has_sequences is false).
     df, rows = aggregate(runs) if runs else (None, [])
-    verdict = verdicts(rows) if runs else {}
+    units = units_by_method(by_method)
+    add_intervals(rows, units)
+    std_verdict = verdicts(rows) if runs else {}
+    paired_verdict, paired = paired_verdicts(rows, units)
+    verdict = {**std_verdict, **paired_verdict}  # the std rule's sentence stays where nothing can be compared
+    stats = {"verdicts_std_rule": std_verdict, "paired_comparisons": paired, "not_learned": not_learned_notes(runs),
+             "statistics": {"method": STATISTICS_NOTE.format(n=N_BOOT), "replicates": N_BOOT, "level": LEVEL, "seed": SEED}}
     columns, n_rows, mms = method_matrices(by_method) if runs else ([], 0, [])
+    cells = {mm.method: cell_intervals(mm, by_method[mm.method], columns) for mm in mms}
     mask_diag = diagnostic_matrices(by_method, "mask_overlap")
     sub_diag = diagnostic_matrices(by_method, "subspace_overlap")
     merging = summarize_merging(exp.merges, exp.merge_skipped) if exp.merges else None
 
     figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) if runs else {}
     figures.update(merge_figures(merging) if merging else {})
+    ce_png = general.figure(general.curves(by_method), _method_colors(methods))
+    if ce_png:
+        figures["general_ce.png"] = ce_png
     sens_png = sensitivity_figure(vrows) if vrows else None
     if sens_png:
         figures["sensitivity.png"] = sens_png
     _write_figures(report_dir, figures)
     now = now or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging, grid)
+    _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging, grid, stats, cells)
     log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
 
     page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
                     mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
                     sensitivity_table(vrows, chosen) if vrows else None,
-                    grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None)
+                    grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired,
+                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index

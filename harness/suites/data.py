@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 DATA_EXTS = (".jsonl", ".csv")
 FIXED_DATA_SEED = 0  # per_class / limit selection: the same examples for every run of a suite
+VALIDATION_SEED = "validation-0"  # with the task name: which training records a task's validation split holds
 # Keys that would pull other files or tasks into a task YAML: the suite could no longer vouch for it.
 _UNSUPPORTED_YAML_KEYS = ("include", "group", "tag", "task_list", "class")
 
@@ -199,17 +200,45 @@ def _raw_train_records(task: TaskSpec) -> list[dict]:
     return rows
 
 
-def train_records(task: TaskSpec) -> list[dict]:
-    """Raw training records after the suite's per_class / limit selection (fixed seed)."""
-    if "train" in task._cache:
-        return task._cache["train"]
+def selected_train_records(task: TaskSpec) -> list[dict]:
+    """Raw training records after the suite's per_class / limit selection (fixed seed), validation included."""
+    if "train_selected" in task._cache:
+        return task._cache["train_selected"]
     rows = _raw_train_records(task)
     if task.train.per_class is not None:
         rows = _stratified(rows, task.label_column, task.train.per_class, FIXED_DATA_SEED)
     if task.train.limit is not None:
         rows = _first_after_shuffle(rows, task.train.limit, FIXED_DATA_SEED)
+    task._cache["train_selected"] = rows
+    return rows
+
+
+def validation_indices(task: TaskSpec) -> list[int]:
+    """Positions in selected_train_records of the task's validation split: a sample of validation.size, seeded by
+    (VALIDATION_SEED, task name) alone, so it is the same for every run, method and seed. Empty without one."""
+    if task.validation is None:
+        return []
+    rows = selected_train_records(task)
+    if task.validation.size >= len(rows):
+        raise SuiteError(f"{task.where}.validation.size: {task.validation.size}, but the task has only {len(rows)} training "
+                         "examples; carve fewer (the rest are trained on)")
+    return sorted(random.Random(f"{VALIDATION_SEED}:{task.name}").sample(range(len(rows)), task.validation.size))
+
+
+def train_records(task: TaskSpec) -> list[dict]:
+    """The records trained on: the selected training records without the validation split."""
+    if "train" in task._cache:
+        return task._cache["train"]
+    held = set(validation_indices(task))
+    rows = [r for i, r in enumerate(selected_train_records(task)) if i not in held]
     task._cache["train"] = rows
     return rows
+
+
+def validation_records(task: TaskSpec) -> list[dict]:
+    """The validation split's raw records (never trained on; lm-eval scores them like test documents)."""
+    rows = selected_train_records(task)
+    return [rows[i] for i in validation_indices(task)]
 
 
 def train_examples(task: TaskSpec, limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:

@@ -104,6 +104,21 @@ class _LocalDataset:
         return f"harness.suites._LocalDataset({str(self.path)!r}, split={self.split!r})"
 
 
+class _RecordsDataset:
+    """lm-eval custom_dataset holding given records (a validation split carved from the training data)."""
+
+    def __init__(self, records: list[dict], split: str):
+        self.records, self.split = records, split
+
+    def __call__(self, **_ignored):
+        import datasets
+
+        return datasets.DatasetDict({self.split: datasets.Dataset.from_list(self.records)})
+
+    def __repr__(self) -> str:
+        return f"harness.suites._RecordsDataset({len(self.records)} records, split={self.split!r})"
+
+
 class _DropCustomDatasetHint(logging.Filter):
     """Drops lm-eval's per-task hint that custom_dataset kwargs can go via --metadata: noise for our test files."""
 
@@ -205,4 +220,27 @@ def lm_eval_config(task: TaskSpec) -> dict:
     if isinstance(cfg["metadata"], dict):
         cfg["metadata"].setdefault("version", 1.0)
     _set_test_data(task, cfg)
+    return cfg
+
+
+def lm_eval_validation_config(task: TaskSpec) -> dict | None:
+    """The task's lm-eval config with its validation records as the documents (same rendering and metric), or None.
+
+    The task name gets a "__validation" suffix, so its results never mix with the test split's."""
+    if task.validation is None:
+        return None
+    cfg = copy.deepcopy(read_lm_eval_yaml(task))
+    cfg["task"] = f"{task.lm_eval_name}__validation"
+    cfg["task_alias"] = f"{task.name} (validation)"
+    _add_rendering(task, cfg)
+    cfg.setdefault("metadata", {})
+    if isinstance(cfg["metadata"], dict):
+        cfg["metadata"].setdefault("version", 1.0)
+    for k in ("validation_split", "training_split", "fewshot_split", "process_docs", "dataset_name"):
+        cfg.pop(k, None)
+    cfg["test_split"] = "validation"
+    cfg["dataset_path"] = "json"
+    cfg["dataset_kwargs"] = {}
+    cfg["custom_dataset"] = _RecordsDataset(task.validation_records(), "validation")
+    _quiet_custom_dataset_hint()
     return cfg

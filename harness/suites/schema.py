@@ -64,6 +64,10 @@ Every key, with its meaning (``yaml.safe_load`` only: no ``!function`` or other 
         test_per_class: 500             #   most this many test documents (in all / per label)
                                         #   instead of the whole split (lm-eval process_docs)
         budget: {epochs: 3}             # optional: overrides of the suite budget for this task
+        validation: {size: 30}          # optional: a validation split of this many records carved from
+                                        #   the training data (after per_class/limit) with a fixed seed
+                                        #   (harness.suites.data.VALIDATION_SEED + the task name); never
+                                        #   trained on. Grid selection uses it (sizes.train counts it)
 
 The lm-eval task YAML
 =====================
@@ -191,6 +195,13 @@ class Sizes(_Strict):
     test: int = Field(ge=1)
 
 
+class ValidationSplit(_Strict):
+    """A validation split carved from the task's training records with a fixed seed: never trained on, and (like
+    all training data) checked to share no prompt with the test documents."""
+
+    size: int = Field(ge=1)
+
+
 class TaskSpec(_Strict):
     """One task of a suite: training data, prompt format and its lm-eval task.
 
@@ -210,6 +221,7 @@ class TaskSpec(_Strict):
     test_limit: int | None = Field(None, ge=1)
     test_per_class: int | None = Field(None, ge=1)
     budget: TaskBudget | None = None
+    validation: ValidationSplit | None = None
 
     _suite_dir: Path = PrivateAttr(default=Path("."))
     _suite_name: str = PrivateAttr(default="")
@@ -298,6 +310,14 @@ class TaskSpec(_Strict):
         """Raw records of the local test file (lm-eval's documents); SuiteError for hub data."""
         return data.test_records(self)
 
+    def validation_records(self) -> list[dict]:
+        """Raw records of the validation split (carved from training data; empty without one)."""
+        return data.validation_records(self)
+
+    def lm_eval_validation_config(self) -> dict | None:
+        """The lm-eval config that scores the validation split as its test documents (None without one)."""
+        return lm_eval_configs.lm_eval_validation_config(self)
+
     @property
     def metric_key(self) -> str:
         """The key of the primary metric in lm-eval's results[task], e.g. "acc,none"."""
@@ -363,6 +383,10 @@ class Suite(_Strict):
     def lm_eval_task_configs(self) -> dict[str, dict]:
         """task name -> resolved lm-eval task config dict (task: '<suite>__<task>')."""
         return {t.name: t.lm_eval_config() for t in self.tasks}
+
+    def lm_eval_validation_configs(self) -> dict[str, dict]:
+        """task name -> lm-eval config scoring its validation split, for the tasks that have one."""
+        return {t.name: t.lm_eval_validation_config() for t in self.tasks if t.validation is not None}
 
     def summary(self) -> dict[str, Any]:
         """The row `harness suites` shows (and --json prints) for this suite."""

@@ -116,7 +116,8 @@ def _check_lm_eval_task(t: TaskSpec, cfg: dict, test_rows: list[dict], problems:
 def _check_train(t: TaskSpec, tw: str, problems: list[str]) -> list[dict]:
     """Local training data: parses, renders, has the declared size and every label; returns the rendered examples."""
     try:
-        rows = t.train_records()
+        rows = data.selected_train_records(t)  # with the validation split: it must not overlap the test documents either
+        data.validation_indices(t)  # a validation split larger than the data is refused here
         file = data.train_file(t)
         where = f"{tw}.train ({display(file)})"
         rendered = _check_records(t, rows, where, problems)

@@ -1,0 +1,1 @@
+"""Analysis of finished runs: per-document results and statistics over them (pure functions, no I/O but reading)."""

@@ -1,0 +1,238 @@
+"""Uncertainty of continual-learning results: bootstrap intervals and paired comparisons, as pure functions.
+
+A method's evidence is its finished sequences (units: one per seed and task order), each an accuracy matrix
+whose cells are means over test documents. Every method and seed scores the same documents, so two
+sources of noise are crossed: which seeds were run and which documents were drawn. One bootstrap replicate
+draws the seeds with replacement and, independently, the documents of every task with replacement; the
+same document draw is used in every cell of every sequence (a document that is easy after stage 1 stays
+the same document after stage 4, and for the other method), and each resampled matrix goes through the
+metric definitions of harness.metrics. Intervals are percentile intervals of the replicates.
+
+Between two methods (paired_difference), the units are paired by seed and order and each replicate uses
+the same seed and document draws for both; the p-value is the two-sided bootstrap p of "no difference",
+2 · min(share of replicates with difference <= 0, share >= 0), with one added to each count (never 0).
+Without per-document scores (folders written before they existed) only seeds are resampled: with 2-3
+seeds such an interval is narrow by construction, and the report says which kind it used.
+docs/statistics.md describes the method for readers of the report.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harness import metrics as MX
+
+N_BOOT = 2000  # replicates: the 2.5% tail rests on 50 of them
+LEVEL = 0.95
+SEED = 0  # the bootstrap's own RNG seed: a report is the same every time it is written
+
+
+@dataclass
+class Unit:
+    """One finished sequence: its key (pairs it with another method's), matrix and per-document scores."""
+
+    key: str  # "<seed>/<order>"
+    tasks: list[str]  # the matrix's columns (training order)
+    R: np.ndarray  # (stages, T) as recorded
+    scores: dict[str, np.ndarray] | None = None  # task -> (stages, documents); None without per-document files
+    doc_ids: dict[str, list[int]] | None = None
+    reference: bool = False
+    # resampled matrices per document draw (a report asks for them once per metric and comparison)
+    _resampled: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass
+class Estimate:
+    """A metric's mean over units and its bootstrap interval (None where it cannot be estimated)."""
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n_units: int
+    resampled: str  # "documents and seeds", "documents", "seeds" or "nothing"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"mean": self.mean, "low": self.low, "high": self.high, "n_units": self.n_units, "resampled": self.resampled}
+
+
+@dataclass
+class Comparison:
+    """A paired difference a - b of one metric, its interval and p-value."""
+
+    a: str
+    b: str
+    metric: str
+    difference: float | None
+    low: float | None
+    high: float | None
+    p: float | None
+    n_units: int
+    resampled: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "metric": self.metric, "difference": self.difference, "low": self.low,
+                "high": self.high, "p": self.p, "n_pairs": self.n_units, "resampled": self.resampled}
+
+
+def metric_functions(reference: bool) -> dict:
+    return MX.REFERENCE_VALUES if reference else MX.METRIC_VALUES
+
+
+def has_documents(units: list[Unit]) -> bool:
+    """Every unit has per-document scores, and every task the same documents in all of them."""
+    if not units or any(u.scores is None or u.doc_ids is None for u in units):
+        return False
+    first = units[0].doc_ids
+    return all(set(u.doc_ids) == set(first) and all(u.doc_ids[t] == first[t] for t in first) for u in units)
+
+
+def document_weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """(n_boot, n): how often each of n documents is drawn in each replicate, divided by n (rows sum to 1)."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # n draws with replacement, as counts
+
+
+def document_draws(seed: int, units: list[Unit], n_boot: int) -> dict[str, np.ndarray]:
+    """task -> document weights, one draw per task shared by every unit (tasks in sorted order: reproducible)."""
+    return _draws(seed, tuple(sorted((t, len(ids)) for t, ids in units[0].doc_ids.items())), n_boot)
+
+
+@functools.lru_cache(maxsize=8)
+def _draws(seed: int, sizes: tuple[tuple[str, int], ...], n_boot: int) -> dict[str, np.ndarray]:
+    """The draws are a function of (seed, task sizes, n_boot) alone: made once, shared by every estimate and comparison."""
+    rng = np.random.default_rng([seed, 0])
+    return {t: document_weights(rng, n, n_boot) for t, n in sizes}
+
+
+def resampled_matrices(unit: Unit, draws: dict[str, np.ndarray]) -> np.ndarray:
+    """(n_boot, stages, T): the unit's matrix recomputed on each replicate's documents (NaN where not evaluated)."""
+    cached = unit._resampled.get(id(draws))
+    if cached is not None and cached[0] is draws:  # holding the draws keeps their id from being reused
+        return cached[1]
+    n_boot = next(iter(draws.values())).shape[0]
+    out = np.full((n_boot, unit.R.shape[0], len(unit.tasks)), np.nan)
+    for j, task in enumerate(unit.tasks):
+        A = unit.scores[task]  # (stages, documents); a row not evaluated is all NaN and stays NaN
+        out[:, :, j] = draws[task] @ np.nan_to_num(A).T
+        out[:, np.isnan(A).any(axis=1), j] = np.nan
+    unit._resampled[id(draws)] = (draws, out)
+    return out
+
+
+def _unit_replicates(units: list[Unit], metric: str, draws: dict[str, np.ndarray] | None, n_boot: int) -> np.ndarray:
+    """(units, n_boot) values of the metric: on resampled documents, or the observed value in every replicate."""
+    out = np.empty((len(units), n_boot))
+    for k, u in enumerate(units):
+        fn = metric_functions(u.reference)[metric]
+        out[k] = fn(resampled_matrices(u, draws)) if draws is not None else fn(u.R)
+    return out
+
+
+def _seed_mean(values: np.ndarray, seed_idx: np.ndarray) -> np.ndarray:
+    """(n_boot,): replicate b's mean over its drawn units (values: units x n_boot, seed_idx: n_boot x units)."""
+    return np.take_along_axis(values.T, seed_idx, axis=1).mean(axis=1)
+
+
+def _interval(reps: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    if not np.isfinite(reps).all():
+        return None, None
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _resampled_label(documents: bool, n_units: int) -> str:
+    if documents:
+        return "documents and seeds" if n_units > 1 else "documents"
+    return "seeds" if n_units > 1 else "nothing"
+
+
+def _setup(units: list[Unit], n_units: int, n_boot: int, seed: int) -> tuple[dict | None, np.ndarray, bool]:
+    """(document draws or None, seed draws (n_boot, n_units), whether documents are resampled)."""
+    docs = has_documents(units)
+    draws = document_draws(seed, units, n_boot) if docs else None
+    return draws, np.random.default_rng([seed, 1]).integers(0, n_units, size=(n_boot, n_units)), docs
+
+
+def estimate(units: list[Unit], metric: str, *, n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> Estimate:
+    """Mean over units of one metric and its percentile interval, resampling seeds and (when present) documents."""
+    if not units:
+        return Estimate(None, None, None, 0, "nothing")
+    observed = np.array([metric_functions(u.reference)[metric](u.R) for u in units], dtype=float)
+    mean = float(observed.mean()) if np.isfinite(observed).all() else None
+    draws, seed_idx, docs = _setup(units, len(units), n_boot, seed)
+    if mean is None or (not docs and len(units) < 2):
+        return Estimate(mean, None, None, len(units), _resampled_label(docs, len(units)) if mean is not None else "nothing")
+    reps = _seed_mean(_unit_replicates(units, metric, draws, n_boot), seed_idx)
+    return Estimate(mean, *_interval(reps, level), len(units), _resampled_label(docs, len(units)))
+
+
+def estimates(units: list[Unit], metrics, **kw) -> dict[str, Estimate]:
+    """estimate() for each metric that applies to the units (a reference run defines ACC only)."""
+    ref = bool(units) and units[0].reference
+    return {m: estimate(units, m, **kw) for m in metrics if m in metric_functions(ref)}
+
+
+def cell_intervals(units: list[Unit], columns: list[str], n_rows: int, *, n_boot: int = N_BOOT, seed: int = SEED,
+                   level: float = LEVEL) -> tuple[np.ndarray, np.ndarray, str]:
+    """(low, high, what was resampled): a percentile interval for every cell of the mean matrix, aligned by task name.
+
+    NaN where a cell was not evaluated or cannot be estimated (one unit without per-document scores)."""
+    low, high = np.full((n_rows, len(columns)), np.nan), np.full((n_rows, len(columns)), np.nan)
+    draws, seed_idx, docs = _setup(units, len(units), n_boot, seed) if units else (None, None, False)
+    if not units or (not docs and len(units) < 2):
+        return low, high, _resampled_label(docs, len(units))
+    stack = np.full((len(units), n_boot, n_rows, len(columns)), np.nan)
+    for k, u in enumerate(units):
+        M = resampled_matrices(u, draws) if docs else np.broadcast_to(u.R, (n_boot, *u.R.shape))
+        rows = min(n_rows, M.shape[1])
+        for j, task in enumerate(u.tasks):
+            if task in columns:
+                stack[k, :, :rows, columns.index(task)] = M[:, :rows, j]
+    picked = stack[seed_idx.T, np.arange(n_boot)[None, :]]  # (units drawn, n_boot, rows, cols)
+    reps = picked.mean(axis=0)
+    ok = np.isfinite(reps).all(axis=0)
+    q = np.quantile(np.where(np.isfinite(reps), reps, 0.0), [(1 - level) / 2, (1 + level) / 2], axis=0)
+    low[ok], high[ok] = q[0][ok], q[1][ok]
+    return low, high, _resampled_label(docs, len(units))
+
+
+def pair_units(a: list[Unit], b: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+    """The units of a and b that share a key (seed and order), in key order."""
+    keys = sorted({u.key for u in a} & {u.key for u in b})
+    by_a, by_b = {u.key: u for u in a}, {u.key: u for u in b}
+    return [by_a[k] for k in keys], [by_b[k] for k in keys]
+
+
+def bootstrap_p(diffs: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "no difference": 2 · min(#(d <= 0) + 1, #(d >= 0) + 1) / (n + 1), at most 1."""
+    n = len(diffs)
+    return float(min(1.0, 2 * min(np.sum(diffs <= 0) + 1, np.sum(diffs >= 0) + 1) / (n + 1)))
+
+
+def paired_difference(a: list[Unit], b: list[Unit], metric: str, names: tuple[str, str] = ("a", "b"), *,
+                      n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL) -> Comparison:
+    """Mean of metric(a) - metric(b) over the paired units, its percentile interval and bootstrap p-value.
+
+    Each replicate draws the pairs (seeds) and the documents once, for both methods; without per-document
+    scores in every unit of both, only the pairs are resampled."""
+    ua, ub = pair_units(a, b)
+    none = Comparison(names[0], names[1], metric, None, None, None, None, len(ua), "nothing")
+    if not ua:
+        return none
+    fa, fb = metric_functions(ua[0].reference), metric_functions(ub[0].reference)
+    if metric not in fa or metric not in fb:
+        return none
+    d_obs = np.array([fa[metric](x.R) - fb[metric](y.R) for x, y in zip(ua, ub)], dtype=float)
+    if not np.isfinite(d_obs).all():
+        return none
+    draws, seed_idx, docs = _setup(ua + ub, len(ua), n_boot, seed)  # one draw of pairs and documents for both
+    diff = float(d_obs.mean())
+    if not docs and len(ua) < 2:
+        return Comparison(names[0], names[1], metric, diff, None, None, None, len(ua), "nothing")
+    d = _unit_replicates(ua, metric, draws, n_boot) - _unit_replicates(ub, metric, draws, n_boot)
+    reps = _seed_mean(d, seed_idx)
+    lo, hi = _interval(reps, level)
+    return Comparison(names[0], names[1], metric, diff, lo, hi, bootstrap_p(reps), len(ua), _resampled_label(docs, len(ua)))

@@ -1,0 +1,155 @@
+"""The report's uncertainty: bootstrap intervals per method and cell, and verdicts from paired comparisons.
+
+The statistics are harness.analysis.statistics (docs/statistics.md): documents and seeds resampled
+together when every run of the compared methods logged its per-document scores (documents.json), seeds
+only otherwise, and the sentence says which. A verdict compares the best method on a metric with each
+other one by a paired bootstrap on the seeds (and task orders) both ran: the difference, its 95%
+interval and p. A difference is called significant when the interval excludes 0. The older rule (a gap
+larger than the larger of the two stds) is kept beside it as a column, not as the verdict.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from harness.analysis import statistics as ST
+from harness.analysis.documents import score_arrays
+from harness.report.aggregate import MethodMatrix, noise_class, rank
+from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name
+from harness.report.numbers import finite, fmt, fmt_pm
+from harness.report.store import SequenceRun
+
+STATISTICS_NOTE = (
+    "95% percentile bootstrap intervals ({n} replicates). Each replicate draws the seeds (and task orders) with "
+    "replacement and, when every run logged its per-document scores, the test documents of every task with replacement, "
+    "the same documents in every cell and for every method; differences are paired on the seeds both methods ran. p is "
+    "the two-sided bootstrap p-value of no difference. See docs/statistics.md."
+)
+
+
+def unit(run: SequenceRun) -> ST.Unit:
+    """A finished run as the statistics see it (per-document scores when its documents.json was usable)."""
+    docs = run.documents
+    scores = score_arrays(docs) if docs else None
+    ids = {t: list(docs["documents"][t]["doc_ids"]) for t in docs["tasks"]} if docs else None
+    return ST.Unit(key=f"{run.seed}/{run.order}", tasks=list(run.tasks), R=np.asarray(run.R, dtype=float), scores=scores,
+                   doc_ids=ids, reference=run.reference)
+
+
+def units_by_method(by_method: dict[str, list[SequenceRun]]) -> dict[str, list[ST.Unit]]:
+    return {m: [unit(r) for r in runs] for m, runs in by_method.items()}
+
+
+def add_intervals(rows: list[dict], units: dict[str, list[ST.Unit]]) -> None:
+    """Each method row's metric entries get ci_low, ci_high and ci_resampled (what the bootstrap drew)."""
+    for r in rows:
+        ests = ST.estimates(units.get(r["method"], []), METRICS)
+        for m in METRICS:
+            e = ests.get(m)
+            r[m].update({"ci_low": e.low if e else None, "ci_high": e.high if e else None,
+                         "ci_resampled": e.resampled if e else "nothing"})
+
+
+def cell_intervals(mm: MethodMatrix, runs: list[SequenceRun], columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of every cell of a method's mean matrix (its heatmap order's runs), aligned to the columns."""
+    us = [unit(r) for r in runs if r.order == mm.order]
+    low, high, _ = ST.cell_intervals(us, columns, mm.mean.shape[0])
+    return low, high
+
+
+def fmt_ci(mean: Any, low: Any, high: Any) -> str:
+    """0.812 [0.750, 0.870]; the mean alone without an interval."""
+    if not finite(mean):
+        return "—"
+    return f"{float(mean):.3f} [{float(low):.3f}, {float(high):.3f}]" if finite(low) and finite(high) else f"{float(mean):.3f}"
+
+
+def fmt_p(p: float | None) -> str:
+    return "—" if p is None else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
+
+
+def significant(c: ST.Comparison) -> bool:
+    return c.low is not None and c.high is not None and not (c.low <= 0 <= c.high)
+
+
+def _how(c: ST.Comparison) -> str:
+    what = {"documents and seeds": f"{c.n_units} seeds and the test documents", "documents": "the test documents (one seed)",
+            "seeds": f"{c.n_units} seeds; seed-level only: these runs have no per-document results"}[c.resampled]
+    return (f"paired bootstrap over {what}: {display_name(c.a)} − {display_name(c.b)} = {c.difference:+.3f}, "
+            f"95% CI [{c.low:+.3f}, {c.high:+.3f}], {fmt_p(c.p)}")
+
+
+def paired_sentence(m: str, best: dict, other: dict, c: ST.Comparison) -> str:
+    """One verdict: the best row against another on metric m, from their paired comparison."""
+    a, b = display_name(best["method"]), display_name(other["method"])
+    vs = (f"{a} {fmt_ci(best[m]['mean'], best[m].get('ci_low'), best[m].get('ci_high'))} vs "
+          f"{b} {fmt_ci(other[m]['mean'], other[m].get('ci_low'), other[m].get('ci_high'))}")
+    if c.difference is None:
+        return f"{vs}: not compared (no seed and task order that both ran)"
+    d = abs(c.difference)
+    d_txt = f"{d:.3f}" if d >= 0.001 else f"{d:.1e}"
+    if d < 1e-9:
+        return f"{vs}: no difference"
+    if c.low is None:
+        return f"{vs}: {a} is better by {d_txt} (one run each, no noise estimate)"
+    if significant(c):
+        return f"{vs}: {a} is better by {d_txt} ({_how(c)})"
+    return f"{vs}: the difference {d_txt} is not significant ({_how(c)})"
+
+
+def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]]) -> tuple[dict[str, str], list[dict]]:
+    """(metric -> verdict sentence, every comparison as comparison.json's "paired_comparisons" entries).
+
+    Like aggregate.verdicts (whose sentences these replace): reference rows are never ranked."""
+    sentences, table = {}, []
+    for m in METRICS:
+        direction = "higher" if HIGHER_IS_BETTER[m] else "lower"
+        cands = [r for r in rows if finite(r[m]["mean"]) and not r.get("reference")]
+        if len(cands) < 2:
+            continue  # aggregate.verdicts' sentence for this case stands
+        ranked = rank(m, cands, HIGHER_IS_BETTER[m])
+        parts = []
+        for other in ranked[1:]:
+            c = ST.paired_difference(units[ranked[0]["method"]], units[other["method"]], m,
+                                     (ranked[0]["method"], other["method"]))
+            parts.append(paired_sentence(m, ranked[0], other, c))
+            table.append({**c.as_json(), "significant": significant(c), "std_rule": noise_class(m, ranked[0], other)})
+        sentences[m] = f"{m} ({direction} is better): " + "; ".join(parts) + "."
+    return sentences, table
+
+
+def paired_table_rows(table: list[dict]) -> list[list[str]]:
+    """The page's table of paired comparisons (the std rule as the last column)."""
+    std_words = {"beyond": "beyond the std", "within": "within the std", "unknown": "one run each", "none": "no difference"}
+    out = []
+    for c in table:
+        ci = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if c["low"] is not None else "—"
+        diff = f"{c['difference']:+.3f}" if c["difference"] is not None else "—"
+        out.append([c["metric"], display_name(c["a"]), display_name(c["b"]), diff, ci, fmt_p(c["p"]),
+                    "yes" if c["significant"] else "no", c["resampled"], str(c["n_pairs"]), std_words[c["std_rule"]]])
+    return out
+
+
+PAIRED_HEADERS = ["metric", "best", "against", "difference (best − other)", "95% CI", "p", "significant", "resampled",
+                  "pairs", "std rule (old verdict)"]
+
+
+def not_learned_notes(runs: list[SequenceRun]) -> list[dict]:
+    """comparison.json's "not_learned": per run, the tasks it did not learn at their own stage."""
+    return [{"method": r.method, "seed": r.seed, "order": r.order, "tasks": r.not_learned, "margin": r.learn_margin}
+            for r in runs if r.not_learned]
+
+
+def not_learned_sentences(runs: list[SequenceRun]) -> list[str]:
+    return [f"{display_name(r.method)} seed {r.seed} order {r.order}: {', '.join(r.not_learned)} did not beat the base model by "
+            f"{r.learn_margin:g} right after its own stage: its low final score is a training failure, not forgetting "
+            f"(it counts in ACC and BWT all the same; LA shows it)." for r in runs if r.not_learned]
+
+
+def fmt_metric(r: dict, m: str) -> str:
+    """A metric cell of the page's table: mean ± std, then the interval."""
+    base = fmt_pm(r[m]["mean"], r[m]["std"])
+    lo, hi = r[m].get("ci_low"), r[m].get("ci_high")
+    return f"{base} [{fmt(lo)}, {fmt(hi)}]" if finite(lo) and finite(hi) else base
