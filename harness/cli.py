@@ -206,8 +206,12 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
+    from harness.sequence_files import sequence_folders, verify_folder
     from harness.tracking import default_tracking_uri, mark_interrupted
 
+    root = Path(args.results_dir) / args.experiment if args.experiment else Path(args.results_dir)
+    for folder in sequence_folders(root):  # the report must not rest on a damaged folder (IntegrityError: exit 2)
+        verify_folder(folder)
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
     index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
     print(f"report: {index}")
@@ -235,6 +239,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from harness.verify import verify_path
+
+    text, ok = verify_path(Path(args.run_dir), args.tracking_uri)
+    print(text)
+    return 0 if ok else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -335,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT", help="Folder to write: new or empty (never overwritten).")
     e.add_argument("--stage", type=int, default=None, metavar="T", help="Committed stage to export [default: the last committed one].")
     e.set_defaults(func=cmd_export)
+
+    ver = sub.add_parser("verify", help="Check a run folder: file hashes, LoRI-S mask invariants, metrics recomputed from the "
+                                        "matrix, MLflow against the folder. Exit 0 when all hold, 1 otherwise.")
+    ver.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder, or a folder above sequence folders (an experiment).")
+    ver.add_argument("--tracking-uri", default=None, help="MLflow store to compare with [default: the one in each state.json].")
+    ver.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("bench", help="Median step time and tokens/s of each method's real training step, and a bare base-model step.")
     b.add_argument("--methods", dest="bench_methods", default="base,lora,lori-d,lori-s",

@@ -27,12 +27,14 @@ from harness import faults
 from harness import metrics as MX
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
+from harness.errors import HarnessError
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.planning import SequenceSpec, stage_budget, task_examples
-from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, done_line, finished_stages, git_commit,
-                                    stage_line, write_matrix_files)
+from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line, finished_stages,
+                                    git_commit, result_hashes, stage_line, verify_folder, verify_stages, write_matrix_files,
+                                    write_stage_marker)
 from harness.train import Recipe, train_method
 
 
@@ -45,6 +47,20 @@ def say(msg: str, *, every_rank: bool = False) -> None:
         return
     sys.stderr.write(msg + "\n")  # one write: ranks sharing a stream do not split each other's lines
     sys.stderr.flush()
+
+
+def main_then_all(fn):
+    """fn() on rank 0, its result on every rank; a HarnessError it raises is raised on every rank (none waits forever)."""
+    result = None
+    if D.is_main():
+        try:
+            result = (fn(), None)
+        except HarnessError as exc:
+            result = (None, exc)
+    value, err = D.broadcast_object(result)
+    if err is not None:
+        raise err
+    return value
 
 
 class SequenceRunner:
@@ -102,9 +118,8 @@ class SequenceRunner:
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
         waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
         with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
-            summary_path = self.run_dir / "summary.json"
-            done = D.broadcast_object(read_json(summary_path) if main and summary_path.exists() else None)
-            if done and done.get("complete"):
+            done = main_then_all(self._finished_summary)
+            if done:
                 say(f"[{self.spec.label}] already complete: skipping ({self.run_dir})")
                 return done
             if main:
@@ -121,6 +136,15 @@ class SequenceRunner:
             if main:
                 self.tracker.finish(self.parent_id, "FINISHED")
             return out
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """summary.json of a finished sequence with every stage committed, checked against its hashes; else None."""
+        path = self.run_dir / "summary.json"
+        summary = read_json(path) if path.exists() else None
+        if not (summary and summary.get("complete")) or max(committed_stages(self.run_dir), default=0) < len(self.plan):
+            return None  # unfinished, or a stage folder was deleted to be redone
+        verify_folder(self.run_dir)
+        return summary
 
     def _open_parent(self) -> str:
         state_path = self.run_dir / "state.json"
@@ -147,7 +171,7 @@ class SequenceRunner:
         main = D.is_main()
         if main:
             clean_partial_writes(self.run_dir)
-        done = D.broadcast_object(finished_stages(self.run_dir) if main else None)  # rank 0 also drops unfinished ones
+        done = main_then_all(self._committed_verified)
         if main:
             self._replay_committed(done)
             if 0 not in done and self.eval_tasks(0):
@@ -162,6 +186,12 @@ class SequenceRunner:
             return self._finish(method)
         finally:
             self.model = method.unload() if method.model is not None else self.model
+
+    def _committed_verified(self) -> dict[int, Path]:
+        """Rank 0: the committed stages (unfinished ones dropped), checked against their hashes before anything reads them."""
+        done = finished_stages(self.run_dir)
+        verify_stages(self.run_dir, done)
+        return done
 
     def _replay_committed(self, done: dict[int, Path]) -> None:
         """Committed stages fill the matrix; MLflow gets whatever a kill kept it from receiving."""
@@ -193,7 +223,7 @@ class SequenceRunner:
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
-            atomic_write_json(tmp / STAGE_MARKER, info)
+            write_stage_marker(tmp, info)
         self.fill_row(0, ev.scores)
         self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
         self.stage_wall[0] = time.perf_counter() - t0
@@ -267,7 +297,7 @@ class SequenceRunner:
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
                 "mlflow_run_id": self.child_id, **method.param_counts(), **stats}
-            atomic_write_json(tmp / STAGE_MARKER, info)
+            write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
         self._mirror_stage(self.child_id, stage_dir, fresh=True)
@@ -319,6 +349,7 @@ class SequenceRunner:
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
+            "sha256": result_hashes(run_dir),
         }
         self.tracker.log_metrics(self.parent_id, {**summ, **counts})
         for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml"):
