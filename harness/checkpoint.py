@@ -72,6 +72,7 @@ class StageCheckpointer:
         self.path = self.run_dir / CKPT_DIR
         self.saves = 0
         self.save_s = 0.0
+        self.restored_train_s = 0.0  # training seconds an earlier process spent on this stage (0 unless restored)
 
     # --- reading ----------------------------------------------------------------------------
     def _matches(self) -> bool:
@@ -111,6 +112,7 @@ class StageCheckpointer:
         for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
             if f"rng/cuda{i}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"rng/cuda{i}"], i)
+        self.restored_train_s = st["wall_s"]
         return Progress(step=st["step"], tokens=st["tokens"], wall_s=st["wall_s"], losses=st["losses"], order=st["order"])
 
     # --- writing ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -399,8 +400,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): finished stages are kept; continue with `harness resume RUN_DIR`", file=sys.stderr)
+        print(_interrupted_message(exc), file=sys.stderr)
         return 130
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working folder when below it, quoted for the shell."""
+    path = Path(path).resolve()
+    try:
+        path = path.relative_to(Path.cwd().resolve())
+    except ValueError:
+        pass
+    return shlex.quote(str(path))
+
+
+def _interrupted_message(exc: KeyboardInterrupt) -> str:
+    """What was kept and the exact command that continues: the sequence's folder (and the experiment's, if it has more)."""
+    why = getattr(exc, "why", None) or str(exc) or "Ctrl-C"
+    where = getattr(exc, "resume_dir", None)
+    if where is None:
+        return f"interrupted ({why}): finished stages are kept; run the same command again to continue (finished work is skipped)"
+    msg = f"interrupted ({why}): finished stages are kept; continue with `harness resume {_shown(where)}`"
+    if getattr(exc, "experiment_dir", None) is not None:
+        msg += f" (every sequence of the experiment: `harness resume {_shown(exc.experiment_dir)}`)"
+    return msg
 
 
 if __name__ == "__main__":

@@ -25,3 +25,12 @@ class CapacityError(HarnessError):
 
 class TrackingError(HarnessError):
     """A tracking store that cannot be reached or written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run, with the folder `harness resume` continues (the CLI prints the command)."""
+
+    def __init__(self, why: str, resume_dir=None):
+        super().__init__(why)
+        self.why, self.resume_dir = why, resume_dir
+        self.experiment_dir = None  # set when the experiment has other sequences too

@@ -15,6 +15,7 @@ import torch
 
 from harness import distributed as D
 from harness.config import ExperimentConfig
+from harness.errors import Interrupted
 from harness.io import atomic_write_yaml
 from harness.methods import METHODS, Method
 from harness.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
@@ -105,6 +106,11 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     for spec in specs:
         runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
                                 base_cache=base_cache)
-        results.append(runner.run())
+        try:
+            results.append(runner.run())
+        except Interrupted as exc:
+            if len(specs) > 1:  # resuming this sequence alone would leave the others unrun
+                exc.experiment_dir = experiment_dir(cfg)
+            raise
         model = runner.model
     return results

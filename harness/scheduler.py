@@ -27,7 +27,7 @@ from harness import faults
 from harness import metrics as MX
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, Interrupted
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
@@ -127,11 +127,15 @@ class SequenceRunner:
                 self.parent_id = self._open_parent()
             try:
                 out = self._run_stages()
+            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: KILLED at once, and the exact command to continue
+                for run_id in (self.child_id, self.parent_id):
+                    if run_id:
+                        self.tracker.mark_killed(run_id)
+                raise Interrupted(getattr(exc, "why", None) or str(exc) or "Ctrl-C", self.run_dir) from None
             except BaseException:
-                if self.child_id:
-                    self.tracker.finish(self.child_id, "FAILED")
-                if self.parent_id:
-                    self.tracker.finish(self.parent_id, "FAILED")
+                for run_id in (self.child_id, self.parent_id):
+                    if run_id:
+                        self.tracker.finish(run_id, "FAILED")
                 raise
             if main:
                 self.tracker.finish(self.parent_id, "FINISHED")
@@ -254,8 +258,10 @@ class SequenceRunner:
         if launch:
             launch["rank0_trainable_elements"] = res.local_trainable  # under FSDP rank 0's shards only
         if D.is_main():
+            # Training an earlier process did (restored from the checkpoint) counts as if this stage had started earlier:
+            # train_s includes it, so the stage's wall time must too (else "other" goes negative after a resume).
             self._commit(t, method, res, {**stats, **launch}, budget=budget, n_examples=len(examples), calib_s=calib["s"],
-                         t_stage=t_stage)
+                         t_stage=t_stage - ckpt.restored_train_s, resumed_train_s=ckpt.restored_train_s)
         D.barrier()  # the others wait while rank 0 evaluates and commits the stage
         if D.is_main():
             faults.pause("between-stages", self.run_dir, t)
@@ -275,7 +281,7 @@ class SequenceRunner:
         return {"world_size": D.world_size(), "distributed": self.cfg.distributed, "state_hash": digest}
 
     def _commit(self, t: int, method, res, stats: dict[str, Any], *, budget: dict, n_examples: int, calib_s: float,
-                t_stage: float) -> None:
+                t_stage: float, resumed_train_s: float = 0.0) -> None:
         """Rank 0: evaluate the trained stage, write its folder (atomically, stage.json last), mirror it to MLflow."""
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         faults.pause("eval", self.run_dir, t)
@@ -295,7 +301,8 @@ class SequenceRunner:
             info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
-                "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
+                "overhead_s": overhead, "overhead_frac": overhead / total, "resumed_train_s": resumed_train_s,
+                "train_tok_s": res.tok_s, "train_steps": res.steps,
                 "mlflow_run_id": self.child_id, **method.param_counts(), **stats}
             write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale

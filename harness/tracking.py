@@ -176,6 +176,9 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def mark_killed(self, run_id: str) -> None:
+        mark_killed(self.client, run_id)
+
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
@@ -230,6 +233,12 @@ class Tracker:
             self.client.log_artifact(run_id, str(p))
 
 
+def mark_killed(client, run_id: str) -> None:
+    """An interrupted run: KILLED and tagged harness.interrupted (the report lists it with its resume command)."""
+    client.set_tag(run_id, "harness.interrupted", "true")
+    client.set_terminated(run_id, status="KILLED")
+
+
 def mark_interrupted(uri: str, experiment: str | None) -> int:
     """Mark KILLED (tag harness.interrupted) every RUNNING sequence whose folder's lock nobody holds.
 
@@ -260,7 +269,6 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
             continue
         children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
         for r in [*children, run]:
-            client.set_tag(r.info.run_id, "harness.interrupted", "true")
-            client.set_terminated(r.info.run_id, status="KILLED")
+            mark_killed(client, r.info.run_id)
         n += 1
     return n
