@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from harness import faults
 from harness.errors import HarnessError
-from harness.io import atomic_dir, read_json
+from harness.io import atomic_dir, check_free_space, read_json
 
 CKPT_DIR = "checkpoint"
 
@@ -134,7 +134,9 @@ class StageCheckpointer:
             "wall_s": progress.wall_s, "losses": progress.losses, "order": progress.order,
             "optimizer": opt_meta, "scheduler": sched.state_dict(),
         }
-        with atomic_dir(self.path) as tmp:
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(state))
+        check_free_space(self.run_dir, need, f"the mid-stage checkpoint of stage {self.stage} ({self.task})")
+        with atomic_dir(self.path, need=need) as tmp:
             save_file(tensors, str(tmp / "tensors.safetensors"))
             faults.pause("checkpoint-write", self.run_dir, self.stage)
             (tmp / "state.json").write_text(json.dumps(state))

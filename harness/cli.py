@@ -399,6 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a full disk outside the atomic writes (a figure, a log): the same one message, exit 2
+        from harness.io import disk_full, is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        where = Path(getattr(exc, "filename", None) or ".")
+        err = disk_full(where.parent if where.suffix else where, None, where.name or str(where))
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt as exc:
         print(_interrupted_message(exc), file=sys.stderr)
         return 130

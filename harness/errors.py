@@ -27,6 +27,10 @@ class TrackingError(HarnessError):
     """A tracking store that cannot be reached or written."""
 
 
+class DiskFullError(HarnessError):
+    """No space left where a file that matters was being written (nothing was committed half-way)."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a run, with the folder `harness resume` continues (the CLI prints the command)."""
 

@@ -28,7 +28,7 @@ from harness import metrics as MX
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
 from harness.errors import HarnessError, Interrupted
-from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
+from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.planning import SequenceSpec, stage_budget, task_examples
@@ -288,7 +288,8 @@ class SequenceRunner:
         ev = self.evaluator.evaluate(method.model, self.eval_tasks(t), bf16_autocast=cfg.bf16_autocast)
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
         t_save = time.perf_counter()
-        with atomic_dir(stage_dir) as tmp:
+        previous = [p for p in (self.run_dir / "stages").glob(f"{t - 1}-*") if t > 1]
+        with atomic_dir(stage_dir, need=tree_size(previous[0]) if previous else None) as tmp:  # a stage takes about what the last did
             method.save_stage(tmp)
             evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s}
             trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
