@@ -91,8 +91,14 @@ def _after_run(cfg, results, args) -> int:
     print(f"run folders: {experiment_dir(cfg)}")
     print(f"MLflow store: {default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)}  (browse: make dashboard)")
     if not getattr(args, "no_report", False):
+        from harness.mirror import is_behind
         from harness.report import write_report
+        from harness.sequence_files import sequence_folders
 
+        if any(is_behind(f) for f in sequence_folders(experiment_dir(cfg))):
+            print("report: not written now: the tracking server was away and MLflow is behind the run folders. Once it "
+                  f"answers, `harness report {cfg.experiment_name} --results-dir {cfg.results_dir}` catches it up and writes it.")
+            return 0
         index = write_report(cfg.experiment_name, Path(cfg.results_dir), cfg.tracking_uri)
         print(f"report: {index}")
     return 0
@@ -207,12 +213,18 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
+    from harness.mirror import is_behind, sync_folder
     from harness.sequence_files import sequence_folders, verify_folder
     from harness.tracking import default_tracking_uri, mark_interrupted
 
     root = Path(args.results_dir) / args.experiment if args.experiment else Path(args.results_dir)
     for folder in sequence_folders(root):  # the report must not rest on a damaged folder (IntegrityError: exit 2)
         verify_folder(folder)
+        if is_behind(folder):  # a run that went on while the tracking server was away: MLflow catches up first
+            try:
+                print(sync_folder(folder, _experiment_of(folder)), file=sys.stderr)
+            except HarnessError as exc:
+                print(f"warning: {folder} is not in MLflow yet, so not in this report ({exc})", file=sys.stderr)
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
     index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
     print(f"report: {index}")
@@ -239,6 +251,29 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    return 0
+
+
+def _experiment_of(run_dir: Path) -> str:
+    """The experiment name a sequence folder's config.yaml gives."""
+    import yaml
+
+    from harness.config import load_config
+
+    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    data.pop("sequence", None)
+    return load_config(None, {**data, "results_dir": "."}).experiment_name
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from harness.mirror import sync_folder
+    from harness.sequence_files import sequence_folders
+
+    folders = sequence_folders(Path(args.run_dir))
+    if not folders:
+        raise HarnessError(f"{args.run_dir}: no sequence folder here; pass results/<experiment>/<method>/seed-<s> or results/<experiment>.")
+    for folder in folders:
+        print(sync_folder(folder, _experiment_of(folder), args.tracking_uri))
     return 0
 
 
@@ -348,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT", help="Folder to write: new or empty (never overwritten).")
     e.add_argument("--stage", type=int, default=None, metavar="T", help="Committed stage to export [default: the last committed one].")
     e.set_defaults(func=cmd_export)
+
+    sy = sub.add_parser("sync", help="Mirror run folders into MLflow now (what an outage of the tracking server kept from it).")
+    sy.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder, or a folder above sequence folders (an experiment).")
+    sy.add_argument("--tracking-uri", default=None, help="Store to mirror into [default: the one in each state.json].")
+    sy.set_defaults(func=cmd_sync)
 
     ver = sub.add_parser("verify", help="Check a run folder: file hashes, LoRI-S mask invariants, metrics recomputed from the "
                                         "matrix, MLflow against the folder. Exit 0 when all hold, 1 otherwise.")

@@ -69,7 +69,7 @@ def open_tracker(cfg: ExperimentConfig, uri: str):
     """The experiment's MLflow tracker: creates the experiment on first use, afterwards only looks it up."""
     from harness.tracking import Tracker
 
-    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
+    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional)
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None, preflight: bool = True,

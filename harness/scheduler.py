@@ -31,6 +31,7 @@ from harness.errors import HarnessError, Interrupted
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
+from harness.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
 from harness.planning import SequenceSpec, stage_budget, task_examples
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line, finished_stages,
                                     git_commit, result_hashes, stage_line, verify_folder, verify_stages, write_matrix_files,
@@ -78,7 +79,7 @@ class SequenceRunner:
         self.recipe = Recipe.from_config(cfg)
         self.run_dir = spec.run_dir
         self.stage_wall: dict[int, float] = {}
-        self.parent_id: str | None = None  # rank 0's MLflow runs (other ranks never log)
+        self.mirror: Mirror | None = None  # rank 0's MLflow runs (other ranks never log)
         self.child_id: str | None = None
 
     # --- small facts -------------------------------------------------------------------------
@@ -118,28 +119,31 @@ class SequenceRunner:
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
         waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
         with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
+            if main:
+                self.mirror = Mirror(self.tracker, self.run_dir, self.spec.label, say)
             done = main_then_all(self._finished_summary)
             if done:
                 say(f"[{self.spec.label}] already complete: skipping ({self.run_dir})")
+                if main:
+                    self.mirror.catch_up()  # a run that finished while the tracking server was away
                 return done
             if main:
                 atomic_write_yaml(self.run_dir / "config.yaml", resolved)
-                self.parent_id = self._open_parent()
+                self._open_parent()
             try:
-                out = self._run_stages()
+                return self._run_stages()
             except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: KILLED at once, and the exact command to continue
-                for run_id in (self.child_id, self.parent_id):
-                    if run_id:
-                        self.tracker.mark_killed(run_id)
+                self._end_runs(self.tracker.mark_killed)
                 raise Interrupted(getattr(exc, "why", None) or str(exc) or "Ctrl-C", self.run_dir) from None
             except BaseException:
-                for run_id in (self.child_id, self.parent_id):
-                    if run_id:
-                        self.tracker.finish(run_id, "FAILED")
+                self._end_runs(lambda run_id: self.tracker.finish(run_id, "FAILED"))
                 raise
-            if main:
-                self.tracker.finish(self.parent_id, "FINISHED")
-            return out
+
+    def _end_runs(self, end) -> None:
+        """Rank 0: end the stage run in progress and the parent (while the store answers)."""
+        for run_id in (self.child_id, self.mirror.parent_id if self.mirror else None):
+            if run_id:
+                self.mirror.call(end, run_id)
 
     def _finished_summary(self) -> dict[str, Any] | None:
         """summary.json of a finished sequence with every stage committed, checked against its hashes; else None."""
@@ -150,12 +154,22 @@ class SequenceRunner:
         verify_folder(self.run_dir)
         return summary
 
-    def _open_parent(self) -> str:
-        state_path = self.run_dir / "state.json"
-        if state_path.exists():
-            parent_id = read_json(state_path)["mlflow_parent_run_id"]
-            self.tracker.reopen(parent_id, state_path)
-            return parent_id
+    def _open_parent(self) -> None:
+        """Reopen the sequence's parent run, or create it (what to create is kept in state.json first: if the store does
+        not answer, the mirror creates it when it catches up)."""
+        state = read_state(self.run_dir)
+        if state.get("mlflow_parent_run_id"):
+            self.mirror.call(self.tracker.reopen, state["mlflow_parent_run_id"], self.run_dir / "state.json")
+            return
+        if "mlflow_parent" not in state:
+            update_state(self.run_dir, mlflow_parent=self._parent_record(), mlflow_tracking_uri=self.tracker.uri)
+        record = read_state(self.run_dir)["mlflow_parent"]
+        parent_id = self.mirror.call(self.tracker.create_parent, record["name"], record["tags"], record["params"])
+        if parent_id:
+            update_state(self.run_dir, mlflow_parent_run_id=parent_id)
+            self.mirror.parent_id = parent_id
+
+    def _parent_record(self) -> dict[str, Any]:
         cfg, spec = self.cfg, self.spec
         first = self.budget(self.plan[0])
         params = {"method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "task_order": ",".join(spec.tasks),
@@ -167,9 +181,7 @@ class SequenceRunner:
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.run_dir.resolve()),
                 "harness.reference": str(self.method_cls.reference).lower(), "harness.variant": spec.variant or ""}
         params.update({f"grid.{k}": v for k, v in (spec.variant_values or {}).items()})
-        parent_id = self.tracker.create_parent(spec.label, tags, params)
-        atomic_write_json(state_path, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
-        return parent_id
+        return parent_record(spec.label, tags, params)
 
     def _run_stages(self) -> dict[str, Any]:
         main = D.is_main()
@@ -198,23 +210,13 @@ class SequenceRunner:
         return done
 
     def _replay_committed(self, done: dict[int, Path]) -> None:
-        """Committed stages fill the matrix; MLflow gets whatever a kill kept it from receiving."""
-        child_ids = set()
+        """Committed stages fill the matrix; MLflow gets whatever a kill or an outage kept it from receiving."""
         for t, d in sorted(done.items()):
-            info = read_json(d / STAGE_MARKER)
-            scores = read_json(d / "eval.json")["scores"]
-            self.fill_row(t, scores)
-            for task, v in scores.items():
-                self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, t)
-            self.stage_wall[t] = info.get("wall_s", float("nan"))
-            if info.get("mlflow_run_id"):
-                child_ids.add(info["mlflow_run_id"])
-                if self.tracker.status(info["mlflow_run_id"]) != "FINISHED":
-                    self._mirror_stage(info["mlflow_run_id"], d, fresh=False)
-        dropped = self.tracker.drop_unfinished_children(self.parent_id, child_ids)
+            self.fill_row(t, read_json(d / "eval.json")["scores"])
+            self.stage_wall[t] = read_json(d / STAGE_MARKER).get("wall_s", float("nan"))
         if done:
-            say(f"[{self.spec.label}] resuming: stages {sorted(done)} finished"
-                + (f"; {dropped} interrupted stage run(s) discarded" if dropped else ""))
+            say(f"[{self.spec.label}] resuming: stages {sorted(done)} finished")
+        self.mirror.sync()
 
     def _stage0(self) -> None:
         """The base model on every task (b_j, for FWT); the same for every method and seed, so evaluated once."""
@@ -229,7 +231,7 @@ class SequenceRunner:
             atomic_write_json(tmp / "eval.json", evj)
             write_stage_marker(tmp, info)
         self.fill_row(0, ev.scores)
-        self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
+        self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}, step=0)
         self.stage_wall[0] = time.perf_counter() - t0
         say(stage_line(self.spec.label, len(self.plan), info, evj))
 
@@ -238,7 +240,9 @@ class SequenceRunner:
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         t_stage = time.perf_counter()
         if D.is_main():
-            self.child_id = self.tracker.create_stage(self.parent_id, t, name, {"harness.method": spec.method, "harness.seed": str(spec.seed)})
+            self.mirror.catch_up()  # no-op unless tracking is behind and the server answers again
+            self.child_id = self.mirror.call(self.tracker.create_stage, self.mirror.parent_id, t, name,
+                                             {"harness.method": spec.method, "harness.seed": str(spec.seed)})
         budget = self.budget(self.plan[t - 1])
         examples = method.train_data(t, [ex for task in self.plan[t - 1] for ex in self.task_examples(task)])
         ckpt = StageCheckpointer(self.run_dir, t, name, cfg.checkpoint_every)
@@ -308,31 +312,13 @@ class SequenceRunner:
             write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
-        self._mirror_stage(self.child_id, stage_dir, fresh=True)
+        if self.child_id and not self.mirror.behind:
+            self.mirror.call(mirror_stage, self.tracker, self.mirror.parent_id, self.child_id, stage_dir, fresh=True,
+                             on_half=lambda: faults.pause("mlflow", self.run_dir, t))
+        self.mirror.catch_up()
         self.child_id = None
         self.stage_wall[t] = total
         say(stage_line(spec.label, len(self.plan), info, evj, trj))
-
-    def _mirror_stage(self, child_id: str, stage_dir: Path, *, fresh: bool) -> None:
-        """Copy a committed stage's files into MLflow.
-
-        A fresh stage logs in batches; re-mirroring after a kill (fresh=False) first asks the store what it
-        already has, so nothing is logged twice. The history queries stay off the normal path."""
-        info, ev, tr = (read_json(stage_dir / f) for f in (STAGE_MARKER, "eval.json", "train.json"))
-        t = info["stage"]
-        skip = {"stage", "task", "mlflow_run_id"}
-        stage_metrics = {k: v for k, v in info.items() if k not in skip and isinstance(v, (int, float))}
-        evals = {f"eval/{k}": v for k, v in ev["scores"].items()}
-        if fresh:
-            self.tracker.log_series(child_id, "train/loss", tr["losses"])
-            self.tracker.log_metrics(child_id, stage_metrics)
-            faults.pause("mlflow", self.run_dir, t)
-            self.tracker.log_metrics(child_id, evals)
-            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}, step=t)
-        else:
-            self.tracker.log_series_once(child_id, "train/loss", tr["losses"])
-            self.tracker.mirror_metrics(child_id, {**stage_metrics, **evals})  # acc/<task>: _replay_committed
-        self.tracker.finish(child_id, "FINISHED")
 
     def _train(self, method, examples, budget, stage: int, desc: str, **kw):
         return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
@@ -356,14 +342,10 @@ class SequenceRunner:
             "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
-            "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
+            "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
             "sha256": result_hashes(run_dir),
         }
-        self.tracker.log_metrics(self.parent_id, {**summ, **counts})
-        for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml"):
-            self.tracker.log_artifact(self.parent_id, run_dir / name)
-        self.tracker.log_json(self.parent_id, summary, "summary.json")
-        atomic_write_json(run_dir / "summary.json", summary)
+        self.mirror.finish(summary, lambda: atomic_write_json(run_dir / "summary.json", summary))
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
 
