@@ -243,7 +243,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_tracking_server(args: argparse.Namespace) -> int:
     from harness.tracking_server import serve_tracking_server
 
-    return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri)
+    return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri, host=args.host, auth=args.auth)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -370,9 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=5000, help="Port [default: 5000].")
     d.add_argument("--tracking-uri", default=None, help="Store to serve [default: the sqlite store under --results-dir].")
     d.set_defaults(func=cmd_dashboard)
-    ts = sub.add_parser("tracking-server", help="Run a shared MLflow tracking server on PostgreSQL (127.0.0.1) until Ctrl-C.")
+    ts = sub.add_parser("tracking-server", help="Run a shared MLflow tracking server on PostgreSQL until Ctrl-C (--host and --auth for several machines).")
     ts.add_argument("--results-dir", default="results", help="Results folder: PostgreSQL data and artifacts live under it [default: results].")
     ts.add_argument("--port", type=int, default=5001, help="Port of the MLflow server [default: 5001].")
+    ts.add_argument("--host", default="127.0.0.1", help="Address to bind, e.g. 0.0.0.0 for the jobs of several machines "
+                                                        "(anything but loopback needs --auth) [default: 127.0.0.1].")
+    ts.add_argument("--auth", action="store_true", help="MLflow's basic-auth: an admin password generated once and a `runs` user "
+                                                        "for the jobs, kept (mode 600) under <results-dir>/auth.")
     ts.add_argument("--backend-uri", default=None,
                     help="Use this existing PostgreSQL URI (postgresql+psycopg://...) instead of starting one [default: start Debian's PostgreSQL].")
     ts.set_defaults(func=cmd_tracking_server)
@@ -430,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3", "ray", "submitit"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from harness.models import downloads_allowed
+    from harness.tracking_auth import load_client_credentials
 
     if not downloads_allowed():
         # lm-eval and datasets only look at HF_HUB_OFFLINE: make "downloads off" hold for them too.
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
+        load_client_credentials()  # HARNESS_TRACKING_CREDENTIALS: the tracking server's `runs` user, for MLflow's client
         return int(args.func(args) or 0)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
