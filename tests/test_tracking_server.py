@@ -1,7 +1,7 @@
 """`harness tracking-server`: a real PostgreSQL + `mlflow server` pair, several writers at once, clean stops.
 
-The end-to-end test starts the CLI as a subprocess in its own process group, writes from 4 processes
-x 2 threads through MlflowClient, stops it with SIGTERM, checks nothing of it is left running, and
+The end-to-end test starts the CLI as a subprocess in its own process group, writes from 8 processes
+x 4 threads (32 writers) through MlflowClient, stops it with SIGTERM, checks nothing of it is left running, and
 starts it again on the same folder (the data survive). It is skipped, loudly, where PostgreSQL's
 server binaries are missing: `bash .ci/install-postgres.sh` installs them.
 """
@@ -33,8 +33,8 @@ from harness.cli import main  # noqa: E402
 from harness.dashboard import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-N_PROCS, N_THREADS, N_STEPS = 4, 2, 25
-HEALTH_TIMEOUT_S, STOP_TIMEOUT_S, WRITE_TIMEOUT_S = 90, 60, 240
+N_PROCS, N_THREADS, N_STEPS = 8, 4, 25  # 32 concurrent writers
+HEALTH_TIMEOUT_S, STOP_TIMEOUT_S, WRITE_TIMEOUT_S = 90, 60, 600
 
 WRITER = r"""
 import json, os, sys, tempfile, threading
