@@ -3,7 +3,8 @@
 A stage is a function of (previous stage's checkpoint, config): its RNG is seeded from (seed,
 stage), never carried over, so a resumed sequence reproduces an uninterrupted one. The scheduler
 never knows which method it runs: it calls the verbs of harness/methods/base.py. The folder is
-the source of truth (harness/sequence_files.py); MLflow mirrors it.
+the source of truth (harness/sequence_files.py); MLflow mirrors it (harness/mirror.py: a
+tracking server that stops answering does not stop the run; the mirror catches up).
 
 Under torchrun / accelerate launch every rank runs the sequence and trains (harness/distributed.py);
 rank 0 alone takes the lock, writes files, logs to MLflow and evaluates, and tells the others what is
@@ -351,7 +352,7 @@ class SequenceRunner:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM ends like Ctrl-C: runs are marked FAILED, finished stages stay for resume."""
+    """SIGTERM ends like Ctrl-C: runs are marked KILLED (interrupted), finished stages stay for resume."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 

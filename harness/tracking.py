@@ -1,8 +1,8 @@
 """MLflow: one experiment per config, a parent run per sequence, a child run per stage.
 
 The run folder is the source of truth; MLflow mirrors it. Every logging step here is idempotent
-(a resumed sequence re-logs only what is missing), and runs are always terminated FINISHED or
-FAILED. Metric names (the dashboard's compare view reads them):
+(a resumed sequence re-logs only what is missing), and runs are always terminated FINISHED,
+FAILED, or KILLED when interrupted. Metric names (the dashboard's compare view reads them):
     parent: acc/<task> (step = stage), ACC, BWT, FWT, forgetting,
             trainable_params_effective, trainable_params_lora_equivalent
     child:  train/loss (step = optimizer step), stage_wall_s, train_s, eval_s, train_tok_s,
