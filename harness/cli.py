@@ -6,12 +6,11 @@ import argparse
 import json
 import logging
 import os
-import shlex
 import sys
 import warnings
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, interrupted_message
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
@@ -213,18 +212,15 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
-    from harness.mirror import is_behind, sync_folder
+    from harness.mirror import catch_up_folders
     from harness.sequence_files import sequence_folders, verify_folder
     from harness.tracking import default_tracking_uri, mark_interrupted
 
     root = Path(args.results_dir) / args.experiment if args.experiment else Path(args.results_dir)
     for folder in sequence_folders(root):  # the report must not rest on a damaged folder (IntegrityError: exit 2)
         verify_folder(folder)
-        if is_behind(folder):  # a run that went on while the tracking server was away: MLflow catches up first
-            try:
-                print(sync_folder(folder, _experiment_of(folder)), file=sys.stderr)
-            except HarnessError as exc:
-                print(f"warning: {folder} is not in MLflow yet, so not in this report ({exc})", file=sys.stderr)
+    for line in catch_up_folders(root):  # runs that went on while the tracking server was away
+        print(line, file=sys.stderr)
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
     index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
     print(f"report: {index}")
@@ -254,26 +250,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiment_of(run_dir: Path) -> str:
-    """The experiment name a sequence folder's config.yaml gives."""
-    import yaml
-
-    from harness.config import load_config
-
-    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
-    data.pop("sequence", None)
-    return load_config(None, {**data, "results_dir": "."}).experiment_name
-
-
 def cmd_sync(args: argparse.Namespace) -> int:
-    from harness.mirror import sync_folder
-    from harness.sequence_files import sequence_folders
+    from harness.mirror import sync_path
 
-    folders = sequence_folders(Path(args.run_dir))
-    if not folders:
-        raise HarnessError(f"{args.run_dir}: no sequence folder here; pass results/<experiment>/<method>/seed-<s> or results/<experiment>.")
-    for folder in folders:
-        print(sync_folder(folder, _experiment_of(folder), args.tracking_uri))
+    for line in sync_path(Path(args.run_dir), args.tracking_uri):
+        print(line)
     return 0
 
 
@@ -446,39 +427,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:  # a full disk outside the atomic writes (a figure, a log): the same one message, exit 2
-        from harness.io import disk_full, is_disk_full
+        from harness.io import disk_full_error
 
-        if not is_disk_full(exc):
+        err = disk_full_error(exc)
+        if err is None:
             raise
-        where = Path(getattr(exc, "filename", None) or ".")
-        err = disk_full(where.parent if where.suffix else where, None, where.name or str(where))
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt as exc:
-        print(_interrupted_message(exc), file=sys.stderr)
+        print(interrupted_message(exc), file=sys.stderr)
         return 130
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working folder when below it, quoted for the shell."""
-    path = Path(path).resolve()
-    try:
-        path = path.relative_to(Path.cwd().resolve())
-    except ValueError:
-        pass
-    return shlex.quote(str(path))
-
-
-def _interrupted_message(exc: KeyboardInterrupt) -> str:
-    """What was kept and the exact command that continues: the sequence's folder (and the experiment's, if it has more)."""
-    why = getattr(exc, "why", None) or str(exc) or "Ctrl-C"
-    where = getattr(exc, "resume_dir", None)
-    if where is None:
-        return f"interrupted ({why}): finished stages are kept; run the same command again to continue (finished work is skipped)"
-    msg = f"interrupted ({why}): finished stages are kept; continue with `harness resume {_shown(where)}`"
-    if getattr(exc, "experiment_dir", None) is not None:
-        msg += f" (every sequence of the experiment: `harness resume {_shown(exc.experiment_dir)}`)"
-    return msg
 
 
 if __name__ == "__main__":

@@ -61,6 +61,14 @@ def disk_full(where: Path, needed: int | None, what: str) -> DiskFullError:
                          "what was committed before is intact, nothing was half-written.")
 
 
+def disk_full_error(exc: BaseException) -> DiskFullError | None:
+    """The one message for exc if it is a full disk (e.g. a figure written in place), else None."""
+    if not is_disk_full(exc):
+        return None
+    where = Path(getattr(exc, "filename", None) or ".")
+    return disk_full(where.parent if where.suffix else where, None, where.name or str(where))
+
+
 def check_free_space(where: Path, needed: int, what: str) -> None:
     """Refuse (DiskFullError) before writing `needed` bytes under `where` when the disk has less free."""
     probe = Path(where)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, is_disk_full, read_json
 from harness.locking import is_locked
-from harness.sequence_files import STAGE_MARKER, committed_stages
+from harness.sequence_files import STAGE_MARKER, committed_stages, experiment_of, sequence_folders
 from harness.tracking import check_reachable, redact_uri
 
 STATE = "state.json"
@@ -225,6 +225,25 @@ def sync_folder(run_dir: Path, experiment: str, uri: str | None = None) -> str:
     update_state(run_dir, mirror_behind=None)
     n = len([t for t in committed_stages(run_dir) if t > 0])
     return f"{run_dir}: MLflow at {redact_uri(uri)} holds parent run {parent_id} ({tracker.status(parent_id)}) and {n} stage run(s)"
+
+
+def sync_path(path: Path, uri: str | None = None) -> list[str]:
+    """`harness sync PATH`: every sequence folder at or under path; one line per folder."""
+    folders = sequence_folders(path)
+    if not folders:
+        raise HarnessError(f"{path}: no sequence folder here; pass results/<experiment>/<method>/seed-<s> or results/<experiment>.")
+    return [sync_folder(folder, experiment_of(folder), uri) for folder in folders]
+
+
+def catch_up_folders(root: Path) -> list[str]:
+    """Before a report: mirror the folders whose MLflow lags (the report reads MLflow); a line per folder, warnings too."""
+    lines = []
+    for folder in (f for f in sequence_folders(root) if is_behind(f)):
+        try:
+            lines.append(sync_folder(folder, experiment_of(folder)))
+        except HarnessError as exc:
+            lines.append(f"warning: {folder} is not in MLflow yet, so not in this report ({exc})")
+    return lines
 
 
 def parent_record(name: str, tags: dict[str, str], params: dict[str, Any]) -> dict[str, Any]:

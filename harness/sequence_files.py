@@ -130,6 +130,15 @@ def verify_results(run_dir: Path, summary: dict[str, Any]) -> bool:
                           f"Delete {Path(run_dir) / 'summary.json'} and `harness resume {run_dir}` rewrites them from the stages.")
 
 
+def experiment_of(run_dir: Path) -> str:
+    """The experiment name a sequence folder's config.yaml gives."""
+    from harness.config import load_config
+
+    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    data.pop("sequence", None)
+    return load_config(None, {**data, "results_dir": "."}).experiment_name
+
+
 def sequence_folders(root: Path) -> list[Path]:
     """Every sequence folder at or under root (a folder with config.yaml and stages/), sorted."""
     root = Path(root)
