@@ -158,6 +158,7 @@ class SequenceRunner:
     def _open_parent(self) -> None:
         """Reopen the sequence's parent run, or create it (what to create is kept in state.json first: if the store does
         not answer, the mirror creates it when it catches up)."""
+        self.mirror.catch_up()  # a folder left behind by an outage: level first, so the reopen below is sent
         state = read_state(self.run_dir)
         if state.get("mlflow_parent_run_id"):
             self.mirror.call(self.tracker.reopen, state["mlflow_parent_run_id"], self.run_dir / "state.json")
