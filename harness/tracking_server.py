@@ -15,6 +15,7 @@ PostgreSQL (pg_ctl -m fast).
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import pwd
 import secrets
@@ -323,6 +324,9 @@ def serve_tracking_server(results_dir: Path, port: int = 5001, backend_uri: str 
     if not 1 <= port <= 65535:
         raise TrackingServerError(f"--port {port} is not a TCP port (1-65535)")
     require_psycopg()
+    if auth and importlib.util.find_spec("flask_wtf") is None:
+        raise TrackingServerError("--auth: MLflow's basic-auth app needs Flask-WTF, missing here: pip install 'mlflow[auth]' "
+                                  "(`make setup` installs the pinned version)")
     pg = None if backend else LocalPostgres(results_dir / "postgres")
     with _stop_signals():
         try:
