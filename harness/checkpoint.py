@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from harness import faults
 from harness.errors import HarnessError
-from harness.io import atomic_dir, read_json
+from harness.io import atomic_dir, check_free_space, read_json
 
 CKPT_DIR = "checkpoint"
 
@@ -72,6 +72,7 @@ class StageCheckpointer:
         self.path = self.run_dir / CKPT_DIR
         self.saves = 0
         self.save_s = 0.0
+        self.restored_train_s = 0.0  # training seconds an earlier process spent on this stage (0 unless restored)
 
     # --- reading ----------------------------------------------------------------------------
     def _matches(self) -> bool:
@@ -111,6 +112,7 @@ class StageCheckpointer:
         for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
             if f"rng/cuda{i}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"rng/cuda{i}"], i)
+        self.restored_train_s = st["wall_s"]
         return Progress(step=st["step"], tokens=st["tokens"], wall_s=st["wall_s"], losses=st["losses"], order=st["order"])
 
     # --- writing ----------------------------------------------------------------------------
@@ -132,7 +134,9 @@ class StageCheckpointer:
             "wall_s": progress.wall_s, "losses": progress.losses, "order": progress.order,
             "optimizer": opt_meta, "scheduler": sched.state_dict(),
         }
-        with atomic_dir(self.path) as tmp:
+        need = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(state))
+        check_free_space(self.run_dir, need, f"the mid-stage checkpoint of stage {self.stage} ({self.task})")
+        with atomic_dir(self.path, need=need) as tmp:
             save_file(tensors, str(tmp / "tensors.safetensors"))
             faults.pause("checkpoint-write", self.run_dir, self.stage)
             (tmp / "state.json").write_text(json.dumps(state))

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, interrupted_message
 
 
 def _add_config_flags(p: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
@@ -90,8 +90,14 @@ def _after_run(cfg, results, args) -> int:
     print(f"run folders: {experiment_dir(cfg)}")
     print(f"MLflow store: {default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)}  (browse: make dashboard)")
     if not getattr(args, "no_report", False):
+        from harness.mirror import is_behind
         from harness.report import write_report
+        from harness.sequence_files import sequence_folders
 
+        if any(is_behind(f) for f in sequence_folders(experiment_dir(cfg))):
+            print("report: not written now: the tracking server was away and MLflow is behind the run folders. Once it "
+                  f"answers, `harness report {cfg.experiment_name} --results-dir {cfg.results_dir}` catches it up and writes it.")
+            return 0
         index = write_report(cfg.experiment_name, Path(cfg.results_dir), cfg.tracking_uri)
         print(f"report: {index}")
     return 0
@@ -206,8 +212,15 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
+    from harness.mirror import catch_up_folders
+    from harness.sequence_files import sequence_folders, verify_folder
     from harness.tracking import default_tracking_uri, mark_interrupted
 
+    root = Path(args.results_dir) / args.experiment if args.experiment else Path(args.results_dir)
+    for folder in sequence_folders(root):  # the report must not rest on a damaged folder (IntegrityError: exit 2)
+        verify_folder(folder)
+    for line in catch_up_folders(root):  # runs that went on while the tracking server was away
+        print(line, file=sys.stderr)
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
     index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
     print(f"report: {index}")
@@ -226,7 +239,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_tracking_server(args: argparse.Namespace) -> int:
     from harness.tracking_server import serve_tracking_server
 
-    return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri)
+    return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri, host=args.host, auth=args.auth)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -235,6 +248,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
     return 0
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from harness.mirror import sync_path
+
+    for line in sync_path(Path(args.run_dir), args.tracking_uri):
+        print(line)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from harness.verify import verify_path
+
+    text, ok = verify_path(Path(args.run_dir), args.tracking_uri)
+    print(text)
+    return 0 if ok else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -322,9 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=5000, help="Port [default: 5000].")
     d.add_argument("--tracking-uri", default=None, help="Store to serve [default: the sqlite store under --results-dir].")
     d.set_defaults(func=cmd_dashboard)
-    ts = sub.add_parser("tracking-server", help="Run a shared MLflow tracking server on PostgreSQL (127.0.0.1) until Ctrl-C.")
+    ts = sub.add_parser("tracking-server", help="Run a shared MLflow tracking server on PostgreSQL until Ctrl-C (--host and --auth for several machines).")
     ts.add_argument("--results-dir", default="results", help="Results folder: PostgreSQL data and artifacts live under it [default: results].")
     ts.add_argument("--port", type=int, default=5001, help="Port of the MLflow server [default: 5001].")
+    ts.add_argument("--host", default="127.0.0.1", help="Address to bind, e.g. 0.0.0.0 for the jobs of several machines "
+                                                        "(anything but loopback needs --auth) [default: 127.0.0.1].")
+    ts.add_argument("--auth", action="store_true", help="MLflow's basic-auth: an admin password generated once and a `runs` user "
+                                                        "for the jobs, kept (mode 600) under <results-dir>/auth.")
     ts.add_argument("--backend-uri", default=None,
                     help="Use this existing PostgreSQL URI (postgresql+psycopg://...) instead of starting one [default: start Debian's PostgreSQL].")
     ts.set_defaults(func=cmd_tracking_server)
@@ -335,6 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT", help="Folder to write: new or empty (never overwritten).")
     e.add_argument("--stage", type=int, default=None, metavar="T", help="Committed stage to export [default: the last committed one].")
     e.set_defaults(func=cmd_export)
+
+    sy = sub.add_parser("sync", help="Mirror run folders into MLflow now (what an outage of the tracking server kept from it).")
+    sy.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder, or a folder above sequence folders (an experiment).")
+    sy.add_argument("--tracking-uri", default=None, help="Store to mirror into [default: the one in each state.json].")
+    sy.set_defaults(func=cmd_sync)
+
+    ver = sub.add_parser("verify", help="Check a run folder: file hashes, LoRI-S mask invariants, metrics recomputed from the "
+                                        "matrix, MLflow against the folder. Exit 0 when all hold, 1 otherwise.")
+    ver.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder, or a folder above sequence folders (an experiment).")
+    ver.add_argument("--tracking-uri", default=None, help="MLflow store to compare with [default: the one in each state.json].")
+    ver.set_defaults(func=cmd_verify)
 
     b = sub.add_parser("bench", help="Median step time and tokens/s of each method's real training step, and a bare base-model step.")
     b.add_argument("--methods", dest="bench_methods", default="base,peft-bare,lora,lori-d,lori-s",
@@ -374,17 +418,27 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3", "ray", "submitit"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from harness.models import downloads_allowed
+    from harness.tracking_auth import load_client_credentials
 
     if not downloads_allowed():
         # lm-eval and datasets only look at HF_HUB_OFFLINE: make "downloads off" hold for them too.
         os.environ["HF_HUB_OFFLINE"] = "1"
     try:
+        load_client_credentials()  # HARNESS_TRACKING_CREDENTIALS: the tracking server's `runs` user, for MLflow's client
         return int(args.func(args) or 0)
     except HarnessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:  # a full disk outside the atomic writes (a figure, a log): the same one message, exit 2
+        from harness.io import disk_full_error
+
+        err = disk_full_error(exc)
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt as exc:
-        print(f"interrupted ({exc or 'Ctrl-C'}): finished stages are kept; continue with `harness resume RUN_DIR`", file=sys.stderr)
+        print(interrupted_message(exc), file=sys.stderr)
         return 130
 
 

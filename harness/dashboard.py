@@ -28,7 +28,7 @@ from harness.tracking import check_store_exists, default_tracking_uri, redact_ur
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host in _LOOPBACK_NAMES:
         return True
     try:
@@ -77,8 +77,9 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def server_command(backend_uri: str, artifacts_dir: Path, host: str, port: int, workers: int = 1) -> list[str]:
-    """The `mlflow server` command line, run by this interpreter so it is the venv's MLflow."""
+def server_command(backend_uri: str, artifacts_dir: Path, host: str, port: int, workers: int = 1,
+                   extra: tuple[str, ...] = ()) -> list[str]:
+    """The `mlflow server` command line, run by this interpreter so it is the venv's MLflow (extra: more options)."""
     return [
         sys.executable, "-m", "mlflow", "server",
         "--backend-store-uri", backend_uri,
@@ -86,6 +87,7 @@ def server_command(backend_uri: str, artifacts_dir: Path, host: str, port: int, 
         "--host", host,
         "--port", str(port),
         "--workers", str(workers),
+        *extra,
     ]
 
 
@@ -109,11 +111,14 @@ def start_server(
     tracking_uri: str | None = None,
     log: IO | int | None = None,
     workers: int = 1,
+    extra: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` over the results folder's store; return (process, base URL) at once.
 
     The server answers /health some 10-13 s later: see wait_healthy. log: where its output goes
-    (a file object, subprocess.DEVNULL, or None = this process's stdout/stderr).
+    (a file object, subprocess.DEVNULL, or None = this process's stdout/stderr). extra: more `mlflow server`
+    options; env: more environment for it (secrets go there, never on its command line).
     """
     results_dir = Path(results_dir).resolve()
     backend = _backend_uri(results_dir, tracking_uri)
@@ -123,9 +128,9 @@ def start_server(
     artifacts.mkdir(parents=True, exist_ok=True)
     try:
         proc = subprocess.Popen(
-            server_command(backend, artifacts, host, port, workers),
+            server_command(backend, artifacts, host, port, workers, extra),
             cwd=str(results_dir),
-            env=_server_env(),
+            env={**_server_env(), **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT if log is not None else None,
             stdin=subprocess.DEVNULL,
@@ -207,7 +212,7 @@ def serve_dashboard(
 
     Returns 0 after a clean stop, the server's exit code if it died on its own.
     """
-    if not _is_loopback(host):
+    if not is_loopback(host):
         print(
             f"warning: binding {host}: the MLflow UI has no authentication and is reachable from the network. "
             "Requests with another Host header are refused unless mlflow's --allowed-hosts is set.",

@@ -15,6 +15,7 @@ import torch
 
 from harness import distributed as D
 from harness.config import ExperimentConfig
+from harness.errors import Interrupted
 from harness.io import atomic_write_yaml
 from harness.methods import METHODS, Method
 from harness.precision import precision_of, set_tf32
@@ -69,7 +70,7 @@ def open_tracker(cfg: ExperimentConfig, uri: str):
     """The experiment's MLflow tracker: creates the experiment on first use, afterwards only looks it up."""
     from harness.tracking import Tracker
 
-    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts")
+    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional)
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None, preflight: bool = True,
@@ -108,6 +109,11 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     for spec in specs:
         runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
                                 base_cache=base_cache)
-        results.append(runner.run())
+        try:
+            results.append(runner.run())
+        except Interrupted as exc:
+            if len(specs) > 1:  # resuming this sequence alone would leave the others unrun
+                exc.experiment_dir = experiment_dir(cfg)
+            raise
         model = runner.model
     return results

@@ -56,6 +56,8 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    read = {s: done[s] for s in sorted(done) if s <= t} if SF.is_sparse_stage(done[t]) else {t: done[t]}
+    sequence_files.verify_stages(run_dir, read, last=max(done))  # nothing damaged goes into an adapter
     with atomic_dir(out) as tmp:
         if SF.is_sparse_stage(done[t]):
             adapters, meta = lori_s_adapters(run_cfg, [done[s] for s in sorted(done) if s <= t])
@@ -136,15 +138,16 @@ def lori_s_adapters(run_cfg: dict, folders: list[Path]) -> tuple[list[Adapter], 
         masks, values, meta = SF.read_stage(folder)
         name, dtype = meta["adapter"], getattr(torch, meta["dtype"])
         if name not in B:
-            d_in = d_in or _module_d_in(run_cfg, list(masks))
+            d_in = d_in or module_d_in(run_cfg, list(masks))
             B[name] = {k: torch.zeros(m.shape, dtype=dtype) for k, m in masks.items()}
-            A[name] = _regenerate_A(meta, d_in, dtype, folder)
+            A[name] = regenerate_A(meta, d_in, dtype, folder)
         for k in masks:
             SF.apply_values(B[name][k], mask_index(masks[k]), values[k])
     return [{**{a_key(k): A[n][a_key(k)] for k in B[n]}, **B[n]} for n in B], meta
 
 
-def _regenerate_A(meta: dict, d_in: dict[str, int], dtype: torch.dtype, folder: Path) -> dict[str, torch.Tensor]:
+def regenerate_A(meta: dict, d_in: dict[str, int], dtype: torch.dtype, folder: Path) -> dict[str, torch.Tensor]:
+    """A LoRI-S stage's A, regenerated from the seed in its lori.json and checked against the sha256 stored there."""
     from harness.adapters.lori import a_key, init_A
 
     suffix = ".lora_B.weight"
@@ -156,7 +159,7 @@ def _regenerate_A(meta: dict, d_in: dict[str, int], dtype: torch.dtype, folder: 
     return A
 
 
-def _module_d_in(run_cfg: dict, b_keys: list[str]) -> dict[str, int]:
+def module_d_in(run_cfg: dict, b_keys: list[str]) -> dict[str, int]:
     """d_in of every adapted module, from the model's config on the meta device (no weights)."""
     from harness.models import linear_shapes, model_config
 

@@ -1,10 +1,12 @@
 """Fault injection for crash tests: stop dead at a named point so a test can SIGKILL the run there.
 
-HARNESS_FAULT_PAUSE=<point>[:<stage>] makes the run, on reaching that point (of that stage, if
-given), write `<sequence>/.paused-<point>` and sleep until killed. Tests wait for the file instead
-of guessing with sleeps. Points: mid-train (after a mid-stage checkpoint), checkpoint-write (inside
-a checkpoint's temp folder, half written), eval (inside a stage's evaluation), mlflow (after a stage
-is committed to disk, halfway through mirroring it to MLflow), between-stages.
+HARNESS_FAULT_PAUSE=<point>[:<stage>][,<point>[:<stage>]...] makes the run, on reaching one of those
+points (of that stage, if given), write `<sequence>/.paused-<point>` and wait until it is killed, or
+until the test deletes that file (then the run goes on: a test can stop a server or fill the disk
+while the run waits). Tests wait for the file instead of guessing with sleeps. Points: mid-train
+(after a mid-stage checkpoint), checkpoint-write (inside a checkpoint's temp folder, half written),
+eval (inside a stage's evaluation), mlflow (after a stage is committed to disk, halfway through
+mirroring it to MLflow), between-stages.
 Unset (always, outside tests), pause() is a no-op.
 """
 
@@ -17,13 +19,18 @@ from pathlib import Path
 ENV = "HARNESS_FAULT_PAUSE"
 
 
+def _wanted(point: str, stage: int | None) -> bool:
+    for item in os.environ.get(ENV, "").split(","):
+        name, _, at = item.strip().partition(":")
+        if name == point and (not at or stage is None or int(at) == stage):
+            return True
+    return False
+
+
 def pause(point: str, run_dir: Path, stage: int | None = None) -> None:
-    want = os.environ.get(ENV)
-    if not want:
+    if not os.environ.get(ENV) or not _wanted(point, stage):
         return
-    name, _, at = want.partition(":")
-    if name != point or (at and stage is not None and int(at) != stage):
-        return
-    (Path(run_dir) / f".paused-{point}").write_text(str(os.getpid()))
-    while True:  # until SIGKILL
-        time.sleep(60)
+    marker = Path(run_dir) / f".paused-{point}"
+    marker.write_text(str(os.getpid()))
+    while marker.exists():  # until SIGKILL, or until the test removes the file
+        time.sleep(0.05)

@@ -189,7 +189,8 @@ def validate(cfg: ExperimentConfig):
             "point HARNESS_DATA_OVERRIDES at local files of the same schema (see the README's Task suites)."
         )
     check_results_dir(cfg.results_dir)
-    check_reachable(uri)
+    if not cfg.tracking_optional:  # with it, the run starts and its mirror catches up once the store answers
+        check_reachable(uri)
     return suite, specs, uri, config is not None
 
 

@@ -3,7 +3,8 @@
 A stage is a function of (previous stage's checkpoint, config): its RNG is seeded from (seed,
 stage), never carried over, so a resumed sequence reproduces an uninterrupted one. The scheduler
 never knows which method it runs: it calls the verbs of harness/methods/base.py. The folder is
-the source of truth (harness/sequence_files.py); MLflow mirrors it.
+the source of truth (harness/sequence_files.py); MLflow mirrors it (harness/mirror.py: a
+tracking server that stops answering does not stop the run; the mirror catches up).
 
 Under torchrun / accelerate launch every rank runs the sequence and trains (harness/distributed.py);
 rank 0 alone takes the lock, writes files, logs to MLflow and evaluates, and tells the others what is
@@ -28,17 +29,19 @@ from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
+from harness.compiled import resolve_mode
+from harness.errors import HarnessError, Interrupted
 from harness.evaluate import validation_evaluator
 from harness.general_text import general_ce
-from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
+from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
-from harness.compiled import resolve_mode
-from harness.precision import precision_of
+from harness.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
 from harness.planning import SequenceSpec, stage_budget, task_examples
-from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line,
-                                    finished_stages, git_commit, learn_check, stage_line, write_documents,
-                                    write_matrix_files)
+from harness.precision import precision_of
+from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line, finished_stages,
+                                    git_commit, learn_check, result_hashes, stage_line, verify_folder, verify_stages, write_documents,
+                                    write_matrix_files, write_stage_marker)
 from harness.train import Recipe, train_method
 
 
@@ -51,6 +54,20 @@ def say(msg: str, *, every_rank: bool = False) -> None:
         return
     sys.stderr.write(msg + "\n")  # one write: ranks sharing a stream do not split each other's lines
     sys.stderr.flush()
+
+
+def main_then_all(fn):
+    """fn() on rank 0, its result on every rank; a HarnessError it raises is raised on every rank (none waits forever)."""
+    result = None
+    if D.is_main():
+        try:
+            result = (fn(), None)
+        except HarnessError as exc:
+            result = (None, exc)
+    value, err = D.broadcast_object(result)
+    if err is not None:
+        raise err
+    return value
 
 
 class SequenceRunner:
@@ -69,7 +86,7 @@ class SequenceRunner:
         self.run_dir = spec.run_dir
         self.stage_wall: dict[int, float] = {}
         self.general_ce: dict[int, float | None] = {}  # stage -> cross-entropy on the general text
-        self.parent_id: str | None = None  # rank 0's MLflow runs (other ranks never log)
+        self.mirror: Mirror | None = None  # rank 0's MLflow runs (other ranks never log)
         self.child_id: str | None = None
 
     # --- small facts -------------------------------------------------------------------------
@@ -114,32 +131,58 @@ class SequenceRunner:
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
         waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
         with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
-            summary_path = self.run_dir / "summary.json"
-            done = D.broadcast_object(read_json(summary_path) if main and summary_path.exists() else None)
-            if done and done.get("complete"):
+            if main:
+                self.mirror = Mirror(self.tracker, self.run_dir, self.spec.label, say)
+            done = main_then_all(self._finished_summary)
+            if done:
                 say(f"[{self.spec.label}] already complete: skipping ({self.run_dir})")
+                if main:
+                    self.mirror.catch_up()  # a run that finished while the tracking server was away
                 return done
             if main:
                 atomic_write_yaml(self.run_dir / "config.yaml", resolved)
-                self.parent_id = self._open_parent()
+                self._open_parent()
             try:
-                out = self._run_stages()
+                return self._run_stages()
+            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: KILLED at once, and the exact command to continue
+                self._end_runs(self.tracker.mark_killed)
+                raise Interrupted(getattr(exc, "why", None) or str(exc) or "Ctrl-C", self.run_dir) from None
             except BaseException:
-                if self.child_id:
-                    self.tracker.finish(self.child_id, "FAILED")
-                if self.parent_id:
-                    self.tracker.finish(self.parent_id, "FAILED")
+                self._end_runs(lambda run_id: self.tracker.finish(run_id, "FAILED"))
                 raise
-            if main:
-                self.tracker.finish(self.parent_id, "FINISHED")
-            return out
 
-    def _open_parent(self) -> str:
-        state_path = self.run_dir / "state.json"
-        if state_path.exists():
-            parent_id = read_json(state_path)["mlflow_parent_run_id"]
-            self.tracker.reopen(parent_id, state_path)
-            return parent_id
+    def _end_runs(self, end) -> None:
+        """Rank 0: end the stage run in progress and the parent (while the store answers)."""
+        for run_id in (self.child_id, self.mirror.parent_id if self.mirror else None):
+            if run_id:
+                self.mirror.call(end, run_id)
+
+    def _finished_summary(self) -> dict[str, Any] | None:
+        """summary.json of a finished sequence with every stage committed, checked against its hashes; else None."""
+        path = self.run_dir / "summary.json"
+        summary = read_json(path) if path.exists() else None
+        if not (summary and summary.get("complete")) or max(committed_stages(self.run_dir), default=0) < len(self.plan):
+            return None  # unfinished, or a stage folder was deleted to be redone
+        verify_folder(self.run_dir)
+        return summary
+
+    def _open_parent(self) -> None:
+        """Reopen the sequence's parent run, or create it (what to create is kept in state.json first: if the store does
+        not answer, the mirror creates it when it catches up)."""
+        self.mirror.catch_up()  # a folder left behind by an outage: level first, so the reopen below is sent
+        state = read_state(self.run_dir)
+        if state.get("mlflow_parent_run_id"):
+            self.mirror.call(self.tracker.reopen, state["mlflow_parent_run_id"], self.run_dir / "state.json")
+            return
+        if "mlflow_parent" not in state:
+            update_state(self.run_dir, mlflow_parent=self._parent_record(), mlflow_tracking_uri=self.tracker.uri)
+        record = read_state(self.run_dir)["mlflow_parent"]
+        parent_id = self.mirror.call(self.tracker.create_parent, record["name"], record["tags"], record["params"])
+        if parent_id:
+            update_state(self.run_dir, mlflow_parent_run_id=parent_id)
+            self.mirror.parent_id = parent_id
+
+    def _parent_record(self) -> dict[str, Any]:
         cfg, spec = self.cfg, self.spec
         first = self.budget(self.plan[0])
         params = {"method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "task_order": ",".join(spec.tasks),
@@ -153,15 +196,13 @@ class SequenceRunner:
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.run_dir.resolve()),
                 "harness.reference": str(self.method_cls.reference).lower(), "harness.variant": spec.variant or ""}
         params.update({f"grid.{k}": v for k, v in (spec.variant_values or {}).items()})
-        parent_id = self.tracker.create_parent(spec.label, tags, params)
-        atomic_write_json(state_path, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
-        return parent_id
+        return parent_record(spec.label, tags, params)
 
     def _run_stages(self) -> dict[str, Any]:
         main = D.is_main()
         if main:
             clean_partial_writes(self.run_dir)
-        done = D.broadcast_object(finished_stages(self.run_dir) if main else None)  # rank 0 also drops unfinished ones
+        done = main_then_all(self._committed_verified)
         if main:
             self._replay_committed(done)
             if 0 not in done and self.eval_tasks(0):
@@ -177,27 +218,21 @@ class SequenceRunner:
         finally:
             self.model = method.unload() if method.model is not None else self.model
 
+    def _committed_verified(self) -> dict[int, Path]:
+        """Rank 0: the committed stages (unfinished ones dropped), checked against their hashes before anything reads them."""
+        done = finished_stages(self.run_dir)
+        verify_stages(self.run_dir, done)
+        return done
+
     def _replay_committed(self, done: dict[int, Path]) -> None:
-        """Committed stages fill the matrix; MLflow gets whatever a kill kept it from receiving."""
-        child_ids = set()
+        """Committed stages fill the matrix; MLflow gets whatever a kill or an outage kept it from receiving."""
         for t, d in sorted(done.items()):
-            info = read_json(d / STAGE_MARKER)
-            scores = read_json(d / "eval.json")["scores"]
-            self.fill_row(t, scores)
-            for task, v in scores.items():
-                self.tracker.log_metric_once(self.parent_id, f"acc/{task}", v, t)
+            self.fill_row(t, read_json(d / "eval.json")["scores"])
             self.general_ce[t] = read_json(d / "eval.json").get("general_ce")
-            if self.general_ce[t] is not None:
-                self.tracker.log_metric_once(self.parent_id, "general_ce", self.general_ce[t], t)
-            self.stage_wall[t] = info.get("wall_s", float("nan"))
-            if info.get("mlflow_run_id"):
-                child_ids.add(info["mlflow_run_id"])
-                if self.tracker.status(info["mlflow_run_id"]) != "FINISHED":
-                    self._mirror_stage(info["mlflow_run_id"], d, fresh=False)
-        dropped = self.tracker.drop_unfinished_children(self.parent_id, child_ids)
+            self.stage_wall[t] = read_json(d / STAGE_MARKER).get("wall_s", float("nan"))
         if done:
-            say(f"[{self.spec.label}] resuming: stages {sorted(done)} finished"
-                + (f"; {dropped} interrupted stage run(s) discarded" if dropped else ""))
+            say(f"[{self.spec.label}] resuming: stages {sorted(done)} finished")
+        self.mirror.sync()
 
     def _stage0(self) -> None:
         """The base model on every task (b_j, for FWT); the same for every method and seed, so evaluated once."""
@@ -215,10 +250,10 @@ class SequenceRunner:
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(0, ev.documents or {}))
-            atomic_write_json(tmp / STAGE_MARKER, info)
+            write_stage_marker(tmp, info)
         self.fill_row(0, ev.scores)
-        self.tracker.log_metrics(self.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}
-                                 | ({"general_ce": self.general_ce[0]} if self.general_ce[0] is not None else {}), step=0)
+        self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}
+                         | ({"general_ce": self.general_ce[0]} if self.general_ce[0] is not None else {}), step=0)
         self.stage_wall[0] = time.perf_counter() - t0
         say(stage_line(self.spec.label, len(self.plan), info, evj))
 
@@ -227,7 +262,9 @@ class SequenceRunner:
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         t_stage = time.perf_counter()
         if D.is_main():
-            self.child_id = self.tracker.create_stage(self.parent_id, t, name, {"harness.method": spec.method, "harness.seed": str(spec.seed)})
+            self.mirror.catch_up()  # no-op unless tracking is behind and the server answers again
+            self.child_id = self.mirror.call(self.tracker.create_stage, self.mirror.parent_id, t, name,
+                                             {"harness.method": spec.method, "harness.seed": str(spec.seed)})
         budget = self.budget(self.plan[t - 1])
         examples = method.train_data(t, [ex for task in self.plan[t - 1] for ex in self.task_examples(task)])
         ckpt = StageCheckpointer(self.run_dir, t, name, cfg.checkpoint_every)
@@ -247,8 +284,10 @@ class SequenceRunner:
         if launch:
             launch["rank0_trainable_elements"] = res.local_trainable  # under FSDP rank 0's shards only
         if D.is_main():
+            # Training an earlier process did (restored from the checkpoint) counts as if this stage had started earlier:
+            # train_s includes it, so the stage's wall time must too (else "other" goes negative after a resume).
             self._commit(t, method, res, {**stats, **launch}, budget=budget, n_examples=len(examples), calib_s=calib["s"],
-                         t_stage=t_stage)
+                         t_stage=t_stage - ckpt.restored_train_s, resumed_train_s=ckpt.restored_train_s)
         D.barrier()  # the others wait while rank 0 evaluates and commits the stage
         if D.is_main():
             faults.pause("between-stages", self.run_dir, t)
@@ -268,7 +307,7 @@ class SequenceRunner:
         return {"world_size": D.world_size(), "distributed": self.cfg.distributed, "state_hash": digest}
 
     def _commit(self, t: int, method, res, stats: dict[str, Any], *, budget: dict, n_examples: int, calib_s: float,
-                t_stage: float) -> None:
+                t_stage: float, resumed_train_s: float = 0.0) -> None:
         """Rank 0: evaluate the trained stage, write its folder (atomically, stage.json last), mirror it to MLflow."""
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         faults.pause("eval", self.run_dir, t)
@@ -278,7 +317,8 @@ class SequenceRunner:
         ce_s = time.perf_counter() - t_ce
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
         t_save = time.perf_counter()
-        with atomic_dir(stage_dir) as tmp:
+        previous = [p for p in (self.run_dir / "stages").glob(f"{t - 1}-*") if t > 1]
+        with atomic_dir(stage_dir, need=tree_size(previous[0]) if previous else None) as tmp:  # a stage takes about what the last did
             method.save_stage(tmp)
             evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
                    "general_ce": self.general_ce[t], "general_ce_s": ce_s}
@@ -294,39 +334,21 @@ class SequenceRunner:
             info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
-                "overhead_s": overhead, "overhead_frac": overhead / total, "train_tok_s": res.tok_s, "train_steps": res.steps,
-                "mlflow_run_id": self.child_id, "precision": precision_of(cfg, method.model).record(), **method.param_counts(),
-                **stats, "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
+                "overhead_s": overhead, "overhead_frac": overhead / total, "resumed_train_s": resumed_train_s,
+                "train_tok_s": res.tok_s, "train_steps": res.steps, "mlflow_run_id": self.child_id,
+                "precision": precision_of(cfg, method.model).record(), **method.param_counts(), **stats,
+                "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
                 **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {})}
-            atomic_write_json(tmp / STAGE_MARKER, info)
+            write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
-        self._mirror_stage(self.child_id, stage_dir, fresh=True)
+        if self.child_id and not self.mirror.behind:
+            self.mirror.call(mirror_stage, self.tracker, self.mirror.parent_id, self.child_id, stage_dir, fresh=True,
+                             on_half=lambda: faults.pause("mlflow", self.run_dir, t))
+        self.mirror.catch_up()
         self.child_id = None
         self.stage_wall[t] = total
         say(stage_line(spec.label, len(self.plan), info, evj, trj))
-
-    def _mirror_stage(self, child_id: str, stage_dir: Path, *, fresh: bool) -> None:
-        """Copy a committed stage's files into MLflow.
-
-        A fresh stage logs in batches; re-mirroring after a kill (fresh=False) first asks the store what it
-        already has, so nothing is logged twice. The history queries stay off the normal path."""
-        info, ev, tr = (read_json(stage_dir / f) for f in (STAGE_MARKER, "eval.json", "train.json"))
-        t = info["stage"]
-        skip = {"stage", "task", "mlflow_run_id"}
-        stage_metrics = {k: v for k, v in info.items() if k not in skip and isinstance(v, (int, float))}
-        evals = {f"eval/{k}": v for k, v in ev["scores"].items()}
-        if fresh:
-            self.tracker.log_series(child_id, "train/loss", tr["losses"])
-            self.tracker.log_metrics(child_id, stage_metrics)
-            faults.pause("mlflow", self.run_dir, t)
-            self.tracker.log_metrics(child_id, evals)
-            self.tracker.log_metrics(self.parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}
-                                     | ({"general_ce": ev["general_ce"]} if ev.get("general_ce") is not None else {}), step=t)
-        else:
-            self.tracker.log_series_once(child_id, "train/loss", tr["losses"])
-            self.tracker.mirror_metrics(child_id, {**stage_metrics, **evals})  # acc/<task>: _replay_committed
-        self.tracker.finish(child_id, "FINISHED")
 
     def _train(self, method, examples, budget, stage: int, desc: str, **kw):
         return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
@@ -359,17 +381,10 @@ class SequenceRunner:
             **self._general_ce_summary(),
             "validation": self._validation(method),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
-            "mlflow_parent_run_id": self.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
+            "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
+            "sha256": result_hashes(run_dir),
         }
-        val = summary["validation"] or {}
-        extra = {"LA": learned["LA"], "general_ce_rise": summary["general_ce_rise"], "val_ACC": val.get("acc"),
-                 **{f"val/{t}": v for t, v in (val.get("scores") or {}).items()}}
-        self.tracker.log_metrics(self.parent_id, {**summ, **counts, **{k: v for k, v in extra.items() if v is not None}})
-        for name in ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", DOCS.DOCUMENTS_FILE):
-            if (run_dir / name).exists():
-                self.tracker.log_artifact(self.parent_id, run_dir / name)
-        self.tracker.log_json(self.parent_id, summary, "summary.json")
-        atomic_write_json(run_dir / "summary.json", summary)
+        self.mirror.finish(summary, lambda: atomic_write_json(run_dir / "summary.json", summary))
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
 
@@ -404,7 +419,7 @@ class SequenceRunner:
 
 
 def install_signal_handlers() -> None:
-    """SIGTERM ends like Ctrl-C: runs are marked FAILED, finished stages stay for resume."""
+    """SIGTERM ends like Ctrl-C: runs are marked KILLED (interrupted), finished stages stay for resume."""
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 

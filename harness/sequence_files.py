@@ -7,11 +7,13 @@
     <sequence>/stages/0-base/eval.json, documents.json
     <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
                              replay.json (replay), eval.json, documents.json (each document's score,
-                             harness/analysis/documents.py), train.json, stage.json (written last;
-                             the folder appears by atomic rename; under a launcher it also records
-                             world_size, distributed, state_hash, rank0_trainable_elements)
-    <sequence>/matrix.csv, matrix.json, summary.json, diagnostics.json, matrix_heatmap.png,
-                documents.json (every stage's per-document scores, gathered)
+                             harness/analysis/documents.py), train.json, stage.json (written last, with
+                             the SHA-256 of every other file of the folder; the folder appears by atomic
+                             rename; under a launcher it also records world_size, distributed, state_hash,
+                             rank0_trainable_elements)
+    <sequence>/matrix.csv, matrix.json, diagnostics.json, matrix_heatmap.png, documents.json (every stage's
+                             per-document scores, gathered), summary.json (written last, with the SHA-256 of
+                             the other four)
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ import yaml
 
 from harness.config import BEFORE_KNOB_EXISTED, LAUNCH_KEYS, ExperimentConfig
 from harness.errors import ConfigError
-from harness.io import atomic_write_json, atomic_write_text
+from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes, redo_hint
+from harness.io import atomic_write_json, atomic_write_text, read_json
 
 STAGE_MARKER = "stage.json"
 # config.yaml blocks that are records of the run, not knobs, added after folders existed (precision: harness/precision.py).
 RECORDED_SINCE = {"precision"}
+RESULT_FILES = ["matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png"]  # hashed in summary.json
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
-NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
-                "learn_margin",
+NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "tracking_optional", "cache_dir", "methods", "seeds", "orders", "experiment",
+                "wait_for_lock", "learn_margin",
                 "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
                 "merge_pairs", "merge_weight_grid"} | LAUNCH_KEYS
 
@@ -107,6 +111,61 @@ def finished_stages(run_dir: Path) -> dict[int, Path]:
         if p.is_dir() and p not in out.values():
             shutil.rmtree(p, ignore_errors=True)
     return out
+
+
+def write_stage_marker(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """Write stage.json last, with the SHA-256 of every other file of the (temporary) stage folder; returns it."""
+    info = {**info, HASHES: folder_hashes(folder, exclude=frozenset({STAGE_MARKER}))}
+    atomic_write_json(Path(folder) / STAGE_MARKER, info)
+    return info
+
+
+def verify_stages(run_dir: Path, done: dict[int, Path], last: int | None = None) -> int:
+    """Check committed stages against the hashes of their stage.json: IntegrityError (exit 2) naming the first damaged
+    file and how to redo the stage; returns how many stages had hashes (folders from before hashes have none).
+
+    last: the sequence's last committed stage (default: the last of `done`), the one a resume can simply redo."""
+    last = max(done, default=None) if last is None else last
+    return sum(check_recorded(d, read_json(d / STAGE_MARKER).get(HASHES), d / STAGE_MARKER, redo_hint(run_dir, d, t == last))
+               for t, d in sorted(done.items()))
+
+
+def result_hashes(run_dir: Path) -> dict[str, str]:
+    return file_hashes(run_dir, RESULT_FILES)
+
+
+def verify_results(run_dir: Path, summary: dict[str, Any]) -> bool:
+    """A finished sequence's matrix, diagnostics and heatmap against the hashes in its summary.json."""
+    return check_recorded(run_dir, summary.get(HASHES), Path(run_dir) / "summary.json",
+                          f"Delete {Path(run_dir) / 'summary.json'} and `harness resume {run_dir}` rewrites them from the stages.")
+
+
+def experiment_of(run_dir: Path) -> str:
+    """The experiment name a sequence folder's config.yaml gives."""
+    from harness.config import load_config
+
+    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
+    data.pop("sequence", None)
+    return load_config(None, {**data, "results_dir": "."}).experiment_name
+
+
+def sequence_folders(root: Path) -> list[Path]:
+    """Every sequence folder at or under root (a folder with config.yaml and stages/), sorted."""
+    root = Path(root)
+    return sorted(p.parent for p in root.rglob("stages") if p.is_dir() and (p.parent / "config.yaml").is_file())
+
+
+def verify_folder(run_dir: Path) -> int:
+    """A sequence folder as a reader finds it: committed stages and, when finished, its results (IntegrityError on damage).
+    Reads only. Returns how many files were checked against a recorded hash."""
+    done = committed_stages(run_dir)
+    verify_stages(run_dir, done)
+    n = sum(len(read_json(d / STAGE_MARKER).get(HASHES) or {}) for d in done.values())
+    summary_path = Path(run_dir) / "summary.json"
+    if summary_path.is_file():
+        summary = read_json(summary_path)
+        n += len(summary.get(HASHES) or {}) if verify_results(run_dir, summary) else 0
+    return n
 
 
 def git_commit() -> str:

@@ -1,8 +1,8 @@
 """MLflow: one experiment per config, a parent run per sequence, a child run per stage.
 
 The run folder is the source of truth; MLflow mirrors it. Every logging step here is idempotent
-(a resumed sequence re-logs only what is missing), and runs are always terminated FINISHED or
-FAILED. Metric names (the dashboard's compare view reads them):
+(a resumed sequence re-logs only what is missing), and runs are always terminated FINISHED,
+FAILED, or KILLED when interrupted. Metric names (the dashboard's compare view reads them):
     parent: acc/<task> (step = stage), ACC, BWT, FWT, forgetting,
             trainable_params_effective, trainable_params_lora_equivalent
     child:  train/loss (step = optimizer step), stage_wall_s, train_s, eval_s, train_tok_s,
@@ -101,21 +101,50 @@ def check_store_exists(results_dir: Path, uri: str) -> None:
         raise HarnessError(f"no runs yet under {Path(results_dir)}: run `make run-sequence` first (no {path})")
 
 
-class Tracker:
-    """Thin wrapper over MlflowClient with the project's run layout."""
+# MLflow's client retries a dead server 7 times with exponential backoff and waits 120 s per request: minutes of
+# silence per call. The run folder is the source of truth and the mirror catches up later, so fail within seconds.
+BOUNDED_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+
+def bound_client_retries() -> None:
+    """Bound the MLflow client's retries for a tracking server (values the user exported win)."""
+    for key, value in BOUNDED_RETRIES.items():
+        os.environ.setdefault(key, value)
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient with the project's run layout.
+
+    optional=True (--tracking-optional): a store that cannot be opened leaves experiment_id None (open() later)
+    instead of raising."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, optional: bool = False):
         from mlflow.tracking import MlflowClient
 
         # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
         # (and its children), silently redirecting the next experiment run in the same process.
-        self.uri = uri
+        self.uri, self.experiment, self.artifact_root = uri, experiment, artifact_root
+        self.experiment_id: str | None = None
+        self.open_error: str | None = None
         if not distributed.is_main():
             # Under a launcher rank 0 alone logs (the scheduler gates every call); the other ranks must not even open
             # the store: several processes creating a fresh sqlite store at once race on its schema.
-            self.client, self.experiment_id = None, None
+            self.client = None
             return
+        if uri.startswith(("http://", "https://")):
+            bound_client_retries()
         self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.open()
+        except TrackingError as exc:
+            if not optional:
+                raise
+            self.open_error = str(exc)
+
+    def open(self) -> None:
+        """Find (or create) the experiment; TrackingError when the store cannot be opened."""
+        uri, experiment, artifact_root = self.uri, self.experiment, self.artifact_root
         try:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
@@ -176,6 +205,9 @@ class Tracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def mark_killed(self, run_id: str) -> None:
+        mark_killed(self.client, run_id)
+
     def status(self, run_id: str) -> str:
         return self.client.get_run(run_id).info.status
 
@@ -230,6 +262,12 @@ class Tracker:
             self.client.log_artifact(run_id, str(p))
 
 
+def mark_killed(client, run_id: str) -> None:
+    """An interrupted run: KILLED and tagged harness.interrupted (the report lists it with its resume command)."""
+    client.set_tag(run_id, "harness.interrupted", "true")
+    client.set_terminated(run_id, status="KILLED")
+
+
 def mark_interrupted(uri: str, experiment: str | None) -> int:
     """Mark KILLED (tag harness.interrupted) every RUNNING sequence whose folder's lock nobody holds.
 
@@ -260,7 +298,6 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
             continue
         children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
         for r in [*children, run]:
-            client.set_tag(r.info.run_id, "harness.interrupted", "true")
-            client.set_terminated(r.info.run_id, status="KILLED")
+            mark_killed(client, r.info.run_id)
         n += 1
     return n

@@ -6,18 +6,22 @@ port, database and user `mlflow`, password auth (generated once into `<results_d
 given to MLflow as PGPASSWORD, never on a command line). PostgreSQL refuses root: as root, initdb and
 pg_ctl run via `runuser -u postgres --` and `<results_dir>/postgres` belongs to that user. A lock file
 keeps a second server off the folder; what a SIGKILLed server left running is stopped first.
-`mlflow server` (harness.dashboard.start_server) then serves 127.0.0.1:<port>, artifacts proxied from
-`<results_dir>/mlartifacts`. Ctrl-C / SIGTERM / SIGHUP stop MLflow, then PostgreSQL (pg_ctl -m fast).
+`mlflow server` (harness.dashboard.start_server) then serves <host>:<port> (127.0.0.1 by default), artifacts
+proxied from `<results_dir>/mlartifacts`. Any other address needs --auth: MLflow's basic-auth app, with the
+credentials of harness/tracking_auth.py; it is refused without. Ctrl-C / SIGTERM / SIGHUP stop MLflow, then
+PostgreSQL (pg_ctl -m fast).
 """
 
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,9 +29,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.dashboard import free_port, port_is_free, start_server, stop_server, wait_healthy
+from harness.dashboard import free_port, is_loopback, port_is_free, start_server, stop_server, wait_healthy
 from harness.errors import TrackingError
 from harness.tracking import redact_uri
+from harness.tracking_auth import CREDENTIALS_ENV, RUNS_USER, ServerAuth, allowed_hosts
 
 PG_ROOT = Path("/usr/lib/postgresql")
 PG_USER = "postgres"  # the OS account PostgreSQL runs under when the harness runs as root
@@ -101,9 +106,9 @@ def check_backend(uri: str, timeout_s: int = 10) -> None:
         raise TrackingServerError(f"cannot connect to the PostgreSQL backend {redact_uri(uri)}: {first}") from None
 
 
-def _check_port(port: int) -> None:
-    if not port_is_free("127.0.0.1", port):
-        raise TrackingServerError(f"port {port} on 127.0.0.1 is in use: pick another with --port")
+def _check_port(port: int, host: str) -> None:
+    if not port_is_free(host, port):
+        raise TrackingServerError(f"port {port} on {host} is in use: pick another with --port")
 
 
 class LocalPostgres:
@@ -265,24 +270,28 @@ def _stop_signals():
             signal.signal(sig, handler)
 
 
-def _serve(results_dir: Path, port: int, backend: str, pg: LocalPostgres | None) -> int:
-    saved = os.environ.get("PGPASSWORD")  # MLflow copies this process's environment when it starts
-    if pg is not None:
-        os.environ["PGPASSWORD"] = pg.password()
-    try:
-        proc, url = start_server(results_dir, port=port, tracking_uri=backend, workers=2)
-    finally:
-        if saved is None:
-            os.environ.pop("PGPASSWORD", None)
-        else:
-            os.environ["PGPASSWORD"] = saved
+def _serve(results_dir: Path, port: int, backend: str, pg: LocalPostgres | None, host: str, auth: ServerAuth | None) -> int:
+    env = {"PGPASSWORD": pg.password()} if pg is not None else {}  # secrets reach MLflow by its environment only
+    extra: tuple[str, ...] = ()
+    if auth is not None:
+        env.update(auth.prepare())
+        extra += ("--app-name", "basic-auth")
+    if not is_loopback(host):
+        extra += ("--allowed-hosts", allowed_hosts(host))
+    proc, url = start_server(results_dir, port=port, host=host, tracking_uri=backend, workers=2, extra=extra, env=env)
     pid_file = pg.root / "mlflow.pid" if pg else None
     if pid_file:
         pid_file.write_text(f"{proc.pid}\n")  # lets the next start stop it if this process is SIGKILLed
     try:
         wait_healthy(url, timeout=180, proc=proc)
-        print(f"MLflow tracking server: {url}  (artifacts: {results_dir / 'mlartifacts'})")
-        print(f"  tracking URI: {url}   ->  harness run --tracking-uri {url} ...  (or export MLFLOW_TRACKING_URI={url})")
+        if auth is not None:
+            auth.ensure_runs_user(url)
+        shown = url if is_loopback(host) else f"http://{socket.getfqdn() if host in ('0.0.0.0', '::') else host}:{port}"
+        print(f"MLflow tracking server: {shown}  (artifacts: {results_dir / 'mlartifacts'})")
+        print(f"  tracking URI: {shown}   ->  harness run --tracking-uri {shown} ...  (or export MLFLOW_TRACKING_URI={shown})")
+        if auth is not None:
+            print(f"  authentication on: clients log in as `{RUNS_USER}`: export {CREDENTIALS_ENV}={auth.runs_file} (mode 600; or "
+                  f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); the admin's password is in {auth.admin_file}")
         print("  Ctrl-C to stop", flush=True)
         while proc.poll() is None:
             if pg is not None and not pg.running():
@@ -302,28 +311,36 @@ def _serve(results_dir: Path, port: int, backend: str, pg: LocalPostgres | None)
             pid_file.unlink(missing_ok=True)
 
 
-def serve_tracking_server(results_dir: Path, port: int = 5001, backend_uri: str | None = None) -> int:
-    """Run PostgreSQL (unless backend_uri) and an MLflow tracking server on 127.0.0.1:port until Ctrl-C or
-    SIGTERM; stop both on the way out. 0 after a clean stop, non-zero when MLflow died on its own."""
+def serve_tracking_server(results_dir: Path, port: int = 5001, backend_uri: str | None = None, host: str = "127.0.0.1",
+                          auth: bool = False) -> int:
+    """Run PostgreSQL (unless backend_uri) and an MLflow tracking server on host:port until Ctrl-C or SIGTERM; stop both
+    on the way out. 0 after a clean stop, non-zero when MLflow died on its own. A host other than loopback needs auth."""
     results_dir = Path(results_dir).resolve()
+    if not is_loopback(host) and not auth:
+        raise TrackingServerError(f"--host {host}: the server would take writes from anyone who can reach that address. Add --auth "
+                                  "(MLflow's basic-auth: an admin password generated once, a `runs` user for the jobs), or "
+                                  "bind --host 127.0.0.1")
     backend = normalize_backend_uri(backend_uri) if backend_uri else None
     if not 1 <= port <= 65535:
         raise TrackingServerError(f"--port {port} is not a TCP port (1-65535)")
     require_psycopg()
+    if auth and importlib.util.find_spec("flask_wtf") is None:
+        raise TrackingServerError("--auth: MLflow's basic-auth app needs Flask-WTF, missing here: pip install 'mlflow[auth]' "
+                                  "(`make setup` installs the pinned version)")
     pg = None if backend else LocalPostgres(results_dir / "postgres")
     with _stop_signals():
         try:
             if pg is None:
-                _check_port(port)
+                _check_port(port, host)
                 check_backend(backend)
                 print(f"backend: PostgreSQL at {redact_uri(backend)} (not started here)", flush=True)
             else:
                 pg.claim()  # before the port check: an orphaned MLflow server of this folder may hold the port
-                _check_port(port)
+                _check_port(port, host)
                 backend = pg.start()
                 print(f"backend: PostgreSQL ({pg.bin}) started here: data in {pg.data}, "
                       f"127.0.0.1:{pg.port}, database/user {DB_NAME}, password in {pg.password_file}", flush=True)
-            code = _serve(results_dir, port, backend, pg)
+            code = _serve(results_dir, port, backend, pg, host, ServerAuth(results_dir) if auth else None)
         except KeyboardInterrupt:
             code = 0
         finally:

@@ -266,3 +266,36 @@ def test_a_folder_made_before_completion_eos_existed_trained_with_eos_always(tmp
     with pytest.raises(ConfigError, match="completion_eos: folder 'always', now 'auto'.*--completion-eos always"):
         check_same_config(tmp_path / "config.yaml", resolved, "lora")
     check_same_config(tmp_path / "config.yaml", {**resolved, "completion_eos": "always"}, "lora")
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_the_real_resume_command_marks_runs_killed_and_timings_add_up_after_it(reference, tmp_path):
+    from conftest import sigint_at_default
+
+    results = tmp_path / "r"
+    seq = results / "crash" / "lori-s" / "seed-0"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "mid-train:2"}
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *RUN, "--results-dir", str(results), "--experiment", "crash"],
+                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_at_default)
+    wait_for(seq / ".paused-mid-train", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert f"continue with `harness resume {seq}`" in err and "()" not in err and "Traceback" not in err
+    c = mlflow_client(results)
+    runs = c.search_runs([c.get_experiment_by_name("crash").experiment_id])
+    killed = {r.data.tags.get("harness.kind") for r in runs if r.info.status == "KILLED"
+              and r.data.tags.get("harness.interrupted") == "true"}
+    assert killed == {"sequence", "stage"}, [(r.info.status, r.data.tags.get("harness.kind")) for r in runs]
+
+    command = err.split("continue with `", 1)[1].split("`", 1)[0].split()
+    assert command[:2] == ["harness", "resume"]
+    out = cli(*command[1:], "--no-report", "--no-progress")
+    assert out.returncode == 0, out.stderr[-2000:]
+    np.testing.assert_array_equal(read_matrix(seq / "matrix.csv")[1], reference)
+    check_mlflow(results, "crash", seq, n_stages=3)
+    info = json.loads(next((seq / "stages").glob("2-*/stage.json")).read_text())
+    assert info["resumed_train_s"] > 0 and info["overhead_s"] >= 0
+    assert info["wall_s"] >= info["train_s"] + info["eval_s"]
+    assert " other -" not in out.stderr

@@ -1,7 +1,7 @@
 """`harness tracking-server`: a real PostgreSQL + `mlflow server` pair, several writers at once, clean stops.
 
-The end-to-end test starts the CLI as a subprocess in its own process group, writes from 4 processes
-x 2 threads through MlflowClient, stops it with SIGTERM, checks nothing of it is left running, and
+The end-to-end test starts the CLI as a subprocess in its own process group, writes from 8 processes
+x 4 threads (32 writers) through MlflowClient, stops it with SIGTERM, checks nothing of it is left running, and
 starts it again on the same folder (the data survive). It is skipped, loudly, where PostgreSQL's
 server binaries are missing: `bash .ci/install-postgres.sh` installs them.
 """
@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from harness.cli import main  # noqa: E402
 from harness.dashboard import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-N_PROCS, N_THREADS, N_STEPS = 4, 2, 25
-HEALTH_TIMEOUT_S, STOP_TIMEOUT_S, WRITE_TIMEOUT_S = 90, 60, 240
+N_PROCS, N_THREADS, N_STEPS = 8, 4, 25  # 32 concurrent writers
+HEALTH_TIMEOUT_S, STOP_TIMEOUT_S, WRITE_TIMEOUT_S = 90, 60, 600
 
 WRITER = r"""
 import json, os, sys, tempfile, threading
@@ -347,3 +348,45 @@ def test_missing_postgres_says_how_to_install(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2 and "apt-get install postgresql" in err and "--backend-uri" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_network_address_without_auth_is_refused(tmp_path, capsys):
+    code = main(["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(free_port()), "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--host 0.0.0.0" in err and "--auth" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_auth_refuses_anonymous_requests_and_a_run_with_the_runs_credentials_logs_normally(results_dir):
+    _require_postgres()
+    pytest.importorskip("flask_wtf", reason="!!! auth test NOT RUN: Flask-WTF missing (pip install -r requirements.lock) !!!")
+    from harness.tracking_auth import CREDENTIALS_ENV, read_credentials
+
+    log = results_dir.parent / "auth.log"
+    proc, port = _start(results_dir, log, ["--host", "127.0.0.1", "--auth"])
+    seen: set[tuple[int, int]] = set()
+    try:
+        _wait_ready(proc, port, log)
+        seen = _server_processes(results_dir)
+        uri, creds = f"http://127.0.0.1:{port}", results_dir / "auth" / "runs-credentials"
+        assert {oct(p.stat().st_mode & 0o777) for p in (creds, results_dir / "auth" / "admin-password")} == {"0o600"}
+        user, password = read_credentials(creds)
+        assert user == "runs" and password not in log.read_text() and str(creds) in log.read_text()
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
+        assert anonymous.value.code == 401
+
+        env = {**os.environ, CREDENTIALS_ENV: str(creds), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+        run = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "smoke", "--model", "tiny-llama",
+                              "--methods", "lora", "--tasks", "parity,weather", "--epochs", "1", "--no-progress", "--no-report",
+                              "--results-dir", str(results_dir.parent / "runs"), "--experiment", "authed", "--tracking-uri", uri],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0 and "tracking is behind" not in run.stderr, run.stderr[-3000:]
+        verify = subprocess.run([sys.executable, "-m", "harness.cli", "verify", str(results_dir.parent / "runs" / "authed")],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert verify.returncode == 0 and "mlflow   ok" in verify.stdout, verify.stdout + verify.stderr
+        seen |= _server_processes(results_dir)
+        _stop(proc, results_dir, seen, log)
+    finally:
+        _kill_everything(proc, results_dir, seen)

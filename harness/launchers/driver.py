@@ -182,7 +182,9 @@ def mark_failed(tracker, specs: list[SequenceSpec]) -> None:
         if is_locked(spec.run_dir):
             say(f"[{spec.label}] still held by its job: not marked (harness report marks it when it has stopped)")
             continue
-        parent = read_json(state)["mlflow_parent_run_id"]
+        parent = read_json(state).get("mlflow_parent_run_id")
+        if parent is None:
+            continue  # its store never answered: no run to mark
         try:
             if tracker.status(parent) != "RUNNING":
                 continue

@@ -5,7 +5,8 @@ Folder (a contract; see README), per method and seed:
         config.yaml, state.json, .lock          as for sequences
         adapters/<task>/                        PEFT folder (adapter_config.json, adapter_model.safetensors),
                                                 masks.safetensors, values.safetensors, lori.json (lori-s, as a
-                                                sequence's stage), train.json; appears by atomic rename
+                                                sequence's stage), train.json (last, with the SHA-256 of the
+                                                other files); appears by atomic rename
         single.csv, single.json                 S[i, j]: adapter i alone on task j
         merged.csv, merged.json                 one row per merge (combination x task set): scores, weights,
                                                 relative_error of ΔW against Σ w_i ΔW_i, cross_terms
@@ -34,6 +35,7 @@ from harness.config import ExperimentConfig
 from harness.evaluate import validation_evaluator
 from harness.errors import ConfigError
 from harness.export import write_peft_folder
+from harness.integrity import HASHES, check_recorded, folder_hashes
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.merging.combine import MERGED, folded, load_adapters, merge, relative_error
@@ -111,6 +113,7 @@ class MergeRunner:
                 return read_json(self.dir / "summary.json")
             atomic_write_yaml(self.dir / "config.yaml", {**self.cfg.to_yaml_dict(), "merge": {"method": self.spec.method,
                               "seed": self.spec.seed, "tasks": self.spec.tasks}})
+            self._verify_adapters()
             self.parent_id = self._open_parent()
             try:
                 folders = {task: self._adapter(t, task) for t, task in enumerate(self.spec.tasks, start=1)}
@@ -122,6 +125,12 @@ class MergeRunner:
                 raise
             self.tracker.finish(self.parent_id, "FINISHED")
             return out
+
+    def _verify_adapters(self) -> None:
+        """Finished task adapters are reused as they are: check them against the hashes their train.json recorded."""
+        for marker in sorted(self.dir.glob("adapters/*/train.json")):
+            check_recorded(marker.parent, read_json(marker).get(HASHES), marker,
+                           f"Delete {marker.parent} and run the same `harness merge` command again: that adapter is retrained.")
 
     def _open_parent(self) -> str:
         state = self.dir / "state.json"
@@ -165,7 +174,8 @@ class MergeRunner:
                 shutil.rmtree(tmp / "adapter", ignore_errors=True)
                 write_peft_folder(method.adapters, tmp)
                 atomic_write_json(tmp / "train.json", {"task": task, "steps": res.steps, "wall_s": res.wall_s, "losses": res.losses,
-                                                        "budget": b, "mlflow_run_id": child, **method.param_counts(), **stats})
+                                                        "budget": b, "mlflow_run_id": child, **method.param_counts(), **stats,
+                                                        HASHES: folder_hashes(tmp)})
         finally:
             self.model = method.unload()
         self.tracker.log_series(child, "train/loss", res.losses)

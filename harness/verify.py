@@ -1,0 +1,273 @@
+"""`harness verify RUN_DIR`: everything a careful reader of a run folder would check, as a short report (exit 0 or 1).
+
+    hashes   every committed file against the SHA-256 its commit marker recorded (stage.json, summary.json)
+    masks    LoRI-S: masks keep the overlap policy (disjoint: no position in two masks), entries of B outside a
+             stage's mask equal the previous stage's (earlier entries frozen), A regenerated from its seed matches
+    metrics  the matrix equals every stage's eval.json, each score equals lm-eval's own metric in eval.json's raw
+             results, and ACC/BWT/FWT/forgetting recomputed from the matrix equal summary.json
+    mlflow   where the store answers: one FINISHED stage run per committed stage, and its metrics, the parent's
+             acc/<task> points and final metrics equal the folder
+
+Reads only. RUN_DIR is a sequence folder or any folder above sequence folders (an experiment).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from harness import metrics as MX
+from harness.adapters import stage_files as SF
+from harness.adapters.sparse import mask_index
+from harness.errors import HarnessError
+from harness.integrity import HASHES, mismatches
+from harness.io import read_json
+from harness.sequence_files import STAGE_MARKER, committed_stages, sequence_folders
+from harness.tracking import check_reachable, redact_uri
+
+OK, FAIL, SKIP = "ok", "FAIL", "skipped"
+_TOL = 1e-9
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(float(a), float(b), rel_tol=_TOL, abs_tol=_TOL)
+
+
+# --- hashes ----------------------------------------------------------------------------------------
+def check_hashes(run_dir: Path, done: dict[int, Path]) -> Check:
+    bad, files, unhashed = [], 0, []
+    for t, d in sorted(done.items()):
+        recorded = read_json(d / STAGE_MARKER).get(HASHES)
+        if recorded is None:
+            unhashed.append(t)
+            continue
+        files += len(recorded)
+        bad += [f"{p} {what}" for p, what in mismatches(d, recorded)]
+    summary = run_dir / "summary.json"
+    if summary.is_file() and (recorded := read_json(summary).get(HASHES)) is not None:
+        files += len(recorded)
+        bad += [f"{p} {what}" for p, what in mismatches(run_dir, recorded)]
+    if bad:
+        return Check("hashes", FAIL, "; ".join(bad))
+    if unhashed and len(unhashed) == len(done):
+        return Check("hashes", SKIP, "no hashes recorded (folder written before the harness recorded them)")
+    note = f"; stages {unhashed}: no hashes recorded" if unhashed else ""
+    return Check("hashes", OK, f"{len(done)} stage(s), {files} file(s) match the SHA-256 recorded at commit{note}")
+
+
+# --- masks ----------------------------------------------------------------------------------------
+def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None]:
+    """(masks, B after this stage, lori.json or None) of a LoRI-S stage, sparse or in the older dense layout."""
+    from harness.export import _dense_stage
+
+    if SF.is_sparse_stage(folder):
+        masks, values, meta = SF.read_stage(folder)
+        B = {k: (prev[k].clone() if prev and k in prev else torch.zeros(m.shape, dtype=values[k].dtype)) for k, m in masks.items()}
+        for k in masks:
+            SF.apply_values(B[k], mask_index(masks[k]), values[k])
+        return masks, B, meta
+    masks = SF.load_masks(folder)
+    if masks is None:
+        raise HarnessError(f"{folder}/{SF.MASKS} missing")
+    from safetensors.torch import load_file
+
+    sd = {}
+    for f in _dense_stage(folder)[0].values():
+        sd.update(load_file(str(f)))
+    return masks, {k: v for k, v in sd.items() if k in masks}, None
+
+
+def _overlap_problem(t: int, masks: dict, used: dict, cfg: dict) -> str | None:
+    policy, x = cfg.get("overlap_policy", "disjoint"), float(cfg.get("max_overlap") or 0.0)
+    if policy == "independent" or not used:
+        return None
+    over = {k: int((m & used[k]).sum()) for k, m in masks.items() if k in used}
+    nnz = {k: int(m.sum()) for k, m in masks.items()}
+    if policy == "disjoint" and sum(over.values()):
+        k = max(over, key=over.get)
+        return f"stage {t}: {sum(over.values())} mask position(s) used by an earlier stage (e.g. {over[k]} in {k}); policy disjoint"
+    if policy == "max_overlap":
+        per_module = cfg.get("mask_strategy") == "random" or cfg.get("mask_scope") == "module"
+        pairs = over.items() if per_module else [("all modules", sum(over.values()))]
+        for k, n in pairs:
+            k_t = nnz[k] if per_module else sum(nnz.values())
+            if n > math.floor(x * k_t + 1e-12):
+                return f"stage {t}: {n} of {k_t} positions of {k} reused, more than max_overlap {x}"
+    return None
+
+
+def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
+    from harness.export import module_d_in, regenerate_A
+
+    if (cfg.get("sequence") or {}).get("method") != "lori-s":
+        return Check("masks", SKIP, "not a LoRI-S sequence")
+    used: dict[str, torch.Tensor] = {}  # positions of every earlier stage's mask (the allocator avoids them all)
+    B: dict[str, dict[str, torch.Tensor]] = {}  # per adapter: B after the last stage read
+    regenerated, problems, d_in = 0, [], None
+    try:
+        for t, folder in sorted((t, d) for t, d in done.items() if t > 0):
+            name = read_json(folder / SF.META)["adapter"] if (folder / SF.META).exists() else "default"
+            masks, B_t, meta = _stage_B(folder, B.get(name))
+            if (p := _overlap_problem(t, masks, used, cfg)) is not None:
+                problems.append(p)
+            prev = B.get(name) or {k: torch.zeros_like(v) for k, v in B_t.items()}
+            moved = {k: int(((B_t[k] != prev[k]) & ~masks[k]).sum()) for k in masks if k in prev}
+            if sum(moved.values()):
+                k = max(moved, key=moved.get)
+                problems.append(f"stage {t}: {sum(moved.values())} entries of B outside its mask changed (e.g. {moved[k]} in {k})")
+            if meta is not None:
+                d_in = d_in or module_d_in(cfg, list(masks))
+                regenerate_A(meta, d_in, getattr(torch, meta["dtype"]), folder)  # HarnessError when the sha256 differs
+                regenerated += 1
+            B[name] = B_t
+            used = {k: used[k] | m if k in used else m.clone() for k, m in masks.items()}
+    except HarnessError as exc:
+        problems.append(str(exc))
+    if problems:
+        return Check("masks", FAIL, "; ".join(problems))
+    policy = cfg.get("overlap_policy", "disjoint")
+    return Check("masks", OK, f"{len([t for t in done if t > 0])} stage mask(s) keep overlap policy {policy}; B outside each "
+                              f"stage's mask unchanged; A regenerated from seed {cfg['sequence']['seed']} matches at "
+                              f"{regenerated} stage(s)")
+
+
+# --- metrics --------------------------------------------------------------------------------------
+def _metric_keys(cfg: dict) -> dict[str, str]:
+    """task -> the lm-eval metric its score is (from the suite); {} when the suite cannot be read here."""
+    from harness.suites import load_suite
+
+    try:
+        suite = load_suite(cfg["suite"])
+        return {t: suite.task(t).metric_key for t in (cfg.get("sequence") or {}).get("tasks", [])}
+    except Exception:  # noqa: BLE001 - a suite that moved only skips this part of the check
+        return {}
+
+
+def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
+    problems, keys = [], _metric_keys(cfg)
+    for t, d in sorted(done.items()):
+        ev = read_json(d / "eval.json")
+        for task, v in ev["scores"].items():
+            raw = (ev.get("raw") or {}).get(task, {})
+            if task in keys and keys[task] in raw and not _same(raw[keys[task]], v):
+                problems.append(f"{d / 'eval.json'}: {task} score {v} is not lm-eval's {keys[task]} {raw[keys[task]]}")
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return Check("metrics", FAIL if problems else OK, "; ".join(problems) or
+                     f"{len(done)} stage score(s) = lm-eval's metrics; sequence not finished: no matrix or summary yet")
+    summary, m = read_json(summary_path), read_json(run_dir / "matrix.json")
+    R, tasks = MX.as_matrix(m["R"]), m["tasks"]
+    for t, d in sorted(done.items()):
+        for task, v in read_json(d / "eval.json")["scores"].items():
+            if not _same(R[t, tasks.index(task)], v):
+                problems.append(f"matrix.json R[{t}, {task}] = {R[t, tasks.index(task)]}, {d / 'eval.json'} says {v}")
+    evaluated = {(t, task) for t, d in done.items() for task in read_json(d / "eval.json")["scores"]}
+    extra = [(i, tasks[j]) for i, j in zip(*np.where(~np.isnan(R))) if (int(i), tasks[j]) not in evaluated]
+    if extra:
+        problems.append(f"matrix.json has cells no stage evaluated: {extra[:3]}")
+    recomputed = MX.summarize_reference(R) if summary.get("reference") else MX.summarize(R)
+    names = {"ACC": "acc", "BWT": "bwt", "FWT": "fwt", "forgetting": "forgetting"}
+    for k, v in recomputed.items():
+        if not _same(v, summary.get(names[k])):
+            problems.append(f"summary.json {names[k]} = {summary.get(names[k])}, recomputed from the matrix {v}")
+    if problems:
+        return Check("metrics", FAIL, "; ".join(problems))
+    return Check("metrics", OK, f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; ACC, BWT, FWT, forgetting "
+                                "recomputed from the matrix equal summary.json (sequences keep no per-document scores)")
+
+
+# --- MLflow ---------------------------------------------------------------------------------------
+def check_mlflow(run_dir: Path, done: dict[int, Path], uri: str | None) -> Check:
+    state = run_dir / "state.json"
+    parent_id = read_json(state).get("mlflow_parent_run_id") if state.is_file() else None
+    uri = uri or (read_json(state).get("mlflow_tracking_uri") if state.is_file() else None)
+    if not parent_id or not uri:
+        return Check("mlflow", SKIP, "no MLflow parent run recorded in state.json (`harness sync RUN_DIR` logs it)")
+    try:
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+            raise HarnessError(f"no store at {uri}")
+        check_reachable(uri, timeout_s=5)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        parent = client.get_run(parent_id)
+    except Exception as exc:  # noqa: BLE001 - an unreachable store only skips this part
+        return Check("mlflow", SKIP, f"store {redact_uri(uri)} not reachable here ({str(exc).splitlines()[0][:160]})")
+    problems = _compare_mlflow(client, parent, run_dir, done)
+    if problems:
+        return Check("mlflow", FAIL, "; ".join(problems) + ". `harness sync RUN_DIR` re-mirrors the folder")
+    return Check("mlflow", OK, f"parent {parent.info.status}, one FINISHED stage run per committed stage "
+                               f"({len([t for t in done if t > 0])}), metrics equal the folder ({redact_uri(uri)})")
+
+
+def _compare_mlflow(client, parent, run_dir: Path, done: dict[int, Path]) -> list[str]:
+    problems = []
+    summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else None
+    if summary and summary.get("complete") and parent.info.status != "FINISHED":
+        problems.append(f"parent run {parent.info.run_id} is {parent.info.status}, the folder is finished")
+    if summary:
+        for k, s in (("ACC", "acc"), ("BWT", "bwt"), ("FWT", "fwt"), ("forgetting", "forgetting")):
+            if summary.get(s) is not None and not _same(parent.data.metrics.get(k), summary[s]):
+                problems.append(f"parent {k} = {parent.data.metrics.get(k)}, summary.json {summary[s]}")
+    children: dict[int, list] = {}
+    for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000):
+        children.setdefault(int(r.data.tags.get("harness.stage", -1)), []).append(r)
+    for t, d in sorted(done.items()):
+        scores = read_json(d / "eval.json")["scores"]
+        for task, v in scores.items():
+            points = [m.value for m in client.get_metric_history(parent.info.run_id, f"acc/{task}") if m.step == t]
+            if len(points) != 1 or not _same(points[0], v):
+                problems.append(f"parent acc/{task} at step {t}: {points or 'missing'}, eval.json {v}")
+        if t == 0:
+            continue
+        runs = children.get(t, [])
+        if len(runs) != 1 or runs[0].info.status != "FINISHED":
+            problems.append(f"stage {t}: {len(runs)} stage run(s) ({', '.join(r.info.status for r in runs) or 'none'}), expected one FINISHED")
+            continue
+        got = runs[0].data.metrics
+        bad = [task for task, v in scores.items() if not _same(got.get(f"eval/{task}"), v)]
+        if bad:
+            problems.append(f"stage {t}: eval/{bad[0]} = {got.get(f'eval/{bad[0]}')}, eval.json {scores[bad[0]]}")
+    return problems
+
+
+# --- the report -----------------------------------------------------------------------------------
+def verify_sequence(run_dir: Path, tracking_uri: str | None = None) -> list[Check]:
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    done = committed_stages(run_dir)
+    if not done:
+        return [Check("stages", SKIP, "no committed stage yet")]
+    return [check_hashes(run_dir, done), check_masks(run_dir, done, cfg), check_metrics(run_dir, done, cfg),
+            check_mlflow(run_dir, done, tracking_uri)]
+
+
+def verify_path(path: Path, tracking_uri: str | None = None) -> tuple[str, bool]:
+    """(the report's text, whether nothing failed) for a sequence folder or every sequence folder under path."""
+    folders = sequence_folders(path)
+    if not folders:
+        raise HarnessError(f"{path}: no sequence folder here (a folder with config.yaml and stages/). Pass a run folder: "
+                           "results/<experiment>/<method>/seed-<s> or results/<experiment>.")
+    lines, failed = [], 0
+    for folder in folders:
+        checks = verify_sequence(folder, tracking_uri)
+        failed += sum(c.status == FAIL for c in checks)
+        lines.append(f"{folder}")
+        lines += [f"  {c.name:<8} {c.status:<8} {c.detail}" for c in checks]
+    lines.append(f"{'FAILED' if failed else 'OK'}: {len(folders)} sequence folder(s) checked"
+                 + (f", {failed} check(s) failed" if failed else ""))
+    return "\n".join(lines), not failed
