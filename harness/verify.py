@@ -23,6 +23,7 @@ import yaml
 
 from harness import metrics as MX
 from harness.adapters import stage_files as SF
+from harness.analysis import documents as DOCS
 from harness.adapters.sparse import mask_index
 from harness.errors import HarnessError
 from harness.integrity import HASHES, mismatches
@@ -179,6 +180,9 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
     extra = [(i, tasks[j]) for i, j in zip(*np.where(~np.isnan(R))) if (int(i), tasks[j]) not in evaluated]
     if extra:
         problems.append(f"matrix.json has cells no stage evaluated: {extra[:3]}")
+    docs_path = run_dir / DOCS.DOCUMENTS_FILE
+    if docs_path.is_file():  # every cell again, from each document's score
+        problems += [f"{docs_path}: {p}" for p in DOCS.check_documents(read_json(docs_path), R)]
     recomputed = MX.summarize_reference(R) if summary.get("reference") else MX.summarize(R)
     names = {"ACC": "acc", "BWT": "bwt", "FWT": "fwt", "forgetting": "forgetting"}
     for k, v in recomputed.items():
@@ -186,8 +190,9 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
             problems.append(f"summary.json {names[k]} = {summary.get(names[k])}, recomputed from the matrix {v}")
     if problems:
         return Check("metrics", FAIL, "; ".join(problems))
-    return Check("metrics", OK, f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; ACC, BWT, FWT, forgetting "
-                                "recomputed from the matrix equal summary.json (sequences keep no per-document scores)")
+    docs = "every cell recomputed from documents.json; " if docs_path.is_file() else "(no per-document scores: an older folder) "
+    return Check("metrics", OK, f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}ACC, BWT, FWT, forgetting "
+                                "recomputed from the matrix equal summary.json")
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
