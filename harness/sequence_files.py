@@ -32,7 +32,7 @@ from harness.io import atomic_write_json, atomic_write_text
 STAGE_MARKER = "stage.json"
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "cache_dir", "methods", "seeds", "orders", "experiment", "wait_for_lock",
-                "olora", "replay", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
+                "olora", "replay", "nlora", "inflora", "ewc", "migu", "merge_methods", "merge_weights", "merge_density", "merge_masks", "merge_a",
                 "merge_pairs"} | LAUNCH_KEYS
 
 
