@@ -28,8 +28,8 @@ NEW = ["nlora", "inflora", "ewc", "migu"]
 def runs(tmp_path_factory):
     """Every new method on the smoke suite in one `harness run`."""
     results = tmp_path_factory.mktemp("newbaselines")
-    assert main(["run", *BASE, "--methods", ",".join(NEW), "--eval-limit", "16", "--results-dir", str(results),
-                 "--experiment", "nb"]) == 0
+    assert main(["run", *BASE, "--methods", ",".join(NEW), "--eval-limit", "8", "--eval-schedule", "diagonal_final",
+                 "--ewc-fisher-samples", "16", "--results-dir", str(results), "--experiment", "nb"]) == 0
     return results / "nb"
 
 
@@ -38,7 +38,7 @@ def ewc_runs(tmp_path_factory):
     """EWC on two tasks with λ = 0 and λ large."""
     results = tmp_path_factory.mktemp("ewc")
     for lam in ("0", "1e6"):
-        assert main(["run", *BASE, "--methods", "ewc", "--tasks", "parity,weather", "--ewc-lambda", lam, "--eval-limit", "8",
+        assert main(["run", *BASE, "--methods", "ewc", "--tasks", "parity,weather", "--ewc-lambda", lam, "--ewc-fisher-samples", "16", "--eval-limit", "8",
                      "--eval-schedule", "diagonal_final", "--results-dir", str(results), "--experiment", f"l{lam}"]) == 0
     return {lam: results / f"l{lam}" / "ewc" / "seed-0" for lam in ("0", "1e6")}
 
@@ -155,8 +155,8 @@ def test_ewc_fisher_is_stored_per_task_and_restored_on_resume(ewc_runs, tmp_path
     assert all(torch.equal(method.fishers[0][k], f1[f"fisher/1/{k}"]) and torch.equal(method.anchors[0][k], f1[f"anchor/1/{k}"])
                for k in method.fishers[0])
     # Drop stage 2 and resume: it is retrained from the restored Fisher and anchors, bit-identically.
-    copy = tmp_path / "seq"
-    shutil.copytree(seq, copy)
+    shutil.copytree(seq.parents[2], tmp_path / "r")  # the results folder: resume needs the experiment around the sequence
+    copy = tmp_path / "r" / seq.relative_to(seq.parents[2])
     shutil.rmtree(copy / "stages" / s2.name)
     (copy / "summary.json").unlink()
     assert main(["resume", str(copy), "--no-report", "--no-progress"]) == 0
