@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from harness import distributed as D
 from harness.cli import main
 from harness.config import ExperimentConfig
+from harness.errors import ConfigError
 from harness.export import export_adapter
-from harness.methods import METHODS, StageContext
+from harness.methods import METHODS, Method, StageContext
 from harness.methods.ewc import ewc_penalty
 from harness.methods.inflora import design_A, grow_basis
 from harness.methods.migu import row_mask
@@ -252,3 +254,12 @@ def test_bad_knobs_exit_2_and_write_nothing(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not results.exists()
+
+
+def test_fsdp_refuses_the_methods_that_act_on_whole_tensors_in_the_step(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name, verb in (("nlora", "extra_loss"), ("ewc", "extra_loss"), ("migu", "after_backward")):
+        with pytest.raises(ConfigError, match=f"{name} .*{verb}.*--distributed ddp"):
+            D.check_fsdp_method(METHODS[name], Method, "fsdp")
+        D.check_fsdp_method(METHODS[name], Method, "ddp")
+    D.check_fsdp_method(METHODS["inflora"], Method, "fsdp")  # A is designed before the stage; the step is plain
