@@ -263,3 +263,16 @@ def test_fsdp_refuses_the_methods_that_act_on_whole_tensors_in_the_step(monkeypa
             D.check_fsdp_method(METHODS[name], Method, "fsdp")
         D.check_fsdp_method(METHODS[name], Method, "ddp")
     D.check_fsdp_method(METHODS["inflora"], Method, "fsdp")  # A is designed before the stage; the step is plain
+
+
+def test_ewc_lambda_is_spelled_lambda_in_yaml_flags_and_grid(tmp_path):
+    from harness.config import load_config, parse_cli_value
+    from harness.planning import variants
+
+    yml = tmp_path / "c.yaml"
+    yml.write_text("methods: [ewc]\newc: {lambda: 7}\n")
+    cfg = load_config(yml)
+    assert cfg.ewc.lambda_ == 7 and cfg.to_yaml_dict()["ewc"] == {"lambda": 7.0, "fisher_samples": 64}
+    assert load_config(None, {**cfg.to_yaml_dict(), "ewc.lambda": "3"}).ewc.lambda_ == 3  # the config a run folder keeps
+    grid = load_config(None, {"methods": ["ewc"], "grid": parse_cli_value("grid", "ewc.lambda=0,5")})
+    assert [(v[1], v[2].ewc.lambda_) for v in variants(grid)] == [({"ewc.lambda": 0.0}, 0.0), ({"ewc.lambda": 5.0}, 5.0)]

@@ -98,8 +98,8 @@ class InputCovariance:
                 self.leader.setdefault(name, self._last[1])
                 return
             self.leader.setdefault(name, name)
-            xs = x.detach()[self._mask] if self._mask is not None and self._mask.shape == x.shape[:-1] else x.detach().reshape(-1, x.shape[-1])
-            xs = xs.float()
+            masked = self._mask is not None and self._mask.shape == x.shape[:-1]
+            xs = (x.detach()[self._mask] if masked else x.detach().reshape(-1, x.shape[-1])).float()
             self.sums[name] = self.sums[name] + xs.T @ xs if name in self.sums else xs.T @ xs
             self.count[name] = self.count.get(name, 0) + xs.shape[0]
             self._last = (x, name)
