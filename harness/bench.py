@@ -111,7 +111,8 @@ def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: in
             model.disable_input_require_grads()
         else:
             method = METHODS[name](cfg, seed=0, tasks=["bench"], base_model=model)
-            method.begin_stage(StageContext(stage=1, task="bench", run_dir=Path("."), calibrate=lambda *a: None))
+            method.begin_stage(StageContext(stage=1, task="bench", run_dir=Path("."), calibrate=lambda *a: None,
+                                            batches=lambda idx, bs: iter([batch]), n_examples=batch_size))  # inflora, ewc
             params = list(method.trainable().values())
             opt, sched = make_optimizer(params, cfg.lr_for(name), recipe, warmup + steps)
             method.model.train()

@@ -88,6 +88,8 @@ class EWC(SeqLoRA):
         return ewc_penalty(self._params, self.fishers, self.anchors, lam) if lam > 0 and self.fishers else None
 
     def end_stage(self) -> dict[str, float]:
+        if self.ctx.batches is None:
+            raise HarnessError("EWC needs the stage's training data (StageContext.batches) to estimate the Fisher.")
         n = self.ctx.n_examples
         k = min(n, self.cfg.ewc.fisher_samples)
         idx = random.Random(stable_seed(self.seed, "ewc", self.ctx.stage)).sample(range(n), k)
