@@ -134,6 +134,36 @@ def test_earlier_adapters_stay_bit_identical_in_later_stage_files(runs, method):
             assert own.keys() == now.keys() and all(torch.equal(own[k], now[k]) for k in own), f"task{s} changed in stage {t}"
 
 
+@pytest.mark.slow
+def test_inflora_bases_are_restored_and_a_dropped_stage_retrains_bit_identically(runs, tmp_path):
+    seq = runs / "inflora" / "seed-0"
+    stages = stage_dirs(seq)
+    saved = load_file(str(stages[1] / "inflora.safetensors"))
+    method = harness_model(seq, 2)
+    assert method.bases and all(torch.equal(U, saved[f"basis/{n}"]) for n, U in method.bases.items())
+    shutil.copytree(seq.parents[2], tmp_path / "r")
+    copy = tmp_path / "r" / seq.relative_to(seq.parents[2])
+    shutil.rmtree(copy / "stages" / stages[2].name)
+    (copy / "summary.json").unlink()
+    assert main(["resume", str(copy), "--no-report", "--no-progress"]) == 0
+    for f in ("inflora.safetensors", "adapter/task3/adapter_model.safetensors"):
+        again, before = load_file(str(copy / "stages" / stages[2].name / f)), load_file(str(stages[2] / f))
+        assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again), f
+
+
+def test_inflora_mid_stage_checkpoint_holds_A_t_and_a_resumed_stage_takes_it_from_there(tmp_path):
+    method, _ = tiny_method("inflora", tmp_path)
+    method.adapters.begin_task(1)  # the modules' names and shapes (begin_stage finds the adapter there)
+    names = [n for n, _ in method.adapters.layers()]
+    given = {f"A/{n}": torch.randn(method.cfg.rank, layer.in_features, generator=torch.Generator().manual_seed(i))
+             for i, (n, layer) in enumerate(method.adapters.layers())}
+    method.begin_stage(ctx(1, tmp_path, resumed_extra=given))  # no data: it must not measure anything
+    assert method.checkpoint_extra().keys() == {f"A/{n}" for n in names}
+    for n, layer in method.adapters.layers():
+        assert torch.equal(layer.lora_A["task1"].weight, given[f"A/{n}"]) and not layer.lora_A["task1"].weight.requires_grad
+        assert torch.equal(method.checkpoint_extra()[f"A/{n}"], given[f"A/{n}"])
+
+
 # --- EWC ---------------------------------------------------------------------------------------------------
 def test_ewc_penalty_equals_a_hand_computation():
     theta = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[0.5, 3.0]])}
