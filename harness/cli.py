@@ -191,6 +191,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"{'':<9} learning rate: --lr-{m.lr_method}" + ("   (a reference row, not ranked)" if m.reference else ""))
         if m.knobs is not None:
             for k, f in m.knobs.model_fields.items():
+                k = f.alias or k  # ewc.lambda
                 print(f"{'':<9} --{m.section}-{k.replace('_', '-')} (YAML {m.section}.{k}, default {f.default}): {f.description}")
         print()
     return 0

@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from harness.errors import ConfigError
 from harness.metrics import LEARN_MARGIN
 from harness.methods import METHODS
+from harness.methods.ewc import EWCKnobs
 from harness.methods.inclora import OLoRAKnobs
+from harness.methods.inflora import InfLoRAKnobs
+from harness.methods.migu import MIGUKnobs
+from harness.methods.nlora import NLoRAKnobs
 from harness.methods.replay import ReplayKnobs
 from harness.suites.schema import DEFAULT_LR
 
@@ -136,7 +140,7 @@ class ExperimentConfig(BaseModel):
         "lr_lora / lr_lori_d / lr_lori_s still wins for that family. Default: per family."
     )
     lr_lora: float | None = Field(
-        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl "
+        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl, nlora, inflora, ewc, migu "
         f"(default: the suite budget's, else {DEFAULT_LR['lora']:g})."
     )
     lr_lori_d: float | None = Field(
@@ -192,6 +196,10 @@ class ExperimentConfig(BaseModel):
     # --- method knobs (one section per method that has knobs) -------------------------------
     olora: OLoRAKnobs = Field(default_factory=OLoRAKnobs, description="O-LoRA knobs (method olora).")
     replay: ReplayKnobs = Field(default_factory=ReplayKnobs, description="Replay-buffer knobs (method replay).")
+    nlora: NLoRAKnobs = Field(default_factory=NLoRAKnobs, description="N-LoRA knobs (method nlora).")
+    inflora: InfLoRAKnobs = Field(default_factory=InfLoRAKnobs, description="InfLoRA knobs (method inflora).")
+    ewc: EWCKnobs = Field(default_factory=EWCKnobs, description="EWC knobs (method ewc).")
+    migu: MIGUKnobs = Field(default_factory=MIGUKnobs, description="MIGU knobs (method migu).")
 
     # --- evaluation --------------------------------------------------------------------------
     eval_scope: Literal["seen", "all"] = Field(
@@ -381,14 +389,14 @@ def cli_fields() -> list[tuple[str, Any]]:
         if sub is None:
             out.append((name, field))
         else:
-            out.extend((f"{name}.{k}", f) for k, f in sub.model_fields.items())
+            out.extend((f"{name}.{f.alias or k}", f) for k, f in sub.model_fields.items())  # ewc.lambda: alias of lambda_
     return out
 
 
 def _field(dest: str):
     top, _, sub = dest.partition(".")
     field = ExperimentConfig.model_fields[top]
-    return _section_model(field).model_fields[sub] if sub else field
+    return next(f for k, f in _section_model(field).model_fields.items() if (f.alias or k) == sub) if sub else field
 
 
 def parse_cli_value(name: str, raw: str) -> Any:

@@ -144,6 +144,16 @@ def mean_over_ranks(value):
     return float(v) / world_size()
 
 
+def sum_over_ranks_(tensors: list) -> None:
+    """Sum each tensor over ranks in place (e.g. MIGU's per-row output magnitudes, so every rank masks alike)."""
+    if not _initialized():
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t)
+
+
 # --- the same masks and weights on every rank -------------------------------------------------------
 def check_identical(tensors: Mapping[str, Any], what: str) -> str:
     """Hash `tensors` on every rank and compare with rank 0's; HarnessError on every rank if any differs."""

@@ -71,7 +71,8 @@ def variants(cfg: ExperimentConfig) -> list[tuple[str | None, dict[str, Any], Ex
         except ValidationError as err:
             raise ConfigError(format_errors(err, f"grid variant {values}", set())) from None
         # The id hashes the validated values, so "5" from a flag and 5 from YAML are the same variant.
-        values = {k: (getattr(getattr(vcfg, k.split(".")[0]), k.split(".")[1]) if "." in k else getattr(vcfg, k)) for k in keys}
+        dumped = vcfg.model_dump()  # a method knob under its YAML name (ewc.lambda is the field lambda_)
+        values = {k: (dumped[k.split(".")[0]][k.split(".")[1]] if "." in k else getattr(vcfg, k)) for k in keys}
         vid = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
         out.append((vid, values, vcfg))
     return out

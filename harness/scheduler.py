@@ -42,7 +42,7 @@ from harness.precision import precision_of
 from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line, finished_stages,
                                     git_commit, learn_check, result_hashes, stage_line, verify_folder, verify_stages, write_documents,
                                     write_matrix_files, write_stage_marker)
-from harness.train import Recipe, train_method
+from harness.train import Recipe, collate, tokenize_examples, train_method
 
 
 def say(msg: str, *, every_rank: bool = False) -> None:
@@ -276,7 +276,15 @@ class SequenceRunner:
                         calibration=True)
             calib["s"] += time.perf_counter() - tc
 
-        method.begin_stage(StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate, resumed_extra=ckpt.load_extra()))
+        def batches(indices: list[int] | None, batch_size: int):
+            data = tokenize_examples(self.tokenizer, [examples[i] for i in (indices if indices is not None else range(len(examples)))],
+                                     budget["max_seq_len"])
+            pad_id, device = self.tokenizer.pad_token_id or 0, next(method.model.parameters()).device
+            for i in range(0, len(data), batch_size):
+                yield collate(data[i : i + batch_size], pad_id, device)
+
+        method.begin_stage(StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate, resumed_extra=ckpt.load_extra(),
+                                        batches=batches, n_examples=len(examples)))
         ckpt.extra = method.checkpoint_extra()
         launch = self._check_ranks_agree(t, method, ckpt.extra)
         res = self._train(method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt)

@@ -9,13 +9,18 @@ pick it up from here.
 from __future__ import annotations
 
 from harness.methods.base import Method, StageContext
+from harness.methods.ewc import EWC
 from harness.methods.inclora import IncLoRA, OLoRA
+from harness.methods.inflora import InfLoRA
 from harness.methods.lora import SeqLoRA
 from harness.methods.lori import LoRID, LoRIS
+from harness.methods.migu import MIGU
 from harness.methods.mtl import MTL
+from harness.methods.nlora import NLoRA
 from harness.methods.replay import Replay
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRIS, LoRID, SeqLoRA, IncLoRA, OLoRA, Replay, MTL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRIS, LoRID, SeqLoRA, IncLoRA, OLoRA, Replay, MTL,
+                                                    NLoRA, InfLoRA, EWC, MIGU)}
 
 __all__ = ["METHODS", "Method", "StageContext", "get_method"]
 

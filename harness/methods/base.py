@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel
@@ -33,6 +33,11 @@ class StageContext:
     calibrate: Callable[[int | None, str], Any]
     # The method's tensors saved in this stage's mid-stage checkpoint (a resumed stage), else None.
     resumed_extra: dict[str, torch.Tensor] | None = None
+    # batches(indices, batch_size): the stage's training examples (those indices, in that order; None = all) as
+    # model inputs (input_ids, attention_mask, labels) on the model's device, for methods that measure the task's
+    # data outside training (InfLoRA's input subspace, EWC's Fisher). n_examples: how many there are.
+    batches: Callable[[list[int] | None, int], Iterator[dict[str, torch.Tensor]]] | None = None
+    n_examples: int = 0
 
 
 class Method:

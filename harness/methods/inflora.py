@@ -1,0 +1,194 @@
+"""InfLoRA: a designed, frozen A_t outside the subspace earlier tasks' inputs span; only B_t trains.
+
+Before stage t, the inputs of every adapted module on task t's training data give C_t = mean x xᵀ; A_t is
+the top-r left singular vectors of (I − U Uᵀ) C_t, divided by √3 (the code's scale, the same row norm as
+PEFT's random A), where U is the module's kept basis of earlier tasks' inputs. After stage t (except the
+last), C_t is measured again with the trained model and U grows by the directions of C_t outside it until
+a fraction threshold_t of C_t's energy is covered (DualGPM, Eq. 8-9). The designed A's and the bases go
+into the stage folder (inflora.safetensors); A_t also into mid-stage checkpoints, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from safetensors.torch import load_file, save_file
+
+from harness.errors import HarnessError
+from harness.methods.inclora import IncLoRA
+
+FILE = "inflora.safetensors"
+
+
+class InfLoRAKnobs(BaseModel):
+    """Energy thresholds of the kept input subspace (the code's lamb and lame)."""
+
+    model_config = ConfigDict(extra="forbid")
+    threshold: float = Field(0.95, gt=0, le=1, description="Fraction of a task's input energy its kept subspace covers after "
+                             "the first task (the code's lamb; 0.95 CIFAR-100, 0.98 ImageNet-R).")
+    threshold_end: float = Field(1.0, gt=0, le=1, description="The threshold grows linearly toward this over the sequence: "
+                                 "threshold + (threshold_end − threshold)·(t−1)/T after stage t (the code's lame).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "InfLoRAKnobs":
+        if self.threshold_end < self.threshold:
+            raise ValueError(f"threshold_end {self.threshold_end} is below threshold {self.threshold}; it may only grow")
+        return self
+
+
+def left_singular(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (columns) and singular values of M, largest first (float64, via eigh of M Mᵀ)."""
+    M = M.double()
+    evals, evecs = torch.linalg.eigh(M @ M.T)
+    return evecs.flip(1), evals.flip(0).clamp(min=0).sqrt()
+
+
+def project_out(C: torch.Tensor, U: torch.Tensor | None) -> torch.Tensor:
+    """(I − U Uᵀ) C: C with the kept subspace removed (C itself when nothing is kept)."""
+    C = C.double()
+    return C if U is None else C - U @ (U.T @ C)
+
+
+def design_A(C: torch.Tensor, U: torch.Tensor | None, rank: int) -> torch.Tensor:
+    """A_t (r x d_in, float32): top-r left singular vectors of (I − U Uᵀ) C, transposed, over √3 (InfLoRA code)."""
+    vecs, _ = left_singular(project_out(C, U))
+    return (vecs[:, :rank].T / math.sqrt(3)).float().contiguous()
+
+
+def grow_basis(C: torch.Tensor, U: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """The kept basis after a task with input covariance C: DualGPM's update (InfLoRA code, update_DualGPM 'remove')."""
+    if U is None:
+        vecs, s = left_singular(C)
+        ratio = s**2 / (s**2).sum()
+        r = int((torch.cumsum(ratio, 0) < threshold).sum())
+        return vecs[:, : max(r, 1)].contiguous()
+    total = (C.double() ** 2).sum()
+    hat = project_out(C, U)
+    vecs, s = left_singular(hat)
+    covered = float((total - (hat**2).sum()) / total)
+    r = 0
+    for share in (s**2 / total).tolist():
+        if covered >= threshold:
+            break
+        covered += share
+        r += 1
+    return torch.cat([U, vecs[:, :r]], dim=1)[:, : C.shape[0]].contiguous()
+
+
+class InputCovariance:
+    """mean x xᵀ of every adapted module's input over the non-padded positions of some batches.
+
+    Modules fed the same tensor (q/k/v, gate/up) share one covariance: `leader` maps each to the first."""
+
+    def __init__(self, layers: list[tuple[str, torch.nn.Module]]):
+        self.layers = layers
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+        self.leader: dict[str, str] = {}
+        self._mask: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, str] | None = None
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                self.leader.setdefault(name, self._last[1])
+                return
+            self.leader.setdefault(name, name)
+            masked = self._mask is not None and self._mask.shape == x.shape[:-1]
+            xs = (x.detach()[self._mask] if masked else x.detach().reshape(-1, x.shape[-1])).float()
+            self.sums[name] = self.sums[name] + xs.T @ xs if name in self.sums else xs.T @ xs
+            self.count[name] = self.count.get(name, 0) + xs.shape[0]
+            self._last = (x, name)
+        return hook
+
+    @torch.no_grad()
+    def collect(self, model, batches) -> dict[str, torch.Tensor]:
+        """Run the batches through the model (no grad); returns each module's covariance (float64)."""
+        handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers]
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in batches:
+                self._mask, self._last = batch["attention_mask"].bool(), None
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+            self._mask = self._last = None
+        covs = {n: (s.double() / max(self.count[n], 1)) for n, s in self.sums.items()}
+        return {n: covs[self.leader[n]] for n, _ in self.layers}
+
+
+class InfLoRA(IncLoRA):
+    name = "inflora"
+    display = "InfLoRA"
+    summary = "InfLoRA: per-task adapters; A_t designed from the task's inputs outside earlier tasks' input subspace, frozen; only B_t trains."
+    source = ("Liang & Li, CVPR 2024 (InfLoRA); code liangyanshuo/InfLoRA methods/inflora.py:122-157 (A_t = top-r left singular "
+              "vectors of the projected input covariance / √3) and :321-413 (update_DualGPM, threshold (lame − lamb)·t/T + lamb). "
+              "Deviations from the ViT setting: every target module of a decoder LLM (the paper: k and v of ViT attention) on the "
+              "non-padded token positions of the task's training examples (the paper: all image tokens); the kept basis is always "
+              "stored as U ('remove'), never as its complement ('retain', the same projection); no update after the last task "
+              "(nothing uses it); suite budget and lr_lora, not the paper's 20 epochs of Adam at 5e-4; no classifier head.")
+    knobs = InfLoRAKnobs
+    section = "inflora"
+    train_A = False
+
+    def __init__(self, cfg, **kw):
+        super().__init__(cfg, **kw)
+        self.bases: dict[str, torch.Tensor] = {}  # module -> kept basis of earlier tasks' inputs (d_in x k, float64)
+        self.designed: dict[str, torch.Tensor] = {}
+        self.threshold_used: float | None = None
+
+    def _covariances(self, ctx) -> dict[str, torch.Tensor]:
+        if ctx.batches is None:
+            raise HarnessError("InfLoRA needs the stage's training data (StageContext.batches) to measure its inputs.")
+        return InputCovariance(list(self.adapters.layers())).collect(self.model, ctx.batches(None, 8))
+
+    @torch.no_grad()
+    def begin_stage(self, ctx) -> None:
+        super().begin_stage(ctx)
+        self.ctx, self.threshold_used = ctx, None
+        resumed = {k[2:]: v for k, v in (ctx.resumed_extra or {}).items() if k.startswith("A/")}
+        if resumed:
+            self.designed = resumed
+        else:
+            covs = self._covariances(ctx)
+            self.designed = {n: design_A(covs[n], self.bases.get(n), self.cfg.rank) for n, _ in self.adapters.layers()}
+        for n, layer in self.adapters.layers():
+            layer.lora_A[self.adapter].weight.copy_(self.designed[n])
+
+    def checkpoint_extra(self) -> dict[str, torch.Tensor]:
+        return {f"A/{n}": a for n, a in self.designed.items()}
+
+    def end_stage(self) -> dict[str, float]:
+        t, T = self.ctx.stage, len(self.tasks)
+        if t < T:
+            k = self.cfg.inflora
+            self.threshold_used = k.threshold + (k.threshold_end - k.threshold) * (t - 1) / T
+            covs = self._covariances(self.ctx)
+            self.bases = {n: grow_basis(covs[n], self.bases.get(n), self.threshold_used) for n, _ in self.adapters.layers()}
+        if not self.bases:
+            return {}
+        kept = sum(U.shape[1] for U in self.bases.values()) / sum(U.shape[0] for U in self.bases.values())
+        return {"inflora/kept_dims_frac": kept, **({"inflora/threshold": self.threshold_used} if self.threshold_used else {})}
+
+    def save_stage(self, folder: Path) -> None:
+        super().save_stage(folder)
+        tensors = {f"basis/{n}": U for n, U in self.bases.items()}
+        tensors.update({f"A/{n}": a for n, a in self.designed.items()})
+        save_file(tensors, str(folder / FILE))
+
+    def restore_stage(self, t: int, folder: Path) -> None:
+        path = folder / FILE
+        if not path.exists():
+            raise HarnessError(f"{path}: InfLoRA's kept input bases are missing; the stage folder is incomplete. Delete it to redo the stage.")
+        sd = load_file(str(path))
+        self.bases = {k[len("basis/"):]: v for k, v in sd.items() if k.startswith("basis/")}
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return list(self.bases.values()) + list(self.designed.values())

@@ -1,0 +1,55 @@
+"""N-LoRA: IncLoRA plus an ℓ1 penalty on the new task's update, so task updates collide less (sparser ΔW_t).
+
+L = L_task + λ Σ_modules ‖B_t A_t‖₁ over the current task's adapter; earlier tasks' adapters frozen and active.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from harness.methods.inclora import IncLoRA
+
+
+class NLoRAKnobs(BaseModel):
+    """N-LoRA's penalty weight."""
+
+    model_config = ConfigDict(extra="forbid")
+    lambda_l1: float = Field(
+        1e-4, ge=0, description="λ: weight of Σ_modules ‖B_t A_t‖₁ (the new task's update, summed over its d_out·d_in entries). "
+        "The authors' 0.4 weighs another quantity (their r x r product A_t·B_t): see `harness methods`.")
+
+
+def update_l1(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Σ over (A, B) pairs of ‖B A‖₁: every entry of each module's unscaled update B·A (d_out x d_in)."""
+    total = None
+    for A, B in pairs:
+        term = (B @ A).abs().sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+class NLoRA(IncLoRA):
+    name = "nlora"
+    display = "N-LoRA"
+    summary = "N-LoRA: IncLoRA + λ Σ_modules ‖B_t A_t‖₁ (an ℓ1 penalty on the new task's update, fewer parameter collisions)."
+    source = ("Yang et al., COLING 2025 (N-LoRA), L = L_task + λ‖ΔW_t‖₁; authors' code PKU-YuanGroup/N-LoRA "
+              "src/uie_trainer_lora.py:101 (l1_loss += torch.norm(torch.mm(loranew_A, loranew_B), p=1), added at line 104). "
+              "Deviations: that line multiplies PEFT's A (r x d_in) by B (d_out x r), i.e. the r x r product A_t·B_t, defined only "
+              "for square modules (T5's q/v); here the ℓ1 is over the update B_t·A_t itself (d_out x d_in, every target module, "
+              "unscaled as in the code), so λ is rescaled (default 1e-4 instead of 0.4; not tuned); their T5 runs also used "
+              "lr 1e-3 and 1 epoch, here the suite's budget and lr_lora.")
+    knobs = NLoRAKnobs
+    section = "nlora"
+
+    def begin_stage(self, ctx) -> None:
+        super().begin_stage(ctx)
+        self._pairs = [(layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight) for _, layer in self.adapters.layers()]
+
+    def extra_loss(self) -> torch.Tensor | None:
+        lam = self.cfg.nlora.lambda_l1
+        return lam * update_l1(self._pairs) if lam > 0 else None
+
+    def end_stage(self) -> dict[str, float]:
+        with torch.no_grad():
+            return {"nlora/update_l1": float(update_l1(self._pairs))}
