@@ -107,16 +107,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.launchers import run_sequences
     from harness.scheduler import install_signal_handlers
+    from harness.sequence_files import config_knobs
 
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
         raise HarnessError(f"{run_dir}: no config.yaml here. Pass a sequence folder (results/<experiment>/<method>/seed-<s>[/order-<k>]) "
                            "or an experiment folder (results/<experiment>).")
-    import yaml
-
-    data = yaml.safe_load(cfg_path.read_text()) or {}
-    seq = data.pop("sequence", None)
+    data, seq = config_knobs(cfg_path)
     # The folder's own location wins over a results_dir recorded elsewhere (folders can be moved):
     # the results folder is the parent of the experiment folder, wherever RUN_DIR sits below it.
     name = load_config(None, {**data, "results_dir": "."}).experiment_name

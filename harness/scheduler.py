@@ -39,7 +39,7 @@ from harness.methods import METHODS, StageContext
 from harness.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
 from harness.planning import SequenceSpec, stage_budget, task_examples
 from harness.precision import precision_of
-from harness.sequence_files import (STAGE_MARKER, check_same_config, clean_partial_writes, committed_stages, done_line, finished_stages,
+from harness.sequence_files import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, done_line, finished_stages,
                                     git_commit, learn_check, result_hashes, stage_line, verify_folder, verify_stages, write_documents,
                                     write_matrix_files, write_stage_marker)
 from harness.train import Recipe, collate, tokenize_examples, train_method
@@ -125,8 +125,9 @@ class SequenceRunner:
         resolved = self.cfg.to_yaml_dict()
         resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
                                 "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
-        resolved["precision"] = precision_of(self.cfg, self.model).record()  # a resume under another precision is refused
         check_same_config(self.run_dir / "config.yaml", resolved, self.spec.method)
+        precision = precision_of(self.cfg, self.model).record()
+        check_same_precision(self.run_dir, precision)  # a resume under another precision is refused
         main = D.is_main()
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
         waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
@@ -141,6 +142,7 @@ class SequenceRunner:
                 return done
             if main:
                 atomic_write_yaml(self.run_dir / "config.yaml", resolved)
+                atomic_write_json(self.run_dir / PRECISION, precision)
                 self._open_parent()
             try:
                 return self._run_stages()

@@ -2,6 +2,7 @@
 
     <sequence>/config.yaml   resolved experiment config + this sequence (method, seed, order, tasks)
     <sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
+    <sequence>/precision.json  base/adapter dtypes, TF32, device type the stages ran under (harness/precision.py)
     <sequence>/.lock         held while a process works on the folder (harness/locking.py)
     <sequence>/checkpoint/   the stage in progress (harness/checkpoint.py), removed on commit
     <sequence>/stages/0-base/eval.json, documents.json
@@ -36,8 +37,7 @@ from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes
 from harness.io import atomic_write_json, atomic_write_text, read_json
 
 STAGE_MARKER = "stage.json"
-# config.yaml blocks that are records of the run, not knobs, added after folders existed (precision: harness/precision.py).
-RECORDED_SINCE = {"precision"}
+PRECISION = "precision.json"  # what the stages' numbers depend on besides the config (harness/precision.py)
 RESULT_FILES = ["matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png"]  # hashed in summary.json
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "tracking_optional", "cache_dir", "methods", "seeds", "orders", "experiment",
@@ -67,15 +67,11 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     for k in set(new) - set(old):
         if k in defaults:
             old[k] = defaults[k]
-        elif k in RECORDED_SINCE:  # the folder predates the record: nothing to compare it with
-            new.pop(k)
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         was = "; ".join(f"{k}: folder {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
-        hint = (" Its stages were computed under another precision: resume on the folder's device with its --dtype, "
-                "--adapter-dtype and --tf32." if "precision" in diff else "")
         raise ConfigError(
-            f"{cfg_path}: this run folder was made with a different config ({was}).{hint} To continue it, pass the "
+            f"{cfg_path}: this run folder was made with a different config ({was}). To continue it, pass the "
             "folder's values (a default may have changed since, e.g. --completion-eos always); otherwise use "
             "another --results-dir or experiment name, or delete the folder to start over."
         )
@@ -139,12 +135,32 @@ def verify_results(run_dir: Path, summary: dict[str, Any]) -> bool:
                           f"Delete {Path(run_dir) / 'summary.json'} and `harness resume {run_dir}` rewrites them from the stages.")
 
 
+def config_knobs(cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A config.yaml as knobs only, and its sequence block (None in an experiment folder)."""
+    data = yaml.safe_load(Path(cfg_path).read_text()) or {}
+    return data, data.pop("sequence", None)
+
+
+def check_same_precision(run_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse to continue a folder whose stages were computed under another precision (dtypes, TF32, device type).
+
+    A folder made before precision.json existed has nothing to compare with and continues."""
+    path = Path(run_dir) / PRECISION
+    if not path.is_file():
+        return
+    old = read_json(path)
+    if old != record:
+        was = "; ".join(f"{k}: folder {old.get(k)!r}, now {record.get(k)!r}" for k in sorted(set(old) | set(record))
+                        if old.get(k) != record.get(k))
+        raise ConfigError(f"{path}: this folder's stages were computed under another precision ({was}). Resume on the "
+                          "folder's device type with its --dtype, --adapter-dtype and --tf32, or use another --results-dir.")
+
+
 def experiment_of(run_dir: Path) -> str:
     """The experiment name a sequence folder's config.yaml gives."""
     from harness.config import load_config
 
-    data = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
-    data.pop("sequence", None)
+    data, _ = config_knobs(Path(run_dir) / "config.yaml")
     return load_config(None, {**data, "results_dir": "."}).experiment_name
 
 

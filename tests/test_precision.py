@@ -143,18 +143,15 @@ def test_bad_precision_flags_exit_2_and_write_nothing(tmp_path, flag):
 
 
 def test_resuming_a_folder_made_under_another_precision_is_refused_naming_both(tmp_path):
-    """dtype auto is bf16 on CUDA and fp32 on CPU: the same config.yaml knobs, another computation."""
-    import yaml
+    """dtype auto could mean bf16 on a GPU and fp32 on a CPU: the same config.yaml knobs, another computation."""
+    from harness.io import atomic_write_json
+    from harness.sequence_files import PRECISION, check_same_precision
 
-    from harness.sequence_files import check_same_config
-
-    resolved = load_config(None, {"suite": "smoke", "model": "tiny-llama"}).to_yaml_dict()
     cpu = {"device_type": "cpu", "base_dtype": "float32", "adapter_dtype": "float32", "optimizer_state_dtype": "float32",
            "tf32_train": False, "tf32_eval": False, "cpu_bf16_autocast": False}
     gpu = {**cpu, "device_type": "cuda", "base_dtype": "bfloat16"}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**resolved, "precision": gpu}))
-    with pytest.raises(ConfigError, match=r"precision: folder .*'bfloat16'.*now .*'float32'.*--dtype"):
-        check_same_config(tmp_path / "config.yaml", {**resolved, "precision": cpu}, "lora")
-    check_same_config(tmp_path / "config.yaml", {**resolved, "precision": gpu}, "lora")
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(resolved))  # made before precision was recorded
-    check_same_config(tmp_path / "config.yaml", {**resolved, "precision": cpu}, "lora")
+    check_same_precision(tmp_path, cpu)  # a folder made before precision.json existed continues
+    atomic_write_json(tmp_path / PRECISION, gpu)
+    with pytest.raises(ConfigError, match=r"base_dtype: folder 'bfloat16', now 'float32'.*device_type: folder 'cuda', now 'cpu'.*--dtype"):
+        check_same_precision(tmp_path, cpu)
+    check_same_precision(tmp_path, gpu)
