@@ -515,3 +515,16 @@ def test_a_task_never_learned_is_flagged_in_the_report(doc_report):
     assert "LoRA seed 0 order 0: sentiment did not beat the base model by 0.05" in html
     by = {r["method"]: r for r in comp["methods"]}
     assert by["lora"]["LA"]["mean"] < by["lori-s"]["LA"]["mean"]
+
+
+def test_a_metric_no_run_defines_is_explained_by_its_cause_not_by_t_equals_1():
+    """Under eval_schedule diagonal_final FWT and forgetting are n/a for every method: the page says why."""
+    from harness.report.aggregate import verdicts
+
+    nan = float("nan")
+    rows = [{"method": m, "reference": False, "ACC": {"mean": a, "std": 0.0}, "BWT": {"mean": -0.2, "std": 0.0},
+             "FWT": {"mean": nan, "std": nan}, "forgetting": {"mean": nan, "std": nan}, "LA": {"mean": 0.9, "std": 0.0}}
+            for m, a in (("lora", 0.4), ("lori-s", 0.8))]
+    v = verdicts(rows)
+    assert "diagonal_final" in v["FWT"] and "diagonal_final" in v["forgetting"]
+    assert "T = 1" not in v["FWT"] + v["forgetting"]

@@ -228,6 +228,18 @@ def _compare(m: str, best: dict, other: dict) -> str:
     }[noise_class(m, best, other)]
 
 
+# Why a metric can be undefined for every run: the task count, or the cells an eval_schedule leaves out.
+UNDEFINED_BECAUSE = {
+    "ACC": "no sequence has its final row",
+    "BWT": "it needs at least two tasks",
+    "FWT": "it needs the base row and each task scored one stage before its own, which eval_schedule diagonal_final and "
+           "every:K (and eval_scope seen) leave out; a single task has none",
+    "forgetting": "it needs each task's score after every earlier stage, which eval_schedule diagonal_final and every:K leave "
+                  "out; a single task has none",
+    "LA": "no task was scored right after its own stage",
+}
+
+
 def verdicts(rows: list[dict]) -> dict[str, str]:
     """Per metric, one sentence: which method wins, and whether by more than the noise.
 
@@ -243,7 +255,7 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
             elif all(r.get("reference") for r in rows):
                 out[m] = f"{m} ({direction} is better): only reference rows finished; they are not ranked."
             else:
-                out[m] = f"{m} ({direction} is better): not defined for any method (e.g. a single task, T = 1)."
+                out[m] = f"{m} ({direction} is better): not defined for any method: {UNDEFINED_BECAUSE[m]}."
             continue
         out[m] = f"{m} ({direction} is better): " + ranked_comparisons(m, cands, HIGHER_IS_BETTER[m]) + "."
     return out
