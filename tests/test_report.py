@@ -528,3 +528,12 @@ def test_a_metric_no_run_defines_is_explained_by_its_cause_not_by_t_equals_1():
     v = verdicts(rows)
     assert "diagonal_final" in v["FWT"] and "diagonal_final" in v["forgetting"]
     assert "T = 1" not in v["FWT"] + v["forgetting"]
+
+
+def test_a_long_figure_title_is_wrapped_to_the_figure_width_not_cut():
+    from harness.report.figures import fit_title
+
+    title = "Accuracy matrix R[i, j] after each stage, mean over seeds and orders (one panel per method)"
+    lines = fit_title(title, 4.0, 11).splitlines()
+    assert len(lines) > 1 and " ".join(lines) == title
+    assert all(len(line) * 0.6 * 11 <= 4.0 * 72 for line in lines)  # each line fits 4 inches at 11 pt

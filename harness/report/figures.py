@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,8 @@ def matrix_heatmap(R: np.ndarray, tasks: list[str], title: str, path: Path) -> N
     # dpi=None: the layout is computed at Matplotlib's default 100 dpi, as the file always was.
     fig = _new_figure(1.2 + 1.1 * len(tasks), 1.0 + 0.55 * R.shape[0], dpi=None, layout=None)
     ax = fig.subplots()
-    im = _draw_heatmap(ax, R, [f"stage {i}" for i in range(R.shape[0])], tasks, title, RUN_STYLE, 8)
+    im = _draw_heatmap(ax, R, [f"stage {i}" for i in range(R.shape[0])], tasks, fit_title(title, 0.7 * fig.get_figwidth(),
+                                                                                          RUN_STYLE.title_fontsize or 10), RUN_STYLE, 8)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     atomic_write_bytes(Path(path), _png_bytes(fig))
@@ -143,8 +145,15 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=1.8))
     cbar = fig.colorbar(im, ax=[a for row in grid for a in row], shrink=0.9 if lines == 1 else 0.6, fraction=0.05)
     cbar.set_label("accuracy" if "ccuracy" in title else "overlap", fontsize=9)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(fit_title(title, fig.get_figwidth(), 11), fontsize=11)
     return fig
+
+
+def fit_title(title: str, width_in: float, fontsize: float) -> str:
+    """The title wrapped onto lines that fit a figure `width_in` inches wide (a centred line wider than the figure
+    is cut on both sides). An average character is taken as 0.6 em."""
+    per_line = max(16, int(width_in * 72 / (0.6 * fontsize)))
+    return textwrap.fill(title, per_line)
 
 
 def _fig_accuracy_matrices(columns: list[str], n_rows: int, mms: list[MethodMatrix]):
