@@ -30,8 +30,6 @@ def why_not(mode: str, device: torch.device) -> str | None:
     """Why torch.compile cannot run here (None: it can try)."""
     if mode == "none":
         return None
-    if sys.version_info >= (3, 14) and torch.__version__ < "2.9":
-        return f"torch {torch.__version__} cannot compile on Python {sys.version.split()[0]}"
     if device.type == "cpu" and not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         return "no C++ compiler on PATH (inductor needs one on CPU)"
     if mode == "reduce-overhead" and device.type != "cuda":

@@ -51,10 +51,6 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def tf32_enabled() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
-
-
 @contextlib.contextmanager
 def exact_matmuls():
     """TF32 off inside (evaluation, folding, merging: answers must not depend on it); restored afterwards."""
@@ -75,7 +71,6 @@ class Precision:
     adapter_dtype: torch.dtype
     tf32: bool  # training matmuls (CUDA only; always off for evaluation, folding and merging)
     bf16_autocast: bool  # CPU training under bf16 autocast
-    compile: str = "none"
 
     def record(self) -> dict:
         """The precision block of config.yaml and stage.json (a resume under another one is refused)."""

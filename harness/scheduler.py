@@ -87,6 +87,7 @@ class SequenceRunner:
         self.stage_wall: dict[int, float] = {}
         self.general_ce: dict[int, float | None] = {}  # stage -> cross-entropy on the general text
         self.mirror: Mirror | None = None  # rank 0's MLflow runs (other ranks never log)
+        self.precision: dict[str, Any] = {}  # harness/precision.py's record, set when the sequence starts
         self.child_id: str | None = None
 
     # --- small facts -------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class SequenceRunner:
         resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
                                 "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
         check_same_config(self.run_dir / "config.yaml", resolved, self.spec.method)
-        precision = precision_of(self.cfg, self.model).record()
+        self.precision = precision = precision_of(self.cfg, self.model).record()  # the same for every stage of the sequence
         check_same_precision(self.run_dir, precision)  # a resume under another precision is refused
         main = D.is_main()
         lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
@@ -192,7 +193,7 @@ class SequenceRunner:
                   "targets": ",".join(cfg.targets), "eval_scope": cfg.eval_scope, "lr": first["lr"], "epochs": first["epochs"],
                   "checkpoint_every": cfg.checkpoint_every, **vars(self.recipe), **self.method_cls.params(cfg),
                   "dtype": cfg.dtype, "adapter_dtype": cfg.adapter_dtype, "tf32": cfg.tf32,
-                  **{f"precision.{k}": v for k, v in precision_of(cfg, self.model).record().items()}}
+                  **{f"precision.{k}": v for k, v in self.precision.items()}}
         tags = {"harness.method": spec.method, "harness.seed": str(spec.seed), "harness.order": str(spec.order_index),
                 "harness.suite": self.suite.name, "harness.model": cfg.model, "harness.experiment": cfg.experiment_name,
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.run_dir.resolve()),
@@ -346,7 +347,7 @@ class SequenceRunner:
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
                 "overhead_s": overhead, "overhead_frac": overhead / total, "resumed_train_s": resumed_train_s,
                 "train_tok_s": res.tok_s, "train_steps": res.steps, "mlflow_run_id": self.child_id,
-                "precision": precision_of(cfg, method.model).record(), **method.param_counts(), **stats,
+                "precision": self.precision, **method.param_counts(), **stats,
                 "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
                 **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {})}
             write_stage_marker(tmp, info)

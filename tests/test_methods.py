@@ -126,6 +126,15 @@ def test_report_and_table_handle_every_method(baselines, capsys):
     (["--methods", "lora,nope"], "known methods: lori-s, lori-d, lora, inclora, olora, replay, mtl"),
     (["--methods", "olora", "--olora-lambda-orth", "-1"], "--olora-lambda-orth"),
     (["--methods", "lora", "--replay-fraction", "0.5"], "replay: knobs of method 'replay'"),
+    # the four baselines of tests/test_baselines.py
+    (["--methods", "nlora", "--nlora-lambda-l1", "-1"], "--nlora-lambda-l1"),
+    (["--methods", "inflora", "--inflora-threshold", "1.5"], "--inflora-threshold"),
+    (["--methods", "inflora", "--inflora-threshold", "0.99", "--inflora-threshold-end", "0.9"], "may only grow"),
+    (["--methods", "ewc", "--ewc-lambda", "-1"], "--ewc-lambda"),
+    (["--methods", "ewc", "--ewc-fisher-samples", "0"], "--ewc-fisher-samples"),
+    (["--methods", "migu", "--migu-top-fraction", "0"], "--migu-top-fraction"),
+    (["--methods", "migu", "--migu-top-fraction", "1.5"], "--migu-top-fraction"),
+    (["--methods", "lora", "--ewc-lambda", "5"], "ewc: knobs of method 'ewc'"),
 ])
 def test_bad_method_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
     results = tmp_path / "results"
