@@ -68,7 +68,7 @@ def _print_table(results: list[dict]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.launchers import run_sequences
-    from harness.scheduler import install_signal_handlers
+    from harness.run.sequence import install_signal_handlers
 
     cfg = load_config(args.config, _overrides(args))
     install_signal_handlers()
@@ -81,8 +81,8 @@ def _after_run(cfg, results, args) -> int:
 
     if not distributed.is_main():  # under torchrun every rank has the results; rank 0 alone prints and reports
         return 0
-    from harness.planning import experiment_dir
-    from harness.tracking import default_tracking_uri
+    from harness.run.planning import experiment_dir
+    from harness.tracking.client import default_tracking_uri
 
     print()
     _print_table(results)
@@ -90,9 +90,9 @@ def _after_run(cfg, results, args) -> int:
     print(f"run folders: {experiment_dir(cfg)}")
     print(f"MLflow store: {default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)}  (browse: make dashboard)")
     if not getattr(args, "no_report", False):
-        from harness.mirror import is_behind
+        from harness.run.mirror import is_behind
         from harness.report import write_report
-        from harness.sequence_files import sequence_folders
+        from harness.run.folder import sequence_folders
 
         if any(is_behind(f) for f in sequence_folders(experiment_dir(cfg))):
             print("report: not written now: the tracking server was away and MLflow is behind the run folders. Once it "
@@ -106,8 +106,8 @@ def _after_run(cfg, results, args) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     from harness.config import load_config
     from harness.launchers import run_sequences
-    from harness.scheduler import install_signal_handlers
-    from harness.sequence_files import config_knobs
+    from harness.run.sequence import install_signal_handlers
+    from harness.run.folder import config_knobs
 
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -132,9 +132,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from harness.config import load_config
-    from harness.merging.protocol import run_merge
-    from harness.planning import experiment_dir
-    from harness.scheduler import install_signal_handlers
+    from harness.run.merge import run_merge
+    from harness.run.planning import experiment_dir
+    from harness.run.sequence import install_signal_handlers
 
     cfg = load_config(args.config, _overrides(args))
     if cfg.launcher != "local":
@@ -171,7 +171,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  note: {note}")
         return 0
     from harness.config import load_config
-    from harness.planning import validate
+    from harness.run.planning import validate
 
     cfg = load_config(args.config, overrides)
     suite, specs, uri, _ = validate(cfg)
@@ -211,9 +211,9 @@ def cmd_suites(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from harness.report import write_report
-    from harness.mirror import catch_up_folders
-    from harness.sequence_files import sequence_folders, verify_folder
-    from harness.tracking import default_tracking_uri, mark_interrupted
+    from harness.run.mirror import catch_up_folders
+    from harness.run.folder import sequence_folders, verify_folder
+    from harness.tracking.client import default_tracking_uri, mark_interrupted
 
     root = Path(args.results_dir) / args.experiment if args.experiment else Path(args.results_dir)
     for folder in sequence_folders(root):  # the report must not rest on a damaged folder (IntegrityError: exit 2)
@@ -227,8 +227,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from harness.dashboard import serve_dashboard
-    from harness.tracking import default_tracking_uri, mark_interrupted
+    from harness.tools.dashboard import serve_dashboard
+    from harness.tracking.client import default_tracking_uri, mark_interrupted
 
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), None)
 
@@ -236,13 +236,13 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_tracking_server(args: argparse.Namespace) -> int:
-    from harness.tracking_server import serve_tracking_server
+    from harness.tools.tracking_server import serve_tracking_server
 
     return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri, host=args.host, auth=args.auth)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from harness.export import export_adapter
+    from harness.tools.export import export_adapter
 
     out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
@@ -250,7 +250,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from harness.mirror import sync_path
+    from harness.run.mirror import sync_path
 
     for line in sync_path(Path(args.run_dir), args.tracking_uri):
         print(line)
@@ -258,7 +258,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from harness.verify import verify_path
+    from harness.tools.verify import verify_path
 
     text, ok = verify_path(Path(args.run_dir), args.tracking_uri)
     print(text)
@@ -266,7 +266,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from harness.bench import format_table, run_bench, write_json
+    from harness.tools.bench import format_table, run_bench, write_json
     from harness.config import load_config
     from harness.methods import METHODS
 
@@ -276,7 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise HarnessError(f"--methods: unknown {bad}; choose from base, peft-bare, {', '.join(METHODS)}")
     cfg = load_config(None, _overrides(args))
     if args.eval_suite and not args.eval_bare:
-        from harness.eval_bench import format_eval_table, run_eval_modes
+        from harness.tools.eval_bench import format_eval_table, run_eval_modes
 
         modes = tuple(m.strip() for m in args.eval_modes.split(",") if m.strip())
         res = run_eval_modes(cfg, suite=args.eval_suite, modes=modes, adapter=Path(args.adapter) if args.adapter else None,
@@ -286,7 +286,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             write_json(res, Path(args.json))
         return 0
     if args.eval_suite:
-        from harness.eval_bench import run_eval_bench
+        from harness.tools.eval_bench import run_eval_bench
 
         res = run_eval_bench(cfg.model, args.eval_suite, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
                              device=cfg.device, dtype=cfg.dtype)
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("lm_eval", "lm-eval", "mlflow", "alembic", "transformers", "peft", "httpx", "urllib3", "ray", "submitit"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     from harness.models import downloads_allowed
-    from harness.tracking_auth import load_client_credentials
+    from harness.tracking.auth import load_client_credentials
 
     if not downloads_allowed():
         # lm-eval and datasets only look at HF_HUB_OFFLINE: make "downloads off" hold for them too.

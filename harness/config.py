@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.parsing import parse_bool
 from harness.metrics import LEARN_MARGIN
 from harness.methods import METHODS
 from harness.methods.ewc import EWCKnobs
@@ -339,7 +340,7 @@ class ExperimentConfig(BaseModel):
 
 
 # What the code did before a knob existed, where that is not the knob's default: a run folder whose
-# config.yaml lacks the knob was made with this value (harness.sequence_files.check_same_config).
+# config.yaml lacks the knob was made with this value (harness.run.folder.check_same_config).
 BEFORE_KNOB_EXISTED = {"completion_eos": "always"}
 
 # Knobs a grid may not sweep: what the experiment is (model, suite, sequences), where it goes, and
@@ -362,16 +363,6 @@ def parse_grid(raw: str) -> dict[str, list[str]]:
             raise ConfigError(f'--grid: {part!r} is not knob=v1,v2 (e.g. --grid "lr_lora=1e-3,2e-3;warmup_steps=0,5")')
         out[key.strip().replace("-", "_")] = [v.strip() for v in values.split(",") if v.strip()]
     return out
-
-
-def parse_bool(raw: str) -> bool | None:
-    """True/False for 1/true/yes/on and 0/false/no/off (any case), None for anything else."""
-    low = raw.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    return None
 
 
 def _section_model(field) -> type[BaseModel] | None:

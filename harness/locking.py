@@ -7,7 +7,7 @@ folder's lock is not held" is exactly "nobody is working on it": a RUNNING MLflo
 folder is not locked was interrupted (SIGKILL, node lost) and can be resumed.
 
 The lock file also records who holds it (host, pid, since) so a refusal can name the holder. Under
-torchrun / accelerate launch rank 0 alone takes the lock, for all ranks of the launch (harness/scheduler.py).
+torchrun / accelerate launch rank 0 alone takes the lock, for all ranks of the launch (harness/run/sequence.py).
 """
 
 from __future__ import annotations

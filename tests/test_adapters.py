@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness.adapters import masks as M
-from harness.adapters import stage_files as SF
-from harness.adapters.lori import AdapterSequence, init_A
-from harness.adapters.sparse import SparseStage, mask_index
+from harness.methods.lori import masks as M
+from harness.methods.lori import stage_files as SF
+from harness.adapters.sequence import AdapterSequence, init_A
+from harness.methods.lori.sparse import SparseStage, mask_index
 from harness.errors import CapacityError
 from harness.seeding import stable_seed
-from harness.train import Recipe, train_stage
+from harness.run.train import Recipe, train_stage
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,13 +12,13 @@ from harness import distributed as D
 from harness.cli import main
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError
-from harness.export import export_adapter
+from harness.tools.export import export_adapter
 from harness.methods import METHODS, Method, StageContext
 from harness.methods.ewc import ewc_penalty
 from harness.methods.inflora import design_A, grow_basis
 from harness.methods.migu import row_mask
 from harness.models import load_model
-from harness.train import collate, tokenize_examples
+from harness.run.train import collate, tokenize_examples
 from test_export import harness_model, logits, stock
 from test_methods import stage_dirs
 
@@ -279,7 +279,7 @@ def test_fsdp_refuses_the_methods_that_act_on_whole_tensors_in_the_step(monkeypa
 
 def test_ewc_lambda_is_spelled_lambda_in_yaml_flags_and_grid(tmp_path):
     from harness.config import load_config, parse_cli_value
-    from harness.planning import variants
+    from harness.run.planning import variants
 
     yml = tmp_path / "c.yaml"
     yml.write_text("methods: [ewc]\newc: {lambda: 7}\n")

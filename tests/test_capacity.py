@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from harness.adapters import masks as M
+from harness.methods.lori import masks as M
 from harness.errors import CapacityError
 from harness.models import linear_shapes, model_config
-from harness.planning import b_shapes
+from harness.run.planning import b_shapes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -84,7 +84,7 @@ def test_max_overlap_needs_its_policy():
 def test_one_lr_for_every_method_as_the_issue_spells_the_grid():
     """`--grid "lr=1e-3,2e-3;warmup_steps=0,5"`: lr sets every family's rate unless the family's own knob is given."""
     from harness.config import load_config, parse_grid
-    from harness.planning import variants
+    from harness.run.planning import variants
 
     cfg = load_config(None, {"methods": ["lora", "lori-s"], "grid": parse_grid("lr=1e-3,2e-3;warmup_steps=0,5")})
     got = sorted((v["lr"], v["warmup_steps"], c.lr_for("lora"), c.lr_for("lori-s")) for _, v, c in variants(cfg))

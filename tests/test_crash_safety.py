@@ -87,7 +87,7 @@ def test_sigkill_then_resume_equals_uninterrupted(point, reference, tmp_path):
     if point.startswith("mid-train"):
         assert (seq / "checkpoint" / "state.json").exists(), "a mid-stage checkpoint was written before the kill"
     # Killed runs stay RUNNING until someone looks: the report marks them interrupted (lock free).
-    from harness.tracking import mark_interrupted
+    from harness.tracking.client import mark_interrupted
 
     assert mark_interrupted(f"sqlite:///{results / 'mlflow.db'}", "crash") == 1
     parent = mlflow_client(results).search_runs([mlflow_client(results).get_experiment_by_name("crash").experiment_id],
@@ -177,7 +177,7 @@ def test_a_parent_run_that_cannot_be_reopened_is_an_error_not_a_new_run(tmp_path
 def test_adapter_is_active_at_evaluation_and_disabling_it_gives_the_base_score(tmp_path):
     """A learnable smoke task: the score after its stage beats the base; the same model with the adapter off scores the base."""
     from harness.config import ExperimentConfig
-    from harness.evaluate import Evaluator
+    from harness.run.evaluate import Evaluator
     from harness.methods import METHODS
     from harness.models import load_model
     from harness.suites import load_suite
@@ -222,7 +222,7 @@ def test_eval_schedule_diagonal_final_evaluates_2T_minus_1_cells_and_reports_na(
 
 
 def test_eval_limit_draws_the_same_seeded_subset_at_every_stage():
-    from harness.evaluate import Evaluator
+    from harness.run.evaluate import Evaluator
     from harness.suites import load_suite
 
     suite = load_suite("smoke")
@@ -240,7 +240,7 @@ def test_a_folder_made_before_a_knob_existed_resumes_when_the_knob_is_at_its_def
     import yaml as _yaml
 
     from harness.errors import ConfigError
-    from harness.sequence_files import check_same_config
+    from harness.run.folder import check_same_config
 
     from harness.config import load_config
 
@@ -258,7 +258,7 @@ def test_a_folder_made_before_completion_eos_existed_trained_with_eos_always(tmp
 
     from harness.config import load_config
     from harness.errors import ConfigError
-    from harness.sequence_files import check_same_config
+    from harness.run.folder import check_same_config
 
     resolved = load_config(None, {"suite": "smoke", "model": "tiny-llama"}).to_yaml_dict()
     assert resolved["completion_eos"] == "auto"

@@ -13,7 +13,7 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-from harness.dashboard import free_port, serve_dashboard, start_server, stop_server, wait_healthy  # noqa: E402
+from harness.tools.dashboard import free_port, serve_dashboard, start_server, stop_server, wait_healthy  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
 
 
@@ -116,7 +116,7 @@ def test_serve_dashboard_stops_cleanly_on_ctrl_c(tmp_path):
             proc.kill()
             proc.wait()
     # The server (own process group) is gone too: the port is free again.
-    from harness.dashboard import port_is_free
+    from harness.tools.dashboard import port_is_free
 
     assert port_is_free("127.0.0.1", port)
     left = []

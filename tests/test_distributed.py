@@ -26,9 +26,10 @@ import torch
 from safetensors.torch import load_file
 
 from harness import distributed as D
-from harness.adapters.stage_files import load_masks
+from harness.methods.lori.stage_files import load_masks
 from harness.errors import ConfigError, HarnessError
-from harness.train import collate, lm_loss, rank_batch
+from harness.losses import lm_loss
+from harness.run.train import collate, rank_batch
 from test_sequence import mlflow_client, read_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +285,7 @@ def test_two_processes_resumed_after_a_kill_give_the_one_process_matrix_and_weig
 @pytest.mark.slow
 def test_two_processes_keep_the_mask_invariants_in_the_files(two_processes, tmp_path):
     """Read back from the stage files: B is zero outside M_1 ∪ .. ∪ M_t, M_1's entries of B are unchanged by stage 2, A never moves."""
-    from harness.export import export_adapter
+    from harness.tools.export import export_adapter
 
     seq = two_processes[0] / SEQ
     masks = [load_masks(seq / "stages" / s) for s in STAGES]

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.eval_bench import MODES, format_eval_table, load_adapter, run_eval_modes, seeded_adapter  # noqa: E402
-from harness.merging.combine import lora_layers  # noqa: E402
+from harness.tools.eval_bench import MODES, format_eval_table, load_adapter, run_eval_modes, seeded_adapter  # noqa: E402
+from harness.adapters.combine import lora_layers  # noqa: E402
 from harness.models import load_model  # noqa: E402
 
 CFG = ExperimentConfig(model="tiny-llama", suite="smoke", eval_limit=6)
@@ -60,7 +60,7 @@ def test_a_saved_adapter_loads_and_scores_as_the_seeded_one(bench, tmp_path):
 
 
 def test_a_stage_folder_loads_every_adapter_active_with_its_weights(tmp_path):
-    from harness.adapters.lori import AdapterSequence
+    from harness.adapters.sequence import AdapterSequence
 
     model, _ = load_model("tiny-llama")
     seq = AdapterSequence(model, rank=4, alpha=8, targets=["q_proj", "v_proj"], a_mode="per_task")

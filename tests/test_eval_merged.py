@@ -19,12 +19,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.evaluate import Evaluator  # noqa: E402
-from harness.merging.combine import folded, lora_layers  # noqa: E402
+from harness.run.evaluate import Evaluator  # noqa: E402
+from harness.adapters.combine import folded, lora_layers  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
 from harness.suites import load_suite  # noqa: E402
-from harness.train import Recipe, train_stage  # noqa: E402
+from harness.run.train import Recipe, train_stage  # noqa: E402
 
 LL_TOL = 1e-3
 TASKS = ["weather", "copy"]  # one multiple-choice task, one generation task
@@ -167,7 +167,7 @@ def test_the_evaluator_scores_exactly_as_lm_eval_simple_evaluate():
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from harness.evaluate import predictions
+    from harness.run.evaluate import predictions
 
     method, ev = trained("lora")
     ours = ev.evaluate(method.model, TASKS, log_samples=True)

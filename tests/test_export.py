@@ -9,11 +9,12 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from harness.adapters import stage_files as SF
+from harness.methods.lori import stage_files as SF
 from harness.cli import main
 from harness.config import load_config
 from harness.errors import HarnessError
-from harness.export import committed_stages, export_adapter, write_peft_folder
+from harness.adapters.peft_folder import write_peft_folder
+from harness.tools.export import committed_stages, export_adapter
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.adapters import stage_files as SF
+from harness.methods.lori import stage_files as SF
 from harness.cli import main
 from harness.integrity import IntegrityError, check_recorded, folder_hashes
 

@@ -28,7 +28,7 @@ from test_crash_safety import wait_for
 from test_sequence import read_matrix
 from test_tracking_server import _kill_everything, _require_postgres, _server_processes, _start, _wait_ready
 
-from harness.dashboard import free_port
+from harness.tools.dashboard import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
@@ -273,7 +273,7 @@ def test_a_retry_waits_while_its_previous_process_still_holds_the_folder(tmp_pat
     """A job reported dead whose process still runs (node lost, process alive): the retry must not run a second copy."""
     from harness.config import load_config
     from harness.launchers.job import payload, run_sequence_job
-    from harness.planning import experiment_dir
+    from harness.run.planning import experiment_dir
 
     cfg = load_config(None, {"suite": "smoke", "model": "tiny-llama", "methods": ["lora"], "tasks": ["parity"], "max_steps": 2,
                              "eval_limit": 4, "results_dir": str(tmp_path / "r"), "experiment": "wait"})

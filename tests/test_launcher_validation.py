@@ -95,7 +95,7 @@ class _Cluster:
 def _follow_with(outcome, tmp_path, retries=2):
     from harness.config import load_config
     from harness.launchers import driver
-    from harness.planning import plan
+    from harness.run.planning import plan
     from harness.suites import load_suite
 
     cfg = load_config(None, {"suite": "smoke", "model": "tiny-llama", "methods": ["lora"], "results_dir": str(tmp_path),

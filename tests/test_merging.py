@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.cli import main
-from harness.merging.combine import MERGED, folded, load_adapters, lora_layers, merge, relative_error
+from harness.adapters.combine import MERGED, folded, load_adapters, lora_layers, merge, relative_error
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -17,14 +17,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from harness.config import ExperimentConfig, load_config  # noqa: E402
 from harness.errors import ConfigError  # noqa: E402
-from harness.evaluate import Evaluator  # noqa: E402
-from harness.merging.combine import Fp32FoldedLinear, folded  # noqa: E402
+from harness.run.evaluate import Evaluator  # noqa: E402
+from harness.adapters.combine import Fp32FoldedLinear, folded  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.planning import check_precision  # noqa: E402
+from harness.run.planning import check_precision  # noqa: E402
 from harness.precision import exact_matmuls, precision_of, set_tf32  # noqa: E402
 from harness.suites import load_suite  # noqa: E402
-from harness.train import Recipe, make_optimizer, train_stage  # noqa: E402
+from harness.run.train import Recipe, make_optimizer, train_stage  # noqa: E402
 
 TASKS = ["weather", "copy"]
 
@@ -56,7 +56,7 @@ def test_bf16_base_keeps_adapters_and_adamw_state_in_fp32(name):
         assert layer.lora_B[method.adapter].weight.dtype == torch.float32
     opt, _ = make_optimizer(list(trainable.values()), 1e-3, Recipe.from_config(cfg), 4)
     suite = load_suite("smoke")
-    from harness.train import collate, tokenize_examples, train_step
+    from harness.run.train import collate, tokenize_examples, train_step
 
     device = next(method.model.parameters()).device
     batch = collate(tokenize_examples(tok, suite.task("weather").train_examples()[:4], 32), 0, device)
@@ -145,7 +145,7 @@ def test_bad_precision_flags_exit_2_and_write_nothing(tmp_path, flag):
 def test_resuming_a_folder_made_under_another_precision_is_refused_naming_both(tmp_path):
     """dtype auto could mean bf16 on a GPU and fp32 on a CPU: the same config.yaml knobs, another computation."""
     from harness.io import atomic_write_json
-    from harness.sequence_files import PRECISION, check_same_precision
+    from harness.run.folder import PRECISION, check_same_precision
 
     cpu = {"device_type": "cpu", "base_dtype": "float32", "adapter_dtype": "float32", "optimizer_state_dtype": "float32",
            "tf32_train": False, "tf32_eval": False, "cpu_bf16_autocast": False}

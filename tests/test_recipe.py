@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from harness.train import Recipe, lm_loss, lr_factor, make_optimizer, tokenize_examples
+from harness.losses import lm_loss
+from harness.run.train import Recipe, lr_factor, make_optimizer, tokenize_examples
 
 
 class Tok:
@@ -33,8 +34,8 @@ def test_eos_follows_the_completion_exactly_as_configured(mode, generative, eos)
 
 def test_scheduler_marks_each_example_from_its_task_kind(tmp_path):
     from harness.config import ExperimentConfig
-    from harness.planning import SequenceSpec
-    from harness.scheduler import SequenceRunner
+    from harness.run.planning import SequenceSpec
+    from harness.run.sequence import SequenceRunner
     from harness.suites import load_suite
 
     suite = load_suite("smoke")

@@ -110,8 +110,8 @@ def test_general_text_cross_entropy_after_every_stage_in_summary_mlflow_and_repo
 def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_path):
     from safetensors.torch import load_file
 
-    from harness.adapters.stage_files import load_masks
-    from harness.export import export_adapter
+    from harness.methods.lori.stage_files import load_masks
+    from harness.tools.export import export_adapter
 
     seq = smoke_run / "smoke-e2e" / "lori-s" / "seed-0"
     stage_dirs = sorted((p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
@@ -203,8 +203,8 @@ def test_unwritable_results_folder(tmp_path, capsys):
 def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
     from safetensors.torch import load_file
 
-    from harness.adapters.stage_files import load_masks
-    from harness.export import export_adapter
+    from harness.methods.lori.stage_files import load_masks
+    from harness.tools.export import export_adapter
 
     results = tmp_path / "r"
     assert run_cli("--methods", "lori-s", "--mask-strategy", "magnitude", "--a-mode", "per_task",
@@ -230,8 +230,8 @@ def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_a_stage_that_does_not_train_is_flagged_as_not_learned(tmp_path, monkeypatch, capsys):
-    import harness.scheduler as S
-    from harness.train import TrainResult
+    import harness.run.sequence as S
+    from harness.run.train import TrainResult
 
     real = S.train_method
 

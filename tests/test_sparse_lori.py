@@ -6,16 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.adapters import masks as M
-from harness.adapters import stage_files as SF
-from harness.adapters.lori import AdapterSequence
-from harness.adapters.sparse import SparseStage, mask_index
-from harness.checkpoint import Progress, StageCheckpointer
+from harness.methods.lori import masks as M
+from harness.methods.lori import stage_files as SF
+from harness.adapters.sequence import AdapterSequence
+from harness.methods.lori.sparse import SparseStage, mask_index
+from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.config import ExperimentConfig
 from harness.errors import HarnessError
 from harness.methods import METHODS, StageContext
 from harness.seeding import stable_seed
-from harness.train import Recipe, make_optimizer, train_stage, train_step
+from harness.run.train import Recipe, make_optimizer, train_stage, train_step
 from test_adapters import EXAMPLES, TARGETS, ByteTok, tiny_model
 
 
@@ -240,7 +240,7 @@ def test_a_sequence_begun_in_the_older_dense_layout_resumes_and_exports(tmp_path
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from harness.export import export_adapter
+    from harness.tools.export import export_adapter
     from harness.models import load_model
 
     cfg = ExperimentConfig(model="tiny-llama", a_mode=a_mode)

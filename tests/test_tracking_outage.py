@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from harness.dashboard import free_port, start_server, stop_server, wait_healthy
+from harness.tools.dashboard import free_port, start_server, stop_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lori-s", "--epochs", "1", "--no-progress"]

@@ -28,9 +28,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from harness import tracking_server as ts  # noqa: E402
+from harness.tools import tracking_server as ts  # noqa: E402
 from harness.cli import main  # noqa: E402
-from harness.dashboard import free_port  # noqa: E402
+from harness.tools.dashboard import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 N_PROCS, N_THREADS, N_STEPS = 8, 4, 25  # 32 concurrent writers
@@ -361,7 +361,7 @@ def test_a_network_address_without_auth_is_refused(tmp_path, capsys):
 def test_auth_refuses_anonymous_requests_and_a_run_with_the_runs_credentials_logs_normally(results_dir):
     _require_postgres()
     pytest.importorskip("flask_wtf", reason="!!! auth test NOT RUN: Flask-WTF missing (pip install -r requirements.lock) !!!")
-    from harness.tracking_auth import CREDENTIALS_ENV, read_credentials
+    from harness.tracking.auth import CREDENTIALS_ENV, read_credentials
 
     log = results_dir.parent / "auth.log"
     proc, port = _start(results_dir, log, ["--host", "127.0.0.1", "--auth"])

@@ -13,13 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from harness.launchers.driver import run_jobs
+from harness.launchers.local import run_experiment
+
 
 def run_sequences(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
     """Every sequence of the experiment (or the one in folder `only`) on cfg.launcher; their summaries."""
     if cfg.launcher == "local":
-        from harness.experiment import run_experiment
 
         return run_experiment(cfg, progress=progress, only=only)
-    from harness.launchers.driver import run_jobs
 
     return run_jobs(cfg, progress=progress, only=only)

@@ -20,9 +20,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from harness.errors import HarnessError
+from harness.io import read_json
 from harness.launchers.job import payload
+from harness.launchers.local import planned_sequences, write_experiment_files
 from harness.launchers.progress import StageMonitor
-from harness.planning import SequenceSpec
+from harness.launchers.ray_launcher import RayBackend
+from harness.launchers.slurm_launcher import SlurmBackend
+from harness.locking import is_locked, refuse_if_held
+from harness.models import load_model, module_shapes
+from harness.run.planning import experiment_dir, preflight_methods, SequenceSpec
+from harness.tracking.client import open_tracker
 
 POLL_S = 1.0  # how often the driver looks at jobs and run folders
 LOCK_RELEASE_S = 120.0  # how long a cancelled job may take to let go of its folder before runs are marked anyway
@@ -57,7 +64,6 @@ def say(msg: str) -> None:
 
 def check_free(specs: list[SequenceSpec], wait: bool) -> None:
     """Refuse (exit 2), as a local run does, when another process holds a sequence folder; unless asked to wait."""
-    from harness.locking import refuse_if_held
 
     if wait:
         return
@@ -67,23 +73,16 @@ def check_free(specs: list[SequenceSpec], wait: bool) -> None:
 
 def make_backend(cfg, exp_dir: Path) -> Backend:
     if cfg.launcher == "ray":
-        from harness.launchers.ray_launcher import RayBackend
 
         return RayBackend(cfg, exp_dir)
-    from harness.launchers.slurm_launcher import SlurmBackend
 
     return SlurmBackend(cfg, exp_dir)
 
 
 def run_jobs(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
     """Preflight, dispatch one job per sequence, follow the run folders, gather each summary.json (spec order)."""
-    from harness.planning import experiment_dir
-    from harness.experiment import open_tracker, planned_sequences, write_experiment_files
-
     _, specs, uri, shapes_checked = planned_sequences(cfg, only)
     if not shapes_checked:  # the model's config is unreadable without weights: check capacity on the loaded model
-        from harness.models import load_model, module_shapes
-        from harness.planning import preflight_methods
 
         model, _ = load_model(cfg.model, seed=0, device="cpu", dtype="fp32", cache_dir=cfg.cache_dir,
                               trust_remote_code=cfg.trust_remote_code)
@@ -169,9 +168,6 @@ def gathered(spec: SequenceSpec) -> dict[str, Any]:
 
 def mark_failed(tracker, specs: list[SequenceSpec]) -> None:
     """Cancelled sequences: once their job has let go of the folder, RUNNING parent and stage runs become FAILED."""
-    from harness.io import read_json
-    from harness.locking import is_locked
-
     deadline = time.monotonic() + LOCK_RELEASE_S
     for spec in specs:
         state = spec.run_dir / "state.json"

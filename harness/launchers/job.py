@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from harness.config import ExperimentConfig
+from harness.errors import HarnessError
+from harness.launchers.local import run_experiment
+
 # What a job inherits from the driver's environment: where models are cached, offline switches,
 # MLflow client settings (credentials too), fault points for tests. Ray workers are started by the
 # cluster, not by the driver, so ray_launcher gives them these at process start (runtime_env); a
@@ -93,9 +97,6 @@ def run_sequence_job(p: dict[str, Any]) -> dict[str, Any]:
     with _output_to(p.get("log")), _job_environment(p):
         print(f"=== {p['label']}: attempt {p['attempt']}, pid {os.getpid()}, host {os.uname().nodename}, "
               f"{time.strftime('%Y-%m-%d %H:%M:%S')} (t={time.time():.3f})", file=sys.stderr, flush=True)
-        from harness.config import ExperimentConfig
-        from harness.errors import HarnessError
-        from harness.experiment import run_experiment
 
         data = dict(p["config"])
         if p["attempt"] > 1:

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from harness.methods import METHODS
-from harness.planning import SequenceSpec
-from harness.sequence_files import STAGE_MARKER, committed_stages, done_line, stage_line
+from harness.run.planning import SequenceSpec
+from harness.run.folder import STAGE_MARKER, committed_stages, done_line, stage_line
 
 def _read(path: Path) -> dict | None:
     try:

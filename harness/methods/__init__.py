@@ -13,7 +13,7 @@ from harness.methods.ewc import EWC
 from harness.methods.inclora import IncLoRA, OLoRA
 from harness.methods.inflora import InfLoRA
 from harness.methods.lora import SeqLoRA
-from harness.methods.lori import LoRID, LoRIS
+from harness.methods.lori.method import LoRID, LoRIS
 from harness.methods.migu import MIGU
 from harness.methods.mtl import MTL
 from harness.methods.nlora import NLoRA

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from harness.errors import HarnessError
 from harness.methods.lora import SeqLoRA
 from harness.seeding import stable_seed
-from harness.train import lm_loss
+from harness.losses import lm_loss
 
 FILE = "ewc.safetensors"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from harness.adapters import masks as M
+from harness.methods.lori import masks as M
 from harness.methods.base import Method
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from harness.config import parse_bool
+from harness.parsing import parse_bool
 from harness.errors import HarnessError
 
 # One logger for the whole package, named as before the split into submodules.

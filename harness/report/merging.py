@@ -23,7 +23,7 @@ STD_DEFINITION = "sample standard deviation (ddof=1) over the finished merge run
 
 def cross_term_tolerance() -> float:
     """The relative ΔW error above which the merge protocol reports cross terms (one definition, imported on use)."""
-    from harness.merging.protocol import CROSS_TERM_TOL
+    from harness.run.merge import CROSS_TERM_TOL
 
     return float(CROSS_TERM_TOL)
 

@@ -31,7 +31,7 @@ from harness.report.numbers import finite, fmt, fmt_pm
 from harness.report.sensitivity import SELECTION_CRITERION
 from harness.report.store import SequenceRun
 from harness.report.unfinished import UnfinishedRun
-from harness.tracking import redact_uri
+from harness.tracking.client import redact_uri
 
 _TEMPLATES = Path(__file__).with_name("templates")
 # The adapter settings shown per method, from the run parameters.

@@ -38,7 +38,7 @@ from harness.report.merge_store import MERGE_FILTER, MergeRun, load_merge_run
 from harness.report.naming import METRICS, is_reference_method
 from harness.report.numbers import finite
 from harness.report.unfinished import UnfinishedRun, classify_runs, no_finished_message
-from harness.tracking import check_store_exists, redact_uri
+from harness.tracking.client import check_store_exists, redact_uri
 
 SEQUENCE_FILTER = "tags.`harness.kind` = 'sequence'"
 # A logged metric and the one recomputed from the matrix agree up to float noise of the logging path.

@@ -2,7 +2,7 @@
 
 An interrupted sequence is a parent run with MLflow status KILLED and tag harness.interrupted=true:
 a process killed outright cannot mark its own runs, so the CLI marks every RUNNING parent whose
-folder lock nobody holds (harness.tracking.mark_interrupted) before it writes the report. A parent
+folder lock nobody holds (harness.tracking.client.mark_interrupted) before it writes the report. A parent
 still RUNNING after that belongs to a live process. Neither kind is aggregated: the report lists
 them, each with the last stage it evaluated (the highest step of its acc/<task> metrics) and, for
 an interrupted one, the command that continues it from its folder (tag harness.run_dir).

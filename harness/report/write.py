@@ -27,7 +27,7 @@ from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
 from harness.report.sensitivity import SELECTION_CRITERION, select_variants, sensitivity_figure, sensitivity_table
 from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
-from harness.tracking import default_tracking_uri
+from harness.tracking.client import default_tracking_uri
 
 _STD_DEFINITION = (
     "sample standard deviation (ddof=1) over all finished runs (seeds x orders) of a method; "

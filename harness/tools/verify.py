@@ -22,14 +22,17 @@ import torch
 import yaml
 
 from harness import metrics as MX
-from harness.adapters import stage_files as SF
+from harness.adapters.peft_folder import dense_stage
 from harness.analysis import documents as DOCS
-from harness.adapters.sparse import mask_index
+from harness.methods.lori import stage_files as SF
+from harness.methods.lori.export import module_d_in, regenerate_A
+from harness.methods.lori.sparse import mask_index
 from harness.errors import HarnessError
 from harness.integrity import HASHES, mismatches
 from harness.io import read_json
-from harness.sequence_files import STAGE_MARKER, committed_stages, sequence_folders
-from harness.tracking import check_reachable, redact_uri
+from harness.run.folder import STAGE_MARKER, committed_stages, sequence_folders
+from harness.suites import load_suite
+from harness.tracking.client import check_reachable, redact_uri
 
 OK, FAIL, SKIP = "ok", "FAIL", "skipped"
 _TOL = 1e-9
@@ -73,7 +76,6 @@ def check_hashes(run_dir: Path, done: dict[int, Path]) -> Check:
 # --- masks ----------------------------------------------------------------------------------------
 def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None]:
     """(masks, B after this stage, lori.json or None) of a LoRI-S stage, sparse or in the older dense layout."""
-    from harness.export import _dense_stage
 
     if SF.is_sparse_stage(folder):
         masks, values, meta = SF.read_stage(folder)
@@ -87,7 +89,7 @@ def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, 
     from safetensors.torch import load_file
 
     sd = {}
-    for f in _dense_stage(folder)[0].values():
+    for f in dense_stage(folder)[0].values():
         sd.update(load_file(str(f)))
     return masks, {k: v for k, v in sd.items() if k in masks}, None
 
@@ -112,7 +114,6 @@ def _overlap_problem(t: int, masks: dict, used: dict, cfg: dict) -> str | None:
 
 
 def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
-    from harness.export import module_d_in, regenerate_A
 
     if (cfg.get("sequence") or {}).get("method") != "lori-s":
         return Check("masks", SKIP, "not a LoRI-S sequence")
@@ -149,7 +150,6 @@ def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
 # --- metrics --------------------------------------------------------------------------------------
 def _metric_keys(cfg: dict) -> dict[str, str]:
     """task -> the lm-eval metric its score is (from the suite); {} when the suite cannot be read here."""
-    from harness.suites import load_suite
 
     try:
         suite = load_suite(cfg["suite"])

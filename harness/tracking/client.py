@@ -22,6 +22,7 @@ from typing import Any
 
 from harness import distributed
 from harness.errors import HarnessError, TrackingError
+from harness.locking import is_locked
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,11 @@ class Tracker:
             self.client.log_artifact(run_id, str(p))
 
 
+def open_tracker(cfg, uri: str) -> Tracker:
+    """The MLflow tracker of experiment config `cfg` (an ExperimentConfig): creates the experiment on first use, afterwards only looks it up."""
+    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional)
+
+
 def mark_killed(client, run_id: str) -> None:
     """An interrupted run: KILLED and tagged harness.interrupted (the report lists it with its resume command)."""
     client.set_tag(run_id, "harness.interrupted", "true")
@@ -274,7 +280,6 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
     A process killed with SIGKILL cannot mark its own runs; its lock died with it, so a RUNNING
     parent with a free lock is an interrupted sequence, which `harness resume` continues. Runs whose
     folder is not visible from here (another machine's disk) are left alone. Returns how many."""
-    from harness.locking import is_locked
 
     path = local_store_path(uri)
     if path is not None and not path.exists():

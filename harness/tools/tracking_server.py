@@ -6,9 +6,9 @@ port, database and user `mlflow`, password auth (generated once into `<results_d
 given to MLflow as PGPASSWORD, never on a command line). PostgreSQL refuses root: as root, initdb and
 pg_ctl run via `runuser -u postgres --` and `<results_dir>/postgres` belongs to that user. A lock file
 keeps a second server off the folder; what a SIGKILLed server left running is stopped first.
-`mlflow server` (harness.dashboard.start_server) then serves <host>:<port> (127.0.0.1 by default), artifacts
+`mlflow server` (harness.tools.dashboard.start_server) then serves <host>:<port> (127.0.0.1 by default), artifacts
 proxied from `<results_dir>/mlartifacts`. Any other address needs --auth: MLflow's basic-auth app, with the
-credentials of harness/tracking_auth.py; it is refused without. Ctrl-C / SIGTERM / SIGHUP stop MLflow, then
+credentials of harness/tracking/auth.py; it is refused without. Ctrl-C / SIGTERM / SIGHUP stop MLflow, then
 PostgreSQL (pg_ctl -m fast).
 """
 
@@ -29,10 +29,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.dashboard import free_port, is_loopback, port_is_free, start_server, stop_server, wait_healthy
+from harness.tools.dashboard import free_port, is_loopback, port_is_free, start_server, stop_server, wait_healthy
 from harness.errors import TrackingError
-from harness.tracking import redact_uri
-from harness.tracking_auth import CREDENTIALS_ENV, RUNS_USER, ServerAuth, allowed_hosts
+from harness.tracking.client import redact_uri
+from harness.tracking.auth import CREDENTIALS_ENV, RUNS_USER, ServerAuth, allowed_hosts
 
 PG_ROOT = Path("/usr/lib/postgresql")
 PG_USER = "postgres"  # the OS account PostgreSQL runs under when the harness runs as root

@@ -28,8 +28,11 @@ from pydantic import ValidationError
 from harness.config import ExperimentConfig, format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import METHODS
+from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
+from harness.suites import validate_suite
+from harness.tracking.client import check_reachable, default_tracking_uri
 
 
 @dataclass
@@ -165,10 +168,6 @@ def check_precision(cfg: ExperimentConfig) -> None:
 
 def validate(cfg: ExperimentConfig):
     """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths, launcher."""
-    from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
-    from harness.suites import validate_suite
-    from harness.tracking import check_reachable, default_tracking_uri
-
     uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
     check_precision(cfg)
     check_launcher(cfg, uri)

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import torch
 
+from harness.adapters.combine import load_adapters
+from harness.adapters.peft_folder import CONFIG
+from harness.adapters.sequence import AdapterSequence
 from harness.errors import HarnessError
+from harness.io import read_json
+from harness.methods.lori.stage_files import is_sparse_stage
+from harness.models import load_model, set_torch_threads
+from harness.run.evaluate import Evaluator
+from harness.suites import load_suite
 
 MODES = {  # name -> (merged, bf16)
     "peft_fp32": (False, False),
@@ -39,7 +47,6 @@ REFERENCE = "peft_fp32"
 @torch.no_grad()
 def seeded_adapter(model: torch.nn.Module, cfg, *, seed: int = 0, relative_delta: float = 0.05):
     """A PeftModel with one adapter: A as the methods seed it, B seeded Gaussian scaled to ‖ΔW‖ = relative_delta·‖W0‖."""
-    from harness.adapters.lori import AdapterSequence
 
     seq = AdapterSequence(model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets, a_init=cfg.a_init, seed=seed)
     name = seq.begin_task(1)
@@ -54,12 +61,6 @@ def seeded_adapter(model: torch.nn.Module, cfg, *, seed: int = 0, relative_delta
 
 def load_adapter(model: torch.nn.Module, folder: Path):
     """A PeftModel from a PEFT adapter folder, or every adapter of a stage folder (adapters.json), all active."""
-    from harness.adapters.lori import AdapterSequence
-    from harness.adapters.stage_files import is_sparse_stage
-    from harness.export import CONFIG
-    from harness.io import read_json
-    from harness.merging.combine import load_adapters
-
     folder = Path(folder)
     if is_sparse_stage(folder):
         raise HarnessError(f"{folder}: a LoRI-S stage folder holds masks and values, not a PEFT adapter; "
@@ -92,10 +93,6 @@ def run_eval_modes(cfg, *, suite: str | None = None, modes: tuple[str, ...] = DE
 
     Batch size, eval_limit, max length, device, dtype, rank, alpha, targets come from the experiment config.
     seconds: the median over `repeats` runs of each mode; agreement and scores: from the first run."""
-    from harness.evaluate import Evaluator
-    from harness.models import load_model, set_torch_threads
-    from harness.suites import load_suite
-
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise HarnessError(f"eval bench modes {list(modes)}: unknown {bad}; choose from {', '.join(MODES)}")
@@ -217,10 +214,6 @@ def _bare_generate(model, tok, reqs, batch_size: int) -> None:
 def run_eval_bench(model_name: str, suite_name: str, *, batch_size: int = 32, limit: int | None = None,
                    device: str = "auto", dtype: str = "auto") -> dict:
     """Time lm-eval (as the scheduler calls it) and a bare batched scorer on the same requests."""
-    from harness.evaluate import Evaluator
-    from harness.models import load_model, set_torch_threads
-    from harness.suites import load_suite
-
     set_torch_threads()
     suite = load_suite(suite_name)
     model, tok = load_model(model_name, device=device, dtype=dtype)

@@ -19,14 +19,15 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from harness.compiled import CompiledLoss, resolve_mode
+from harness.run.compiled import CompiledLoss, resolve_mode
 from harness.io import atomic_write_json
 from harness.methods import METHODS, StageContext
 from harness.models import load_model, set_torch_threads
 from harness.models.environment import device_name
 from harness.precision import autocast_ctx, precision_of, set_tf32
-from harness.profile_step import format_profile, profile_step, sync as _sync
-from harness.train import Recipe, forward_loss, lm_loss, make_optimizer, train_step
+from harness.tools.profile_step import format_profile, profile_step, sync as _sync
+from harness.losses import lm_loss
+from harness.run.train import Recipe, forward_loss, make_optimizer, train_step
 
 DEFAULT_METHODS = ("base", "peft-bare", "lora", "lori-d", "lori-s")
 
@@ -130,7 +131,7 @@ def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: in
     Rank, alpha, targets, mask density, recipe, device, dtype and compile come from the experiment config `cfg`.
     Rows: methods[NAME] (eager) and methods["NAME compiled:MODE"]; each has step_s_median, train_tok_s, vs_base,
     vs_peft_bare. With memory=True, also {"memory": {METHOD: {...bytes}}}; with profile=True, {"profile": {ROW: ...}}
-    (harness/profile_step.py)."""
+    (harness/tools/profile_step.py)."""
     set_torch_threads()
     if cfg.mask_strategy != "random":  # a magnitude mask needs a calibration run; the step itself is the same
         cfg = cfg.model_copy(update={"mask_strategy": "random"})
@@ -213,7 +214,7 @@ def format_table(res: dict) -> str:
             rows.append(f"{name:<8}{mb(m['params_bytes'])}{mb(m['grads_bytes'])}{mb(m['optimizer_bytes'])}"
                         f"{mb(m['snapshot_bytes'])}{mb(m['total_bytes'])}")
     if res.get("profile"):
-        rows += ["", "profile per step (torch.profiler; harness/profile_step.py)"]
+        rows += ["", "profile per step (torch.profiler; harness/tools/profile_step.py)"]
         rows += [format_profile(name, p) for name, p in res["profile"].items()]
     return "\n".join(rows)
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from harness import distributed as D
 from harness import faults
-from harness.checkpoint import Progress, StageCheckpointer
-from harness.compiled import CompiledLoss, pad_to_bucket
+from harness.losses import lm_loss, loss_terms
+from harness.run.checkpoint import Progress, StageCheckpointer
+from harness.run.compiled import CompiledLoss, pad_to_bucket
 from harness.precision import autocast_ctx
 from harness.seeding import stable_seed
 
@@ -133,30 +133,6 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[str
     return {"input_ids": input_ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, *, scale: float | None = None) -> torch.Tensor:
-    """Next-token cross-entropy on labelled positions: mean over tokens, or mean of per-example means.
-
-    scale (several processes): a rank's share instead of a mean, the sum of its terms times `scale`
-    (world_size / the global batch's number of terms, see rank_batch)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
-    per_tok = per_tok.view(labels.shape)
-    valid = (labels != -100).to(per_tok.dtype)
-    if reduction == "token":
-        return (per_tok * valid).sum() / valid.sum().clamp(min=1) if scale is None else (per_tok * valid).sum() * scale
-    if reduction == "example":
-        n = valid.sum(dim=1)
-        per_ex = (per_tok * valid).sum(dim=1) / n.clamp(min=1)
-        return per_ex[n > 0].mean() if scale is None else per_ex[n > 0].sum() * scale
-    raise ValueError(f"unknown loss_reduction {reduction!r}")
-
-
-def loss_terms(batch: list[tuple[list[int], int]], reduction: str) -> int:
-    """How many terms lm_loss averages over in a batch: labelled next-token positions, or examples that have any."""
-    per_ex = [max(0, len(ids) - max(n_prompt, 1)) for ids, n_prompt in batch]  # position 0 is never a target
-    return sum(per_ex) if reduction == "token" else sum(1 for n in per_ex if n > 0)
-
-
 def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reduction: str) -> tuple[dict[str, torch.Tensor], float | None]:
     """This rank's slice of a global batch and its loss scale; one process: the whole batch and no scale."""
     if not D.is_distributed():
@@ -168,7 +144,7 @@ def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reductio
 
 
 def forward_loss(model, input_ids, attention_mask, labels, reduction: str, scale: float | None = None) -> torch.Tensor:
-    """The forward pass and the loss: what `compile` compiles (harness/compiled.py)."""
+    """The forward pass and the loss: what `compile` compiles (harness/run/compiled.py)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     return lm_loss(logits, labels, reduction, scale=scale)
 

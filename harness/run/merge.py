@@ -32,17 +32,19 @@ import numpy as np
 
 from harness import metrics as MX
 from harness.config import ExperimentConfig
-from harness.evaluate import validation_evaluator
+from harness.models import load_model, module_shapes, set_torch_threads
+from harness.run.evaluate import Evaluator, validation_evaluator
 from harness.errors import ConfigError
-from harness.export import write_peft_folder
+from harness.adapters.peft_folder import write_peft_folder
 from harness.integrity import HASHES, check_recorded, folder_hashes
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
-from harness.merging.combine import MERGED, folded, load_adapters, merge, relative_error
+from harness.adapters.combine import MERGED, folded, load_adapters, merge, relative_error
 from harness.methods import METHODS, StageContext
-from harness.planning import experiment_dir, stage_budget, task_examples
-from harness.sequence_files import git_commit
-from harness.train import Recipe, train_method
+from harness.run.planning import experiment_dir, preflight_methods, stage_budget, task_examples, validate
+from harness.run.folder import git_commit
+from harness.run.train import Recipe, train_method
+from harness.tracking.client import open_tracker
 
 CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms
 REFERENCE_WEIGHTS = {"lori-d": 0.5, "lori-s": 0.4}  # the LoRI reference scripts' per-adapter weights
@@ -329,10 +331,6 @@ def _csv(header: list[str], rows: list[list]) -> str:
 def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Validate everything (nothing written on bad input), then run every (method, seed) merge protocol."""
 
-    from harness.evaluate import Evaluator
-    from harness.models import load_model, module_shapes, set_torch_threads
-    from harness.planning import preflight_methods, validate
-    from harness.experiment import open_tracker
 
     mcfg = merge_config(cfg)
     suite, seq_specs, uri, shapes_checked = validate(mcfg)

@@ -2,7 +2,7 @@
 
 `harness run` with launcher local calls run_experiment for the whole experiment; a launcher's job
 (harness/launchers) calls it for one sequence folder with preflight=False. The sequence loop itself
-is harness/scheduler.py.
+is harness/run/sequence.py.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import torch
 
 from harness import distributed as D
 from harness.config import ExperimentConfig
-from harness.errors import Interrupted
+from harness.errors import HarnessError, Interrupted
 from harness.io import atomic_write_yaml
 from harness.methods import METHODS, Method
+from harness.models import load_model, module_shapes, set_torch_threads
 from harness.precision import precision_of, set_tf32
-from harness.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
-from harness.scheduler import SequenceRunner, say
+from harness.run.evaluate import Evaluator
+from harness.run.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
+from harness.run.sequence import SequenceRunner, say
+from harness.suites import load_suite
+from harness.tracking.client import default_tracking_uri, open_tracker
 
 
 def check_launch(cfg: ExperimentConfig, suite, specs) -> None:
@@ -40,9 +44,6 @@ def planned_sequences(cfg: ExperimentConfig, only: Path | None = None, *, prefli
 
     preflight=False is for a launcher's job: its driver already ran the whole preflight, so the job
     only re-plans (cheap, writes nothing) to find its folder."""
-    from harness.suites import load_suite
-    from harness.tracking import default_tracking_uri
-
     if preflight:
         suite, specs, uri, shapes_checked = validate(cfg)
     else:
@@ -51,7 +52,6 @@ def planned_sequences(cfg: ExperimentConfig, only: Path | None = None, *, prefli
     if only is not None:
         specs = [s for s in specs if s.run_dir.resolve() == Path(only).resolve()]
         if not specs:
-            from harness.errors import HarnessError
 
             raise HarnessError(f"{only}: not a sequence folder of experiment {cfg.experiment_name} (its config plans other folders)")
     return suite, specs, uri, shapes_checked
@@ -66,22 +66,12 @@ def write_experiment_files(cfg: ExperimentConfig, *, only: Path | None = None) -
     return exp_dir
 
 
-def open_tracker(cfg: ExperimentConfig, uri: str):
-    """The experiment's MLflow tracker: creates the experiment on first use, afterwards only looks it up."""
-    from harness.tracking import Tracker
-
-    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional)
-
-
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None, preflight: bool = True,
                    threads: int | None = None) -> list[dict[str, Any]]:
     """Validate everything, then run every sequence (or only the one in folder `only`), skipping finished work.
 
     A launcher's job calls this with only=<its folder>, preflight=False (the driver checked) and
     threads=job_cpus (a Ray worker sees every CPU of its node, not the CPUs it was given)."""
-    from harness.evaluate import Evaluator
-    from harness.models import load_model, module_shapes, set_torch_threads
-
     suite, specs, uri, shapes_checked = planned_sequences(cfg, only, preflight=preflight)
     check_launch(cfg, suite, specs)
     if threads is None:

@@ -11,7 +11,7 @@ With eval_limit N, every task is scored on a fixed seeded subset of N test docum
 with `harness -v`; otherwise one bar per stage evaluation, one tick per task.
 
 eval_merged folds the adapters the forward pass uses into the base weights for the evaluation
-(harness.merging.combine.folded: base weights untouched, LoRA layers out of the forward), so lm-eval
+(harness.adapters.combine.folded: base weights untouched, LoRA layers out of the forward), so lm-eval
 runs at base-model speed; eval_bf16 (or the run's bf16_autocast) evaluates under CPU bf16 autocast.
 With log_samples, each task's per-document predictions come back too (the choice ranked first, or the
 generated text), so two ways of evaluating can be compared document by document. Every evaluation returns
@@ -103,7 +103,7 @@ class Evaluator:
         t0 = time.perf_counter()
         fold = contextlib.nullcontext()
         if merged:
-            from harness.merging.combine import folded  # PEFT loads in ~2 s: only when needed
+            from harness.adapters.combine import folded  # PEFT loads in ~2 s: only when needed
 
             fold = folded(model)
         with exact_matmuls(), fold:

@@ -1,4 +1,4 @@
-"""`python -m harness.precision_probe`: how much of an adapter's gradient and output a bf16 base model loses.
+"""`python -m harness.tools.precision_probe`: how much of an adapter's gradient and output a bf16 base model loses.
 
 The experiment behind README "Precision". One stage of a method trains on a suite task in fp32 (so the
 adapter is non-zero); then, for the same adapter and the same batches of the NEXT task, it compares
@@ -22,7 +22,7 @@ from harness.config import ExperimentConfig
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
 from harness.suites import load_suite
-from harness.train import Recipe, collate, forward_loss, tokenize_examples, train_stage
+from harness.run.train import Recipe, collate, forward_loss, tokenize_examples, train_stage
 
 
 def _grads(method, batches) -> torch.Tensor:
@@ -85,7 +85,7 @@ def probe(model_name: str, suite_name: str, method_name: str, tasks: tuple[str, 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m harness.precision_probe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m harness.tools.precision_probe", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--suite", default="default")
     p.add_argument("--methods", default="lori-s,lora")

@@ -3,7 +3,7 @@
 A stage is a function of (previous stage's checkpoint, config): its RNG is seeded from (seed,
 stage), never carried over, so a resumed sequence reproduces an uninterrupted one. The scheduler
 never knows which method it runs: it calls the verbs of harness/methods/base.py. The folder is
-the source of truth (harness/sequence_files.py); MLflow mirrors it (harness/mirror.py: a
+the source of truth (harness/run/folder.py); MLflow mirrors it (harness/run/mirror.py: a
 tracking server that stops answering does not stop the run; the mirror catches up).
 
 Under torchrun / accelerate launch every rank runs the sequence and trains (harness/distributed.py);
@@ -27,22 +27,22 @@ from harness import distributed as D
 from harness import faults
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
-from harness.checkpoint import StageCheckpointer, remove_checkpoint
+from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
-from harness.compiled import resolve_mode
+from harness.run.compiled import resolve_mode
 from harness.errors import HarnessError, Interrupted
-from harness.evaluate import validation_evaluator
+from harness.run.evaluate import validation_evaluator
 from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
-from harness.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
-from harness.planning import SequenceSpec, stage_budget, task_examples
+from harness.run.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
+from harness.run.planning import SequenceSpec, stage_budget, task_examples
 from harness.precision import precision_of
-from harness.sequence_files import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, done_line, finished_stages,
+from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, done_line, finished_stages,
                                     git_commit, learn_check, result_hashes, stage_line, verify_folder, verify_stages, write_documents,
                                     write_matrix_files, write_stage_marker)
-from harness.train import Recipe, collate, tokenize_examples, train_method
+from harness.run.train import Recipe, collate, tokenize_examples, train_method
 
 
 def say(msg: str, *, every_rank: bool = False) -> None:

@@ -4,7 +4,7 @@
     <sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
     <sequence>/precision.json  base/adapter dtypes, TF32, device type the stages ran under (harness/precision.py)
     <sequence>/.lock         held while a process works on the folder (harness/locking.py)
-    <sequence>/checkpoint/   the stage in progress (harness/checkpoint.py), removed on commit
+    <sequence>/checkpoint/   the stage in progress (harness/run/checkpoint.py), removed on commit
     <sequence>/stages/0-base/eval.json, documents.json
     <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
                              replay.json (replay), eval.json, documents.json (each document's score,
@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from harness.config import BEFORE_KNOB_EXISTED, LAUNCH_KEYS, ExperimentConfig
+from harness.config import BEFORE_KNOB_EXISTED, ExperimentConfig, LAUNCH_KEYS, load_config
 from harness.errors import ConfigError
 from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes, redo_hint
 from harness.io import atomic_write_json, atomic_write_text, read_json
+from harness.methods import METHODS
 
 STAGE_MARKER = "stage.json"
 PRECISION = "precision.json"  # what the stages' numbers depend on besides the config (harness/precision.py)
@@ -48,7 +49,6 @@ NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "tracking_optional", "cac
 def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k not in NOT_COMPARED}
     if method is not None:  # a method's own section does change what its stages compute
-        from harness.methods import METHODS
 
         section = METHODS[method].section
         if section:
@@ -158,7 +158,6 @@ def check_same_precision(run_dir: Path, record: dict[str, Any]) -> None:
 
 def experiment_of(run_dir: Path) -> str:
     """The experiment name a sequence folder's config.yaml gives."""
-    from harness.config import load_config
 
     data, _ = config_knobs(Path(run_dir) / "config.yaml")
     return load_config(None, {**data, "results_dir": "."}).experiment_name

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from harness.errors import HarnessError, TrackingError
-from harness.tracking import check_store_exists, default_tracking_uri, redact_uri
+from harness.tracking.client import check_store_exists, default_tracking_uri, redact_uri
 
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
 

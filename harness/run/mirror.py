@@ -22,8 +22,8 @@ from typing import Any, Callable
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, is_disk_full, read_json
 from harness.locking import is_locked
-from harness.sequence_files import STAGE_MARKER, committed_stages, experiment_of, sequence_folders
-from harness.tracking import check_reachable, redact_uri
+from harness.run.folder import STAGE_MARKER, committed_stages, experiment_of, sequence_folders
+from harness.tracking.client import check_reachable, redact_uri, Tracker
 
 STATE = "state.json"
 RESULT_ARTIFACTS = ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", "documents.json")
@@ -218,7 +218,6 @@ class Mirror:
 
 def sync_folder(run_dir: Path, experiment: str, uri: str | None = None) -> str:
     """`harness sync`: mirror one sequence folder into the store it was logged to (or `uri`); returns a line saying so."""
-    from harness.tracking import Tracker
 
     if is_locked(run_dir):  # its own process mirrors it (and must keep its stage run in progress)
         return f"{run_dir}: skipped: a process is running this sequence; it catches MLflow up itself"

@@ -2,7 +2,7 @@
 
 Pure functions over tensors keyed by the lora_B key of each adapted module (the same key the
 adapter's safetensors file uses), so every invariant can be checked from the files alone. How a
-mask is enforced in training is harness/adapters/sparse.py; how it is stored, stage_files.py.
+mask is enforced in training is harness/methods/lori/sparse.py; how it is stored, stage_files.py.
 
 Overlap policies for task t's mask M_t given the positions U used by M_1..M_{t-1}:
 - disjoint:     M_t ∩ U = ∅

@@ -3,9 +3,9 @@
 LoRI-S chooses task t's mask M_t among the positions the overlap policy leaves (disjoint,
 max_overlap, independent), from seeded random scores or from |B| after a LoRI-D calibration run
 (whose B is then thrown away, as in the reference pipeline), and trains only the mask's entries
-(harness/adapters/sparse.py: per module a values vector scattered into the frozen B, so gradients,
+(harness/methods/lori/sparse.py: per module a values vector scattered into the frozen B, so gradients,
 AdamW moments and the stage files are O(nnz) and the mask is exact by construction). A stage folder
-holds the stage's mask and values (harness/adapters/stage_files.py), never a dense B.
+holds the stage's mask and values (harness/methods/lori/stage_files.py), never a dense B.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from harness.adapters import masks as M
-from harness.adapters import stage_files as SF
-from harness.adapters.sparse import SparseStage, index_to_mask, mask_index
+from harness.adapters.sequence import a_key
+from harness.methods.lori import masks as M
+from harness.methods.lori import stage_files as SF
+from harness.methods.lori.sparse import SparseStage, index_to_mask, mask_index
 from harness.errors import HarnessError
 from harness.methods.base import Method, StageContext
 from harness.seeding import stable_seed, tensors_digest
@@ -121,7 +122,6 @@ class LoRIS(LoRID):
                                "that wrote it, or delete the stage folders to redo them.")
 
     def _a(self, name: str) -> dict[str, torch.Tensor]:
-        from harness.adapters.lori import a_key
 
         return {a_key(k): v for k, v in self.adapters.a_tensors(name).items()}
 

@@ -1,0 +1,60 @@
+"""`harness export RUN_DIR [--stage t] OUT`: a stock PEFT adapter folder of a sequence at one of its stages.
+
+OUT holds adapter_config.json + adapter_model.safetensors; PeftModel.from_pretrained(base_model, OUT)
+gives the harness's model at that stage. Where the stage has one adapter (lora, replay, mtl, lori-d
+and lori-s with a_mode shared) the tensors are the harness's own, so the logits are bit-identical.
+Methods with one adapter per task (inclora, olora, a_mode per_task) are exported as the exact sum
+Σ_t s·B_t·A_t in ONE adapter of rank T·r (A's stacked, B's side by side, lora_alpha T·alpha so the
+scaling stays alpha/r): the same ΔW, logits equal up to float summation order (PEFT adds the
+adapters one by one; the stacked matmul sums over all T·r ranks at once).
+
+Dense methods' stage folders already hold PEFT files (copied, or stacked). LoRI-S stage folders
+hold only masks and values (harness/methods/lori/stage_files.py): B is rebuilt by replaying stages
+1..t, and A is regenerated from its seed on the model's module shapes (read from the model's
+config, no weights loaded) and checked against the sha256 stored with the stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from harness.adapters.peft_folder import export_dense, write_adapters
+from harness.errors import HarnessError
+from harness.io import atomic_dir
+from harness.methods.lori import stage_files as SF
+from harness.methods.lori.export import lori_s_adapters, lori_s_config
+from harness.run import folder as sequence_files
+
+
+def committed_stages(run_dir: Path) -> dict[int, Path]:
+    """Training stages (t >= 1) whose commit marker exists (read only: unlike a resume, nothing is cleaned up)."""
+    return {t: p for t, p in sequence_files.committed_stages(run_dir).items() if t > 0}
+
+
+def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
+    """Write the PEFT adapter of sequence folder `run_dir` at committed stage `stage` (default: the last) to `out`."""
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "config.yaml").is_file() or not (run_dir / "stages").is_dir():
+        raise HarnessError(f"{run_dir}: not a sequence folder (it has no config.yaml and stages/). Pass the folder of one "
+                           "sequence: results/<experiment>/<method>/seed-<s>[/order-<k>].")
+    done = committed_stages(run_dir)
+    if not done:
+        raise HarnessError(f"{run_dir}: no training stage is committed yet; run or resume the sequence first.")
+    t = max(done) if stage is None else stage
+    if t not in done:
+        raise HarnessError(f"--stage {t}: stage {t} is not committed in {run_dir} (committed: {', '.join(map(str, sorted(done)))}).")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
+    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    read = {s: done[s] for s in sorted(done) if s <= t} if SF.is_sparse_stage(done[t]) else {t: done[t]}
+    sequence_files.verify_stages(run_dir, read, last=max(done))  # nothing damaged goes into an adapter
+    with atomic_dir(out) as tmp:
+        if SF.is_sparse_stage(done[t]):
+            adapters, meta = lori_s_adapters(run_cfg, [done[s] for s in sorted(done) if s <= t])
+            config = lori_s_config(meta, run_cfg.get("model"))
+            write_adapters(tmp, adapters, config)
+        else:
+            export_dense(done[t], tmp)
+    return out
