@@ -26,6 +26,14 @@ import os
 from datetime import timedelta
 from typing import Any, Callable, Mapping
 
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import distribute_tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.utils.parametrize import ParametrizationList
+
 from harness.errors import ConfigError, HarnessError
 from harness.seeding import tensors_digest
 
@@ -62,8 +70,6 @@ def is_main() -> bool:
 
 
 def _initialized() -> bool:
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized()
 
 
@@ -75,8 +81,6 @@ def init(device: str = "auto") -> None:
     cannot have more processes than GPUs. CPU: each rank gets its share of the cores."""
     if not is_distributed() or _initialized():
         return
-    import torch
-    import torch.distributed as dist
 
     text = str(device).strip().lower()
     cuda = text.startswith("cuda") or (text == "auto" and torch.cuda.is_available())
@@ -101,24 +105,17 @@ def init(device: str = "auto") -> None:
 
 def cleanup() -> None:
     if _initialized():
-        import torch.distributed as dist
-
         dist.destroy_process_group()
 
 
 def device():
     """This rank's device under CUDA (cuda:LOCAL_RANK), else None."""
-    import torch
-    import torch.distributed as dist
-
     return torch.device("cuda", local_rank()) if _initialized() and dist.get_backend() == "nccl" else None
 
 
 def barrier() -> None:
     """Wait for every rank (e.g. while rank 0 evaluates and commits a stage)."""
     if _initialized():
-        import torch.distributed as dist
-
         dist.barrier()
 
 
@@ -126,7 +123,6 @@ def broadcast_object(obj: Any) -> Any:
     """Rank 0's `obj` on every rank (decisions rank 0 takes from files: what is finished, the summary)."""
     if not _initialized():
         return obj
-    import torch.distributed as dist
 
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -137,7 +133,6 @@ def mean_over_ranks(value):
     """Average of a scalar tensor over ranks (a rank's share of the loss -> the global batch's loss)."""
     if not _initialized():
         return float(value)
-    import torch.distributed as dist
 
     v = value.detach().clone()
     dist.all_reduce(v)
@@ -148,7 +143,6 @@ def sum_over_ranks_(tensors: list) -> None:
     """Sum each tensor over ranks in place (e.g. MIGU's per-row output magnitudes, so every rank masks alike)."""
     if not _initialized():
         return
-    import torch.distributed as dist
 
     for t in tensors:
         dist.all_reduce(t)
@@ -160,7 +154,6 @@ def check_identical(tensors: Mapping[str, Any], what: str) -> str:
     digest = tensors_digest(tensors)
     if not _initialized():
         return digest
-    import torch.distributed as dist
 
     digests: list[str] = [""] * world_size()
     dist.all_gather_object(digests, digest)
@@ -225,7 +218,6 @@ class StageModel:
                                "and `harness resume` train a stage across processes: launch it as one process.")
         if mode == "fsdp":
             return cls._fsdp(model, params, opt, sched, make_optimizer)
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = device()
         ddp = DDP(model, device_ids=[dev.index] if dev is not None else None)
@@ -233,11 +225,6 @@ class StageModel:
 
     @classmethod
     def _fsdp(cls, model, params: dict, opt, sched, make_optimizer: Callable) -> "StageModel":
-        import torch
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        from torch.nn.utils.parametrize import ParametrizationList
-
         originals = dict(model.named_parameters())
         memo = {id(t): t for t in [*originals.values(), *model.buffers()]}
         clone = copy.deepcopy(model, memo)  # new modules, the same parameter and buffer objects
@@ -279,16 +266,12 @@ class StageModel:
 
 def _full(t):
     """A full, plain tensor from a DTensor shard (collective) or a plain tensor."""
-    import torch
-
     with torch.no_grad():
         return t.full_tensor().detach() if hasattr(t, "full_tensor") else t.detach()
 
 
 def _shard_optimizer_state(sd: dict, params: list) -> dict:
     """A plain AdamW state_dict with each per-entry tensor cut into the matching DTensor shard."""
-    from torch.distributed.tensor import distribute_tensor
-
     state = {}
     for i, st in sd["state"].items():
         p = params[i]

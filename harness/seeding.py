@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Mapping
 
+import torch
+
 
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from any parts; the same parts give the same seed everywhere."""
@@ -16,8 +18,6 @@ def tensors_digest(tensors: Mapping[str, Any]) -> str:
     """sha256 over names, dtypes, shapes and exact bytes of named tensors, in name order (so order-independent).
 
     LoRI-S stores it for its regenerated A (lori.json a_sha256); ranks compare it to hold the same masks and weights."""
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()

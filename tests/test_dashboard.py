@@ -93,7 +93,7 @@ def test_serve_dashboard_stops_cleanly_on_ctrl_c(tmp_path):
     fx = _fixture_module()
     store = fx.build_fixture_store(tmp_path / "results")
     port = free_port()
-    code = f"import sys\nfrom harness.dashboard import serve_dashboard\nsys.exit(serve_dashboard({str(store['results_dir'])!r}, port={port}))"
+    code = f"import sys\nfrom harness.tools.dashboard import serve_dashboard\nsys.exit(serve_dashboard({str(store['results_dir'])!r}, port={port}))"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         preexec_fn=sigint_at_default,

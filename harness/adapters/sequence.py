@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
+from harness.adapters.keys import a_key, b_key
 from harness.errors import HarnessError
 from harness.precision import adapter_torch_dtype
 from harness.seeding import stable_seed
@@ -36,16 +37,6 @@ def init_A(shape: tuple[int, int], *, init: str, seed: int, task: int, key: str)
         # Same variance as the uniform init: 1 / (3 d_in).
         return torch.randn(shape, generator=g) / math.sqrt(3 * d_in)
     raise ValueError(f"unknown a_init {init!r}")
-
-
-def b_key(module_name: str) -> str:
-    """Key of a module's lora_B weight in PEFT's saved adapter file (adapter name stripped)."""
-    return f"{module_name}.lora_B.weight"
-
-
-def a_key(b: str) -> str:
-    """The lora_A key of the module whose lora_B key is `b`."""
-    return b[: -len("lora_B.weight")] + "lora_A.weight"
 
 
 def lora_config(rank: int, alpha: float, targets: list[str], **kw) -> LoraConfig:

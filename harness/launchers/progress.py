@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from harness.methods import METHODS
 from harness.run.planning import SequenceSpec
 from harness.run.folder import STAGE_MARKER, committed_stages, done_line, stage_line
@@ -42,7 +44,6 @@ class StageMonitor:
         self.total = sum(n + with_base[d] for d, n in self.n_stages.items())
         self.seen: set[Path] = set()
         self.finished: set[Path] = set()
-        from tqdm import tqdm
 
         self.bar = tqdm(total=self.total, desc="stages", unit="stage", file=sys.stderr, disable=not progress,
                         dynamic_ncols=True, leave=True)

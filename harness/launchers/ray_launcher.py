@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.launchers.job import forwarded_environment, run_sequence_job
 
 
 LOOPBACK = ("127.", "localhost", "::1", "[::1]")
@@ -30,8 +32,6 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 def _check_reachable(address: str) -> None:
     """Fail in seconds, not after Ray's minutes of retries, when nothing listens at the head's address."""
-    import socket
-
     hp = _host_port(address)
     if hp is None:
         return
@@ -50,7 +50,7 @@ def _import_ray(loopback: bool):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        import ray
+        import ray  # lazy: Ray loads in ~1.4 s; only --launcher ray needs it
     except ImportError:
         raise HarnessError("--launcher ray needs the `ray` package: pip install ray (the pinned version is in requirements.lock)") from None
     return ray
@@ -74,7 +74,6 @@ class RayBackend:
             raise HarnessError(f"--launcher ray: cannot start or reach {where}: {exc}. Check --ray-address "
                                "(host:port of `ray start --head`, or ray://host:10001), or omit it to start Ray here.") from None
         self._check_fits()
-        from harness.launchers.job import forwarded_environment, run_sequence_job
 
         # The driver's settings (cache folder, offline hub, MLflow credentials) in the worker's environment
         # from its start, before anything is imported there.
@@ -110,7 +109,7 @@ class RayBackend:
     def poll(self, handles: list[Any]) -> list[tuple[Any, str, Any]]:
         """Finished tasks: ("ok", the job's dict), ("failed", traceback) for an exception, ("died", why) for a lost worker."""
         ray = self.ray
-        from ray import exceptions as rex
+        from ray import exceptions as rex  # lazy: Ray loads in ~1.4 s; only --launcher ray needs it
 
         ready, _ = ray.wait(handles, num_returns=len(handles), timeout=0)
         out = []

@@ -18,7 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import submitit
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+
 from harness.errors import HarnessError
+from harness.launchers.job import run_sequence_job
 
 # squeue states of a job that may still write its result; anything else (or absence) means it ended.
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
@@ -37,11 +42,6 @@ def _slurm(*args: str) -> subprocess.CompletedProcess:
 
 class SlurmBackend:
     def __init__(self, cfg, exp_dir: Path):
-        try:
-            import submitit
-        except ImportError:
-            raise HarnessError("--launcher slurm needs the `submitit` package: pip install submitit "
-                               "(the pinned version is in requirements.lock)") from None
         self.cfg = cfg
         self.name = f"harness-{cfg.experiment_name}"
         info = _slurm("sinfo", "-h", "-o", "%P %a", *(["-p", cfg.slurm_partition] if cfg.slurm_partition else []))
@@ -65,8 +65,6 @@ class SlurmBackend:
                 f"up to {self.cfg.job_retries} retries; logs under {Path(self.executor.folder).parent})")
 
     def submit(self, payloads: list[dict]) -> list[Any]:
-        from harness.launchers.job import run_sequence_job
-
         self.executor.update_parameters(array_parallelism=len(payloads))
         try:
             jobs = self.executor.map_array(run_sequence_job, payloads)
@@ -87,8 +85,6 @@ class SlurmBackend:
 
     def poll(self, handles: list[Any]) -> list[tuple[Any, str, Any]]:
         """("ok", the job's dict) with a result pickle; ("failed", trace) if it raised; ("died", state) if it ended without one."""
-        from submitit.core.utils import FailedJobError, UncompletedJobError
-
         self._refresh_states()
         out = []
         for job in handles:

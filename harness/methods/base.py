@@ -60,7 +60,7 @@ class Method:
                  task_examples: Callable[[str], list[dict]] | None = None):
         self.cfg, self.seed, self.tasks = cfg, seed, list(tasks)
         self.task_examples = task_examples  # task -> its training examples (for methods that revisit earlier tasks)
-        from harness.adapters.sequence import AdapterSequence  # PEFT loads in ~2 s; config and --help need none of it
+        from harness.adapters.sequence import AdapterSequence  # lazy: PEFT loads in ~2 s; config and --help need none of it
 
         a_mode = cfg.a_mode if self.a_mode_from_config else ("per_task" if self.per_task_adapters else "shared")
         self.adapters = AdapterSequence(base_model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets,

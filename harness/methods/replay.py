@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,8 +23,6 @@ class ReplayKnobs(BaseModel):
 
 def buffer_indices(n: int, *, seed: int, task: str, fraction: float, per_task: int | None) -> list[int]:
     """The seeded sample of one task's training examples that later stages replay (sorted indices)."""
-    import random
-
     k = min(n, per_task) if per_task is not None else max(1, math.floor(fraction * n))
     return sorted(random.Random(stable_seed(seed, "replay", task)).sample(range(n), k))
 

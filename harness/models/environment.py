@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from filelock import FileLock  # a dependency of huggingface_hub and transformers
 
-from harness.parsing import parse_bool
 from harness.errors import HarnessError
+from harness.parsing import parse_bool
 
 # One logger for the whole package, named as before the split into submodules.
 logger = logging.getLogger("harness.models")
@@ -165,7 +166,6 @@ def _build_atomically(final: Path, build: Callable[[Path], dict], what: str) -> 
     """
     if _is_complete(final):
         return final
-    from filelock import FileLock  # a dependency of huggingface_hub and transformers
 
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix = f".{final.name}.tmp-"

@@ -45,7 +45,7 @@ def _unavailable_hub_message(name: str, reason: str) -> str:
 
 def _cached_hub_files_missing(name: str, hf_cache: Path) -> str | None:
     """None if config and weights of ``name`` are in the local HF cache, else what is missing."""
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache  # lazy: only hub models need it
 
     if not isinstance(try_to_load_from_cache(name, "config.json", cache_dir=hf_cache), str):
         return "config.json"
@@ -81,8 +81,8 @@ def _check_hub_id(name: str) -> None:
             )
         )
     # Downloads allowed: one cheap metadata request tells missing/gated apart before a big download.
-    from huggingface_hub import auth_check
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub import auth_check  # lazy: only hub models need it
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError  # lazy: only hub models need it
 
     try:
         auth_check(name)
@@ -134,8 +134,8 @@ def check_pretrained_available(name: str) -> None:
 
 
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
-    from huggingface_hub.errors import GatedRepoError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from huggingface_hub.errors import GatedRepoError  # lazy: only hub models need it
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers' models load in ~2 s; validation and --help need none
 
     local = Path(name).expanduser()
     is_local = local.is_dir()

@@ -18,6 +18,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,7 +152,6 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
     if cfg.launcher == "slurm":
         if cfg.job_gpus != int(cfg.job_gpus):
             raise ConfigError(f"--job-gpus {cfg.job_gpus}: Slurm gives whole GPUs to a job; use 0, 1, 2, ... with --launcher slurm.")
-        import shutil
 
         if shutil.which("sbatch") is None:
             raise HarnessError("--launcher slurm: no `sbatch` on PATH here. Run `harness run` on a Slurm login node "

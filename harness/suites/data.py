@@ -16,15 +16,15 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from harness.errors import SuiteError
 from harness.suites.locations import display
 
-if TYPE_CHECKING:
-    from harness.suites.schema import TaskSpec
+# `task` arguments are harness.suites.schema.TaskSpec objects; schema imports this module (TaskSpec's methods
+# delegate here), so the name is only written in annotations, never imported (no import cycle).
 
 DATA_EXTS = (".jsonl", ".csv")
 FIXED_DATA_SEED = 0  # per_class / limit selection: the same examples for every run of a suite
@@ -48,7 +48,7 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
-def label_index(task: TaskSpec, value: Any) -> int:
+def label_index(task: "TaskSpec", value: Any) -> int:
     """Index into choices of a record's label (int index, choice name or int string)."""
     assert task.choices is not None
     if isinstance(value, bool):  # bool is an int subclass: True would silently mean choice 1
@@ -65,7 +65,7 @@ def label_index(task: TaskSpec, value: Any) -> int:
     raise ValueError(f"label {value!r}: not in choices {task.choices}")
 
 
-def _field(task: TaskSpec, record: dict, field: str) -> Any:
+def _field(task: "TaskSpec", record: dict, field: str) -> Any:
     col = task.train.columns.get(field, field)
     if col not in record:
         raise ValueError(f"record has no column {col!r}" + (f" (field {field!r})" if col != field else "")
@@ -73,7 +73,7 @@ def _field(task: TaskSpec, record: dict, field: str) -> Any:
     return record[col]
 
 
-def render(task: TaskSpec, record: dict) -> dict[str, str]:
+def render(task: "TaskSpec", record: dict) -> dict[str, str]:
     """{"prompt", "completion"} of one raw record (columns mapping applied)."""
     values = {f: _field(task, record, f) for f in template_fields(task.prompt)}
     prompt = task.prompt.format(**values)
@@ -110,7 +110,7 @@ def read_records(path: Path) -> list[dict]:
     raise ValueError(f"unsupported data file type {suffix!r} (use .jsonl or .csv)")
 
 
-def read_lm_eval_yaml(task: TaskSpec) -> dict:
+def read_lm_eval_yaml(task: "TaskSpec") -> dict:
     """The task's lm-eval YAML as written (cached); it also names where a local suite's test data is."""
     if "lm_eval_raw" in task._cache:
         return task._cache["lm_eval_raw"]
@@ -153,7 +153,7 @@ def _first_after_shuffle(records: list, n: int, seed: int) -> list:
     return [records[i] for i in idx[:n]]
 
 
-def train_file(task: TaskSpec) -> Path | None:
+def train_file(task: "TaskSpec") -> Path | None:
     """The local training file (an override wins), or None for hub data."""
     if task._train_override is not None:
         return task._train_override
@@ -162,11 +162,11 @@ def train_file(task: TaskSpec) -> Path | None:
     return None
 
 
-def _load_hf_train(task: TaskSpec) -> list[dict]:
+def _load_hf_train(task: "TaskSpec") -> list[dict]:
     hf = task.train.hf
     assert hf is not None
     try:
-        import datasets
+        import datasets  # lazy: HF datasets loads in ~1.3 s; only hub-sourced tasks need it
 
         ds = datasets.load_dataset(hf.path, hf.name, split=hf.split, revision=hf.revision)
     except Exception as e:  # noqa: BLE001 - anything from the hub becomes a suite error
@@ -188,7 +188,7 @@ def _read_checked(path: Path, where: str) -> list[dict]:
         raise SuiteError(f"{where}: {display(path)}: {e}") from None
 
 
-def _raw_train_records(task: TaskSpec) -> list[dict]:
+def _raw_train_records(task: "TaskSpec") -> list[dict]:
     if "train_raw" in task._cache:
         return task._cache["train_raw"]
     path = train_file(task)
@@ -200,7 +200,7 @@ def _raw_train_records(task: TaskSpec) -> list[dict]:
     return rows
 
 
-def selected_train_records(task: TaskSpec) -> list[dict]:
+def selected_train_records(task: "TaskSpec") -> list[dict]:
     """Raw training records after the suite's per_class / limit selection (fixed seed), validation included."""
     if "train_selected" in task._cache:
         return task._cache["train_selected"]
@@ -213,7 +213,7 @@ def selected_train_records(task: TaskSpec) -> list[dict]:
     return rows
 
 
-def validation_indices(task: TaskSpec) -> list[int]:
+def validation_indices(task: "TaskSpec") -> list[int]:
     """Positions in selected_train_records of the task's validation split: a sample of validation.size, seeded by
     (VALIDATION_SEED, task name) alone, so it is the same for every run, method and seed. Empty without one."""
     if task.validation is None:
@@ -225,7 +225,7 @@ def validation_indices(task: TaskSpec) -> list[int]:
     return sorted(random.Random(f"{VALIDATION_SEED}:{task.name}").sample(range(len(rows)), task.validation.size))
 
 
-def train_records(task: TaskSpec) -> list[dict]:
+def train_records(task: "TaskSpec") -> list[dict]:
     """The records trained on: the selected training records without the validation split."""
     if "train" in task._cache:
         return task._cache["train"]
@@ -235,13 +235,13 @@ def train_records(task: TaskSpec) -> list[dict]:
     return rows
 
 
-def validation_records(task: TaskSpec) -> list[dict]:
+def validation_records(task: "TaskSpec") -> list[dict]:
     """The validation split's raw records (never trained on; lm-eval scores them like test documents)."""
     rows = selected_train_records(task)
     return [rows[i] for i in validation_indices(task)]
 
 
-def train_examples(task: TaskSpec, limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
+def train_examples(task: "TaskSpec", limit: int | None = None, seed: int = 0) -> list[dict[str, str]]:
     """Training examples [{"prompt", "completion"}] (loss on completion only).
 
     All of them in file order, or with ``limit`` the first ``limit`` after a shuffle seeded with ``seed``."""
@@ -258,7 +258,7 @@ def train_examples(task: TaskSpec, limit: int | None = None, seed: int = 0) -> l
 
 
 # ============================================================================ test data
-def test_file(task: TaskSpec) -> Path | None:
+def test_file(task: "TaskSpec") -> Path | None:
     """The local test data file (lm-eval's test split), or None for hub data."""
     if task._test_override is not None:
         return task._test_override
@@ -276,7 +276,7 @@ def test_file(task: TaskSpec) -> Path | None:
     return p if p.is_absolute() else (task.lm_eval_path.parent / p).resolve()
 
 
-def test_records(task: TaskSpec) -> list[dict]:
+def test_records(task: "TaskSpec") -> list[dict]:
     """Raw records of the local test file (lm-eval's documents); SuiteError for hub data."""
     if "test" in task._cache:
         return task._cache["test"]

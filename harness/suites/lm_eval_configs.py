@@ -15,13 +15,12 @@ import random
 import string
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from harness.errors import SuiteError
 from harness.suites.data import FIXED_DATA_SEED, read_lm_eval_yaml, read_records, test_file
 
-if TYPE_CHECKING:
-    from harness.suites.schema import TaskSpec
+# `task` arguments are harness.suites.schema.TaskSpec objects; schema imports this module (TaskSpec's methods
+# delegate here), so the name is only written in annotations, never imported (no import cycle).
 
 # suite kind -> lm-eval output_type
 OUTPUT_TYPE = {"multiple_choice": "multiple_choice", "generate": "generate_until"}
@@ -46,7 +45,7 @@ def format_to_jinja(template: str, columns: dict[str, str]) -> str:
     return "".join(out)
 
 
-def choice_completions(task: TaskSpec) -> list[str]:
+def choice_completions(task: "TaskSpec") -> list[str]:
     """multiple_choice: each choice rendered through `target` (what lm-eval scores)."""
     assert task.choices is not None
     return [task.target.format(answer=c) for c in task.choices]
@@ -96,7 +95,7 @@ class _LocalDataset:
         self.path, self.split = Path(path), split
 
     def __call__(self, **_ignored):
-        import datasets
+        import datasets  # lazy: HF datasets loads in ~1.3 s; only hub-sourced tasks need it
 
         return datasets.DatasetDict({self.split: datasets.Dataset.from_list(read_records(self.path))})
 
@@ -111,7 +110,7 @@ class _RecordsDataset:
         self.records, self.split = records, split
 
     def __call__(self, **_ignored):
-        import datasets
+        import datasets  # lazy: HF datasets loads in ~1.3 s; only hub-sourced tasks need it
 
         return datasets.DatasetDict({self.split: datasets.Dataset.from_list(self.records)})
 
@@ -133,7 +132,7 @@ def _quiet_custom_dataset_hint() -> None:
 
 
 # ============================================================================ configs
-def metric_key(task: TaskSpec) -> str:
+def metric_key(task: "TaskSpec") -> str:
     """The key of the primary metric in lm-eval's results[task], e.g. "acc,none"."""
     if "," in task.metric:
         return task.metric
@@ -149,7 +148,7 @@ def metric_key(task: TaskSpec) -> str:
                      f"write the metric key in full, e.g. {task.metric},<filter name>")
 
 
-def _doc_to_target(task: TaskSpec) -> str:
+def _doc_to_target(task: "TaskSpec") -> str:
     if task.kind == "multiple_choice":
         lab = task.label_column
         # the record's label is a choice name or an int index (CSV: as text)
@@ -160,7 +159,7 @@ def _doc_to_target(task: TaskSpec) -> str:
     return "{% filter trim %}" + format_to_jinja(task.target, task.train.columns) + "{% endfilter %}"
 
 
-def _add_rendering(task: TaskSpec, cfg: dict) -> None:
+def _add_rendering(task: "TaskSpec", cfg: dict) -> None:
     """Fill doc_to_text / doc_to_choice / target_delimiter / doc_to_target where the YAML leaves them out."""
     if "doc_to_text" not in cfg:
         cfg["doc_to_text"] = format_to_jinja(task.prompt, task.train.columns)
@@ -189,7 +188,7 @@ def _absolute_data_files(cfg: dict, base: Path) -> None:
     cfg["dataset_kwargs"] = kw
 
 
-def _set_test_data(task: TaskSpec, cfg: dict) -> None:
+def _set_test_data(task: "TaskSpec", cfg: dict) -> None:
     """Point the config at its test documents: an override file, the YAML's local files, or a hub sample."""
     if task._test_override is not None:
         split = cfg.get("test_split") or "test"
@@ -209,7 +208,7 @@ def _set_test_data(task: TaskSpec, cfg: dict) -> None:
         cfg["process_docs"] = _Subsample(task.test_limit, task.test_per_class, task.label_column)
 
 
-def lm_eval_config(task: TaskSpec) -> dict:
+def lm_eval_config(task: "TaskSpec") -> dict:
     """The fully resolved lm-eval task config dict (task: '<suite>__<task>'); see harness.suites.schema."""
     cfg = copy.deepcopy(read_lm_eval_yaml(task))
     cfg["task"] = task.lm_eval_name
@@ -223,7 +222,7 @@ def lm_eval_config(task: TaskSpec) -> dict:
     return cfg
 
 
-def lm_eval_validation_config(task: TaskSpec) -> dict | None:
+def lm_eval_validation_config(task: "TaskSpec") -> dict | None:
     """The task's lm-eval config with its validation records as the documents (same rendering and metric), or None.
 
     The task name gets a "__validation" suffix, so its results never mix with the test split's."""

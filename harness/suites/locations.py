@@ -6,6 +6,8 @@ import os
 import re
 from pathlib import Path
 
+import harness
+
 from harness.errors import SuiteError
 
 SUITE_FILE = "suite.yaml"
@@ -18,7 +20,6 @@ def suites_dir() -> Path:
     env = os.environ.get("HARNESS_SUITES_DIR")
     if env:
         return Path(env).expanduser().resolve()
-    import harness
 
     return Path(harness.__file__).resolve().parent.parent / "task_suites"
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from harness import metrics as MX
 from harness.adapters.peft_folder import dense_stage
@@ -86,7 +87,6 @@ def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, 
     masks = SF.load_masks(folder)
     if masks is None:
         raise HarnessError(f"{folder}/{SF.MASKS} missing")
-    from safetensors.torch import load_file
 
     sd = {}
     for f in dense_stage(folder)[0].values():
@@ -206,7 +206,7 @@ def check_mlflow(run_dir: Path, done: dict[int, Path], uri: str | None) -> Check
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise HarnessError(f"no store at {uri}")
         check_reachable(uri, timeout_s=5)
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
 
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(parent_id)

@@ -15,8 +15,10 @@ import json
 import logging
 import os
 import tempfile
-import urllib.parse
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -44,9 +46,6 @@ def is_local_sqlite(uri: str) -> bool:
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast (TrackingError) on a tracking server that does not answer; writes nothing."""
     if uri.startswith(("http://", "https://")):
-        import urllib.error
-        import urllib.request
-
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
                 if r.status != 200:
@@ -121,7 +120,7 @@ class Tracker:
     instead of raising."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, optional: bool = False):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
 
         # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
         # (and its children), silently redirecting the next experiment run in the same process.
@@ -214,7 +213,7 @@ class Tracker:
 
     # --- logging ---------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
 
         existing = self.client.get_run(run_id).data.params
         items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
@@ -222,7 +221,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
@@ -230,7 +229,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def log_series(self, run_id: str, key: str, values: list[float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
 
         ts = int(time.time() * 1000)
         items = [Metric(key, float(v), ts, i + 1) for i, v in enumerate(values)]
@@ -284,7 +283,7 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
     path = local_store_path(uri)
     if path is not None and not path.exists():
         return 0
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
 
     client = MlflowClient(tracking_uri=uri)
     try:

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from harness.adapters.peft_folder import Adapter, dense_stage
-from harness.adapters.sequence import a_key, init_A, lora_config
+from harness.adapters.keys import a_key
+from harness.adapters.sequence import init_A, lora_config
 from harness.errors import HarnessError
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.sparse import mask_index

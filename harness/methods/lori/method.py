@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from harness.adapters.sequence import a_key
+from harness.adapters.keys import a_key
 from harness.methods.lori import masks as M
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.sparse import SparseStage, index_to_mask, mask_index
