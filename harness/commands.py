@@ -18,7 +18,7 @@ from harness.run.folder import config_knobs, sequence_folders, verify_folder
 from harness.run.merge import run_merge
 from harness.run.mirror import catch_up_folders, is_behind, sync_path
 from harness.run.planning import experiment_dir, validate
-from harness.run.sequence import install_signal_handlers
+from harness.run.console import install_signal_handlers
 from harness.suites import list_suites, validate_suite
 from harness.tools.bench import format_table, run_bench, write_json
 from harness.tools.dashboard import serve_dashboard

@@ -290,3 +290,17 @@ class _FullOptimizer:
 
     def state_dict(self) -> dict:
         return self._sd
+
+
+def main_then_all(fn):
+    """fn() on rank 0, its result on every rank; a HarnessError it raises is raised on every rank (none waits forever)."""
+    result = None
+    if is_main():
+        try:
+            result = (fn(), None)
+        except HarnessError as exc:
+            result = (None, exc)
+    value, err = broadcast_object(result)
+    if err is not None:
+        raise err
+    return value

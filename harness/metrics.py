@@ -10,7 +10,7 @@ evaluated) is None, never a guess. LIBRARY_NOTE says how other libraries differ.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -204,3 +204,18 @@ def interference_matrix(S: np.ndarray, pair_scores: dict[tuple[int, int], tuple[
         out[i][j] = float(si - S[i, i])
         out[j][i] = float(sj - S[j, j])
     return out
+
+
+def learned(R: np.ndarray, tasks: list[str], margin: float) -> dict[str, Any]:
+    """summary.json's LA and the tasks whose own-stage score did not clear the base score by `margin` (None: not judged).
+
+    Not for a reference run (one stage, every task at once): it has no per-task own stage."""
+    flagged = not_learned(R, margin)
+    return {"LA": learning_accuracy(R), "not_learned": None if flagged is None else [tasks[j] for j in flagged]}
+
+
+def general_ce_summary(per_stage: list[float | None]) -> dict[str, Any]:
+    """summary.json's general-ability forgetting: CE per stage (0 = the base model), the base's, its rise after the last stage."""
+    base, last = per_stage[0], per_stage[-1]
+    return {"general_ce": per_stage, "general_ce_base": base,
+            "general_ce_rise": last - base if base is not None and last is not None else None}

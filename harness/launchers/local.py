@@ -22,7 +22,8 @@ from harness.models import load_model, module_shapes, set_torch_threads
 from harness.precision import precision_of, set_tf32
 from harness.run.evaluate import Evaluator
 from harness.run.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
-from harness.run.sequence import SequenceRunner, say
+from harness.run.console import say
+from harness.run.sequence import SequenceRunner
 from harness.suites import load_suite
 from harness.tracking.client import default_tracking_uri, open_tracker
 

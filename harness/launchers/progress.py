@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from harness.methods import METHODS
 from harness.run.planning import SequenceSpec
-from harness.run.folder import STAGE_MARKER, committed_stages, done_line, stage_line
+from harness.run.console import done_line, stage_line
+from harness.run.folder import STAGE_MARKER, committed_stages
 
 def _read(path: Path) -> dict | None:
     try:

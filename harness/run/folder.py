@@ -24,7 +24,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -182,14 +181,6 @@ def verify_folder(run_dir: Path) -> int:
     return n
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
-
-
 def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -208,25 +199,6 @@ def write_documents(path: Path, content: dict) -> None:
     atomic_write_text(path, json.dumps(content, separators=(",", ":")) + "\n")
 
 
-def _signed(v) -> str:
-    return "n/a" if v is None else f"{v:+.3f}"
-
-
-def stage_line(label: str, n_stages: int, info: dict, ev: dict, tr: dict | None = None) -> str:
-    """The one line a finished stage gets, from its stage.json, eval.json and train.json contents.
-
-    The scheduler prints it as it commits a stage; a launcher's driver rebuilds it from the committed files."""
-    scores = " ".join(f"{k}={v:.2f}" for k, v in ev.get("scores", {}).items())
-    if info.get("stage") == 0:
-        return f"[{label}] stage 0 (base model) {scores}  eval {ev.get('wall_s', 0):.1f}s"
-    losses = (tr or {}).get("losses") or []
-    loss = f"loss {losses[0]:.3f}->{losses[-1]:.3f} " if losses else ""
-    other = f" other {info['overhead_s']:.1f}s ({100 * info['overhead_frac']:.1f}%)" if "overhead_s" in info else ""
-    return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
-            f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
-            f"{other} | {scores}{not_learned_note(info.get('learn_check'))}")
-
-
 def learn_check(tasks: list[str], scores: dict[str, float], base: dict[str, float], margin: float) -> dict:
     """stage.json's "learn_check": which of the stage's own tasks did not beat the base model by margin.
 
@@ -235,20 +207,3 @@ def learn_check(tasks: list[str], scores: dict[str, float], base: dict[str, floa
                if t in scores and base.get(t) is not None and not math.isnan(base[t]) and scores[t] - base[t] < margin]
     return {"margin": margin, "judged": [t for t in tasks if t in scores and base.get(t) is not None and not math.isnan(base[t])],
             "not_learned": flagged}
-
-
-def not_learned_note(check: dict | None) -> str:
-    """The console's flag for tasks a stage did not learn (empty when all were learned or none was judged)."""
-    if not check or not check.get("not_learned"):
-        return ""
-    items = ", ".join(f"{f['task']} {f['score']:.2f} (base {f['base']:.2f})" for f in check["not_learned"])
-    return f" | NOT LEARNED (own-stage score under base + {check['margin']:g}; a training failure, not forgetting): {items}"
-
-
-def done_line(label: str, summary: dict) -> str:
-    """The line a finished sequence gets, from its summary.json contents."""
-    flagged = summary.get("not_learned") or []
-    return (f"[{label}] done: ACC {_signed(summary.get('acc'))} BWT {_signed(summary.get('bwt'))} FWT {_signed(summary.get('fwt'))} "
-            f"forgetting {_signed(summary.get('forgetting'))} LA {_signed(summary.get('la'))}  "
-            f"trainable {summary.get('trainable_params_effective', 0):,}"
-            + (f"  NOT LEARNED: {', '.join(flagged)}" if flagged else ""))

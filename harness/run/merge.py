@@ -42,7 +42,7 @@ from harness.locking import SequenceLock
 from harness.adapters.combine import MERGED, folded, load_adapters, merge, relative_error
 from harness.methods import METHODS, StageContext
 from harness.run.planning import experiment_dir, preflight_methods, stage_budget, task_examples, validate
-from harness.run.folder import git_commit
+from harness.provenance import git_commit
 from harness.run.train import Recipe, train_method
 from harness.tracking.client import open_tracker
 

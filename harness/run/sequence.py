@@ -15,8 +15,6 @@ and weights (a hash, printed by every rank and kept in stage.json).
 from __future__ import annotations
 
 import contextlib
-import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,10 +25,12 @@ from harness import distributed as D
 from harness import faults
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
+from harness.provenance import git_commit
 from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
 from harness.run.compiled import resolve_mode
-from harness.errors import HarnessError, Interrupted
+from harness.run.console import done_line, say, stage_line
+from harness.errors import Interrupted
 from harness.run.evaluate import validation_evaluator
 from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
@@ -39,35 +39,10 @@ from harness.methods import METHODS, StageContext
 from harness.run.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
 from harness.run.planning import SequenceSpec, stage_budget, task_examples
 from harness.precision import precision_of
-from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, done_line, finished_stages,
-                                    git_commit, learn_check, result_hashes, stage_line, verify_folder, verify_stages, write_documents,
+from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, finished_stages,
+                                    learn_check, result_hashes, verify_folder, verify_stages, write_documents,
                                     write_matrix_files, write_stage_marker)
 from harness.run.train import Recipe, collate, tokenize_examples, train_method
-
-
-def say(msg: str, *, every_rank: bool = False) -> None:
-    """One line for the user (stderr, so stdout stays machine-readable); under a launcher only rank 0's,
-    unless every_rank (then prefixed with the rank)."""
-    if every_rank and D.is_distributed():
-        msg = f"[rank {D.rank()}/{D.world_size()}] {msg}"
-    elif not D.is_main():
-        return
-    sys.stderr.write(msg + "\n")  # one write: ranks sharing a stream do not split each other's lines
-    sys.stderr.flush()
-
-
-def main_then_all(fn):
-    """fn() on rank 0, its result on every rank; a HarnessError it raises is raised on every rank (none waits forever)."""
-    result = None
-    if D.is_main():
-        try:
-            result = (fn(), None)
-        except HarnessError as exc:
-            result = (None, exc)
-    value, err = D.broadcast_object(result)
-    if err is not None:
-        raise err
-    return value
 
 
 class SequenceRunner:
@@ -135,7 +110,7 @@ class SequenceRunner:
         with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
             if main:
                 self.mirror = Mirror(self.tracker, self.run_dir, self.spec.label, say)
-            done = main_then_all(self._finished_summary)
+            done = D.main_then_all(self._finished_summary)
             if done:
                 say(f"[{self.spec.label}] already complete: skipping ({self.run_dir})")
                 if main:
@@ -205,7 +180,7 @@ class SequenceRunner:
         main = D.is_main()
         if main:
             clean_partial_writes(self.run_dir)
-        done = main_then_all(self._committed_verified)
+        done = D.main_then_all(self._committed_verified)
         if main:
             self._replay_committed(done)
             if 0 not in done and self.eval_tasks(0):
@@ -373,7 +348,7 @@ class SequenceRunner:
             return D.broadcast_object(None)
         spec, run_dir = self.spec, self.run_dir
         summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
-        learned = self._learned()
+        learned = MX.learned(self.R, spec.tasks, self.cfg.learn_margin) if not self.method_cls.reference else {"LA": None, "not_learned": None}
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
         committed = committed_stages(run_dir)
@@ -389,7 +364,7 @@ class SequenceRunner:
             "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
-            **self._general_ce_summary(),
+            **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),
             "validation": self._validation(method),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
@@ -410,28 +385,3 @@ class SequenceRunner:
         res = ev.evaluate(method.model, tasks, bf16_autocast=self.cfg.bf16_autocast)
         return {"tasks": tasks, "scores": res.scores, "acc": sum(res.scores.values()) / len(tasks),
                 "complete": len(tasks) == len(self.spec.tasks)}
-
-    def _general_ce_summary(self) -> dict[str, Any]:
-        """summary.json's general-ability forgetting: CE per stage, the base model's, its rise after the last stage."""
-        per_stage = [self.general_ce.get(t) for t in range(len(self.plan) + 1)]
-        base, last = per_stage[0], per_stage[-1]
-        return {"general_ce": per_stage, "general_ce_base": base,
-                "general_ce_rise": last - base if base is not None and last is not None else None}
-
-    def _learned(self) -> dict[str, Any]:
-        """LA and the tasks whose own-stage score did not clear the base score by learn_margin (None: not judged).
-
-        A reference run (one stage, every task at once) has no per-task own stage: not judged here (its stage.json is)."""
-        if self.method_cls.reference:
-            return {"LA": None, "not_learned": None}
-        flagged = MX.not_learned(self.R, self.cfg.learn_margin)
-        return {"LA": MX.learning_accuracy(self.R),
-                "not_learned": None if flagged is None else [self.spec.tasks[j] for j in flagged]}
-
-
-def install_signal_handlers() -> None:
-    """SIGTERM ends like Ctrl-C: runs are marked KILLED (interrupted), finished stages stay for resume."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, handler)

@@ -186,6 +186,22 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, 
     return opt, sched
 
 
+def _save_checkpoint(checkpointer: StageCheckpointer, staged, gen: torch.Generator, prog: Progress, t0: float, *,
+                     last: bool, stage: int) -> float:
+    """Write a mid-stage checkpoint (every rank gathers under FSDP; rank 0 writes); the seconds it took.
+
+    `t0` is the stage's start shifted by earlier checkpoints' time, so prog.wall_s counts training only."""
+    tc = time.perf_counter()
+    prog.wall_s = tc - t0
+    full_params, full_opt = staged.full_state()
+    if D.is_main():
+        checkpointer.save(full_params, full_opt, staged.sched, gen, prog)
+    spent = time.perf_counter() - tc
+    if not last and D.is_main():
+        faults.pause("mid-train", checkpointer.run_dir, stage)
+    return spent
+
+
 def train_stage(
     model: torch.nn.Module,
     tokenizer,
@@ -253,14 +269,7 @@ def train_stage(
             bar.update(1)
             if checkpointer is not None and checkpointer.due(prog.step, total):
                 losses.flush()
-                tc = time.perf_counter()
-                prog.wall_s = tc - t0 - ckpt_s
-                full_params, full_opt = staged.full_state()  # every rank: gathers under FSDP
-                if main:
-                    checkpointer.save(full_params, full_opt, staged.sched, gen, prog)
-                ckpt_s += time.perf_counter() - tc
-                if prog.step < total and main:
-                    faults.pause("mid-train", checkpointer.run_dir, stage)
+                ckpt_s += _save_checkpoint(checkpointer, staged, gen, prog, t0 + ckpt_s, last=prog.step >= total, stage=stage)
             if on_step is not None:
                 on_step(prog.step)
         losses.flush()
