@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from harness.config import cli_fields
+from harness.config_loading import cli_fields, old_flags
 from harness.errors import HarnessError, interrupted_message
 from harness.io import disk_full_error
 from harness.models import downloads_allowed
@@ -27,7 +27,7 @@ def _add_config_flags(p: argparse.ArgumentParser, skip: set[str] = frozenset()) 
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         flag = name.replace(".", "-").replace("_", "-")
-        g.add_argument(f"--{flag}", dest=name, default=argparse.SUPPRESS, metavar=flag.upper(),
+        g.add_argument(f"--{flag}", *old_flags(name), dest=name, default=argparse.SUPPRESS, metavar=flag.upper(),
                        help=f"{field.description} [default: {shown}]".replace("%", "%%"))
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from harness import distributed
-from harness.config import cli_fields, load_config, parse_cli_value
+from harness.config_loading import cli_fields, load_config, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.launchers import run_sequences
 from harness.methods import METHODS

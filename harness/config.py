@@ -11,26 +11,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from harness.errors import ConfigError
-from harness.parsing import parse_bool
 from harness.metrics import LEARN_MARGIN
 from harness.methods import METHODS
-from harness.methods.ewc import EWCKnobs
-from harness.methods.inclora import OLoRAKnobs
-from harness.methods.inflora import InfLoRAKnobs
-from harness.methods.migu import MIGUKnobs
-from harness.methods.nlora import NLoRAKnobs
-from harness.methods.replay import ReplayKnobs
+from harness.methods.lori import knobs as lori_knobs
 from harness.suites.schema import DEFAULT_LR
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class ExperimentConfig(BaseModel):
-    """A continual-learning experiment: methods x seeds x task orders over one suite and model."""
+class _Knobs(BaseModel):
+    """The knobs every experiment has; ExperimentConfig (below) adds one section per method that has knobs."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -106,29 +98,8 @@ class ExperimentConfig(BaseModel):
     rank: int = Field(8, ge=1, description="Adapter rank r.")
     alpha: float | None = Field(None, gt=0, description="Scaling numerator; s = alpha / r (default 2r, as LoRI).")
     targets: list[str] = Field(DEFAULT_TARGETS, description="Module names to adapt (comma-separated).")
-
-    # --- LoRI ----------------------------------------------------------------------------------
     a_init: Literal["kaiming_uniform", "gaussian"] = Field(
-        "kaiming_uniform", description="Init of the frozen random projection A (kaiming_uniform = reference code)."
-    )
-    a_mode: Literal["shared", "per_task"] = Field(
-        "shared", description="shared: one frozen A, one adapter continued; per_task: a fresh A_t and B_t per task."
-    )
-    mask_strategy: Literal["random", "magnitude"] = Field(
-        "random", description="lori-s masks: random (uniform) or magnitude (calibrate LoRI-D, keep top-k |B|)."
-    )
-    mask_density: float = Field(0.1, gt=0, le=1, description="Fraction of B entries trainable per task (lori-s).")
-    mask_scope: Literal["global", "module"] = Field(
-        "global", description="Magnitude top-k across all modules (global, as the paper) or per module."
-    )
-    calibration_steps: int | None = Field(
-        None, ge=1, description="LoRI-D steps to calibrate a magnitude mask (default: the task's full budget)."
-    )
-    overlap_policy: Literal["disjoint", "max_overlap", "independent"] = Field(
-        "disjoint", description="How task t's mask may reuse positions of earlier masks."
-    )
-    max_overlap: float = Field(
-        0.0, ge=0, le=1, description="With overlap_policy max_overlap: max fraction of M_t already used earlier."
+        "kaiming_uniform", description="Init of every adapter's A (LoRI: the frozen random projection; kaiming_uniform = reference code)."
     )
 
     # --- training budget (default: the suite's recommendation) ------------------------------
@@ -193,14 +164,6 @@ class ExperimentConfig(BaseModel):
         "combination is merged at the candidate with the best mean score on the suite's validation split (every task "
         "needs one), so methods are compared at tuned weights; overrides merge_weights."
     )
-
-    # --- method knobs (one section per method that has knobs) -------------------------------
-    olora: OLoRAKnobs = Field(default_factory=OLoRAKnobs, description="O-LoRA knobs (method olora).")
-    replay: ReplayKnobs = Field(default_factory=ReplayKnobs, description="Replay-buffer knobs (method replay).")
-    nlora: NLoRAKnobs = Field(default_factory=NLoRAKnobs, description="N-LoRA knobs (method nlora).")
-    inflora: InfLoRAKnobs = Field(default_factory=InfLoRAKnobs, description="InfLoRA knobs (method inflora).")
-    ewc: EWCKnobs = Field(default_factory=EWCKnobs, description="EWC knobs (method ewc).")
-    migu: MIGUKnobs = Field(default_factory=MIGUKnobs, description="MIGU knobs (method migu).")
 
     # --- evaluation --------------------------------------------------------------------------
     eval_scope: Literal["seen", "all"] = Field(
@@ -270,6 +233,17 @@ class ExperimentConfig(BaseModel):
             raise ValueError("use letters, digits, '.', '_' and '-' only (it becomes a folder name)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _lori_flat_keys(cls, data: Any) -> Any:
+        """LoRI's knobs under their old top-level names (mask_density, ...) go to the `lori` section, with a note."""
+        if not isinstance(data, dict):
+            return data
+        methods = data.get("methods")
+        runs_lori = methods is None or not isinstance(methods, list) or any(
+            getattr(METHODS.get(m), "section", None) == lori_knobs.SECTION for m in methods)
+        return lori_knobs.upgrade_flat_keys(data, runs_lori=runs_lori)
+
     @model_validator(mode="after")
     def _resolve_eval_merged(self) -> "ExperimentConfig":
         """eval_merged unset: folded on CUDA, through PEFT on CPU; resolved here so config.yaml records what ran."""
@@ -280,8 +254,6 @@ class ExperimentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ExperimentConfig":
-        if self.overlap_policy != "max_overlap" and self.max_overlap not in (0.0,):
-            raise ValueError("max_overlap is only used with overlap_policy: max_overlap")
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
         bad = sorted(k for k in (self.grid or {}) if k.split(".")[0] in NOT_SWEEPABLE or k.split(".")[0] not in type(self).model_fields)
@@ -290,10 +262,10 @@ class ExperimentConfig(BaseModel):
                              "mask_density, olora.lambda_orth)")
         if any(not v for v in (self.grid or {}).values()):
             raise ValueError("grid: every knob needs at least one value")
-        for cls in METHODS.values():
-            if cls.section and cls.section in self.model_fields_set and cls.name not in self.methods:
-                raise ValueError(f"{cls.section}: knobs of method {cls.name!r}, which is not in methods {self.methods}; "
-                                 f"add {cls.name} to methods or drop the {cls.section} section")
+        for section, users in section_users().items():
+            if section in self.model_fields_set and not set(users) & set(self.methods):
+                raise ValueError(f"{section}: knobs of method {' / '.join(users)}, which is not in methods {self.methods}; "
+                                 f"add {users[0]} to methods or drop the {section} section")
         return self
 
     # derived values ----------------------------------------------------------------------------
@@ -333,10 +305,35 @@ class ExperimentConfig(BaseModel):
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config; sections of methods not in the run are left out (they would not validate)."""
         d = self.model_dump(mode="json")
-        for cls in METHODS.values():
-            if cls.section and cls.name not in self.methods:
-                d.pop(cls.section, None)
+        for section, users in section_users().items():
+            if not set(users) & set(self.methods):
+                d.pop(section, None)
         return d
+
+
+def section_users() -> dict[str, list[str]]:
+    """Each method config section and the methods that read it (lori: lori-d and lori-s), from the registry."""
+    out: dict[str, list[str]] = {}
+    for cls in METHODS.values():
+        if cls.section:
+            out.setdefault(cls.section, []).append(cls.name)
+    return out
+
+
+def _method_sections() -> dict[str, Any]:
+    """The ExperimentConfig fields of the method sections, built from the registry (one field per section)."""
+    fields = {}
+    for section, users in section_users().items():
+        cls = METHODS[users[0]]
+        names = ", ".join(users)
+        fields[section] = (cls.knobs, Field(default_factory=cls.knobs,
+                                            description=f"{cls.display.split('-')[0] if len(users) > 1 else cls.display} knobs "
+                                                        f"(method{'s' if len(users) > 1 else ''} {names})."))
+    return fields
+
+
+ExperimentConfig = create_model("ExperimentConfig", __base__=_Knobs, __module__=__name__, **_method_sections())
+ExperimentConfig.__doc__ = "A continual-learning experiment: methods x seeds x task orders over one suite and model."
 
 
 # What the code did before a knob existed, where that is not the knob's default: a run folder whose
@@ -352,113 +349,3 @@ NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "
                  "tracking_optional",
                  "cache_dir", "device", "dtype", "compile", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
                  "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16"} | LAUNCH_KEYS
-
-
-def parse_grid(raw: str) -> dict[str, list[str]]:
-    """ "lr_lora=1e-3,2e-3;warmup_steps=0,5" -> {"lr_lora": ["1e-3", "2e-3"], "warmup_steps": ["0", "5"]}."""
-    out: dict[str, list[str]] = {}
-    for part in (p.strip() for p in raw.split(";") if p.strip()):
-        key, sep, values = part.partition("=")
-        if not sep or not key.strip() or not values.strip():
-            raise ConfigError(f'--grid: {part!r} is not knob=v1,v2 (e.g. --grid "lr_lora=1e-3,2e-3;warmup_steps=0,5")')
-        out[key.strip().replace("-", "_")] = [v.strip() for v in values.split(",") if v.strip()]
-    return out
-
-
-def _section_model(field) -> type[BaseModel] | None:
-    ann = field.annotation
-    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-
-
-def cli_fields() -> list[tuple[str, Any]]:
-    """(dest, FieldInfo) for every knob in definition order; a method section's knobs are "section.knob".
-
-    The CLI builds its flags from this: --rank, --olora-lambda-orth, ..."""
-    out = []
-    for name, field in ExperimentConfig.model_fields.items():
-        sub = _section_model(field)
-        if sub is None:
-            out.append((name, field))
-        else:
-            out.extend((f"{name}.{f.alias or k}", f) for k, f in sub.model_fields.items())  # ewc.lambda: alias of lambda_
-    return out
-
-
-def _field(dest: str):
-    top, _, sub = dest.partition(".")
-    field = ExperimentConfig.model_fields[top]
-    return next(f for k, f in _section_model(field).model_fields.items() if (f.alias or k) == sub) if sub else field
-
-
-def parse_cli_value(name: str, raw: str) -> Any:
-    """Turn a CLI string into what the config field expects (comma lists, booleans); pydantic checks the rest."""
-    if name == "grid":
-        return parse_grid(raw)
-    ann = str(_field(name).annotation)
-    if ann.startswith("list") or "list[" in ann:
-        return [x.strip() for x in raw.split(",") if x.strip()]
-    if ann == "<class 'bool'>":
-        parsed = parse_bool(raw)
-        return raw if parsed is None else parsed  # pydantic complains about anything else
-    if raw.lower() in ("none", "null") and "None" in ann:
-        return None
-    return raw
-
-
-def nest_overrides(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"olora.lambda_orth": 1} -> {"olora": {"lambda_orth": 1}} (flags of method sections)."""
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        top, _, sub = k.partition(".")
-        if sub:
-            out.setdefault(top, {})[sub] = v
-        else:
-            out[k] = v
-    return out
-
-
-def format_errors(err: ValidationError, source: str, cli_keys: set[str]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(config)"
-        nested, top = ".".join(str(p) for p in e["loc"][:2]), (str(e["loc"][0]) if e["loc"] else "")
-        flag = nested if nested in cli_keys else top
-        where = f"--{flag.replace('.', '-').replace('_', '-')}" if flag in cli_keys else f"{source}: {loc}"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            known = ", ".join(ExperimentConfig.model_fields)
-            msg = f"unknown key (known keys: {known})"
-        elif e["type"] == "literal_error":
-            msg = f"{msg}; got {e.get('input')!r}"
-        lines.append(f"{where}: {msg}")
-    return "invalid experiment config:\n  " + "\n  ".join(lines)
-
-
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a YAML config (optional), apply CLI overrides, validate; ConfigError names file and key."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found. Pass an existing YAML file, or omit it to use defaults.")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of config keys, got {type(loaded).__name__}")
-        data.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
-    flat = overrides or {}
-    for k, v in nest_overrides(flat).items():
-        if isinstance(v, dict) and isinstance(data.get(k), dict):
-            data[k] = {**data[k], **v}  # a flag overrides one knob of a YAML section, not the section
-        else:
-            data[k] = v
-    try:
-        return ExperimentConfig(**data)
-    except ValidationError as err:
-        raise ConfigError(format_errors(err, source, set(flat))) from None

@@ -278,7 +278,7 @@ def test_fsdp_refuses_the_methods_that_act_on_whole_tensors_in_the_step(monkeypa
 
 
 def test_ewc_lambda_is_spelled_lambda_in_yaml_flags_and_grid(tmp_path):
-    from harness.config import load_config, parse_cli_value
+    from harness.config_loading import load_config, parse_cli_value
     from harness.run.planning import variants
 
     yml = tmp_path / "c.yaml"

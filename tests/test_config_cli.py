@@ -1,12 +1,18 @@
 """Configuration and CLI: one definition per knob, YAML + flags, clear errors with exit code 2."""
 
+import hashlib
+import json
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from harness.cli import build_parser, main
-from harness.config import ExperimentConfig, load_config
+from harness.config import ExperimentConfig
+from harness.config_loading import load_config, parse_grid
+from harness.run.folder import check_same_config
+from harness.run.planning import variants
 
 
 def test_every_knob_is_a_flag_with_help_and_default():
@@ -83,7 +89,7 @@ def test_max_overlap_needs_its_policy():
 
 def test_one_lr_for_every_method_as_the_issue_spells_the_grid():
     """`--grid "lr=1e-3,2e-3;warmup_steps=0,5"`: lr sets every family's rate unless the family's own knob is given."""
-    from harness.config import load_config, parse_grid
+    from harness.config_loading import load_config, parse_grid
     from harness.run.planning import variants
 
     cfg = load_config(None, {"methods": ["lora", "lori-s"], "grid": parse_grid("lr=1e-3,2e-3;warmup_steps=0,5")})
@@ -91,3 +97,50 @@ def test_one_lr_for_every_method_as_the_issue_spells_the_grid():
     assert got == [(1e-3, 0, 1e-3, 1e-3), (1e-3, 5, 1e-3, 1e-3), (2e-3, 0, 2e-3, 2e-3), (2e-3, 5, 2e-3, 2e-3)]
     own = load_config(None, {"lr": "1e-3", "lr_lori_s": "2e-2"})
     assert own.lr_for("lora") == 1e-3 and own.lr_for("lori-s") == 2e-2
+
+
+# --- LoRI's knobs: a section like every method's, the old top-level names still work ------------------------
+def test_lori_knobs_are_a_section_read_from_yaml_flags_and_old_names(tmp_path, capsys):
+    p = tmp_path / "new.yaml"
+    p.write_text("methods: [lori-s]\nlori: {mask_density: 0.2, overlap_policy: max_overlap, max_overlap: 0.1}\n")
+    assert load_config(p).lori.mask_density == 0.2
+    old = tmp_path / "old.yaml"
+    old.write_text("methods: [lori-s]\nmask_density: 0.2\noverlap_policy: max_overlap\nmax_overlap: 0.1\n")
+    assert load_config(old).lori == load_config(p).lori
+    assert "`mask_density` is now `lori.mask_density`" in capsys.readouterr().err
+    args = build_parser().parse_args(["run", "--mask-density", "0.05"])
+    new_args = build_parser().parse_args(["run", "--lori-mask-density", "0.05"])
+    assert vars(args)["lori.mask_density"] == vars(new_args)["lori.mask_density"] == "0.05"
+
+
+def test_a_lori_knob_given_both_ways_exits_2_naming_it(tmp_path, capsys):
+    p = tmp_path / "both.yaml"
+    p.write_text("methods: [lori-s]\nmask_density: 0.2\nlori: {mask_density: 0.3}\n")
+    assert main(["validate", str(p)]) == 2
+    assert "mask_density and lori.mask_density both given" in capsys.readouterr().err
+
+
+def test_old_lori_names_without_a_lori_method_change_nothing(tmp_path):
+    """They did nothing for lora before the section existed; they must not now refuse the config either."""
+    cfg = load_config(None, {"methods": ["lora"], "mask_density": "0.5"})
+    assert "lori" not in cfg.to_yaml_dict() and cfg.lori.mask_density == 0.1
+
+
+def test_a_grid_over_an_old_lori_name_keeps_its_variant_ids():
+    old = variants(load_config(None, {"methods": ["lori-s"], "grid": parse_grid("mask_density=0.05,0.1")}))
+    new = variants(load_config(None, {"methods": ["lori-s"], "grid": parse_grid("lori.mask_density=0.05,0.1")}))
+    assert [v[0] for v in old] == [v[0] for v in new]
+    assert sorted(c.lori.mask_density for _, _, c in new) == [0.05, 0.1]
+    # the id of {mask_density: 0.05} as harness versions before the section computed it
+    assert hashlib.sha256(json.dumps({"mask_density": 0.05}, sort_keys=True).encode()).hexdigest()[:8] in [v[0] for v in new]
+
+
+def test_a_folder_written_with_flat_lori_keys_resumes_under_the_section(tmp_path):
+    cfg = load_config(None, {"methods": ["lori-s"], "mask_density": "0.2"})
+    flat = cfg.to_yaml_dict()
+    flat.update(flat.pop("lori"))  # what config.yaml held before the section
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(flat))
+    check_same_config(tmp_path / "config.yaml", cfg.to_yaml_dict(), "lori-s")  # no refusal
+    other = load_config(None, {"methods": ["lori-s"], "mask_density": "0.3"}).to_yaml_dict()
+    with pytest.raises(Exception, match="lori"):
+        check_same_config(tmp_path / "config.yaml", other, "lori-s")

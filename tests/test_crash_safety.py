@@ -242,7 +242,7 @@ def test_a_folder_made_before_a_knob_existed_resumes_when_the_knob_is_at_its_def
     from harness.errors import ConfigError
     from harness.run.folder import check_same_config
 
-    from harness.config import load_config
+    from harness.config_loading import load_config
 
     resolved = load_config(None, {"suite": "smoke", "model": "tiny-llama"}).to_yaml_dict()
     old = {k: v for k, v in resolved.items() if k not in ("eval_merged", "eval_bf16")}  # written by an older harness
@@ -256,7 +256,7 @@ def test_a_folder_made_before_completion_eos_existed_trained_with_eos_always(tmp
     """The default became auto after the ablation; a folder without the knob was trained with EOS always."""
     import yaml as _yaml
 
-    from harness.config import load_config
+    from harness.config_loading import load_config
     from harness.errors import ConfigError
     from harness.run.folder import check_same_config
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from harness.methods.lori import stage_files as SF
 from harness.cli import main
-from harness.config import load_config
+from harness.config_loading import load_config
 from harness.errors import HarnessError
 from harness.adapters.peft_folder import write_peft_folder
 from harness.tools.export import committed_stages, export_adapter

@@ -271,7 +271,7 @@ def test_ctrl_c_cancels_the_jobs_and_marks_their_runs_failed(tracking_server, ra
 @pytest.mark.slow
 def test_a_retry_waits_while_its_previous_process_still_holds_the_folder(tmp_path):
     """A job reported dead whose process still runs (node lost, process alive): the retry must not run a second copy."""
-    from harness.config import load_config
+    from harness.config_loading import load_config
     from harness.launchers.job import payload, run_sequence_job
     from harness.run.planning import experiment_dir
 

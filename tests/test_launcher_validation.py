@@ -51,7 +51,7 @@ def test_merge_on_a_parallel_launcher_is_refused(tmp_path, capsys):
 def test_a_job_payload_is_plain_data_with_absolute_paths_and_the_environment_to_forward_is_selected(tmp_path, monkeypatch):
     import pickle
 
-    from harness.config import load_config
+    from harness.config_loading import load_config
     from harness.launchers.job import forwarded_environment, payload
 
     monkeypatch.chdir(tmp_path)
@@ -93,7 +93,7 @@ class _Cluster:
 
 
 def _follow_with(outcome, tmp_path, retries=2):
-    from harness.config import load_config
+    from harness.config_loading import load_config
     from harness.launchers import driver
     from harness.run.planning import plan
     from harness.suites import load_suite

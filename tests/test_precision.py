@@ -15,7 +15,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness.config import ExperimentConfig, load_config  # noqa: E402
+from harness.config import ExperimentConfig  # noqa: E402
+from harness.config_loading import load_config
 from harness.errors import ConfigError  # noqa: E402
 from harness.run.evaluate import Evaluator  # noqa: E402
 from harness.adapters.combine import Fp32FoldedLinear, folded  # noqa: E402

@@ -52,7 +52,7 @@ class Method:
     lr_method: ClassVar[str] = "lora"  # whose learning-rate knob this method uses (lr_lora, lr_lori_d, lr_lori_s)
     reference: ClassVar[bool] = False  # a reference row (e.g. multi-task upper bound), never ranked as a sequence
     independent_adapters: ClassVar[bool] = False  # per-task adapters can be trained separately (merging)
-    a_mode_from_config: ClassVar[bool] = False  # lori-*: cfg.a_mode decides shared/per_task A
+    a_mode_from_config: ClassVar[bool] = False  # lori-*: cfg.lori.a_mode decides shared/per_task A
     per_task_adapters: ClassVar[bool] = False  # a new adapter per task, earlier ones frozen and active
     train_A: ClassVar[bool] = True  # LoRA trains A; LoRI freezes it
 
@@ -62,7 +62,7 @@ class Method:
         self.task_examples = task_examples  # task -> its training examples (for methods that revisit earlier tasks)
         from harness.adapters.sequence import AdapterSequence  # lazy: PEFT loads in ~2 s; config and --help need none of it
 
-        a_mode = cfg.a_mode if self.a_mode_from_config else ("per_task" if self.per_task_adapters else "shared")
+        a_mode = cfg.lori.a_mode if self.a_mode_from_config else ("per_task" if self.per_task_adapters else "shared")
         self.adapters = AdapterSequence(base_model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets,
                                         a_init=cfg.a_init, a_mode=a_mode, train_A=self.train_A, seed=seed,
                                         adapter_dtype=cfg.adapter_dtype)

@@ -30,18 +30,20 @@ from typing import Any
 import numpy as np
 import yaml
 
-from harness.config import BEFORE_KNOB_EXISTED, ExperimentConfig, LAUNCH_KEYS, load_config
+from harness.config import BEFORE_KNOB_EXISTED, LAUNCH_KEYS, ExperimentConfig, section_users
+from harness.config_loading import load_config
 from harness.errors import ConfigError
 from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes, redo_hint
 from harness.io import atomic_write_json, atomic_write_text, read_json
 from harness.methods import METHODS
+from harness.methods.lori.knobs import SECTION, upgrade_flat_keys
 
 STAGE_MARKER = "stage.json"
 PRECISION = "precision.json"  # what the stages' numbers depend on besides the config (harness/precision.py)
 RESULT_FILES = ["matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png"]  # hashed in summary.json
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "tracking_optional", "cache_dir", "methods", "seeds", "orders", "experiment",
-                "wait_for_lock", "learn_margin", "olora", "replay", "nlora", "inflora", "ewc", "migu", "merge_methods",
+                "wait_for_lock", "learn_margin", *section_users(), "merge_methods",
                 "merge_weights", "merge_density", "merge_masks", "merge_a", "merge_pairs", "merge_weight_grid"} | LAUNCH_KEYS
 
 
@@ -59,13 +61,17 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     """Refuse to continue a folder made with a different config (its stages would not belong together)."""
     if not cfg_path.exists():
         return
-    old, new = comparable(yaml.safe_load(cfg_path.read_text()) or {}, method), comparable(resolved, method)
+    old = comparable(upgrade_flat_keys(yaml.safe_load(cfg_path.read_text()) or {}, note=False), method)  # older folders: flat LoRI keys
+    new = comparable(resolved, method)
     # A knob added after the folder was made did not exist then: the old code behaved as the knob's default
     # does, or as BEFORE_KNOB_EXISTED says where a default has changed since.
     defaults = {**ExperimentConfig().model_dump(mode="json"), **BEFORE_KNOB_EXISTED}
     for k in set(new) - set(old):
         if k in defaults:
             old[k] = defaults[k]
+    for k, v in new.items():  # a section's knob added after the folder was made: the same rule
+        if isinstance(v, dict) and isinstance(old.get(k), dict) and isinstance(defaults.get(k), dict):
+            old[k] = {**defaults[k], **old[k]}
     if old != new:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         was = "; ".join(f"{k}: folder {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
@@ -137,7 +143,9 @@ def verify_results(run_dir: Path, summary: dict[str, Any]) -> bool:
 def config_knobs(cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A config.yaml as knobs only, and its sequence block (None in an experiment folder)."""
     data = yaml.safe_load(Path(cfg_path).read_text()) or {}
-    return data, data.pop("sequence", None)
+    seq = data.pop("sequence", None)
+    runs_lori = bool(set(data.get("methods") or []) & set(section_users()[SECTION]))
+    return upgrade_flat_keys(data, runs_lori=runs_lori, note=False), seq  # an older folder's flat LoRI keys, silently
 
 
 def check_same_precision(run_dir: Path, record: dict[str, Any]) -> None:

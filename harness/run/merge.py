@@ -68,8 +68,9 @@ class MergeSpec:
 
 def merge_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The knobs a separately trained task adapter uses: its own A (or the shared one) and its mask policy."""
-    return cfg.model_copy(update={"a_mode": cfg.merge_a, "max_overlap": 0.0,
-                                  "overlap_policy": "disjoint" if cfg.merge_masks == "disjoint" else "independent"})
+    policy = "disjoint" if cfg.merge_masks == "disjoint" else "independent"
+    lori = cfg.lori.model_copy(update={"a_mode": cfg.merge_a, "max_overlap": 0.0, "overlap_policy": policy})
+    return cfg.model_copy(update={"lori": lori})
 
 
 def plan_merge(cfg: ExperimentConfig, suite) -> list[MergeSpec]:

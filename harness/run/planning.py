@@ -26,9 +26,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from harness.config import ExperimentConfig, format_errors, nest_overrides, parse_cli_value
+from harness.config import ExperimentConfig
+from harness.config_loading import format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import METHODS
+from harness.methods.lori.knobs import flat_name
 from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
@@ -77,7 +79,8 @@ def variants(cfg: ExperimentConfig) -> list[tuple[str | None, dict[str, Any], Ex
         # The id hashes the validated values, so "5" from a flag and 5 from YAML are the same variant.
         dumped = vcfg.model_dump()  # a method knob under its YAML name (ewc.lambda is the field lambda_)
         values = {k: (dumped[k.split(".")[0]][k.split(".")[1]] if "." in k else getattr(vcfg, k)) for k in keys}
-        vid = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        # LoRI's knobs hash under their old top-level names: a mask_density sweep keeps its folders (knobs.flat_name).
+        vid = hashlib.sha256(json.dumps({flat_name(k): v for k, v in values.items()}, sort_keys=True, default=str).encode()).hexdigest()[:8]
         out.append((vid, values, vcfg))
     return out
 

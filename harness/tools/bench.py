@@ -133,7 +133,7 @@ def run_bench(cfg, *, methods: tuple[str, ...] = DEFAULT_METHODS, batch_size: in
     vs_peft_bare. With memory=True, also {"memory": {METHOD: {...bytes}}}; with profile=True, {"profile": {ROW: ...}}
     (harness/tools/profile_step.py)."""
     set_torch_threads()
-    if cfg.mask_strategy != "random":  # a magnitude mask needs a calibration run; the step itself is the same
+    if cfg.lori.mask_strategy != "random":  # a magnitude mask needs a calibration run; the step itself is the same
         cfg = cfg.model_copy(update={"mask_strategy": "random"})
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
     set_tf32(cfg.tf32)

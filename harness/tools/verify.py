@@ -26,6 +26,7 @@ from harness import metrics as MX
 from harness.adapters.peft_folder import dense_stage
 from harness.analysis import documents as DOCS
 from harness.methods.lori import stage_files as SF
+from harness.methods.lori.knobs import upgrade_flat_keys
 from harness.methods.lori.export import module_d_in, regenerate_A
 from harness.methods.lori.sparse import mask_index
 from harness.errors import HarnessError
@@ -95,7 +96,8 @@ def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, 
 
 
 def _overlap_problem(t: int, masks: dict, used: dict, cfg: dict) -> str | None:
-    policy, x = cfg.get("overlap_policy", "disjoint"), float(cfg.get("max_overlap") or 0.0)
+    lori = cfg.get("lori") or {}
+    policy, x = lori.get("overlap_policy", "disjoint"), float(lori.get("max_overlap") or 0.0)
     if policy == "independent" or not used:
         return None
     over = {k: int((m & used[k]).sum()) for k, m in masks.items() if k in used}
@@ -104,7 +106,7 @@ def _overlap_problem(t: int, masks: dict, used: dict, cfg: dict) -> str | None:
         k = max(over, key=over.get)
         return f"stage {t}: {sum(over.values())} mask position(s) used by an earlier stage (e.g. {over[k]} in {k}); policy disjoint"
     if policy == "max_overlap":
-        per_module = cfg.get("mask_strategy") == "random" or cfg.get("mask_scope") == "module"
+        per_module = lori.get("mask_strategy") == "random" or lori.get("mask_scope") == "module"
         pairs = over.items() if per_module else [("all modules", sum(over.values()))]
         for k, n in pairs:
             k_t = nnz[k] if per_module else sum(nnz.values())
@@ -141,7 +143,7 @@ def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
         problems.append(str(exc))
     if problems:
         return Check("masks", FAIL, "; ".join(problems))
-    policy = cfg.get("overlap_policy", "disjoint")
+    policy = (cfg.get("lori") or {}).get("overlap_policy", "disjoint")
     return Check("masks", OK, f"{len([t for t in done if t > 0])} stage mask(s) keep overlap policy {policy}; B outside each "
                               f"stage's mask unchanged; A regenerated from seed {cfg['sequence']['seed']} matches at "
                               f"{regenerated} stage(s)")
@@ -253,7 +255,7 @@ def _compare_mlflow(client, parent, run_dir: Path, done: dict[int, Path]) -> lis
 # --- the report -----------------------------------------------------------------------------------
 def verify_sequence(run_dir: Path, tracking_uri: str | None = None) -> list[Check]:
     run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    cfg = upgrade_flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, note=False)  # older folders: flat LoRI keys
     done = committed_stages(run_dir)
     if not done:
         return [Check("stages", SKIP, "no committed stage yet")]

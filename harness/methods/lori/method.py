@@ -16,6 +16,7 @@ import torch
 
 from harness.adapters.keys import a_key
 from harness.methods.lori import masks as M
+from harness.methods.lori.knobs import SECTION, LoRIKnobs
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.sparse import SparseStage, index_to_mask, mask_index
 from harness.errors import HarnessError
@@ -32,10 +33,12 @@ class LoRID(Method):
     independent_adapters = True
     a_mode_from_config = True
     train_A = False
+    knobs = LoRIKnobs  # shared with lori-s: the config section `lori`
+    section = SECTION
 
     @classmethod
     def params(cls, cfg) -> dict:
-        return {"a_init": cfg.a_init, "a_mode": cfg.a_mode}
+        return {"a_init": cfg.a_init, "a_mode": cfg.lori.a_mode}
 
     def diagnostics(self) -> dict:
         """A-subspace overlap ||A_i A_j^T||_F / (||A_i|| ||A_j||) between the tasks' projections."""
@@ -63,13 +66,13 @@ class LoRIS(LoRID):
 
     @classmethod
     def params(cls, cfg) -> dict:
-        return {**super().params(cfg), "mask_strategy": cfg.mask_strategy, "mask_density": cfg.mask_density,
-                "mask_scope": cfg.mask_scope, "overlap_policy": cfg.overlap_policy, "max_overlap": cfg.max_overlap}
+        return {**super().params(cfg), "mask_strategy": cfg.lori.mask_strategy, "mask_density": cfg.lori.mask_density,
+                "mask_scope": cfg.lori.mask_scope, "overlap_policy": cfg.lori.overlap_policy, "max_overlap": cfg.lori.max_overlap}
 
     @classmethod
     def preflight(cls, cfg, shapes, n_tasks) -> None:
-        M.check_capacity(shapes, n_tasks, density=cfg.mask_density, policy=cfg.overlap_policy, max_overlap=cfg.max_overlap,
-                         scope="module" if cfg.mask_strategy == "random" else cfg.mask_scope)
+        M.check_capacity(shapes, n_tasks, density=cfg.lori.mask_density, policy=cfg.lori.overlap_policy, max_overlap=cfg.lori.max_overlap,
+                         scope="module" if cfg.lori.mask_strategy == "random" else cfg.lori.mask_scope)
 
     # --- masks as positions --------------------------------------------------------------------
     def _dense(self, index: dict[str, torch.Tensor]) -> M.Masks:
@@ -148,18 +151,18 @@ class LoRIS(LoRID):
 
     def _choose_masks(self, ctx: StageContext, b_params, used) -> M.Masks:
         shapes = {k: tuple(p.shape) for k, p in b_params.items()}
-        if self.cfg.mask_strategy == "random":
+        if self.cfg.lori.mask_strategy == "random":
             scores, scope = M.random_scores(shapes, stable_seed(self.seed, "task", ctx.stage)), "module"
         else:
             start = {k: p.detach().clone() for k, p in b_params.items()}
-            ctx.calibrate(self.cfg.calibration_steps, "lori-d")  # a LoRI-D run (dense B trains), at LoRI-D's learning rate
+            ctx.calibrate(self.cfg.lori.calibration_steps, "lori-d")  # a LoRI-D run (dense B trains), at LoRI-D's learning rate
             with torch.no_grad():
                 scores = {k: (p.detach() - start[k]).abs().float().cpu() for k, p in b_params.items()}
                 for k, p in b_params.items():
                     p.copy_(start[k])  # throw the calibration B away: retrain from the start under the mask
-            scope = self.cfg.mask_scope
-        return M.allocate(scores, used, density=self.cfg.mask_density, policy=self.cfg.overlap_policy,
-                          max_overlap=self.cfg.max_overlap, scope=scope)
+            scope = self.cfg.lori.mask_scope
+        return M.allocate(scores, used, density=self.cfg.lori.mask_density, policy=self.cfg.lori.overlap_policy,
+                          max_overlap=self.cfg.lori.max_overlap, scope=scope)
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The mask positions held (this stage's and the committed stages'); no copy of B, no dense mask."""
