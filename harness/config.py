@@ -336,6 +336,9 @@ ExperimentConfig = create_model("ExperimentConfig", __base__=_Knobs, __module__=
 ExperimentConfig.__doc__ = "A continual-learning experiment: methods x seeds x task orders over one suite and model."
 
 
+# The training recipe (harness.run.train.Recipe is built from these fields; logged as MLflow params).
+RECIPE_KNOBS = ("weight_decay", "grad_clip", "warmup_steps", "warmup_ratio", "loss_reduction", "completion_eos")
+
 # What the code did before a knob existed, where that is not the knob's default: a run folder whose
 # config.yaml lacks the knob was made with this value (harness.run.folder.check_same_config).
 BEFORE_KNOB_EXISTED = {"completion_eos": "always"}

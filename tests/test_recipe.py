@@ -39,12 +39,12 @@ def test_scheduler_marks_each_example_from_its_task_kind(tmp_path):
     from harness.suites import load_suite
 
     suite = load_suite("smoke")
-    runner = SequenceRunner(ExperimentConfig(model="tiny-llama", suite="smoke"), suite,  # the default: auto
-                            SequenceSpec("lora", 0, 0, ["parity", "copy"], tmp_path), None, None, None, None)
+    cfg = ExperimentConfig(model="tiny-llama", suite="smoke")  # the default: auto
+    runner = SequenceRunner(cfg, suite, SequenceSpec("lora", 0, 0, ["parity", "copy"], tmp_path, cfg), None, None, None, None)
     assert all(ex["eos"] is False for ex in runner.task_examples("parity"))  # multiple choice: EOS is never scored
     assert all(ex["eos"] is True for ex in runner.task_examples("copy"))  # generation: EOS is the stop signal
-    always = SequenceRunner(ExperimentConfig(model="tiny-llama", suite="smoke", completion_eos="always"), suite,
-                            SequenceSpec("lora", 0, 0, ["parity"], tmp_path), None, None, None, None)
+    always_cfg = ExperimentConfig(model="tiny-llama", suite="smoke", completion_eos="always")
+    always = SequenceRunner(always_cfg, suite, SequenceSpec("lora", 0, 0, ["parity"], tmp_path, always_cfg), None, None, None, None)
     assert all(ex["eos"] is True for ex in always.task_examples("parity"))
 
 

@@ -21,7 +21,7 @@ from harness.methods import METHODS, Method
 from harness.models import load_model, module_shapes, set_torch_threads
 from harness.precision import precision_of, set_tf32
 from harness.run.evaluate import Evaluator
-from harness.run.planning import experiment_dir, plan, preflight_methods, stage_budget, validate
+from harness.run.planning import experiment_dir, plan, preflight_methods, validate
 from harness.run.console import say
 from harness.run.sequence import SequenceRunner
 from harness.suites import load_suite
@@ -34,10 +34,9 @@ def check_launch(cfg: ExperimentConfig, suite, specs) -> None:
     if not D.is_distributed():
         return
     for spec in specs:
-        D.check_fsdp_method(METHODS[spec.method], Method, (spec.cfg or cfg).distributed)
-        for t, tasks in enumerate(METHODS[spec.method].stage_plan(spec.tasks), 1):
-            budget = stage_budget(spec.cfg or cfg, suite, tasks, spec.method, spec.seed)
-            D.check_batch_size(budget["batch_size"], f"{spec.label}, stage {t} ({'+'.join(tasks)})")
+        D.check_fsdp_method(METHODS[spec.method], Method, spec.cfg.distributed)
+        for t, stage in enumerate(spec.stages, 1):
+            D.check_batch_size(stage.budget["batch_size"], f"{spec.label}, stage {t} ({'+'.join(stage.tasks)})")
 
 
 def planned_sequences(cfg: ExperimentConfig, only: Path | None = None, *, preflight: bool = True):
@@ -98,7 +97,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
     results, base_cache = [], {}
     for spec in specs:
-        runner = SequenceRunner(spec.cfg or cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
+        runner = SequenceRunner(spec.cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
                                 base_cache=base_cache)
         try:
             results.append(runner.run())

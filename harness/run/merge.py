@@ -41,9 +41,9 @@ from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_
 from harness.locking import SequenceLock
 from harness.adapters.combine import MERGED, folded, load_adapters, merge, relative_error
 from harness.methods import METHODS, StageContext
-from harness.run.planning import experiment_dir, preflight_methods, stage_budget, task_examples, validate
+from harness.run.planning import experiment_dir, preflight_methods, stage_budget, validate
 from harness.provenance import git_commit
-from harness.run.train import Recipe, train_method
+from harness.run.train import Recipe, task_examples, train_method
 from harness.tracking.client import open_tracker
 
 CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms
@@ -151,7 +151,7 @@ class MergeRunner:
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.dir.resolve())}
         params = {"method": s.method, "seed": s.seed, "tasks": ",".join(s.tasks), "rank": c.rank, "alpha": c.scale_alpha,
                   "targets": ",".join(c.targets), "merge_methods": ",".join(c.merge_methods), "merge_weights": self.weights,
-                  "merge_density": c.merge_density, "merge_masks": c.merge_masks, "merge_a": c.merge_a, **vars(Recipe.from_config(c))}
+                  "merge_density": c.merge_density, "merge_masks": c.merge_masks, "merge_a": c.merge_a, **Recipe.from_config(c).model_dump()}
         parent_id = self.tracker.create_parent(s.label, tags, params, kind="merge")
         atomic_write_json(state, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
         return parent_id
@@ -190,7 +190,7 @@ class MergeRunner:
 
     def _train(self, method, task: str, budget: dict, t: int, **kw):
         recipe = Recipe.from_config(self.mcfg)
-        return train_method(method, self.tokenizer, task_examples(self.mcfg, self.suite, task, self.spec.seed, recipe), budget,
+        return train_method(method, self.tokenizer, task_examples(self.suite, task, recipe, limit=self.mcfg.train_limit, seed=self.spec.seed), budget,
                             recipe=recipe, seed=self.spec.seed, stage=t, bf16_autocast=self.cfg.bf16_autocast,
                             desc=f"[merge {self.spec.method} s{self.spec.seed}] {task}", progress=self.progress, **kw)
 

@@ -20,7 +20,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,17 @@ from harness.methods.lori.knobs import flat_name
 from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
-from harness.suites import validate_suite
+from harness.suites import DEFAULT_LR, validate_suite
 from harness.tracking.client import check_reachable, default_tracking_uri
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One training stage of a sequence, resolved before anything runs."""
+
+    tasks: list[str]  # trained at this stage (one task; MTL: all)
+    budget: dict[str, Any]  # epochs, batch_size, max_seq_len, max_steps, lr (the method's), steps (None: from epochs)
+    at_lr_of: dict[str, dict[str, Any]]  # the same budget at each lr family's rate (lora, lori-d, lori-s): calibration runs
 
 
 @dataclass
@@ -45,9 +54,10 @@ class SequenceSpec:
     order_index: int
     tasks: list[str]
     run_dir: Path
-    cfg: ExperimentConfig | None = None  # the variant's config (a grid sets some knobs); None = the experiment's
+    cfg: ExperimentConfig  # the variant's config (a grid sets some knobs), else the experiment's
     variant: str | None = None
     variant_values: dict[str, Any] | None = None
+    stages: list[StagePlan] = field(default_factory=list)  # stages 1..S, from plan()
 
     @property
     def label(self) -> str:
@@ -104,7 +114,10 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                     d = base / method / f"seed-{seed}"
                     if len(cfg.orders) > 1:
                         d = d / f"order-{k}"
-                    specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values))
+                    stages = [StagePlan(tasks, stage_budget(vcfg, suite, tasks, method, seed),
+                                        {f: stage_budget(vcfg, suite, tasks, f, seed) for f in DEFAULT_LR})
+                              for tasks in METHODS[method].stage_plan(order)]
+                    specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages))
     return specs
 
 
@@ -135,7 +148,7 @@ def b_shapes(linear: dict[str, tuple[int, int]], targets: list[str], rank: int) 
 def preflight_methods(cfg: ExperimentConfig, specs: list[SequenceSpec], linear: dict[str, tuple[int, int]]) -> None:
     """Each method's own checks (mask capacity for lori-s) on the model's real module shapes."""
     for spec in specs:
-        c = spec.cfg or cfg
+        c = spec.cfg
         METHODS[spec.method].preflight(c, b_shapes(linear, c.targets, c.rank), len(spec.tasks))
 
 
@@ -195,12 +208,6 @@ def validate(cfg: ExperimentConfig):
     if not cfg.tracking_optional:  # with it, the run starts and its mirror catches up once the store answers
         check_reachable(uri)
     return suite, specs, uri, config is not None
-
-
-def task_examples(cfg: ExperimentConfig, suite, task: str, seed: int, recipe) -> list[dict]:
-    """A task's training examples, each marked with whether EOS follows its completion (the recipe)."""
-    add = recipe.add_eos(suite.task(task).kind == "generate")
-    return [{**ex, "eos": add} for ex in suite.task(task).train_examples(limit=cfg.train_limit, seed=seed)]
 
 
 def stage_budget(cfg: ExperimentConfig, suite, tasks: list[str], method: str, seed: int) -> dict[str, Any]:

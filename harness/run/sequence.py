@@ -37,12 +37,12 @@ from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_js
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.run.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
-from harness.run.planning import SequenceSpec, stage_budget, task_examples
+from harness.run.planning import SequenceSpec
 from harness.precision import precision_of
 from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, finished_stages,
                                     learn_check, result_hashes, verify_folder, verify_stages, write_documents,
                                     write_matrix_files, write_stage_marker)
-from harness.run.train import Recipe, collate, tokenize_examples, train_method
+from harness.run.train import Recipe, collate, task_examples, tokenize_examples, train_method
 
 
 class SequenceRunner:
@@ -55,7 +55,7 @@ class SequenceRunner:
         self.model, self.tokenizer, self.evaluator, self.tracker = model, tokenizer, evaluator, tracker
         self.progress = progress
         self.method_cls = METHODS[spec.method]
-        self.plan = self.method_cls.stage_plan(spec.tasks)  # tasks trained at stages 1..S
+        self.plan = [s.tasks for s in spec.stages]  # tasks trained at stages 1..S (planning resolved them)
         self.R = np.full((len(self.plan) + 1, len(spec.tasks)), np.nan)
         self.recipe = Recipe.from_config(cfg)
         self.run_dir = spec.run_dir
@@ -83,10 +83,7 @@ class SequenceRunner:
         return [t for t in self.spec.tasks if t in seen]
 
     def task_examples(self, task: str) -> list[dict]:
-        return task_examples(self.cfg, self.suite, task, self.spec.seed, self.recipe)
-
-    def budget(self, tasks: list[str], lr_method: str | None = None) -> dict[str, Any]:
-        return stage_budget(self.cfg, self.suite, tasks, lr_method or self.spec.method, self.spec.seed)
+        return task_examples(self.suite, task, self.recipe, limit=self.cfg.train_limit, seed=self.spec.seed)
 
     def base_scores(self) -> dict[str, float]:
         """task -> the base model's score (stage 0; NaN where it was not evaluated)."""
@@ -162,11 +159,11 @@ class SequenceRunner:
 
     def _parent_record(self) -> dict[str, Any]:
         cfg, spec = self.cfg, self.spec
-        first = self.budget(self.plan[0])
+        first = self.spec.stages[0].budget
         params = {"method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "task_order": ",".join(spec.tasks),
                   "suite": self.suite.name, "model": cfg.model, "rank": cfg.rank, "alpha": cfg.scale_alpha,
                   "targets": ",".join(cfg.targets), "eval_scope": cfg.eval_scope, "lr": first["lr"], "epochs": first["epochs"],
-                  "checkpoint_every": cfg.checkpoint_every, **vars(self.recipe), **self.method_cls.params(cfg),
+                  "checkpoint_every": cfg.checkpoint_every, **self.recipe.model_dump(), **self.method_cls.params(cfg),
                   "dtype": cfg.dtype, "adapter_dtype": cfg.adapter_dtype, "tf32": cfg.tf32,
                   **{f"precision.{k}": v for k, v in self.precision.items()}}
         tags = {"harness.method": spec.method, "harness.seed": str(spec.seed), "harness.order": str(spec.order_index),
@@ -243,14 +240,14 @@ class SequenceRunner:
             self.mirror.catch_up()  # no-op unless tracking is behind and the server answers again
             self.child_id = self.mirror.call(self.tracker.create_stage, self.mirror.parent_id, t, name,
                                              {"harness.method": spec.method, "harness.seed": str(spec.seed)})
-        budget = self.budget(self.plan[t - 1])
+        budget = self.spec.stages[t - 1].budget
         examples = method.train_data(t, [ex for task in self.plan[t - 1] for ex in self.task_examples(task)])
         ckpt = StageCheckpointer(self.run_dir, t, name, cfg.checkpoint_every)
         calib = {"s": 0.0}
 
         def calibrate(max_steps: int | None, lr_method: str):
             tc = time.perf_counter()
-            self._train(method, examples, self.budget(self.plan[t - 1], lr_method), t, f"{name} calib", max_steps=max_steps,
+            self._train(method, examples, self.spec.stages[t - 1].at_lr_of[lr_method], t, f"{name} calib", max_steps=max_steps,
                         calibration=True)
             calib["s"] += time.perf_counter() - tc
 

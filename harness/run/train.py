@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+from pydantic import BaseModel, ConfigDict, create_model
 from tqdm.auto import tqdm
 
 from harness import distributed as D
 from harness import faults
+from harness.config import RECIPE_KNOBS, ExperimentConfig
 from harness.losses import lm_loss, loss_terms
 from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.run.compiled import CompiledLoss, pad_to_bucket
@@ -31,21 +33,14 @@ from harness.seeding import stable_seed
 LOSS_EVERY = 10  # steps between reads of the loss (each read waits for the device)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The training recipe of every stage; the knobs (defaults, help) are defined in config.py."""
+class _RecipeRules(BaseModel):
+    """What the recipe's knobs mean for a step; the knobs themselves (type, default, help) are config.py's fields."""
 
-    weight_decay: float
-    grad_clip: float
-    warmup_steps: int
-    warmup_ratio: float
-    loss_reduction: str  # "token" (mean over completion tokens) or "example" (mean of per-example means)
-    completion_eos: str  # "auto", "always", "never"
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     @classmethod
-    def from_config(cls, cfg) -> "Recipe":
-        return cls(weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps,
-                   warmup_ratio=cfg.warmup_ratio, loss_reduction=cfg.loss_reduction, completion_eos=cfg.completion_eos)
+    def from_config(cls, cfg) -> "_RecipeRules":
+        return cls(**{k: getattr(cfg, k) for k in cls.model_fields})
 
     def add_eos(self, generative: bool) -> bool:
         """auto: EOS only where it is the stop signal (generation); a choice's EOS is never scored."""
@@ -53,6 +48,17 @@ class Recipe:
 
     def warmup_for(self, total_steps: int) -> int:
         return self.warmup_steps if self.warmup_steps else int(math.ceil(self.warmup_ratio * total_steps))
+
+
+# The training recipe of every stage: the config's RECIPE_KNOBS fields themselves, not a copy of their declarations.
+Recipe = create_model("Recipe", __base__=_RecipeRules, __module__=__name__,
+                      **{k: (ExperimentConfig.model_fields[k].annotation, ExperimentConfig.model_fields[k]) for k in RECIPE_KNOBS})
+
+
+def task_examples(suite, task: str, recipe: Recipe, *, limit: int | None, seed: int) -> list[dict]:
+    """A task's training examples, each marked with whether EOS follows its completion (the recipe)."""
+    add = recipe.add_eos(suite.task(task).kind == "generate")
+    return [{**ex, "eos": add} for ex in suite.task(task).train_examples(limit=limit, seed=seed)]
 
 
 def lr_factor(step: int, warmup: int) -> float:
