@@ -177,7 +177,10 @@ class _Knobs(BaseModel):
         "enough for ACC and BWT), or every:K (full rows every K stages + the final row, R[t,t] in between)."
     )
     eval_max_length: int = Field(512, ge=16, description="lm-eval's max_length: longest context + continuation in tokens.")
-    eval_batch_size: int = Field(32, ge=1, description="lm-eval batch size.")
+    eval_batch_size: int | Literal["auto"] = Field(
+        "auto", description="lm-eval batch size: a number, or auto: lm-eval's search for the largest batch that fits on CUDA, "
+        "32 on CPU (resolved when the config is read, so config.yaml records what ran)."
+    )
     eval_merged: bool | None = Field(
         None, description="Evaluate with the adapters folded into the base weights (restored exactly afterwards) instead of through "
         "PEFT. Default: true on CUDA (base-model speed; exact there with TF32 off, checked on a few documents at the first "
@@ -219,6 +222,13 @@ class _Knobs(BaseModel):
             raise ValueError(f"unknown method(s) {unknown}; known methods: {', '.join(METHODS)}")
         return v
 
+    @field_validator("eval_batch_size")
+    @classmethod
+    def _eval_batch_size(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 1:
+            raise ValueError("use a batch size >= 1, or auto")
+        return v
+
     @field_validator("eval_schedule")
     @classmethod
     def _eval_schedule(cls, v: str) -> str:
@@ -245,11 +255,20 @@ class _Knobs(BaseModel):
         return lori_knobs.upgrade_flat_keys(data, runs_lori=runs_lori)
 
     @model_validator(mode="after")
-    def _resolve_eval_merged(self) -> "ExperimentConfig":
+    def _resolve_eval_batch_size(self) -> "_Knobs":
+        """eval_batch_size auto: lm-eval's own search on CUDA (memory decides there), 32 on CPU."""
+        if self.eval_batch_size == "auto" and not self._on_cuda():
+            object.__setattr__(self, "eval_batch_size", 32)
+        return self
+
+    def _on_cuda(self) -> bool:
+        return self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+
+    @model_validator(mode="after")
+    def _resolve_eval_merged(self) -> "_Knobs":
         """eval_merged unset: folded on CUDA, through PEFT on CPU; resolved here so config.yaml records what ran."""
         if self.eval_merged is None:
-            cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-            object.__setattr__(self, "eval_merged", cuda)
+            object.__setattr__(self, "eval_merged", self._on_cuda())
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -162,7 +163,8 @@ def test_base_model_without_adapters_evaluates_unchanged():
 
 
 def test_the_evaluator_scores_exactly_as_lm_eval_simple_evaluate():
-    """The evaluator calls lm-eval's evaluate() (skipping simple_evaluate's per-call environment report): same answers."""
+    """The evaluator calls lm-eval's evaluate() once for all of a stage's tasks (skipping simple_evaluate's per-call
+    environment report): the same answers as one simple_evaluate over those tasks."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -172,11 +174,30 @@ def test_the_evaluator_scores_exactly_as_lm_eval_simple_evaluate():
     method, ev = trained("lora")
     ours = ev.evaluate(method.model, TASKS, log_samples=True)
     lm = HFLM(pretrained=method.model, tokenizer=ev.tokenizer, batch_size=ev.batch_size, max_length=ev.max_length)
+    ref = lm_eval.simple_evaluate(model=lm, tasks=[ev.configs[t] for t in TASKS], task_manager=TaskManager(include_defaults=False),
+                                  samples=ev.subsets(TASKS), bootstrap_iters=0, log_samples=True, random_seed=0,
+                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     for t in TASKS:
         name = ev.configs[t]["task"]
-        ref = lm_eval.simple_evaluate(model=lm, tasks=[ev.configs[t]], task_manager=TaskManager(include_defaults=False),
-                                      samples=ev.subset(t), bootstrap_iters=0, log_samples=True, random_seed=0,
-                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         assert ours.scores[t] == ref["results"][name][ev.suite.task(t).metric_key]
         assert ours.samples[t] == predictions(ref["samples"][name], ev.suite.task(t).kind)
         assert ours.n_examples[t] == ref["n-samples"][name]["effective"] == LIMIT
+
+
+def test_a_stage_is_one_lm_eval_call_with_the_answers_of_one_call_per_task(monkeypatch):
+    """All of a stage's tasks go to lm-eval together (their requests batched together); each document gets the answer
+    it gets when its task is evaluated alone, and the log-likelihoods agree to float noise."""
+    import lm_eval.evaluator
+
+    method, ev = trained("lora")
+    alone = {t: ev.evaluate(method.model, [t], log_samples=True) for t in TASKS}
+    calls = []
+    real = lm_eval.evaluator.evaluate
+    monkeypatch.setattr(lm_eval.evaluator, "evaluate", lambda **kw: calls.append(sorted(kw["task_dict"]["tasks"])) or real(**kw))
+    together = ev.evaluate(method.model, TASKS, log_samples=True)
+    assert len(calls) == 1 and len(calls[0]) == len(TASKS)
+    for t in TASKS:
+        assert together.scores[t] == alone[t].scores[t]
+        assert preds(together)[t] == preds(alone[t])[t]
+        assert together.documents[t] == alone[t].documents[t]
+    assert max_ll_diff(together, SimpleNamespace(samples={t: alone[t].samples[t] for t in TASKS})) < LL_TOL

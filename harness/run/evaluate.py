@@ -80,6 +80,13 @@ class Evaluator:
         return cls(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
                    progress=progress, merged=cfg.eval_merged, bf16=cfg.eval_bf16)
 
+    def subsets(self, tasks: list[str]) -> dict[str, list[int]] | None:
+        """lm-eval's `samples` for tasks: each task's fixed seeded documents under eval_limit (None: all of every task)."""
+        out = {}
+        for t in tasks:
+            out.update(self.subset(t) or {})
+        return out or None
+
     def subset(self, task: str) -> dict[str, list[int]] | None:
         """The fixed seeded test documents of a task under eval_limit (None: all of them)."""
         if self.limit is None:
@@ -144,33 +151,30 @@ class Evaluator:
         return agreement
 
     def _run(self, model: torch.nn.Module, tasks: list[str], bf16: bool, log_samples: bool) -> tuple[dict, dict, dict]:
-        """lm-eval's results, n-samples and (with log_samples) samples for the tasks, one task at a time."""
+        """lm-eval's results, n-samples and (with log_samples) samples for the tasks, in one lm-eval call (requests of
+        every task batched together)."""
         from lm_eval.models.huggingface import HFLM  # lazy: lm-eval loads in ~1.8 s; config checks and --help need none of it
 
         was_training = model.training
         verbose = logging.getLogger("harness").isEnabledFor(logging.DEBUG)
-        results, n_samples, samples = {}, {}, {}
         bar = tqdm(total=len(tasks), desc="evaluate", leave=False, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
         try:
             # lm-eval wraps every forward in torch.autocast(enabled=mixed_precision_dtype is not None), which
             # switches an outer autocast off: bf16 must be asked of HFLM itself. CPU only, as in training.
-            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size, max_length=self.max_length,
-                      mixed_precision_dtype=autocast_dtype(next(model.parameters()).device, bf16))
-            for t in tasks:  # one task at a time: one tick of our bar each, lm-eval's own bars silenced
-                quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())
-                with quiet, torch.no_grad():
-                    out = self._lm_eval(lm, t, log_samples, verbose)
-                results.update(out["results"])
-                n_samples.update(out.get("n-samples", {}))
-                samples.update(out.get("samples") or {})
-                bar.update(1)
+            device = next(model.parameters()).device
+            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
+                      max_length=self.max_length, mixed_precision_dtype=autocast_dtype(device, bf16))
+            quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())  # lm-eval's bars
+            with quiet, torch.no_grad():
+                out = self._lm_eval(lm, tasks, log_samples, verbose)
+            bar.update(len(tasks))
         finally:
             bar.close()
             model.train(was_training)
-        return results, n_samples, samples
+        return out["results"], out.get("n-samples", {}), out.get("samples") or {}
 
-    def _lm_eval(self, lm, task: str, log_samples: bool, verbose: bool) -> dict:
-        """lm-eval's evaluate() on one task, set up as simple_evaluate sets it up (seeds 0, zero-shot, fewshot seed 0).
+    def _lm_eval(self, lm, tasks: list[str], log_samples: bool, verbose: bool) -> dict:
+        """lm-eval's evaluate() on the tasks, set up as simple_evaluate sets it up (seeds 0, zero-shot, fewshot seed 0).
 
         Not simple_evaluate itself: after every call it reports the environment (torch's collect_env and
         `pip list` in subprocesses, git), ~0.3-0.7 s per task here: a third of a tiny model's evaluation."""
@@ -180,12 +184,12 @@ class Evaluator:
         random.seed(0)
         np.random.seed(0)
         torch.manual_seed(0)
-        loaded = self.task_manager.load([self.configs[task]])
+        loaded = self.task_manager.load([self.configs[t] for t in tasks])
         for obj in loaded["tasks"].values():
             if obj.get_config("num_fewshot") is None:
                 obj.set_config(key="num_fewshot", value=0)
             obj.set_fewshot_seed(seed=0)
-        out = evaluate(lm=lm, task_dict=loaded, samples=self.subset(task), bootstrap_iters=0, log_samples=log_samples,
+        out = evaluate(lm=lm, task_dict=loaded, samples=self.subsets(tasks), bootstrap_iters=0, log_samples=log_samples,
                        cache_requests=False)
         setup_logging(verbosity="INFO" if verbose else "ERROR")
         return out
