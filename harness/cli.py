@@ -246,6 +246,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    if args.register:
+        from harness.lineage import register_export
+        from harness.sequence_files import experiment_of
+
+        run_dir = Path(args.run_dir)
+        print(register_export(run_dir, args.stage, args.register, experiment_of(run_dir), args.tracking_uri))
     return 0
 
 
@@ -366,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder: results/<experiment>/<method>/seed-<s>[/order-<k>].")
     e.add_argument("out", metavar="OUT", help="Folder to write: new or empty (never overwritten).")
     e.add_argument("--stage", type=int, default=None, metavar="T", help="Committed stage to export [default: the last committed one].")
+    e.add_argument("--register", default=None, metavar="NAME", help="Also register the stage's adapter (its MLflow model) as a "
+                   "new version of registered model NAME, linked to the sequence's parent run.")
+    e.add_argument("--tracking-uri", default=None, help="With --register: the store [default: the one in the folder's state.json].")
     e.set_defaults(func=cmd_export)
 
     sy = sub.add_parser("sync", help="Mirror run folders into MLflow now (what an outage of the tracking server kept from it).")
