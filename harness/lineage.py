@@ -254,10 +254,13 @@ def register_export(run_dir: Path, stage: int | None, name: str, experiment: str
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
     for mv in tracker.client.search_model_versions(f"name = '{name}'"):
-        if mv.model_id == model_id:
+        if mv.tags.get("harness.model_id") == model_id:
             return f"registered: {name} version {mv.version} already holds stage {t} of {run_dir} (model {model_id})"
-    link = run_url(uri, tracker.experiment_id, parent_id)
-    mv = tracker.client.create_model_version(name, f"models:/{model_id}", run_id=parent_id, model_id=model_id, run_link=link,
-                                             tags={"harness.run_dir": str(run_dir.resolve()), "harness.stage": str(t)},
+    # The source is the model's artifact location, not models:/<id>: a local store resolves that through the
+    # process-wide default tracking URI (MLflow 3.17), not this client's. The registry keeps no model_id: a tag does.
+    source = tracker.client.get_logged_model(model_id).artifact_location
+    tags = {"harness.run_dir": str(run_dir.resolve()), "harness.stage": str(t), "harness.model_id": model_id}
+    mv = tracker.client.create_model_version(name, source, run_id=parent_id, model_id=model_id, tags=tags,
+                                             run_link=run_url(uri, tracker.experiment_id, parent_id),
                                              description=f"stage {t} of {run_dir.resolve()}")
     return f"registered: {name} version {mv.version} = stage {t} of {run_dir} (model {model_id}, run {parent_id})"

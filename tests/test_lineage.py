@@ -156,7 +156,7 @@ def check_register(url: str, seq: Path, tmp: Path, monkeypatch) -> None:
     assert main(["export", str(seq), str(out), "--stage", "2", "--register", "smoke-adapter"]) == 0
     c = MlflowClient(tracking_uri=url)
     (mv,) = c.search_model_versions("name = 'smoke-adapter'")
-    model = c.get_logged_model(mv.model_id)
+    model = c.get_logged_model(mv.tags["harness.model_id"])
     assert model.params["stage"] == "2" and mv.run_id == model.tags["harness.parent_run_id"]
     assert mv.run_id == json.loads((seq / "state.json").read_text())["mlflow_parent_run_id"]
     assert main(["export", str(seq), str(tmp / "again"), "--stage", "2", "--register", "smoke-adapter"]) == 0
