@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 MODEL_KEY = "harness.model_key"  # <parent run id>/<stage>: the one LoggedModel of that stage of that sequence
 MODEL_TYPE = "peft-adapter"
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the UI's GenAI vs model-training views
 CONTEXT = {"train": "training", "test": "evaluation"}
 DIGEST_CHARS = 16  # MLflow stores dataset digests in 36 characters
 
@@ -214,12 +215,20 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str | None:
     return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+def mark_model_training(tracker) -> None:
+    """Tag the experiment as model training (unless it says otherwise): MLflow 3's UI then opens it on training runs
+    and a Models tab with metric columns, instead of its GenAI views."""
+    exp = tracker.client.get_experiment(tracker.experiment_id)
+    if EXPERIMENT_KIND not in exp.tags:
+        tracker.client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+
 def begin_sequence(mirror, records: list[dict[str, Any]], system_metrics: bool) -> tuple[str | None, SystemMetricsMonitor | None]:
     """A sequence's start, once its parent run exists: its datasets as the parent's inputs, the parent's UI address
     (None for a local store) and, if wanted, the system-metrics monitor (None while tracking is behind)."""
     tracker, parent_id = mirror.tracker, mirror.parent_id
     if not parent_id or mirror.behind:
         return None, None
+    mirror.call(mark_model_training, tracker)
     mirror.call(log_inputs, tracker, parent_id, records)
     url = run_url(tracker.uri, tracker.experiment_id, parent_id)
     monitor = mirror.call(start_system_metrics, tracker, parent_id) if system_metrics else None
