@@ -243,14 +243,15 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from harness.export import export_adapter
+    from harness.lineage import register_export, registration_target
+    from harness.sequence_files import experiment_of
 
-    out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
+    run_dir = Path(args.run_dir)
+    if args.register:
+        registration_target(run_dir, args.tracking_uri)  # refused before anything is written
+    out = export_adapter(run_dir, Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
     if args.register:
-        from harness.lineage import register_export
-        from harness.sequence_files import experiment_of
-
-        run_dir = Path(args.run_dir)
         print(register_export(run_dir, args.stage, args.register, experiment_of(run_dir), args.tracking_uri))
     return 0
 

@@ -37,6 +37,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from harness.errors import HarnessError
 from harness.export import export_adapter
 from harness.io import read_json
+from harness.sequence_files import committed_stages
 from harness.suites.data import test_file, train_file
 from harness.tracking import Tracker, check_reachable, redact_uri
 
@@ -79,7 +80,8 @@ def dataset_records(suite, tasks: list[str]) -> list[dict[str, Any]]:
     for name in tasks:
         task = suite.task(name)
         hf = task.train.hf
-        train_hub = None if hf is None else {"path": hf.path, "name": hf.name, "split": hf.split, "revision": hf.revision}
+        train_hub = None if hf is None else {"path": hf.path, "name": hf.name, "split": hf.split,
+                                             "revision": hf.revision}
         out.append(_record(suite.name, name, "train", train_file(task), train_hub))
         path = test_file(task)
         cfg = {} if path is not None else task.lm_eval_config()
@@ -89,7 +91,8 @@ def dataset_records(suite, tasks: list[str]) -> list[dict[str, Any]]:
 
 
 def _entity(rec: dict[str, Any]) -> DatasetInput:
-    ds = Dataset(rec["name"], rec["digest"], rec["source_type"], json.dumps(rec["source"]), profile=json.dumps(rec["profile"]))
+    ds = Dataset(rec["name"], rec["digest"], rec["source_type"], json.dumps(rec["source"]),
+                 profile=json.dumps(rec["profile"]))
     return DatasetInput(ds, [InputTag(MLFLOW_DATASET_CONTEXT, rec["context"])])
 
 
@@ -105,12 +108,14 @@ def log_inputs(tracker, run_id: str, records: list[dict[str, Any]]) -> int:
 
 def stage_inputs(records: list[dict[str, Any]], trained: list[str], evaluated: list[str]) -> list[dict[str, Any]]:
     """A stage run's inputs: the train data of the tasks it trained, the test data of the tasks it was scored on."""
-    return [r for r in records if (r["split"] == "train" and r["task"] in trained) or (r["split"] == "test" and r["task"] in evaluated)]
+    return [r for r in records
+            if (r["split"] == "train" and r["task"] in trained) or (r["split"] == "test" and r["task"] in evaluated)]
 
 
-def test_datasets(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+def eval_datasets(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     """task -> the dataset_name / dataset_digest its acc/<task> points carry."""
-    return {r["task"]: {"dataset_name": r["name"], "dataset_digest": r["digest"]} for r in records if r["split"] == "test"}
+    return {r["task"]: {"dataset_name": r["name"], "dataset_digest": r["digest"]}
+            for r in records if r["split"] == "test"}
 
 
 # --- acc/<task> points, tied to their dataset and model ----------------------------------------------------
@@ -119,13 +124,13 @@ def log_acc(tracker, parent_id: str, scores: dict[str, float], step: int, record
     """acc/<task> at `step` on the parent run, each with its test dataset and the stage's model (when known).
 
     once=True: only the points the run lacks at that step (a resume or a sync sends nothing twice)."""
-    links = test_datasets(records or [])
+    links = eval_datasets(records or [])
     if once:
         scores = {task: v for task, v in scores.items()
                   if not any(m.step == step for m in tracker.client.get_metric_history(parent_id, f"acc/{task}"))}
     ts = int(time.time() * 1000)
-    items = [Metric(f"acc/{task}", float(v), ts, step, model_id=model_id, **links.get(task, {})) for task, v in scores.items()
-             if v is not None]
+    items = [Metric(f"acc/{task}", float(v), ts, step, model_id=model_id, **links.get(task, {}))
+             for task, v in scores.items() if v is not None]
     if items:
         tracker.client.log_batch(parent_id, metrics=items)
 
@@ -144,13 +149,14 @@ def find_model(tracker, parent_id: str, stage: int):
 
 
 def model_params(run_dir: Path, info: dict[str, Any]) -> dict[str, str]:
-    """method, stage, task, rank, mask_density, seed of a committed stage (from the folder's config.yaml and stage.json).
+    """method, stage, task, rank, mask_density, seed of a committed stage (the folder's config.yaml and stage.json).
 
     mask_density is the stage's measured mask density (LoRI-S), 1.0 for a dense adapter."""
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
     seq = cfg.get("sequence") or {}
     return {"method": str(seq.get("method")), "stage": str(info["stage"]), "task": str(info.get("task")),
-            "rank": str(cfg.get("rank")), "mask_density": str(info.get("mask/density", 1.0)), "seed": str(seq.get("seed"))}
+            "rank": str(cfg.get("rank")), "mask_density": str(info.get("mask/density", 1.0)),
+            "seed": str(seq.get("seed"))}
 
 
 def stage_model(tracker, parent_id: str, source_run_id: str | None, stage_dir: Path) -> str | None:
@@ -171,8 +177,8 @@ def stage_model(tracker, parent_id: str, source_run_id: str | None, stage_dir: P
         if model is None:
             params = model_params(run_dir, info)
             name = "-".join(p for p in (params["method"], f"seed{params['seed']}", stage_dir.name) if p)
-            tags = {MODEL_KEY: model_key(parent_id, t), "harness.run_dir": str(run_dir.resolve()), "harness.stage": str(t),
-                    "harness.task": params["task"], "harness.parent_run_id": parent_id}
+            tags = {MODEL_KEY: model_key(parent_id, t), "harness.run_dir": str(run_dir.resolve()),
+                    "harness.stage": str(t), "harness.task": params["task"], "harness.parent_run_id": parent_id}
             model = tracker.client.create_logged_model(tracker.experiment_id, name=name, source_run_id=source_run_id,
                                                        tags=tags, params=params, model_type=MODEL_TYPE)
             if source_run_id:
@@ -222,7 +228,8 @@ def mark_model_training(tracker) -> None:
     if EXPERIMENT_KIND not in exp.tags:
         tracker.client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND, "custom_model_development")
 
-def begin_sequence(mirror, records: list[dict[str, Any]], system_metrics: bool) -> tuple[str | None, SystemMetricsMonitor | None]:
+def begin_sequence(mirror, records: list[dict[str, Any]],
+                   system_metrics: bool) -> tuple[str | None, SystemMetricsMonitor | None]:
     """A sequence's start, once its parent run exists: its datasets as the parent's inputs, the parent's UI address
     (None for a local store) and, if wanted, the system-metrics monitor (None while tracking is behind)."""
     tracker, parent_id = mirror.tracker, mirror.parent_id
@@ -234,29 +241,38 @@ def begin_sequence(mirror, records: list[dict[str, Any]], system_metrics: bool) 
     monitor = mirror.call(start_system_metrics, tracker, parent_id) if system_metrics else None
     return url, monitor
 
-# --- harness export --register ------------------------------------------------------------------------------------
-def register_export(run_dir: Path, stage: int | None, name: str, experiment: str, uri: str | None) -> str:
-    """Register stage `stage` (default: the last committed) of sequence `run_dir` as a new version of model `name`.
 
-    The version's source is the stage's LoggedModel (created now if the store has none) and it links to the
-    sequence's parent run. Registering the same stage again returns its existing version. Returns a line saying so."""
-    run_dir = Path(run_dir)
-    state = read_json(run_dir / "state.json") if (run_dir / "state.json").is_file() else {}
+# --- harness export --register ------------------------------------------------------------------------------------
+def registration_target(run_dir: Path, uri: str | None) -> tuple[str, str]:
+    """(tracking URI, parent run id) to register a stage of `run_dir` with; HarnessError (nothing written) when the
+    folder's MLflow mirror is not complete or the store does not answer."""
+    state = read_json(Path(run_dir) / "state.json") if (Path(run_dir) / "state.json").is_file() else {}
     uri = uri or state.get("mlflow_tracking_uri")
     parent_id = state.get("mlflow_parent_run_id")
     if not uri or not parent_id or state.get("mirror_behind"):
         raise HarnessError(f"{run_dir}: its MLflow mirror is not complete (no parent run, or tracking behind): run "
                            f"`harness sync {run_dir}` first, then export with --register again.")
     check_reachable(uri)
+    return uri, parent_id
+
+
+def register_export(run_dir: Path, stage: int | None, name: str, experiment: str, uri: str | None) -> str:
+    """Register stage `stage` (default: the last committed) of sequence `run_dir` as a new version of model `name`.
+
+    The version's source is the stage's LoggedModel (created now if the store has none) and it links to the
+    sequence's parent run. Registering the same stage again returns its existing version. Returns a line saying so."""
+    run_dir = Path(run_dir)
+    uri, parent_id = registration_target(run_dir, uri)
     tracker = Tracker(uri, experiment)
-    stages = {int(p.name.split("-", 1)[0]): p for p in (run_dir / "stages").iterdir() if (p / "stage.json").is_file()}
-    t = max(stages) if stage is None else stage
-    if t not in stages or t == 0:
+    stages = {t: p for t, p in committed_stages(run_dir).items() if t > 0}
+    t = max(stages, default=0) if stage is None else stage
+    if t not in stages:
         raise HarnessError(f"--stage {t}: not a committed training stage of {run_dir}")
     source_run = read_json(stages[t] / "stage.json").get("mlflow_run_id")
     model_id = stage_model(tracker, parent_id, source_run, stages[t])
     if model_id is None:
-        raise HarnessError(f"stage {t} of {run_dir} cannot be exported here (see the warning above); nothing registered")
+        raise HarnessError(f"stage {t} of {run_dir} cannot be exported here (see the warning above); "
+                           "nothing registered")
     try:
         tracker.client.create_registered_model(name, description="PEFT adapters registered by `harness export --register`")
     except MlflowException as exc:

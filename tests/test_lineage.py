@@ -27,7 +27,6 @@ from safetensors.torch import load_file
 
 from harness import lineage
 from harness.cli import main
-from harness.errors import HarnessError
 from harness.models import load_model
 from harness.suites import load_suite
 
@@ -61,13 +60,14 @@ def test_system_metrics_default_on_cuda_off_on_cpu_and_the_knob_wins():
     assert lineage.system_metrics_wanted(False, torch.device("cuda", 0)) is False
 
 
-def test_register_without_a_mirrored_parent_run_is_one_message_and_registers_nothing(tmp_path):
+def test_register_without_a_mirrored_parent_run_is_one_message_and_writes_nothing(tmp_path, capsys):
     seq = tmp_path / "seq"
     (seq / "stages").mkdir(parents=True)
     (seq / "state.json").write_text(json.dumps({"mlflow_tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}))
-    with pytest.raises(HarnessError) as exc:
-        lineage.register_export(seq, None, "adapters", "exp", None)
-    assert f"harness sync {seq}" in str(exc.value) and not (tmp_path / "m.db").exists()
+    assert main(["export", str(seq), str(tmp_path / "out"), "--register", "adapters"]) == 2
+    err = capsys.readouterr().err
+    assert f"harness sync {seq}" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
 
 
 # --- end to end on a real tracking server ---------------------------------------------------------------------------
