@@ -124,17 +124,30 @@ def log_acc(tracker, parent_id: str, scores: dict[str, float], step: int, record
     """acc/<task> at `step` on the parent run, each with its test dataset and the stage's model (when known).
 
     once=True: only the points the run lacks at that step (a resume or a sync sends nothing twice)."""
-    links = eval_datasets(records or [])
     if once:
         scores = {task: v for task, v in scores.items()
                   if not any(m.step == step for m in tracker.client.get_metric_history(parent_id, f"acc/{task}"))}
+    _log_linked(tracker, parent_id, scores, step, records, model_id)
+
+
+def backfill_model_acc(tracker, model_id: str, stage_run_id: str, scores: dict[str, float], step: int,
+                       records: list[dict[str, Any]] | None) -> int:
+    """The acc/<task> points a model lacks, logged on its stage run with model_id (the parent run had them before the
+    model existed: a store from before lineage). Returns how many."""
+    have = {m.key for m in tracker.client.get_logged_model(model_id).metrics or []}
+    missing = {task: v for task, v in scores.items() if f"acc/{task}" not in have}
+    _log_linked(tracker, stage_run_id, missing, step, records, model_id)
+    return len(missing)
+
+
+def _log_linked(tracker, run_id: str, scores: dict[str, float], step: int, records: list[dict[str, Any]] | None,
+                model_id: str | None) -> None:
+    links = eval_datasets(records or [])
     ts = int(time.time() * 1000)
     items = [Metric(f"acc/{task}", float(v), ts, step, model_id=model_id, **links.get(task, {}))
              for task, v in scores.items() if v is not None]
     if items:
-        tracker.client.log_batch(parent_id, metrics=items)
-
-
+        tracker.client.log_batch(run_id, metrics=items)
 
 # --- a LoggedModel per committed stage ------------------------------------------------------------------------
 def model_key(parent_id: str, stage: int) -> str:

@@ -69,6 +69,8 @@ def mirror_stage(tracker, parent_id: str, child_id: str, stage_dir: Path, *, fre
     records = read_state(stage_dir.parent.parent).get("mlflow_datasets")  # a folder from before lineage has none
     model_id = lineage.mirror_stage_lineage(tracker, parent_id, child_id, stage_dir, records, ev["scores"])
     lineage.log_acc(tracker, parent_id, ev["scores"], t, records, model_id, once=not fresh)
+    if model_id and not fresh:
+        lineage.backfill_model_acc(tracker, model_id, child_id, ev["scores"], t, records)
     if ev.get("general_ce") is not None and fresh:
         tracker.log_metrics(parent_id, {"general_ce": ev["general_ce"]}, step=t)
     elif ev.get("general_ce") is not None:

@@ -151,6 +151,22 @@ def check_lineage(url: str, seq: Path, experiment: str, output: str) -> None:
     assert output.count(f"MLflow run: {url}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}") == 2
 
 
+def check_an_older_store_gets_its_models_once(url: str, seq: Path, experiment: str) -> None:
+    """A store from before lineage (acc points, no models): a sync adds one model per stage with its metrics, once."""
+    c = MlflowClient(tracking_uri=url)
+    eid = c.get_experiment_by_name(experiment).experiment_id
+    for m in c.search_logged_models([eid]):
+        c.delete_logged_model(m.model_id)
+    parent_id = json.loads((seq / "state.json").read_text())["mlflow_parent_run_id"]
+    for _ in range(2):
+        assert main(["sync", str(seq), "--tracking-uri", url]) == 0
+        models = c.search_logged_models([eid])
+        assert sorted(int(m.params["stage"]) for m in models) == [1, 2, 3]
+        assert all(sorted(x.key for x in m.metrics) == sorted(f"acc/{t}" for t in TASKS) for m in models)
+        for t in TASKS:  # the parent's points are not logged again
+            assert [m.step for m in c.get_metric_history(parent_id, f"acc/{t}")] == [0, 1, 2, 3]
+
+
 def check_register(url: str, seq: Path, tmp: Path, monkeypatch) -> None:
     out = tmp / "export"
     assert main(["export", str(seq), str(out), "--stage", "2", "--register", "smoke-adapter"]) == 0
@@ -181,6 +197,7 @@ def test_sqlite_server_one_model_per_stage_inputs_with_digests_after_a_kill_and_
         server.start()
         seq, output = run_killed_and_resumed(server.url, tmp_path / "r", "lineage")
         check_lineage(server.url, seq, "lineage", output)
+        check_an_older_store_gets_its_models_once(server.url, seq, "lineage")
         check_register(server.url, seq, tmp_path, monkeypatch)
     finally:
         server.stop()
@@ -203,6 +220,7 @@ def test_postgres_server_one_model_per_stage_inputs_with_digests_after_a_kill_an
         url = f"http://127.0.0.1:{port}"
         seq, output = run_killed_and_resumed(url, base / "r", "lineage-pg")
         check_lineage(url, seq, "lineage-pg", output)
+        check_an_older_store_gets_its_models_once(url, seq, "lineage-pg")
         check_register(url, seq, base, monkeypatch)
         _stop(proc, server_dir, seen | _server_processes(server_dir), base / "server.log")
     finally:
