@@ -67,10 +67,10 @@ def _digest_json(obj: Any) -> str:
 def _record(suite_name: str, task: str, split: str, path: Path | None, hub: dict | None) -> dict[str, Any]:
     rec = {"task": task, "split": split, "name": f"{suite_name}/{task}/{split}", "context": CONTEXT[split]}
     if path is not None:
-        text = path.read_bytes()
-        rows = sum(1 for line in text.splitlines() if line.strip()) - (1 if path.suffix.lower() == ".csv" else 0)
+        data = path.read_bytes()
+        rows = sum(1 for line in data.splitlines() if line.strip()) - (1 if path.suffix.lower() == ".csv" else 0)
         return {**rec, "digest": digest_file(path), "source_type": "local", "source": {"uri": path.resolve().as_uri()},
-                "profile": {"rows": rows, "bytes": len(text)}}
+                "profile": {"rows": rows, "bytes": len(data)}}
     return {**rec, "digest": _digest_json(hub), "source_type": "hugging_face", "source": hub, "profile": {}}
 
 
@@ -148,6 +148,7 @@ def _log_linked(tracker, run_id: str, scores: dict[str, float], step: int, recor
              for task, v in scores.items() if v is not None]
     if items:
         tracker.client.log_batch(run_id, metrics=items)
+
 
 # --- a LoggedModel per committed stage ------------------------------------------------------------------------
 def model_key(parent_id: str, stage: int) -> str:
