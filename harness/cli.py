@@ -92,6 +92,9 @@ def _folder_commands(sub) -> None:
     e.add_argument("run_dir", metavar="RUN_DIR", help="A sequence folder: results/<experiment>/<method>/seed-<s>[/order-<k>].")
     e.add_argument("out", metavar="OUT", help="Folder to write: new or empty (never overwritten).")
     e.add_argument("--stage", type=int, default=None, metavar="T", help="Committed stage to export [default: the last committed one].")
+    e.add_argument("--register", default=None, metavar="NAME", help="Also register the stage's adapter (its MLflow model) as a "
+                   "new version of registered model NAME, linked to the sequence's parent run.")
+    e.add_argument("--tracking-uri", default=None, help="With --register: the store [default: the one in the folder's state.json].")
     e.set_defaults(func="cmd_export")
 
     sy = sub.add_parser("sync", help="Mirror run folders into MLflow now (what an outage of the tracking server kept from it).")

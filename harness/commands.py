@@ -14,7 +14,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.launchers import run_sequences
 from harness.methods import METHODS
 from harness.report import write_report
-from harness.run.folder import config_knobs, sequence_folders, verify_folder
+from harness.run.folder import config_knobs, experiment_of, sequence_folders, verify_folder
 from harness.run.merge import run_merge
 from harness.run.mirror import catch_up_folders, is_behind, sync_path
 from harness.run.planning import experiment_dir, validate
@@ -23,9 +23,10 @@ from harness.suites import list_suites, validate_suite
 from harness.tools.bench import format_table, run_bench, write_json
 from harness.tools.dashboard import serve_dashboard
 from harness.tools.eval_bench import format_eval_table, run_eval_bench, run_eval_modes
-from harness.tools.export import export_adapter
+from harness.run.export import export_adapter
 from harness.tools.tracking_server import serve_tracking_server
 from harness.tools.verify import verify_path
+from harness.run.lineage import register_export, registration_target
 from harness.tracking.client import default_tracking_uri, mark_interrupted
 
 
@@ -197,8 +198,13 @@ def cmd_tracking_server(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_adapter(Path(args.run_dir), Path(args.out), args.stage)
+    run_dir = Path(args.run_dir)
+    if args.register:
+        registration_target(run_dir, args.tracking_uri)  # refused before anything is written
+    out = export_adapter(run_dir, Path(args.out), args.stage)
     print(f"wrote a PEFT adapter to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")
+    if args.register:
+        print(register_export(run_dir, args.stage, args.register, experiment_of(run_dir), args.tracking_uri))
     return 0
 
 

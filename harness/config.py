@@ -58,6 +58,10 @@ class _Knobs(BaseModel):
         False, description="Start even when the tracking store does not answer: the run folder keeps everything and MLflow "
         "catches up when it is back (harness sync RUN_DIR). Outages during a run never stop it."
     )
+    system_metrics: bool | None = Field(
+        None, description="Log MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) on each sequence's "
+        "parent run, every 10 s. Default: true on CUDA, false on CPU."
+    )
     cache_dir: Path | None = Field(None, description="Model cache folder (default: ~/.cache/lori-harness).")
 
     # --- hardware ----------------------------------------------------------------------------
@@ -368,6 +372,6 @@ BEFORE_KNOB_EXISTED = {"completion_eos": "always"}
 LAUNCH_KEYS = frozenset({"launcher", "ray_address", "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time",
                          "distributed"})
 NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
-                 "tracking_optional",
+                 "tracking_optional", "system_metrics",
                  "cache_dir", "device", "dtype", "compile", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
                  "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16"} | LAUNCH_KEYS

@@ -12,7 +12,7 @@ from harness import distributed as D
 from harness.cli import main
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError
-from harness.tools.export import export_adapter
+from harness.run.export import export_adapter
 from harness.methods import METHODS, Method, StageContext
 from harness.methods.ewc import ewc_penalty
 from harness.methods.inflora import design_A, grow_basis

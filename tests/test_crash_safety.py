@@ -63,6 +63,12 @@ def check_mlflow(results: Path, experiment: str, seq_dir: Path, n_stages: int):
     for t in json.loads((seq_dir / "summary.json").read_text())["tasks"]:
         steps = [m.step for m in c.get_metric_history(parents[0].info.run_id, f"acc/{t}")]
         assert steps == list(range(n_stages + 1)), f"acc/{t} logged at steps {steps}"
+    # MLflow 3 lineage (harness/run/lineage.py): one READY model per stage, each dataset input once, whatever was killed.
+    models = c.search_logged_models([exp.experiment_id])
+    assert sorted(int(m.params["stage"]) for m in models) == list(range(1, n_stages + 1))
+    assert all(str(m.status) == "READY" for m in models)
+    inputs = [(d.dataset.name, d.dataset.digest) for d in parents[0].inputs.dataset_inputs]
+    assert len(inputs) == len(set(inputs)) == 2 * len(json.loads((seq_dir / "summary.json").read_text())["tasks"])
 
 
 @pytest.fixture(scope="module")

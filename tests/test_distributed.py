@@ -285,7 +285,7 @@ def test_two_processes_resumed_after_a_kill_give_the_one_process_matrix_and_weig
 @pytest.mark.slow
 def test_two_processes_keep_the_mask_invariants_in_the_files(two_processes, tmp_path):
     """Read back from the stage files: B is zero outside M_1 ∪ .. ∪ M_t, M_1's entries of B are unchanged by stage 2, A never moves."""
-    from harness.tools.export import export_adapter
+    from harness.run.export import export_adapter
 
     seq = two_processes[0] / SEQ
     masks = [load_masks(seq / "stages" / s) for s in STAGES]

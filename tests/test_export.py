@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.config_loading import load_config
 from harness.errors import HarnessError
 from harness.adapters.peft_folder import write_peft_folder
-from harness.tools.export import committed_stages, export_adapter
+from harness.run.export import committed_stages, export_adapter
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
 

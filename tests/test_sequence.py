@@ -111,7 +111,7 @@ def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_p
     from safetensors.torch import load_file
 
     from harness.methods.lori.stage_files import load_masks
-    from harness.tools.export import export_adapter
+    from harness.run.export import export_adapter
 
     seq = smoke_run / "smoke-e2e" / "lori-s" / "seed-0"
     stage_dirs = sorted((p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
@@ -204,7 +204,7 @@ def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
     from safetensors.torch import load_file
 
     from harness.methods.lori.stage_files import load_masks
-    from harness.tools.export import export_adapter
+    from harness.run.export import export_adapter
 
     results = tmp_path / "r"
     assert run_cli("--methods", "lori-s", "--mask-strategy", "magnitude", "--a-mode", "per_task",

@@ -240,7 +240,7 @@ def test_a_sequence_begun_in_the_older_dense_layout_resumes_and_exports(tmp_path
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from harness.tools.export import export_adapter
+    from harness.run.export import export_adapter
     from harness.models import load_model
 
     cfg = ExperimentConfig(model="tiny-llama", a_mode=a_mode)

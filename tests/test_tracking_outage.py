@@ -71,6 +71,8 @@ def check_mirrored(server: Server, seq: Path, experiment: str) -> None:
     assert [p.info.status for p in parents] == ["FINISHED"]
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert sorted((int(ch.data.tags["harness.stage"]), ch.info.status) for ch in children) == [(t, "FINISHED") for t in (1, 2, 3)]
+    models = c.search_logged_models([exp.experiment_id])  # harness/run/lineage.py: caught up like the runs, none twice
+    assert sorted((int(m.params["stage"]), len(m.metrics)) for m in models) == [(t, 3) for t in (1, 2, 3)]
     out = cli("verify", str(seq))
     assert out.returncode == 0 and "mlflow   ok" in out.stdout, out.stdout + out.stderr
 

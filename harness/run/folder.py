@@ -43,6 +43,7 @@ PRECISION = "precision.json"  # what the stages' numbers depend on besides the c
 RESULT_FILES = ["matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png"]  # hashed in summary.json
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
 NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "tracking_optional", "cache_dir", "methods", "seeds", "orders", "experiment",
+                "system_metrics",
                 "wait_for_lock", "learn_margin", *section_users(), "merge_methods",
                 "merge_weights", "merge_density", "merge_masks", "merge_a", "merge_pairs", "merge_weight_grid"} | LAUNCH_KEYS
 

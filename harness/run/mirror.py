@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.run import lineage
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, is_disk_full, read_json
 from harness.locking import is_locked
@@ -50,7 +51,8 @@ def is_behind(run_dir: Path) -> bool:
 def mirror_stage(tracker, parent_id: str, child_id: str, stage_dir: Path, *, fresh: bool, on_half=None) -> None:
     """Copy a committed stage's files into its stage run and the parent's acc/<task> points, then mark it FINISHED.
 
-    A fresh stage logs in batches; otherwise the store is asked what it has first, so nothing is logged twice."""
+    A fresh stage logs in batches; otherwise the store is asked what it has first, so nothing is logged twice. The
+    stage's model, its run's inputs and the acc points' links to them: harness/run/lineage.py."""
     info, ev, tr = (read_json(stage_dir / f) for f in (STAGE_MARKER, "eval.json", "train.json"))
     t = info["stage"]
     stage_metrics = {k: v for k, v in info.items() if k not in ("stage", "task", "mlflow_run_id") and isinstance(v, (int, float))}
@@ -61,15 +63,18 @@ def mirror_stage(tracker, parent_id: str, child_id: str, stage_dir: Path, *, fre
         if on_half is not None:
             on_half()  # a test's fault point: the stage is half mirrored
         tracker.log_metrics(child_id, evals)
-        tracker.log_metrics(parent_id, {f"acc/{k}": v for k, v in ev["scores"].items()}
-                            | ({"general_ce": ev["general_ce"]} if ev.get("general_ce") is not None else {}), step=t)
     else:
         tracker.log_series_once(child_id, "train/loss", tr["losses"])
         tracker.mirror_metrics(child_id, {**stage_metrics, **evals})
-        for task, v in ev["scores"].items():
-            tracker.log_metric_once(parent_id, f"acc/{task}", v, t)
-        if ev.get("general_ce") is not None:
-            tracker.log_metric_once(parent_id, "general_ce", ev["general_ce"], t)
+    records = read_state(stage_dir.parent.parent).get("mlflow_datasets")  # a folder from before lineage has none
+    model_id = lineage.mirror_stage_lineage(tracker, parent_id, child_id, stage_dir, records, ev["scores"])
+    lineage.log_acc(tracker, parent_id, ev["scores"], t, records, model_id, once=not fresh)
+    if model_id and not fresh:
+        lineage.backfill_model_acc(tracker, model_id, child_id, ev["scores"], t, records)
+    if ev.get("general_ce") is not None and fresh:
+        tracker.log_metrics(parent_id, {"general_ce": ev["general_ce"]}, step=t)
+    elif ev.get("general_ce") is not None:
+        tracker.log_metric_once(parent_id, "general_ce", ev["general_ce"], t)
     tracker.finish(child_id, "FINISHED")
 
 
@@ -106,10 +111,12 @@ def sync_sequence(tracker, run_dir: Path) -> str:
     for r in tracker.stage_children(parent_id):
         by_stage.setdefault(int(r.data.tags.get("harness.stage", "-1")), []).append(r)
     keep = set()
+    records = state.get("mlflow_datasets")
+    if records:
+        lineage.log_inputs(tracker, parent_id, records)
     for t, d in sorted(committed_stages(run_dir).items()):
         if t == 0:
-            for task, v in read_json(d / "eval.json")["scores"].items():
-                tracker.log_metric_once(parent_id, f"acc/{task}", v, 0)
+            lineage.log_acc(tracker, parent_id, read_json(d / "eval.json")["scores"], 0, records, once=True)
             continue
         child = _stage_run(tracker, parent_id, t, read_json(d / STAGE_MARKER), by_stage.get(t, []), stage_tags)
         keep.add(child)

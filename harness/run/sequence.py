@@ -23,6 +23,7 @@ import numpy as np
 
 from harness import distributed as D
 from harness import faults
+from harness.run import lineage
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.provenance import git_commit
@@ -64,6 +65,8 @@ class SequenceRunner:
         self.mirror: Mirror | None = None  # rank 0's MLflow runs (other ranks never log)
         self.precision: dict[str, Any] = {}  # harness/precision.py's record, set when the sequence starts
         self.child_id: str | None = None
+        self.datasets: list[dict[str, Any]] = []  # harness/run/lineage.py: the train and test data's records, with digests
+        self.monitor = None  # MLflow's system-metrics monitor on the parent run (knob system_metrics)
 
     # --- small facts -------------------------------------------------------------------------
     def stage_name(self, t: int) -> str:
@@ -117,6 +120,10 @@ class SequenceRunner:
                 atomic_write_yaml(self.run_dir / "config.yaml", resolved)
                 atomic_write_json(self.run_dir / PRECISION, precision)
                 self._open_parent()
+                url, self.monitor = lineage.begin_sequence(self.mirror, self.datasets, lineage.system_metrics_wanted(
+                    self.cfg.system_metrics, next(self.model.parameters()).device))
+                if url:
+                    say(f"[{self.spec.label}] MLflow run: {url}")
             try:
                 return self._run_stages()
             except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: KILLED at once, and the exact command to continue
@@ -125,6 +132,9 @@ class SequenceRunner:
             except BaseException:
                 self._end_runs(lambda run_id: self.tracker.finish(run_id, "FAILED"))
                 raise
+            finally:
+                if self.monitor is not None:  # system metrics: the last samples go to the parent run
+                    self.monitor.finish()
 
     def _end_runs(self, end) -> None:
         """Rank 0: end the stage run in progress and the parent (while the store answers)."""
@@ -144,6 +154,8 @@ class SequenceRunner:
     def _open_parent(self) -> None:
         """Reopen the sequence's parent run, or create it (what to create is kept in state.json first: if the store does
         not answer, the mirror creates it when it catches up)."""
+        self.datasets = lineage.dataset_records(self.suite, self.spec.tasks)
+        update_state(self.run_dir, mlflow_datasets=self.datasets)
         self.mirror.catch_up()  # a folder left behind by an outage: level first, so the reopen below is sent
         state = read_state(self.run_dir)
         if state.get("mlflow_parent_run_id"):
@@ -227,8 +239,9 @@ class SequenceRunner:
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(0, ev.documents or {}))
             write_stage_marker(tmp, info)
         self.fill_row(0, ev.scores)
-        self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, {f"acc/{task}": v for task, v in ev.scores.items()}
-                         | ({"general_ce": self.general_ce[0]} if self.general_ce[0] is not None else {}), step=0)
+        self.mirror.call(lineage.log_acc, self.tracker, self.mirror.parent_id, ev.scores, 0, self.datasets)
+        if self.general_ce[0] is not None:
+            self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, {"general_ce": self.general_ce[0]}, step=0)
         self.stage_wall[0] = time.perf_counter() - t0
         say(stage_line(self.spec.label, len(self.plan), info, evj))
 

@@ -111,6 +111,9 @@ def bound_client_retries() -> None:
     """Bound the MLflow client's retries for a tracking server (values the user exported win)."""
     for key, value in BOUNDED_RETRIES.items():
         os.environ.setdefault(key, value)
+    # One line per stage: no "🏃 View run" / "🧪 View experiment" from MLflow whenever a run ends (the scheduler
+    # prints the parent run's address once).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class Tracker:

@@ -7,7 +7,7 @@
     lori.json           the adapter these belong to, how A is made (init, seed, task) and the sha256 of A,
                         so A is regenerated from its seed and verified instead of stored at every stage.
 
-The stage's B is rebuilt by replaying stages 1..t: B.flat[mask positions] = values (harness/tools/export.py
+The stage's B is rebuilt by replaying stages 1..t: B.flat[mask positions] = values (harness/run/export.py
 and LoRIS.restore). Folders written before this layout (a dense `adapter/` and masks.safetensors as
 uint8 of B's shape) are still read.
 """
