@@ -347,7 +347,7 @@ def seven(tmp_path_factory):
 
 def test_method_names_and_order_come_from_the_method_layer():
     from harness.methods import METHODS
-    from harness.report.naming import display_name, is_reference_method, method_sort_key
+    from harness.analysis.naming import display_name, is_reference_method, method_sort_key
 
     assert [display_name(m) for m in METHODS] == [c.display for c in METHODS.values()] and display_name("old") == "old"
     assert sorted(["zzz", "mtl", "aaa", "lora", "lori-s"], key=method_sort_key) == ["lori-s", "lora", "mtl", "aaa", "zzz"]
@@ -519,7 +519,7 @@ def test_a_task_never_learned_is_flagged_in_the_report(doc_report):
 
 def test_a_metric_no_run_defines_is_explained_by_its_cause_not_by_t_equals_1():
     """Under eval_schedule diagonal_final FWT and forgetting are n/a for every method: the page says why."""
-    from harness.report.aggregate import verdicts
+    from harness.analysis.aggregate import verdicts
 
     nan = float("nan")
     rows = [{"method": m, "reference": False, "ACC": {"mean": a, "std": 0.0}, "BWT": {"mean": -0.2, "std": 0.0},

@@ -254,7 +254,7 @@ def test_cross_term_warnings_name_linear_not_cat(mixed):
 
 
 def test_verdicts_use_the_sequence_within_noise_rule(mixed):
-    from harness.report.aggregate import ranked_comparisons
+    from harness.analysis.aggregate import ranked_comparisons
 
     verdicts = json.loads((mixed["index"].parent / "comparison.json").read_text())["merging"]["verdicts"]
     # cat: LoRI-S keeps far more of its single-adapter scores; linear: the gap is below the std.

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
-from harness.report.numbers import finite, fmt_pm
-from harness.report.store import SequenceRun
+from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
+from harness.analysis.numbers import finite, fmt_pm
+from harness.analysis.runs import SequenceRun
 
 PARAM_KEYS = ("trainable_params_effective", "trainable_params_lora_equivalent")
 
