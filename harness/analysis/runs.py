@@ -83,8 +83,8 @@ class UnfinishedRun:
 
     @property
     def resume_command(self) -> str | None:
-        """`harness resume <folder>`, or None when the folder is not known."""
-        return f"harness resume {shlex.quote(self.run_dir)}" if self.run_dir else None
+        """`harness resume <folder>`; None while another process runs it, or when the folder is not known."""
+        return f"harness resume {shlex.quote(self.run_dir)}" if self.run_dir and self.state == INTERRUPTED else None
 
     @property
     def progress(self) -> str:

@@ -28,7 +28,7 @@ from harness.analysis.runs import INTERRUPTED, RUNNING, SequenceRun, UnfinishedR
 from harness.errors import HarnessError
 from harness.io import read_json
 from harness.locking import is_locked
-from harness.metrics import LEARN_MARGIN, learning_accuracy, summarize, summarize_reference
+from harness.metrics import LEARN_MARGIN, learning_accuracy, not_learned, summarize, summarize_reference
 from harness.report.tracked import Tracked
 from harness.sequence_files import committed_stages, verify_results
 
@@ -63,8 +63,7 @@ def experiment_folder(results_dir: Path, experiment: str | None) -> Path:
         if len(names) == 1:
             return Path(results_dir) / names[0]
         if not names:
-            raise HarnessError(f"no harness sequence runs (nor merge runs) under {results_dir}: "
-                               "run `make run-sequence` (or `harness merge`) first")
+            raise HarnessError(f"no runs yet under {results_dir}: run `make run-sequence` (or `harness merge`) first")
         raise HarnessError(f"{len(names)} harness experiments under {results_dir}: {listing}; pick one with --experiment NAME")
     if experiment not in names:
         raise HarnessError(f"no experiment named {experiment!r} under {results_dir}; harness experiments: {listing}")
@@ -158,6 +157,17 @@ def _documents(folder: Path, tasks: list[str], R: np.ndarray, notes: list[str]) 
     return docs
 
 
+def _not_learned(summary: dict, R: np.ndarray, margin: float, tasks: list[str], reference: bool) -> list[str] | None:
+    """summary.json's not_learned, else (summaries written before it existed) from the matrix; None for references
+    and when not judged."""
+    if reference:
+        return None
+    if "not_learned" in summary:
+        return summary["not_learned"]
+    flagged = not_learned(R, margin)
+    return None if flagged is None else [tasks[j] for j in flagged]
+
+
 def _optional_json(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
@@ -173,7 +183,7 @@ def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> 
         recorded["LA"] = _num(learning_accuracy(R))
     notes = _consistency_notes(recorded, R, reference)
     run_id = summary.get("mlflow_parent_run_id") or state.get("mlflow_parent_run_id") or ""
-    not_learned = None if reference else summary.get("not_learned")
+    margin = float(summary.get("learn_margin") or LEARN_MARGIN)
     return SequenceRun(
         run_id=run_id, run_name=parent.get("name") or label, status="FINISHED", method=str(summary["method"]),
         seed=str(summary["seed"]), order=str(summary.get("order_index", 0)), tasks=tasks, R=R, metrics=recorded,
@@ -183,8 +193,8 @@ def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> 
         tags={str(k): str(v) for k, v in (parent.get("tags") or {}).items()},
         params={str(k): str(v) for k, v in (parent.get("params") or {}).items()},
         start_time_ms=tracked.start_ms(run_id), matrix_source="matrix.json", notes=notes, reference=reference,
-        documents=_documents(folder, tasks, R, notes), not_learned=not_learned,
-        learn_margin=float(summary.get("learn_margin") or LEARN_MARGIN))
+        documents=_documents(folder, tasks, R, notes), not_learned=_not_learned(summary, R, margin, tasks, reference),
+        learn_margin=margin)
 
 
 def _sequence_label(block: dict) -> str:
@@ -214,7 +224,7 @@ def read_sequences(exp_dir: Path, tracked: Tracked) -> tuple[list[SequenceRun], 
 def no_finished_message(experiment: str, unfinished: list[UnfinishedRun]) -> str:
     """The error when an experiment has nothing to report yet: what there is, and what to do."""
     interrupted = [u for u in unfinished if u.state == INTERRUPTED]
-    msg = f"experiment {experiment!r} has no finished sequences ({len(unfinished)} not finished skipped"
+    msg = f"experiment {experiment!r} has no FINISHED sequence runs ({len(unfinished)} not finished skipped"
     if unfinished:
         msg += f": {len(interrupted)} interrupted, {len(unfinished) - len(interrupted)} running"
     msg += "): wait for `make run-sequence` to finish"

@@ -38,7 +38,7 @@ def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> Expe
     if not runs and not merges:
         msg = no_finished_message(exp_dir.name, unfinished)
         if merge_skipped:
-            msg += f"; nor finished merge runs ({len(merge_skipped)} not finished: rerun `harness merge`, it resumes)"
+            msg += f"; nor FINISHED merge runs ({len(merge_skipped)} not finished: rerun `harness merge`, it resumes)"
         raise HarnessError(msg)
     return ExperimentRuns(
         name=exp_dir.name, folder=exp_dir, tracked=tracked, runs=runs,
