@@ -71,7 +71,7 @@ class UnfinishedRun:
 
     run_id: str | None  # the MLflow parent run id its state.json records (None when it never opened one)
     run_name: str
-    status: str  # MLflow status when the store knows the run, else the state in capitals
+    status: str  # MLflow's KILLED, FAILED or RUNNING when it says so, else the state in capitals
     state: str  # INTERRUPTED or RUNNING, from the folder (its lock)
     method: str
     seed: str
