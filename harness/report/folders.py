@@ -93,14 +93,16 @@ def unfinished_run(folder: Path, label: str, block: dict, tracked: Tracked) -> U
     state = parent_record(folder)
     run_id = state.get("mlflow_parent_run_id")
     kind = RUNNING if is_locked(folder) else INTERRUPTED
-    ended = tracked.status(run_id)  # how it ended (killed or failed) only MLflow knows; a FINISHED copy is not the folder
+    # How it ended (killed, failed) only MLflow knows; a FINISHED MLflow copy does not make the folder finished.
+    ended = tracked.status(run_id)
+    status = ended if ended in ("KILLED", "FAILED", "RUNNING") else kind.upper()
     stages = committed_stages(folder)
     tags = (state.get("mlflow_parent") or {}).get("tags") or {}
     tasks = block.get("tasks") or []
     reference = str(tags.get("harness.reference", "")).strip().lower() == "true"
     return UnfinishedRun(
         run_id=run_id, run_name=(state.get("mlflow_parent") or {}).get("name") or label,
-        status=ended if ended in ("KILLED", "FAILED", "RUNNING") else kind.upper(), state=kind, method=str(block.get("method", "unknown")),
+        status=status, state=kind, method=str(block.get("method", "unknown")),
         seed=str(block.get("seed", "?")), order=str(block.get("order_index", "?")), run_dir=str(folder),
         last_stage=max(stages) if stages else None, n_stages=1 if reference else (len(tasks) or None),
         start_time_ms=tracked.start_ms(run_id))
