@@ -102,7 +102,7 @@ def test_report_never_averages_variants_and_compares_each_method_at_its_best(gri
 
 
 def _vrow(method, eos, mean, std):
-    from harness.report.sensitivity import VariantRow
+    from harness.analysis.sensitivity import VariantRow
 
     return VariantRow(method, f"v-{eos}", {"completion_eos": eos}, ["0", "1", "2"],
                       {m: {"mean": mean if m == "ACC" else float("nan"), "std": std, "n": 3} for m in
@@ -110,7 +110,7 @@ def _vrow(method, eos, mean, std):
 
 
 def test_the_report_says_plainly_when_the_verdict_depends_on_the_recipe():
-    from harness.report.sensitivity import recipe_verdicts
+    from harness.analysis.sensitivity import recipe_verdicts
 
     same = [_vrow("lora", "always", 0.40, 0.10), _vrow("lori-s", "always", 0.85, 0.03),
             _vrow("lora", "auto", 0.50, 0.05), _vrow("lori-s", "auto", 0.80, 0.04)]

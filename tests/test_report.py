@@ -1,8 +1,10 @@
-"""The forgetting report against a real sqlite MLflow store written the way the scheduler writes it.
+"""The forgetting report against run folders and a real sqlite MLflow store, written the way the scheduler writes them.
 
-The fixture store follows the MLflow contract (parent run per sequence with acc/<task> per stage,
-final ACC/BWT/FWT/forgetting, matrix.json/csv, summary.json, diagnostics.json, config.yaml; child
-runs per stage). Its matrices are made-up test input; the metrics logged for them are computed
+Each fixture sequence is a run folder (config.yaml with its sequence block, state.json, matrix.json,
+diagnostics.json, summary.json with the hashes of its results; README "Results folder"), which the report
+reads, and its MLflow copy (parent run per sequence with acc/<task> per stage, final ACC/BWT/FWT/forgetting,
+the artifacts; child runs per stage), from which the report takes only the run dates and statuses and to
+which it logs its figures. Its matrices are made-up test input; the metrics recorded for them are computed
 here by hand from the formulas in lori-reference.md. Rendering is checked in a real headless
 Chromium (Debian's /usr/bin/chromium, driven by the python playwright package).
 """
@@ -68,9 +70,52 @@ def _diagnostics(method: str, seed: str) -> dict:
     }
 
 
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+
+
+def write_sequence_folder(run_dir: Path, record: dict, R: list, summary: dict, diagnostics: dict | None = None,
+                          documents: dict | None = None) -> None:
+    """A finished sequence folder with the files the report reads, as the scheduler writes them.
+
+    record: state.json's parent record (name, tags, params) and run id; summary.json gets the hashes of the results."""
+    import yaml
+
+    from harness.run.folder import result_hashes
+
+    seq = {"method": summary["method"], "seed": summary["seed"], "order_index": 0, "tasks": TASKS}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"suite": "default", "model": "smollm2-135m", "sequence": seq}))
+    _write_json(run_dir / "state.json", record)
+    _write_json(run_dir / "matrix.json", {"tasks": TASKS, "stages": list(range(len(R))), "R": R})
+    if diagnostics is not None:
+        _write_json(run_dir / "diagnostics.json", diagnostics)
+    if documents is not None:
+        _write_json(run_dir / "documents.json", documents)
+    for t in range(len(R)):
+        _write_json(run_dir / "stages" / f"{t}-{(['base'] + TASKS)[t]}" / "stage.json", {"stage": t})
+    _write_json(run_dir / "summary.json", {**summary, "complete": True, "sha256": result_hashes(run_dir)})
+
+
+def write_unfinished_folder(run_dir: Path, method: str, seed: str, n_stages: int, run_id: str, run_name: str) -> None:
+    """A sequence folder that stopped after committing stages 0..n_stages-1: no summary.json."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seq = {"method": method, "seed": int(seed), "order_index": 0, "tasks": TASKS}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"suite": "default", "model": "smollm2-135m", "sequence": seq}))
+    _write_json(run_dir / "state.json", {"mlflow_parent": {"name": run_name, "tags": {}, "params": {}},
+                                         "mlflow_parent_run_id": run_id})
+    for t in range(n_stages):
+        _write_json(run_dir / "stages" / f"{t}-{(['base'] + TASKS)[t]}" / "stage.json", {"stage": t})
+
+
 def _log_sequence(client, exp_id: str, method: str, seed: str, R: list, eff: float, lora_eq: float,
-                  experiment: str = EXPERIMENT, reference: bool = False) -> str:
-    """One FINISHED parent run with its children, as the scheduler logs it; a reference trains all tasks in one stage."""
+                  experiment: str = EXPERIMENT, reference: bool = False, results_dir: Path | None = None,
+                  documents: dict | None = None) -> str:
+    """One FINISHED sequence: its run folder under results_dir/<experiment>/<method>/seed-<seed>, and its MLflow
+    parent run with its children, as the scheduler writes them; a reference trains all tasks in one stage."""
     import numpy as np
     from mlflow.entities import Metric, Param
 
@@ -98,13 +143,19 @@ def _log_sequence(client, exp_id: str, method: str, seed: str, R: list, eff: flo
     csv = "stage," + ",".join(TASKS) + "\n" + "".join(
         f"{s}," + ",".join("" if v is None else str(v) for v in row) + "\n" for s, row in enumerate(R))
     client.log_text(rid, csv, "matrix.csv")
-    client.log_dict(rid, {
+    summary = {
         "method": method, "seed": int(seed), "order_index": 0, "tasks": TASKS, "acc": m["ACC"], "bwt": m["BWT"],
         "fwt": m["FWT"], "forgetting": m["forgetting"], "trainable_params_effective": eff, "reference": reference,
         "trainable_params_lora_equivalent": lora_eq, "stage_wall_s": [60.0, 61.0, 59.5], "mlflow_parent_run_id": rid,
-    }, "summary.json")
+    }
+    client.log_dict(rid, summary, "summary.json")
     client.log_text(rid, f"experiment: {experiment}\nmethods: [{method}]\n", "config.yaml")
     client.log_dict(rid, _diagnostics(method, seed), "diagnostics.json")
+    if documents is not None:
+        client.log_dict(rid, documents, "documents.json")
+    record = {"mlflow_parent": {"name": f"{method}-s{seed}-o0", "tags": tags, "params": params}, "mlflow_parent_run_id": rid}
+    write_sequence_folder(results_dir / experiment / method / f"seed-{seed}", record, R, summary, _diagnostics(method, seed),
+                          documents)
     for stage, task in enumerate(["all"] if reference else TASKS, start=1):
         child = client.create_run(exp_id, start_time=ts + stage, run_name=f"stage-{stage}-{task}", tags={
             "mlflow.parentRunId": rid, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task})
@@ -128,13 +179,15 @@ def build_fixture_store(results_dir: Path) -> dict:
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=f"file://{results_dir / 'mlartifacts'}")
     ts = 1_760_000_000_000
-    parents = {(method, seed): _log_sequence(client, exp_id, method, seed, R, *PARAMS[method])
+    parents = {(method, seed): _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], results_dir=results_dir)
                for (method, seed), R in MATRICES.items()}
-    # Incomplete sequences: skipped by the report.
+    # Incomplete sequences (folders without summary.json): skipped by the report.
     for status, seed in (("RUNNING", "2"), ("FAILED", "3")):
         run = client.create_run(exp_id, start_time=ts, run_name=f"lora-s{seed}-o0", tags={
             "harness.kind": "sequence", "harness.method": "lora", "harness.seed": seed, "harness.order": "0"})
         client.log_metric(run.info.run_id, "acc/arith", 0.1, step=0)
+        write_unfinished_folder(results_dir / EXPERIMENT / "lora" / f"seed-{seed}", "lora", seed, 1, run.info.run_id,
+                                f"lora-s{seed}-o0")
         if status != "RUNNING":
             client.set_terminated(run.info.run_id, status)
     return {"uri": uri, "experiment_id": exp_id, "parents": parents, "results_dir": results_dir}
@@ -189,7 +242,7 @@ def test_report_files(report, store):
     assert "Avalanche" in text and "Mammoth" in text and "Lopez-Paz" in text and "Chaudhry" in text
     assert "max_{l in 1..T-1} (R[l, j] - R[T, j])" in text
     assert "0123abcd" in text and "smollm2-135m" in text
-    assert "every logged ACC/BWT/FWT/forgetting matches" in text
+    assert "every ACC/BWT/FWT/forgetting in summary.json matches" in text
 
 
 def test_comparison_numbers(report, store):
@@ -273,7 +326,7 @@ def test_matrix_heatmap_writes_one_png(tmp_path):
     """The scheduler's per-run heatmap: a PNG written atomically, a not-evaluated cell allowed."""
     import numpy as np
 
-    from harness.report.figures import matrix_heatmap
+    from harness.heatmap import matrix_heatmap
 
     R = np.array([[np.nan if v is None else v for v in row] for row in MATRICES[("lora", "1")]])
     path = tmp_path / "matrix_heatmap.png"
@@ -282,18 +335,32 @@ def test_matrix_heatmap_writes_one_png(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["matrix_heatmap.png"]
 
 
-def test_matrix_rebuilt_from_metrics_when_artifact_missing(report, store, tmp_path):
-    """A copy of the store whose matrix.json files are gone: the acc/<task> histories give the same matrix."""
+def test_the_matrices_come_from_the_run_folders_not_from_mlflow(report, store, tmp_path):
+    """A copy of the results whose MLflow artifacts are all gone: the folders give the same matrices and numbers."""
     copy = _copy_store(store, tmp_path / "results")
     removed = list((copy / "mlartifacts").rglob("matrix.json"))
     assert len(removed) == 4
-    for p in removed:
-        p.unlink()
+    shutil.rmtree(copy / "mlartifacts")
     index = write_report(EXPERIMENT, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
     got = json.loads((index.parent / "mean_matrices.json").read_text())
     want = json.loads((report.parent / "mean_matrices.json").read_text())
     assert got["methods"] == want["methods"] and got["columns"] == want["columns"]
-    assert "no matrix.json artifact; matrix rebuilt from acc/&lt;task&gt; metrics" in index.read_text()
+    comp, want_comp = (json.loads((i.parent / "comparison.json").read_text()) for i in (index, report))
+    assert comp["methods"] == want_comp["methods"] and comp["verdicts"] == want_comp["verdicts"]
+    assert "every ACC/BWT/FWT/forgetting in summary.json matches" in index.read_text()
+
+
+def test_a_folder_whose_matrix_changed_after_its_summary_is_refused(store, tmp_path):
+    """summary.json records the matrix's SHA-256: a matrix.json edited afterwards stops the report (exit 2), naming it."""
+    from harness.integrity import IntegrityError
+
+    copy = _copy_store(store, tmp_path / "results")
+    matrix = copy / EXPERIMENT / "lora" / "seed-0" / "matrix.json"
+    data = json.loads(matrix.read_text())
+    data["R"][3][0] = 0.99
+    matrix.write_text(json.dumps(data))
+    with pytest.raises(IntegrityError, match=rf"{matrix}: SHA-256 differs.*harness resume"):
+        write_report(EXPERIMENT, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
 
 
 # --- every method, a reference row, unfinished runs (test input, not results) ---------------------
@@ -306,17 +373,36 @@ def _seven_matrix(k: int, seed: int, reference: bool = False) -> list[list[float
                                    [[0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]])
 
 
-def _log_unfinished(client, exp_id, method, seed, R, tags, status=None) -> str:
-    """A parent run that did not finish: its acc/<task> up to where it stopped (step = stage)."""
+def _log_unfinished(client, exp_id, run_dir: Path, method, seed, R, tags, status=None) -> str:
+    """A sequence that did not finish: its folder with stages 0..len(R)-1 committed, and its parent run with its
+    acc/<task> up to where it stopped (step = stage)."""
     from mlflow.entities import Metric, Param
 
     rid = client.create_run(exp_id, run_name=f"{method}-s{seed}-o0", tags={
         "harness.kind": "sequence", "harness.method": method, "harness.seed": str(seed), "harness.order": "0", **tags}).info.run_id
     client.log_batch(rid, metrics=[Metric(f"acc/{t}", v, 0, s) for s, row in enumerate(R) for t, v in zip(TASKS, row)],
                      params=[Param("task_order", ",".join(TASKS))])
+    write_unfinished_folder(run_dir, method, str(seed), len(R), rid, f"{method}-s{seed}-o0")
     if status:
         client.set_terminated(rid, status)
     return rid
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(run_dir: Path):
+    """A child process holds the folder's lock (harness/locking.py) until the block ends, as a running sequence does."""
+    import subprocess
+    import sys
+
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def build_seven_method_store(results_dir: Path) -> dict:
@@ -332,22 +418,24 @@ def build_seven_method_store(results_dir: Path) -> dict:
     for k, (method, cls) in enumerate(METHODS.items()):
         for seed in ("0", "1"):
             R = st["R"][(method, seed)] = _seven_matrix(k, int(seed), cls.reference)
-            _log_sequence(client, exp_id, method, seed, R, 4e5 * (1 + k), 4e5, SEVEN, cls.reference)
-    st["killed"] = _log_unfinished(client, exp_id, "lora", 7, _seven_matrix(0, 7)[:2],
+            _log_sequence(client, exp_id, method, seed, R, 4e5 * (1 + k), 4e5, SEVEN, cls.reference, results_dir)
+    st["killed"] = _log_unfinished(client, exp_id, Path(st["killed_dir"]), "lora", 7, _seven_matrix(0, 7)[:2],
                                    {"harness.run_dir": st["killed_dir"], "harness.interrupted": "true"}, status="KILLED")
-    st["running"] = _log_unfinished(client, exp_id, "replay", 8, _seven_matrix(0, 8)[:3], {})
+    st["running_dir"] = results_dir / SEVEN / "replay" / "seed-8"
+    st["running"] = _log_unfinished(client, exp_id, st["running_dir"], "replay", 8, _seven_matrix(0, 8)[:3], {})
     return st
 
 
 @pytest.fixture(scope="module")
 def seven(tmp_path_factory):
     store = build_seven_method_store(tmp_path_factory.mktemp("seven").resolve())
-    return {**store, "index": write_report(SEVEN, store["results_dir"], log_to_mlflow=False)}
+    with lock_held_by_another_process(store["running_dir"]):  # replay seed 8 is running
+        return {**store, "index": write_report(SEVEN, store["results_dir"], log_to_mlflow=False)}
 
 
 def test_method_names_and_order_come_from_the_method_layer():
     from harness.methods import METHODS
-    from harness.report.naming import display_name, is_reference_method, method_sort_key
+    from harness.analysis.naming import display_name, is_reference_method, method_sort_key
 
     assert [display_name(m) for m in METHODS] == [c.display for c in METHODS.values()] and display_name("old") == "old"
     assert sorted(["zzz", "mtl", "aaa", "lora", "lori-s"], key=method_sort_key) == ["lori-s", "lora", "mtl", "aaa", "zzz"]
@@ -361,7 +449,7 @@ def test_seven_methods_reference_row_never_ranked(seven):
 
     text, rdir = seven["index"].read_text(encoding="utf-8"), seven["index"].parent
     assert all(f'<td class="l">{c.display}' in text for c in METHODS.values())
-    assert "MTL is a reference (upper bound), not ranked" in text and "every logged ACC/BWT/FWT/forgetting matches" in text
+    assert "MTL is a reference (upper bound), not ranked" in text and "every ACC/BWT/FWT/forgetting in summary.json matches" in text
     row = text[text.index("MTL <em>reference (upper bound)</em></td><td>2</td>"):].split("</tr>")[0]
     assert row.count("<td>n/a</td>") == 4  # BWT, FWT, forgetting, LA do not apply
     assert len(list(rdir.glob("*.png"))) == 6
@@ -397,18 +485,26 @@ def test_interrupted_and_running_runs_are_listed_not_aggregated(seven, tmp_path)
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = client.create_experiment("cut", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
-    _log_unfinished(client, exp_id, "lora", 0, [], {"harness.run_dir": "/r/seed-0", "harness.interrupted": "true"}, "KILLED")
-    with pytest.raises(HarnessError, match=r"no FINISHED sequence runs .*1 interrupted.*`harness resume /r/seed-0`"):
+    cut_dir = tmp_path / "cut" / "lora" / "seed-0"
+    _log_unfinished(client, exp_id, cut_dir, "lora", 0, [], {"harness.run_dir": str(cut_dir), "harness.interrupted": "true"},
+                    "KILLED")
+    with pytest.raises(HarnessError, match=rf"no FINISHED sequence runs .*1 interrupted.*`harness resume {cut_dir}`"):
         write_report("cut", tmp_path, log_to_mlflow=False)
 
 
-def test_reference_matrix_rebuilt_from_metrics(seven, tmp_path):
+def test_reference_matrix_comes_from_its_folder_without_any_mlflow_store(seven, tmp_path):
+    """The whole MLflow store gone: the folders alone give the same matrices (mtl: 2 rows, still consistent); the page
+    says MLflow was not read, and the interrupted sequence is still listed with its command."""
     copy = _copy_store(seven, tmp_path / "results")
-    for p in (copy / "mlartifacts").rglob("matrix.json"):
-        p.unlink()
+    shutil.rmtree(copy / "mlartifacts")
+    (copy / "mlflow.db").unlink()
     index = write_report(SEVEN, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
     got, want = (json.loads((i.parent / "mean_matrices.json").read_text())["methods"] for i in (index, seven["index"]))
-    assert got == want and "logged ACC" not in index.read_text(encoding="utf-8")  # mtl: 2 rows, still consistent
+    text = index.read_text(encoding="utf-8")
+    assert got == want and "summary.json has ACC" not in text
+    assert f"MLflow, for the run dates: not read: no MLflow store at {copy / 'mlflow.db'}" in text
+    assert not (copy / "mlflow.db").exists()  # nothing created by looking
+    assert f"harness resume {copy / SEVEN / 'lora' / 'seed-7'}" in text
 
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
@@ -482,10 +578,9 @@ def doc_report(tmp_path_factory):
             u = {t: np.where(rng.random(40) < 0.8, difficulty[t], rng.random(40)) for t in TASKS}
             rows = {t: [[int(u[t][d] < P[i][j]) for d in range(40)] for i in range(4)] for j, t in enumerate(TASKS)}
             R = [[sum(rows[t][i]) / 40 for t in TASKS] for i in range(4)]
-            rid = _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], experiment="docs")
-            client.log_dict(rid, {"tasks": TASKS, "stages": [0, 1, 2, 3],
-                                  "documents": {t: {"doc_ids": list(range(40)), "scores": rows[t]} for t in TASKS}},
-                            "documents.json")
+            _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], experiment="docs", results_dir=results_dir,
+                          documents={"tasks": TASKS, "stages": [0, 1, 2, 3],
+                                     "documents": {t: {"doc_ids": list(range(40)), "scores": rows[t]} for t in TASKS}})
     return write_report("docs", results_dir, log_to_mlflow=False)
 
 
@@ -519,7 +614,7 @@ def test_a_task_never_learned_is_flagged_in_the_report(doc_report):
 
 def test_a_metric_no_run_defines_is_explained_by_its_cause_not_by_t_equals_1():
     """Under eval_schedule diagonal_final FWT and forgetting are n/a for every method: the page says why."""
-    from harness.report.aggregate import verdicts
+    from harness.analysis.aggregate import verdicts
 
     nan = float("nan")
     rows = [{"method": m, "reference": False, "ACC": {"mean": a, "std": 0.0}, "BWT": {"mean": -0.2, "std": 0.0},
@@ -531,7 +626,7 @@ def test_a_metric_no_run_defines_is_explained_by_its_cause_not_by_t_equals_1():
 
 
 def test_a_long_figure_title_is_wrapped_to_the_figure_width_not_cut():
-    from harness.report.figures import fit_title
+    from harness.heatmap import fit_title
 
     title = "Accuracy matrix R[i, j] after each stage, mean over seeds and orders (one panel per method)"
     lines = fit_title(title, 4.0, 11).splitlines()

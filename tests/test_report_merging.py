@@ -1,9 +1,11 @@
-"""The report's Merging section against a real sqlite MLflow store written the way `harness merge` writes it.
+"""The report's Merging section against merge run folders and a real sqlite MLflow store, written as `harness merge`
+writes them.
 
-The store follows harness.merging.protocol's MLflow contract: a FINISHED parent run per (method,
-seed) tagged harness.kind=merge with metrics single/<task> and merged/<combination>/*, the
-artifacts single.json, merged.json, summary.json and config.yaml, and child runs per task adapter
-and per merge. Its scores are made-up test input; the expected table values are computed here by
+Each merge run is a folder results/<experiment>/merge/<method>/seed-<s>/ (config.yaml with its merge block,
+state.json, single.json, merged.json, summary.json), which the report reads, and its MLflow copy
+(harness.merging.protocol's contract: a FINISHED parent run per (method, seed) tagged harness.kind=merge with
+metrics single/<task> and merged/<combination>/*, the artifacts, and child runs per task adapter and per merge),
+from which the report takes only the run dates, statuses and git commit. Its scores are made-up test input; the expected table values are computed here by
 hand from the formulas in harness.metrics.MERGE_DEFINITIONS. No model is trained.
 """
 
@@ -13,6 +15,7 @@ import json
 import os
 from html import escape as html_escape
 import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -83,8 +86,22 @@ def _merge_rows(method: str, seed: str) -> list[dict]:
     return rows
 
 
-def log_merge_run(client, exp_id: str, method: str, seed: str, experiment: str, status: str = "FINISHED") -> str:
-    """One merge parent run (method, seed) with its children, as harness.merging.protocol logs it."""
+def write_merge_folder(run_dir: Path, method: str, seed: str, run_id: str, files: dict) -> None:
+    """A merge run folder: config.yaml (the knobs and the merge block), state.json, and the given JSON files."""
+    import yaml
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = {"suite": "default", "model": "smollm2-135m", "merge_density": 0.5, "merge_masks": "independent",
+              "merge_a": "per-task", "merge": {"method": method, "seed": int(seed), "tasks": TASKS}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    for name, obj in {"state.json": {"mlflow_parent_run_id": run_id}, **files}.items():
+        (run_dir / name).write_text(json.dumps(obj, indent=2))
+
+
+def log_merge_run(client, exp_id: str, method: str, seed: str, experiment: str, results_dir: Path,
+                  status: str = "FINISHED") -> str:
+    """One merge run (method, seed): its folder under results_dir, and its MLflow parent run with its children, as
+    harness.merging.protocol writes them."""
     from mlflow.entities import Metric, Param
 
     ts = 1_760_100_000_000 + 1000 * int(seed)
@@ -96,7 +113,9 @@ def log_merge_run(client, exp_id: str, method: str, seed: str, experiment: str, 
               "merge_methods": ",".join(COMBINATIONS), "merge_weights": str(WEIGHTS[method]), "merge_density": "0.5",
               "merge_masks": "independent", "merge_a": "per-task"}
     client.log_batch(rid, params=[Param(k, v) for k, v in params.items()])
+    run_dir = results_dir / experiment / "merge" / method / f"seed-{seed}"
     if status != "FINISHED":
+        write_merge_folder(run_dir, method, seed, rid, {})
         return rid
     for t in TASKS:
         kid = client.create_run(exp_id, start_time=ts, run_name=f"adapter-{t}", tags={
@@ -115,24 +134,27 @@ def log_merge_run(client, exp_id: str, method: str, seed: str, experiment: str, 
     client.log_dict(rid, {"tasks": TASKS, "S": S}, "single.json")
     client.log_dict(rid, {"rows": rows}, "merged.json")
     client.log_text(rid, f"experiment: {experiment}\nmerge: {{method: {method}, seed: {seed}}}\n", "config.yaml")
-    client.log_dict(rid, {
+    summary = {
         "protocol": "merge", "method": method, "seed": int(seed), "tasks": TASKS, "weights": WEIGHTS[method],
         "single_diagonal": dict(zip(TASKS, SINGLE[(method, seed)])),
         "merges": {r["combination"]: {k: r[k] for k in ("normalised_accuracy", "average_drop", "relative_error",
                                                          "cross_terms", "scores")} for r in rows[:2]},
         "interference": {c: _interference(method, seed, c) for c in COMBINATIONS} if method in PAIRS else {},
-        "mlflow_parent_run_id": rid, "complete": True}, "summary.json")
+        "mlflow_parent_run_id": rid, "complete": True}
+    client.log_dict(rid, summary, "summary.json")
+    write_merge_folder(run_dir, method, seed, rid, {"single.json": {"tasks": TASKS, "S": S}, "merged.json": {"rows": rows},
+                                                    "summary.json": summary})
     client.set_terminated(rid, "FINISHED")
     return rid
 
 
-def add_merge_runs(uri: str, exp_id: str, experiment: str) -> dict:
-    """2 methods x 2 seeds FINISHED, plus one RUNNING merge parent the report must skip."""
+def add_merge_runs(uri: str, exp_id: str, experiment: str, results_dir: Path) -> dict:
+    """2 methods x 2 seeds FINISHED, plus one RUNNING merge run (no summary.json yet) the report must skip."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    parents = {(m, s): log_merge_run(client, exp_id, m, s, experiment) for m in ("lora", "lori-s") for s in ("0", "1")}
-    running = log_merge_run(client, exp_id, "lora", "2", experiment, status="RUNNING")
+    parents = {(m, s): log_merge_run(client, exp_id, m, s, experiment, results_dir) for m in ("lora", "lori-s") for s in ("0", "1")}
+    running = log_merge_run(client, exp_id, "lora", "2", experiment, results_dir, status="RUNNING")
     return {"parents": parents, "running": running}
 
 
@@ -143,14 +165,15 @@ def build_merge_only_store(results_dir: Path, experiment: str = "merge-only") ->
     uri = f"sqlite:///{results_dir / 'mlflow.db'}"
     artifacts = f"file://{results_dir / 'mlartifacts'}"
     exp_id = MlflowClient(tracking_uri=uri).create_experiment(experiment, artifact_location=artifacts)
-    return {"uri": uri, "results_dir": results_dir, "experiment": experiment, **add_merge_runs(uri, exp_id, experiment)}
+    return {"uri": uri, "results_dir": results_dir, "experiment": experiment,
+            **add_merge_runs(uri, exp_id, experiment, results_dir)}
 
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
     """The sequence fixture store of test_report plus the merge runs, in one experiment."""
     store = build_fixture_store(tmp_path_factory.mktemp("mixed"))
-    merges = add_merge_runs(store["uri"], store["experiment_id"], EXPERIMENT)
+    merges = add_merge_runs(store["uri"], store["experiment_id"], EXPERIMENT, store["results_dir"])
     return {**store, "seq_parents": store["parents"], **merges, "index": write_report(None, store["results_dir"])}
 
 
@@ -202,7 +225,7 @@ def test_merging_section_table_values(mixed):
     from harness.metrics import MERGE_DEFINITIONS
 
     assert f"<pre>{html_escape(MERGE_DEFINITIONS)}</pre>" in html  # printed as the sequence definitions are
-    assert "Check: every logged merged/&lt;combination&gt; metric matches" in html
+    assert "Check: every normalised accuracy and average drop in summary.json matches" in html
 
 
 def test_comparison_json_merging(mixed):
@@ -254,7 +277,7 @@ def test_cross_term_warnings_name_linear_not_cat(mixed):
 
 
 def test_verdicts_use_the_sequence_within_noise_rule(mixed):
-    from harness.report.aggregate import ranked_comparisons
+    from harness.analysis.aggregate import ranked_comparisons
 
     verdicts = json.loads((mixed["index"].parent / "comparison.json").read_text())["merging"]["verdicts"]
     # cat: LoRI-S keeps far more of its single-adapter scores; linear: the gap is below the std.
@@ -318,7 +341,7 @@ def test_no_pairs_no_interference_figure_and_no_merges_no_section(tmp_path):
     # Neither kind finished: the error says so.
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = client.create_experiment("cut", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
-    log_merge_run(client, exp_id, "lora", "0", "cut", status="RUNNING")
+    log_merge_run(client, exp_id, "lora", "0", "cut", tmp_path, status="RUNNING")
     with pytest.raises(HarnessError, match=r"no FINISHED sequence runs .*nor FINISHED merge runs \(1 not finished"):
         write_report("cut", tmp_path, log_to_mlflow=False)
 
@@ -334,33 +357,46 @@ def close(a, b) -> bool:
     return a == b
 
 
-def test_rebuilt_from_merged_json_without_summary(merge_only, tmp_path):
+def test_the_merges_come_from_the_run_folders_not_from_mlflow(merge_only, tmp_path):
+    """A copy whose MLflow artifacts are all gone: the folders give the same merging numbers."""
     from test_report import _copy_store
 
     copy = _copy_store(merge_only, tmp_path / "results")
     removed = list((copy / "mlartifacts").rglob("summary.json"))
     assert len(removed) == 4
-    for p in removed:
-        p.unlink()
+    shutil.rmtree(copy / "mlartifacts")
     index = write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
     got, want = (json.loads((i.parent / "comparison.json").read_text())["merging"] for i in (index, merge_only["index"]))
     assert got["verdicts"] == want["verdicts"] and got["cross_term_warnings"] == want["cross_term_warnings"]
     assert close(got["methods"], want["methods"]) and close(got["interference"], want["interference"])
-    html = merging_html(index)
-    assert "no usable summary.json; merges rebuilt from merged.json" in html
+    assert "4567cdef" in merging_html(index)  # the git commit, which only MLflow records
 
 
-def test_inconsistent_logged_metric_is_noted(merge_only, tmp_path):
-    from mlflow.tracking import MlflowClient
-
+def test_a_merge_folder_without_its_summary_is_listed_not_aggregated(merge_only, tmp_path):
+    """summary.json is written last: without it the run is not finished (rerunning `harness merge` resumes it)."""
     from test_report import _copy_store
 
     copy = _copy_store(merge_only, tmp_path / "results")
-    uri = f"sqlite:///{copy / 'mlflow.db'}"
-    rid = merge_only["parents"][("lora", "0")]
-    MlflowClient(tracking_uri=uri).log_metric(rid, "merged/linear/normalised_accuracy", 0.1, timestamp=1_900_000_000_000)
-    html = merging_html(write_report("merge-only", copy, tracking_uri=uri, log_to_mlflow=False))
-    assert "logged merged/linear/normalised_accuracy = 0.100000 but the artifacts give" in html
+    (copy / "merge-only" / "merge" / "lora" / "seed-0" / "summary.json").unlink()
+    index = write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
+    merging = json.loads((index.parent / "comparison.json").read_text())["merging"]
+    assert merging["methods"]["lora"]["seeds"] == ["1"] and merging["methods"]["lori-s"]["seeds"] == ["0", "1"]
+    assert sorted(r["run_id"] for r in merging["skipped_runs"]) == sorted([merge_only["running"],
+                                                                           merge_only["parents"][("lora", "0")]])
+    assert "merge/lora/seed-0 (INTERRUPTED)" in merging_html(index)  # the folder's state: MLflow's FINISHED copy is not it
+
+
+def test_a_summary_number_that_disagrees_with_its_scores_is_noted(merge_only, tmp_path):
+    from test_report import _copy_store
+
+    copy = _copy_store(merge_only, tmp_path / "results")
+    path = copy / "merge-only" / "merge" / "lora" / "seed-0" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["merges"]["linear"]["normalised_accuracy"] = 0.1
+    path.write_text(json.dumps(summary))
+    html = merging_html(write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False))
+    want = hand("lora", "0", "linear")["normalised_accuracy"]
+    assert f"linear: normalised_accuracy = 0.100000 but the per-task scores give {want:.6f}" in html
 
 
 @pytest.mark.parametrize("which", ["mixed", "merge_only"])

@@ -1,106 +1,28 @@
-"""Every Matplotlib figure of the harness: the per-run matrix heatmap and the report's figures.
+"""The report's sequence figures as PNG bytes: accuracy matrices, curves, metrics, parameters, diagnostics,
+general CE and the grid's sensitivity figure (merge_figures.py draws the merging ones).
 
-Object-oriented Matplotlib on the Agg canvas: no pyplot, so no global backend switch and no
-figure registry to leak into (the scheduler draws from a long-running process). Both heatmaps, the
-per-run `matrix_heatmap.png` and the report's side-by-side panels, are drawn by `_draw_heatmap`;
-they differ only in the HeatmapStyle and the layout around it.
+Object-oriented Matplotlib on the Agg canvas (harness/heatmap.py: no pyplot). The report's heatmap panels are
+drawn by the same `draw_heatmap` as each run's `matrix_heatmap.png`; they differ only in the HeatmapStyle and
+the layout around it.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import textwrap
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.patches import Rectangle
 
-from harness.io import atomic_write_bytes
-from harness.report.aggregate import PARAM_KEYS, MethodMatrix
-from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name
-from harness.report.numbers import finite, fmt_count
+from harness.analysis.aggregate import PARAM_KEYS, MethodMatrix
+from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name, num_sort_key
+from harness.analysis.numbers import finite, fmt_count
+from harness.analysis.sensitivity import VariantRow
+from harness.heatmap import HeatmapStyle, draw_heatmap, fit_title, new_figure, png_bytes
 
-_DPI = 110
-
-
-@dataclass(frozen=True)
-class HeatmapStyle:
-    """How the cells and labels of an annotated 0..1 heatmap look."""
-
-    missing_color: str | None  # not-evaluated cells; None leaves them transparent
-    missing_text: str | None  # text in not-evaluated cells; None writes nothing
-    white_below: float  # values below this get white text (dark end of viridis)
-    rotate_after: int  # rotate the column labels when the longest has more characters (-1: always)
-    rotation: int
-    tick_fontsize: float | None  # None: Matplotlib's default size
-    title_fontsize: float | None
-
-
-# The per-run file the scheduler writes next to matrix.json.
-RUN_STYLE = HeatmapStyle(None, None, 0.6, -1, 30, None, None)
 # The report's panels: grey "n/a" cells, so a gap is visibly not a zero.
 REPORT_STYLE = HeatmapStyle("#d9d9d9", "n/a", 0.55, 6, 35, 8, 10)
-
-
-def _size(fontsize: float | None) -> dict[str, float]:
-    # Passing fontsize=None would not mean "default" everywhere (a title would shrink to 10 pt).
-    return {} if fontsize is None else {"fontsize": fontsize}
-
-
-def _new_figure(w: float, h: float, dpi: float | None = _DPI, layout: str | None = "constrained"):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=dpi, layout=layout)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI)
-    return buf.getvalue()
-
-
-def _draw_heatmap(ax, M: np.ndarray, row_labels, col_labels, title: str, style: HeatmapStyle, fontsize: float):
-    """One annotated heatmap on ax (fixed 0..1 colour scale, the value in every cell); returns the image."""
-    import matplotlib
-
-    cmap = matplotlib.colormaps["viridis"]
-    if style.missing_color is not None:
-        cmap = cmap.with_extremes(bad=style.missing_color)
-    im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
-    rotate = max(map(len, col_labels), default=0) > style.rotate_after
-    ax.set_xticks(range(M.shape[1]), col_labels, rotation=style.rotation if rotate else 0,
-                  ha="right" if rotate else "center", **_size(style.tick_fontsize))
-    ax.set_yticks(range(M.shape[0]), row_labels[: M.shape[0]], **_size(style.tick_fontsize))
-    ax.set_title(title, **_size(style.title_fontsize))
-    for i in range(M.shape[0]):
-        for j in range(M.shape[1]):
-            v = M[i, j]
-            if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize,
-                        color="white" if v < style.white_below else "black")
-            elif style.missing_text is not None:
-                ax.text(j, i, style.missing_text, ha="center", va="center", fontsize=fontsize - 1, color="#555555")
-    return im
-
-
-def matrix_heatmap(R: np.ndarray, tasks: list[str], title: str, path: Path) -> None:
-    """Write one run's accuracy matrix as a PNG heatmap: rows = stage 0..T, columns = tasks.
-
-    The file is replaced atomically. Not-evaluated (NaN) cells stay blank.
-    """
-    # dpi=None: the layout is computed at Matplotlib's default 100 dpi, as the file always was.
-    fig = _new_figure(1.2 + 1.1 * len(tasks), 1.0 + 0.55 * R.shape[0], dpi=None, layout=None)
-    ax = fig.subplots()
-    im = _draw_heatmap(ax, R, [f"stage {i}" for i in range(R.shape[0])], tasks, fit_title(title, 0.7 * fig.get_figwidth(),
-                                                                                          RUN_STYLE.title_fontsize or 10), RUN_STYLE, 8)
-    fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    atomic_write_bytes(Path(path), _png_bytes(fig))
 
 
 # More than 3 side-by-side heatmaps (methods) wrap onto new lines: at most this many per line, and
@@ -114,8 +36,6 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
     """Heatmaps side by side (wrapped beyond 3, see _PANELS_PER_LINE) with one shared 0..1 colour scale and the
     value in every cell. A panel with a short note (short_notes[k], a reference run) and fewer rows keeps
     the others' cell height and shows the note in the space below its rows."""
-    from matplotlib.patches import Rectangle
-
     n = len(panels)
     n_rows = max(p[1].shape[0] for p in panels)
     n_cols = max(p[1].shape[1] for p in panels)
@@ -124,7 +44,7 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
     per_line = n if n <= 3 else min(n, _PANELS_PER_LINE, max(2, fit))
     lines = math.ceil(n / per_line)
     height = max(2.6, n_rows * cell * 0.9 + 1.9) if lines == 1 else lines * (n_rows * cell * 0.9 + 1.6) + 0.6
-    fig = _new_figure(max(4.0, per_line * (n_cols * cell + 1.4) + 1.2), height)
+    fig = new_figure(max(4.0, per_line * (n_cols * cell + 1.4) + 1.2), height)
     grid = fig.subplots(lines, per_line, squeeze=False)
     axes = [grid[k // per_line][k % per_line] for k in range(n)]
     for k in range(n, lines * per_line):
@@ -132,7 +52,7 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
     fontsize = 9 if n_cols <= 6 else (7 if n_cols <= 10 else 5)
     im = None
     for k, (ax, (name, M)) in enumerate(zip(axes, panels)):
-        im = _draw_heatmap(ax, M, row_labels_per_panel[k], col_labels_per_panel[k], name, REPORT_STYLE, fontsize)
+        im = draw_heatmap(ax, M, row_labels_per_panel[k], col_labels_per_panel[k], name, REPORT_STYLE, fontsize)
         note = short_notes[k] if short_notes else None
         if note and M.shape[0] < n_rows:  # same cell height as the other panels, the note below
             ax.set_ylim(n_rows - 0.5, -0.5)
@@ -147,13 +67,6 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
     cbar.set_label("accuracy" if "ccuracy" in title else "overlap", fontsize=9)
     fig.suptitle(fit_title(title, fig.get_figwidth(), 11), fontsize=11)
     return fig
-
-
-def fit_title(title: str, width_in: float, fontsize: float) -> str:
-    """The title wrapped onto lines that fit a figure `width_in` inches wide (a centred line wider than the figure
-    is cut on both sides). An average character is taken as 0.6 em."""
-    per_line = max(16, int(width_in * 72 / (0.6 * fontsize)))
-    return textwrap.fill(title, per_line)
 
 
 def _fig_accuracy_matrices(columns: list[str], n_rows: int, mms: list[MethodMatrix]):
@@ -207,7 +120,7 @@ def _fig_curves(columns: list[str], n_rows: int, mms: list[MethodMatrix], colors
     n = len(columns)
     ncols = min(4, n)
     nrows = math.ceil(n / ncols)
-    fig = _new_figure(3.2 * ncols + 0.6, 2.6 * nrows + 0.8)
+    fig = new_figure(3.2 * ncols + 0.6, 2.6 * nrows + 0.8)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     stages = np.arange(n_rows)
     for idx, task in enumerate(columns):
@@ -231,7 +144,7 @@ _MANY_METHODS = 4
 
 def _fig_metrics(rows: list[dict], colors):
     many = len(rows) > _MANY_METHODS
-    fig = _new_figure(min(13.0 if many else 11.0, max(6.0, 0.9 * len(METRICS) * max(1, len(rows)) + 2)), 3.8)
+    fig = new_figure(min(13.0 if many else 11.0, max(6.0, 0.9 * len(METRICS) * max(1, len(rows)) + 2)), 3.8)
     ax = fig.subplots()
     width = 0.8 / max(1, len(rows))
     x = np.arange(len(METRICS))
@@ -265,7 +178,7 @@ def _fig_metrics(rows: list[dict], colors):
 
 
 def _fig_params(rows: list[dict], colors):
-    fig = _new_figure(max(4.5, 1.3 * len(rows) + 2.5), 3.2)
+    fig = new_figure(max(4.5, 1.3 * len(rows) + 2.5), 3.2)
     ax = fig.subplots()
     x = np.arange(len(rows))
     for off, key, label, hatch in ((-0.2, "trainable_params_effective", "effective (mask non-zeros)", None),
@@ -295,26 +208,74 @@ def _fig_diagnostic(diag, title: str):
     return _heatmap_panels(panels, cols, cols, title, "task j", "task i", None)
 
 
-def _method_colors(methods: list[str]) -> dict[str, Any]:
-    import matplotlib
-
+def method_colors(methods: list[str]) -> dict[str, Any]:
     cmap = matplotlib.colormaps["tab10"]
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
 def report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) -> dict[str, bytes]:
     """The report's figures as {file name: PNG bytes}; optional ones only when there is data."""
-    colors = _method_colors(methods)
+    colors = method_colors(methods)
     figures: dict[str, bytes] = {}
-    figures["accuracy_matrices.png"] = _png_bytes(_fig_accuracy_matrices(columns, n_rows, mms))
-    figures["forgetting_curves.png"] = _png_bytes(_fig_curves(columns, n_rows, mms, colors))
-    figures["cl_metrics.png"] = _png_bytes(_fig_metrics(rows, colors))
+    figures["accuracy_matrices.png"] = png_bytes(_fig_accuracy_matrices(columns, n_rows, mms))
+    figures["forgetting_curves.png"] = png_bytes(_fig_curves(columns, n_rows, mms, colors))
+    figures["cl_metrics.png"] = png_bytes(_fig_metrics(rows, colors))
     if any(finite(r[k]) for r in rows for k in PARAM_KEYS):
-        figures["trainable_params.png"] = _png_bytes(_fig_params(rows, colors))
+        figures["trainable_params.png"] = png_bytes(_fig_params(rows, colors))
     if mask_diag:
-        figures["mask_overlap.png"] = _png_bytes(_fig_diagnostic(
+        figures["mask_overlap.png"] = png_bytes(_fig_diagnostic(
             mask_diag, "LoRI mask overlap |M_i ∧ M_j| / |M_j| (row i, column j)"))
     if sub_diag:
-        figures["subspace_overlap.png"] = _png_bytes(_fig_diagnostic(
+        figures["subspace_overlap.png"] = png_bytes(_fig_diagnostic(
             sub_diag, "A-subspace overlap ||A_i A_jᵀ||_F / (||A_i||_F ||A_j||_F)"))
     return figures
+
+
+def general_figure(cs: dict[str, tuple[np.ndarray, np.ndarray]], colors) -> bytes | None:
+    """general_ce.png: one line per method over stages (0 = base model), error bars = std over seeds."""
+    if not cs:
+        return None
+    fig = new_figure(6.5, 3.6)
+    ax = fig.subplots()
+    for method, (mean, std) in cs.items():
+        x = np.arange(len(mean))
+        ax.errorbar(x, mean, yerr=np.where(np.isfinite(std), std, 0.0), marker="o", capsize=3, label=display_name(method),
+                    color=colors.get(method))
+    ax.set_xlabel("stage (0 = base model)")
+    ax.set_ylabel("cross-entropy on the general text (nats/token)")
+    ax.set_title("General-ability forgetting: higher = more of the base model's general ability lost", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def sensitivity_figure(rows: list[VariantRow], metrics: tuple[str, ...] = ("ACC", "BWT")) -> bytes | None:
+    """Each metric (rows of panels) against each swept knob (columns), per method, error bars = std over seeds.
+
+    A panel's lines are one per method and combination of the OTHER knobs, so no two variants are averaged."""
+    knobs = sorted({k for v in rows for k in v.values})
+    if not knobs:
+        return None
+    fig = new_figure(4.2 * len(knobs), 3.0 * len(metrics))
+    axes = fig.subplots(len(metrics), len(knobs), squeeze=False)
+    for j, knob in enumerate(knobs):
+        xs = sorted({v.values.get(knob, "") for v in rows}, key=num_sort_key)
+        lines: dict[tuple[str, str], list[VariantRow]] = {}
+        for v in rows:
+            others = ", ".join(f"{k}={x}" for k, x in v.values.items() if k != knob)
+            lines.setdefault((v.method, others), []).append(v)
+        for i, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for k, ((method, others), vs) in enumerate(lines.items()):
+                vs = sorted(vs, key=lambda v: xs.index(v.values.get(knob, "")))
+                pos = np.array([xs.index(v.values.get(knob, "")) for v in vs], dtype=float) + (k - len(lines) / 2) * 0.03
+                mean = [v.metrics[metric]["mean"] for v in vs]
+                std = [v.metrics[metric]["std"] if finite(v.metrics[metric]["std"]) else 0.0 for v in vs]
+                label = display_name(method) + (f" ({others})" if others else "")
+                ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=label)
+            ax.set_xticks(range(len(xs)), xs)
+            ax.set_xlabel(knob)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    return png_bytes(fig)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 
+import matplotlib
 import numpy as np
 
-from harness.report.figures import _new_figure, _png_bytes
-from harness.report.merging import MergingSummary, MethodScores
-from harness.report.naming import display_name
+from harness.heatmap import new_figure, png_bytes
+from harness.analysis.merging import MergingSummary, MethodScores
+from harness.analysis.naming import display_name
 
 _SINGLE_COLOR = "#9e9e9e"
 _PANELS_PER_LINE = 3
@@ -24,8 +25,6 @@ def _seeds(n: int) -> str:
 
 
 def _combination_colors(combinations: list[str]) -> dict:
-    import matplotlib
-
     cmap = matplotlib.colormaps["Dark2"]  # not tab10: the sequence figures colour methods with it
     return {c: cmap(i % 8) for i, c in enumerate(combinations)}
 
@@ -61,7 +60,7 @@ def _fig_scores(ms: MergingSummary, colors: dict):
     lines = math.ceil(n / per_line)
     n_bars = 1 + len(ms.combinations)
     width = max(3.6, 0.3 * max(len(p.tasks) for p in panels) * n_bars + 1.4)
-    fig = _new_figure(per_line * width + 0.4, 3.0 * lines + 1.0)
+    fig = new_figure(per_line * width + 0.4, 3.0 * lines + 1.0)
     grid = fig.subplots(lines, per_line, squeeze=False)
     for k, panel in enumerate(panels):
         _score_panel(grid[k // per_line][k % per_line], panel, ms.combinations, colors)
@@ -78,8 +77,6 @@ def _fig_scores(ms: MergingSummary, colors: dict):
 
 
 def _interference_panel(ax, tasks: list[str], M: np.ndarray, lim: float, title: str, fontsize: float):
-    import matplotlib
-
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     rotate = max(map(len, tasks), default=0) > 6
@@ -105,7 +102,7 @@ def _fig_interference(ms: MergingSummary):
     peak = max([float(np.nanmax(np.abs(M))) for *_, M, _ in ms.interference if np.isfinite(M).any()] + [0.0])
     lim = max(0.05, math.ceil(peak * 20) / 20)
     cell = 0.62 if T <= 8 else 0.45
-    fig = _new_figure(max(4.0, len(combos) * (T * cell + 1.6) + 1.2), len(methods) * (T * cell * 0.9 + 1.5) + 0.9)
+    fig = new_figure(max(4.0, len(combos) * (T * cell + 1.6) + 1.2), len(methods) * (T * cell * 0.9 + 1.5) + 0.9)
     grid = fig.subplots(len(methods), len(combos), squeeze=False)
     used, im = set(), None
     for m, c, tasks, M, n in ms.interference:
@@ -131,7 +128,7 @@ def merge_figures(ms: MergingSummary) -> dict[str, bytes]:
     """The merging figures as {file name: PNG bytes}; each only when there is data for it."""
     figures: dict[str, bytes] = {}
     if any(np.isfinite(s.single[0]).any() or s.merged for s in ms.scores):
-        figures["merge_scores.png"] = _png_bytes(_fig_scores(ms, _combination_colors(ms.combinations)))
+        figures["merge_scores.png"] = png_bytes(_fig_scores(ms, _combination_colors(ms.combinations)))
     if ms.interference:
-        figures["merge_interference.png"] = _png_bytes(_fig_interference(ms))
+        figures["merge_interference.png"] = png_bytes(_fig_interference(ms))
     return figures

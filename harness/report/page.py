@@ -17,21 +17,18 @@ from pathlib import Path
 import jinja2
 from markupsafe import Markup, escape
 
+from harness.analysis.aggregate import MethodMatrix
+from harness.analysis.intervals import STATISTICS_NOTE
+from harness.analysis.merging import DROP, NORM, MergingSummary
+from harness.analysis.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
+                                     num_sort_key, uniq)
+from harness.analysis.numbers import finite, fmt, fmt_pm
+from harness.analysis.runs import MergeRun, SequenceRun, UnfinishedRun
+from harness.analysis.sensitivity import SELECTION_CRITERION
 from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
-from harness.report import general
-from harness.report.aggregate import MethodMatrix
-from harness.report.intervals import (PAIRED_HEADERS, STATISTICS_NOTE, fmt_metric, not_learned_sentences,
-                                      paired_table_rows)
-from harness.report.merge_store import MergeRun
-from harness.report.merging import DROP, NORM, MergingSummary
-from harness.report.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
-                                   num_sort_key, uniq)
-from harness.report.numbers import finite, fmt, fmt_pm
-from harness.report.sensitivity import SELECTION_CRITERION
-from harness.report.store import SequenceRun
-from harness.report.unfinished import UnfinishedRun
-from harness.tracking.client import redact_uri
+from harness.report.tables import (GENERAL_HEADERS, PAIRED_HEADERS, fmt_metric, general_rows, not_learned_sentences,
+                                   paired_table_rows)
 
 _TEMPLATES = Path(__file__).with_name("templates")
 # The adapter settings shown per method, from the run parameters.
@@ -43,7 +40,7 @@ class PageData:
     """Everything index.html shows, as computed by the rest of the report."""
 
     experiment: str
-    uri: str
+    source: str  # where the numbers were read: the run folders (and the MLflow store, for what lives only there)
     runs: list[SequenceRun]
     skipped: list[tuple[str, str, str]]
     by_method: dict[str, list[SequenceRun]]
@@ -193,7 +190,7 @@ def _context(d: PageData) -> dict:
     common = {
         "experiment": d.experiment,
         "generated": d.now.strftime("%Y-%m-%d %H:%M UTC"),
-        "store": redact_uri(d.uri),
+        "source": d.source,
         "has_sequences": bool(d.runs),
         "unfinished_headers": ["method", "seed", "order", "run", "last finished stage", "continue with"],
         "interrupted_rows": [_unfinished_cells(u) for u in d.interrupted],
@@ -222,8 +219,8 @@ def _sequence_context(d: PageData) -> dict:
         "paired_rows": paired_table_rows(d.paired),
         "statistics_note": STATISTICS_NOTE.format(n=N_BOOT),
         "not_learned": not_learned_sentences(d.runs),
-        "general_headers": general.HEADERS,
-        "general_rows": general.rows(d.by_method),
+        "general_headers": GENERAL_HEADERS,
+        "general_rows": general_rows(d.by_method),
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
         "metric_rows": [_metric_row(r) for r in d.rows],
         "reference_notes": _reference_notes(d.rows),

@@ -1,4 +1,4 @@
-"""The report folder: read the store, aggregate, write figures, tables and index.html, log the figures.
+"""The report folder: read the run folders, aggregate, write figures, tables and index.html, log the figures.
 
 Sequence runs give comparison.csv, mean_matrices.json and the sequence figures; merge runs give
 merging.csv, comparison.json's "merging" and the merge_*.png figures. A report of only one kind
@@ -9,36 +9,33 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import re
 import tempfile
 from pathlib import Path
 
+import pandas as pd
+
+from harness.analysis.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
+from harness.analysis.general_ce import curves as general_curves
+from harness.analysis.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, not_learned_notes, paired_verdicts,
+                                        units_by_method)
+from harness.analysis.merging import MergingSummary, merging_json, merging_rows, summarize_merging
+from harness.analysis.naming import HIGHER_IS_BETTER, method_sort_key
+from harness.analysis.numbers import json_clean
+from harness.analysis.sensitivity import SELECTION_CRITERION, select_variants
 from harness.analysis.statistics import LEVEL, N_BOOT, SEED
 from harness.io import atomic_write_bytes, atomic_write_text
-from harness.report.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
-from harness.report import general
-from harness.report.figures import _method_colors, report_figures
-from harness.report.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, not_learned_notes, paired_verdicts,
-                                      units_by_method)
+from harness.report.figures import general_figure, method_colors, report_figures, sensitivity_figure
 from harness.report.merge_figures import merge_figures
-from harness.report.merging import MergingSummary, merging_json, merging_rows, summarize_merging
-from harness.report.naming import HIGHER_IS_BETTER, method_sort_key
-from harness.report.numbers import json_clean
 from harness.report.page import PageData, render_page
-from harness.report.sensitivity import SELECTION_CRITERION, select_variants, sensitivity_figure, sensitivity_table
-from harness.report.store import ExperimentRuns, quiet_mlflow, read_experiment
-from harness.tracking.client import default_tracking_uri
+from harness.report.read import ExperimentRuns, read_experiment
+from harness.report.tables import sensitivity_table
+from harness.report.tracked import quiet_mlflow
+from harness.tracking.client import default_tracking_uri, redact_uri
 
 _STD_DEFINITION = (
     "sample standard deviation (ddof=1) over all finished runs (seeds x orders) of a method; "
     "null with fewer than 2 values"
 )
-
-
-def _safe_dirname(name: str) -> str:
-    """An experiment name as one safe path component (MLflow allows '/' and spaces in names)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")
-    return cleaned or "experiment"
 
 
 def _write_json(path: Path, obj) -> None:
@@ -58,8 +55,6 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
                   merging: MergingSummary | None = None, grid: dict | None = None, stats: dict | None = None,
                   cells: dict | None = None) -> None:
     """comparison.json, plus comparison.csv and mean_matrices.json (sequence runs) and merging.csv (merge runs)."""
-    import pandas as pd
-
     merge_part = {"merging": merging_json(merging)} if merging else {}
     _write_json(report_dir / "comparison.json", {
         "experiment": exp.name,
@@ -111,18 +106,29 @@ def _remove_stale(report_dir: Path, names) -> None:
 
 def _log_figures(exp: ExperimentRuns, figures: dict[str, bytes]) -> str:
     """Log the figures to every finished parent run under report/; return the page's note on it."""
+    if exp.tracked.client is None:
+        return f"the figures are not logged ({exp.tracked.problem})."
     failures = []
+    parents = [r for r in [*exp.runs, *exp.merges] if r.run_id in exp.tracked.runs]
     with tempfile.TemporaryDirectory(prefix="harness-report-log-") as stage_dir:
         for name, data in figures.items():
             Path(stage_dir, name).write_bytes(data)
-        for r in [*exp.runs, *exp.merges]:
+        for r in parents:
             try:
-                exp.client.log_artifacts(r.run_id, stage_dir, artifact_path="report")
+                exp.tracked.client.log_artifacts(r.run_id, stage_dir, artifact_path="report")
             except Exception as exc:  # noqa: BLE001 - the report on disk stays valid
                 failures.append(f"{r.run_id}: {type(exc).__name__}: {exc}")
     if failures:
         return f"logging the figures to MLflow failed for {len(failures)} run(s): " + "; ".join(failures[:3])
-    return f"the figures are also logged to each of the {len(exp.runs) + len(exp.merges)} parent runs under report/."
+    missing = len(exp.runs) + len(exp.merges) - len(parents)
+    unknown = f" ({missing} finished run(s) not in MLflow yet: `harness sync <folder>` mirrors them)" if missing else ""
+    return f"the figures are also logged to each of the {len(parents)} parent runs under report/{unknown}."
+
+
+def _source(exp: ExperimentRuns) -> str:
+    """Where the page's numbers come from: the folders, and MLflow for the run dates (or why it was not read)."""
+    mlflow = redact_uri(exp.tracked.uri) if exp.tracked.problem is None else f"not read: {exp.tracked.problem}"
+    return f"the run folders in {exp.folder} (MLflow, for the run dates: {mlflow})"
 
 
 def write_report(
@@ -135,8 +141,9 @@ def write_report(
 ) -> Path:
     """Write the forgetting report of one experiment; return the path of its index.html.
 
-    experiment=None picks the only harness experiment in the store (HarnessError when there are
-    none or several). The figures are also logged to every finished parent run under "report/"
+    The numbers come from the run folders under results_dir/<experiment>/; MLflow gives only the run dates.
+    experiment=None picks the only experiment folder with sequence or merge runs (HarnessError when there
+    are none or several). The figures are also logged to every finished parent run under "report/"
     (log_to_mlflow=False skips that). generated_at (UTC, default now) is the time the page and
     comparison.json state. Prints nothing.
     """
@@ -148,7 +155,7 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     uri = default_tracking_uri(results_dir, tracking_uri)
     exp = read_experiment(experiment, results_dir, uri)
     runs, vrows, chosen, grid = select_variants(exp.runs)  # variants are never averaged together
-    report_dir = results_dir / _safe_dirname(exp.name) / "report"
+    report_dir = exp.folder / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
 
     methods = sorted({r.method for r in runs}, key=method_sort_key)
@@ -170,7 +177,7 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
 
     figures = report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) if runs else {}
     figures.update(merge_figures(merging) if merging else {})
-    ce_png = general.figure(general.curves(by_method), _method_colors(methods))
+    ce_png = general_figure(general_curves(by_method), method_colors(methods))
     if ce_png:
         figures["general_ce.png"] = ce_png
     sens_png = sensitivity_figure(vrows) if vrows else None
@@ -181,7 +188,7 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging, grid, stats, cells)
     log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
 
-    page = PageData(exp.name, uri, runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
+    page = PageData(exp.name, _source(exp), runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
                     mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
                     sensitivity_table(vrows, chosen) if vrows else None,
                     grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired,

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from harness import metrics as MX
+from harness.analysis.merging import CROSS_TERM_TOL
 from harness.config import ExperimentConfig
 from harness.models import load_model, module_shapes, set_torch_threads
 from harness.run.evaluate import Evaluator, validation_evaluator
@@ -46,7 +47,6 @@ from harness.provenance import git_commit
 from harness.run.train import Recipe, task_examples, train_method
 from harness.tracking.client import open_tracker
 
-CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms
 REFERENCE_WEIGHTS = {"lori-d": 0.5, "lori-s": 0.4}  # the LoRI reference scripts' per-adapter weights
 
 

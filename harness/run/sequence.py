@@ -366,7 +366,7 @@ class SequenceRunner:
         if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
             write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
         atomic_write_json(run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()})
-        from harness.report.figures import matrix_heatmap
+        from harness.heatmap import matrix_heatmap
 
         matrix_heatmap(self.R, spec.tasks, f"{spec.method} seed {spec.seed} order {spec.order_index}", run_dir / "matrix_heatmap.png")
         summary = {

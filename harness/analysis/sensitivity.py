@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 
-from harness.report.aggregate import mean_std_n, noise_class, rank, ranked_comparisons
-from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
-from harness.report.numbers import finite, fmt_pm
-from harness.report.store import SequenceRun
+from harness.analysis.aggregate import mean_std_n, noise_class, rank, ranked_comparisons
+from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
+from harness.analysis.numbers import finite
+from harness.analysis.runs import SequenceRun
 
 SELECTION_METRIC = "ACC"
 SELECTION_CRITERION = (
@@ -157,49 +156,3 @@ def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[Seque
     return [r for r in runs if chosen.get(r.method) == (variant_of(r) or "-")]
 
 
-def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[list[str], list[list[str]], int]:
-    """(headers, rows, left-aligned columns) of the page's per-variant table; the chosen variant is marked."""
-    knobs = sorted({k for v in rows for k in v.values})
-    val = any(v.validation is not None for v in rows)
-    headers = ["method", *knobs, "seeds", *METRICS, *(["validation ACC"] if val else []), "chosen"]
-    out = []
-    for v in rows:
-        out.append([display_name(v.method), *(v.values.get(k, "") for k in knobs), str(len(v.seeds)),
-                    *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
-                    *([fmt_pm(v.validation["mean"], v.validation["std"]) if v.validation else "—"] if val else []),
-                    ("best validation ACC" if v.validation else "best ACC") if chosen.get(v.method) == v.variant else ""])
-    return headers, out, 1 + len(knobs)  # method and the knobs are text
-
-
-def sensitivity_figure(rows: list[VariantRow], metrics: tuple[str, ...] = ("ACC", "BWT")) -> bytes | None:
-    """Each metric (rows of panels) against each swept knob (columns), per method, error bars = std over seeds.
-
-    A panel's lines are one per method and combination of the OTHER knobs, so no two variants are averaged."""
-    from harness.report.figures import _new_figure, _png_bytes
-
-    knobs = sorted({k for v in rows for k in v.values})
-    if not knobs:
-        return None
-    fig = _new_figure(4.2 * len(knobs), 3.0 * len(metrics))
-    axes = fig.subplots(len(metrics), len(knobs), squeeze=False)
-    for j, knob in enumerate(knobs):
-        xs = sorted({v.values.get(knob, "") for v in rows}, key=num_sort_key)
-        lines: dict[tuple[str, str], list[VariantRow]] = {}
-        for v in rows:
-            others = ", ".join(f"{k}={x}" for k, x in v.values.items() if k != knob)
-            lines.setdefault((v.method, others), []).append(v)
-        for i, metric in enumerate(metrics):
-            ax = axes[i][j]
-            for k, ((method, others), vs) in enumerate(lines.items()):
-                vs = sorted(vs, key=lambda v: xs.index(v.values.get(knob, "")))
-                pos = np.array([xs.index(v.values.get(knob, "")) for v in vs], dtype=float) + (k - len(lines) / 2) * 0.03
-                mean = [v.metrics[metric]["mean"] for v in vs]
-                std = [v.metrics[metric]["std"] if finite(v.metrics[metric]["std"]) else 0.0 for v in vs]
-                label = display_name(method) + (f" ({others})" if others else "")
-                ax.errorbar(pos, mean, yerr=std, marker="o", capsize=3, label=label)
-            ax.set_xticks(range(len(xs)), xs)
-            ax.set_xlabel(knob)
-            ax.set_ylabel(metric)
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
-    return _png_bytes(fig)

@@ -12,19 +12,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness.report.aggregate import _nanmean_std, mean_std_n, ranked_comparisons
-from harness.report.merge_store import MergeRun
-from harness.report.naming import display_name, method_sort_key, num_sort_key
-from harness.report.numbers import finite
+from harness.analysis.aggregate import _nanmean_std, mean_std_n, ranked_comparisons
+from harness.analysis.runs import MergeRun
+from harness.analysis.naming import display_name, method_sort_key, num_sort_key
+from harness.analysis.numbers import finite
 
 NORM, DROP = "normalised_accuracy", "average_drop"
 STD_DEFINITION = "sample standard deviation (ddof=1) over the finished merge runs (seeds) of a method; null with fewer than 2"
 
 
-def cross_term_tolerance() -> float:
-    """The relative ΔW error above which the merge protocol reports cross terms (one definition, imported on use)."""
-    from harness.run.merge import CROSS_TERM_TOL
+CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms (run/merge.py)
 
+
+def cross_term_tolerance() -> float:
+    """The relative ΔW error above which the merge protocol reports cross terms."""
     return float(CROSS_TERM_TOL)
 
 

@@ -16,10 +16,10 @@ import numpy as np
 
 from harness.analysis import statistics as ST
 from harness.analysis.documents import score_arrays
-from harness.report.aggregate import MethodMatrix, noise_class, rank
-from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name
-from harness.report.numbers import finite, fmt, fmt_pm
-from harness.report.store import SequenceRun
+from harness.analysis.aggregate import MethodMatrix, noise_class, rank
+from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name
+from harness.analysis.numbers import finite, fmt, fmt_pm
+from harness.analysis.runs import SequenceRun
 
 STATISTICS_NOTE = (
     "95% percentile bootstrap intervals ({n} replicates). Each replicate draws the seeds (and task orders) with "
@@ -120,36 +120,9 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]]) -> tuple[
     return sentences, table
 
 
-def paired_table_rows(table: list[dict]) -> list[list[str]]:
-    """The page's table of paired comparisons (the std rule as the last column)."""
-    std_words = {"beyond": "beyond the std", "within": "within the std", "unknown": "one run each", "none": "no difference"}
-    out = []
-    for c in table:
-        ci = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if c["low"] is not None else "—"
-        diff = f"{c['difference']:+.3f}" if c["difference"] is not None else "—"
-        out.append([c["metric"], display_name(c["a"]), display_name(c["b"]), diff, ci, fmt_p(c["p"]),
-                    "yes" if c["significant"] else "no", c["resampled"], str(c["n_pairs"]), std_words[c["std_rule"]]])
-    return out
-
-
-PAIRED_HEADERS = ["metric", "best", "against", "difference (best − other)", "95% CI", "p", "significant", "resampled",
-                  "pairs", "std rule (old verdict)"]
-
-
 def not_learned_notes(runs: list[SequenceRun]) -> list[dict]:
     """comparison.json's "not_learned": per run, the tasks it did not learn at their own stage."""
     return [{"method": r.method, "seed": r.seed, "order": r.order, "tasks": r.not_learned, "margin": r.learn_margin}
             for r in runs if r.not_learned]
 
 
-def not_learned_sentences(runs: list[SequenceRun]) -> list[str]:
-    return [f"{display_name(r.method)} seed {r.seed} order {r.order}: {', '.join(r.not_learned)} did not beat the base model by "
-            f"{r.learn_margin:g} right after its own stage: its low final score is a training failure, not forgetting "
-            f"(it counts in ACC and BWT all the same; LA shows it)." for r in runs if r.not_learned]
-
-
-def fmt_metric(r: dict, m: str) -> str:
-    """A metric cell of the page's table: mean ± std, then the interval."""
-    base = fmt_pm(r[m]["mean"], r[m]["std"])
-    lo, hi = r[m].get("ci_low"), r[m].get("ci_high")
-    return f"{base} [{fmt(lo)}, {fmt(hi)}]" if finite(lo) and finite(hi) else base

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from harness.report.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
-from harness.report.numbers import finite, fmt_pm
-from harness.report.store import SequenceRun
+from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
+from harness.analysis.numbers import finite, fmt_pm
+from harness.analysis.runs import SequenceRun
 
 PARAM_KEYS = ("trainable_params_effective", "trainable_params_lora_equivalent")
 
@@ -125,8 +126,6 @@ def diagnostic_matrices(by_method: dict[str, list[SequenceRun]], key: str) -> li
 
 def mean_std_n(values) -> dict[str, float | int]:
     """{mean, std, n} of the finite values (a pandas Series or a list; NaN dropped)."""
-    import pandas as pd
-
     vals = pd.Series(values, dtype=float).dropna()
     return {
         "mean": float(vals.mean()) if len(vals) else float("nan"),
@@ -160,8 +159,6 @@ def _method_row(method: str, g) -> dict[str, Any]:
 
 def aggregate(runs: list[SequenceRun]):
     """(runs table as a DataFrame, one summary row per method in the method layer's order)."""
-    import pandas as pd
-
     df = pd.DataFrame(
         [
             {

@@ -1,14 +1,13 @@
-"""Names and orderings of methods and metrics, shared by every part of the report.
+"""Names and orderings of methods and metrics, shared by the analysis and the report.
 
 Method names, their display spelling, their order and whether a method is a reference row all come
-from the method layer (harness.methods.METHODS, one definition). A method a store names but the
-harness no longer knows (an old store) keeps its raw name and sorts after the known ones.
+from the method layer (harness.methods.METHODS, one definition). A method a run folder names but the
+harness no longer knows (an old folder) keeps its raw name and sorts after the known ones.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
+from harness.methods import METHODS
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting", "LA")
 # Higher is better for ACC/BWT/FWT and LA (learning accuracy: plasticity), lower is better for forgetting.
@@ -17,27 +16,19 @@ HIGHER_IS_BETTER = {"ACC": True, "BWT": True, "FWT": True, "forgetting": False, 
 REFERENCE_LABEL = "reference (upper bound)"
 
 
-@functools.lru_cache(maxsize=1)
-def _known_methods() -> dict[str, Any]:
-    """harness.methods.METHODS, imported once on first use (it loads torch: the report needs it only here)."""
-    from harness.methods import METHODS
-
-    return dict(METHODS)
-
-
 def method_order() -> tuple[str, ...]:
     """The known methods in the order the method layer lists them."""
-    return tuple(_known_methods())
+    return tuple(METHODS)
 
 
 def display_name(method: str) -> str:
-    cls = _known_methods().get(method)
+    cls = METHODS.get(method)
     return getattr(cls, "display", None) or method
 
 
 def is_reference_method(method: str) -> bool:
     """Whether the method layer defines `method` as a reference row (never ranked)."""
-    return bool(getattr(_known_methods().get(method), "reference", False))
+    return bool(getattr(METHODS.get(method), "reference", False))
 
 
 def method_sort_key(method: str) -> tuple[int, str]:

@@ -1,0 +1,73 @@
+"""The page's tables as text cells: paired comparisons, not-learned sentences, metric cells, variants, general CE.
+
+The numbers come from harness.analysis; this module only formats them for index.html (harness/report/page.py).
+"""
+
+from __future__ import annotations
+
+from harness.analysis.aggregate import mean_std_n
+from harness.analysis.intervals import fmt_p
+from harness.analysis.naming import METRICS, display_name
+from harness.analysis.numbers import finite, fmt, fmt_pm
+from harness.analysis.runs import SequenceRun
+from harness.analysis.sensitivity import VariantRow
+
+GENERAL_HEADERS = ["method", "runs", "base model CE", "CE after the last stage", "rise (↓)"]
+
+
+def paired_table_rows(table: list[dict]) -> list[list[str]]:
+    """The page's table of paired comparisons (the std rule as the last column)."""
+    std_words = {"beyond": "beyond the std", "within": "within the std", "unknown": "one run each", "none": "no difference"}
+    out = []
+    for c in table:
+        ci = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if c["low"] is not None else "—"
+        diff = f"{c['difference']:+.3f}" if c["difference"] is not None else "—"
+        out.append([c["metric"], display_name(c["a"]), display_name(c["b"]), diff, ci, fmt_p(c["p"]),
+                    "yes" if c["significant"] else "no", c["resampled"], str(c["n_pairs"]), std_words[c["std_rule"]]])
+    return out
+
+
+PAIRED_HEADERS = ["metric", "best", "against", "difference (best − other)", "95% CI", "p", "significant", "resampled",
+                  "pairs", "std rule (old verdict)"]
+
+
+def not_learned_sentences(runs: list[SequenceRun]) -> list[str]:
+    return [f"{display_name(r.method)} seed {r.seed} order {r.order}: {', '.join(r.not_learned)} did not beat the base model by "
+            f"{r.learn_margin:g} right after its own stage: its low final score is a training failure, not forgetting "
+            f"(it counts in ACC and BWT all the same; LA shows it)." for r in runs if r.not_learned]
+
+
+def fmt_metric(r: dict, m: str) -> str:
+    """A metric cell of the page's table: mean ± std, then the interval."""
+    base = fmt_pm(r[m]["mean"], r[m]["std"])
+    lo, hi = r[m].get("ci_low"), r[m].get("ci_high")
+    return f"{base} [{fmt(lo)}, {fmt(hi)}]" if finite(lo) and finite(hi) else base
+
+
+def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[list[str], list[list[str]], int]:
+    """(headers, rows, left-aligned columns) of the page's per-variant table; the chosen variant is marked."""
+    knobs = sorted({k for v in rows for k in v.values})
+    val = any(v.validation is not None for v in rows)
+    headers = ["method", *knobs, "seeds", *METRICS, *(["validation ACC"] if val else []), "chosen"]
+    out = []
+    for v in rows:
+        out.append([display_name(v.method), *(v.values.get(k, "") for k in knobs), str(len(v.seeds)),
+                    *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
+                    *([fmt_pm(v.validation["mean"], v.validation["std"]) if v.validation else "—"] if val else []),
+                    ("best validation ACC" if v.validation else "best ACC") if chosen.get(v.method) == v.variant else ""])
+    return headers, out, 1 + len(knobs)  # method and the knobs are text
+
+
+def general_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
+    """The page's table: per method, mean ± std over runs of the base CE, the final CE and their difference."""
+    out = []
+    for method, runs in by_method.items():
+        got = [r.summary for r in runs if r.summary and r.summary.get("general_ce_rise") is not None]
+        if not got:
+            continue
+        base = mean_std_n([s.get("general_ce_base") for s in got])
+        final = mean_std_n([s["general_ce_base"] + s["general_ce_rise"] for s in got])
+        rise = mean_std_n([s["general_ce_rise"] for s in got])
+        out.append([display_name(method), str(len(got)), fmt(base["mean"]), fmt_pm(final["mean"], final["std"]),
+                    fmt_pm(rise["mean"], rise["std"])])
+    return out
