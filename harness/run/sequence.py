@@ -23,6 +23,7 @@ import numpy as np
 
 from harness import distributed as D
 from harness import faults
+from harness.heatmap import matrix_heatmap
 from harness.run import lineage
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
@@ -366,7 +367,6 @@ class SequenceRunner:
         if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
             write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
         atomic_write_json(run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()})
-        from harness.heatmap import matrix_heatmap
 
         matrix_heatmap(self.R, spec.tasks, f"{spec.method} seed {spec.seed} order {spec.order_index}", run_dir / "matrix_heatmap.png")
         summary = {
