@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -144,3 +146,26 @@ def test_a_folder_written_with_flat_lori_keys_resumes_under_the_section(tmp_path
     other = load_config(None, {"methods": ["lori-s"], "mask_density": "0.3"}).to_yaml_dict()
     with pytest.raises(Exception, match="lori"):
         check_same_config(tmp_path / "config.yaml", other, "lori-s")
+
+
+# Flags of other tools the docs show beside harness's (torchrun, accelerate, ray, pip, sbatch).
+OTHER_TOOLS_FLAGS = {"--address", "--cpu", "--cpus-per-task", "--gpus-per-node", "--head", "--index-url", "--multi", "--nnodes",
+                     "--no-deps", "--nproc", "--num", "--rdzv", "--standalone"}
+
+
+def test_every_flag_the_readme_and_docs_spell_is_accepted():
+    """The CLI is a contract: a flag written in README.md or docs/ exists on some subcommand (old names included)."""
+    known: set[str] = set()
+
+    def walk(parser) -> None:
+        for action in parser._actions:
+            known.update(action.option_strings)
+            for sub in (action.choices or {}).values() if isinstance(action.choices, dict) else ():
+                walk(sub)
+
+    walk(build_parser())
+    root = Path(__file__).resolve().parents[1]
+    spelled = {m for f in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+               for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text())}
+    assert spelled - known - OTHER_TOOLS_FLAGS == set()
+    assert "--mask-density" in known and "--lori-mask-density" in known
