@@ -241,6 +241,19 @@ def test_eval_limit_draws_the_same_seeded_subset_at_every_stage():
     assert Evaluator(suite, None, limit=1000).subset("parity") is None
 
 
+def test_eval_limit_draws_from_the_documents_a_data_override_holds():
+    """A data override may be a small sample: the subset comes from its documents, not from sizes.test (dbpedia
+    declares 7000, the hub-schema fixture holds 14; indices past 13 crashed lm-eval after the first stage)."""
+    from harness.run.evaluate import Evaluator
+    from harness.suites import load_suite
+
+    fixtures = Path(__file__).resolve().parent / "data" / "hub_schema"
+    ev = Evaluator(load_suite("olora-standard", data_overrides=fixtures), None, limit=8)
+    (idx,) = ev.subset("dbpedia").values()
+    assert len(idx) == 8 and len(set(idx)) == 8 and max(idx) < 14
+    assert ev.subset("agnews") is None  # 4 documents, limit 8: all of them
+
+
 def test_a_folder_made_before_a_knob_existed_resumes_when_the_knob_is_at_its_default(tmp_path):
     """Upgrading the harness must not strand run folders: a knob missing from their config.yaml means its default."""
     import yaml as _yaml

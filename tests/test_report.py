@@ -632,3 +632,17 @@ def test_a_long_figure_title_is_wrapped_to_the_figure_width_not_cut():
     lines = fit_title(title, 4.0, 11).splitlines()
     assert len(lines) > 1 and " ".join(lines) == title
     assert all(len(line) * 0.6 * 11 <= 4.0 * 72 for line in lines)  # each line fits 4 inches at 11 pt
+
+
+def test_every_method_of_a_report_gets_its_own_colour_beyond_ten_methods():
+    """All 11 harness methods in one report: the 11th must not reuse the 1st's colour (it did modulo tab10)."""
+    import matplotlib
+
+    from harness.methods import METHODS
+    from harness.report.figures import _method_colors
+
+    for n in (3, len(METHODS), 20, 25):
+        colors = _method_colors([f"m{i}" for i in range(n)])
+        assert len(set(colors.values())) == n, n
+    first_ten = _method_colors(list(METHODS))
+    assert [first_ten[m] for m in list(METHODS)[:10]] == [matplotlib.colormaps["tab10"](i) for i in range(10)]

@@ -209,8 +209,14 @@ def _fig_diagnostic(diag, title: str):
 
 
 def method_colors(methods: list[str]) -> dict[str, Any]:
-    cmap = matplotlib.colormaps["tab10"]
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+    """A distinct colour per method: tab10's for the first 10, then tab20's lighter companions, then evenly spaced
+    turbo hues (the harness has 11 methods: a colour reused modulo 10 made the 11th look like the first)."""
+    n = len(methods)
+    if n > 20:
+        turbo = matplotlib.colormaps["turbo"]
+        return {m: turbo(i / (n - 1)) for i, m in enumerate(methods)}
+    tab20 = matplotlib.colormaps["tab20"]  # even indices are tab10's colours, odd ones their lighter companions
+    return {m: tab20(2 * i if i < 10 else 2 * (i - 10) + 1) for i, m in enumerate(methods)}
 
 
 def report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) -> dict[str, bytes]:

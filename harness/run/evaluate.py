@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from harness.analysis.documents import sample_scores
 from harness.precision import autocast_dtype, exact_matmuls
 from harness.seeding import stable_seed
+from harness.suites.data import test_file, test_records
 
 log = logging.getLogger(__name__)
 FOLD_CHECK_DOCS = 8  # documents per task that eval_merged's first evaluation also answers through PEFT
@@ -91,7 +92,8 @@ class Evaluator:
         """The fixed seeded test documents of a task under eval_limit (None: all of them)."""
         if self.limit is None:
             return None
-        n = self.suite.task(task).sizes.test
+        spec = self.suite.task(task)  # local data: its documents (a data override may be a small sample of sizes.test)
+        n = len(test_records(spec)) if test_file(spec) is not None else spec.sizes.test
         if self.limit >= n:
             return None
         idx = sorted(random.Random(stable_seed("eval-subset", task, self.limit)).sample(range(n), self.limit))
