@@ -65,8 +65,8 @@ def _training_commands(sub) -> None:
 
 def _folder_commands(sub) -> None:
     """Commands over results: report, dashboard, tracking-server, export, sync, verify."""
-    rep = sub.add_parser("report", help="Write the forgetting report (HTML + PNG + CSV/JSON) from the MLflow store.")
-    rep.add_argument("experiment", nargs="?", help="Experiment name (default: the only one in the store).")
+    rep = sub.add_parser("report", help="Write the forgetting report (HTML + PNG + CSV/JSON) from the run folders.")
+    rep.add_argument("experiment", nargs="?", help="Experiment name (default: the only experiment folder under --results-dir).")
     rep.add_argument("--results-dir", default="results", help="Results folder [default: results].")
     rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or the sqlite store].")
     rep.set_defaults(func="cmd_report")

@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
-from harness.adapters.keys import a_key, b_key
+from harness.adapters.keys import b_key
 from harness.errors import HarnessError
 from harness.precision import adapter_torch_dtype
 from harness.seeding import stable_seed

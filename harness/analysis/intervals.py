@@ -18,7 +18,7 @@ from harness.analysis import statistics as ST
 from harness.analysis.documents import score_arrays
 from harness.analysis.aggregate import MethodMatrix, noise_class, rank
 from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name
-from harness.analysis.numbers import finite, fmt, fmt_pm
+from harness.analysis.numbers import finite
 from harness.analysis.runs import SequenceRun
 
 STATISTICS_NOTE = (

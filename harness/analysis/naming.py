@@ -7,6 +7,8 @@ harness no longer knows (an old folder) keeps its raw name and sorts after the k
 
 from __future__ import annotations
 
+from typing import Any
+
 from harness.methods import METHODS
 
 METRICS = ("ACC", "BWT", "FWT", "forgetting", "LA")

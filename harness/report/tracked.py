@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mlflow.entities import ViewType
