@@ -287,7 +287,7 @@ class _Knobs(BaseModel):
             raise ValueError("grid: every knob needs at least one value")
         for section, users in section_users().items():
             if section in self.model_fields_set and not set(users) & set(self.methods):
-                raise ValueError(f"{section}: knobs of method {' / '.join(users)}, which is not in methods {self.methods}; "
+                raise ValueError(f"{section}: knobs of method {' / '.join(map(repr, users))}, which is not in methods {self.methods}; "
                                  f"add {users[0]} to methods or drop the {section} section")
         return self
 

@@ -224,6 +224,8 @@ def test_eval_schedule_diagonal_final_evaluates_2T_minus_1_cells_and_reports_na(
     assert np.isnan(R[0]).all() and not np.isnan(R[3]).any() and not np.isnan(np.diag(R[1:])).any()
     summary = json.loads((seq / "summary.json").read_text())
     assert summary["acc"] is not None and summary["bwt"] is not None and summary["fwt"] is None
+    # no task is evaluated at stage 0, yet the base model's general-text CE is: its rise is defined
+    assert summary["general_ce_base"] is not None and summary["general_ce_rise"] is not None
     assert "Running loglikelihood requests" not in out.stderr  # lm-eval's own bars only with -v
 
 

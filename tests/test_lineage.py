@@ -72,7 +72,10 @@ def test_register_without_a_mirrored_parent_run_is_one_message_and_writes_nothin
 
 # --- end to end on a real tracking server ---------------------------------------------------------------------------
 def _popen(args: list[str], log: Path, pause: str | None = None) -> subprocess.Popen:
-    env = {**{k: v for k, v in os.environ.items() if k != "HARNESS_FAULT_PAUSE"}, "PYTHONUNBUFFERED": "1"}
+    # MLflow's monitor publishes once per sampling interval (10 s by default) and drops a shorter tail: a smoke
+    # sequence's resumed part can be shorter than that, so sample every second here.
+    env = {**{k: v for k, v in os.environ.items() if k != "HARNESS_FAULT_PAUSE"}, "PYTHONUNBUFFERED": "1",
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
     if pause:
         env["HARNESS_FAULT_PAUSE"] = pause
     with open(log, "wb") as out:

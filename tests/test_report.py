@@ -639,10 +639,10 @@ def test_every_method_of_a_report_gets_its_own_colour_beyond_ten_methods():
     import matplotlib
 
     from harness.methods import METHODS
-    from harness.report.figures import _method_colors
+    from harness.report.figures import method_colors
 
     for n in (3, len(METHODS), 20, 25):
-        colors = _method_colors([f"m{i}" for i in range(n)])
+        colors = method_colors([f"m{i}" for i in range(n)])
         assert len(set(colors.values())) == n, n
-    first_ten = _method_colors(list(METHODS))
+    first_ten = method_colors(list(METHODS))
     assert [first_ten[m] for m in list(METHODS)[:10]] == [matplotlib.colormaps["tab10"](i) for i in range(10)]

@@ -33,7 +33,7 @@ from harness.config import ExperimentConfig
 from harness.run.compiled import resolve_mode
 from harness.run.console import done_line, say, stage_line
 from harness.errors import Interrupted
-from harness.run.evaluate import validation_evaluator
+from harness.run.evaluate import EvalResult, validation_evaluator
 from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
@@ -193,8 +193,8 @@ class SequenceRunner:
         done = D.main_then_all(self._committed_verified)
         if main:
             self._replay_committed(done)
-            if 0 not in done and self.eval_tasks(0):
-                self._stage0()
+            if 0 not in done and (self.eval_tasks(0) or self.cfg.general_ce_tokens):
+                self._stage0()  # under diagonal_final: no task, only the base model's general-text CE
         D.barrier()  # the others wait while rank 0 evaluates the base model
         method = self.method_cls(self.cfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model,
                                  task_examples=self.task_examples)
@@ -223,11 +223,13 @@ class SequenceRunner:
         self.mirror.sync()
 
     def _stage0(self) -> None:
-        """The base model on every task (b_j, for FWT); the same for every method and seed, so evaluated once."""
+        """The base model on every task (b_j, for FWT) and its general-text CE; the same for every method and seed, so
+        evaluated once. Under diagonal_final no task is evaluated here, but the CE is: general_ce_rise needs it."""
         t0 = time.perf_counter()
         key = tuple(self.eval_tasks(0))
         if key not in self.base_cache:
-            self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast)
+            self.base_cache[key] = (self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast) if key
+                                    else EvalResult(scores={}, raw={}, wall_s=0.0, n_examples={}, documents={}))
         ev = self.base_cache[key]
         if "general_ce" not in self.base_cache:
             self.base_cache["general_ce"] = general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)
