@@ -50,7 +50,7 @@ def _import_ray(loopback: bool):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        import ray  # lazy: Ray loads in ~1.4 s; only --launcher ray needs it
+        import ray  # lazy: Ray loads in ~0.3 s; only --launcher ray needs it
     except ImportError:
         raise HarnessError("--launcher ray needs the `ray` package: pip install ray (the pinned version is in requirements.lock)") from None
     return ray
@@ -109,7 +109,7 @@ class RayBackend:
     def poll(self, handles: list[Any]) -> list[tuple[Any, str, Any]]:
         """Finished tasks: ("ok", the job's dict), ("failed", traceback) for an exception, ("died", why) for a lost worker."""
         ray = self.ray
-        from ray import exceptions as rex  # lazy: Ray loads in ~1.4 s; only --launcher ray needs it
+        from ray import exceptions as rex  # lazy: Ray loads in ~0.3 s; only --launcher ray needs it
 
         ready, _ = ray.wait(handles, num_returns=len(handles), timeout=0)
         out = []

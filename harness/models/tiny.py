@@ -45,7 +45,7 @@ def _corpus_digest() -> str:
 def _train_tiny_tokenizer(vocab_size: int, out_dir: Path) -> dict:
     """Train a byte-level BPE on the committed corpus and save it as a HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # lazy: only the tiny test models build a tokenizer
-    from transformers import PreTrainedTokenizerFast  # lazy: transformers' models load in ~2 s; validation and --help need none
+    from transformers import PreTrainedTokenizerFast  # lazy: transformers' models load in ~0.7 s; validation and --help need none
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -73,7 +73,7 @@ def tiny_tokenizer_dir(vocab_size: int, cache_dir: str | os.PathLike | None = No
 
 def tiny_config(name: str):
     """The LlamaConfig of tiny model ``name`` as far as it is known without its tokenizer."""
-    from transformers import LlamaConfig  # lazy: transformers' models load in ~2 s; validation and --help need none
+    from transformers import LlamaConfig  # lazy: transformers' models load in ~0.7 s; validation and --help need none
 
     t = _TINY_SPECS[name]
     return LlamaConfig(vocab_size=t.vocab, hidden_size=t.hidden, num_hidden_layers=t.layers, num_attention_heads=t.heads,
@@ -82,7 +82,7 @@ def tiny_config(name: str):
 
 
 def _load_tiny(name: str, seed: int, cache_dir, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # lazy: transformers' models load in ~2 s; validation and --help need none
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # lazy: transformers' models load in ~0.7 s; validation and --help need none
 
     spec = _TINY_SPECS[name]
     tok_dir = _build_atomically(

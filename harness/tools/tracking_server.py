@@ -62,7 +62,7 @@ def find_postgres_bin() -> Path:
 
 def require_psycopg() -> None:
     try:
-        import psycopg  # noqa: F401  # lazy: only a PostgreSQL backend needs it (0.3 s)
+        import psycopg  # noqa: F401  # lazy: only a PostgreSQL backend needs it (0.05 s)
     except ImportError as exc:
         raise TrackingServerError(f"the PostgreSQL driver is missing ({exc}): pip install 'psycopg[binary]' in this "
                                   "environment (`make setup` installs the pinned version)") from None
@@ -71,8 +71,8 @@ def require_psycopg() -> None:
 def normalize_backend_uri(uri: str) -> str:
     """postgresql+psycopg://... as given; postgres:// and postgresql:// get the psycopg 3 driver (SQLAlchemy
     would pick psycopg2). Anything else is refused: a store for many writers needs PostgreSQL."""
-    from sqlalchemy.engine import make_url  # lazy: SQLAlchemy loads in ~0.5 s; only a PostgreSQL backend needs it
-    from sqlalchemy.exc import ArgumentError  # lazy: SQLAlchemy loads in ~0.5 s; only a PostgreSQL backend needs it
+    from sqlalchemy.engine import make_url  # lazy: SQLAlchemy loads in ~0.1 s; only a PostgreSQL backend needs it
+    from sqlalchemy.exc import ArgumentError  # lazy: SQLAlchemy loads in ~0.1 s; only a PostgreSQL backend needs it
 
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
@@ -94,8 +94,8 @@ def normalize_backend_uri(uri: str) -> str:
 
 def check_backend(uri: str, timeout_s: int = 10) -> None:
     """Connect once with psycopg so a wrong host/password/database fails here with one clear message."""
-    import psycopg  # lazy: only a PostgreSQL backend needs it (0.3 s)
-    from sqlalchemy.engine import make_url  # lazy: SQLAlchemy loads in ~0.5 s; only a PostgreSQL backend needs it
+    import psycopg  # lazy: only a PostgreSQL backend needs it (0.05 s)
+    from sqlalchemy.engine import make_url  # lazy: SQLAlchemy loads in ~0.1 s; only a PostgreSQL backend needs it
 
     conninfo = make_url(uri).set(drivername="postgresql").render_as_string(hide_password=False)
     try:
@@ -215,7 +215,7 @@ class LocalPostgres:
         return Path(f"/proc/{self.pid}").exists()
 
     def _ensure_database(self) -> None:
-        import psycopg  # lazy: only a PostgreSQL backend needs it (0.3 s)
+        import psycopg  # lazy: only a PostgreSQL backend needs it (0.05 s)
 
         try:
             with psycopg.connect(host="127.0.0.1", port=self.port, user=DB_ROLE, password=self.password(),

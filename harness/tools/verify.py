@@ -208,7 +208,7 @@ def check_mlflow(run_dir: Path, done: dict[int, Path], uri: str | None) -> Check
         if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
             raise HarnessError(f"no store at {uri}")
         check_reachable(uri, timeout_s=5)
-        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
+        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(parent_id)

@@ -123,7 +123,7 @@ class Tracker:
     instead of raising."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, optional: bool = False):
-        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
+        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
         # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
         # (and its children), silently redirecting the next experiment run in the same process.
@@ -216,7 +216,7 @@ class Tracker:
 
     # --- logging ---------------------------------------------------------------------------
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
-        from mlflow.entities import Param  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
+        from mlflow.entities import Param  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
         existing = self.client.get_run(run_id).data.params
         items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
@@ -224,7 +224,7 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
-        from mlflow.entities import Metric  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
+        from mlflow.entities import Metric  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
@@ -232,7 +232,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def log_series(self, run_id: str, key: str, values: list[float]) -> None:
-        from mlflow.entities import Metric  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
+        from mlflow.entities import Metric  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
         ts = int(time.time() * 1000)
         items = [Metric(key, float(v), ts, i + 1) for i, v in enumerate(values)]
@@ -286,7 +286,7 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
     path = local_store_path(uri)
     if path is not None and not path.exists():
         return 0
-    from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~4 s; commands that only read folders need none of it
+    from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
     client = MlflowClient(tracking_uri=uri)
     try:
