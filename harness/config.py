@@ -254,8 +254,7 @@ class _Knobs(BaseModel):
         if not isinstance(data, dict):
             return data
         methods = data.get("methods")
-        runs_lori = methods is None or not isinstance(methods, list) or any(
-            getattr(METHODS.get(m), "section", None) == lori_knobs.SECTION for m in methods)
+        runs_lori = methods is None or not isinstance(methods, list) or bool(set(methods) & set(section_users()[lori_knobs.SECTION]))
         return lori_knobs.upgrade_flat_keys(data, runs_lori=runs_lori)
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ from harness.methods.migu import row_mask
 from harness.models import load_model
 from harness.run.train import collate, tokenize_examples
 from test_export import harness_model, logits, stock
-from test_methods import stage_dirs
+from test_methods import assert_earlier_adapters_unchanged, stage_dirs
 
 BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report"]
 NEW = ["nlora", "inflora", "ewc", "migu"]
@@ -125,13 +125,7 @@ def test_inflora_A_never_changes_during_its_stage(runs):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["inflora", "nlora"])
 def test_earlier_adapters_stay_bit_identical_in_later_stage_files(runs, method):
-    stages = stage_dirs(runs / method / "seed-0")
-    assert len(stages) == 3
-    for t, later in enumerate(stages, start=1):
-        for s in range(1, t):
-            own = load_file(str(stages[s - 1] / "adapter" / f"task{s}" / "adapter_model.safetensors"))
-            now = load_file(str(later / "adapter" / f"task{s}" / "adapter_model.safetensors"))
-            assert own.keys() == now.keys() and all(torch.equal(own[k], now[k]) for k in own), f"task{s} changed in stage {t}"
+    assert_earlier_adapters_unchanged(runs / method / "seed-0")
 
 
 @pytest.mark.slow

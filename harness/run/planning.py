@@ -44,7 +44,11 @@ class StagePlan:
 
     tasks: list[str]  # trained at this stage (one task; MTL: all)
     budget: dict[str, Any]  # epochs, batch_size, max_seq_len, max_steps, lr (the method's), steps (None: from epochs)
-    at_lr_of: dict[str, dict[str, Any]]  # the same budget at each lr family's rate (lora, lori-d, lori-s): calibration runs
+    lr_of: dict[str, float]  # each lr family's rate (lora, lori-d, lori-s) for these tasks: a calibration run's
+
+    def budget_at(self, family: str) -> dict[str, Any]:
+        """The stage's budget at another family's learning rate (LoRI-S's magnitude masks calibrate at LoRI-D's)."""
+        return {**self.budget, "lr": self.lr_of[family]}
 
 
 @dataclass
@@ -115,7 +119,7 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                     if len(cfg.orders) > 1:
                         d = d / f"order-{k}"
                     stages = [StagePlan(tasks, stage_budget(vcfg, suite, tasks, method, seed),
-                                        {f: stage_budget(vcfg, suite, tasks, f, seed) for f in DEFAULT_LR})
+                                        {f: vcfg.lr_for(f, suite.task(tasks[0]).budget_for(suite).lr) for f in DEFAULT_LR})
                               for tasks in METHODS[method].stage_plan(order)]
                     specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages))
     return specs

@@ -263,7 +263,7 @@ class SequenceRunner:
 
         def calibrate(max_steps: int | None, lr_method: str):
             tc = time.perf_counter()
-            self._train(method, examples, self.spec.stages[t - 1].at_lr_of[lr_method], t, f"{name} calib", max_steps=max_steps,
+            self._train(method, examples, self.spec.stages[t - 1].budget_at(lr_method), t, f"{name} calib", max_steps=max_steps,
                         calibration=True)
             calib["s"] += time.perf_counter() - tc
 
