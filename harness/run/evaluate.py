@@ -104,6 +104,8 @@ class Evaluator:
         """Primary metric per task; model.train() is restored afterwards whatever happens.
 
         bf16 autocast if the caller or eval_bf16 asks; merged (default: eval_merged) folds the active adapters."""
+        if not tasks:  # nothing to score (diagonal_final's stage 0): no lm-eval call
+            return EvalResult(scores={}, raw={}, wall_s=0.0, n_examples={}, documents={})
         if merged is None:  # the evaluator's setting; None there: folded on CUDA, through PEFT on CPU
             merged = self.merged if self.merged is not None else next(model.parameters()).device.type == "cuda"
         if merged and not self.checked_fold and _has_adapters(model):

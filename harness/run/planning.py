@@ -119,7 +119,7 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                     if len(cfg.orders) > 1:
                         d = d / f"order-{k}"
                     stages = [StagePlan(tasks, stage_budget(vcfg, suite, tasks, method, seed),
-                                        {f: vcfg.lr_for(f, suite.task(tasks[0]).budget_for(suite).lr) for f in DEFAULT_LR})
+                                        {f: stage_lr(vcfg, suite, tasks, f) for f in DEFAULT_LR})
                               for tasks in METHODS[method].stage_plan(order)]
                     specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages))
     return specs
@@ -214,13 +214,18 @@ def validate(cfg: ExperimentConfig):
     return suite, specs, uri, config is not None
 
 
+def stage_lr(cfg: ExperimentConfig, suite, tasks: list[str], method: str) -> float:
+    """The method's (or lr family's) learning rate for a stage: the config's, else the suite's for its first task."""
+    return cfg.lr_for(method, suite.task(tasks[0]).budget_for(suite).lr)
+
+
 def stage_budget(cfg: ExperimentConfig, suite, tasks: list[str], method: str, seed: int) -> dict[str, Any]:
     """Config values win; the suite's budget fills the rest. A multi-task stage gets the sum of its tasks' steps."""
     b = suite.task(tasks[0]).budget_for(suite)
     out = {"epochs": cfg.epochs if cfg.epochs is not None else b.epochs,
            "batch_size": cfg.batch_size if cfg.batch_size is not None else b.batch_size,
            "max_seq_len": cfg.max_seq_len if cfg.max_seq_len is not None else b.max_seq_len,
-           "max_steps": cfg.max_steps, "lr": cfg.lr_for(method, b.lr), "steps": None}
+           "max_steps": cfg.max_steps, "lr": stage_lr(cfg, suite, tasks, method), "steps": None}
     if len(tasks) > 1:
         out["steps"] = sum(_task_steps(cfg, suite, t, method, seed) for t in tasks)
     return out

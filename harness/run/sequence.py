@@ -33,7 +33,7 @@ from harness.config import ExperimentConfig
 from harness.run.compiled import resolve_mode
 from harness.run.console import done_line, say, stage_line
 from harness.errors import Interrupted
-from harness.run.evaluate import EvalResult, validation_evaluator
+from harness.run.evaluate import validation_evaluator
 from harness.general_text import general_ce
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
@@ -228,8 +228,7 @@ class SequenceRunner:
         t0 = time.perf_counter()
         key = tuple(self.eval_tasks(0))
         if key not in self.base_cache:
-            self.base_cache[key] = (self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast) if key
-                                    else EvalResult(scores={}, raw={}, wall_s=0.0, n_examples={}, documents={}))
+            self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast)
         ev = self.base_cache[key]
         if "general_ce" not in self.base_cache:
             self.base_cache["general_ce"] = general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)
