@@ -65,16 +65,20 @@ ablation: $(STAMP)
 
 # The all-methods table over 3 seeds at today's defaults, on both CPU suites (full evaluation: FWT, forgetting, the
 # general-text cross-entropy after every stage); run side by side like the ablation; reports and intervals in
-# results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it.
+# results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it;
+# each report also compares REPORT_BASELINE with every other method (the README's "LoRI-S − method" columns).
 ALL_METHODS ?= lori-s,lora,inclora,olora,replay,mtl
+REPORT_BASELINE ?= lori-s
 all-methods: $(STAMP)
 	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in default mc4; do \
 	  taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds 0,1,2 \
-	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-progress $(ARGS) \
+	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-progress --no-report $(ARGS) \
 	    > $(RESULTS)/all-methods-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
 	done; \
 	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
-	tail -n 3 $(RESULTS)/all-methods-*.log; exit $$status
+	tail -n 3 $(RESULTS)/all-methods-*.log; test $$status = 0 || exit $$status; \
+	for suite in default mc4; do $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
+	  $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; done
 
 report: $(STAMP)
 	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)

@@ -69,6 +69,9 @@ def _folder_commands(sub) -> None:
     rep.add_argument("experiment", nargs="?", help="Experiment name (default: the only experiment folder under --results-dir).")
     rep.add_argument("--results-dir", default="results", help="Results folder [default: results].")
     rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or the sqlite store].")
+    rep.add_argument("--baseline", default=None, metavar="METHOD",
+                     help="Also compare METHOD with every other method (paired bootstrap per metric), not only the best "
+                          "method with the others [default: none].")
     rep.set_defaults(func="cmd_report")
 
     d = sub.add_parser("dashboard", help="Serve the MLflow UI over the results store on 127.0.0.1.")

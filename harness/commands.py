@@ -182,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     for line in catch_up_folders(root):  # runs that went on while the tracking server was away
         print(line, file=sys.stderr)
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
-    index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri)
+    index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri, baseline=args.baseline)
     print(f"report: {index}")
     return 0
 

@@ -602,6 +602,27 @@ def test_verdicts_come_from_the_paired_bootstrap_over_seeds_and_documents(doc_re
     assert "std rule (old verdict)" in html and html_escape(comp["verdicts"]["ACC"]) in html
 
 
+def test_a_baseline_is_compared_with_every_method_not_only_with_the_best(doc_report, tmp_path):
+    """--baseline lora (not the best): lora against lori-s, with the sign kept and the better method named."""
+    results_dir = doc_report.parent.parent.parent
+    copy = _copy_store({"results_dir": results_dir}, tmp_path / "results")
+    with pytest.raises(HarnessError, match="--baseline olora: experiment 'docs' has no finished sequence run.*lori-s, lora"):
+        write_report("docs", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, baseline="olora")
+    assert not (copy / "docs" / "report").exists()  # refused before anything is written
+    index = write_report("docs", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, baseline="lora")
+    comp = json.loads((index.parent / "comparison.json").read_text())
+    best = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC" and c["role"] == "best")
+    base = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC" and c["role"] == "baseline")
+    assert (best["a"], best["b"], base["a"], base["b"]) == ("lori-s", "lora", "lora", "lori-s")
+    assert base["difference"] == pytest.approx(-best["difference"]) and base["high"] < 0 and base["significant"]
+    assert comp["baseline"] == "lora" and set(comp["verdicts_baseline"]) == {"ACC", "BWT", "FWT", "forgetting", "LA"}
+    assert comp["verdicts_baseline"]["ACC"].startswith("ACC (higher is better), LoRA against each method: LoRA ")
+    assert "LoRI-S is better by" in comp["verdicts_baseline"]["ACC"]
+    html = index.read_text(encoding="utf-8")
+    assert "Against LoRA (<code>--baseline</code>)" in html and html_escape(comp["verdicts_baseline"]["ACC"]) in html
+    assert "LoRA (baseline)" in html and "LoRI-S (best)" in html
+
+
 def test_a_task_never_learned_is_flagged_in_the_report(doc_report):
     comp = json.loads((doc_report.parent / "comparison.json").read_text())
     flagged = {(f["method"], f["seed"]): f["tasks"] for f in comp["not_learned"]}

@@ -4,7 +4,8 @@ The statistics are harness.analysis.statistics (docs/statistics.md): documents a
 together when every run of the compared methods logged its per-document scores (documents.json), seeds
 only otherwise, and the sentence says which. A verdict compares the best method on a metric with each
 other one by a paired bootstrap on the seeds (and task orders) both ran: the difference, its 95%
-interval and p. A difference is called significant when the interval excludes 0. The older rule (a gap
+interval and p; `harness report --baseline METHOD` also compares METHOD with every other method.
+A difference is called significant when the interval excludes 0. The older rule (a gap
 larger than the larger of the two stds) is kept beside it as a column, not as the verdict.
 """
 
@@ -81,29 +82,41 @@ def _how(c: ST.Comparison) -> str:
             f"95% CI [{c.low:+.3f}, {c.high:+.3f}], {fmt_p(c.p)}")
 
 
-def paired_sentence(m: str, best: dict, other: dict, c: ST.Comparison) -> str:
-    """One verdict: the best row against another on metric m, from their paired comparison."""
-    a, b = display_name(best["method"]), display_name(other["method"])
-    vs = (f"{a} {fmt_ci(best[m]['mean'], best[m].get('ci_low'), best[m].get('ci_high'))} vs "
-          f"{b} {fmt_ci(other[m]['mean'], other[m].get('ci_low'), other[m].get('ci_high'))}")
+def paired_sentence(m: str, a_row: dict, b_row: dict, c: ST.Comparison) -> str:
+    """One verdict: row a against row b on metric m, from their paired comparison (a − b); the better one is named."""
+    a, b = display_name(a_row["method"]), display_name(b_row["method"])
+    vs = (f"{a} {fmt_ci(a_row[m]['mean'], a_row[m].get('ci_low'), a_row[m].get('ci_high'))} vs "
+          f"{b} {fmt_ci(b_row[m]['mean'], b_row[m].get('ci_low'), b_row[m].get('ci_high'))}")
     if c.difference is None:
         return f"{vs}: not compared (no seed and task order that both ran)"
     d = abs(c.difference)
     d_txt = f"{d:.3f}" if d >= 0.001 else f"{d:.1e}"
     if d < 1e-9:
         return f"{vs}: no difference"
+    better = a if (c.difference > 0) == HIGHER_IS_BETTER[m] else b
     if c.low is None:
-        return f"{vs}: {a} is better by {d_txt} (one run each, no noise estimate)"
+        return f"{vs}: {better} is better by {d_txt} (one run each, no noise estimate)"
     if significant(c):
-        return f"{vs}: {a} is better by {d_txt} ({_how(c)})"
+        return f"{vs}: {better} is better by {d_txt} ({_how(c)})"
     return f"{vs}: the difference {d_txt} is not significant ({_how(c)})"
 
 
-def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]]) -> tuple[dict[str, str], list[dict]]:
-    """(metric -> verdict sentence, every comparison as comparison.json's "paired_comparisons" entries).
+def _compare(m: str, a: dict, b: dict, units: dict[str, list[ST.Unit]], role: str) -> tuple[str, dict]:
+    """(verdict sentence, comparison.json entry) of row a against row b on metric m."""
+    c = ST.paired_difference(units[a["method"]], units[b["method"]], m, (a["method"], b["method"]))
+    return paired_sentence(m, a, b, c), {**c.as_json(), "significant": significant(c), "std_rule": noise_class(m, a, b),
+                                         "role": role}
 
-    Like aggregate.verdicts (whose sentences these replace): reference rows are never ranked."""
-    sentences, table = {}, []
+
+def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
+                    baseline: str | None = None) -> tuple[dict[str, str], list[dict], dict[str, str]]:
+    """(metric -> verdict sentence, comparison.json's "paired_comparisons", metric -> baseline sentence).
+
+    Per metric the best method is compared with each other one (role "best", a = the best). With a baseline
+    (a method of these runs) that is not the best, it is also compared with every other method (role
+    "baseline", a = the baseline), and the third dict says how it stands against each of them.
+    Like aggregate.verdicts (whose sentences these replace): reference rows are never ranked or compared."""
+    sentences, table, against = {}, [], {}
     for m in METRICS:
         direction = "higher" if HIGHER_IS_BETTER[m] else "lower"
         cands = [r for r in rows if finite(r[m]["mean"]) and not r.get("reference")]
@@ -112,12 +125,20 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]]) -> tuple[
         ranked = rank(m, cands, HIGHER_IS_BETTER[m])
         parts = []
         for other in ranked[1:]:
-            c = ST.paired_difference(units[ranked[0]["method"]], units[other["method"]], m,
-                                     (ranked[0]["method"], other["method"]))
-            parts.append(paired_sentence(m, ranked[0], other, c))
-            table.append({**c.as_json(), "significant": significant(c), "std_rule": noise_class(m, ranked[0], other)})
+            sentence, entry = _compare(m, ranked[0], other, units, "best")
+            parts.append(sentence)
+            table.append(entry)
         sentences[m] = f"{m} ({direction} is better): " + "; ".join(parts) + "."
-    return sentences, table
+        base = next((r for r in cands if r["method"] == baseline), None)
+        if base is None:
+            continue
+        base_parts = parts if base is ranked[0] else []
+        for other in (r for r in ranked if base is not ranked[0] and r is not base):
+            sentence, entry = _compare(m, base, other, units, "baseline")
+            base_parts.append(sentence)
+            table.append(entry)
+        against[m] = f"{m} ({direction} is better), {display_name(baseline)} against each method: " + "; ".join(base_parts) + "."
+    return sentences, table, against
 
 
 def not_learned_notes(runs: list[SequenceRun]) -> list[dict]:

@@ -60,6 +60,8 @@ class PageData:
     recipe_verdict: str | None = None  # a grid: whether those verdicts agree across variants
     paired: list[dict] = field(default_factory=list)  # comparison.json's paired_comparisons (the verdicts' evidence)
     selection_criterion: str = SELECTION_CRITERION  # a grid: how each method's variant was chosen, and on which split
+    baseline: str | None = None  # `harness report --baseline`: the method also compared with every other one
+    baseline_verdicts: dict[str, str] = field(default_factory=dict)  # metric -> how the baseline stands against each
 
 
 def _escape(value):
@@ -215,6 +217,8 @@ def _sequence_context(d: PageData) -> dict:
         "knob_rows": [[display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—"
                                            for k in _KNOBS] for m in d.by_method],
         "verdicts": [d.verdicts[m] for m in METRICS],
+        "baseline": display_name(d.baseline) if d.baseline else None,
+        "baseline_verdicts": [d.baseline_verdicts[m] for m in METRICS if m in d.baseline_verdicts],
         "paired_headers": PAIRED_HEADERS,
         "paired_rows": paired_table_rows(d.paired),
         "statistics_note": STATISTICS_NOTE.format(n=N_BOOT),

@@ -23,6 +23,7 @@ from harness.analysis.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.analysis.numbers import json_clean
 from harness.analysis.sensitivity import SELECTION_CRITERION, select_variants
 from harness.analysis.statistics import LEVEL, N_BOOT, SEED
+from harness.errors import HarnessError
 from harness.io import atomic_write_bytes, atomic_write_text
 from harness.report.figures import general_figure, method_colors, report_figures, sensitivity_figure
 from harness.report.merge_figures import merge_figures
@@ -138,6 +139,7 @@ def write_report(
     *,
     log_to_mlflow: bool = True,
     generated_at: _dt.datetime | None = None,
+    baseline: str | None = None,
 ) -> Path:
     """Write the forgetting report of one experiment; return the path of its index.html.
 
@@ -145,29 +147,35 @@ def write_report(
     experiment=None picks the only experiment folder with sequence or merge runs (HarnessError when there
     are none or several). The figures are also logged to every finished parent run under "report/"
     (log_to_mlflow=False skips that). generated_at (UTC, default now) is the time the page and
-    comparison.json state. Prints nothing.
+    comparison.json state. baseline (a method of the experiment's sequence runs; HarnessError otherwise) is
+    also compared with every other method: comparison.json's "verdicts_baseline" and "paired_comparisons"
+    rows with role "baseline", the page's "Against BASELINE" list. Prints nothing.
     """
     with quiet_mlflow():
-        return _write_report(experiment, Path(results_dir).resolve(), tracking_uri, log_to_mlflow, generated_at)
+        return _write_report(experiment, Path(results_dir).resolve(), tracking_uri, log_to_mlflow, generated_at, baseline)
 
 
-def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bool, now) -> Path:
+def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bool, now, baseline: str | None) -> Path:
     uri = default_tracking_uri(results_dir, tracking_uri)
     exp = read_experiment(experiment, results_dir, uri)
     runs, vrows, chosen, grid = select_variants(exp.runs)  # variants are never averaged together
+    methods = sorted({r.method for r in runs}, key=method_sort_key)
+    if baseline is not None and baseline not in methods:  # refused before anything is written
+        raise HarnessError(f"--baseline {baseline}: experiment {exp.name!r} has no finished sequence run of that method "
+                           f"(it has: {', '.join(methods) or 'none'}); pick one of those, or leave --baseline out")
     report_dir = exp.folder / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
 
-    methods = sorted({r.method for r in runs}, key=method_sort_key)
     by_method = {m: [r for r in runs if r.method == m] for m in methods}
     # Only merge runs: no sequence aggregates, tables or figures (page: has_sequences is false).
     df, rows = aggregate(runs) if runs else (None, [])
     units = units_by_method(by_method)
     add_intervals(rows, units)
     std_verdict = verdicts(rows) if runs else {}
-    paired_verdict, paired = paired_verdicts(rows, units)
+    paired_verdict, paired, against = paired_verdicts(rows, units, baseline)
     verdict = {**std_verdict, **paired_verdict}  # the std rule's sentence stays where nothing can be compared
     stats = {"verdicts_std_rule": std_verdict, "paired_comparisons": paired, "not_learned": not_learned_notes(runs),
+             "baseline": baseline, "verdicts_baseline": against,
              "statistics": {"method": STATISTICS_NOTE.format(n=N_BOOT), "replicates": N_BOOT, "level": LEVEL, "seed": SEED}}
     columns, n_rows, mms = method_matrices(by_method) if runs else ([], 0, [])
     cells = {mm.method: cell_intervals(mm, by_method[mm.method], columns) for mm in mms}
@@ -192,7 +200,7 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
                     mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
                     sensitivity_table(vrows, chosen) if vrows else None,
                     grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired,
-                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION)
+                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION, baseline, against)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index
