@@ -185,15 +185,32 @@ S[i, j] = score on task j of task i's adapter alone; m_j = score on task j of th
 - interference I[i, j] = score on task i after merging adapters i and j - S[i, i]   (pairs only)"""
 
 
+def average_drop_values(M) -> np.ndarray:
+    """A merge's average drop (1/T) Σ (S[j, j] − m_j), on M = [S[j, j]; m_j] (2 x T) or a stack of them."""
+    M = np.asarray(M, dtype=float)
+    return (M[..., 0, :] - M[..., 1, :]).mean(axis=-1)
+
+
+def normalised_accuracy_values(M) -> np.ndarray:
+    """A merge's normalised accuracy, the mean of m_j / S[j, j] over the tasks with S[j, j] > 0 (NaN: none), on M as above."""
+    M = np.asarray(M, dtype=float)
+    diag, m = M[..., 0, :], M[..., 1, :]
+    ok = diag > 0
+    n = ok.sum(axis=-1)
+    total = np.where(ok, m / np.where(ok, diag, 1.0), 0.0).sum(axis=-1)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
+# Merge metric name -> its definition on M = [S[j, j]; m_j] (2 x T) or a stack (..., 2, T): summary.json, the report.
+MERGE_VALUES = {"average_drop": average_drop_values, "normalised_accuracy": normalised_accuracy_values}
+
+
 def merge_summary(S: np.ndarray, merged: Sequence[float]) -> dict[str, float | None]:
     """Average drop and normalised accuracy of one merge against the single-adapter diagonal."""
-    diag = np.diag(S).astype(float)
-    m = np.asarray(merged, dtype=float)
-    if np.isnan(diag).any() or np.isnan(m).any():
-        return {"average_drop": None, "normalised_accuracy": None}
-    ok = diag > 0
-    return {"average_drop": float(np.mean(diag - m)),
-            "normalised_accuracy": float(np.mean(m[ok] / diag[ok])) if ok.any() else None}
+    M = np.stack([np.diag(S).astype(float), np.asarray(merged, dtype=float)])
+    if np.isnan(M).any():
+        return {k: None for k in MERGE_VALUES}
+    return {k: _scalar(fn(M)) for k, fn in MERGE_VALUES.items()}
 
 
 def interference_matrix(S: np.ndarray, pair_scores: dict[tuple[int, int], tuple[float, float]]) -> list[list[float | None]]:

@@ -114,6 +114,13 @@ def test_merge_folders_hold_the_documented_files(merge_run):
         assert I[0][0] is None and I[0][1] == pytest.approx(
             next(r for r in rows if r["combination"] == "cat" and r["tasks"] == ["parity", "weather"])["scores"]["parity"] - single["S"][0][0])
         assert (d / "single.csv").exists() and (d / "merged.csv").exists()
+        # Each document's score: the adapters alone on their own task and every full merge recompute exactly.
+        from harness.analysis.documents import merge_matrix
+
+        docs = json.loads((d / "documents.json").read_text())
+        for r in (cat, lin):
+            assert merge_matrix(docs, r["combination"]).tolist() == [[single["S"][j][j] for j in range(3)],
+                                                                     [r["scores"][t] for t in single["tasks"]]]
 
 
 def test_merge_mlflow_runs_and_resume_skips_finished_pieces(merge_run, capsys):

@@ -199,6 +199,13 @@ def stats(method: str, combination: str, key: str) -> tuple[float, float]:
     return statistics.mean(vals), statistics.stdev(vals)
 
 
+def seed_interval(method: str, combination: str, key: str) -> tuple[float, float]:
+    """The 95% bootstrap interval over 2 seeds without per-document scores: each replicate draws both seeds, so a
+    quarter of the replicates is each seed's value twice: the 2.5% and 97.5% quantiles are the two values."""
+    vals = [hand(method, s, combination)[key] for s in ("0", "1")]
+    return min(vals), max(vals)
+
+
 def test_hand_formulas_agree_with_harness_metrics():
     import numpy as np
 
@@ -216,8 +223,10 @@ def test_merging_section_table_values(mixed):
         assert display in html
         for c in COMBINATIONS:
             na, ad = stats(method, c, "normalised_accuracy"), stats(method, c, "average_drop")
+            ni, ai = seed_interval(method, c, "normalised_accuracy"), seed_interval(method, c, "average_drop")
             cells = (f'<td class="l">{display}</td><td class="l">{c}</td><td>2</td>'
-                     f"<td>{na[0]:.3f} ± {na[1]:.3f}</td><td>{ad[0]:.3f} ± {ad[1]:.3f}</td>")
+                     f"<td>{na[0]:.3f} ± {na[1]:.3f} [{ni[0]:.3f}, {ni[1]:.3f}]</td>"
+                     f"<td>{ad[0]:.3f} ± {ad[1]:.3f} [{ai[0]:.3f}, {ai[1]:.3f}]</td>")
             assert cells in html, cells
     assert "arith + capitals + sentiment" in html and "4567cdef" in html
     assert "skipped (not FINISHED)</td><td class=\"l\">1: merge/lora/seed-2 (RUNNING)" in html  # listed, not aggregated
@@ -248,6 +257,9 @@ def test_comparison_json_merging(mixed):
                 assert cell[key]["mean"] == pytest.approx(mean, abs=1e-12)
                 assert cell[key]["std"] == pytest.approx(std, abs=1e-12)
                 assert cell[key]["n"] == 2
+                lo, hi = seed_interval(method, c, key)
+                assert (cell[key]["ci_low"], cell[key]["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
+                assert cell[key]["ci_resampled"] == "seeds"  # these folders have no documents.json
             assert cell["relative_error"]["max"] == pytest.approx(REL_ERROR[(method, c)])
             assert cell["cross_terms"]["any"] is (c == "linear")
     assert [r["run_id"] for r in merging["skipped_runs"]] == [mixed["running"]]
@@ -276,20 +288,22 @@ def test_cross_term_warnings_name_linear_not_cat(mixed):
     assert {(w["method"], w["combination"]) for w in comp["cross_term_warnings"]} == {("lori-s", "linear"), ("lora", "linear")}
 
 
-def test_verdicts_use_the_sequence_within_noise_rule(mixed):
-    from harness.analysis.aggregate import ranked_comparisons
-
-    verdicts = json.loads((mixed["index"].parent / "comparison.json").read_text())["merging"]["verdicts"]
-    # cat: LoRI-S keeps far more of its single-adapter scores; linear: the gap is below the std.
+def test_verdicts_come_from_the_paired_bootstrap_over_seeds(mixed):
+    merging = json.loads((mixed["index"].parent / "comparison.json").read_text())["merging"]
+    verdicts, paired = merging["verdicts"], {c["combination"]: c for c in merging["paired_comparisons"]}
+    # cat: LoRI-S keeps far more of its single-adapter scores on both seeds; linear: the seeds disagree on the sign.
+    gap = {c: [hand("lori-s", s, c)["normalised_accuracy"] - hand("lora", s, c)["normalised_accuracy"] for s in "01"]
+           for c in COMBINATIONS}
+    cat, lin = paired["cat"], paired["linear"]
+    assert (cat["a"], cat["b"], lin["a"], lin["b"]) == ("lori-s", "lora", "lora", "lori-s")
+    assert cat["difference"] == pytest.approx(statistics.mean(gap["cat"])) and (cat["low"], cat["high"]) == (
+        pytest.approx(min(gap["cat"])), pytest.approx(max(gap["cat"])))
+    assert cat["significant"] and not lin["significant"] and cat["resampled"] == "seeds" and cat["std_rule"] == "beyond"
     assert verdicts["cat"].startswith("cat: normalised accuracy (higher is better): LoRI-S ")
-    assert "LoRI-S is better by" in verdicts["cat"] and "more than the std" in verdicts["cat"]
-    assert "within noise" in verdicts["linear"]
-    rows = [{"method": m, "normalised_accuracy": dict(zip(("mean", "std"), stats(m, "linear", "normalised_accuracy")))}
-            for m in DISPLAY]
-    assert verdicts["linear"] == "linear: normalised accuracy (higher is better): " + ranked_comparisons(
-        "normalised_accuracy", rows, True) + "."
+    assert "LoRI-S is better by" in verdicts["cat"] and "seed-level only" in verdicts["cat"]
+    assert "is not significant" in verdicts["linear"]
     html = merging_html(mixed["index"])
-    assert all(f"<li>{v}</li>" in html for v in verdicts.values())
+    assert all(f"<li>{html_escape(v)}</li>" in html for v in verdicts.values())
 
 
 def test_figures_written_and_logged_to_every_parent(mixed):
@@ -397,6 +411,46 @@ def test_a_summary_number_that_disagrees_with_its_scores_is_noted(merge_only, tm
     html = merging_html(write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False))
     want = hand("lora", "0", "linear")["normalised_accuracy"]
     assert f"linear: normalised_accuracy = 0.100000 but the per-task scores give {want:.6f}" in html
+
+
+def _write_documents(run_dir: Path, method: str, seed: str) -> None:
+    """documents.json for a merge folder of this file: 100 documents per task, the first round(100 x score) correct,
+    so that every S[j, j] and m_j is recomputed exactly (k / 100 is the double nearest the two-decimal score)."""
+    def docs(score: float) -> list[int]:
+        k = round(100 * score)
+        return [1] * k + [0] * (100 - k)
+
+    single = SINGLE[(method, seed)]
+    (run_dir / "documents.json").write_text(json.dumps({"tasks": TASKS, "documents": {t: {
+        "doc_ids": list(range(100)), "single": docs(single[j]),
+        "merged": {c: docs(MERGED[(method, seed, c)][j]) for c in COMBINATIONS}} for j, t in enumerate(TASKS)}}))
+
+
+def test_merge_intervals_and_verdicts_resample_documents_when_every_run_kept_them(merge_only, tmp_path):
+    from test_report import _copy_store
+
+    copy = _copy_store(merge_only, tmp_path / "results")
+    for method in DISPLAY:
+        for seed in ("0", "1"):
+            _write_documents(copy / "merge-only" / "merge" / method / f"seed-{seed}", method, seed)
+    merging = json.loads((write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}",
+                                       log_to_mlflow=False).parent / "comparison.json").read_text())["merging"]
+    cat = next(c for c in merging["paired_comparisons"] if c["combination"] == "cat")
+    assert cat["resampled"] == "documents and seeds" and cat["significant"] and cat["p"] < 0.01
+    assert "2 seeds and the test documents" in merging["verdicts"]["cat"]
+    cell = merging["methods"]["lora"]["combinations"]["linear"]["normalised_accuracy"]
+    lo, hi = seed_interval("lora", "linear", "normalised_accuracy")
+    assert cell["ci_resampled"] == "documents and seeds" and cell["ci_low"] < lo and cell["ci_high"] > hi  # wider
+
+    # One score changed: the file no longer recomputes its run's numbers, so it is not used, and the page says so.
+    path = copy / "merge-only" / "merge" / "lora" / "seed-0" / "documents.json"
+    docs = json.loads(path.read_text())
+    docs["documents"]["arith"]["merged"]["cat"][0] = 0
+    path.write_text(json.dumps(docs))
+    index = write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
+    merging = json.loads((index.parent / "comparison.json").read_text())["merging"]
+    assert merging["methods"]["lora"]["combinations"]["cat"]["normalised_accuracy"]["ci_resampled"] == "seeds"
+    assert "documents.json does not recompute merge &#x27;cat&#x27;" in merging_html(index)
 
 
 @pytest.mark.parametrize("which", ["mixed", "merge_only"])

@@ -12,6 +12,14 @@ into `<sequence>/documents.json` (also an MLflow artifact of the parent run):
 
 Rows of a task line up by document id, so the same document sits in the same column at every stage:
 what a bootstrap needs to resample the same documents in every cell (harness.analysis.statistics).
+
+A merge run (`harness merge`) keeps the same facts for its two kinds of evaluation in its own documents.json:
+
+    {"tasks": [...], "documents": {task: {"doc_ids": [...], "single": [...], "merged": {combination: [...]}}}}
+
+`single` is task j's adapter alone on task j (the cell S[j, j]), `merged[c]` the merge of all tasks with
+combination c on task j (m_j). merge_matrix stacks them as a 2 x T matrix, the form the merge metrics
+(harness.metrics.MERGE_VALUES) and the bootstrap take.
 """
 
 from __future__ import annotations
@@ -102,6 +110,38 @@ def matrix_from_documents(docs: dict[str, Any]) -> np.ndarray:
             if row is not None:
                 R[i, j] = cell_score(row)
     return R
+
+
+def merge_documents(tasks: list[str], single: dict[str, dict], merged: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """A merge run's documents.json from its evaluations' per-document scores (sample_scores dicts).
+
+    single: task -> its own adapter's scores on it; merged: combination -> task -> the merge's scores on it.
+    ValueError when two evaluations of a task scored different documents."""
+    out = {}
+    for task in tasks:
+        ids = list(single[task]["doc_ids"])
+        for c, per_task in merged.items():
+            if list(per_task[task]["doc_ids"]) != ids:
+                raise ValueError(f"task {task!r}: merge {c!r} scored other documents than the task's own adapter")
+        out[task] = {"doc_ids": ids, "single": list(single[task]["scores"]),
+                     "merged": {c: list(per_task[task]["scores"]) for c, per_task in merged.items()}}
+    return {"tasks": list(tasks), "documents": out}
+
+
+def merge_score_arrays(docs: dict[str, Any], combination: str) -> dict[str, np.ndarray] | None:
+    """task -> (2, documents): the own adapter's and the merge's scores per document (None: combination not kept)."""
+    entries = docs["documents"]
+    if any(combination not in entries[t]["merged"] for t in docs["tasks"]):
+        return None
+    return {t: np.array([entries[t]["single"], entries[t]["merged"][combination]], dtype=float) for t in docs["tasks"]}
+
+
+def merge_matrix(docs: dict[str, Any], combination: str) -> np.ndarray | None:
+    """The 2 x T matrix [S[j, j]; m_j] of one combination, recomputed from per-document scores."""
+    arrays = merge_score_arrays(docs, combination)
+    if arrays is None:
+        return None
+    return np.array([[cell_score(list(arrays[t][k])) for t in docs["tasks"]] for k in (0, 1)], dtype=float)
 
 
 def check_documents(docs: dict[str, Any], R: np.ndarray) -> list[str]:

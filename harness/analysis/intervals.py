@@ -82,8 +82,10 @@ def _how(c: ST.Comparison) -> str:
             f"95% CI [{c.low:+.3f}, {c.high:+.3f}], {fmt_p(c.p)}")
 
 
-def paired_sentence(m: str, a_row: dict, b_row: dict, c: ST.Comparison) -> str:
-    """One verdict: row a against row b on metric m, from their paired comparison (a − b); the better one is named."""
+def paired_sentence(m: str, a_row: dict, b_row: dict, c: ST.Comparison, higher: bool | None = None) -> str:
+    """One verdict: row a against row b on metric m, from their paired comparison (a − b); the better one is named.
+
+    higher: whether higher is better (default: the continual-learning metric's own direction)."""
     a, b = display_name(a_row["method"]), display_name(b_row["method"])
     vs = (f"{a} {fmt_ci(a_row[m]['mean'], a_row[m].get('ci_low'), a_row[m].get('ci_high'))} vs "
           f"{b} {fmt_ci(b_row[m]['mean'], b_row[m].get('ci_low'), b_row[m].get('ci_high'))}")
@@ -93,7 +95,7 @@ def paired_sentence(m: str, a_row: dict, b_row: dict, c: ST.Comparison) -> str:
     d_txt = f"{d:.3f}" if d >= 0.001 else f"{d:.1e}"
     if d < 1e-9:
         return f"{vs}: no difference"
-    better = a if (c.difference > 0) == HIGHER_IS_BETTER[m] else b
+    better = a if (c.difference > 0) == (HIGHER_IS_BETTER[m] if higher is None else higher) else b
     if c.low is None:
         return f"{vs}: {better} is better by {d_txt} (one run each, no noise estimate)"
     if significant(c):

@@ -1,9 +1,12 @@
 """Merging results over seeds: a row per (method, combination), mean per-task scores, interference, verdicts.
 
 Means and standard deviations use the sequence tables' definitions (aggregate.mean_std_n: sample
-std, ddof=1, undefined for fewer than 2 seeds), and the verdict per combination uses the sequence
-verdicts' within-noise rule (aggregate.ranked_comparisons). Per-task scores and interference
-matrices of different seeds are aligned by task name.
+std, ddof=1, undefined for fewer than 2 seeds). Intervals and verdicts use the sequences' statistics
+(harness.analysis.statistics): a merge run is a unit whose matrix is [S[j, j]; m_j] (2 x T) and whose
+metrics are harness.metrics.MERGE_VALUES, bootstrapped over seeds and, when every run kept its
+documents.json, over the test documents. The verdict per combination compares the best method with each
+other one by a paired bootstrap on the seeds both ran; the older within-noise rule is kept as a column.
+Per-task scores and interference matrices of different seeds are aligned by task name.
 """
 
 from __future__ import annotations
@@ -12,7 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from harness.analysis.aggregate import _nanmean_std, mean_std_n, ranked_comparisons
+from harness import metrics as MX
+from harness.analysis import statistics as ST
+from harness.analysis.aggregate import _nanmean_std, mean_std_n, noise_class, rank
+from harness.analysis.documents import merge_score_arrays
+from harness.analysis.intervals import paired_sentence, significant
 from harness.analysis.runs import MergeRun
 from harness.analysis.naming import display_name, method_sort_key, num_sort_key
 from harness.analysis.numbers import finite
@@ -64,6 +71,7 @@ class MergingSummary:
     combinations: list[str]
     cells: list[MergeCell]
     verdicts: dict[str, str]  # combination -> sentence
+    paired: list[dict]  # the verdicts' evidence: comparison.json's merging "paired_comparisons"
     tolerance: float
     scores: list[MethodScores]
     interference: list[tuple[str, str, list[str], np.ndarray, int]]  # (method, combination, tasks, mean I, n seeds)
@@ -105,13 +113,37 @@ def _interference(method: str, runs: list[MergeRun], combinations: list[str]) ->
     return out
 
 
-def _verdict(combination: str, cells: list[MergeCell]) -> str:
+def merge_unit(run: MergeRun, combination: str) -> ST.Unit:
+    """One merge run's result with one combination as the statistics see it: R = [S[j, j]; m_j]."""
+    e = run.merges[combination]
+    R = np.array([[run.single.get(t, np.nan) for t in run.tasks], [e["scores"].get(t, np.nan) for t in run.tasks]])
+    scores = merge_score_arrays(run.documents, combination) if run.documents else None
+    ids = {t: list(run.documents["documents"][t]["doc_ids"]) for t in run.tasks} if scores else None
+    return ST.Unit(key=run.seed, tasks=list(run.tasks), R=R, scores=scores, doc_ids=ids, functions=MX.MERGE_VALUES)
+
+
+def _add_intervals(cell: MergeCell, units: list[ST.Unit]) -> None:
+    """The cell's normalised accuracy and average drop get ci_low, ci_high and ci_resampled (what was drawn)."""
+    for key, e in ST.estimates(units, (NORM, DROP)).items():
+        getattr(cell, key).update({"ci_low": e.low, "ci_high": e.high, "ci_resampled": e.resampled})
+
+
+def _verdict(combination: str, cells: list[MergeCell], units: dict) -> tuple[str, list[dict]]:
+    """(sentence, paired comparisons): the best method's normalised accuracy with this combination against each other."""
     head = f"{combination}: normalised accuracy (higher is better)"
     cands = [c for c in cells if c.combination == combination and finite(c.normalised_accuracy["mean"])]
     if len(cands) < 2:
         who = f"defined for {display_name(cands[0].method)} only" if cands else "not defined for any method"
-        return f"{head}: {who}; nothing to compare."
-    return f"{head}: " + ranked_comparisons(NORM, cands, True) + "."
+        return f"{head}: {who}; nothing to compare.", []
+    ranked = rank(NORM, cands, True)
+    best, parts, table = ranked[0], [], []
+    for other in ranked[1:]:
+        c = ST.paired_difference(units[best.method, combination], units[other.method, combination], NORM,
+                                 (best.method, other.method))
+        parts.append(paired_sentence(NORM, best, other, c, higher=True))
+        table.append({**c.as_json(), "combination": combination, "significant": significant(c),
+                      "std_rule": noise_class(NORM, best, other)})
+    return f"{head}: " + "; ".join(parts) + ".", table
 
 
 def summarize_merging(merges: list[MergeRun], skipped: list[tuple[str, str, str]]) -> MergingSummary:
@@ -122,9 +154,14 @@ def summarize_merging(merges: list[MergeRun], skipped: list[tuple[str, str, str]
     by_method = {m: [r for r in runs if r.method == m] for m in methods}
     cells = [_cell(m, c, by_method[m], tol) for m in methods for c in combinations
              if any(c in r.merges for r in by_method[m])]
+    units = {(c.method, c.combination): [merge_unit(r, c.combination) for r in by_method[c.method] if c.combination in r.merges]
+             for c in cells}
+    for c in cells:
+        _add_intervals(c, units[c.method, c.combination])
+    verdicts = {c: _verdict(c, cells, units) for c in combinations}
     return MergingSummary(
         runs=runs, skipped=list(skipped), methods=methods, combinations=combinations, cells=cells,
-        verdicts={c: _verdict(c, cells) for c in combinations}, tolerance=tol,
+        verdicts={c: v[0] for c, v in verdicts.items()}, paired=[row for v in verdicts.values() for row in v[1]], tolerance=tol,
         scores=[_method_scores(m, by_method[m], combinations) for m in methods],
         interference=[x for m in methods for x in _interference(m, by_method[m], combinations)],
         warnings=[c for c in cells if c.cross_terms],
@@ -144,6 +181,8 @@ def merging_json(ms: MergingSummary) -> dict:
                                          for c in ms.cells if c.method == m}}
                     for m in ms.methods},
         "verdicts": ms.verdicts,
+        # The verdicts' evidence: the best method against each other one per combination (paired bootstrap).
+        "paired_comparisons": ms.paired,
         # I[i][j] averaged over seeds (rows, columns: tasks); null on the diagonal and for pairs not merged.
         "interference": {m: {c: {"tasks": tasks, "mean": M, "n": n} for mm, c, tasks, M, n in ms.interference if mm == m}
                          for m in dict.fromkeys(x[0] for x in ms.interference)},
@@ -158,5 +197,6 @@ def merging_json(ms: MergingSummary) -> dict:
 def merging_rows(ms: MergingSummary) -> list[dict]:
     """The rows of merging.csv: one per (method, combination)."""
     return [{"method": c.method, "display_name": display_name(c.method), "combination": c.combination,
-             "seeds": " ".join(c.seeds), **{f"{k}_{s}": getattr(c, k)[s] for k in (NORM, DROP) for s in ("mean", "std", "n")},
+             "seeds": " ".join(c.seeds),
+             **{f"{k}_{s}": getattr(c, k).get(s) for k in (NORM, DROP) for s in ("mean", "std", "n", "ci_low", "ci_high")},
              "relative_error_max": c.relative_error_max, "cross_terms": c.cross_terms} for c in ms.cells]

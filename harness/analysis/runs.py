@@ -63,6 +63,7 @@ class MergeRun:
     start_time_ms: int | None
     source: str  # where the merge numbers came from
     notes: list[str] = field(default_factory=list)
+    documents: dict | None = None  # its documents.json when that recomputes every S[j, j] and m_j exactly
 
 
 @dataclass

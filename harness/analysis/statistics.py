@@ -41,6 +41,9 @@ class Unit:
     scores: dict[str, np.ndarray] | None = None  # task -> (stages, documents); None without per-document files
     doc_ids: dict[str, list[int]] | None = None
     reference: bool = False
+    # metric name -> definition on a stack of matrices; None: the continual-learning metrics (merge runs pass
+    # harness.metrics.MERGE_VALUES, their R being the 2 x T [S[j, j]; m_j])
+    functions: dict | None = None
     # resampled matrices per document draw (a report asks for them once per metric and comparison)
     _resampled: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -80,6 +83,11 @@ class Comparison:
 
 def metric_functions(reference: bool) -> dict:
     return MX.REFERENCE_VALUES if reference else MX.METRIC_VALUES
+
+
+def unit_functions(unit: Unit) -> dict:
+    """The metric definitions that apply to a unit."""
+    return unit.functions if unit.functions is not None else metric_functions(unit.reference)
 
 
 def has_documents(units: list[Unit]) -> bool:
@@ -126,7 +134,7 @@ def _unit_replicates(units: list[Unit], metric: str, draws: dict[str, np.ndarray
     """(units, n_boot) values of the metric: on resampled documents, or the observed value in every replicate."""
     out = np.empty((len(units), n_boot))
     for k, u in enumerate(units):
-        fn = metric_functions(u.reference)[metric]
+        fn = unit_functions(u)[metric]
         out[k] = fn(resampled_matrices(u, draws)) if draws is not None else fn(u.R)
     return out
 
@@ -160,7 +168,7 @@ def estimate(units: list[Unit], metric: str, *, n_boot: int = N_BOOT, seed: int 
     """Mean over units of one metric and its percentile interval, resampling seeds and (when present) documents."""
     if not units:
         return Estimate(None, None, None, 0, "nothing")
-    observed = np.array([metric_functions(u.reference)[metric](u.R) for u in units], dtype=float)
+    observed = np.array([unit_functions(u)[metric](u.R) for u in units], dtype=float)
     mean = float(observed.mean()) if np.isfinite(observed).all() else None
     draws, seed_idx, docs = _setup(units, len(units), n_boot, seed)
     if mean is None or (not docs and len(units) < 2):
@@ -171,8 +179,8 @@ def estimate(units: list[Unit], metric: str, *, n_boot: int = N_BOOT, seed: int 
 
 def estimates(units: list[Unit], metrics, **kw) -> dict[str, Estimate]:
     """estimate() for each metric that applies to the units (a reference run defines ACC only)."""
-    ref = bool(units) and units[0].reference
-    return {m: estimate(units, m, **kw) for m in metrics if m in metric_functions(ref)}
+    fns = unit_functions(units[0]) if units else MX.METRIC_VALUES
+    return {m: estimate(units, m, **kw) for m in metrics if m in fns}
 
 
 def cell_intervals(units: list[Unit], columns: list[str], n_rows: int, *, n_boot: int = N_BOOT, seed: int = SEED,
@@ -222,7 +230,7 @@ def paired_difference(a: list[Unit], b: list[Unit], metric: str, names: tuple[st
     none = Comparison(names[0], names[1], metric, None, None, None, None, len(ua), "nothing")
     if not ua:
         return none
-    fa, fb = metric_functions(ua[0].reference), metric_functions(ub[0].reference)
+    fa, fb = unit_functions(ua[0]), unit_functions(ub[0])
     if metric not in fa or metric not in fb:
         return none
     d_obs = np.array([fa[metric](x.R) - fb[metric](y.R) for x, y in zip(ua, ub)], dtype=float)

@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from harness import metrics as MX
+from harness.analysis.documents import DOCUMENTS_FILE, merge_matrix
 from harness.analysis.numbers import finite
 from harness.analysis.runs import MergeRun
+from harness.io import read_json
 from harness.report.folders import finished_summary, parent_record, run_folders, unfinished_run
 from harness.report.tracked import Tracked
 
@@ -66,6 +68,23 @@ def _consistency_notes(merges: dict[str, dict], diag: dict[str, float], tasks: l
     return notes
 
 
+def _documents(folder: Path, merges: dict[str, dict], diag: dict[str, float], tasks: list[str]) -> tuple[dict | None, list[str]]:
+    """(documents.json when it recomputes S[j, j] and every merge's m_j exactly, else None; a note when it does not)."""
+    path = folder / DOCUMENTS_FILE
+    if not path.is_file():
+        return None, []  # merge runs begun before documents were kept: intervals over seeds only
+    docs = read_json(path)
+    if list(docs.get("tasks") or []) != tasks:
+        return None, [f"documents.json lists tasks {docs.get('tasks')}, the run {tasks}; intervals resample seeds only"]
+    for c, e in merges.items():
+        M = merge_matrix(docs, c)
+        want = np.array([[diag[t] for t in tasks], [e["scores"].get(t, np.nan) for t in tasks]])
+        if M is None or not np.array_equal(M, want):
+            return None, [f"documents.json does not recompute merge {c!r} and the single adapters' scores exactly; "
+                          "intervals resample seeds only"]
+    return docs, []
+
+
 def load_merge(folder: Path, summary: dict, config: dict, tracked: Tracked) -> MergeRun:
     """One finished merge run from its folder's summary.json and config.yaml."""
     tasks = [str(t) for t in summary["tasks"]]
@@ -73,6 +92,7 @@ def load_merge(folder: Path, summary: dict, config: dict, tracked: Tracked) -> M
     merges = {str(c): _merge_entry(v, tasks) for c, v in (summary.get("merges") or {}).items() if isinstance(v, dict)}
     run_id = summary.get("mlflow_parent_run_id") or parent_record(folder).get("mlflow_parent_run_id") or ""
     commit = tracked.tag(run_id, "harness.git_commit")
+    docs, doc_notes = _documents(folder, merges, diag, tasks)
     return MergeRun(
         run_id=run_id, run_name=f"merge/{summary['method']}/seed-{summary['seed']}", status="FINISHED",
         method=str(summary["method"]), seed=str(summary["seed"]), tasks=tasks,
@@ -81,7 +101,8 @@ def load_merge(folder: Path, summary: dict, config: dict, tracked: Tracked) -> M
         tags={"harness.model": str(config.get("model")), "harness.suite": str(config.get("suite")),
               **({"harness.git_commit": commit} if commit else {})},
         params={k: str(config[k]) for k in CONFIG_PARAMS if config.get(k) is not None},
-        start_time_ms=tracked.start_ms(run_id), source="summary.json", notes=_consistency_notes(merges, diag, tasks))
+        start_time_ms=tracked.start_ms(run_id), source="summary.json", notes=_consistency_notes(merges, diag, tasks) + doc_notes,
+        documents=docs)
 
 
 def read_merges(exp_dir: Path, tracked: Tracked) -> tuple[list[MergeRun], list[tuple[str, str, str]]]:

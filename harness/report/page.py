@@ -309,9 +309,9 @@ def _merging_context(ms: MergingSummary) -> dict:
         "verdicts": [ms.verdicts[c] for c in ms.combinations],
         "headers": ["method", "combination", "seeds", "normalised accuracy (↑)", "average drop (↓)", "max ΔW rel. error",
                     "cross terms"],
-        "rows": [[display_name(c.method), c.combination, len(c.seeds), fmt_pm(c.normalised_accuracy["mean"],
-                  c.normalised_accuracy["std"]), fmt_pm(c.average_drop["mean"], c.average_drop["std"]),
-                  _fmt_err(c.relative_error_max), "yes" if c.cross_terms else "no"] for c in ms.cells],
+        "rows": [[display_name(c.method), c.combination, len(c.seeds), fmt_metric(c, "normalised_accuracy"),
+                  fmt_metric(c, "average_drop"), _fmt_err(c.relative_error_max), "yes" if c.cross_terms else "no"]
+                 for c in ms.cells],
         "tolerance": f"{ms.tolerance:g}",
         "cross_terms_explained": CROSS_TERMS_EXPLAINED,
         "warnings": [f"{display_name(c.method)} · {c.combination}: relative error {_fmt_err(c.relative_error_max)}"

@@ -10,6 +10,9 @@ Folder (a contract; see README), per method and seed:
         single.csv, single.json                 S[i, j]: adapter i alone on task j
         merged.csv, merged.json                 one row per merge (combination x task set): scores, weights,
                                                 relative_error of ΔW against Σ w_i ΔW_i, cross_terms
+        documents.json                          each document's score: every adapter alone on its own task and every
+                                                merge of all tasks on each task (harness.analysis.documents), the
+                                                report's bootstrap over documents; written with summary.json
         summary.json                            per combination: normalised accuracy, average drop; interference
 A task adapter is trained once and reused by every merge; resume skips finished adapters, the
 single matrix and finished merge rows. MLflow: a parent run per (method, seed) with tag
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from harness import metrics as MX
+from harness.analysis.documents import DOCUMENTS_FILE, merge_documents
 from harness.analysis.merging import CROSS_TERM_TOL
 from harness.config import ExperimentConfig
 from harness.models import load_model, module_shapes, set_torch_threads
@@ -207,7 +211,7 @@ class MergeRunner:
         if path.exists():
             return np.array(read_json(path)["S"], dtype=float)
         tasks = self.spec.tasks
-        S = np.full((len(tasks), len(tasks)), np.nan)
+        S, docs = np.full((len(tasks), len(tasks)), np.nan), {}
         for i, task in enumerate(tasks):
             model = load_adapters(self.model, {task: folders[task]})
             try:
@@ -216,8 +220,9 @@ class MergeRunner:
             finally:
                 self.model = model.unload()
             S[i] = [ev.scores[t] for t in tasks]
+            docs[task] = ev.documents[task]  # the diagonal's documents: what normalised accuracy divides by
             self.tracker.log_metrics(self.parent_id, {f"single/{task}": S[i, i]})
-        atomic_write_json(path, {"tasks": tasks, "S": S.tolist()})
+        atomic_write_json(path, {"tasks": tasks, "S": S.tolist(), "documents": docs})
         atomic_write_text(self.dir / "single.csv", _csv(["adapter", *tasks], [[t, *row] for t, row in zip(tasks, S.tolist())]))
         say(f"[{self.spec.label}] single adapters: " + " ".join(f"{t}={S[i, i]:.2f}" for i, t in enumerate(tasks)))
         return S
@@ -277,7 +282,7 @@ class MergeRunner:
             self.model = model.unload()
         row = {"combination": combination, "tasks": subset, "weights": weights, "density": self.cfg.merge_density,
                "scores": ev.scores, "relative_error": rel, "cross_terms": rel > CROSS_TERM_TOL, "eval_s": ev.wall_s, "mlflow_run_id": child,
-               "weight_selection": selection}
+               "weight_selection": selection, "documents": ev.documents}
         if len(subset) == len(tasks):
             row.update(MX.merge_summary(S, [ev.scores[t] for t in tasks]))
         self.tracker.log_metrics(child, {"relative_error": rel, **{f"eval/{t}": v for t, v in ev.scores.items()},
@@ -311,6 +316,10 @@ class MergeRunner:
         for r in full:
             self.tracker.log_metrics(self.parent_id, {f"merged/{r['combination']}/{k}": r.get(k) for k in
                                                       ("normalised_accuracy", "average_drop", "relative_error")})
+        single_docs = read_json(self.dir / "single.json").get("documents")
+        if single_docs and all(r.get("documents") for r in full):  # folders begun before documents were kept have none
+            atomic_write_json(self.dir / DOCUMENTS_FILE, merge_documents(tasks, single_docs, {r["combination"]: r["documents"] for r in full}))
+            self.tracker.log_artifact(self.parent_id, self.dir / DOCUMENTS_FILE)
         for f in ("single.json", "merged.json", "config.yaml"):
             self.tracker.log_artifact(self.parent_id, self.dir / f)
         atomic_write_json(self.dir / "summary.json", summary)
