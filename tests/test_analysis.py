@@ -140,6 +140,18 @@ def test_merging_summary_means_over_seeds_and_flags_cross_terms_above_the_tolera
     assert ms.verdicts["linear"].startswith("linear: normalised accuracy (higher is better): LoRI-S 0.900 vs LoRA ")
 
 
+def test_the_page_names_each_methods_chosen_merge_weight_per_seed():
+    from harness.report.page import _chosen_weights
+
+    runs = [merge_run("lora", "0", 0.6, 0.3, None), merge_run("lora", "1", 0.8, 2e-5, False),
+            merge_run("lori-s", "0", 0.9, 1e-6, False)]
+    assert _chosen_weights(runs) == ""  # no weight grid
+    for r, w in zip(runs, (0.5, 1.0, 0.25)):
+        r.merges["linear"]["chosen_weight"] = w
+    assert _chosen_weights(runs) == "LoRA: linear 0.5/1 (seeds 0/1); LoRI-S: linear 0.25"
+    assert _chosen_weights(runs[2:]) == "linear 0.25"
+
+
 def test_general_curves_average_the_stages_over_seeds_and_leave_references_out():
     by = {"lora": [run("lora", "0", [[0]], summary={"general_ce": [2.0, 2.4]}),
                    run("lora", "1", [[0]], summary={"general_ce": [2.0, 2.2]})],

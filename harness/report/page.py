@@ -260,9 +260,23 @@ def _by_method(runs: list[MergeRun], value) -> str:
     return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
 
 
-def _chosen_weights(r: MergeRun) -> str:
-    """merge_weight_grid: the weight each combination was merged at ("cat 0.5, linear 0.75"), empty without a grid."""
-    return ", ".join(f"{c} {e['chosen_weight']:g}" for c, e in r.merges.items() if e.get("chosen_weight") is not None)
+def _chosen_weights(runs: list[MergeRun]) -> str:
+    """merge_weight_grid: the weight each combination was merged at, per method over its seeds
+    ("LoRA: cat 0.5/0.75, ties 1/1 (seeds 0/1); LoRI-S: ..."; one method: no name; one seed: no seeds); empty without a grid."""
+    def pick(r: MergeRun, c: str) -> str:
+        w = r.merges.get(c, {}).get("chosen_weight")
+        return "—" if w is None else f"{w:g}"
+
+    per = {}
+    for m in dict.fromkeys(r.method for r in runs):
+        rs = [r for r in runs if r.method == m]
+        combos = dict.fromkeys(c for r in rs for c, e in r.merges.items() if e.get("chosen_weight") is not None)
+        if combos:
+            seeds = f" (seeds {'/'.join(r.seed for r in rs)})" if len(rs) > 1 else ""
+            per[m] = ", ".join(f"{c} {'/'.join(pick(r, c) for r in rs)}" for c in combos) + seeds
+    if len(per) == 1:
+        return next(iter(per.values()))
+    return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
 
 
 def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
@@ -280,8 +294,7 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["combinations", ", ".join(ms.combinations) or "—"],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
         ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
-        *([["weight chosen on the validation split (per combination)", _by_method(runs, _chosen_weights)]]
-          if any(_chosen_weights(r) for r in runs) else []),
+        *([["weight chosen on the validation split (per combination)", _chosen_weights(runs)]] if _chosen_weights(runs) else []),
         ["merge density (ties, dare)", vals(None, "merge_density")],
         ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
         ["model", vals("harness.model", "model")],
