@@ -261,8 +261,8 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
 def ranked_comparisons(key: str, cands: list[dict], higher_is_better: bool) -> str:
     """The best of cands (by row[key]["mean"]) against each other one, "; "-joined, by the within-noise rule of _compare.
 
-    cands: at least two rows with "method" and key -> {mean, std}; the sequence verdicts and the merging
-    verdicts both use it, so both call a difference within noise the same way.
+    cands: at least two rows with "method" and key -> {mean, std}; the std-rule verdicts (kept beside the paired
+    bootstrap's) and the grid's per-variant lines use it, so both call a difference within noise the same way.
     """
     ranked = rank(key, cands, higher_is_better)
     return "; ".join(_compare(key, ranked[0], other) for other in ranked[1:])
