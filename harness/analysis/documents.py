@@ -138,10 +138,11 @@ def merge_score_arrays(docs: dict[str, Any], combination: str) -> dict[str, np.n
 
 def merge_matrix(docs: dict[str, Any], combination: str) -> np.ndarray | None:
     """The 2 x T matrix [S[j, j]; m_j] of one combination, recomputed from per-document scores."""
-    arrays = merge_score_arrays(docs, combination)
-    if arrays is None:
+    entries, tasks = docs["documents"], docs["tasks"]
+    if any(combination not in entries[t]["merged"] for t in tasks):
         return None
-    return np.array([[cell_score(list(arrays[t][k])) for t in docs["tasks"]] for k in (0, 1)], dtype=float)
+    return np.array([[cell_score(entries[t]["single"]) for t in tasks],
+                     [cell_score(entries[t]["merged"][combination]) for t in tasks]], dtype=float)
 
 
 def check_documents(docs: dict[str, Any], R: np.ndarray) -> list[str]:

@@ -103,11 +103,13 @@ def paired_sentence(m: str, a_row: dict, b_row: dict, c: ST.Comparison, higher: 
     return f"{vs}: the difference {d_txt} is not significant ({_how(c)})"
 
 
-def _compare(m: str, a: dict, b: dict, units: dict[str, list[ST.Unit]], role: str) -> tuple[str, dict]:
-    """(verdict sentence, comparison.json entry) of row a against row b on metric m."""
-    c = ST.paired_difference(units[a["method"]], units[b["method"]], m, (a["method"], b["method"]))
-    return paired_sentence(m, a, b, c), {**c.as_json(), "significant": significant(c), "std_rule": noise_class(m, a, b),
-                                         "role": role}
+def compare(m: str, a: dict, b: dict, ua: list[ST.Unit], ub: list[ST.Unit], *, higher: bool | None = None,
+            **fields) -> tuple[str, dict]:
+    """(verdict sentence, comparison.json entry) of row a against row b on metric m, by the paired bootstrap of
+    their units; the entry also keeps the std rule's class and the given fields (role, combination)."""
+    c = ST.paired_difference(ua, ub, m, (a["method"], b["method"]))
+    return paired_sentence(m, a, b, c, higher), {**c.as_json(), "significant": significant(c),
+                                                 "std_rule": noise_class(m, a, b), **fields}
 
 
 def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
@@ -125,21 +127,19 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
         if len(cands) < 2:
             continue  # aggregate.verdicts' sentence for this case stands
         ranked = rank(m, cands, HIGHER_IS_BETTER[m])
-        parts = []
-        for other in ranked[1:]:
-            sentence, entry = _compare(m, ranked[0], other, units, "best")
-            parts.append(sentence)
-            table.append(entry)
-        sentences[m] = f"{m} ({direction} is better): " + "; ".join(parts) + "."
         base = next((r for r in cands if r["method"] == baseline), None)
-        if base is None:
-            continue
-        base_parts = parts if base is ranked[0] else []
-        for other in (r for r in ranked if base is not ranked[0] and r is not base):
-            sentence, entry = _compare(m, base, other, units, "baseline")
-            base_parts.append(sentence)
-            table.append(entry)
-        against[m] = f"{m} ({direction} is better), {display_name(baseline)} against each method: " + "; ".join(base_parts) + "."
+        said: dict[str, list[str]] = {"best": [], "baseline": []}
+        for a, role in ((ranked[0], "best"), (base, "baseline")):
+            if a is None or (role == "baseline" and a is ranked[0]):
+                continue  # no baseline, or it is the best: the verdict's sentences are its own
+            for other in (r for r in ranked if r is not a):
+                sentence, entry = compare(m, a, other, units[a["method"]], units[other["method"]], role=role)
+                said[role].append(sentence)
+                table.append(entry)
+        sentences[m] = f"{m} ({direction} is better): " + "; ".join(said["best"]) + "."
+        if base is not None:
+            against[m] = (f"{m} ({direction} is better), {display_name(baseline)} against each method: "
+                          + "; ".join(said["baseline"] or said["best"]) + ".")
     return sentences, table, against
 
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from harness import metrics as MX
 from harness.analysis import statistics as ST
-from harness.analysis.aggregate import _nanmean_std, mean_std_n, noise_class, rank
+from harness.analysis.aggregate import _nanmean_std, mean_std_n, rank
 from harness.analysis.documents import merge_score_arrays
-from harness.analysis.intervals import paired_sentence, significant
+from harness.analysis.intervals import compare
 from harness.analysis.runs import MergeRun
 from harness.analysis.naming import display_name, method_sort_key, num_sort_key
 from harness.analysis.numbers import finite
@@ -136,14 +136,10 @@ def _verdict(combination: str, cells: list[MergeCell], units: dict) -> tuple[str
         who = f"defined for {display_name(cands[0].method)} only" if cands else "not defined for any method"
         return f"{head}: {who}; nothing to compare.", []
     ranked = rank(NORM, cands, True)
-    best, parts, table = ranked[0], [], []
-    for other in ranked[1:]:
-        c = ST.paired_difference(units[best.method, combination], units[other.method, combination], NORM,
-                                 (best.method, other.method))
-        parts.append(paired_sentence(NORM, best, other, c, higher=True))
-        table.append({**c.as_json(), "combination": combination, "significant": significant(c),
-                      "std_rule": noise_class(NORM, best, other)})
-    return f"{head}: " + "; ".join(parts) + ".", table
+    best = ranked[0]
+    pairs = [compare(NORM, best, other, units[best.method, combination], units[other.method, combination], higher=True,
+                     combination=combination) for other in ranked[1:]]
+    return f"{head}: " + "; ".join(s for s, _ in pairs) + ".", [entry for _, entry in pairs]
 
 
 def summarize_merging(merges: list[MergeRun], skipped: list[tuple[str, str, str]]) -> MergingSummary:

@@ -252,31 +252,33 @@ CROSS_TERMS_EXPLAINED = (
 )
 
 
-def _by_method(runs: list[MergeRun], value) -> str:
-    """One value per method ("LoRA: x; LoRI-S: y"), or just the value when every method has the same."""
-    per = {m: ", ".join(uniq(value(r) for r in runs if r.method == m)) or "—" for m in dict.fromkeys(r.method for r in runs)}
+def _per_method(runs: list[MergeRun], of_runs) -> str:
+    """of_runs(a method's runs) per method ("LoRA: x; LoRI-S: y"), or just the value when every method has the same."""
+    per = {m: of_runs([r for r in runs if r.method == m]) or "—" for m in dict.fromkeys(r.method for r in runs)}
     if len(set(per.values())) == 1:
         return next(iter(per.values()))
     return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
 
 
+def _by_method(runs: list[MergeRun], value) -> str:
+    """value(run) per method, its distinct values joined, as _per_method shows them."""
+    return _per_method(runs, lambda rs: ", ".join(uniq(value(r) for r in rs)))
+
+
 def _chosen_weights(runs: list[MergeRun]) -> str:
     """merge_weight_grid: the weight each combination was merged at, per method over its seeds
-    ("LoRA: cat 0.5/0.75, ties 1/1 (seeds 0/1); LoRI-S: ..."; one method: no name; one seed: no seeds); empty without a grid."""
-    def pick(r: MergeRun, c: str) -> str:
-        w = r.merges.get(c, {}).get("chosen_weight")
-        return "—" if w is None else f"{w:g}"
-
-    per = {}
-    for m in dict.fromkeys(r.method for r in runs):
-        rs = [r for r in runs if r.method == m]
+    ("LoRA: cat 0.5/0.75, ties 1/1 (seeds 0/1); LoRI-S: ..."; one seed: no seeds); empty without a grid."""
+    def weights(rs: list[MergeRun]) -> str:
         combos = dict.fromkeys(c for r in rs for c, e in r.merges.items() if e.get("chosen_weight") is not None)
-        if combos:
-            seeds = f" (seeds {'/'.join(r.seed for r in rs)})" if len(rs) > 1 else ""
-            per[m] = ", ".join(f"{c} {'/'.join(pick(r, c) for r in rs)}" for c in combos) + seeds
-    if len(per) == 1:
-        return next(iter(per.values()))
-    return "; ".join(f"{display_name(m)}: {v}" for m, v in per.items())
+        picks = {c: "/".join(_fmt_weight(r.merges.get(c, {}).get("chosen_weight")) for r in rs) for c in combos}
+        seeds = f" (seeds {'/'.join(r.seed for r in rs)})" if len(rs) > 1 and picks else ""
+        return ", ".join(f"{c} {w}" for c, w in picks.items()) + seeds
+
+    return _per_method(runs, weights) if any(e.get("chosen_weight") is not None for r in runs for e in r.merges.values()) else ""
+
+
+def _fmt_weight(w: float | None) -> str:
+    return "—" if w is None else f"{w:g}"
 
 
 def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
@@ -287,6 +289,7 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         return ", ".join(found) if found else "—"
 
     skipped = ", ".join(f"{n or i} ({s})" for i, n, s in ms.skipped)
+    chosen = _chosen_weights(runs)
     return [
         ["methods", ", ".join(f"{display_name(m)} ({sum(r.method == m for r in runs)} runs)" for m in ms.methods)],
         ["seeds", ", ".join(uniq(r.seed for r in runs))],
@@ -294,7 +297,7 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["combinations", ", ".join(ms.combinations) or "—"],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
         ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
-        *([["weight chosen on the validation split (per combination)", _chosen_weights(runs)]] if _chosen_weights(runs) else []),
+        *([["weight chosen on the validation split (per combination)", chosen]] if chosen else []),
         ["merge density (ties, dare)", vals(None, "merge_density")],
         ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
         ["model", vals("harness.model", "model")],

@@ -22,13 +22,14 @@ def paired_table_rows(table: list[dict]) -> list[list[str]]:
     for c in table:
         ci = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if c["low"] is not None else "—"
         diff = f"{c['difference']:+.3f}" if c["difference"] is not None else "—"
-        out.append([c["metric"], f"{display_name(c['a'])} ({c.get('role', 'best')})", display_name(c["b"]), diff, ci, fmt_p(c["p"]),
-                    "yes" if c["significant"] else "no", c["resampled"], str(c["n_pairs"]), std_words[c["std_rule"]]])
+        out.append([c["metric"], f"{display_name(c['a'])} ({c.get('role', 'best')})", display_name(c["b"]), diff, ci,
+                    fmt_p(c["p"]), "yes" if c["significant"] else "no", c["resampled"], str(c["n_pairs"]),
+                    std_words[c["std_rule"]]])
     return out
 
 
-PAIRED_HEADERS = ["metric", "method (best or baseline)", "against", "difference (method − other)", "95% CI", "p", "significant", "resampled",
-                  "pairs", "std rule (old verdict)"]
+PAIRED_HEADERS = ["metric", "method (best or baseline)", "against", "difference (method − other)", "95% CI", "p",
+                  "significant", "resampled", "pairs", "std rule (old verdict)"]
 
 
 def not_learned_sentences(runs: list[SequenceRun]) -> list[str]:
