@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test test-fast run-sequence merge ablation all-methods report dashboard bench tracking-server clean-venv
+.PHONY: setup test test-fast run-sequence merge ablation all-methods headline evidence tables report dashboard bench tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -79,6 +79,29 @@ all-methods: $(STAMP)
 	tail -n 3 $(RESULTS)/all-methods-*.log; test $$status = 0 || exit $$status; \
 	for suite in default mc4; do $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
 	  $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; done
+
+# The README's headline: LoRI-S vs LoRA on both CPU suites, HEADLINE_SEEDS seeds each, one suite per core, one seed
+# (both methods) at a time so that paired evidence lands as it finishes; each finished seed's compact evidence goes to
+# results/evidence/headline-<suite>/ (commit it), and `make tables` rewrites the README from it. Seeds already finished
+# are skipped, so a table grows over several sessions: make headline HEADLINE_SEEDS="10 11 12".
+HEADLINE_SEEDS ?= 0 1 2 3 4 5 6 7 8 9
+headline: $(STAMP)
+	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in default mc4; do \
+	  ( for s in $(HEADLINE_SEEDS); do \
+	      taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods lori-s,lora --seeds $$s \
+	        --experiment headline-$$suite --results-dir $(RESULTS)/headline-$$suite --no-progress --no-report $(ARGS) || exit $$?; \
+	      $(BIN)/harness evidence $(RESULTS)/headline-$$suite/headline-$$suite --table headline-$$suite || exit $$?; \
+	    done ) > $(RESULTS)/headline-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
+	done; \
+	status=0; for p in $$pids; do wait $$p || status=$$?; done; tail -n 3 $(RESULTS)/headline-*.log; exit $$status
+
+# Collect one experiment folder's finished sequences as evidence: make evidence RUN=results/x/x TABLE=x
+evidence: $(STAMP)
+	$(BIN)/harness evidence $(RUN) --table $(TABLE)
+
+# Rewrite the README's result tables from results/evidence/ (the test suite checks they agree).
+tables: $(STAMP)
+	$(BIN)/harness tables
 
 report: $(STAMP)
 	$(BIN)/harness report --results-dir $(RESULTS) $(ARGS)

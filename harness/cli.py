@@ -70,9 +70,28 @@ def _folder_commands(sub) -> None:
     rep.add_argument("--results-dir", default="results", help="Results folder [default: results].")
     rep.add_argument("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or the sqlite store].")
     rep.add_argument("--baseline", default=None, metavar="METHOD",
-                     help="Also compare METHOD with every other method (paired bootstrap per metric), not only the best "
+                     help="Also compare METHOD with every other method (paired t over seeds per metric), not only the best "
                           "method with the others [default: none].")
     rep.set_defaults(func="cmd_report")
+
+    ps = sub.add_parser("plan-seeds", help="How many seeds a pair of methods needs: the test over the seeds that exist, "
+                                           "the smallest difference they detect, the seeds the observed difference needs.")
+    ps.add_argument("experiment", metavar="EXPERIMENT", help="Experiment name (a folder under --results-dir).")
+    ps.add_argument("--methods", dest="plan_methods", required=True, metavar="A,B",
+                    help="The two methods to compare, comma-separated (differences are A − B).")
+    ps.add_argument("--results-dir", default="results", help="Results folder [default: results].")
+    ps.add_argument("--tracking-uri", default=None, help="MLflow tracking URI [default: MLFLOW_TRACKING_URI or the sqlite store].")
+    ps.add_argument("--json", dest="plan_json", metavar="FILE", help="Also write the plan as JSON.")
+    ps.set_defaults(func="cmd_plan_seeds")
+
+    ev = sub.add_parser("evidence", help="Copy finished sequences' compact evidence (summary, matrix, documents, config) "
+                                         "into results/evidence/TABLE/, the source of the published tables.")
+    ev.add_argument("run_folder", metavar="RUN_FOLDER", help="A sequence folder or a folder above sequence folders.")
+    ev.add_argument("--table", required=True, help="Evidence table name, e.g. headline-default (a folder under results/evidence/).")
+    ev.set_defaults(func="cmd_evidence")
+    tb = sub.add_parser("tables", help="Rewrite the README's result tables from results/evidence/ (run from the repository root).")
+    tb.add_argument("--check", action="store_true", help="Change nothing; exit 1 and name the tables that differ from the evidence.")
+    tb.set_defaults(func="cmd_tables")
 
     d = sub.add_parser("dashboard", help="Serve the MLflow UI over the results store on 127.0.0.1.")
     d.add_argument("--results-dir", default="results", help="Results folder [default: results].")

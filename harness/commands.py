@@ -10,7 +10,9 @@ from pathlib import Path
 
 from harness import distributed
 from harness.config_loading import cli_fields, load_config, parse_cli_value
+from harness.analysis.numbers import json_clean
 from harness.errors import ConfigError, HarnessError
+from harness.io import atomic_write_text
 from harness.launchers import run_sequences
 from harness.methods import METHODS
 from harness.report import write_report
@@ -25,6 +27,9 @@ from harness.tools.dashboard import serve_dashboard
 from harness.tools.eval_bench import format_eval_table, run_eval_bench, run_eval_modes
 from harness.run.export import export_adapter
 from harness.tools.tracking_server import serve_tracking_server
+from harness.tools.plan_seeds import format_plan, plan as plan_seeds
+from harness.tools import tables as published_tables
+from harness.tools.evidence import collect as collect_evidence
 from harness.tools.verify import verify_path
 from harness.run.lineage import register_export, registration_target
 from harness.tracking.client import default_tracking_uri, mark_interrupted
@@ -184,6 +189,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     mark_interrupted(default_tracking_uri(Path(args.results_dir), args.tracking_uri), args.experiment)
     index = write_report(args.experiment, Path(args.results_dir), args.tracking_uri, baseline=args.baseline)
     print(f"report: {index}")
+    return 0
+
+
+def cmd_plan_seeds(args: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in args.plan_methods.split(",") if m.strip())
+    if len(methods) != 2 or methods[0] == methods[1]:
+        raise HarnessError(f"--methods {args.plan_methods}: name two different methods, e.g. --methods lori-s,lora")
+    rows = plan_seeds(args.experiment, Path(args.results_dir), methods, args.tracking_uri)
+    print(format_plan(methods, rows))
+    if args.plan_json:
+        atomic_write_text(Path(args.plan_json), json.dumps(json_clean({"methods": list(methods), "metrics": rows}), indent=1))
+    return 0
+
+
+def cmd_evidence(args: argparse.Namespace) -> int:
+    for folder in collect_evidence(Path(args.run_folder), args.table):
+        print(f"evidence: {folder}")
+    return 0
+
+
+def cmd_tables(args: argparse.Namespace) -> int:
+    if args.check:
+        differ = published_tables.stale()
+        for line in differ:
+            print(f"differs from the evidence: {line} (run `make tables`)", file=sys.stderr)
+        return 1 if differ else 0
+    for f in published_tables.write():
+        print(f"rewrote {f}")
     return 0
 
 

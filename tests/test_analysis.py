@@ -15,7 +15,7 @@ from harness.analysis.intervals import fmt_ci, paired_sentence
 from harness.analysis.merging import summarize_merging
 from harness.analysis.runs import INTERRUPTED, RUNNING, MergeRun, SequenceRun, UnfinishedRun
 from harness.analysis.sensitivity import VariantRow, best_variants, selection_split
-from harness.analysis.statistics import Comparison
+from harness.analysis import over_seeds as OS
 from harness.report.folders import _consistency_notes, _matrix
 
 NAN = float("nan")
@@ -97,15 +97,21 @@ def test_verdicts_name_the_winner_and_never_rank_a_reference():
     assert "MTL" not in v["ACC"] and "it needs at least two tasks" in v["BWT"]
 
 
-def test_a_paired_comparison_is_significant_only_when_its_interval_excludes_zero():
+def test_a_verdict_is_decided_by_the_test_over_seeds_and_otherwise_says_how_many_seeds_it_needs():
     best = {"method": "lori-s", "ACC": {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9}}
     other = {"method": "lora", "ACC": {"mean": 0.6, "ci_low": 0.5, "ci_high": 0.7}}
-    sig = Comparison("lori-s", "lora", "ACC", 0.2, 0.1, 0.3, 0.001, 3, "seeds")
-    assert paired_sentence("ACC", best, other, sig).endswith(
-        "LoRI-S is better by 0.200 (paired bootstrap over 3 seeds; seed-level only: these runs have no per-document "
-        "results: LoRI-S − LoRA = +0.200, 95% CI [+0.100, +0.300], p = 0.001)")
-    not_sig = Comparison("lori-s", "lora", "ACC", 0.2, -0.1, 0.5, 0.3, 3, "seeds")
-    assert "the difference 0.200 is not significant" in paired_sentence("ACC", best, other, not_sig)
+    sig = OS.values_test({"0": 0.80, "1": 0.82, "2": 0.78, "3": 0.81}, {"0": 0.60, "1": 0.61, "2": 0.59, "3": 0.62},
+                         "ACC", ("lori-s", "lora"))
+    text = paired_sentence("ACC", best, other, sig)
+    assert sig.decided and "LoRI-S is better by 0.198 (paired t over 4 seeds: LoRI-S − LoRA = +0.198" in text
+    assert "these seeds detect" in text and "at 80% power" in text
+    # The README's old headline: three positive differences, p = 0.20 over seeds: undecided, about 9 seeds.
+    old = OS.values_test({"0": 0.833, "1": 0.685, "2": 0.502}, {"0": 0.372, "1": 0.460, "2": 0.473}, "ACC",
+                         ("lori-s", "lora"))
+    text = paired_sentence("ACC", best, other, old)
+    assert not old.decided and "undecided: 3 seeds; the observed +0.238 with this spread needs about 9 seeds" in text
+    one = OS.values_test({"0": 0.8}, {"0": 0.6}, "ACC", ("lori-s", "lora"))
+    assert "a test over seeds needs at least 2 seeds" in paired_sentence("ACC", best, other, one)
     assert fmt_ci(0.8, 0.7, 0.9) == "0.800 [0.700, 0.900]" and fmt_ci(0.8, None, None) == "0.800"
 
 

@@ -549,12 +549,14 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
         shutil.copyfile(shot, keep)
 
 
-def test_verdicts_without_per_document_results_resample_seeds_and_say_so(report):
+def test_verdicts_without_per_document_results_test_over_the_seeds_alone_and_say_so(report):
     comp = json.loads((report.parent / "comparison.json").read_text())
-    assert "seed-level only: these runs have no per-document results" in comp["verdicts"]["ACC"]
+    assert "paired t over 2 seeds" in comp["verdicts"]["ACC"]
     assert comp["verdicts_std_rule"]["ACC"].startswith("ACC (higher is better): LoRI-S ")  # the old rule, kept
     acc = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC")
-    assert acc["resampled"] == "seeds" and acc["n_pairs"] == 2 and acc["std_rule"] in ("within", "beyond")
+    assert acc["test"] == "paired t over seeds" and acc["document_se"] is None and acc["n_pairs"] == 2
+    assert acc["resampled"] == "nothing" and acc["measurement_low"] is None  # no documents: nothing to measure
+    assert acc["std_rule"] in ("within", "beyond") and len(acc["per_seed"]) == 2
 
 
 DOC_P = {"lori-s": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.85, 0.9, 0.5], [0.8, 0.85, 0.9]],
@@ -584,17 +586,22 @@ def doc_report(tmp_path_factory):
     return write_report("docs", results_dir, log_to_mlflow=False)
 
 
-def test_verdicts_come_from_the_paired_bootstrap_over_seeds_and_documents(doc_report):
+def test_verdicts_come_from_the_test_over_seeds_with_the_documents_noise_added(doc_report):
     comp = json.loads((doc_report.parent / "comparison.json").read_text())
     acc = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC")
-    assert (acc["a"], acc["b"], acc["resampled"], acc["n_pairs"]) == ("lori-s", "lora", "documents and seeds", 3)
-    assert acc["significant"] and 0 < acc["low"] <= acc["difference"] <= acc["high"] and acc["p"] < 0.01
-    assert "LoRI-S is better by" in comp["verdicts"]["ACC"] and "3 seeds and the test documents" in comp["verdicts"]["ACC"]
-    assert "95% CI [" in comp["verdicts"]["ACC"] and "p " in comp["verdicts"]["ACC"]
+    assert (acc["a"], acc["b"], acc["n_pairs"]) == ("lori-s", "lora", 3)
+    assert acc["test"] == "paired t over seeds, documents' sampling variance added" and acc["document_se"] > 0
+    assert acc["resampled"] == "documents" and acc["measurement_low"] <= acc["difference"] <= acc["measurement_high"]
+    assert acc["significant"] == acc["decided"] and acc["low"] <= acc["difference"] <= acc["high"]
+    assert acc["detectable_difference"] > 0 and acc["p_holm"] is not None and acc["family_size"] >= 1
+    verdict = comp["verdicts"]["ACC"]
+    assert "paired t over 3 seeds: LoRI-S − LoRA" in verdict and "95% CI [" in verdict and "at 80% power" in verdict
+    assert ("LoRI-S is better by" in verdict) == acc["decided"] and ("undecided: 3 seeds" in verdict) != acc["decided"]
     by = {r["method"]: r for r in comp["methods"]}
     for m in ("ACC", "BWT", "forgetting", "LA"):
         e = by["lori-s"][m]
-        assert e["ci_low"] <= e["mean"] <= e["ci_high"] and e["ci_resampled"] == "documents and seeds"
+        assert e["ci_low"] <= e["mean"] <= e["ci_high"] and e["ci_kind"] == "t over seeds, documents added"
+        assert e["measurement_low"] <= e["mean"] <= e["measurement_high"] and e["ci_resampled"] == "documents"
     cells = json.loads((doc_report.parent / "mean_matrices.json").read_text())["methods"]["lora"]
     for lo, mean, hi in zip(sum(cells["ci_low"], []), sum(cells["mean"], []), sum(cells["ci_high"], [])):
         assert lo <= mean <= hi

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats as scipy_stats
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -199,11 +200,15 @@ def stats(method: str, combination: str, key: str) -> tuple[float, float]:
     return statistics.mean(vals), statistics.stdev(vals)
 
 
+def t_interval(vals: list[float]) -> tuple[float, float]:
+    """The 95% t interval over seeds, by hand: mean ± t(0.975, n - 1) · sd / sqrt(n)."""
+    half = scipy_stats.t.ppf(0.975, len(vals) - 1) * statistics.stdev(vals) / len(vals) ** 0.5
+    return statistics.mean(vals) - half, statistics.mean(vals) + half
+
+
 def seed_interval(method: str, combination: str, key: str) -> tuple[float, float]:
-    """The 95% bootstrap interval over 2 seeds without per-document scores: each replicate draws both seeds, so a
-    quarter of the replicates is each seed's value twice: the 2.5% and 97.5% quantiles are the two values."""
-    vals = [hand(method, s, combination)[key] for s in ("0", "1")]
-    return min(vals), max(vals)
+    """The 95% interval over 2 seeds without per-document scores (the test over seeds' t interval)."""
+    return t_interval([hand(method, s, combination)[key] for s in ("0", "1")])
 
 
 def test_hand_formulas_agree_with_harness_metrics():
@@ -259,7 +264,7 @@ def test_comparison_json_merging(mixed):
                 assert cell[key]["n"] == 2
                 lo, hi = seed_interval(method, c, key)
                 assert (cell[key]["ci_low"], cell[key]["ci_high"]) == (pytest.approx(lo), pytest.approx(hi))
-                assert cell[key]["ci_resampled"] == "seeds"  # these folders have no documents.json
+                assert cell[key]["ci_resampled"] == "nothing"  # no documents.json: no measurement interval
             assert cell["relative_error"]["max"] == pytest.approx(REL_ERROR[(method, c)])
             assert cell["cross_terms"]["any"] is (c == "linear")
     assert [r["run_id"] for r in merging["skipped_runs"]] == [mixed["running"]]
@@ -296,12 +301,15 @@ def test_verdicts_come_from_the_paired_bootstrap_over_seeds(mixed):
            for c in COMBINATIONS}
     cat, lin = paired["cat"], paired["linear"]
     assert (cat["a"], cat["b"], lin["a"], lin["b"]) == ("lori-s", "lora", "lora", "lori-s")
+    lo, hi = t_interval(gap["cat"])
     assert cat["difference"] == pytest.approx(statistics.mean(gap["cat"])) and (cat["low"], cat["high"]) == (
-        pytest.approx(min(gap["cat"])), pytest.approx(max(gap["cat"])))
-    assert cat["significant"] and not lin["significant"] and cat["resampled"] == "seeds" and cat["std_rule"] == "beyond"
+        pytest.approx(lo), pytest.approx(hi))
+    p = scipy_stats.ttest_rel(gap["cat"], [0.0, 0.0]).pvalue
+    assert cat["p"] == pytest.approx(p) and cat["significant"] == (p < 0.05) and not lin["significant"]
+    assert cat["test"] == "paired t over seeds" and cat["resampled"] == "nothing" and cat["std_rule"] == "beyond"
     assert verdicts["cat"].startswith("cat: normalised accuracy (higher is better): LoRI-S ")
-    assert "LoRI-S is better by" in verdicts["cat"] and "seed-level only" in verdicts["cat"]
-    assert "is not significant" in verdicts["linear"]
+    assert "paired t over 2 seeds: LoRI-S − LoRA" in verdicts["cat"]
+    assert "undecided: 2 seeds" in verdicts["linear"]
     html = merging_html(mixed["index"])
     assert all(f"<li>{html_escape(v)}</li>" in html for v in verdicts.values())
 
@@ -436,11 +444,12 @@ def test_merge_intervals_and_verdicts_resample_documents_when_every_run_kept_the
     merging = json.loads((write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}",
                                        log_to_mlflow=False).parent / "comparison.json").read_text())["merging"]
     cat = next(c for c in merging["paired_comparisons"] if c["combination"] == "cat")
-    assert cat["resampled"] == "documents and seeds" and cat["significant"] and cat["p"] < 0.01
-    assert "2 seeds and the test documents" in merging["verdicts"]["cat"]
+    assert cat["resampled"] == "documents" and cat["document_se"] > 0
+    assert cat["test"] == "paired t over seeds, documents' sampling variance added"
+    assert "paired t over 2 seeds" in merging["verdicts"]["cat"]
     cell = merging["methods"]["lora"]["combinations"]["linear"]["normalised_accuracy"]
-    lo, hi = seed_interval("lora", "linear", "normalised_accuracy")
-    assert cell["ci_resampled"] == "documents and seeds" and cell["ci_low"] < lo and cell["ci_high"] > hi  # wider
+    assert cell["ci_resampled"] == "documents" and cell["ci_low"] <= cell["mean"] <= cell["ci_high"]
+    assert cell["measurement_low"] <= cell["mean"] <= cell["measurement_high"]
 
     # One score changed: the file no longer recomputes its run's numbers, so it is not used, and the page says so.
     path = copy / "merge-only" / "merge" / "lora" / "seed-0" / "documents.json"
@@ -449,7 +458,7 @@ def test_merge_intervals_and_verdicts_resample_documents_when_every_run_kept_the
     path.write_text(json.dumps(docs))
     index = write_report("merge-only", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False)
     merging = json.loads((index.parent / "comparison.json").read_text())["merging"]
-    assert merging["methods"]["lora"]["combinations"]["cat"]["normalised_accuracy"]["ci_resampled"] == "seeds"
+    assert merging["methods"]["lora"]["combinations"]["cat"]["normalised_accuracy"]["ci_resampled"] == "nothing"
     assert "documents.json does not recompute merge &#x27;cat&#x27;" in merging_html(index)
 
 

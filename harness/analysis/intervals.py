@@ -1,12 +1,16 @@
-"""The report's uncertainty: bootstrap intervals per method and cell, and verdicts from paired comparisons.
+"""The report's uncertainty: intervals per method and cell, and verdicts from tests that generalise over seeds.
 
-The statistics are harness.analysis.statistics (docs/statistics.md): documents and seeds resampled
-together when every run of the compared methods logged its per-document scores (documents.json), seeds
-only otherwise, and the sentence says which. A verdict compares the best method on a metric with each
-other one by a paired bootstrap on the seeds (and task orders) both ran: the difference, its 95%
-interval and p; `harness report --baseline METHOD` also compares METHOD with every other method.
-A difference is called significant when the interval excludes 0. The older rule (a gap
-larger than the larger of the two stds) is kept beside it as a column, not as the verdict.
+Two kinds of interval, named as what they are:
+- over seeds (ci_low, ci_high; the verdicts): harness.analysis.over_seeds, a t interval over the seeds (and
+  task orders) with the documents' shared sampling variance added. It says where the next seed's value is
+  expected: what "LoRI-S forgets less than LoRA" means to a reader.
+- measurement (measurement_low, measurement_high; description only): harness.analysis.statistics, a
+  bootstrap over the test documents with these seeds fixed. It says how precisely these runs are known.
+
+A verdict compares the best method on a metric with each other one (and, with `harness report --baseline
+METHOD`, METHOD with each other one) by the paired t-test over the seeds both ran. The comparisons of one
+metric are a family: their p-values are Holm-adjusted, and a difference is decided when its Holm p < 0.05.
+An undecided comparison says how many seeds the observed difference and spread would need.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.analysis import over_seeds as OS
 from harness.analysis import statistics as ST
 from harness.analysis.documents import score_arrays
 from harness.analysis.aggregate import MethodMatrix, noise_class, rank
@@ -23,10 +28,13 @@ from harness.analysis.numbers import finite
 from harness.analysis.runs import SequenceRun
 
 STATISTICS_NOTE = (
-    "95% percentile bootstrap intervals ({n} replicates). Each replicate draws the seeds (and task orders) with "
-    "replacement and, when every run logged its per-document scores, the test documents of every task with replacement, "
-    "the same documents in every cell and for every method; differences are paired on the seeds both methods ran. p is "
-    "the two-sided bootstrap p-value of no difference. See docs/statistics.md."
+    "Verdicts: a paired t-test over the seeds (and task orders) both methods ran, on the per-seed differences, with "
+    "the test documents' shared sampling variance added when every run logged its per-document scores; 95% intervals "
+    "over seeds. The comparisons of one metric are one family: p-values are Holm-adjusted within it, and a difference "
+    "is decided when its Holm p is below 0.05. 'Detectable' is the smallest difference these seeds find with 80% power "
+    "at 5%; 'seeds needed', how many seeds the observed difference and spread would need. Measurement intervals "
+    "({n} bootstrap draws of the test documents, these seeds fixed) describe the runs and decide nothing. See "
+    "docs/statistics.md."
 )
 
 
@@ -44,12 +52,17 @@ def units_by_method(by_method: dict[str, list[SequenceRun]]) -> dict[str, list[S
 
 
 def add_intervals(rows: list[dict], units: dict[str, list[ST.Unit]]) -> None:
-    """Each method row's metric entries get ci_low, ci_high and ci_resampled (what the bootstrap drew)."""
+    """Each method row's metric entries get ci_low/ci_high (over seeds, the t interval) and measurement_low/high
+    (the documents' bootstrap, seeds fixed); ci_resampled says what the measurement drew."""
     for r in rows:
-        ests = ST.estimates(units.get(r["method"], []), METRICS)
+        us = units.get(r["method"], [])
+        ests = ST.estimates(us, METRICS)
         for m in METRICS:
             e = ests.get(m)
-            r[m].update({"ci_low": e.low if e else None, "ci_high": e.high if e else None,
+            s = OS.seed_interval(us, m) if e else None
+            r[m].update({"ci_low": s.low if s else None, "ci_high": s.high if s else None,
+                         "ci_kind": "t over seeds" + (", documents added" if s and s.document_se is not None else ""),
+                         "measurement_low": e.low if e else None, "measurement_high": e.high if e else None,
                          "ci_resampled": e.resampled if e else "nothing"})
 
 
@@ -71,45 +84,59 @@ def fmt_p(p: float | None) -> str:
     return "—" if p is None else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
 
 
-def significant(c: ST.Comparison) -> bool:
-    return c.low is not None and c.high is not None and not (c.low <= 0 <= c.high)
+def fmt_needed(t: OS.SeedTest) -> str:
+    """How many seeds the observed difference and spread need (80% power at 5%)."""
+    if t.seeds_needed is not None:
+        return f"about {t.seeds_needed}"
+    if OS.documents_limit(t):
+        return "more than any number of seeds gives (the test documents' shared noise is larger than the gap)"
+    return f"more than {OS.MAX_SEEDS}"
 
 
-def _how(c: ST.Comparison) -> str:
-    what = {"documents and seeds": f"{c.n_units} seeds and the test documents", "documents": "the test documents (one seed)",
-            "seeds": f"{c.n_units} seeds; seed-level only: these runs have no per-document results"}[c.resampled]
-    return (f"paired bootstrap over {what}: {display_name(c.a)} − {display_name(c.b)} = {c.difference:+.3f}, "
-            f"95% CI [{c.low:+.3f}, {c.high:+.3f}], {fmt_p(c.p)}")
+def _how(t: OS.SeedTest) -> str:
+    holm = f", Holm {fmt_p(t.p_adjusted)} over {t.family} comparisons" if t.family > 1 else ""
+    return (f"paired t over {t.n_pairs} seeds: {display_name(t.a)} − {display_name(t.b)} = {t.difference:+.3f}, "
+            f"95% CI [{t.low:+.3f}, {t.high:+.3f}], {fmt_p(t.p)}{holm}; these seeds detect {t.detectable:.3f} "
+            f"at 80% power")
 
 
-def paired_sentence(m: str, a_row: dict, b_row: dict, c: ST.Comparison, higher: bool | None = None) -> str:
-    """One verdict: row a against row b on metric m, from their paired comparison (a − b); the better one is named.
-
-    higher: whether higher is better (default: the continual-learning metric's own direction)."""
+def paired_sentence(m: str, a_row: dict, b_row: dict, t: OS.SeedTest, higher: bool | None = None) -> str:
+    """One verdict: row a against row b on metric m, from their test over seeds (a − b); the better one is named,
+    or the comparison is called undecided with the seeds it would need."""
     a, b = display_name(a_row["method"]), display_name(b_row["method"])
     vs = (f"{a} {fmt_ci(a_row[m]['mean'], a_row[m].get('ci_low'), a_row[m].get('ci_high'))} vs "
           f"{b} {fmt_ci(b_row[m]['mean'], b_row[m].get('ci_low'), b_row[m].get('ci_high'))}")
-    if c.difference is None:
+    if t.difference is None:
         return f"{vs}: not compared (no seed and task order that both ran)"
-    d = abs(c.difference)
+    d = abs(t.difference)
     d_txt = f"{d:.3f}" if d >= 0.001 else f"{d:.1e}"
-    if d < 1e-9:
+    if d < 1e-9 and (t.sd or 0.0) < 1e-12:
         return f"{vs}: no difference"
-    better = a if (c.difference > 0) == (HIGHER_IS_BETTER[m] if higher is None else higher) else b
-    if c.low is None:
-        return f"{vs}: {better} is better by {d_txt} (one run each, no noise estimate)"
-    if significant(c):
-        return f"{vs}: {better} is better by {d_txt} ({_how(c)})"
-    return f"{vs}: the difference {d_txt} is not significant ({_how(c)})"
+    better = a if (t.difference > 0) == (HIGHER_IS_BETTER[m] if higher is None else higher) else b
+    if t.p is None:
+        return (f"{vs}: {better} is ahead by {d_txt} on {t.n_pairs} seed: undecided, a test over seeds needs "
+                f"at least 2 seeds of each")
+    if t.decided:
+        return f"{vs}: {better} is better by {d_txt} ({_how(t)})"
+    return (f"{vs}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.3f} with this spread needs "
+            f"{fmt_needed(t)} seeds ({_how(t)})")
 
 
-def compare(m: str, a: dict, b: dict, ua: list[ST.Unit], ub: list[ST.Unit], *, higher: bool | None = None,
-            **fields) -> tuple[str, dict]:
-    """(verdict sentence, comparison.json entry) of row a against row b on metric m, by the paired bootstrap of
-    their units; the entry also keeps the std rule's class and the given fields (role, combination)."""
-    c = ST.paired_difference(ua, ub, m, (a["method"], b["method"]))
-    return paired_sentence(m, a, b, c, higher), {**c.as_json(), "significant": significant(c),
-                                                 "std_rule": noise_class(m, a, b), **fields}
+def comparison_entry(t: OS.SeedTest, a: dict, b: dict, ua: list[ST.Unit], ub: list[ST.Unit], m: str, **fields) -> dict:
+    """comparison.json's row for one test: the test over seeds, the measurement interval, the std rule's class."""
+    meas = ST.paired_difference(ua, ub, m, (a["method"], b["method"]))
+    return {**t.as_json(), "significant": t.decided, "resampled": meas.resampled,
+            "measurement_low": meas.low, "measurement_high": meas.high, "std_rule": noise_class(m, a, b), **fields}
+
+
+def compare_family(m: str, pairs: list[tuple[dict, dict, list[ST.Unit], list[ST.Unit], dict]], *,
+                   higher: bool | None = None) -> list[tuple[str, dict]]:
+    """(sentence, comparison.json entry) for each (a row, b row, a units, b units, extra fields) of one family:
+    each pair's test over seeds, the family's p-values Holm-adjusted together."""
+    tests = [OS.seed_test(ua, ub, m, (a["method"], b["method"])) for a, b, ua, ub, _ in pairs]
+    OS.holm_adjust(tests)
+    return [(paired_sentence(m, a, b, t, higher), comparison_entry(t, a, b, ua, ub, m, **extra))
+            for t, (a, b, ua, ub, extra) in zip(tests, pairs)]
 
 
 def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
@@ -118,8 +145,8 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
 
     Per metric the best method is compared with each other one (role "best", a = the best). With a baseline
     (a method of these runs) that is not the best, it is also compared with every other method (role
-    "baseline", a = the baseline), and the third dict says how it stands against each of them.
-    Like aggregate.verdicts (whose sentences these replace): reference rows are never ranked or compared."""
+    "baseline", a = the baseline), and the third dict says how it stands against each of them. All of one
+    metric's comparisons are one Holm family. Reference rows are never ranked or compared."""
     sentences, table, against = {}, [], {}
     for m in METRICS:
         direction = "higher" if HIGHER_IS_BETTER[m] else "lower"
@@ -128,14 +155,17 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
             continue  # aggregate.verdicts' sentence for this case stands
         ranked = rank(m, cands, HIGHER_IS_BETTER[m])
         base = next((r for r in cands if r["method"] == baseline), None)
-        said: dict[str, list[str]] = {"best": [], "baseline": []}
+        pairs, roles = [], []
         for a, role in ((ranked[0], "best"), (base, "baseline")):
             if a is None or (role == "baseline" and a is ranked[0]):
                 continue  # no baseline, or it is the best: the verdict's sentences are its own
             for other in (r for r in ranked if r is not a):
-                sentence, entry = compare(m, a, other, units[a["method"]], units[other["method"]], role=role)
-                said[role].append(sentence)
-                table.append(entry)
+                pairs.append((a, other, units[a["method"]], units[other["method"]], {"role": role}))
+                roles.append(role)
+        said: dict[str, list[str]] = {"best": [], "baseline": []}
+        for role, (sentence, entry) in zip(roles, compare_family(m, pairs)):
+            said[role].append(sentence)
+            table.append(entry)
         sentences[m] = f"{m} ({direction} is better): " + "; ".join(said["best"]) + "."
         if base is not None:
             against[m] = (f"{m} ({direction} is better), {display_name(baseline)} against each method: "

@@ -1,11 +1,12 @@
 """Merging results over seeds: a row per (method, combination), mean per-task scores, interference, verdicts.
 
 Means and standard deviations use the sequence tables' definitions (aggregate.mean_std_n: sample
-std, ddof=1, undefined for fewer than 2 seeds). Intervals and verdicts use the sequences' statistics
-(harness.analysis.statistics): a merge run is a unit whose matrix is [S[j, j]; m_j] (2 x T) and whose
-metrics are harness.metrics.MERGE_VALUES, bootstrapped over seeds and, when every run kept its
-documents.json, over the test documents. The verdict per combination compares the best method with each
-other one by a paired bootstrap on the seeds both ran; the older within-noise rule is kept as a column.
+std, ddof=1, undefined for fewer than 2 seeds). Intervals and verdicts use the sequences' statistics: a merge
+run is a unit whose matrix is [S[j, j]; m_j] (2 x T) and whose metrics are harness.metrics.MERGE_VALUES. The
+interval over seeds and the verdicts come from harness.analysis.over_seeds (paired t over the seeds both ran,
+the documents' shared noise added when every run kept its documents.json; one Holm family per combination);
+the measurement interval from the documents' bootstrap (harness.analysis.statistics). The older within-noise
+rule is kept as a column.
 Per-task scores and interference matrices of different seeds are aligned by task name.
 """
 
@@ -16,10 +17,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from harness import metrics as MX
+from harness.analysis import over_seeds as OS
 from harness.analysis import statistics as ST
 from harness.analysis.aggregate import _nanmean_std, mean_std_n, rank
 from harness.analysis.documents import merge_score_arrays
-from harness.analysis.intervals import compare
+from harness.analysis.intervals import compare_family
 from harness.analysis.runs import MergeRun
 from harness.analysis.naming import display_name, method_sort_key, num_sort_key
 from harness.analysis.numbers import finite
@@ -123,9 +125,12 @@ def merge_unit(run: MergeRun, combination: str) -> ST.Unit:
 
 
 def _add_intervals(cell: MergeCell, units: list[ST.Unit]) -> None:
-    """The cell's normalised accuracy and average drop get ci_low, ci_high and ci_resampled (what was drawn)."""
+    """The cell's normalised accuracy and average drop get ci_low/ci_high (over seeds: the t interval) and
+    measurement_low/high with ci_resampled (the documents' bootstrap, seeds fixed)."""
     for key, e in ST.estimates(units, (NORM, DROP)).items():
-        getattr(cell, key).update({"ci_low": e.low, "ci_high": e.high, "ci_resampled": e.resampled})
+        s = OS.seed_interval(units, key)
+        getattr(cell, key).update({"ci_low": s.low, "ci_high": s.high, "measurement_low": e.low,
+                                   "measurement_high": e.high, "ci_resampled": e.resampled})
 
 
 def _verdict(combination: str, cells: list[MergeCell], units: dict) -> tuple[str, list[dict]]:
@@ -137,8 +142,8 @@ def _verdict(combination: str, cells: list[MergeCell], units: dict) -> tuple[str
         return f"{head}: {who}; nothing to compare.", []
     ranked = rank(NORM, cands, True)
     best = ranked[0]
-    pairs = [compare(NORM, best, other, units[best.method, combination], units[other.method, combination], higher=True,
-                     combination=combination) for other in ranked[1:]]
+    pairs = compare_family(NORM, [(best, other, units[best.method, combination], units[other.method, combination],
+                                   {"combination": combination}) for other in ranked[1:]], higher=True)
     return f"{head}: " + "; ".join(s for s, _ in pairs) + ".", [entry for _, entry in pairs]
 
 

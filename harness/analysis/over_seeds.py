@@ -8,7 +8,10 @@ as a sample from the population of training runs, and the test documents as a se
     SE²   = s_d² / n + V_doc                                  s_d: their standard deviation over the n seeds;
                                                               V_doc: the variance of mean(d) over bootstrap draws
                                                               of the test documents, the seeds held fixed
-    t     = mean(d) / SE,  n - 1 degrees of freedom;  95% interval mean(d) ± t_0.975 · SE
+    t     = mean(d) / SE,  df degrees of freedom;  95% interval mean(d) ± t_0.975 · SE
+    df    = (n - 1) · (SE² / (s_d²/n))²                       Welch-Satterthwaite, V_doc taken as known (it rests
+                                                              on hundreds of documents): n - 1 when the seeds'
+                                                              spread dominates, larger when the documents' does
 
 V_doc is 0 without per-document scores. Since every seed scores the same documents, the part of the
 documents' sampling error that the seeds share does not shrink with more seeds, and s_d cannot see it: V_doc
@@ -37,6 +40,7 @@ ALPHA = 0.05
 POWER = 0.80
 LEVEL = 0.95
 MAX_SEEDS = 1000  # "needs more than this": in practice, more seeds cannot decide it (the documents limit it)
+MAX_DF = 1000.0  # beyond this t is the normal distribution to 3 digits (and scipy's noncentral t turns NaN)
 DOC_BOOT = 400  # document draws behind V_doc (its relative error is about 1/sqrt(2 * 400/2), 7%)
 
 
@@ -79,16 +83,25 @@ def standard_error(sd: float, n: int, doc_var: float = 0.0) -> float:
     return math.sqrt(sd * sd / n + doc_var)
 
 
+def degrees_of_freedom(sd: float, n: int, doc_var: float = 0.0) -> float:
+    """Welch-Satterthwaite for s²/n (n - 1 df) plus a known V_doc; n - 1 without documents."""
+    seeds = sd * sd / n
+    if doc_var <= 0.0:
+        return float(n - 1)
+    return MAX_DF if seeds == 0.0 else min(MAX_DF, (n - 1) * ((seeds + doc_var) / seeds) ** 2)
+
+
 def t_test(d: np.ndarray, doc_var: float = 0.0, level: float = LEVEL) -> tuple[float, float, float, float, float]:
     """(mean, SE, low, high, two-sided p) of the paired differences d over n >= 2 seeds, V_doc = doc_var."""
     n = len(d)
     if n < 2:
         raise ValueError("a test over seeds needs at least 2 seeds")
-    mean, se = float(np.mean(d)), standard_error(float(np.std(d, ddof=1)), n, doc_var)
-    q = float(stats.t.ppf((1 + level) / 2, n - 1))
+    sd = float(np.std(d, ddof=1))
+    mean, se, df = float(np.mean(d)), standard_error(sd, n, doc_var), degrees_of_freedom(sd, n, doc_var)
+    q = float(stats.t.ppf((1 + level) / 2, df))
     if se == 0.0:  # every seed gave the same difference and no document noise: nothing to be unsure about
         return mean, 0.0, mean, mean, (1.0 if mean == 0.0 else 0.0)
-    p = float(2 * stats.t.sf(abs(mean) / se, n - 1))
+    p = float(2 * stats.t.sf(abs(mean) / se, df))
     return mean, se, mean - q * se, mean + q * se, p
 
 
@@ -97,9 +110,13 @@ def power(delta: float, n: int, sd: float, doc_var: float = 0.0, alpha: float = 
     se = standard_error(sd, n, doc_var)
     if se == 0.0:
         return 1.0 if delta != 0 else alpha
-    df, ncp = n - 1, abs(delta) / se
+    df, ncp = degrees_of_freedom(sd, n, doc_var), abs(delta) / se
     crit = stats.t.ppf(1 - alpha / 2, df)
-    return float(stats.nct.sf(crit, df, ncp) + stats.nct.cdf(-crit, df, ncp))
+    upper, lower = stats.nct.sf(crit, df, ncp), stats.nct.cdf(-crit, df, ncp)
+    # scipy's noncentral t returns NaN far in its tails: there the normal approximation is exact enough
+    upper = upper if np.isfinite(upper) else stats.norm.sf(crit - ncp)
+    lower = lower if np.isfinite(lower) else stats.norm.cdf(-crit - ncp)
+    return float(min(1.0, upper + lower))
 
 
 def detectable_difference(n: int, sd: float, doc_var: float = 0.0, *, target: float = POWER, alpha: float = ALPHA) -> float:
@@ -174,6 +191,20 @@ def document_variance(a: list[ST.Unit], b: list[ST.Unit] | None, metric: str, *,
     return max(0.0, (var_mean - own / n) * n / (n - 1))
 
 
+def _fill(out: SeedTest, d: np.ndarray, doc_var: float | None) -> SeedTest:
+    """The test's numbers from the per-seed differences d and V_doc (None: no per-document scores)."""
+    out.per_seed, out.difference = [float(x) for x in d], float(d.mean())
+    if len(d) < 2:
+        return out
+    v = doc_var or 0.0
+    out.document_se = math.sqrt(doc_var) if doc_var is not None else None
+    out.difference, out.se, out.low, out.high, out.p = t_test(d, v)
+    out.sd = float(np.std(d, ddof=1))
+    out.detectable = detectable_difference(len(d), out.sd, v)
+    out.seeds_needed = seeds_needed(out.difference, out.sd, v)
+    return out
+
+
 def seed_test(a: list[ST.Unit], b: list[ST.Unit], metric: str, names: tuple[str, str] = ("a", "b"), *,
               n_boot: int = DOC_BOOT, seed: int = ST.SEED) -> SeedTest:
     """The paired t-test of metric(a) - metric(b) over the seeds (and orders) both ran; fields None where undefined."""
@@ -184,16 +215,25 @@ def seed_test(a: list[ST.Unit], b: list[ST.Unit], metric: str, names: tuple[str,
     d = _values(ua, metric) - _values(ub, metric)
     if not np.isfinite(d).all():
         return out
-    out.per_seed, out.difference = [float(x) for x in d], float(d.mean())
-    if len(d) < 2:
+    return _fill(out, d, document_variance(ua, ub, metric, n_boot=n_boot, seed=seed) if len(d) > 1 else None)
+
+
+def values_test(a: dict[str, float], b: dict[str, float], metric: str, names: tuple[str, str] = ("a", "b")) -> SeedTest:
+    """The same test on one number per seed (key -> value) with no per-document scores, e.g. the general-text CE
+    rise: its text is fixed, so the seeds are its only noise."""
+    keys = sorted(set(a) & set(b))
+    out = SeedTest(names[0], names[1], metric, len(keys))
+    d = np.array([a[k] - b[k] for k in keys], dtype=float)
+    if not keys or not np.isfinite(d).all():
         return out
-    v = document_variance(ua, ub, metric, n_boot=n_boot, seed=seed)
-    out.document_se = math.sqrt(v) if v is not None else None
-    out.difference, out.se, out.low, out.high, out.p = t_test(d, v or 0.0)
-    out.sd = float(np.std(d, ddof=1))
-    out.detectable = detectable_difference(len(d), out.sd, v or 0.0)
-    out.seeds_needed = seeds_needed(out.difference, out.sd, v or 0.0)
-    return out
+    return _fill(out, d, None)
+
+
+def documents_limit(t: SeedTest) -> bool:
+    """Whether the documents' shared noise alone keeps the observed difference from being decided by any seeds."""
+    if t.difference is None or t.document_se is None:
+        return False
+    return power(t.difference, MAX_SEEDS, 0.0, t.document_se ** 2) < POWER
 
 
 @dataclass

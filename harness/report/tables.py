@@ -15,21 +15,28 @@ from harness.analysis.sensitivity import VariantRow
 GENERAL_HEADERS = ["method", "runs", "base model CE", "CE after the last stage", "rise (↓)"]
 
 
+def _interval(low, high) -> str:
+    return f"[{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else "—"
+
+
 def paired_table_rows(table: list[dict]) -> list[list[str]]:
-    """The page's table of paired comparisons (the std rule as the last column)."""
+    """The page's table of paired comparisons: the test over seeds, its power, the measurement, the std rule."""
     std_words = {"beyond": "beyond the std", "within": "within the std", "unknown": "one run each", "none": "no difference"}
     out = []
     for c in table:
-        ci = f"[{c['low']:+.3f}, {c['high']:+.3f}]" if c["low"] is not None else "—"
         diff = f"{c['difference']:+.3f}" if c["difference"] is not None else "—"
-        out.append([c["metric"], f"{display_name(c['a'])} ({c.get('role', 'best')})", display_name(c["b"]), diff, ci,
-                    fmt_p(c["p"]), "yes" if c["significant"] else "no", c["resampled"], str(c["n_pairs"]),
-                    std_words[c["std_rule"]]])
+        decided = "yes" if c["decided"] else ("undecided" if c["p"] is not None else "—")
+        needed = str(c["seeds_needed"]) if c["seeds_needed"] is not None else ("—" if c["p"] is None else "more")
+        out.append([c["metric"], f"{display_name(c['a'])} ({c.get('role', 'best')})", display_name(c["b"]), diff,
+                    _interval(c["low"], c["high"]), fmt_p(c["p"]), fmt_p(c["p_holm"]) if c["family_size"] > 1 else "—",
+                    decided, str(c["n_pairs"]), fmt(c["detectable_difference"]), needed,
+                    _interval(c["measurement_low"], c["measurement_high"]), std_words[c["std_rule"]]])
     return out
 
 
-PAIRED_HEADERS = ["metric", "method (best or baseline)", "against", "difference (method − other)", "95% CI", "p",
-                  "significant", "resampled", "pairs", "std rule (old verdict)"]
+PAIRED_HEADERS = ["metric", "method (best or baseline)", "against", "difference (method − other)",
+                  "95% CI over seeds", "p", "Holm p (this metric)", "decided", "seeds", "detectable (80%)",
+                  "seeds needed", "measurement CI (documents)", "std rule (old verdict)"]
 
 
 def not_learned_sentences(runs: list[SequenceRun]) -> list[str]:

@@ -1,0 +1,120 @@
+"""The compact evidence behind published tables: collected from finished sequences, read back without the runs.
+
+    results/evidence/<table>/<method>/seed-<s>[/order-<k>]/
+        summary.json  matrix.csv  matrix.json  documents.json  config.yaml  precision.json   (about 15 KB)
+
+`harness evidence collect RUN_FOLDER --table NAME` copies each finished sequence's files there (atomically, one
+file at a time; an existing seed is replaced only by the same run). A table never pools runs made at different
+settings: every sequence's config.yaml, less its seed and sequence block, must agree with the table's first.
+Anyone can add seeds to a table later without re-running the earlier ones; harness/tools/tables.py turns the
+evidence into the README's tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from harness.analysis import statistics as ST
+from harness.analysis.documents import check_documents, score_arrays
+from harness.errors import HarnessError
+from harness.io import atomic_write_bytes, read_json
+from harness.run.folder import sequence_folders
+
+EVIDENCE_DIR = Path("results") / "evidence"
+REQUIRED = ("summary.json", "matrix.json", "documents.json", "config.yaml")
+OPTIONAL = ("matrix.csv", "precision.json")  # for readers; copied when the sequence has them
+# Knobs that may differ between the sequences of one table: what a sequence is, and where it was written.
+PER_SEQUENCE = ("seeds", "sequence", "methods", "results_dir", "tracking_uri", "experiment", "orders")
+
+
+@dataclass
+class EvidenceRun:
+    """One sequence as its evidence gives it."""
+
+    method: str
+    seed: str
+    order: str
+    summary: dict
+    unit: ST.Unit
+    notes: list[str] = field(default_factory=list)
+
+
+def _settings(config: Path) -> dict:
+    data = yaml.safe_load(config.read_text()) or {}
+    return {k: v for k, v in data.items() if k not in PER_SEQUENCE}
+
+
+def _target(root: Path, table: str, folder: Path, summary: dict) -> Path:
+    out = root / table / summary["method"] / f"seed-{summary['seed']}"
+    return out / f"order-{summary['order_index']}" if folder.name.startswith("order-") else out
+
+
+def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Path]:
+    """Copy every finished sequence under run_folder into the table's evidence; the folders written.
+
+    Refused (HarnessError, nothing copied) when a sequence's settings differ from the table's or a file is missing."""
+    finished = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
+    if not finished:
+        raise HarnessError(f"{run_folder}: no finished sequence under it (a finished one has summary.json); "
+                           f"pass an experiment folder such as results/<experiment>/<experiment>")
+    reference = _table_settings(root / table)
+    plan = []
+    for f in finished:
+        missing = [n for n in REQUIRED if not (f / n).is_file()]
+        if missing:
+            raise HarnessError(f"{f}: {', '.join(missing)} missing; evidence needs {', '.join(REQUIRED)} "
+                               f"(sequences written before documents.json existed cannot be evidence: re-run them)")
+        settings = _settings(f / "config.yaml")
+        reference = reference if reference is not None else settings
+        if settings != reference:
+            diff = sorted(k for k in set(settings) | set(reference) if settings.get(k) != reference.get(k))
+            raise HarnessError(f"{f}: its settings differ from table {table!r}'s in {', '.join(diff)}; a table never "
+                               f"pools runs made at different settings: collect it into a new table")
+        plan.append((f, _target(root, table, f, read_json(f / "summary.json"))))
+    for src, dst in plan:
+        dst.mkdir(parents=True, exist_ok=True)
+        for n in REQUIRED + tuple(n for n in OPTIONAL if (src / n).is_file()):
+            atomic_write_bytes(dst / n, (src / n).read_bytes())
+    return [dst for _, dst in plan]
+
+
+def _table_settings(table_dir: Path) -> dict | None:
+    first = next(iter(sorted(table_dir.rglob("config.yaml"))), None) if table_dir.is_dir() else None
+    return _settings(first) if first else None
+
+
+def _matrix(matrix: dict) -> np.ndarray:
+    return np.array([[np.nan if v is None else float(v) for v in row] for row in matrix["R"]], dtype=float)
+
+
+def read_run(folder: Path) -> EvidenceRun:
+    """One evidence folder as a unit of the statistics (per-document scores when they recompute the matrix)."""
+    summary, matrix, docs = (read_json(folder / n) for n in ("summary.json", "matrix.json", "documents.json"))
+    R = _matrix(matrix)
+    problems = check_documents(docs, R)
+    scores = None if problems else score_arrays(docs)
+    ids = None if problems else {t: list(docs["documents"][t]["doc_ids"]) for t in docs["tasks"]}
+    seed, order = str(summary["seed"]), str(summary["order_index"])
+    unit = ST.Unit(key=f"{seed}/{order}", tasks=list(matrix["tasks"]), R=R, scores=scores, doc_ids=ids,
+                   reference=bool(summary.get("reference")))
+    return EvidenceRun(summary["method"], seed, order, summary, unit, problems)
+
+
+def read_table(table_dir: Path) -> dict[str, list[EvidenceRun]]:
+    """method -> its runs in the table, by seed; HarnessError when the table has no evidence."""
+    folders = sorted({p.parent for p in Path(table_dir).rglob("summary.json")})
+    if not folders:
+        raise HarnessError(f"{table_dir}: no evidence here; collect some with `harness evidence collect RUN_FOLDER "
+                           f"--table {Path(table_dir).name}`")
+    out: dict[str, list[EvidenceRun]] = {}
+    for f in folders:
+        r = read_run(f)
+        out.setdefault(r.method, []).append(r)
+    for runs in out.values():
+        runs.sort(key=lambda r: (int(r.seed) if r.seed.isdigit() else r.seed, r.order))
+    return out
+

@@ -1,0 +1,81 @@
+"""Published numbers from committed evidence: collecting it, the tables it gives, and `harness plan-seeds`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.analysis import over_seeds as OS
+from harness.cli import main
+from harness.errors import HarnessError
+from harness.tools import tables
+from harness.tools.evidence import collect, read_table
+from test_report import doc_report  # noqa: F401  (a fixture: 2 methods x 3 seeds with documents.json)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def results(doc_report, tmp_path):  # noqa: F811
+    """A private copy of the fixture's results folder (experiment "docs")."""
+    return Path(shutil.copytree(doc_report.parent.parent.parent, tmp_path / "results"))
+
+
+def test_the_published_tables_are_what_the_committed_evidence_gives():
+    assert tables.stale(files=[ROOT / "README.md"], root=ROOT / "results" / "evidence") == [], (
+        "README.md's generated tables differ from results/evidence/: run `make tables` and commit the result")
+
+
+def test_collected_evidence_reads_back_as_the_same_runs_and_gives_a_table(results, tmp_path):
+    root = tmp_path / "evidence"
+    written = collect(results / "docs", "t", root)
+    assert len(written) == 6 and all((w / "documents.json").is_file() for w in written)
+    by_method = read_table(root / "t")
+    assert sorted(by_method) == ["lora", "lori-s"] and [r.seed for r in by_method["lora"]] == ["0", "1", "2"]
+    assert all(r.unit.scores is not None and not r.notes for r in by_method["lora"])  # documents recompute R
+    block = tables.pair_block(tables.PairTable("x", "lori-s", "lora", (("s", "t"),)), root)
+    assert "| s | LoRI-S | 3 |" in block and "| s | LoRA | 3 |" in block and "- s, ACC (3 seeds): LoRI-S − LoRA" in block
+    t = OS.seed_test([r.unit for r in by_method["lori-s"]], [r.unit for r in by_method["lora"]], "ACC")
+    assert f"{t.difference:+.3f}".replace("-", "−") in block
+    text = "intro\n<!-- evidence:x -->\nold numbers\n<!-- /evidence:x -->\nend\n"
+    assert tables.rewrite(text, {"x": block}) == f"intro\n<!-- evidence:x -->\n{block}<!-- /evidence:x -->\nend\n"
+
+
+def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
+    root = tmp_path / "evidence"
+    collect(results / "docs" / "lora" / "seed-0", "t", root)
+    other = results / "docs" / "lori-s" / "seed-1"
+    cfg = yaml.safe_load((other / "config.yaml").read_text())
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "model": "tiny-llama"}))
+    with pytest.raises(HarnessError, match="settings differ from table 't'.s in model"):
+        collect(results / "docs", "t", root)
+    assert [p.parent.name for p in (root / "t").rglob("summary.json")] == ["seed-0"]  # nothing half-written
+
+
+def test_plan_seeds_answers_from_the_runs_that_exist(results, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan-seeds", "docs", "--methods", "lori-s,lora", "--results-dir", str(results), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "LoRI-S − LoRA, paired t over the seeds both ran" in printed and "seeds needed" in printed
+    rows = {r["metric"]: r for r in json.loads(out.read_text())["metrics"]}
+    acc = rows["ACC"]
+    assert acc["n_pairs"] == 3 and acc["detectable_difference"] > 0 and set(acc["detectable_at"]) == {"5", "10", "20"}
+    doc_var = acc["document_se"] ** 2
+    assert acc["detectable_at"]["10"] < acc["detectable_at"]["5"]  # more seeds detect smaller differences
+    if acc["seeds_needed"] is not None:
+        n = acc["seeds_needed"]
+        assert OS.power(acc["difference"], n, acc["sd"], doc_var) >= 0.8
+
+
+def test_plan_seeds_refuses_fewer_than_2_seeds_per_method(results, capsys):
+    for seed in ("1", "2"):
+        shutil.rmtree(results / "docs" / "lora" / f"seed-{seed}")
+    assert main(["plan-seeds", "docs", "--methods", "lori-s,lora", "--results-dir", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "at least 2 finished seeds of each method; lora has 1 (0)" in err
+    assert main(["plan-seeds", "docs", "--methods", "lori-s,olora", "--results-dir", str(results)]) == 2
+    assert "no finished sequence of olora" in capsys.readouterr().err
