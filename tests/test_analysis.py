@@ -11,7 +11,7 @@ import pytest
 
 from harness.analysis.aggregate import aggregate, mean_std_n, method_matrices, noise_class, rank, verdicts
 from harness.analysis.general_ce import curves
-from harness.analysis.intervals import fmt_ci, paired_sentence
+from harness.analysis.intervals import fmt_ci, general_ce_verdicts, paired_sentence
 from harness.analysis.merging import summarize_merging
 from harness.analysis.runs import INTERRUPTED, RUNNING, MergeRun, SequenceRun, UnfinishedRun
 from harness.analysis.sensitivity import VariantRow, best_variants, selection_split
@@ -166,6 +166,20 @@ def test_general_curves_average_the_stages_over_seeds_and_leave_references_out()
     assert list(got) == ["lora"]
     mean, std = got["lora"]
     assert mean.tolist() == pytest.approx([2.0, 2.3]) and std[1] == pytest.approx(math.sqrt(0.02))
+
+
+def test_the_general_text_ce_rise_gets_a_verdict_from_the_test_over_seeds():
+    rise = {"lori-s": [1.27, 1.29, 1.32, 1.30], "lora": [3.21, 3.02, 3.37, 3.10], "olora": [1.35, 1.21, 1.40, 1.25]}
+    by = {m: [run(m, str(k), [[0]], summary={"general_ce_rise": v}) for k, v in enumerate(vals)] for m, vals in rise.items()}
+    by["mtl"] = [run("mtl", "0", [[0]], summary={"general_ce_rise": 0.5}, reference=True)]  # never compared
+    sentences, table = general_ce_verdicts(by, baseline="olora")
+    assert [(c["a"], c["b"], c["role"]) for c in table] == [("lori-s", "olora", "best"), ("lori-s", "lora", "best"),
+                                                          ("olora", "lori-s", "baseline"), ("olora", "lora", "baseline")]
+    assert all(c["family_size"] == 4 and c["n_pairs"] == 4 for c in table)
+    vs_lora = table[1]
+    assert vs_lora["difference"] == pytest.approx(np.mean(rise["lori-s"]) - np.mean(rise["lora"]))
+    assert vs_lora["decided"] and sentences[1].startswith("LoRI-S raises it less, by 1.88 nats (paired t over 4 seeds")
+    assert sentences[0].startswith("LoRI-S vs O-LoRA: undecided: 4 seeds")
 
 
 def test_a_reference_matrix_keeps_its_own_two_rows_and_a_sequence_gets_t_plus_one():

@@ -173,6 +173,41 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
     return sentences, table, against
 
 
+GENERAL_CE = "general_ce_rise"
+
+
+def _rise(runs: list[SequenceRun]) -> dict[str, float]:
+    return {f"{r.seed}/{r.order}": float(r.summary[GENERAL_CE]) for r in runs
+            if r.summary and finite(r.summary.get(GENERAL_CE))}
+
+
+def general_ce_verdicts(by_method: dict[str, list[SequenceRun]], baseline: str | None = None) -> tuple[list[str], list[dict]]:
+    """(sentences, comparison.json's "general_ce_comparisons"): the general-text CE rise (lower is better) of the
+    method with the lowest mean against each other one, and of the baseline against each; one Holm family. The text
+    is fixed, so the seeds are its only noise: a paired t-test over them (over_seeds.values_test)."""
+    rises = {m: _rise(runs) for m, runs in by_method.items() if not any(r.reference for r in runs) and _rise(runs)}
+    if len(rises) < 2:
+        return [], []
+    ranked = sorted(rises, key=lambda m: float(np.mean(list(rises[m].values()))))
+    pairs = [(ranked[0], o, "best") for o in ranked[1:]]
+    if baseline in rises and baseline != ranked[0]:
+        pairs += [(baseline, o, "baseline") for o in ranked if o != baseline]
+    tests = [OS.values_test(rises[a], rises[b], GENERAL_CE, (a, b)) for a, b, _ in pairs]
+    OS.holm_adjust(tests)
+    sentences = []
+    for t in tests:
+        a, b = display_name(t.a), display_name(t.b)
+        if t.p is None:
+            sentences.append(f"{a} vs {b}: {t.n_pairs} shared seed(s): a test over seeds needs at least 2")
+        elif t.decided:
+            better = a if t.difference < 0 else b
+            sentences.append(f"{better} raises it less, by {abs(t.difference):.2f} nats ({_how(t)})")
+        else:
+            sentences.append(f"{a} vs {b}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.2f} with this "
+                             f"spread needs {fmt_needed(t)} seeds ({_how(t)})")
+    return sentences, [{**t.as_json(), "significant": t.decided, "role": role} for t, (_, _, role) in zip(tests, pairs)]
+
+
 def not_learned_notes(runs: list[SequenceRun]) -> list[dict]:
     """comparison.json's "not_learned": per run, the tasks it did not learn at their own stage."""
     return [{"method": r.method, "seed": r.seed, "order": r.order, "tasks": r.not_learned, "margin": r.learn_margin}

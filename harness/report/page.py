@@ -62,6 +62,7 @@ class PageData:
     selection_criterion: str = SELECTION_CRITERION  # a grid: how each method's variant was chosen, and on which split
     baseline: str | None = None  # `harness report --baseline`: the method also compared with every other one
     baseline_verdicts: dict[str, str] = field(default_factory=dict)  # metric -> how the baseline stands against each
+    general_ce_verdicts: list[str] = field(default_factory=list)  # the CE rise's tests over seeds (one Holm family)
 
 
 def _escape(value):
@@ -225,6 +226,7 @@ def _sequence_context(d: PageData) -> dict:
         "not_learned": not_learned_sentences(d.runs),
         "general_headers": GENERAL_HEADERS,
         "general_rows": general_rows(d.by_method),
+        "general_ce_verdicts": d.general_ce_verdicts,
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
         "metric_rows": [_metric_row(r) for r in d.rows],
         "reference_notes": _reference_notes(d.rows),

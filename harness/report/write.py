@@ -16,8 +16,8 @@ import pandas as pd
 
 from harness.analysis.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
 from harness.analysis.general_ce import curves as general_curves
-from harness.analysis.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, not_learned_notes, paired_verdicts,
-                                        units_by_method)
+from harness.analysis.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, general_ce_verdicts,
+                                        not_learned_notes, paired_verdicts, units_by_method)
 from harness.analysis.merging import MergingSummary, merging_json, merging_rows, summarize_merging
 from harness.analysis.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.analysis.numbers import json_clean
@@ -174,7 +174,9 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     std_verdict = verdicts(rows) if runs else {}
     paired_verdict, paired, against = paired_verdicts(rows, units, baseline)
     verdict = {**std_verdict, **paired_verdict}  # the std rule's sentence stays where nothing can be compared
+    ce_sentences, ce_table = general_ce_verdicts(by_method, baseline)
     stats = {"verdicts_std_rule": std_verdict, "paired_comparisons": paired, "not_learned": not_learned_notes(runs),
+             "verdicts_general_ce": ce_sentences, "general_ce_comparisons": ce_table,
              "baseline": baseline, "verdicts_baseline": against,
              "statistics": {"method": STATISTICS_NOTE.format(n=N_BOOT), "replicates": N_BOOT, "level": LEVEL, "seed": SEED}}
     columns, n_rows, mms = method_matrices(by_method) if runs else ([], 0, [])
@@ -200,7 +202,7 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
                     mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
                     sensitivity_table(vrows, chosen) if vrows else None,
                     grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired,
-                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION, baseline, against)
+                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION, baseline, against, ce_sentences)
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index
