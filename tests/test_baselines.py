@@ -86,6 +86,43 @@ def test_nlora_loss_is_lambda_times_the_l1_of_the_new_update_by_hand(tmp_path):
         assert has_grad == (".task2." in name and "lora_" in name), name
 
 
+def test_nlora_tiled_l1_equals_the_dense_product_in_value_and_gradients(monkeypatch):
+    from harness.methods import nlora
+
+    monkeypatch.setattr(nlora, "TILE_ROWS", 7)  # several tiles and a ragged last one
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(8, 33, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
+    A1, B1, A2, B2 = (x.clone().requires_grad_(True) for x in (A, B, A, B))
+    tiled = nlora.update_l1([(A1, B1)])
+    dense = (B2 @ A2).abs().sum()
+    (3.0 * tiled).backward()
+    (3.0 * dense).backward()
+    assert torch.allclose(tiled, dense) and torch.allclose(A1.grad, A2.grad) and torch.allclose(B1.grad, B2.grad)
+
+
+def test_nlora_a_larger_lambda_moves_the_new_adapter_less(tmp_path):
+    """Same data, same start: the update B_t A_t after a few steps is smaller in ℓ1 with λ > 0 than with λ = 0."""
+    sizes = {}
+    for lam in (0.0, 0.05):
+        method, tok = tiny_method("nlora", tmp_path, nlora={"lambda_l1": lam})
+        method.begin_stage(ctx(1, tmp_path))
+        params = list(method.trainable().values())
+        with torch.no_grad():
+            for i, p in enumerate(params):  # B starts at 0: give it a common start
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        opt = torch.optim.SGD(params, lr=0.05)
+        b = batch(tok)
+        for _ in range(5):
+            opt.zero_grad()
+            loss = method.model(**b).loss
+            extra = method.extra_loss()
+            (loss + extra if extra is not None else loss).backward()
+            opt.step()
+        with torch.no_grad():
+            sizes[lam] = float(method.end_stage()["nlora/update_l1"])
+    assert sizes[0.05] < sizes[0.0], sizes
+
+
 # --- InfLoRA -----------------------------------------------------------------------------------------------
 def test_inflora_kept_basis_follows_the_codes_energy_criterion_by_hand():
     C = torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.0]))  # energies (squared singular values) 16, 4, 1 of 21
@@ -169,6 +206,35 @@ def test_ewc_penalty_equals_a_hand_computation():
 
 
 @pytest.mark.slow
+def test_ewc_batched_fisher_is_the_mean_of_per_example_squared_gradients(tmp_path):
+    """The batched estimate equals one backward per example, and is not the square of the mean gradient."""
+    from harness.losses import lm_loss
+    from harness.methods.ewc import empirical_fisher
+
+    method, tok = tiny_method("ewc", tmp_path)
+    method.begin_stage(ctx(1, tmp_path))
+    params = method.trainable()
+    with torch.no_grad():
+        for i, p in enumerate(params.values()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
+    exs = [{"prompt": f"count {i} to", "completion": " " + " ".join(str(i + k) for k in range(1 + i % 4))} for i in range(6)]
+    items = tokenize_examples(tok, exs, None)
+    pad = tok.pad_token_id or 0
+    batched = empirical_fisher(method.model, params, [collate(items[:4], pad, torch.device("cpu")),
+                                                      collate(items[4:], pad, torch.device("cpu"))])
+    by_hand = {k: torch.zeros_like(p) for k, p in params.items()}
+    mean_grad = {k: torch.zeros_like(p) for k, p in params.items()}
+    for item in items:
+        b = collate([item], pad, torch.device("cpu"))
+        loss = lm_loss(method.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], "token")
+        for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
+            by_hand[k] += g ** 2 / len(items)
+            mean_grad[k] += g / len(items)
+    for k in params:
+        assert torch.allclose(batched[k], by_hand[k], rtol=1e-4, atol=1e-10), k
+    assert not all(torch.allclose(batched[k], mean_grad[k] ** 2, rtol=1e-3) for k in params)
+
+
 def test_ewc_fisher_is_stored_per_task_and_restored_on_resume(ewc_runs, tmp_path):
     seq = ewc_runs["1e6"]
     s1, s2 = stage_dirs(seq)
