@@ -135,6 +135,26 @@ def test_inflora_kept_basis_follows_the_codes_energy_criterion_by_hand():
 
 
 @pytest.mark.slow
+def test_inflora_top_r_solver_and_shared_inputs_give_the_full_decompositions_result():
+    """The top-r eigensolver equals the full eigh's first r vectors (up to sign), and modules fed one input share one
+    decomposition whose result is each module's own copy."""
+    from harness.methods.inflora import left_singular, per_input, project_out, top_left_singular
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(400, 60, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, 60, dtype=torch.float64)
+    C = X.T @ X / 400
+    U = left_singular(C)[0][:, :5]
+    for basis in (None, U):
+        full = left_singular(project_out(C, basis))[0][:, :8]
+        top = top_left_singular(project_out(C, basis), 8)
+        assert torch.allclose(top.abs(), full.abs(), atol=1e-8) and torch.allclose((top * full).sum(0).abs(), torch.ones(8, dtype=torch.float64))
+    calls = []
+    covs = {"q": C, "k": C, "o": C.clone()}
+    got = per_input(["q", "k", "o"], covs, {}, lambda c, u: calls.append(1) or design_A(c, u, 4))
+    assert len(calls) == 2 and torch.equal(got["q"], got["k"]) and got["q"] is not got["k"]
+    assert torch.equal(got["o"], design_A(C, None, 4))
+
+
 def test_inflora_A_is_orthogonal_to_the_earlier_kept_input_subspace(runs):
     stages = stage_dirs(runs / "inflora" / "seed-0")
     for t in (2, 3):

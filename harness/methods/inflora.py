@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
+from scipy import linalg as scipy_linalg
 
 from harness.errors import HarnessError
 from harness.methods.inclora import IncLoRA
@@ -52,10 +53,39 @@ def project_out(C: torch.Tensor, U: torch.Tensor | None) -> torch.Tensor:
     return C if U is None else C - U @ (U.T @ C)
 
 
+def top_left_singular(M: torch.Tensor, rank: int) -> torch.Tensor:
+    """The top-`rank` left singular vectors of M (columns, largest first): only those eigenpairs of M Mᵀ are solved
+    for (LAPACK's syevr through scipy on the CPU, where d_in is 1536-11008 and r is 8-32; a full eigh elsewhere)."""
+    M = M.double()
+    S = M @ M.T
+    if S.device.type != "cpu" or rank >= S.shape[0]:
+        return left_singular(M)[0][:, :rank]
+    d = S.shape[0]
+    _, vecs = scipy_linalg.eigh(S.numpy(), subset_by_index=[d - rank, d - 1], driver="evr")
+    return torch.from_numpy(vecs[:, ::-1].copy())
+
+
 def design_A(C: torch.Tensor, U: torch.Tensor | None, rank: int) -> torch.Tensor:
     """A_t (r x d_in, float32): top-r left singular vectors of (I − U Uᵀ) C, transposed, over √3 (InfLoRA code)."""
-    vecs, _ = left_singular(project_out(C, U))
-    return (vecs[:, :rank].T / math.sqrt(3)).float().contiguous()
+    vecs = top_left_singular(project_out(C, U), rank)
+    return (vecs.T / math.sqrt(3)).float().contiguous()
+
+
+def per_input(names: list[str], covs: dict[str, torch.Tensor], bases: dict[str, torch.Tensor], fn) -> dict:
+    """fn(C, U) once per distinct input (modules fed the same tensor share C, and so U), given to each module: q/k/v
+    and gate/up of a layer share one decomposition (120 instead of 210 per stage on SmolLM2)."""
+    done: dict[int, tuple[torch.Tensor | None, object]] = {}
+    out = {}
+    for n in names:
+        C, U = covs[n], bases.get(n)
+        hit = done.get(id(C))
+        if hit is not None and ((hit[0] is None and U is None) or (hit[0] is not None and U is not None
+                                                                      and (hit[0] is U or torch.equal(hit[0], U)))):
+            out[n] = hit[1].clone()  # its own tensor: the stage files store each module's (safetensors refuses shared ones)
+            continue
+        out[n] = fn(C, U)
+        done[id(C)] = (U, out[n])
+    return out
 
 
 def grow_basis(C: torch.Tensor, U: torch.Tensor | None, threshold: float) -> torch.Tensor:
@@ -158,7 +188,8 @@ class InfLoRA(IncLoRA):
             self.designed = resumed
         else:
             covs = self._covariances(ctx)
-            self.designed = {n: design_A(covs[n], self.bases.get(n), self.cfg.rank) for n, _ in self.adapters.layers()}
+            names = [n for n, _ in self.adapters.layers()]
+            self.designed = per_input(names, covs, self.bases, lambda C, U: design_A(C, U, self.cfg.rank))
         for n, layer in self.adapters.layers():
             layer.lora_A[self.adapter].weight.copy_(self.designed[n])
 
@@ -171,7 +202,8 @@ class InfLoRA(IncLoRA):
             k = self.cfg.inflora
             self.threshold_used = k.threshold + (k.threshold_end - k.threshold) * (t - 1) / T
             covs = self._covariances(self.ctx)
-            self.bases = {n: grow_basis(covs[n], self.bases.get(n), self.threshold_used) for n, _ in self.adapters.layers()}
+            names = [n for n, _ in self.adapters.layers()]
+            self.bases = per_input(names, covs, self.bases, lambda C, U: grow_basis(C, U, self.threshold_used))
         if not self.bases:
             return {}
         kept = sum(U.shape[1] for U in self.bases.values()) / sum(U.shape[0] for U in self.bases.values())
