@@ -255,6 +255,18 @@ def test_ewc_batched_fisher_is_the_mean_of_per_example_squared_gradients(tmp_pat
     assert not all(torch.allclose(batched[k], mean_grad[k] ** 2, rtol=1e-3) for k in params)
 
 
+def test_a_methods_own_setup_and_teardown_time_is_recorded_per_stage_and_in_total(ewc_runs):
+    seq = ewc_runs["1e6"]
+    markers = [json.loads((d / "stage.json").read_text()) for d in stage_dirs(seq)]
+    assert all(m["method_setup_s"] >= 0 and m["method_teardown_s"] > 0 for m in markers)  # the Fisher runs at the end
+    for m in markers:  # what the method took is no longer counted as "other"
+        parts = m["train_s"] + m["eval_s"] + m["calibration_s"] + m.get("general_ce_s", 0.0) + m["overhead_s"]
+        assert m["wall_s"] == pytest.approx(parts + m["method_setup_s"] + m["method_teardown_s"])
+    summary = json.loads((seq / "summary.json").read_text())
+    for k in ("method_setup_s", "method_teardown_s"):
+        assert summary[k] == pytest.approx(sum(m[k] for m in markers))
+
+
 def test_ewc_fisher_is_stored_per_task_and_restored_on_resume(ewc_runs, tmp_path):
     seq = ewc_runs["1e6"]
     s1, s2 = stage_dirs(seq)

@@ -37,9 +37,11 @@ def stage_line(label: str, n_stages: int, info: dict, ev: dict, tr: dict | None 
     losses = (tr or {}).get("losses") or []
     loss = f"loss {losses[0]:.3f}->{losses[-1]:.3f} " if losses else ""
     other = f" other {info['overhead_s']:.1f}s ({100 * info['overhead_frac']:.1f}%)" if "overhead_s" in info else ""
+    method_s = info.get("method_setup_s", 0.0) + info.get("method_teardown_s", 0.0)
+    method = f" method {method_s:.1f}s" if method_s >= 0.05 else ""  # a baseline's own setup and teardown (Fisher, SVDs)
     return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
             f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
-            f"{other} | {scores}{not_learned_note(info.get('learn_check'))}")
+            f"{method}{other} | {scores}{not_learned_note(info.get('learn_check'))}")
 
 
 def not_learned_note(check: dict | None) -> str:

@@ -93,6 +93,12 @@ def clean_partial_writes(run_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def method_seconds(committed: dict[int, Path]) -> dict[str, float]:
+    """summary.json's totals of the seconds the committed stages spent in the method's own setup and teardown."""
+    markers = [read_json(p / STAGE_MARKER) for p in committed.values()]
+    return {k: sum(m.get(k, 0.0) for m in markers) for k in ("method_setup_s", "method_teardown_s")}
+
+
 def committed_stages(run_dir: Path) -> dict[int, Path]:
     """Stage folders (`<t>-<name>`, stage 0 included) whose commit marker exists, by index; read only."""
     sdir = Path(run_dir) / "stages"

@@ -42,9 +42,10 @@ from harness.run.mirror import Mirror, mirror_stage, parent_record, read_state, 
 from harness.run.planning import SequenceSpec
 from harness.precision import precision_of
 from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, finished_stages,
-                                    learn_check, result_hashes, verify_folder, verify_stages, write_documents,
+                                    learn_check, method_seconds, result_hashes, verify_folder, verify_stages, write_documents,
                                     write_matrix_files, write_stage_marker)
 from harness.run.train import Recipe, collate, task_examples, tokenize_examples, train_method
+from harness.timing import timed
 
 
 class SequenceRunner:
@@ -273,18 +274,19 @@ class SequenceRunner:
             for i in range(0, len(data), batch_size):
                 yield collate(data[i : i + batch_size], pad_id, device)
 
-        method.begin_stage(StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate, resumed_extra=ckpt.load_extra(),
-                                        batches=batches, n_examples=len(examples)))
+        _, setup_s = timed(method.begin_stage, StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate,
+                                                            resumed_extra=ckpt.load_extra(), batches=batches, n_examples=len(examples)))
         ckpt.extra = method.checkpoint_extra()
         launch = self._check_ranks_agree(t, method, ckpt.extra)
         res = self._train(method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt)
-        stats = method.end_stage()
+        stats, teardown_s = timed(method.end_stage)  # the method's own cost, apart from training (stage.json)
         if launch:
             launch["rank0_trainable_elements"] = res.local_trainable  # under FSDP rank 0's shards only
         if D.is_main():
             # Training an earlier process did (restored from the checkpoint) counts as if this stage had started earlier:
             # train_s includes it, so the stage's wall time must too (else "other" goes negative after a resume).
-            self._commit(t, method, res, {**stats, **launch}, budget=budget, n_examples=len(examples), calib_s=calib["s"],
+            method_s = {"method_setup_s": setup_s - calib["s"], "method_teardown_s": teardown_s}  # calibration apart
+            self._commit(t, method, res, {**stats, **launch, **method_s}, budget=budget, n_examples=len(examples), calib_s=calib["s"],
                          t_stage=t_stage - ckpt.restored_train_s, resumed_train_s=ckpt.restored_train_s)
         D.barrier()  # the others wait while rank 0 evaluates and commits the stage
         if D.is_main():
@@ -328,7 +330,7 @@ class SequenceRunner:
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
-            overhead = total - res.wall_s - ev.wall_s - calib_s - ce_s
+            overhead = total - res.wall_s - ev.wall_s - calib_s - ce_s - stats["method_setup_s"] - stats["method_teardown_s"]
             info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
@@ -377,7 +379,7 @@ class SequenceRunner:
             "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
             **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),
             "validation": self._validation(method),
-            "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
+            "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)], **method_seconds(committed),
             "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
             "sha256": result_hashes(run_dir),
         }
