@@ -101,25 +101,29 @@ def test_report_never_averages_variants_and_compares_each_method_at_its_best(gri
     assert (index.parent / "sensitivity.png").stat().st_size > 1000
 
 
-def _vrow(method, eos, mean, std):
+def _vrow(method, eos, per_seed):
+    import statistics
+
     from harness.analysis.sensitivity import VariantRow
 
+    mean, std = statistics.mean(per_seed), statistics.stdev(per_seed)
     return VariantRow(method, f"v-{eos}", {"completion_eos": eos}, ["0", "1", "2"],
                       {m: {"mean": mean if m == "ACC" else float("nan"), "std": std, "n": 3} for m in
-                       ("ACC", "BWT", "FWT", "forgetting")})
+                       ("ACC", "BWT", "FWT", "forgetting")}, None, {f"{k}/0": v for k, v in enumerate(per_seed)})
 
 
 def test_the_report_says_plainly_when_the_verdict_depends_on_the_recipe():
     from harness.analysis.sensitivity import recipe_verdicts
 
-    same = [_vrow("lora", "always", 0.40, 0.10), _vrow("lori-s", "always", 0.85, 0.03),
-            _vrow("lora", "auto", 0.50, 0.05), _vrow("lori-s", "auto", 0.80, 0.04)]
+    same = [_vrow("lora", "always", [0.30, 0.40, 0.50]), _vrow("lori-s", "always", [0.82, 0.85, 0.88]),
+            _vrow("lora", "auto", [0.45, 0.50, 0.55]), _vrow("lori-s", "auto", [0.78, 0.80, 0.82])]
     lines, summary = recipe_verdicts(same)
-    assert len(lines) == 2 and lines[0].startswith("completion_eos=always: LoRI-S")
-    assert summary.startswith("The verdict is the same at every variant") and "more than the std" in summary
-    # At `auto` the lead shrinks below the std: the verdict now depends on the recipe.
-    flips = same[:2] + [_vrow("lora", "auto", 0.78, 0.05), _vrow("lori-s", "auto", 0.80, 0.04)]
+    assert len(lines) == 2 and lines[0].startswith("completion_eos=always: LoRI-S leads on ACC, ahead of LoRA by +0.450")
+    assert "paired t over 3 seeds" in lines[0] and ": decided)" in lines[0]
+    assert summary.startswith("The verdict is the same at every variant") and "decided by the test over seeds" in summary
+    # At `auto` the lead shrinks into the seeds' spread: undecided, so the verdict now depends on the recipe.
+    flips = same[:2] + [_vrow("lora", "auto", [0.70, 0.78, 0.86]), _vrow("lori-s", "auto", [0.76, 0.80, 0.84])]
     lines, summary = recipe_verdicts(flips)
-    assert "within noise" in lines[1] and summary.startswith("The verdict depends on the recipe")
+    assert "undecided, about" in lines[1] and summary.startswith("The verdict depends on the recipe")
     # One variant: nothing to compare across.
     assert recipe_verdicts(same[:2])[1] is None

@@ -8,11 +8,12 @@ SELECTION_CRITERION, and says so on the page and in comparison.json.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
-from harness.analysis.aggregate import mean_std_n, noise_class, rank, ranked_comparisons
+from harness.analysis import over_seeds as OS
+from harness.analysis.aggregate import mean_std_n
 from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
 from harness.analysis.numbers import finite
 from harness.analysis.runs import SequenceRun
@@ -54,6 +55,7 @@ class VariantRow:
     seeds: list[str]
     metrics: dict[str, dict[str, float | int]]  # metric -> {mean, std, n}
     validation: dict[str, float | int] | None = None  # {mean, std, n} of validation ACC (None: no validation split)
+    per_seed: dict[str, float] = field(default_factory=dict)  # "<seed>/<order>" -> ACC: what the test over seeds pairs
 
     def as_json(self) -> dict[str, Any]:
         return {"method": self.method, "display_name": display_name(self.method), "variant": self.variant,
@@ -78,7 +80,8 @@ def variant_rows(runs: list[SequenceRun]) -> list[VariantRow]:
         val = mean_std_n([validation_acc(r) for r in rs])
         rows.append(VariantRow(method, variant, knob_values(rs[0]), sorted({r.seed for r in rs}, key=num_sort_key),
                                {m: mean_std_n([r.metrics[m] for r in rs]) for m in METRICS},
-                               val if val["n"] == len(rs) else None))
+                               val if val["n"] == len(rs) else None,
+                               {f"{r.seed}/{r.order}": r.metrics[SELECTION_METRIC] for r in rs}))
     return sorted(rows, key=lambda v: (method_sort_key(v.method), [num_sort_key(x) for x in v.values.values()]))
 
 
@@ -122,33 +125,49 @@ def select_variants(runs: list[SequenceRun]) -> tuple[list[SequenceRun], list[Va
     return selected_runs(runs, chosen), vrows, chosen, grid
 
 
+def _variant_line(label: str, ranked: list[VariantRow]) -> tuple[str, bool]:
+    """(the sentence, whether the leader's lead over the runner-up is decided): the leader against each other method by
+    the test over seeds on the seeds both ran, Holm within the variant."""
+    lead = ranked[0]
+    tests = [OS.values_test(lead.per_seed, o.per_seed, SELECTION_METRIC, (lead.method, o.method)) for o in ranked[1:]]
+    OS.holm_adjust(tests)
+    parts = []
+    for t in tests:
+        if t.p is None:
+            parts.append(f"ahead of {display_name(t.b)} by {t.difference or 0.0:+.3f} (fewer than 2 shared seeds: no test)")
+        else:
+            word = "decided" if t.decided else f"undecided, about {t.seeds_needed or 'more than 1000'} seeds needed"
+            parts.append(f"ahead of {display_name(t.b)} by {t.difference:+.3f} (paired t over {t.n_pairs} seeds, "
+                         f"p = {t.p:.3f}{f', Holm {t.p_adjusted:.3f}' if t.family > 1 else ''}: {word})")
+    return f"{label}: {display_name(lead.method)} leads on {SELECTION_METRIC}, " + "; ".join(parts), tests[0].decided
+
+
 def recipe_verdicts(rows: list[VariantRow]) -> tuple[list[str], str | None]:
     """(one ACC verdict per variant with two or more methods, one sentence on whether they agree).
 
-    The methods are compared within each variant, by the report's within-noise rule. The verdict depends on
-    the recipe when the ACC leader, or whether its lead over the runner-up exceeds the noise, changes between
-    variants; the page and comparison.json say so plainly."""
+    The methods are compared within each variant by the test over seeds (harness.analysis.over_seeds: paired t on
+    the per-seed ACC, Holm within the variant). The verdict depends on the recipe when the ACC leader, or whether
+    its lead over the runner-up is decided, changes between variants; the page and comparison.json say so."""
     by_variant: dict[str, list[VariantRow]] = {}
     for v in rows:
         by_variant.setdefault(v.variant, []).append(v)
     lines, outcomes = [], set()
     for vs in by_variant.values():
-        cands = [{"method": v.method, SELECTION_METRIC: v.metrics[SELECTION_METRIC]} for v in vs
-                 if finite(v.metrics[SELECTION_METRIC]["mean"])]
+        cands = [v for v in vs if finite(v.metrics[SELECTION_METRIC]["mean"])]
         if len(cands) < 2:
             continue
-        ranked = rank(SELECTION_METRIC, cands, HIGHER_IS_BETTER[SELECTION_METRIC])
-        lines.append(f"{vs[0].label}: " + ranked_comparisons(SELECTION_METRIC, ranked, HIGHER_IS_BETTER[SELECTION_METRIC]))
-        outcomes.add((ranked[0]["method"], noise_class(SELECTION_METRIC, ranked[0], ranked[1])))
+        ranked = sorted(cands, key=lambda v: v.metrics[SELECTION_METRIC]["mean"], reverse=HIGHER_IS_BETTER[SELECTION_METRIC])
+        line, decided = _variant_line(vs[0].label, ranked)
+        lines.append(line)
+        outcomes.add((ranked[0].method, decided))
     if len(lines) < 2:
         return lines, None
     if len(outcomes) > 1:
         return lines, (f"The verdict depends on the recipe: the {SELECTION_METRIC} leader, or whether its lead over the "
-                       f"runner-up is more than the noise, changes between the variants below.")
-    (leader, cls), = outcomes
-    how = {"beyond": "by more than the std", "within": "but within noise", "unknown": "(one run each, no noise estimate)",
-           "none": "with no difference"}[cls]
-    return lines, f"The verdict is the same at every variant: {display_name(leader)} leads on {SELECTION_METRIC} {how}."
+                       f"runner-up is decided by the test over seeds, changes between the variants below.")
+    (leader, decided), = outcomes
+    how = "decided by the test over seeds" if decided else "but undecided by the test over seeds"
+    return lines, f"The verdict is the same at every variant: {display_name(leader)} leads on {SELECTION_METRIC}, {how}."
 
 
 def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[SequenceRun]:
