@@ -129,7 +129,11 @@ def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
         higher = [HIGHER_IS_BETTER.get(t.metric, False) for t in tests]  # a CE rise: lower is better
         out.append(f"| {label} | " + " | ".join(_cell(t, h) for t, h in zip(tests, higher)) + " |")
         verdicts += [_sentence(label, t, h) for t, h in zip(tests, higher)]
-    return "\n".join(out + [""] + verdicts) + "\n"
+    flagged = [f"{display_name(r.method)} seed {r.seed} ({', '.join(r.summary['not_learned'])})"
+               for _, by_method in suites for runs in by_method.values() for r in runs if r.summary.get("not_learned")]
+    learned = (f"- Not learned at their own stage (a training failure, not forgetting): {'; '.join(flagged)}." if flagged
+               else "- Every task of every sequence here beat the base model at its own stage (none flagged as not learned).")
+    return "\n".join(out + [""] + verdicts + ([learned] if suites else [])) + "\n"
 
 
 def blocks(root: Path = EVIDENCE_DIR) -> dict[str, str]:
