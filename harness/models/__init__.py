@@ -33,6 +33,7 @@ from harness.models.environment import (
     set_torch_threads,
 )
 from harness.models.hub import _load_pretrained, check_pretrained_available
+from harness.models.memory import model_params
 from harness.models.shapes import linear_shapes, model_config, module_shapes
 from harness.models.smollm2 import (
     SMOLLM2_GGUF,
@@ -128,8 +129,9 @@ def load_model(
     ships it. The model is returned as constructed (training mode is the caller's business).
     """
     resolved_device = resolve_device(device)
-    resolved_dtype = resolve_dtype(dtype, resolved_device)
     check_model_available(name, cache_dir=cache_dir)
+    params = model_params(name, cache_dir=cache_dir, trust_remote_code=trust_remote_code) if str(dtype) == "auto" else None
+    resolved_dtype = resolve_dtype(dtype, resolved_device, params)
     if not logging.getLogger("harness").isEnabledFor(logging.DEBUG):
         # One bar per stage is ours to show; transformers' "Loading weights" bar only with harness -v.
         from transformers.utils import logging as hf_logging  # lazy: transformers' models load in ~0.7 s; validation and --help need none

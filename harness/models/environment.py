@@ -94,21 +94,23 @@ _DTYPES = {
 }
 
 
-AUTO_DTYPE = torch.float32  # what dtype auto means, on CPU and CUDA alike (README "Precision")
+AUTO_DTYPE = torch.float32  # what dtype auto means for a model of up to AUTO_BF16_ABOVE parameters, on CPU and CUDA
+AUTO_BF16_ABOVE = 1_000_000_000  # parameters; above, auto is bf16 (docs/precision.md: "dtype: auto by size")
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu", params: int | None = None) -> torch.dtype:
     """Turn a dtype name into a torch.dtype for weights on ``device``.
 
-    ``auto`` is float32 on every device (README "Precision": on the H200 a bf16 base was slower for the
-    default model and has not been shown to keep every method's verdict; bf16 is one flag away for
-    models that need the memory). Accepts bf16/bfloat16, fp16/float16, fp32/float32.
+    ``auto`` is float32 up to AUTO_BF16_ABOVE parameters (README "Precision": on the H200 a bf16 base was slower for
+    the default model) and bfloat16 above it, where fp32 weights alone are 4 bytes a parameter (32 GB for an 8B model)
+    and a bf16 base with fp32 adapters kept LoRI-S's result within the seed spread (docs/precision.md). ``params``
+    unknown: float32. Accepts bf16/bfloat16, fp16/float16, fp32/float32.
     """
     if isinstance(dtype, torch.dtype):
         return dtype
     text = str(dtype).strip().lower()
     if text == "auto":
-        return AUTO_DTYPE
+        return torch.bfloat16 if params is not None and params > AUTO_BF16_ABOVE else AUTO_DTYPE
     if text in _DTYPES:
         return _DTYPES[text]
     raise HarnessError(

@@ -32,6 +32,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.methods import METHODS
 from harness.methods.lori.knobs import flat_name
 from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
+from harness.models import memory as MEM
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
 from harness.suites import DEFAULT_LR, validate_suite
@@ -186,6 +187,24 @@ def check_precision(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"--dtype {cfg.dtype} on {device}: {why}")
 
 
+ASSUMED_SEQ_LEN = 512  # tokens per training sequence for the memory estimate when no max_seq_len bounds them
+
+
+def check_memory(cfg: ExperimentConfig, suite, specs: list[SequenceSpec], config, shapes) -> MEM.Estimate | None:
+    """The memory preflight (harness/models/memory.py) on CUDA, before anything loads: a stage that cannot fit the
+    device's free memory is refused (exit 2) with what would fit. On CPU the estimate is returned, never refused."""
+    device = resolve_device(cfg.device)
+    shape = MEM.shape_of(config)
+    budgets = [stage_budget(cfg, suite, [t], s.method, s.seed) for s in specs for t in s.tasks]
+    adapter, adapted = MEM.adapter_sizes(shapes, cfg.targets, cfg.rank)
+    seq_lens = [b["max_seq_len"] for b in budgets]
+    return MEM.preflight(shape, dtype=resolve_dtype(cfg.dtype, device, shape.params), adapter_params=adapter,
+                         adapted_params=adapted, batch_size=max(b["batch_size"] for b in budgets),
+                         seq_len=max(seq_lens) if all(seq_lens) else ASSUMED_SEQ_LEN,
+                         checkpointing=cfg.gradient_checkpointing, folded_eval=bool(cfg.eval_merged), device=device,
+                         free=MEM.free_memory(device) if device.type == "cuda" else None)
+
+
 def validate(cfg: ExperimentConfig):
     """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths, launcher."""
     uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
@@ -200,7 +219,9 @@ def validate(cfg: ExperimentConfig):
     # be read without loading, the same check runs on the loaded model before anything is written.
     config = model_config(cfg.model, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
     if config is not None:
-        preflight_methods(cfg, specs, linear_shapes(config))
+        shapes = linear_shapes(config)
+        preflight_methods(cfg, specs, shapes)
+        check_memory(cfg, suite, specs, config, shapes)
     hub_tasks = sorted({t for spec in specs for t in spec.tasks if suite.task(t).is_hub})
     if hub_tasks and not downloads_allowed():
         raise HarnessError(

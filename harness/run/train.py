@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from harness import distributed as D
 from harness import faults
 from harness.config import RECIPE_KNOBS, ExperimentConfig
+from harness.errors import HarnessError
 from harness.losses import lm_loss, loss_terms
 from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.run.compiled import CompiledLoss, pad_to_bucket
@@ -53,6 +54,20 @@ class _RecipeRules(BaseModel):
 # The training recipe of every stage: the config's RECIPE_KNOBS fields themselves, not a copy of their declarations.
 Recipe = create_model("Recipe", __base__=_RecipeRules, __module__=__name__,
                       **{k: (ExperimentConfig.model_fields[k].annotation, ExperimentConfig.model_fields[k]) for k in RECIPE_KNOBS})
+
+
+def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
+    """Gradient checkpointing of the base model's decoder layers (transformers' own, non-reentrant), on or off."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        if on:
+            raise HarnessError(f"--gradient-checkpointing true: {type(base).__name__} does not support it in transformers; "
+                               "leave it off for this model")
+        return
+    if on and not base.is_gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif not on and base.is_gradient_checkpointing:
+        base.gradient_checkpointing_disable()
 
 
 def task_examples(suite, task: str, recipe: Recipe, *, limit: int | None, seed: int) -> list[dict]:
@@ -252,6 +267,7 @@ def train_stage(
     prog = (checkpointer.restore(params, opt, sched, gen) if checkpointer else None) or Progress()
     resumed_from = prog.step
     model.train()
+    set_checkpointing(model, recipe.gradient_checkpointing)
     staged = D.StageModel.wrap(model, params, opt, sched, distributed, lambda ps: make_optimizer(ps, lr, recipe, total))
     plist, main = list(staged.params.values()), D.is_main()
     t0 = time.perf_counter() - prog.wall_s
