@@ -115,7 +115,8 @@ class EWC(SeqLoRA):
     summary = "EWC: SeqLoRA + λ/2 Σ_{i<t} F_i (θ − θ*_i)² over the adapter, F_i its diagonal Fisher after task i."
     source = ("Kirkpatrick et al., PNAS 2017 (EWC), eq. 3 with one penalty per earlier task (not online EWC's running sum, "
               "Schwarz et al. 2018). Deviations: the empirical Fisher (squared gradient of the training loss at the gold "
-              "completion, one example per backward) on ewc.fisher_samples seeded training examples, not the expected "
+              "completion, each example's own gradient, computed in batches) on ewc.fisher_samples seeded training examples, "
+              "after every stage but the last (nothing reads that one), not the expected "
               "Fisher under the model's own samples; θ is the LoRA adapter only (A and B), the base model is frozen.")
     knobs = EWCKnobs
     section = "ewc"
@@ -139,6 +140,8 @@ class EWC(SeqLoRA):
         return ewc_penalty(self._params, self.fishers, self.anchors, lam) if lam > 0 and self.fishers else None
 
     def end_stage(self) -> dict[str, float]:
+        if self.ctx.stage == len(self.tasks):
+            return {}  # the last stage: no later stage reads its Fisher or anchor
         if self.ctx.batches is None:
             raise HarnessError("EWC needs the stage's training data (StageContext.batches) to estimate the Fisher.")
         n = self.ctx.n_examples
