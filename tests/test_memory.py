@@ -105,5 +105,5 @@ def test_gradient_checkpointing_gives_the_same_losses_on_the_tiny_model():
         res = train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=1e-3,
                           epochs=1, batch_size=4, max_steps=4, progress=False)
         losses[on] = res.losses
-        assert method.model.get_base_model().is_gradient_checkpointing == on
+        assert method.model.get_base_model().is_activation_checkpointing == on
     assert len(losses[True]) > 0 and losses[True] == pytest.approx(losses[False], rel=1e-5)

@@ -64,10 +64,19 @@ def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
             raise HarnessError(f"--gradient-checkpointing true: {type(base).__name__} does not support it in transformers; "
                                "leave it off for this model")
         return
-    if on and not base.is_gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif not on and base.is_gradient_checkpointing:
-        base.gradient_checkpointing_disable()
+    # transformers 5.x renamed gradient to activation checkpointing (the old names warn, and go in v6)
+    if hasattr(base, "activation_checkpointing_enable"):
+        active, enable, disable = base.is_activation_checkpointing, base.activation_checkpointing_enable, \
+            base.activation_checkpointing_disable
+        kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    else:
+        active, enable, disable = base.is_gradient_checkpointing, base.gradient_checkpointing_enable, \
+            base.gradient_checkpointing_disable
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if on and not active:
+        enable(**kwargs)
+    elif not on and active:
+        disable()
 
 
 def task_examples(suite, task: str, recipe: Recipe, *, limit: int | None, seed: int) -> list[dict]:
