@@ -168,6 +168,18 @@ def test_inflora_A_is_orthogonal_to_the_earlier_kept_input_subspace(runs):
 
 
 @pytest.mark.slow
+def test_inflora_reports_the_kept_share_of_each_module_familys_inputs(runs):
+    stage1 = stage_dirs(runs / "inflora" / "seed-0")[0]
+    info = json.loads((stage1 / "stage.json").read_text())
+    per = {k.rsplit("/", 1)[1]: v for k, v in info.items() if k.startswith("inflora/kept_dims_frac/")}
+    bases = {k[len("basis/"):]: v for k, v in load_file(str(stage1 / "inflora.safetensors")).items() if k.startswith("basis/")}
+    assert set(per) == {n.rsplit(".", 1)[-1] for n in bases} and len(per) > 1, per
+    for family, share in per.items():
+        us = [U for n, U in bases.items() if n.endswith(family)]
+        assert share == pytest.approx(sum(U.shape[1] for U in us) / sum(U.shape[0] for U in us))
+        assert 0 < share <= 1
+
+
 def test_inflora_A_never_changes_during_its_stage(runs):
     for t, d in enumerate(stage_dirs(runs / "inflora" / "seed-0"), start=1):
         designed = load_file(str(d / "inflora.safetensors"))

@@ -207,7 +207,13 @@ class InfLoRA(IncLoRA):
         if not self.bases:
             return {}
         kept = sum(U.shape[1] for U in self.bases.values()) / sum(U.shape[0] for U in self.bases.values())
-        return {"inflora/kept_dims_frac": kept, **({"inflora/threshold": self.threshold_used} if self.threshold_used else {})}
+        families: dict[str, list[torch.Tensor]] = {}
+        for n, U in self.bases.items():  # q_proj, down_proj, ...: how much of each kind of input is protected
+            families.setdefault(n.rsplit(".", 1)[-1], []).append(U)
+        per_family = {f"inflora/kept_dims_frac/{f}": sum(U.shape[1] for U in us) / sum(U.shape[0] for U in us)
+                      for f, us in sorted(families.items())}
+        return {"inflora/kept_dims_frac": kept, **per_family,
+                **({"inflora/threshold": self.threshold_used} if self.threshold_used else {})}
 
     def save_stage(self, folder: Path) -> None:
         super().save_stage(folder)
