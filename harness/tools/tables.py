@@ -144,8 +144,16 @@ def rewrite(text: str, generated: dict[str, str]) -> str:
     return BLOCK.sub(lambda m: m.group(1) + generated.get(m.group("name"), m.group("body")) + m.group(4), text)
 
 
+def _check_files(files) -> None:
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise HarnessError(f"{', '.join(missing)}: not found from {Path.cwd()}; run `harness tables` (or `make tables`) "
+                           f"from the repository root")
+
+
 def stale(files=FILES, root: Path = EVIDENCE_DIR) -> list[str]:
     """'<file>: <block>' for every published block whose text differs from what the evidence gives."""
+    _check_files(files)
     generated, out = blocks(root), []
     for f in files:
         for m in BLOCK.finditer(Path(f).read_text()):
@@ -156,6 +164,7 @@ def stale(files=FILES, root: Path = EVIDENCE_DIR) -> list[str]:
 
 def write(files=FILES, root: Path = EVIDENCE_DIR) -> list[str]:
     """Rewrite every published block from the evidence; the files changed."""
+    _check_files(files)
     generated, changed = blocks(root), []
     for f in files:
         text = Path(f).read_text()
