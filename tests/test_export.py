@@ -14,7 +14,7 @@ from harness.cli import main
 from harness.config_loading import load_config
 from harness.errors import HarnessError
 from harness.adapters.peft_folder import write_peft_folder
-from harness.run.export import committed_stages, export_adapter
+from harness.run.export import export_adapter, trained_stages
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
 
@@ -35,7 +35,7 @@ def harness_model(run_dir: Path, stage: int):
     seq = data.pop("sequence")
     cfg = load_config(None, {**data, "results_dir": "."})
     method = METHODS[seq["method"]](cfg, seed=seq["seed"], tasks=seq["tasks"], base_model=load_model("tiny-llama")[0])
-    method.restore({t: p for t, p in committed_stages(run_dir).items() if t <= stage})
+    method.restore({t: p for t, p in trained_stages(run_dir).items() if t <= stage})
     return method
 
 
@@ -57,7 +57,7 @@ def test_export_loads_in_stock_peft_with_bit_identical_logits(runs, tmp_path, me
     run_dir = runs / method / "seed-0"
     out = export_adapter(run_dir, tmp_path / "out", stage)
     assert {p.name for p in out.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
-    t = stage or max(committed_stages(run_dir))
+    t = stage or max(trained_stages(run_dir))
     ref = logits(harness_model(run_dir, t).model)
     got = logits(stock(out))
     assert torch.equal(got, ref)
@@ -67,7 +67,7 @@ def test_export_loads_in_stock_peft_with_bit_identical_logits(runs, tmp_path, me
 @pytest.mark.slow
 def test_lori_s_stage_folders_hold_masks_and_values_only_and_invariants_check_from_files(runs, tmp_path):
     run_dir = runs / "lori-s" / "seed-0"
-    stages = [p for _, p in sorted(committed_stages(run_dir).items())]
+    stages = [p for _, p in sorted(trained_stages(run_dir).items())]
     for p in stages:
         assert not (p / "adapter").exists() and {SF.MASKS, SF.VALUES, SF.META} <= {f.name for f in p.iterdir()}
     masks = [SF.load_masks(p) for p in stages]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.adapters.keys import b_key
 from harness.methods.lori import masks as M
 from harness.methods.base import Method
 
@@ -68,7 +69,7 @@ class OLoRA(IncLoRA):
 
     @staticmethod
     def _keys(layers):
-        return [(n, f"{n}.lora_B.weight") for n in layers]  # the keys a_tensors() uses (adapters.lori.b_key)
+        return [(n, b_key(n)) for n in layers]  # the keys a_tensors() uses
 
     def extra_loss(self) -> torch.Tensor | None:
         k = self.cfg.olora

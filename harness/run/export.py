@@ -25,12 +25,12 @@ from harness.errors import HarnessError
 from harness.io import atomic_dir
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.export import lori_s_adapters, lori_s_config
-from harness.run import folder as sequence_files
+from harness.run.folder import committed_stages, verify_stages
 
 
-def committed_stages(run_dir: Path) -> dict[int, Path]:
+def trained_stages(run_dir: Path) -> dict[int, Path]:
     """Training stages (t >= 1) whose commit marker exists (read only: unlike a resume, nothing is cleaned up)."""
-    return {t: p for t, p in sequence_files.committed_stages(run_dir).items() if t > 0}
+    return {t: p for t, p in committed_stages(run_dir).items() if t > 0}
 
 
 def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
@@ -39,7 +39,7 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "stages").is_dir():
         raise HarnessError(f"{run_dir}: not a sequence folder (it has no config.yaml and stages/). Pass the folder of one "
                            "sequence: results/<experiment>/<method>/seed-<s>[/order-<k>].")
-    done = committed_stages(run_dir)
+    done = trained_stages(run_dir)
     if not done:
         raise HarnessError(f"{run_dir}: no training stage is committed yet; run or resume the sequence first.")
     t = max(done) if stage is None else stage
@@ -49,7 +49,7 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
         raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     read = {s: done[s] for s in sorted(done) if s <= t} if SF.is_sparse_stage(done[t]) else {t: done[t]}
-    sequence_files.verify_stages(run_dir, read, last=max(done))  # nothing damaged goes into an adapter
+    verify_stages(run_dir, read, last=max(done))  # nothing damaged goes into an adapter
     with atomic_dir(out) as tmp:
         if SF.is_sparse_stage(done[t]):
             adapters, meta = lori_s_adapters(run_cfg, [done[s] for s in sorted(done) if s <= t])
