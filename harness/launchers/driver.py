@@ -100,7 +100,7 @@ def run_jobs(cfg, *, progress: bool = True, only: Path | None = None) -> list[di
 
 
 def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress: bool) -> list[dict[str, Any]]:
-    monitor = StageMonitor(cfg, specs, progress=progress)
+    monitor = StageMonitor(specs, progress=progress)
     summaries: dict[Path, dict] = {}
     failures: list[tuple[str, str, bool]] = []  # (label, message, user error)
     pending: dict[Any, Job] = {}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from harness.methods import METHODS
 from harness.run.planning import SequenceSpec
 from harness.run.console import done_line, stage_line
 from harness.run.folder import STAGE_MARKER, committed_stages
@@ -37,11 +36,11 @@ def committed_stage_line(label: str, stage_dir: Path, n_stages: int) -> str | No
 class StageMonitor:
     """Polls the run folders of the dispatched sequences; prints new stages; one tqdm bar (stages done / total)."""
 
-    def __init__(self, cfg, specs: list[SequenceSpec], *, progress: bool = True):
+    def __init__(self, specs: list[SequenceSpec], *, progress: bool = True):
         self.specs = specs
-        self.n_stages = {s.run_dir: len(METHODS[s.method].stage_plan(s.tasks)) for s in specs}
+        self.n_stages = {s.run_dir: len(s.stages) for s in specs}  # the plan's stages (planning.plan fills them)
         # Stage 0 (the base model) is a committed stage too, unless the schedule skips the base row.
-        with_base = {s.run_dir: (s.cfg or cfg).full_row_every is not None for s in specs}
+        with_base = {s.run_dir: s.cfg.full_row_every is not None for s in specs}
         self.total = sum(n + with_base[d] for d, n in self.n_stages.items())
         self.seen: set[Path] = set()
         self.finished: set[Path] = set()
