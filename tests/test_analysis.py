@@ -110,8 +110,9 @@ def test_a_verdict_is_decided_by_the_test_over_seeds_and_otherwise_says_how_many
                          ("lori-s", "lora"))
     text = paired_sentence("ACC", best, other, old)
     assert not old.decided and "undecided: 3 seeds; the observed +0.238 with this spread needs about 9 seeds" in text
-    one = OS.values_test({"0": 0.8}, {"0": 0.6}, "ACC", ("lori-s", "lora"))
-    assert "a test over seeds needs at least 2 seeds" in paired_sentence("ACC", best, other, one)
+    two = OS.values_test({"0": 0.8, "1": 0.82}, {"0": 0.6, "1": 0.61}, "ACC", ("lori-s", "lora"))
+    assert two.p is None and two.sd is not None and two.seeds_needed is not None  # a spread to plan with, no verdict
+    assert "on 2 seed(s): undecided, a test over seeds needs at least 3 seeds" in paired_sentence("ACC", best, other, two)
     assert fmt_ci(0.8, 0.7, 0.9) == "0.800 [0.700, 0.900]" and fmt_ci(0.8, None, None) == "0.800"
 
 

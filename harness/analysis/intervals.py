@@ -114,8 +114,8 @@ def paired_sentence(m: str, a_row: dict, b_row: dict, t: OS.SeedTest, higher: bo
         return f"{vs}: no difference"
     better = a if (t.difference > 0) == (HIGHER_IS_BETTER[m] if higher is None else higher) else b
     if t.p is None:
-        return (f"{vs}: {better} is ahead by {d_txt} on {t.n_pairs} seed: undecided, a test over seeds needs "
-                f"at least 2 seeds of each")
+        return (f"{vs}: {better} is ahead by {d_txt} on {t.n_pairs} seed(s): undecided, a test over seeds needs "
+                f"at least {OS.MIN_SEEDS} seeds of each")
     if t.decided:
         return f"{vs}: {better} is better by {d_txt} ({_how(t)})"
     return (f"{vs}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.3f} with this spread needs "
@@ -198,7 +198,7 @@ def general_ce_verdicts(by_method: dict[str, list[SequenceRun]], baseline: str |
     for t in tests:
         a, b = display_name(t.a), display_name(t.b)
         if t.p is None:
-            sentences.append(f"{a} vs {b}: {t.n_pairs} shared seed(s): a test over seeds needs at least 2")
+            sentences.append(f"{a} vs {b}: {t.n_pairs} shared seed(s): a test over seeds needs at least {OS.MIN_SEEDS}")
         elif t.decided:
             better = a if t.difference < 0 else b
             sentences.append(f"{better} raises it less, by {abs(t.difference):.2f} nats ({_how(t)})")

@@ -39,6 +39,8 @@ from harness.analysis import statistics as ST
 ALPHA = 0.05
 POWER = 0.80
 LEVEL = 0.95
+MIN_SEEDS = 3  # a verdict or an interval over seeds needs this many: at 2 seeds the test called identical methods
+# different in 7.5-9.2% of simulated experiments (docs/statistics.md); 2 seeds still give a spread to plan with
 MAX_SEEDS = 1000  # "needs more than this": in practice, more seeds cannot decide it (the documents limit it)
 MAX_DF = 1000.0  # beyond this t is the normal distribution to 3 digits (and scipy's noncentral t turns NaN)
 DOC_BOOT = 400  # document draws behind V_doc (its relative error is about 1/sqrt(2 * 400/2), 7%)
@@ -198,10 +200,11 @@ def _fill(out: SeedTest, d: np.ndarray, doc_var: float | None) -> SeedTest:
         return out
     v = doc_var or 0.0
     out.document_se = math.sqrt(doc_var) if doc_var is not None else None
-    out.difference, out.se, out.low, out.high, out.p = t_test(d, v)
-    out.sd = float(np.std(d, ddof=1))
+    out.sd, out.se = float(np.std(d, ddof=1)), standard_error(float(np.std(d, ddof=1)), len(d), v)
     out.detectable = detectable_difference(len(d), out.sd, v)
     out.seeds_needed = seeds_needed(out.difference, out.sd, v)
+    if len(d) >= MIN_SEEDS:  # the planning numbers above come from 2 seeds on; a verdict needs MIN_SEEDS
+        out.difference, out.se, out.low, out.high, out.p = t_test(d, v)
     return out
 
 
@@ -253,14 +256,14 @@ class SeedInterval:
 
 def seed_interval(units: list[ST.Unit], metric: str, *, level: float = LEVEL, n_boot: int = DOC_BOOT,
                   seed: int = ST.SEED) -> SeedInterval:
-    """Mean ± t · sqrt(s²/n + V_doc) over the units (seeds); no interval from fewer than 2 seeds."""
+    """Mean ± t · sqrt(s²/n + V_doc) over the units (seeds); no interval from fewer than MIN_SEEDS seeds."""
     if not units or metric not in ST.unit_functions(units[0]):
         return SeedInterval(None, None, None, len(units))
     x = _values(units, metric)
     if not np.isfinite(x).all():
         return SeedInterval(None, None, None, len(units))
-    if len(x) < 2:
-        return SeedInterval(float(x[0]), None, None, 1)
+    if len(x) < MIN_SEEDS:
+        return SeedInterval(float(x.mean()), None, None, len(x))
     v = document_variance(units, None, metric, n_boot=n_boot, seed=seed)
     mean, _, low, high, _ = t_test(x, v or 0.0, level)
     return SeedInterval(mean, low, high, len(x), math.sqrt(v) if v is not None else None)

@@ -134,7 +134,7 @@ def _variant_line(label: str, ranked: list[VariantRow]) -> tuple[str, bool]:
     parts = []
     for t in tests:
         if t.p is None:
-            parts.append(f"ahead of {display_name(t.b)} by {t.difference or 0.0:+.3f} (fewer than 2 shared seeds: no test)")
+            parts.append(f"ahead of {display_name(t.b)} by {t.difference or 0.0:+.3f} (fewer than {OS.MIN_SEEDS} shared seeds: no test)")
         else:
             word = "decided" if t.decided else f"undecided, about {t.seeds_needed or 'more than 1000'} seeds needed"
             parts.append(f"ahead of {display_name(t.b)} by {t.difference:+.3f} (paired t over {t.n_pairs} seeds, "

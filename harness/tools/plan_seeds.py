@@ -47,7 +47,7 @@ def plan(experiment: str, results_dir: Path, methods: tuple[str, str], tracking_
     rows = []
     for m in METRICS:
         t = OS.seed_test(units[methods[0]], units[methods[1]], m, methods)
-        if t.p is None:
+        if t.sd is None:
             continue  # undefined for these runs (FWT without a full schedule, a reference method)
         doc_var = (t.document_se or 0.0) ** 2
         rows.append({"metric": m, "higher_is_better": HIGHER_IS_BETTER[m], **t.as_json(),
@@ -69,7 +69,9 @@ def format_plan(methods: tuple[str, str], rows: list[dict]) -> str:
     for r in rows:
         decided = "decided" if r["decided"] else "undecided"
         lines.append("  ".join([
-            r["metric"], str(r["n_pairs"]), f"{r['difference']:+.3f}", f"[{r['low']:+.3f}, {r['high']:+.3f}]",
-            f"{fmt_p(r['p'])} ({decided})", f"{r['detectable_difference']:.3f}",
+            r["metric"], str(r["n_pairs"]), f"{r['difference']:+.3f}",
+            f"[{r['low']:+.3f}, {r['high']:+.3f}]" if r["low"] is not None else "—",
+            f"{fmt_p(r['p'])} ({decided})" if r["p"] is not None else f"(no test under {OS.MIN_SEEDS} seeds)",
+            f"{r['detectable_difference']:.3f}",
             *(f"{r['detectable_at'][n]:.3f}" for n in HORIZONS), r["needed_words"]]))
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def _method_rows(label: str, by_method: dict[str, list[EvidenceRun]], methods: l
 
 def _cell(t: OS.SeedTest, higher: bool) -> str:
     if t.p is None:
-        return "— (fewer than 2 seeds)"
+        return f"— (fewer than {OS.MIN_SEEDS} seeds)"
     word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
     return f"{_ci(t, True)}, {fmt_p(t.p)}: {word}"
 
@@ -124,7 +124,7 @@ def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
         if tests[0].p is None:
             n = {m: len(by_method.get(m, [])) for m in (table.a, table.b)}
             verdicts.append(f"- {label}: {n[table.a]} seed(s) of {a} and {n[table.b]} of {b} so far; no test before "
-                            f"both have 2.")
+                            f"both have {OS.MIN_SEEDS}.")
             continue
         higher = [HIGHER_IS_BETTER.get(t.metric, False) for t in tests]  # a CE rise: lower is better
         out.append(f"| {label} | " + " | ".join(_cell(t, h) for t, h in zip(tests, higher)) + " |")
