@@ -58,8 +58,8 @@ def _ce(runs: list[EvidenceRun]) -> dict[str, float]:
 
 def _ce_interval(runs: list[EvidenceRun]) -> OS.SeedInterval:
     vals = list(_ce(runs).values())
-    if len(vals) < 2:
-        return OS.SeedInterval(vals[0] if vals else None, None, None, len(vals))
+    if len(vals) < OS.MIN_SEEDS:
+        return OS.SeedInterval(float(np.mean(vals)) if vals else None, None, None, len(vals))
     mean, _, low, high, _ = OS.t_test(np.array(vals))
     return OS.SeedInterval(mean, low, high, len(vals))
 
