@@ -54,6 +54,9 @@ def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
     with pytest.raises(HarnessError, match="settings differ from table 't'.s in model"):
         collect(results / "docs", "t", root)
     assert [p.parent.name for p in (root / "t").rglob("summary.json")] == ["seed-0"]  # nothing half-written
+    # A knob the older config.yaml does not name ran at its default: such runs pair with newer ones.
+    (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "gradient_checkpointing": False}))
+    assert len(collect(results / "docs", "t", root)) == 6
 
 
 def test_plan_seeds_answers_from_the_runs_that_exist(results, tmp_path, capsys):

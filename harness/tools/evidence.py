@@ -20,6 +20,7 @@ import yaml
 
 from harness.analysis import statistics as ST
 from harness.analysis.documents import check_documents, score_arrays
+from harness.config import ExperimentConfig
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes, read_json
 from harness.run.folder import sequence_folders
@@ -70,8 +71,8 @@ def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Pat
                                f"(sequences written before documents.json existed cannot be evidence: re-run them)")
         settings = _settings(f / "config.yaml")
         reference = reference if reference is not None else settings
-        if settings != reference:
-            diff = sorted(k for k in set(settings) | set(reference) if settings.get(k) != reference.get(k))
+        diff = _differences(settings, reference)
+        if diff:
             raise HarnessError(f"{f}: its settings differ from table {table!r}'s in {', '.join(diff)}; a table never "
                                f"pools runs made at different settings: collect it into a new table")
         plan.append((f, _target(root, table, f, read_json(f / "summary.json"))))
@@ -80,6 +81,19 @@ def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Pat
         for n in REQUIRED + tuple(n for n in OPTIONAL if (src / n).is_file()):
             atomic_write_bytes(dst / n, (src / n).read_bytes())
     return [dst for _, dst in plan]
+
+
+def _value(settings: dict, key: str):
+    """A knob's value in a config.yaml; one it does not name ran at its default (a knob added later keeps the old
+    behaviour as its default), so a table's older runs still pair with newer ones."""
+    if key in settings:
+        return settings[key]
+    field = ExperimentConfig.model_fields.get(key)
+    return field.default if field is not None else None
+
+
+def _differences(settings: dict, reference: dict) -> list[str]:
+    return sorted(k for k in set(settings) | set(reference) if _value(settings, k) != _value(reference, k))
 
 
 def _table_settings(table_dir: Path) -> dict | None:
