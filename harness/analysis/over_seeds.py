@@ -200,7 +200,8 @@ def _fill(out: SeedTest, d: np.ndarray, doc_var: float | None) -> SeedTest:
         return out
     v = doc_var or 0.0
     out.document_se = math.sqrt(doc_var) if doc_var is not None else None
-    out.sd, out.se = float(np.std(d, ddof=1)), standard_error(float(np.std(d, ddof=1)), len(d), v)
+    out.sd = float(np.std(d, ddof=1))
+    out.se = standard_error(out.sd, len(d), v)
     out.detectable = detectable_difference(len(d), out.sd, v)
     out.seeds_needed = seeds_needed(out.difference, out.sd, v)
     if len(d) >= MIN_SEEDS:  # the planning numbers above come from 2 seeds on; a verdict needs MIN_SEEDS
@@ -262,8 +263,14 @@ def seed_interval(units: list[ST.Unit], metric: str, *, level: float = LEVEL, n_
     x = _values(units, metric)
     if not np.isfinite(x).all():
         return SeedInterval(None, None, None, len(units))
+    v = document_variance(units, None, metric, n_boot=n_boot, seed=seed) if len(x) >= MIN_SEEDS else None
+    return values_interval(x, v, level)
+
+
+def values_interval(x, doc_var: float | None = None, level: float = LEVEL) -> SeedInterval:
+    """The interval over seeds of plain per-seed values (V_doc = doc_var, None: no per-document scores)."""
+    x = np.asarray(x, dtype=float)
     if len(x) < MIN_SEEDS:
-        return SeedInterval(float(x.mean()), None, None, len(x))
-    v = document_variance(units, None, metric, n_boot=n_boot, seed=seed)
-    mean, _, low, high, _ = t_test(x, v or 0.0, level)
-    return SeedInterval(mean, low, high, len(x), math.sqrt(v) if v is not None else None)
+        return SeedInterval(float(x.mean()) if len(x) else None, None, None, len(x))
+    mean, _, low, high, _ = t_test(x, doc_var or 0.0, level)
+    return SeedInterval(mean, low, high, len(x), math.sqrt(doc_var) if doc_var is not None else None)

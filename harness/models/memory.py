@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from harness.errors import HarnessError
 from harness.models.shapes import model_config
 
 GiB = 1024 ** 3
@@ -144,8 +145,6 @@ def adapter_sizes(shapes: dict[str, tuple[int, int]], targets: list[str], rank: 
 def preflight(shape: Shape, *, dtype: torch.dtype, adapter_params: int, adapted_params: int, batch_size: int, seq_len: int,
               checkpointing: bool, folded_eval: bool, device: torch.device, free: int | None) -> Estimate:
     """The stage's estimate; HarnessError (exit 2) naming what would fit when it exceeds the free memory."""
-    from harness.errors import HarnessError  # lazy: keeps this module importable on its own for planning scripts
-
     def est_for(**change) -> Estimate:
         kw = {"dtype": dtype, "checkpointing": checkpointing, "batch_size": batch_size, "folded_eval": folded_eval} | change
         return estimate(shape, adapter_params=adapter_params, adapted_params=adapted_params, seq_len=seq_len,

@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from harness.analysis import over_seeds as OS
 from harness.analysis.intervals import fmt_needed, fmt_p
 from harness.analysis.naming import HIGHER_IS_BETTER, display_name
@@ -57,11 +55,7 @@ def _ce(runs: list[EvidenceRun]) -> dict[str, float]:
 
 
 def _ce_interval(runs: list[EvidenceRun]) -> OS.SeedInterval:
-    vals = list(_ce(runs).values())
-    if len(vals) < OS.MIN_SEEDS:
-        return OS.SeedInterval(float(np.mean(vals)) if vals else None, None, None, len(vals))
-    mean, _, low, high, _ = OS.t_test(np.array(vals))
-    return OS.SeedInterval(mean, low, high, len(vals))
+    return OS.values_interval(list(_ce(runs).values()))
 
 
 def _method_rows(label: str, by_method: dict[str, list[EvidenceRun]], methods: list[str]) -> list[str]:
