@@ -51,34 +51,31 @@ merge: $(STAMP)
 
 # The training-recipe ablation: recipe knobs x {lora, lori-s} x 3 seeds, one grid per suite (see README).
 # ACC and BWT need only R[t,t] and the final row: diagonal_final evaluation (2T-1 instead of T(T+1) evaluations).
-# The two suites run at once, one CPU core each (on 2 cores: ~1.2x the throughput of one 2-thread process), each
-# with its own results folder and sqlite store (sqlite takes one writing process); reports: results/ablation-<suite>/.
+# Each suite's sequences run JOBS at a time (harness run --jobs: one process per sequence, the cores split between
+# them; auto = one per core on CPU), each suite in its own results folder; reports: results/ablation-<suite>/.
+JOBS ?= auto
 ABLATION_GRID ?= completion_eos=always,auto;warmup_steps=0,5
 ablation: $(STAMP)
-	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in default mc4; do \
-	  taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods lora,lori-s --seeds 0,1,2 \
+	mkdir -p $(RESULTS); for suite in default mc4; do \
+	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods lora,lori-s --seeds 0,1,2 --jobs $(JOBS) \
 	    --experiment ablation-$$suite --grid "$(ABLATION_GRID)" --eval-schedule diagonal_final \
-	    --results-dir $(RESULTS)/ablation-$$suite --no-progress $(ARGS) > $(RESULTS)/ablation-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
-	done; \
-	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
-	tail -n 3 $(RESULTS)/ablation-*.log; exit $$status
+	    --results-dir $(RESULTS)/ablation-$$suite $(ARGS) || exit $$?; \
+	done
 
 # The all-methods table over 3 seeds at today's defaults, on both CPU suites (full evaluation: FWT, forgetting, the
-# general-text cross-entropy after every stage); run side by side like the ablation; reports and intervals in
+# general-text cross-entropy after every stage), JOBS sequences at a time as the ablation; reports and intervals in
 # results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it;
 # each report also compares REPORT_BASELINE with every other method (the README's "LoRI-S − method" columns).
 ALL_METHODS ?= lori-s,lora,inclora,olora,replay,mtl
+ALL_SEEDS ?= 0,1,2
 REPORT_BASELINE ?= lori-s
 all-methods: $(STAMP)
-	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in default mc4; do \
-	  taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds 0,1,2 \
-	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-progress --no-report $(ARGS) \
-	    > $(RESULTS)/all-methods-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
-	done; \
-	status=0; for p in $$pids; do wait $$p || status=$$?; done; \
-	tail -n 3 $(RESULTS)/all-methods-*.log; test $$status = 0 || exit $$status; \
-	for suite in default mc4; do $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
-	  $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; done
+	mkdir -p $(RESULTS); for suite in default mc4; do \
+	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds $(ALL_SEEDS) --jobs $(JOBS) \
+	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-report $(ARGS) || exit $$?; \
+	  $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
+	    $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; \
+	done
 
 # The README's headline: LoRI-S vs LoRA on both CPU suites, HEADLINE_SEEDS seeds each, one suite per core, one seed
 # (both methods) at a time so that paired evidence lands as it finishes; each finished seed's compact evidence goes to

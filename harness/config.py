@@ -89,6 +89,15 @@ class _Knobs(BaseModel):
         "local", description="local: sequences one after another in this process; ray: one Ray task per sequence; "
         "slurm: one Slurm array job per sequence through submitit. ray and slurm need a tracking server (harness tracking-server)."
     )
+    jobs: int | Literal["auto"] = Field(
+        1, description="launcher local: sequences run at once on this machine, each in its own process (CPU: the cores split "
+        "between them; CUDA: one GPU shared). auto: one per core on CPU; on CUDA as many as the free GPU memory holds by "
+        "the memory preflight's estimate. This process mirrors the jobs' folders into MLflow (the sqlite store takes one writer)."
+    )
+    base_eval_cache: bool = Field(
+        True, description="Keep the base model's stage-0 row and general-text CE in <experiment>/base-eval/, keyed by a hash of "
+        "everything they depend on, so every sequence and job of the experiment evaluates the base model once."
+    )
     ray_address: str | None = Field(
         None, description="Ray cluster to use with launcher ray (e.g. 10.0.0.5:6379 or ray://host:10001; default: a local Ray started for the run)."
     )
@@ -281,6 +290,11 @@ class _Knobs(BaseModel):
     def _consistent(self) -> "ExperimentConfig":
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if isinstance(self.jobs, int) and self.jobs < 1:
+            raise ValueError(f"jobs: {self.jobs} is not a number of processes; give 1 or more, or auto")
+        if self.jobs != 1 and self.launcher != "local":
+            raise ValueError(f"jobs: {self.jobs} runs sequences side by side on this machine (launcher local); launcher "
+                             f"{self.launcher} places one job per sequence itself (job_cpus, job_gpus): drop --jobs")
         bad = sorted(k for k in (self.grid or {}) if k.split(".")[0] in NOT_SWEEPABLE or k.split(".")[0] not in type(self).model_fields)
         if bad:
             raise ValueError(f"grid: cannot sweep {bad}; sweep training, recipe, adapter or method knobs (e.g. lr_lora, warmup_steps, "
@@ -372,8 +386,8 @@ BEFORE_KNOB_EXISTED = {"completion_eos": "always"}
 # Knobs a grid may not sweep: what the experiment is (model, suite, sequences), where it goes, and
 # how it is evaluated (every variant must be scored the same way to be comparable).
 # How a sequence is dispatched or split over processes: never what it computes (a resume may change them).
-LAUNCH_KEYS = frozenset({"launcher", "ray_address", "job_cpus", "job_gpus", "job_retries", "slurm_partition", "slurm_time",
-                         "distributed"})
+LAUNCH_KEYS = frozenset({"launcher", "jobs", "base_eval_cache", "ray_address", "job_cpus", "job_gpus", "job_retries",
+                         "slurm_partition", "slurm_time", "distributed"})
 NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
                  "tracking_optional", "system_metrics",
                  "cache_dir", "device", "dtype", "compile", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",

@@ -1,7 +1,7 @@
 """`--launcher ray` on real components: a Ray head started as its own process, a PostgreSQL-backed MLflow server.
 
 Four smoke sequences run in parallel and must give the matrices of a local run; a worker SIGKILLed
-mid-stage is retried and resumes; Ctrl-C cancels the jobs and marks their runs FAILED; a retry whose
+mid-stage is retried and resumes; Ctrl-C cancels the jobs and marks their runs KILLED (interrupted, resumable); a retry whose
 previous process still holds the folder waits for it. Skipped, loudly, without PostgreSQL
 (`bash .ci/install-postgres.sh`). Every wait is bounded; the Ray head is stopped by process id
 (`ray stop` would end every Ray on the machine, other people's included).
@@ -238,7 +238,7 @@ def test_a_worker_killed_mid_stage_is_retried_and_resumes_to_the_same_matrix(loc
 
 
 @pytest.mark.slow
-def test_ctrl_c_cancels_the_jobs_and_marks_their_runs_failed(tracking_server, ray_head, tmp_path):
+def test_ctrl_c_cancels_the_jobs_and_marks_their_runs_killed(tracking_server, ray_head, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from harness.locking import is_locked
@@ -262,10 +262,10 @@ def test_ctrl_c_cancels_the_jobs_and_marks_their_runs_failed(tracking_server, ra
     c = MlflowClient(tracking_uri=tracking_server)
     exp = c.get_experiment_by_name("cancel")
     (parent,) = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'")
-    assert parent.info.status == "FAILED"
+    assert parent.info.status == "KILLED" and parent.data.tags.get("harness.interrupted") == "true"
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert children and all(ch.info.status == "FAILED" for ch in children)
-    assert "interrupted" in log.read_text()
+    assert children and all(ch.info.status == "KILLED" for ch in children)
+    assert "interrupted" in log.read_text() and "harness resume" in log.read_text()
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Where sequences run: in this process (local), as Ray tasks (ray) or as a Slurm job array (slurm).
 
-    local   run_experiment: one sequence after another in this process (the default)
+    local   run_experiment: one sequence after another in this process (the default, --jobs 1)
+    local with --jobs N   driver.run_jobs + processes.ProcessBackend: N sequence processes at once on this machine
     ray     driver.run_jobs + ray_launcher.RayBackend: one Ray task per sequence
     slurm   driver.run_jobs + slurm_launcher.SlurmBackend: one Slurm array job per sequence (submitit)
 
@@ -19,7 +20,7 @@ from harness.launchers.local import run_experiment
 
 def run_sequences(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
     """Every sequence of the experiment (or the one in folder `only`) on cfg.launcher; their summaries."""
-    if cfg.launcher == "local":
+    if cfg.launcher == "local" and cfg.jobs == 1:
 
         return run_experiment(cfg, progress=progress, only=only)
 

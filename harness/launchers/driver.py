@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, Interrupted
 from harness.io import read_json
 from harness.launchers.job import payload
 from harness.launchers.local import planned_sequences, write_experiment_files
@@ -28,7 +28,9 @@ from harness.launchers.ray_launcher import RayBackend
 from harness.launchers.slurm_launcher import SlurmBackend
 from harness.locking import is_locked, refuse_if_held
 from harness.models import load_model, module_shapes
-from harness.run.planning import experiment_dir, preflight_methods, SequenceSpec
+from harness.launchers.processes import local_backend
+from harness.run.mirror import sync_sequence, update_state
+from harness.run.planning import experiment_dir, preflight_methods, sequence_memory, SequenceSpec
 from harness.tracking.client import open_tracker
 
 POLL_S = 1.0  # how often the driver looks at jobs and run folders
@@ -71,17 +73,21 @@ def check_free(specs: list[SequenceSpec], wait: bool) -> None:
         refuse_if_held(spec.run_dir)
 
 
-def make_backend(cfg, exp_dir: Path) -> Backend:
+def make_backend(cfg, exp_dir: Path, suite, specs: list[SequenceSpec]) -> Backend:
     if cfg.launcher == "ray":
 
         return RayBackend(cfg, exp_dir)
 
-    return SlurmBackend(cfg, exp_dir)
+    if cfg.launcher == "slurm":
+
+        return SlurmBackend(cfg, exp_dir)
+
+    return local_backend(cfg, exp_dir, len(specs), sequence_memory(cfg, suite, specs))
 
 
 def run_jobs(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
     """Preflight, dispatch one job per sequence, follow the run folders, gather each summary.json (spec order)."""
-    _, specs, uri, shapes_checked = planned_sequences(cfg, only)
+    suite, specs, uri, shapes_checked = planned_sequences(cfg, only)
     if not shapes_checked:  # the model's config is unreadable without weights: check capacity on the loaded model
 
         model, _ = load_model(cfg.model, seed=0, device="cpu", dtype="fp32", cache_dir=cfg.cache_dir,
@@ -89,7 +95,7 @@ def run_jobs(cfg, *, progress: bool = True, only: Path | None = None) -> list[di
         preflight_methods(cfg, specs, module_shapes(model))
         del model
     check_free(specs, cfg.wait_for_lock)
-    backend = make_backend(cfg, experiment_dir(cfg))  # reaches the cluster; writes nothing
+    backend = make_backend(cfg, experiment_dir(cfg), suite, specs)  # reaches the cluster, or plans --jobs; writes nothing
     try:
         write_experiment_files(cfg, only=only)
         tracker = open_tracker(cfg, uri)  # the experiment is created here, once; jobs only look it up
@@ -104,6 +110,7 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
     summaries: dict[Path, dict] = {}
     failures: list[tuple[str, str, bool]] = []  # (label, message, user error)
     pending: dict[Any, Job] = {}
+    in_driver = getattr(backend, "mirrors_in_driver", False)  # --jobs: the jobs write folders, this process MLflow
 
     def submit(jobs: list[Job]) -> None:
         payloads = [payload(cfg, j.spec.run_dir, attempt=j.attempt, label=j.spec.label) for j in jobs]
@@ -115,6 +122,8 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
         while pending:
             for handle, kind, value in backend.poll(list(pending)):
                 job = pending.pop(handle)
+                if in_driver:  # before a retry starts: the folder is this process's alone now
+                    mirror_folder(tracker, job.spec, monitor.say)
                 if kind == "ok" and value.get("ok"):
                     summaries[job.spec.run_dir] = gathered(job.spec)
                     monitor.sequence_done(job.spec, summaries[job.spec.run_dir])
@@ -134,11 +143,18 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
                 time.sleep(POLL_S)
     except BaseException as exc:  # Ctrl-C, SIGTERM, or the driver itself failing: its jobs go with it
         monitor.close()
+        interrupted = isinstance(exc, KeyboardInterrupt)
         if pending:
-            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"driver stopped ({type(exc).__name__})"
-            say(f"{why}: cancelling {len(pending)} job(s)")
+            why = "interrupted" if interrupted else f"driver stopped ({type(exc).__name__})"
+            say(f"{why}: stopping {len(pending)} job(s)")
             backend.cancel(list(pending))
-            mark_failed(tracker, [j.spec for j in pending.values()])
+            stopped = [j.spec for j in pending.values()]
+            if in_driver:
+                for spec in stopped:
+                    mirror_folder(tracker, spec, say)
+            mark_stopped(tracker, stopped, interrupted=interrupted)
+        if interrupted:
+            raise Interrupted(getattr(exc, "why", None) or str(exc) or "Ctrl-C", experiment_dir(cfg)) from None
         raise
     monitor.close()
     if failures:
@@ -147,6 +163,18 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
                          "Finished stages are kept: fix the cause and run the same command again (finished work is skipped).",
                          user_errors_only=all(user for _, _, user in failures))
     return [summaries[s.run_dir] for s in specs]
+
+
+def mirror_folder(tracker, spec: SequenceSpec, say_) -> None:
+    """--jobs: bring MLflow level with a sequence folder whose process has ended (what `harness sync` does)."""
+    if not (spec.run_dir / "state.json").is_file():
+        return  # the job stopped before it wrote anything
+    try:
+        sync_sequence(tracker, spec.run_dir)
+        update_state(spec.run_dir, mirror_behind=None)
+    except Exception as exc:  # noqa: BLE001 - the folder keeps everything; MLflow can be caught up later
+        say_(f"[{spec.label}] MLflow not updated ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}); "
+             f"the folder is complete as far as it got: `harness sync {spec.run_dir}` mirrors it")
 
 
 def gathered(spec: SequenceSpec) -> dict[str, Any]:
@@ -166,8 +194,10 @@ def gathered(spec: SequenceSpec) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-def mark_failed(tracker, specs: list[SequenceSpec]) -> None:
-    """Cancelled sequences: once their job has let go of the folder, RUNNING parent and stage runs become FAILED."""
+def mark_stopped(tracker, specs: list[SequenceSpec], *, interrupted: bool) -> None:
+    """Stopped sequences: once their job has let go of the folder, RUNNING parent and stage runs become KILLED (Ctrl-C,
+    SIGTERM: tagged interrupted, as a local run's; resumable) or FAILED (the driver itself failed)."""
+    end = tracker.mark_killed if interrupted else (lambda run_id: tracker.finish(run_id, "FAILED"))
     deadline = time.monotonic() + LOCK_RELEASE_S
     for spec in specs:
         state = spec.run_dir / "state.json"
@@ -186,7 +216,7 @@ def mark_failed(tracker, specs: list[SequenceSpec]) -> None:
                 continue
             for child in tracker.stage_children(parent):
                 if child.info.status == "RUNNING":
-                    tracker.finish(child.info.run_id, "FAILED")
-            tracker.finish(parent, "FAILED")
+                    end(child.info.run_id)
+            end(parent)
         except Exception as exc:  # noqa: BLE001 - a store problem must not hide the interruption itself
-            say(f"[{spec.label}] could not mark MLflow run {parent} FAILED: {exc}")
+            say(f"[{spec.label}] could not mark MLflow run {parent} stopped: {exc}")

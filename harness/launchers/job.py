@@ -103,7 +103,8 @@ def run_sequence_job(p: dict[str, Any]) -> dict[str, Any]:
             data["wait_for_lock"] = True
         try:
             cfg = ExperimentConfig(**data)
-            summary = run_experiment(cfg, progress=False, only=Path(p["run_dir"]), preflight=False, threads=cfg.job_cpus)[0]
+            summary = run_experiment(cfg, progress=False, only=Path(p["run_dir"]), preflight=False, threads=cfg.job_cpus,
+                                     tracking_by_driver=p.get("tracking") == "driver")[0]
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return {"ok": False, "error": str(exc)}

@@ -20,6 +20,7 @@ from harness.io import atomic_write_yaml
 from harness.methods import METHODS, Method
 from harness.models import load_model, module_shapes, set_torch_threads
 from harness.precision import precision_of, set_tf32
+from harness.run.base_eval import CACHE_DIR as BASE_EVAL_DIR, BaseEvalCache
 from harness.run.evaluate import Evaluator
 from harness.run.planning import experiment_dir, plan, preflight_methods, validate
 from harness.run.console import say
@@ -67,11 +68,12 @@ def write_experiment_files(cfg: ExperimentConfig, *, only: Path | None = None) -
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None, preflight: bool = True,
-                   threads: int | None = None) -> list[dict[str, Any]]:
+                   threads: int | None = None, tracking_by_driver: bool = False) -> list[dict[str, Any]]:
     """Validate everything, then run every sequence (or only the one in folder `only`), skipping finished work.
 
     A launcher's job calls this with only=<its folder>, preflight=False (the driver checked) and
-    threads=job_cpus (a Ray worker sees every CPU of its node, not the CPUs it was given)."""
+    threads=job_cpus (a Ray worker sees every CPU of its node, not the CPUs it was given); a `--jobs` process with
+    tracking_by_driver (it writes its folder only; the driver mirrors it into MLflow)."""
     suite, specs, uri, shapes_checked = planned_sequences(cfg, only, preflight=preflight)
     check_launch(cfg, suite, specs)
     if threads is None:
@@ -93,9 +95,10 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     # Only now is anything written: the experiment folder, the store, the runs.
     if D.is_main():  # under torchrun / accelerate launch rank 0 alone writes
         write_experiment_files(cfg, only=only)
-    tracker = open_tracker(cfg, uri)
+    tracker = open_tracker(cfg, uri, deferred=tracking_by_driver)
     evaluator = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
-    results, base_cache = [], {}
+    results = []
+    base_cache = BaseEvalCache(experiment_dir(cfg) / BASE_EVAL_DIR if cfg.base_eval_cache else None)
     for spec in specs:
         runner = SequenceRunner(spec.cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
                                 base_cache=base_cache)

@@ -21,6 +21,7 @@ It is a planning number, meant to err high: tests/test_memory.py compares it wit
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -111,6 +112,15 @@ def free_memory(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory so far: CUDA's peak reserved bytes on the device, else the peak resident set (RSS)."""
+    if device.type == "cuda":
+        return {"device": "cuda", "bytes": int(torch.cuda.max_memory_reserved(device)), "what": "torch peak reserved"}
+    import resource  # lazy: POSIX only (absent on Windows); the rest of this module works everywhere
+
+    return {"device": device.type, "bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "what": "peak RSS"}
 
 
 def what_would_fit(est_for, free: int, dtype: torch.dtype, checkpointing: bool, folded_eval: bool,

@@ -28,6 +28,7 @@ from harness.tracking.client import check_reachable, redact_uri, Tracker
 
 STATE = "state.json"
 RESULT_ARTIFACTS = ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", "documents.json")
+DEFERRED = "mirrored by the driver of --jobs when this sequence's process ends"
 FINAL_METRICS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "la": "LA",
                  "general_ce_rise": "general_ce_rise"}  # summary.json key -> MLflow metric
 
@@ -153,7 +154,11 @@ class Mirror:
         state = read_state(run_dir)
         self.behind: str | None = state.get("mirror_behind")
         self.parent_id: str | None = state.get("mlflow_parent_run_id")
-        if tracker.experiment_id is None:  # --tracking-optional and the store did not answer at the start
+        self.deferred = bool(getattr(tracker, "deferred", False))
+        if self.deferred:  # a `--jobs` process: behind by design and quietly; its driver syncs the folder when it ends
+            self.behind = DEFERRED
+            update_state(self.run_dir, mirror_behind=DEFERRED)
+        elif tracker.experiment_id is None:  # --tracking-optional and the store did not answer at the start
             self._fall_behind(tracker.open_error or "it did not answer at the start")
 
     def call(self, fn: Callable, *args, **kw):
@@ -201,7 +206,7 @@ class Mirror:
         if not self.behind:
             self.call(log_results, self.tracker, self.parent_id, self.run_dir, summary, fresh=True)
         write_summary()
-        if self.behind and not self.catch_up():
+        if self.behind and not self.catch_up() and not self.deferred:
             self.say(f"[{self.label}] tracking is still behind at the end: the run folder is complete; once "
                      f"{redact_uri(self.tracker.uri)} answers, `harness sync {self.run_dir}` (or `harness report`) mirrors it")
 
@@ -209,6 +214,8 @@ class Mirror:
         """If behind and the store answers again: sync the whole folder and say so once. True when MLflow is level."""
         if not self.behind:
             return True
+        if self.deferred:
+            return False
         try:
             check_reachable(self.tracker.uri, timeout_s=3)
             if self.tracker.experiment_id is None:

@@ -162,6 +162,9 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
 
     Several processes opening one sqlite store race on its schema and lock it ("database is
     locked"), so a parallel launcher with sqlite is refused before anything is written."""
+    if cfg.jobs != 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError(f"--jobs {cfg.jobs}: under torchrun / accelerate launch the ranks share one sequence; run several "
+                          "sequences at once without the launcher (--jobs), or one sequence over several processes (torchrun)")
     if cfg.launcher == "local":
         return
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
@@ -203,6 +206,12 @@ def check_memory(cfg: ExperimentConfig, suite, specs: list[SequenceSpec], config
                          seq_len=max(seq_lens) if all(seq_lens) else ASSUMED_SEQ_LEN,
                          checkpointing=cfg.gradient_checkpointing, folded_eval=bool(cfg.eval_merged), device=device,
                          free=MEM.free_memory(device) if device.type == "cuda" else None)
+
+
+def sequence_memory(cfg: ExperimentConfig, suite, specs: list[SequenceSpec]) -> MEM.Estimate | None:
+    """One sequence's peak memory by the preflight's estimate; None where the model's config cannot be read unloaded."""
+    config = model_config(cfg.model, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code)
+    return None if config is None else check_memory(cfg, suite, specs, config, linear_shapes(config))
 
 
 def validate(cfg: ExperimentConfig):

@@ -21,29 +21,29 @@ from typing import Any
 
 import numpy as np
 
-from harness import distributed as D
-from harness import faults
-from harness.heatmap import matrix_heatmap
-from harness.run import lineage
-from harness import metrics as MX
+from harness import distributed as D, faults, metrics as MX
 from harness.analysis import documents as DOCS
-from harness.provenance import git_commit
-from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.config import ExperimentConfig
-from harness.run.compiled import resolve_mode
-from harness.run.console import done_line, say, stage_line
 from harness.errors import Interrupted
-from harness.run.evaluate import validation_evaluator
 from harness.general_text import general_ce
+from harness.heatmap import matrix_heatmap
 from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
+from harness.models.memory import peak_memory
+from harness.precision import precision_of
+from harness.provenance import git_commit
+from harness.run import lineage
+from harness.run.base_eval import BaseEval, BaseEvalCache, cache_key
+from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
+from harness.run.compiled import resolve_mode
+from harness.run.console import done_line, say, stage_line
+from harness.run.evaluate import validation_evaluator
+from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes,
+                                committed_stages, finished_stages, learn_check, method_seconds, result_hashes, verify_folder,
+                                verify_stages, write_documents, write_matrix_files, write_stage_marker)
 from harness.run.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
 from harness.run.planning import SequenceSpec
-from harness.precision import precision_of
-from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes, committed_stages, finished_stages,
-                                    learn_check, method_seconds, result_hashes, verify_folder, verify_stages, write_documents,
-                                    write_matrix_files, write_stage_marker)
 from harness.run.train import Recipe, collate, task_examples, tokenize_examples, train_method
 from harness.timing import timed
 
@@ -52,9 +52,9 @@ class SequenceRunner:
     """Runs (or resumes) one method x seed x order sequence."""
 
     def __init__(self, cfg: ExperimentConfig, suite, spec: SequenceSpec, model, tokenizer, evaluator, tracker,
-                 progress: bool = True, base_cache: dict | None = None):
+                 progress: bool = True, base_cache: BaseEvalCache | None = None):
         self.cfg, self.suite, self.spec = cfg, suite, spec
-        self.base_cache = base_cache if base_cache is not None else {}
+        self.base_cache = base_cache if base_cache is not None else BaseEvalCache(None)
         self.model, self.tokenizer, self.evaluator, self.tracker = model, tokenizer, evaluator, tracker
         self.progress = progress
         self.method_cls = METHODS[spec.method]
@@ -227,15 +227,13 @@ class SequenceRunner:
         """The base model on every task (b_j, for FWT) and its general-text CE; the same for every method and seed, so
         evaluated once. Under diagonal_final no task is evaluated here, but the CE is: general_ce_rise needs it."""
         t0 = time.perf_counter()
-        key = tuple(self.eval_tasks(0))
-        if key not in self.base_cache:
-            self.base_cache[key] = self.evaluator.evaluate(self.model, list(key), bf16_autocast=self.cfg.bf16_autocast)
-        ev = self.base_cache[key]
-        if "general_ce" not in self.base_cache:
-            self.base_cache["general_ce"] = general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)
-        self.general_ce[0] = self.base_cache["general_ce"]
+        tasks = self.eval_tasks(0)
+        base = self.base_cache.get(cache_key(self.cfg, self.suite, self.model, tasks), lambda: BaseEval(
+            self.evaluator.evaluate(self.model, tasks, bf16_autocast=self.cfg.bf16_autocast),
+            general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)))
+        ev, self.general_ce[0] = base.result, base.general_ce
         evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
-               "general_ce": self.general_ce[0]}
+               "general_ce": self.general_ce[0], "base_eval": {"digest": base.digest, "cached": base.cached}}
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
@@ -380,6 +378,7 @@ class SequenceRunner:
             **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),
             "validation": self._validation(method),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)], **method_seconds(committed),
+            "peak_memory": peak_memory(next(self.model.parameters()).device),
             "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
             "sha256": result_hashes(run_dir),
         }

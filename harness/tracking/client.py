@@ -122,7 +122,8 @@ class Tracker:
     optional=True (--tracking-optional): a store that cannot be opened leaves experiment_id None (open() later)
     instead of raising."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, optional: bool = False):
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, optional: bool = False,
+                 deferred: bool = False):
         from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
 
         # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
@@ -130,7 +131,8 @@ class Tracker:
         self.uri, self.experiment, self.artifact_root = uri, experiment, artifact_root
         self.experiment_id: str | None = None
         self.open_error: str | None = None
-        if not distributed.is_main():
+        self.deferred = deferred  # a `--jobs` process: it never opens the store; its driver mirrors the run folder
+        if deferred or not distributed.is_main():
             # Under a launcher rank 0 alone logs (the scheduler gates every call); the other ranks must not even open
             # the store: several processes creating a fresh sqlite store at once race on its schema.
             self.client = None
@@ -265,9 +267,11 @@ class Tracker:
             self.client.log_artifact(run_id, str(p))
 
 
-def open_tracker(cfg, uri: str) -> Tracker:
-    """The MLflow tracker of experiment config `cfg` (an ExperimentConfig): creates the experiment on first use, afterwards only looks it up."""
-    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional)
+def open_tracker(cfg, uri: str, *, deferred: bool = False) -> Tracker:
+    """The MLflow tracker of experiment config `cfg` (an ExperimentConfig): creates the experiment on first use, afterwards
+    only looks it up. deferred: a tracker that never opens the store (a `--jobs` process; its driver mirrors the folder)."""
+    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional,
+                   deferred=deferred)
 
 
 def mark_killed(client, run_id: str) -> None:
