@@ -125,7 +125,7 @@ class _Knobs(BaseModel):
         "lr_lora / lr_lori_d / lr_lori_s still wins for that family. Default: per family."
     )
     lr_lora: float | None = Field(
-        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl, nlora, inflora, ewc, migu "
+        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl, nlora, inflora, ewc, migu, sdlora "
         f"(default: the suite budget's, else {DEFAULT_LR['lora']:g})."
     )
     lr_lori_d: float | None = Field(
