@@ -46,7 +46,7 @@ run-sequence: $(STAMP)
 # fixed merge_weights). The merge table over 3 seeds: make merge SEEDS=0,1,2.
 MERGE_WEIGHT_GRID ?= 0.25,0.5,0.75,1.0
 merge: $(STAMP)
-	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) \
+	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --jobs $(JOBS) --results-dir $(RESULTS) \
 	  $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS)
 
 # The training-recipe ablation: recipe knobs x {lora, lori-s} x 3 seeds, one grid per suite (see README).

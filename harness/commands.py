@@ -14,6 +14,7 @@ from harness.analysis.numbers import json_clean
 from harness.errors import ConfigError, HarnessError
 from harness.io import atomic_write_text
 from harness.launchers import run_sequences
+from harness.launchers.merge_jobs import run_merge_jobs
 from harness.methods import METHODS
 from harness.report import write_report
 from harness.run.folder import config_knobs, experiment_of, sequence_folders, verify_folder
@@ -124,7 +125,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError(f"--launcher {cfg.launcher}: `harness merge` runs its jobs in this process only so far; "
                           "pass --launcher local (sequences of `harness run` go to Ray and Slurm).")
     install_signal_handlers()
-    results = run_merge(cfg, progress=not args.no_progress)
+    results = run_merge(cfg, progress=not args.no_progress) if cfg.jobs == 1 else run_merge_jobs(cfg)
     print()
     print(f"{'method':<8}{'seed':>5}  {'combination':<16}{'norm. acc':>10}{'avg drop':>10}{'ΔW rel. err':>13}")
     for r in results:

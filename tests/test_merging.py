@@ -142,6 +142,26 @@ def test_merge_mlflow_runs_and_resume_skips_finished_pieces(merge_run, capsys):
     assert len(c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'merge'")) == 2
 
 
+@pytest.mark.slow
+def test_merge_units_run_as_concurrent_jobs_give_the_same_scores(merge_run, tmp_path):
+    """`harness merge --jobs 2`: each (method, seed) in its own process, sharing the store the driver created."""
+    from mlflow.tracking import MlflowClient
+
+    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora,lori-s", "--seeds", "0", "--epochs", "2",
+                 "--merge-methods", "cat,linear", "--merge-pairs", "true", "--no-progress", "--no-report",
+                 "--results-dir", str(tmp_path), "--experiment", "mg", "--jobs", "2"]) == 0
+    for method in ("lora", "lori-s"):
+        ours, theirs = (r / "mg" / "merge" / method / "seed-0" for r in (tmp_path, merge_run))
+        assert json.loads((ours / "single.json").read_text())["S"] == json.loads((theirs / "single.json").read_text())["S"]
+        rows = [(r["combination"], r["tasks"], r["scores"]) for r in json.loads((ours / "merged.json").read_text())["rows"]]
+        assert rows == [(r["combination"], r["tasks"], r["scores"]) for r in json.loads((theirs / "merged.json").read_text())["rows"]]
+        assert (tmp_path / "mg" / "jobs" / f"merge_{method}_seed-0.log").is_file()
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parents = c.search_runs([c.get_experiment_by_name("mg").experiment_id], "tags.`harness.kind` = 'merge'")
+    assert sorted(p.data.tags["harness.method"] for p in parents) == ["lora", "lori-s"]
+    assert all(p.info.status == "FINISHED" for p in parents)
+
+
 @pytest.mark.parametrize("args,needle", [(["--methods", "inclora"], "cannot be merged"),
                                          (["--methods", "lora", "--merge-weights", "0.1,0.2"], "--merge-weights"),
                                          (["--methods", "lora", "--merge-methods", "avg"], "--merge-methods")])

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 from harness.config import ExperimentConfig
 from harness.errors import HarnessError
 from harness.launchers.local import run_experiment
+from harness.run.merge import run_merge
 
 # What a job inherits from the driver's environment: where models are cached, offline switches,
 # MLflow client settings (credentials too), fault points for tests. Ray workers are started by the
@@ -105,6 +106,20 @@ def run_sequence_job(p: dict[str, Any]) -> dict[str, Any]:
             cfg = ExperimentConfig(**data)
             summary = run_experiment(cfg, progress=False, only=Path(p["run_dir"]), preflight=False, threads=cfg.job_cpus,
                                      tracking_by_driver=p.get("tracking") == "driver")[0]
+        except HarnessError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return {"ok": False, "error": str(exc)}
+        return {"ok": True, "summary": summary}
+
+
+def run_merge_job(p: dict[str, Any]) -> dict[str, Any]:
+    """`harness merge --jobs`: run (resume) the one (method, seed) unit of p["config"]; {"ok", "summary"} or {"ok": False, "error"}."""
+    with _output_to(p.get("log")), _job_environment(p):
+        print(f"=== {p['label']}: attempt {p['attempt']}, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}",
+              file=sys.stderr, flush=True)
+        try:
+            cfg = ExperimentConfig(**{**p["config"], **({"wait_for_lock": True} if p["attempt"] > 1 else {})})
+            summary = run_merge(cfg, progress=False, threads=cfg.job_cpus)[0]
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return {"ok": False, "error": str(exc)}

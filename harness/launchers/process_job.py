@@ -1,4 +1,4 @@
-"""One `--jobs` process: `python -m harness.launchers.process_job PAYLOAD RESULT` runs one sequence (processes.py).
+"""One `--jobs` process: `python -m harness.launchers.process_job PAYLOAD RESULT` runs one sequence or merge unit.
 
 It runs job.run_sequence_job on the payload the driver wrote (plain data, as for Ray and Slurm) and writes its
 answer to RESULT atomically; a process that ends without RESULT died (the driver retries it). SIGTERM, the
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from harness.io import atomic_write_json
-from harness.launchers.job import run_sequence_job
+from harness.launchers.job import run_merge_job, run_sequence_job
 from harness.run.console import install_signal_handlers
 
 
@@ -20,7 +20,8 @@ def main(argv: list[str]) -> int:
     payload_file, result_file = Path(argv[0]), Path(argv[1])
     install_signal_handlers()
     try:
-        result = run_sequence_job(json.loads(payload_file.read_text()))
+        payload = json.loads(payload_file.read_text())
+        result = (run_merge_job if payload.get("kind") == "merge" else run_sequence_job)(payload)
     except KeyboardInterrupt:
         return 130
     atomic_write_json(result_file, result)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from harness import metrics as MX
 from harness.analysis.documents import DOCUMENTS_FILE, merge_documents
@@ -338,14 +339,16 @@ def _csv(header: list[str], rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def run_merge(cfg: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Validate everything (nothing written on bad input), then run every (method, seed) merge protocol."""
-
-
+def run_merge(cfg: ExperimentConfig, *, progress: bool = True, threads: int | None = None) -> list[dict[str, Any]]:
+    """Validate everything (nothing written on bad input), then run every (method, seed) merge protocol in this process
+    (threads: a `--jobs` unit's share of the cores; default all this process may use)."""
     mcfg = merge_config(cfg)
     suite, seq_specs, uri, shapes_checked = validate(mcfg)
     specs = plan_merge(cfg, suite)
-    set_torch_threads()
+    if threads is None:
+        set_torch_threads()
+    else:
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
                                   trust_remote_code=cfg.trust_remote_code)
