@@ -261,3 +261,29 @@ def test_the_cache_computes_once_across_processes_sharing_the_folder_and_recompu
     off = BaseEvalCache(None)
     off.get(key, compute(0.0)), off.get(key, compute(0.0))
     assert calls == [0.0, 1.0, 0.0, 0.0], "with the cache off every sequence evaluates the base model itself"
+
+
+OPEN_STORE = """
+import sys, time
+from pathlib import Path
+from harness.tracking.client import Tracker
+start = float(sys.argv[2])
+while time.time() < start:  # every process opens the fresh store at the same moment
+    time.sleep(0.001)
+t = Tracker(f"sqlite:///{sys.argv[1]}", "race", artifact_root=Path(sys.argv[1]).parent / "mlartifacts")
+run = t.create_parent(f"p{sys.argv[3]}", {}, {"x": 1})
+print(t.experiment_id, run)
+"""
+
+
+def test_processes_creating_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    import time
+
+    db = tmp_path / "mlflow.db"
+    start = time.time() + 8  # after every interpreter has imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(db), str(start), str(i)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(err[-1500:] for _, err in outs)
+    experiments = {out.split()[0] for out, _ in outs}
+    assert len(experiments) == 1, f"one experiment, created once: {experiments}"

@@ -59,14 +59,16 @@ def update_l1(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 
 class NLoRA(IncLoRA):
     name = "nlora"
-    display = "N-LoRA"
+    # Tabled as the paper's formula: the authors' runs penalise another product (see source), so these rows must not
+    # be set beside published N-LoRA numbers.
+    display = "N-LoRA (paper formula)"
     summary = "N-LoRA: IncLoRA + λ Σ_modules ‖B_t A_t‖₁ (an ℓ1 penalty on the new task's update, fewer parameter collisions)."
     source = ("Yang et al., COLING 2025 (N-LoRA), L = L_task + λ‖ΔW_t‖₁; authors' code PKU-YuanGroup/N-LoRA "
               "src/uie_trainer_lora.py:101 (l1_loss += torch.norm(torch.mm(loranew_A, loranew_B), p=1), added at line 104). "
               "Deviations: that line multiplies PEFT's A (r x d_in) by B (d_out x r), i.e. the r x r product A_t·B_t, defined only "
               "for square modules (T5's q/v); here the ℓ1 is over the update B_t·A_t itself (d_out x d_in, every target module, "
               "unscaled as in the code), so λ is rescaled (default 1e-4 instead of 0.4; not tuned); their T5 runs also used "
-              "lr 1e-3 and 1 epoch, here the suite's budget and lr_lora.")
+              "lr 1e-3 and 10 epochs, here the suite's budget and lr_lora.")
     knobs = NLoRAKnobs
     section = "nlora"
 

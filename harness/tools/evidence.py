@@ -20,7 +20,7 @@ import yaml
 
 from harness.analysis import statistics as ST
 from harness.analysis.documents import check_documents, score_arrays
-from harness.config import ExperimentConfig
+from harness.config import LAUNCH_KEYS, ExperimentConfig
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes, read_json
 from harness.run.folder import sequence_folders
@@ -46,7 +46,7 @@ class EvidenceRun:
 
 def _settings(config: Path) -> dict:
     data = yaml.safe_load(config.read_text()) or {}
-    return {k: v for k, v in data.items() if k not in PER_SEQUENCE}
+    return {k: v for k, v in data.items() if k not in PER_SEQUENCE and k not in LAUNCH_KEYS}  # launch: never what it computes
 
 
 def _target(root: Path, table: str, folder: Path, summary: dict) -> Path:

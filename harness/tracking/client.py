@@ -11,6 +11,8 @@ FAILED, or KILLED when interrupted. Metric names (the dashboard's compare view r
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -20,7 +22,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from harness import distributed
 from harness.errors import HarnessError, TrackingError
@@ -116,6 +118,23 @@ def bound_client_retries() -> None:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """For a local sqlite store: an exclusive POSIX lock on `<store>.lock` while held. Several processes opening a
+    fresh store at once (`--jobs`, merge units, tests) would otherwise race on creating its schema and experiment."""
+    path = local_store_path(uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # released when this process dies, however it dies
+        yield
+    finally:
+        os.close(fd)
+
+
 class Tracker:
     """Thin wrapper over MlflowClient with the project's run layout.
 
@@ -139,9 +158,10 @@ class Tracker:
             return
         if uri.startswith(("http://", "https://")):
             bound_client_retries()
-        self.client = MlflowClient(tracking_uri=uri)
         try:
-            self.open()
+            with store_lock(uri):  # one process at a time creates a fresh store's schema and the experiment
+                self.client = MlflowClient(tracking_uri=uri)
+                self.open()
         except TrackingError as exc:
             if not optional:
                 raise
