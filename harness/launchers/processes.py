@@ -30,8 +30,9 @@ from harness.models.environment import resolve_device
 
 STOP_GRACE_S = 120.0  # how long a job may take to stop after SIGTERM (it finishes writing, then exits) before SIGKILL
 PR_SET_PDEATHSIG = 1
-# A CPU process holds more than the estimate counts (torch, lm-eval, the tokenizer, Python itself): measured
-# 1.1-1.2 GiB besides the weights for SmolLM2-135M sequences on this machine's CPU (peak RSS 1.7-1.8 GB).
+# A CPU process holds more than the stage estimate counts (torch, lm-eval, the tokenizer, Python itself). SmolLM2-135M
+# sequences on the default suite peaked at 1.82-1.98 GiB RSS (summary.json peak_memory, 2026-12-06); the estimate
+# (1.5 GiB) plus this is 2.7 GiB: high by about 40%, so --jobs errs towards fewer processes, never towards swapping.
 CPU_PROCESS_BYTES = int(1.2 * MEM.GiB)
 MEMORY_MARGIN = 1.1  # a footprint is planned at 110% of what was measured or estimated
 
