@@ -107,7 +107,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     # The folder's own location wins over a results_dir recorded elsewhere (folders can be moved):
     # the results folder is the parent of the experiment folder, wherever RUN_DIR sits below it.
     name = load_config(None, {**data, "results_dir": "."}).experiment_name
-    exp_dir = next((p for p in [run_dir.resolve(), *run_dir.resolve().parents] if p.name == name), None)
+    # The nearest folder of that name holding the experiment's config.yaml: a method folder may share the name
+    # (experiment osf, method osf: results/osf/osf/seed-0), and only the experiment folder has a config.yaml there.
+    exp_dir = next((p for p in [run_dir.resolve(), *run_dir.resolve().parents]
+                    if p.name == name and (p / "config.yaml").is_file()), None)
     if exp_dir is None:
         raise HarnessError(f"{run_dir}: not inside an experiment folder named {name!r}; pass the folder `harness run` wrote.")
     data["results_dir"] = str(exp_dir.parent)

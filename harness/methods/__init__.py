@@ -17,11 +17,12 @@ from harness.methods.lori.method import LoRID, LoRIS
 from harness.methods.migu import MIGU
 from harness.methods.mtl import MTL
 from harness.methods.nlora import NLoRA
+from harness.methods.osf import OSF
 from harness.methods.replay import Replay
 from harness.methods.sdlora import SDLoRA
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRIS, LoRID, SeqLoRA, IncLoRA, OLoRA, Replay, MTL,
-                                                    NLoRA, InfLoRA, EWC, MIGU, SDLoRA)}
+                                                    NLoRA, InfLoRA, EWC, MIGU, SDLoRA, OSF)}
 
 __all__ = ["METHODS", "Method", "StageContext", "get_method"]
 

@@ -25,6 +25,7 @@ from harness.errors import HarnessError
 from harness.io import atomic_dir
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.export import lori_s_adapters, lori_s_config
+from harness.methods.osf import META as OSF_META, export_osf
 from harness.run.folder import committed_stages, verify_stages
 
 
@@ -48,13 +49,16 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    read = {s: done[s] for s in sorted(done) if s <= t} if SF.is_sparse_stage(done[t]) else {t: done[t]}
+    osf = (done[t] / OSF_META).is_file()  # OSF: the sum of stages 1..t's updates (harness/methods/osf.py)
+    read = {s: done[s] for s in sorted(done) if s <= t} if SF.is_sparse_stage(done[t]) or osf else {t: done[t]}
     verify_stages(run_dir, read, last=max(done))  # nothing damaged goes into an adapter
     with atomic_dir(out) as tmp:
         if SF.is_sparse_stage(done[t]):
             adapters, meta = lori_s_adapters(run_cfg, [done[s] for s in sorted(done) if s <= t])
             config = lori_s_config(meta, run_cfg.get("model"))
             write_adapters(tmp, adapters, config)
+        elif osf:
+            export_osf([done[s] for s in sorted(read)], run_cfg.get("model"), tmp)
         else:
             export_dense(done[t], tmp)
     return out

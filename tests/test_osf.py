@@ -1,0 +1,193 @@
+"""OSF through PEFT's OSF tuner: the frozen subspace stays put, resume, export, verify, the base model given back."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+
+from harness.cli import main
+from harness.config import ExperimentConfig
+from harness.methods import METHODS, StageContext
+from harness.methods.osf import FILE, frozen_share
+from harness.models import load_model
+from harness.run.checkpoint import StageCheckpointer
+from harness.run.export import export_adapter
+from harness.run.train import Recipe, train_stage
+from harness.suites import load_suite
+from test_export import harness_model, logits, stock
+from test_methods import stage_dirs
+
+TASKS = ["parity", "weather", "copy"]
+
+
+def osf(**knobs):
+    model, tok = load_model("tiny-llama")
+    cfg = ExperimentConfig(model="tiny-llama", suite="smoke", methods=["osf"], **knobs)
+    return METHODS["osf"](cfg, seed=0, tasks=TASKS, base_model=model), tok
+
+
+def ctx(t: int, run_dir: Path, **kw) -> StageContext:
+    return StageContext(stage=t, task=TASKS[t - 1], run_dir=run_dir, calibrate=None, **kw)
+
+
+def train(method, tok, t: int, steps: int = 4, **kw):
+    examples = load_suite("smoke").task(TASKS[t - 1]).train_examples()
+    return train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(method.cfg),
+                       lr=3e-2, epochs=1, batch_size=4, steps=steps, max_seq_len=32, seed=0, stage=t, hooks=method,
+                       progress=False, **kw)
+
+
+def frozen_basis(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_h, V_h): the top-k singular directions of W, as PEFT's OSF layer computes them (fp32 SVD)."""
+    U, _, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    return U[:, :k], Vh[:k]
+
+
+# --- the defining property --------------------------------------------------------------------------------------
+def test_training_leaves_each_weights_part_in_its_frozen_subspace_unchanged_and_the_trained_factors_orthogonal(tmp_path):
+    method, tok = osf()
+    first = {}  # module -> (W_0, U_h, V_h of stage 1)
+    for t in (1, 2):
+        method.begin_stage(ctx(t, tmp_path))
+        layers = dict(method.layers())
+        before = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}  # W_{t-1}
+        train(method, tok, t)
+        moved = 0.0
+        for n, layer in layers.items():
+            k = layer.effective_rank["default"]
+            assert k == int(min(before[n].shape) * frozen_share(method.cfg.osf, t, 3))
+            Uh, Vh = frozen_basis(before[n], k)
+            p = layer.osf_svd_params["default"]
+            with torch.no_grad():
+                delta = layer.get_delta_weight("default")  # W_t - W_{t-1}
+            zero = lambda x: torch.testing.assert_close(x, torch.zeros_like(x), rtol=0, atol=1e-5)  # noqa: E731
+            zero(Uh.T @ delta)  # the weight's part in its frozen subspace did not move ...
+            zero(delta @ Vh.T)
+            zero(Uh.T @ p["U_low"].detach())  # ... because what trains is orthogonal to it
+            zero(p["V_low"].detach() @ Vh.T)
+            first.setdefault(n, (before[n], Uh, Vh))
+            if t == 2:  # stage 1's frozen subspace, inside stage 2's here (see harness/methods/osf.py): unchanged since W_0
+                W0, Uh1, Vh1 = first[n]
+                zero(Uh1.T @ (before[n] + delta - W0))
+                zero((before[n] + delta - W0) @ Vh1.T)
+            moved = max(moved, float(delta.abs().max()))
+        assert moved > 0.1, "training must move the weights for the check to mean anything"
+        assert method.end_stage()["osf/frozen_drift"] < 1e-6
+
+
+def test_unload_gives_the_base_model_back_bit_identical(tmp_path):
+    method, tok = osf()
+    original = {n: p.detach().clone() for n, p in method.base.named_parameters()}
+    for t in (1, 2):
+        method.begin_stage(ctx(t, tmp_path))
+        train(method, tok, t, steps=2)
+        method.end_stage()
+    assert not torch.equal(next(method.layers())[1].base_layer.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    base = method.unload()
+    got = dict(base.named_parameters())
+    assert got.keys() == original.keys() and all(torch.equal(got[n], original[n]) for n in original)
+
+
+def test_the_frozen_share_grows_linearly_and_the_knobs_are_checked():
+    k = ExperimentConfig(methods=["osf"]).osf
+    assert [frozen_share(k, t, 3) for t in (1, 2, 3)] == pytest.approx([0.3, 0.5, 0.7])
+    assert frozen_share(k, 1, 1) == 0.3
+    for bad in ({"freeze_first": 0.8, "freeze_last": 0.5}, {"freeze_first": 0}, {"freeze_last": 1.0}, {"share": 0.5}):
+        with pytest.raises(ValidationError, match="osf"):
+            ExperimentConfig(methods=["osf"], osf=bad)
+
+
+# --- resume ------------------------------------------------------------------------------------------------------
+def state(method) -> dict[str, torch.Tensor]:
+    """Every tensor of the model: base weights (W_{t-1}), OSF factors and their initial values."""
+    return {n: t.detach().clone() for n, t in [*method.model.named_parameters(), *method.model.named_buffers()]}
+
+
+def test_a_stage_resumed_from_the_stage_folder_and_a_mid_stage_checkpoint_ends_bit_identical(tmp_path):
+    ref, tok = osf()
+    ref.begin_stage(ctx(1, tmp_path))
+    train(ref, tok, 1)
+    ref.end_stage()
+    stage1 = tmp_path / "stage1"
+    stage1.mkdir()
+    ref.save_stage(stage1)
+    ref.begin_stage(ctx(2, tmp_path))
+    train(ref, tok, 2)
+    ref.end_stage()
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(step: int) -> None:
+        if step == 2:
+            raise Killed
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for attempt in ("killed", "resumed"):
+        method, _ = osf()
+        method.restore({1: stage1})  # a new process: stage 1 from its folder
+        ckpt = StageCheckpointer(run_dir, 2, TASKS[1], every=2)
+        method.begin_stage(ctx(2, run_dir, resumed_extra=ckpt.load_extra()))
+        if attempt == "killed":
+            with pytest.raises(Killed):
+                train(method, tok, 2, checkpointer=ckpt, on_step=kill_at_2)
+        else:
+            assert train(method, tok, 2, checkpointer=ckpt).resumed_from_step == 2
+            method.end_stage()
+    want, got = state(ref), state(method)
+    assert want.keys() == got.keys() and len(want) > 0
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+# --- a whole sequence --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """`harness run --methods osf` on the smoke suite's three tasks; the sequence folder. The experiment shares the
+    method's name (results/osf/osf/seed-0): resume must still find the experiment folder, not the method's."""
+    results = tmp_path_factory.mktemp("osf")
+    assert main(["run", "--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report",
+                 "--methods", "osf", "--tasks", ",".join(TASKS), "--eval-limit", "8",
+                 "--eval-schedule", "diagonal_final", "--results-dir", str(results), "--experiment", "osf"]) == 0
+    return results / "osf" / "osf" / "seed-0"
+
+
+@pytest.mark.slow
+def test_a_smoke_run_passes_harness_verify_and_keeps_safetensors_stage_files(run):
+    assert main(["verify", str(run)]) == 0
+    shares = [float(json_share(d)) for d in stage_dirs(run)]
+    assert shares == pytest.approx([0.3, 0.5, 0.7])  # freeze_first → freeze_last
+    assert all(load_file(str(d / FILE)) for d in stage_dirs(run))
+    assert not [p for p in run.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+
+
+def json_share(stage_dir: Path) -> float:
+    import json  # noqa: PLC0415 - lazy: test helper only
+
+    return json.loads((stage_dir / "osf.json").read_text())["frozen_share"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_export_gives_a_stock_peft_adapter_with_the_harness_models_logits(run, tmp_path, stage):
+    out = export_adapter(run, tmp_path / "out", stage=stage)
+    ref, got = logits(harness_model(run, stage).model), logits(stock(out))
+    # W0 + one float64 ΔW (SVD) against the harness's weights merged stage by stage in fp32: float rounding apart
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(got, logits(load_model("tiny-llama")[0])), "the adapter must change the outputs"
+
+
+@pytest.mark.slow
+def test_a_dropped_last_stage_is_retrained_bit_identically_on_resume(run, tmp_path):
+    shutil.copytree(run.parents[2], tmp_path / "r")  # resume needs the experiment folder around the sequence
+    copy = tmp_path / "r" / run.relative_to(run.parents[2])
+    last = stage_dirs(run)[-1]
+    shutil.rmtree(copy / "stages" / last.name)
+    (copy / "summary.json").unlink()
+    assert main(["resume", str(copy), "--no-report", "--no-progress"]) == 0
+    again, before = load_file(str(copy / "stages" / last.name / FILE)), load_file(str(last / FILE))
+    assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again)
