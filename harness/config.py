@@ -125,7 +125,7 @@ class _Knobs(BaseModel):
         "lr_lora / lr_lori_d / lr_lori_s still wins for that family. Default: per family."
     )
     lr_lora: float | None = Field(
-        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl, nlora, inflora, ewc, migu, sdlora "
+        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl, nlora, inflora, ewc, migu, sdlora, osf "
         f"(default: the suite budget's, else {DEFAULT_LR['lora']:g})."
     )
     lr_lori_d: float | None = Field(
@@ -213,6 +213,12 @@ class _Knobs(BaseModel):
         "cross-entropy is measured for the base model and after every stage: general-ability forgetting (general_ce, "
         "general_ce_rise in summary.json and MLflow); 0 = off."
     )
+    general_tasks: list[str] = Field([], description="lm-eval registered tasks or groups (comma-separated, e.g. mmlu,gsm8k,arc_easy,"
+        "hellaswag,boolq; needs the hub) scored on the base model and after the last stage: general/<task> in eval.json and MLflow, "
+        "general_tasks {base, final, change} in summary.json (docs/metrics.md). Empty: off (general_ce stays the offline measure).")
+    general_limit: int | None = Field(200, ge=1, description="general_tasks: the first N documents of each task (lm-eval's limit); none: all.")
+    general_include: Path | None = Field(None, description="general_tasks: a folder of your own lm-eval task YAMLs (lm-eval's include_path).")
+    general_every: int | None = Field(None, ge=1, description="general_tasks: also after every K-th stage (default: base and last stage only).")
 
     @field_validator("targets")
     @classmethod
@@ -221,10 +227,10 @@ class _Knobs(BaseModel):
             raise ValueError("at least one target module is needed")
         return v
 
-    @field_validator("methods", "seeds", "orders")
+    @field_validator("methods", "seeds", "orders", "general_tasks")
     @classmethod
-    def _nonempty_unique(cls, v: list[Any]) -> list[Any]:
-        if not v:
+    def _nonempty_unique(cls, v: list[Any], info) -> list[Any]:
+        if not v and info.field_name != "general_tasks":
             raise ValueError("must not be empty")
         if len(set(v)) != len(v):
             raise ValueError(f"duplicates in {v}")
@@ -389,6 +395,6 @@ BEFORE_KNOB_EXISTED = {"completion_eos": "always"}
 LAUNCH_KEYS = frozenset({"launcher", "jobs", "base_eval_cache", "ray_address", "job_cpus", "job_gpus", "job_retries",
                          "slurm_partition", "slurm_time", "distributed"})
 NOT_SWEEPABLE = {"experiment", "suite", "model", "methods", "seeds", "orders", "tasks", "grid", "results_dir", "tracking_uri",
-                 "tracking_optional", "system_metrics",
-                 "cache_dir", "device", "dtype", "compile", "trust_remote_code", "wait_for_lock", "eval_scope", "eval_limit",
-                 "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16"} | LAUNCH_KEYS
+                 "tracking_optional", "system_metrics", "cache_dir", "device", "dtype", "compile", "trust_remote_code", "wait_for_lock",
+                 "eval_scope", "eval_limit", "eval_batch_size", "eval_schedule", "eval_max_length", "eval_merged", "eval_bf16",
+                 "general_tasks", "general_limit", "general_include", "general_every"} | LAUNCH_KEYS

@@ -27,8 +27,8 @@ from harness.analysis.runs import MergeRun, SequenceRun, UnfinishedRun
 from harness.analysis.sensitivity import SELECTION_CRITERION
 from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
-from harness.report.tables import (GENERAL_HEADERS, PAIRED_HEADERS, fmt_metric, general_rows, not_learned_sentences,
-                                   paired_table_rows)
+from harness.report.tables import (GENERAL_HEADERS, GENERAL_TASK_HEADERS, PAIRED_HEADERS, fmt_metric, general_rows,
+                                   general_task_rows, not_learned_sentences, paired_table_rows)
 
 _TEMPLATES = Path(__file__).with_name("templates")
 # The adapter settings shown per method, from the run parameters.
@@ -226,6 +226,8 @@ def _sequence_context(d: PageData) -> dict:
         "not_learned": not_learned_sentences(d.runs),
         "general_headers": GENERAL_HEADERS,
         "general_rows": general_rows(d.by_method),
+        "general_task_headers": GENERAL_TASK_HEADERS,
+        "general_task_rows": general_task_rows(d.by_method),
         "general_ce_verdicts": d.general_ce_verdicts,
         "metric_headers": ["method", "runs"] + [f"{m} ({'↑' if HIGHER_IS_BETTER[m] else '↓'})" for m in METRICS],
         "metric_rows": [_metric_row(r) for r in d.rows],

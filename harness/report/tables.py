@@ -1,4 +1,4 @@
-"""The page's tables as text cells: paired comparisons, not-learned sentences, metric cells, variants, general CE.
+"""The page's tables as text cells: paired comparisons, not-learned sentences, metric cells, variants, general ability.
 
 The numbers come from harness.analysis; this module only formats them for index.html (harness/report/page.py).
 """
@@ -9,10 +9,13 @@ from harness.analysis.aggregate import mean_std_n
 from harness.analysis.intervals import fmt_p
 from harness.analysis.naming import METRICS, display_name
 from harness.analysis.numbers import finite, fmt, fmt_pm
+from harness.analysis.over_seeds import MIN_SEEDS, values_interval
 from harness.analysis.runs import SequenceRun
 from harness.analysis.sensitivity import VariantRow
 
 GENERAL_HEADERS = ["method", "runs", "base model CE", "CE after the last stage", "rise (↓)"]
+GENERAL_TASK_HEADERS = ["method", "task (general_tasks)", "runs", "base model", "change after the last stage (mean)",
+                        "95% interval over seeds"]
 
 
 def _interval(low, high) -> str:
@@ -78,4 +81,19 @@ def general_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
         rise = mean_std_n([s["general_ce_rise"] for s in got])
         out.append([display_name(method), str(len(got)), fmt(base["mean"]), fmt_pm(final["mean"], final["std"]),
                     fmt_pm(rise["mean"], rise["std"])])
+    return out
+
+
+def general_task_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
+    """The page's general_tasks table: per method and task, the base score and the change after the last stage (summary.json
+    general_tasks), mean over runs, with the t interval over seeds (over_seeds.values_interval) from MIN_SEEDS runs on."""
+    out = []
+    for method, runs in by_method.items():
+        got = [r.summary["general_tasks"] for r in runs if r.summary and r.summary.get("general_tasks")]
+        for task in sorted({t for g in got for t in g}):
+            changes = [g[task]["change"] for g in got if task in g]
+            base = mean_std_n([g[task]["base"] for g in got if task in g])["mean"]
+            iv = values_interval(changes)
+            interval = _interval(iv.low, iv.high) if len(changes) >= MIN_SEEDS else f"— (under {MIN_SEEDS} runs)"
+            out.append([display_name(method), task, str(len(changes)), fmt(base), f"{iv.mean:+.3f}", interval])
     return out

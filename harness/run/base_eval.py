@@ -1,12 +1,12 @@
-"""The base model's stage-0 row and general-text CE, computed once per experiment and shared.
+"""The base model's stage-0 row, general-text CE and general_tasks scores, computed once per experiment and shared.
 
 Every sequence of an experiment starts from the same base model, so its stage-0 evaluation (the b_j of
 FWT, on the same fixed documents) and its general-text cross-entropy are the same for every method and
 seed. They are computed once and kept in the experiment folder, `base-eval/<digest>.json`, written
 atomically. The digest is a SHA-256 over everything they depend on (`cache_key`): the model (its name and a
 fingerprint of its weights), the precision, the suite's files (documents included) and data overrides, the
-evaluation settings, the tasks, and the versions of the harness, lm-eval, transformers and torch. Change any
-of them and the entry is not found, so it is recomputed. Several processes (`--jobs`) share an entry: the
+evaluation settings (general_tasks and its knobs, the files of general_include), the tasks, and the versions of
+the harness, lm-eval, transformers and torch. Change any of them and the entry is not found, so it is recomputed. Several processes (`--jobs`) share an entry: the
 first takes `base-eval/<digest>.lock` and computes, the others wait for it and read.
 
 `base_eval_cache: false` evaluates the base model in every sequence, as the harness did before.
@@ -34,17 +34,18 @@ from harness.run.evaluate import EvalResult
 CACHE_DIR = "base-eval"
 SAMPLED_VALUES = 4096  # values of each weight tensor that the fingerprint reads (strided over the whole tensor)
 EVAL_KNOBS = ("eval_batch_size", "eval_limit", "eval_max_length", "eval_merged", "eval_bf16", "bf16_autocast",
-              "general_ce_tokens")
+              "general_ce_tokens", "general_tasks", "general_limit", "general_include")
 
 
 @dataclass
 class BaseEval:
-    """The base model's evaluation and general-text CE, and the cache entry they came from (None: not cached)."""
+    """The base model's evaluation, general-text CE and general_tasks record, and the cache entry they came from."""
 
     result: EvalResult
     general_ce: float | None
-    digest: str | None = None
+    digest: str | None = None  # None: not cached
     cached: bool = False
+    general: dict[str, Any] | None = None  # harness/run/general_eval.py's record (None: general_tasks off)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -81,8 +82,9 @@ def cache_key(cfg, suite, model: torch.nn.Module, tasks: list[str]) -> dict[str,
                 overrides[f"{t.name}{part}"] = file_sha256(Path(path))
     return {
         "model": str(cfg.model), "weights": weights_fingerprint(model), "dtype": str(p.dtype), "device": p.device.type,
-        "evaluation": {k: getattr(cfg, k) for k in EVAL_KNOBS}, "tasks": list(tasks),
-        "suite": folder_hashes(suite.path), "data_overrides": overrides,
+        "evaluation": {k: str(v) if isinstance(v := getattr(cfg, k), Path) else v for k in EVAL_KNOBS}, "tasks": list(tasks),
+        "suite": folder_hashes(suite.path), "data_overrides": overrides, "general_include": {  # the user's own task YAMLs
+            k: v for k, v in folder_hashes(cfg.general_include).items() if "__pycache__" not in k} if cfg.general_include else None,
         "versions": {"harness": __version__, "commit": git_commit(), "lm_eval": _version("lm_eval"),
                      "transformers": _version("transformers"), "torch": torch.__version__},
     }
@@ -95,13 +97,13 @@ def digest_of(key: dict[str, Any]) -> str:
 def _record(base: BaseEval, key: dict[str, Any]) -> dict[str, Any]:
     r = base.result
     return {"key": key, "scores": r.scores, "raw": r.raw, "wall_s": r.wall_s, "n_examples": r.n_examples,
-            "documents": r.documents, "general_ce": base.general_ce}
+            "documents": r.documents, "general_ce": base.general_ce, "general": base.general}
 
 
 def _from_record(data: dict[str, Any], digest: str) -> BaseEval:
     result = EvalResult(scores=data["scores"], raw=data["raw"], wall_s=data["wall_s"], n_examples=data["n_examples"],
                         documents=data["documents"])
-    return BaseEval(result, data["general_ce"], digest, cached=True)
+    return BaseEval(result, data["general_ce"], digest, cached=True, general=data.get("general"))
 
 
 class BaseEvalCache:

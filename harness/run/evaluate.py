@@ -28,6 +28,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class Evaluator:
             return EvalResult(scores={}, raw={}, wall_s=0.0, n_examples={}, documents={})
         if merged is None:  # the evaluator's setting; None there: folded on CUDA, through PEFT on CPU
             merged = self.merged if self.merged is not None else next(model.parameters()).device.type == "cuda"
-        if merged and not self.checked_fold and _has_adapters(model):
+        if merged and not self.checked_fold and has_adapters(model):
             self.checked_fold = True  # before the recursive calls below
             self.fold_agreement = self.check_fold(model, tasks, bf16_autocast=bf16_autocast)
         t0 = time.perf_counter()
@@ -157,49 +158,62 @@ class Evaluator:
     def _run(self, model: torch.nn.Module, tasks: list[str], bf16: bool, log_samples: bool) -> tuple[dict, dict, dict]:
         """lm-eval's results, n-samples and (with log_samples) samples for the tasks, in one lm-eval call (requests of
         every task batched together)."""
-        from lm_eval.models.huggingface import HFLM  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
-
-        was_training = model.training
-        verbose = logging.getLogger("harness").isEnabledFor(logging.DEBUG)
-        bar = tqdm(total=len(tasks), desc="evaluate", leave=False, disable=not self.progress, dynamic_ncols=True, file=sys.stderr)
-        try:
-            # lm-eval wraps every forward in torch.autocast(enabled=mixed_precision_dtype is not None), which
-            # switches an outer autocast off: bf16 must be asked of HFLM itself. CPU only, as in training.
-            device = next(model.parameters()).device
-            lm = HFLM(pretrained=model, tokenizer=self.tokenizer, batch_size=self.batch_size,
-                      max_length=self.max_length, mixed_precision_dtype=autocast_dtype(device, bf16))
-            quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())  # lm-eval's bars
-            with quiet, torch.no_grad():
-                out = self._lm_eval(lm, tasks, log_samples, verbose)
-            bar.update(len(tasks))
-        finally:
-            bar.close()
-            model.train(was_training)
+        out = run_lm_eval(model, self.tokenizer, lambda: self.task_manager.load([self.configs[t] for t in tasks]),
+                          batch_size=self.batch_size, max_length=self.max_length, bf16=bf16, samples=self.subsets(tasks),
+                          log_samples=log_samples, progress=self.progress, n_tasks=len(tasks))
         return out["results"], out.get("n-samples", {}), out.get("samples") or {}
 
-    def _lm_eval(self, lm, tasks: list[str], log_samples: bool, verbose: bool) -> dict:
-        """lm-eval's evaluate() on the tasks, set up as simple_evaluate sets it up (seeds 0, zero-shot, fewshot seed 0).
 
-        Not simple_evaluate itself: after every call it reports the environment (torch's collect_env and
-        `pip list` in subprocesses, git), ~0.3-0.7 s per task here: a third of a tiny model's evaluation."""
-        from lm_eval.evaluator import evaluate  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
-        from lm_eval.utils import setup_logging  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+def run_lm_eval(model: torch.nn.Module, tokenizer, load: Callable[[], dict], *, batch_size, max_length: int | None, bf16: bool,
+                samples: dict[str, list[int]] | None = None, limit: int | None = None, log_samples: bool = False,
+                progress: bool = True, n_tasks: int = 1) -> dict:
+    """lm-eval's evaluate() output for the tasks load() returns (a TaskManager.load result), on the in-memory model through
+    HFLM; model.train() is restored afterwards whatever happens. Also harness/run/general_eval.py's (general_tasks)."""
+    from lm_eval.models.huggingface import HFLM  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
 
-        random.seed(0)
-        np.random.seed(0)
-        torch.manual_seed(0)
-        loaded = self.task_manager.load([self.configs[t] for t in tasks])
-        for obj in loaded["tasks"].values():
-            if obj.get_config("num_fewshot") is None:
-                obj.set_config(key="num_fewshot", value=0)
-            obj.set_fewshot_seed(seed=0)
-        out = evaluate(lm=lm, task_dict=loaded, samples=self.subsets(tasks), bootstrap_iters=0, log_samples=log_samples,
-                       cache_requests=False)
-        setup_logging(verbosity="INFO" if verbose else "ERROR")
-        return out
+    was_training = model.training
+    verbose = logging.getLogger("harness").isEnabledFor(logging.DEBUG)
+    bar = tqdm(total=n_tasks, desc="evaluate", leave=False, disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    try:
+        # lm-eval wraps every forward in torch.autocast(enabled=mixed_precision_dtype is not None), which
+        # switches an outer autocast off: bf16 must be asked of HFLM itself. CPU only, as in training.
+        device = next(model.parameters()).device
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                  mixed_precision_dtype=autocast_dtype(device, bf16))
+        quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())  # lm-eval's bars
+        with quiet, torch.no_grad():
+            out = _lm_eval(lm, load, samples, limit, log_samples, verbose)
+        bar.update(n_tasks)
+    finally:
+        bar.close()
+        model.train(was_training)
+    return out
 
 
-def _has_adapters(model: torch.nn.Module) -> bool:
+def _lm_eval(lm, load: Callable[[], dict], samples, limit: int | None, log_samples: bool, verbose: bool) -> dict:
+    """lm-eval's evaluate() on the loaded tasks, set up as simple_evaluate sets it up (seeds 0, the task's own few-shot
+    count else zero-shot, fewshot seed 0; bootstrap off).
+
+    Not simple_evaluate itself: after every call it reports the environment (torch's collect_env and
+    `pip list` in subprocesses, git), ~0.3-0.7 s per task here: a third of a tiny model's evaluation."""
+    from lm_eval.evaluator import evaluate  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+    from lm_eval.utils import setup_logging  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    loaded = load()
+    for obj in loaded["tasks"].values():
+        if obj.get_config("num_fewshot") is None:
+            obj.set_config(key="num_fewshot", value=0)
+        obj.set_fewshot_seed(seed=0)
+    out = evaluate(lm=lm, task_dict=loaded, samples=samples, limit=limit, bootstrap_iters=0, log_samples=log_samples,
+                   cache_requests=False)
+    setup_logging(verbosity="INFO" if verbose else "ERROR")
+    return out
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
     """Whether PEFT LoRA layers are in the model (duck-typed: importing PEFT here would cost the CLI ~2 s)."""
     return any(hasattr(m, "lora_A") for m in model.modules())
 
@@ -225,3 +239,15 @@ def validation_evaluator(suite, tokenizer, cfg, *, progress: bool = True) -> Eva
     ev = Evaluator.from_config(suite, tokenizer, cfg, progress=progress)
     ev.configs, ev.limit = configs, None
     return ev
+
+
+def validation_scores(suite, tokenizer, cfg, model: torch.nn.Module, tasks: list[str], *, progress: bool = True) -> dict | None:
+    """The model on the validation split of each of the tasks that has one (None: no task has one).
+
+    ACC on the validation split (their mean) is what grid selection reads, so the test split never chooses."""
+    ev = validation_evaluator(suite, tokenizer, cfg, progress=progress)
+    got = [t for t in tasks if ev is not None and t in ev.configs]
+    if not got:
+        return None
+    res = ev.evaluate(model, got, bf16_autocast=cfg.bf16_autocast)
+    return {"tasks": got, "scores": res.scores, "acc": sum(res.scores.values()) / len(got), "complete": len(got) == len(tasks)}

@@ -9,8 +9,8 @@ up. `harness resume`, `harness report` and `harness sync RUN_DIR` run the same `
 
 sync_sequence is idempotent, and reads only the folder: it creates the parent run if the sequence started
 while the store was down (from the name, tags and params kept in state.json), logs each committed stage's
-missing acc/<task> points and stage-run metrics (a FINISHED stage run per committed stage, other runs of that
-stage deleted), and, for a finished sequence, the final metrics and artifacts, then marks the parent FINISHED.
+missing acc/<task>, general_ce and general/<task> points and stage-run metrics (a FINISHED stage run per committed stage,
+other runs of that stage deleted), and, for a finished sequence, the final metrics and artifacts, then marks the parent FINISHED.
 """
 
 from __future__ import annotations
@@ -72,11 +72,23 @@ def mirror_stage(tracker, parent_id: str, child_id: str, stage_dir: Path, *, fre
     lineage.log_acc(tracker, parent_id, ev["scores"], t, records, model_id, once=not fresh)
     if model_id and not fresh:
         lineage.backfill_model_acc(tracker, model_id, child_id, ev["scores"], t, records)
-    if ev.get("general_ce") is not None and fresh:
-        tracker.log_metrics(parent_id, {"general_ce": ev["general_ce"]}, step=t)
-    elif ev.get("general_ce") is not None:
-        tracker.log_metric_once(parent_id, "general_ce", ev["general_ce"], t)
+    log_general(tracker, parent_id, ev, t, fresh=fresh)
     tracker.finish(child_id, "FINISHED")
+
+
+def general_metrics(ev: dict[str, Any]) -> dict[str, float]:
+    """What a stage's eval.json gives its parent run at that step: general_ce and general/<task> (general_tasks)."""
+    out = {f"general/{task}": v for task, v in (ev.get("general") or {}).items()}
+    return {"general_ce": ev["general_ce"], **out} if ev.get("general_ce") is not None else out
+
+
+def log_general(tracker, parent_id: str, ev: dict[str, Any], t: int, *, fresh: bool) -> None:
+    """A stage's general metrics on the parent run at step t: in one batch when fresh, else each point once."""
+    metrics = general_metrics(ev)
+    if fresh and metrics:
+        tracker.log_metrics(parent_id, metrics, step=t)
+    for key, value in ({} if fresh else metrics).items():
+        tracker.log_metric_once(parent_id, key, value, t)
 
 
 def log_results(tracker, parent_id: str, run_dir: Path, summary: dict[str, Any], *, fresh: bool) -> None:
@@ -85,6 +97,7 @@ def log_results(tracker, parent_id: str, run_dir: Path, summary: dict[str, Any],
     final.update({k: v for k, v in summary.items() if k.startswith("trainable_params")})
     val = summary.get("validation") or {}  # the final model on the validation split (grid selection reads val_ACC)
     final.update({"val_ACC": val.get("acc"), **{f"val/{t}": v for t, v in (val.get("scores") or {}).items()}})
+    final.update({f"general_change/{t}": g["change"] for t, g in (summary.get("general_tasks") or {}).items()})
     final = {k: v for k, v in final.items() if k in FINAL_METRICS.values() or v is not None}
     (tracker.log_metrics if fresh else tracker.mirror_metrics)(parent_id, final)
     for name in RESULT_ARTIFACTS:
@@ -118,6 +131,7 @@ def sync_sequence(tracker, run_dir: Path) -> str:
     for t, d in sorted(committed_stages(run_dir).items()):
         if t == 0:
             lineage.log_acc(tracker, parent_id, read_json(d / "eval.json")["scores"], 0, records, once=True)
+            log_general(tracker, parent_id, read_json(d / "eval.json"), 0, fresh=False)
             continue
         child = _stage_run(tracker, parent_id, t, read_json(d / STAGE_MARKER), by_stage.get(t, []), stage_tags)
         keep.add(child)

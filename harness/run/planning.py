@@ -35,6 +35,7 @@ from harness.models import check_model_available, downloads_allowed, linear_shap
 from harness.models import memory as MEM
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
+from harness.run.general_eval import check_names as check_general_tasks
 from harness.suites import DEFAULT_LR, validate_suite
 from harness.tracking.client import check_reachable, default_tracking_uri
 
@@ -215,7 +216,7 @@ def sequence_memory(cfg: ExperimentConfig, suite, specs: list[SequenceSpec]) -> 
 
 
 def validate(cfg: ExperimentConfig):
-    """Everything that can be checked without training: suite, tasks, orders, model, capacity, paths, launcher."""
+    """Everything that can be checked without training: suite, tasks, orders, model, capacity, general_tasks, paths, launcher."""
     uri = default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)
     check_precision(cfg)
     check_launcher(cfg, uri)
@@ -238,6 +239,7 @@ def validate(cfg: ExperimentConfig):
             "On a machine with hub access set HF_HUB_OFFLINE=0 (or HARNESS_ALLOW_DOWNLOADS=1); without the hub, "
             "point HARNESS_DATA_OVERRIDES at local files of the same schema (see the README's Task suites)."
         )
+    check_general_tasks(cfg)  # lm-eval's registry: indexed (~11 s) only when general_tasks names a task outside general_include
     check_results_dir(cfg.results_dir)
     if not cfg.tracking_optional:  # with it, the run starts and its mirror catches up once the store answers
         check_reachable(uri)

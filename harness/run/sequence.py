@@ -33,16 +33,16 @@ from harness.methods import METHODS, StageContext
 from harness.models.memory import peak_memory
 from harness.precision import precision_of
 from harness.provenance import git_commit
-from harness.run import lineage
+from harness.run import general_eval as GEN, lineage
 from harness.run.base_eval import BaseEval, BaseEvalCache, cache_key
 from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.run.compiled import resolve_mode
 from harness.run.console import done_line, say, stage_line
-from harness.run.evaluate import validation_evaluator
+from harness.run.evaluate import validation_scores
 from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes,
                                 committed_stages, finished_stages, learn_check, method_seconds, result_hashes, verify_folder,
                                 verify_stages, write_documents, write_matrix_files, write_stage_marker)
-from harness.run.mirror import Mirror, mirror_stage, parent_record, read_state, update_state
+from harness.run.mirror import Mirror, general_metrics, mirror_stage, parent_record, read_state, update_state
 from harness.run.planning import SequenceSpec
 from harness.run.train import Recipe, collate, task_examples, tokenize_examples, train_method
 from harness.timing import timed
@@ -194,8 +194,8 @@ class SequenceRunner:
         done = D.main_then_all(self._committed_verified)
         if main:
             self._replay_committed(done)
-            if 0 not in done and (self.eval_tasks(0) or self.cfg.general_ce_tokens):
-                self._stage0()  # under diagonal_final: no task, only the base model's general-text CE
+            if 0 not in done and (self.eval_tasks(0) or self.cfg.general_ce_tokens or self.cfg.general_tasks):
+                self._stage0()  # under diagonal_final: no task, only the base model's general-text CE (and general_tasks)
         D.barrier()  # the others wait while rank 0 evaluates the base model
         method = self.method_cls(self.cfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model,
                                  task_examples=self.task_examples)
@@ -230,10 +230,11 @@ class SequenceRunner:
         tasks = self.eval_tasks(0)
         base = self.base_cache.get(cache_key(self.cfg, self.suite, self.model, tasks), lambda: BaseEval(
             self.evaluator.evaluate(self.model, tasks, bf16_autocast=self.cfg.bf16_autocast),
-            general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens)))
+            general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens),
+            general=GEN.at_stage(self.model, self.tokenizer, self.cfg, 0, len(self.plan), progress=self.progress)))
         ev, self.general_ce[0] = base.result, base.general_ce
-        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
-               "general_ce": self.general_ce[0], "base_eval": {"digest": base.digest, "cached": base.cached}}
+        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s, "general_ce": self.general_ce[0],
+               **(base.general or {}), "base_eval": {"digest": base.digest, "cached": base.cached}}
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
@@ -241,8 +242,8 @@ class SequenceRunner:
             write_stage_marker(tmp, info)
         self.fill_row(0, ev.scores)
         self.mirror.call(lineage.log_acc, self.tracker, self.mirror.parent_id, ev.scores, 0, self.datasets)
-        if self.general_ce[0] is not None:
-            self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, {"general_ce": self.general_ce[0]}, step=0)
+        if general_metrics(evj):  # general_ce and general/<task> at step 0
+            self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, general_metrics(evj), step=0)
         self.stage_wall[0] = time.perf_counter() - t0
         say(stage_line(self.spec.label, len(self.plan), info, evj))
 
@@ -313,13 +314,14 @@ class SequenceRunner:
         t_ce = time.perf_counter()
         self.general_ce[t] = general_ce(method.model, self.tokenizer, cfg.general_ce_tokens)
         ce_s = time.perf_counter() - t_ce
+        gen = GEN.at_stage(method.model, self.tokenizer, cfg, t, len(self.plan), progress=self.progress)  # general_tasks, when due
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
         t_save = time.perf_counter()
         previous = [p for p in (self.run_dir / "stages").glob(f"{t - 1}-*") if t > 1]
         with atomic_dir(stage_dir, need=tree_size(previous[0]) if previous else None) as tmp:  # a stage takes about what the last did
             method.save_stage(tmp)
             evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
-                   "general_ce": self.general_ce[t], "general_ce_s": ce_s}
+                   "general_ce": self.general_ce[t], "general_ce_s": ce_s, **gen}
             trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
                    "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
                    "resumed_from_step": res.resumed_from_step, "train_examples": n_examples, "compile_used": res.compile_used,
@@ -328,7 +330,8 @@ class SequenceRunner:
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
-            overhead = total - res.wall_s - ev.wall_s - calib_s - ce_s - stats["method_setup_s"] - stats["method_teardown_s"]
+            overhead = (total - res.wall_s - ev.wall_s - calib_s - ce_s - gen.get("general_s", 0.0) - stats["method_setup_s"]
+                        - stats["method_teardown_s"])
             info = {
                 "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
                 "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
@@ -336,7 +339,8 @@ class SequenceRunner:
                 "train_tok_s": res.tok_s, "train_steps": res.steps, "mlflow_run_id": self.child_id,
                 "precision": self.precision, **method.param_counts(), **stats,
                 "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
-                **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {})}
+                **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {}),
+                **({"general_s": gen["general_s"]} if gen else {})}
             write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
@@ -376,7 +380,8 @@ class SequenceRunner:
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
             **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),
-            "validation": self._validation(method),
+            **GEN.summary({t: read_json(d / "eval.json") for t, d in committed.items()}, len(self.plan)),
+            "validation": validation_scores(self.suite, self.tokenizer, self.cfg, method.model, spec.tasks, progress=self.progress),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)], **method_seconds(committed),
             "peak_memory": peak_memory(next(self.model.parameters()).device),
             "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
@@ -385,15 +390,3 @@ class SequenceRunner:
         self.mirror.finish(summary, lambda: atomic_write_json(run_dir / "summary.json", summary))
         say(done_line(spec.label, summary))
         return D.broadcast_object(summary)
-
-    def _validation(self, method) -> dict[str, Any] | None:
-        """The final model on the validation split of each task that has one (None: no task has one).
-
-        ACC on the validation split (their mean) is what grid selection reads, so the test split never chooses."""
-        ev = validation_evaluator(self.suite, self.tokenizer, self.cfg, progress=self.progress)
-        tasks = [t for t in self.spec.tasks if ev is not None and t in ev.configs]
-        if not tasks:
-            return None
-        res = ev.evaluate(method.model, tasks, bf16_autocast=self.cfg.bf16_autocast)
-        return {"tasks": tasks, "scores": res.scores, "acc": sum(res.scores.values()) / len(tasks),
-                "complete": len(tasks) == len(self.spec.tasks)}
