@@ -13,10 +13,10 @@ from harness.config import ExperimentConfig
 from harness.methods import METHODS, StageContext
 from harness.methods.osf import FILE, frozen_share
 from harness.models import load_model
-from harness.run.checkpoint import StageCheckpointer
 from harness.run.export import export_adapter
 from harness.run.train import Recipe, train_stage
 from harness.suites import load_suite
+from stage_resume import check_mid_stage_resume
 from test_export import harness_model, logits, stock
 from test_methods import stage_dirs
 
@@ -107,41 +107,7 @@ def state(method) -> dict[str, torch.Tensor]:
 
 
 def test_a_stage_resumed_from_the_stage_folder_and_a_mid_stage_checkpoint_ends_bit_identical(tmp_path):
-    ref, tok = osf()
-    ref.begin_stage(ctx(1, tmp_path))
-    train(ref, tok, 1)
-    ref.end_stage()
-    stage1 = tmp_path / "stage1"
-    stage1.mkdir()
-    ref.save_stage(stage1)
-    ref.begin_stage(ctx(2, tmp_path))
-    train(ref, tok, 2)
-    ref.end_stage()
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_2(step: int) -> None:
-        if step == 2:
-            raise Killed
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    for attempt in ("killed", "resumed"):
-        method, _ = osf()
-        method.restore({1: stage1})  # a new process: stage 1 from its folder
-        ckpt = StageCheckpointer(run_dir, 2, TASKS[1], every=2)
-        method.begin_stage(ctx(2, run_dir, resumed_extra=ckpt.load_extra()))
-        if attempt == "killed":
-            with pytest.raises(Killed):
-                train(method, tok, 2, checkpointer=ckpt, on_step=kill_at_2)
-        else:
-            assert train(method, tok, 2, checkpointer=ckpt).resumed_from_step == 2
-            method.end_stage()
-    want, got = state(ref), state(method)
-    assert want.keys() == got.keys() and len(want) > 0
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
+    check_mid_stage_resume(osf, ctx, train, state, tmp_path, TASKS[1])
 
 
 # --- a whole sequence --------------------------------------------------------------------------------------------
