@@ -1,6 +1,5 @@
 """OSF through PEFT's OSF tuner: the frozen subspace stays put, resume, export, verify, the base model given back."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,34 +9,17 @@ from safetensors.torch import load_file
 
 from harness.cli import main
 from harness.config import ExperimentConfig
-from harness.methods import METHODS, StageContext
 from harness.methods.osf import FILE, frozen_share
 from harness.models import load_model
 from harness.run.export import export_adapter
-from harness.run.train import Recipe, train_stage
-from harness.suites import load_suite
-from stage_resume import check_mid_stage_resume
+from stage_resume import TASKS, build, check_mid_stage_resume, ctx, resume_without_last_stage, train
 from test_export import harness_model, logits, stock
 from test_methods import stage_dirs
 
-TASKS = ["parity", "weather", "copy"]
 
 
 def osf(**knobs):
-    model, tok = load_model("tiny-llama")
-    cfg = ExperimentConfig(model="tiny-llama", suite="smoke", methods=["osf"], **knobs)
-    return METHODS["osf"](cfg, seed=0, tasks=TASKS, base_model=model), tok
-
-
-def ctx(t: int, run_dir: Path, **kw) -> StageContext:
-    return StageContext(stage=t, task=TASKS[t - 1], run_dir=run_dir, calibrate=None, **kw)
-
-
-def train(method, tok, t: int, steps: int = 4, **kw):
-    examples = load_suite("smoke").task(TASKS[t - 1]).train_examples()
-    return train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(method.cfg),
-                       lr=3e-2, epochs=1, batch_size=4, steps=steps, max_seq_len=32, seed=0, stage=t, hooks=method,
-                       progress=False, **kw)
+    return build("osf", **knobs)
 
 
 def frozen_basis(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +89,7 @@ def state(method) -> dict[str, torch.Tensor]:
 
 
 def test_a_stage_resumed_from_the_stage_folder_and_a_mid_stage_checkpoint_ends_bit_identical(tmp_path):
-    check_mid_stage_resume(osf, ctx, train, state, tmp_path, TASKS[1])
+    check_mid_stage_resume(osf, state, tmp_path)
 
 
 # --- a whole sequence --------------------------------------------------------------------------------------------
@@ -149,11 +131,6 @@ def test_export_gives_a_stock_peft_adapter_with_the_harness_models_logits(run, t
 
 @pytest.mark.slow
 def test_a_dropped_last_stage_is_retrained_bit_identically_on_resume(run, tmp_path):
-    shutil.copytree(run.parents[2], tmp_path / "r")  # resume needs the experiment folder around the sequence
-    copy = tmp_path / "r" / run.relative_to(run.parents[2])
-    last = stage_dirs(run)[-1]
-    shutil.rmtree(copy / "stages" / last.name)
-    (copy / "summary.json").unlink()
-    assert main(["resume", str(copy), "--no-report", "--no-progress"]) == 0
-    again, before = load_file(str(copy / "stages" / last.name / FILE)), load_file(str(last / FILE))
+    again_dir, last = resume_without_last_stage(run, tmp_path)
+    again, before = load_file(str(again_dir / FILE)), load_file(str(last / FILE))
     assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again)

@@ -1,6 +1,5 @@
 """SD-LoRA: the update Σ α_i B_iA_i/‖B_iA_i‖_F, frozen directions with training magnitudes, resume, export, verify."""
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -10,34 +9,17 @@ from safetensors.torch import load_file
 
 from harness.cli import main
 from harness.config import ExperimentConfig
-from harness.methods import METHODS, StageContext
 from harness.methods.sdlora import FILE
 from harness.models import load_model
 from harness.run.export import export_adapter
-from harness.run.train import Recipe, train_stage
-from harness.suites import load_suite
-from stage_resume import check_mid_stage_resume
+from stage_resume import TASKS, build, check_mid_stage_resume, ctx, resume_without_last_stage, train
 from test_export import harness_model, logits, stock
 from test_methods import stage_dirs
 
-TASKS = ["parity", "weather", "copy"]
 
 
 def sdlora(**knobs):
-    model, tok = load_model("tiny-llama")
-    cfg = ExperimentConfig(model="tiny-llama", suite="smoke", methods=["sdlora"], **knobs)
-    return METHODS["sdlora"](cfg, seed=0, tasks=TASKS, base_model=model), tok
-
-
-def ctx(t: int, run_dir: Path, **kw) -> StageContext:
-    return StageContext(stage=t, task=TASKS[t - 1], run_dir=run_dir, calibrate=None, **kw)
-
-
-def train(method, tok, t: int, steps: int = 4, **kw):
-    examples = load_suite("smoke").task(TASKS[t - 1]).train_examples()
-    return train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(method.cfg),
-                       lr=3e-2, epochs=1, batch_size=4, steps=steps, max_seq_len=32, seed=0, stage=t, hooks=method,
-                       progress=False, **kw)
+    return build("sdlora", **knobs)
 
 
 def perturb(method, t: int) -> None:
@@ -141,7 +123,7 @@ def state(method) -> dict[str, torch.Tensor]:
 
 
 def test_a_stage_resumed_from_the_stage_folder_and_a_mid_stage_checkpoint_ends_bit_identical(tmp_path):
-    check_mid_stage_resume(sdlora, ctx, train, state, tmp_path, TASKS[1])
+    check_mid_stage_resume(sdlora, state, tmp_path)
 
 
 # --- a whole sequence ------------------------------------------------------------------------------------------
@@ -213,12 +195,7 @@ def test_export_gives_a_stock_peft_adapter_with_the_harness_models_logits(run, t
 
 @pytest.mark.slow
 def test_a_dropped_last_stage_is_retrained_bit_identically_on_resume(run, tmp_path):
-    shutil.copytree(run.parents[2], tmp_path / "r")  # resume needs the experiment folder around the sequence
-    copy = tmp_path / "r" / run.relative_to(run.parents[2])
-    last = stage_dirs(run)[-1]
-    shutil.rmtree(copy / "stages" / last.name)
-    (copy / "summary.json").unlink()
-    assert main(["resume", str(copy), "--no-report", "--no-progress"]) == 0
+    again_dir, last = resume_without_last_stage(run, tmp_path)
     for f in (FILE, *(f"adapter/task{i}/adapter_model.safetensors" for i in (1, 2, 3))):
-        again, before = load_file(str(copy / "stages" / last.name / f)), load_file(str(last / f))
+        again, before = load_file(str(again_dir / f)), load_file(str(last / f))
         assert again.keys() == before.keys() and all(torch.equal(again[k], before[k]) for k in again), f

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from harness import distributed as D
 from harness.config import ExperimentConfig
 from harness.config_loading import format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
@@ -163,7 +164,7 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
 
     Several processes opening one sqlite store race on its schema and lock it ("database is
     locked"), so a parallel launcher with sqlite is refused before anything is written."""
-    if cfg.jobs != 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if cfg.jobs != 1 and D.is_distributed():
         raise ConfigError(f"--jobs {cfg.jobs}: under torchrun / accelerate launch the ranks share one sequence; run several "
                           "sequences at once without the launcher (--jobs), or one sequence over several processes (torchrun)")
     if cfg.launcher == "local":
