@@ -38,6 +38,9 @@ class StageContext:
     # data outside training (InfLoRA's input subspace, EWC's Fisher). n_examples: how many there are.
     batches: Callable[[list[int] | None, int], Iterator[dict[str, torch.Tensor]]] | None = None
     n_examples: int = 0
+    # The stage's step is compiled (torch.compile, one process): weights a method computes from its parameters are
+    # handed to the forward by weight_overrides() rather than installed in the modules (one graph per sequence).
+    compiled: bool = False
 
 
 class Method:
@@ -119,6 +122,11 @@ class Method:
 
     def after_step(self) -> None:
         pass
+
+    def weight_overrides(self) -> dict[str, torch.Tensor] | None:
+        """{parameter name: tensor} the step's forward uses instead of the model's own (torch.func.functional_call),
+        computed outside the compiled graph; None: the model as it is."""
+        return None
 
     # --- the stage's end ----------------------------------------------------------------------
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ and weights (a hash, printed by every rank and kept in stage.json).
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,6 @@ from harness.provenance import git_commit
 from harness.run import general_eval as GEN, lineage
 from harness.run.base_eval import BaseEval, BaseEvalCache, cache_key
 from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
-from harness.run.compiled import resolve_mode
 from harness.run.console import done_line, say, stage_line
 from harness.run.evaluate import validation_scores
 from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes,
@@ -44,7 +44,7 @@ from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, chec
                                 verify_stages, write_documents, write_matrix_files, write_stage_marker)
 from harness.run.mirror import Mirror, general_metrics, mirror_stage, parent_record, read_state, update_state
 from harness.run.planning import SequenceSpec
-from harness.run.train import Recipe, collate, task_examples, tokenize_examples, train_method
+from harness.run.train import Recipe, collate, compile_plan, task_examples, tokenize_examples, train_method
 from harness.timing import timed
 
 
@@ -274,7 +274,8 @@ class SequenceRunner:
                 yield collate(data[i : i + batch_size], pad_id, device)
 
         _, setup_s = timed(method.begin_stage, StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate,
-                                                            resumed_extra=ckpt.load_extra(), batches=batches, n_examples=len(examples)))
+                                                            resumed_extra=ckpt.load_extra(), batches=batches, n_examples=len(examples),
+                                                            compiled=self.compiling[1] is not None and not D.is_distributed()))
         ckpt.extra = method.checkpoint_extra()
         launch = self._check_ranks_agree(t, method, ckpt.extra)
         res = self._train(method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt)
@@ -325,7 +326,7 @@ class SequenceRunner:
             trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
                    "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
                    "resumed_from_step": res.resumed_from_step, "train_examples": n_examples, "compile_used": res.compile_used,
-                   "compile_note": res.compile_note}
+                   "compile_note": res.compile_note, "compile_graphs": res.compile_graphs, "compile_recompiles": res.compile_recompiles}
             atomic_write_json(tmp / "eval.json", evj)
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
@@ -352,11 +353,15 @@ class SequenceRunner:
         self.stage_wall[t] = total
         say(stage_line(spec.label, len(self.plan), info, evj, trj))
 
+    @functools.cached_property
+    def compiling(self) -> tuple[str, tuple[int, int] | None]:  # (mode, the one shape of every compiled step; None: eager)
+        return compile_plan(self.cfg.compile, self.model, self.tokenizer, lambda: [
+            (s.budget, [ex for task in s.tasks for ex in self.task_examples(task)]) for s in self.spec.stages])
+
     def _train(self, method, examples, budget, stage: int, desc: str, **kw):
         return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
-                            bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress,
-                            distributed=self.cfg.distributed, compile_mode=resolve_mode(self.cfg.compile, next(self.model.parameters()).device),
-                            **kw)
+                            bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress, distributed=self.cfg.distributed,
+                            compile_mode=self.compiling[0], compile_shape=self.compiling[1], **kw)
 
     def _finish(self, method) -> dict[str, Any]:
         """Rank 0 writes the matrix, diagnostics and summary and logs them; every rank returns that summary."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
+from torch.func import functional_call
 from pydantic import BaseModel, ConfigDict, create_model
 from tqdm.auto import tqdm
 
@@ -27,7 +28,7 @@ from harness.config import RECIPE_KNOBS, ExperimentConfig
 from harness.errors import HarnessError
 from harness.losses import lm_loss, loss_terms
 from harness.run.checkpoint import Progress, StageCheckpointer
-from harness.run.compiled import CompiledLoss, pad_to_bucket
+from harness.run.compiled import CompiledLoss, resolve_mode, sequence_shape, why_not
 from harness.precision import autocast_ctx
 from harness.seeding import stable_seed
 
@@ -96,6 +97,7 @@ class StageHooks(Protocol):
     def extra_loss(self) -> torch.Tensor | None: ...
     def after_backward(self) -> None: ...
     def after_step(self) -> None: ...
+    def weight_overrides(self) -> dict[str, torch.Tensor] | None: ...
 
 
 @dataclass
@@ -110,6 +112,8 @@ class TrainResult:
     local_trainable: int = 0  # elements of the trainable parameters this rank held (FSDP: its shards)
     compile_used: str = "none"  # the torch.compile mode that ran (none: eager, asked for or fallen back to)
     compile_note: str | None = None  # why compile fell back to eager
+    compile_graphs: int = 0  # graphs torch.compile built during the stage (harness/run/compiled.py)
+    compile_recompiles: int = 0  # of those, built after this process's first compiled step
 
     @property
     def tok_s(self) -> float:
@@ -173,9 +177,13 @@ def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reductio
     return collate(mine, pad_id, device), weight * D.world_size() / max(1, loss_terms(items, reduction))
 
 
-def forward_loss(model, input_ids, attention_mask, labels, reduction: str, scale: float | None = None) -> torch.Tensor:
-    """The forward pass and the loss: what `compile` compiles (harness/run/compiled.py)."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+def forward_loss(model, input_ids, attention_mask, labels, reduction: str, scale: float | None = None,
+                 overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The forward pass and the loss: what `compile` compiles (harness/run/compiled.py).
+
+    overrides: parameters the forward uses instead of the model's (the method's weight_overrides)."""
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    logits = (functional_call(model, overrides, args=(), kwargs=inputs) if overrides else model(**inputs)).logits
     return lm_loss(logits, labels, reduction, scale=scale)
 
 
@@ -188,8 +196,9 @@ def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recip
     the global batch's, averaged over ranks."""
     device = batch["input_ids"].device
     with autocast_ctx(device, bf16_autocast):
+        overrides = hooks.weight_overrides() if hasattr(hooks, "weight_overrides") else None  # optional in a hook object
         loss = (loss_fn or forward_loss)(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                         recipe.loss_reduction, loss_scale)
+                                         recipe.loss_reduction, loss_scale, overrides)
     extra = hooks.extra_loss() if hooks is not None else None
     total = loss + extra if extra is not None else loss
     total.backward()
@@ -255,6 +264,7 @@ def train_stage(
     on_step: Callable[[int], None] | None = None,
     distributed: str = "ddp",
     compile_mode: str = "none",
+    compile_shape: tuple[int, int] | None = None,
 ) -> TrainResult:
     """Train `params` on `examples` with a fresh optimizer; deterministic given (seed, stage) on CPU.
 
@@ -262,7 +272,7 @@ def train_stage(
     With a checkpointer, a checkpoint of this stage is restored first (weights, AdamW, schedule,
     RNG and data position), and one is written every `checkpoint_every` steps and at the end.
     Under a launcher the model is wrapped for the stage (`distributed`: ddp or fsdp) after the restore.
-    """
+    compile_shape: the (rows, length) every compiled step is padded to (harness/run/compiled.py)."""
     device = next(model.parameters()).device
     data = tokenize_examples(tokenizer, examples, max_seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -283,7 +293,7 @@ def train_stage(
     ckpt_s = 0.0
     bar = tqdm(total=total, initial=prog.step, desc=desc, leave=False, disable=not progress or not main, dynamic_ncols=True)
     losses = LossLog(prog.losses, bar)
-    loss_fn = CompiledLoss(forward_loss, compile_mode, device)
+    loss_fn = CompiledLoss(forward_loss, compile_mode, device, shape=compile_shape)
     try:
         while prog.step < total:
             if not prog.order:
@@ -291,8 +301,7 @@ def train_stage(
             idx, prog.order = prog.order[:batch_size], prog.order[batch_size:]
             items = [data[i] for i in idx]
             batch, scale = rank_batch(items, pad_id, device, recipe.loss_reduction)
-            if loss_fn.used != "none":
-                batch = pad_to_bucket(batch, pad_id)
+            batch = loss_fn.pad(batch, pad_id)
             losses.add(train_step(staged.module, batch, plist, staged.opt, staged.sched, recipe, hooks, bf16_autocast, scale,
                                   loss_fn))
             prog.step += 1
@@ -310,13 +319,14 @@ def train_stage(
         bar.close()
     return TrainResult(steps=prog.step, tokens=prog.tokens, wall_s=time.perf_counter() - t0 - ckpt_s, losses=prog.losses,
                        checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from,
-                       local_trainable=local, compile_used=loss_fn.used, compile_note=loss_fn.reason)
+                       local_trainable=local, compile_used=loss_fn.used, compile_note=loss_fn.reason,
+                       compile_graphs=loss_fn.graphs, compile_recompiles=loss_fn.recompiles)
 
 
 def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recipe: Recipe, seed: int, stage: int,
                  bf16_autocast: bool, calibration: bool = False, max_steps: int | None = None,
                  checkpointer: StageCheckpointer | None = None, desc: str = "train", progress: bool = True,
-                 distributed: str = "ddp", compile_mode: str = "none") -> TrainResult:
+                 distributed: str = "ddp", compile_mode: str = "none", compile_shape: tuple[int, int] | None = None) -> TrainResult:
     """One stage of a method (harness/methods) on a budget from planning.stage_budget; sequences and merging share it.
 
     calibration=True is the LoRI-D pre-run of a magnitude mask: no method hooks, its own data order."""
@@ -325,4 +335,17 @@ def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recip
         batch_size=budget["batch_size"], steps=budget["steps"], max_steps=max_steps or budget["max_steps"],
         max_seq_len=budget["max_seq_len"], seed=stable_seed(seed, "calib") if calibration else seed, stage=stage,
         bf16_autocast=bf16_autocast, hooks=None if calibration else method, checkpointer=checkpointer, desc=desc, progress=progress,
-        distributed=distributed, compile_mode=compile_mode)
+        distributed=distributed, compile_mode=compile_mode, compile_shape=compile_shape)
+
+
+def compile_plan(compile_knob: str, model, tokenizer, stages: Callable[[], list[tuple[dict, list[dict]]]]):
+    """(mode, shape) of a sequence's training steps: the `compile` knob resolved on the model's device and, when the
+    step will compile, the one (rows, length) every step is padded to: the longest tokenized training example and the
+    largest per-process batch over the stages' (budget, examples) (harness/run/compiled.py: one graph per sequence)."""
+    device = next(model.parameters()).device
+    mode = resolve_mode(compile_knob, device)
+    if mode == "none" or why_not(mode, device) is not None:
+        return mode, None
+    pairs = stages()
+    lengths = [len(ids) for budget, exs in pairs for ids, _ in tokenize_examples(tokenizer, exs, budget["max_seq_len"])]
+    return mode, sequence_shape(lengths, [-(-budget["batch_size"] // D.world_size()) for budget, _ in pairs])

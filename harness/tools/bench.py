@@ -114,7 +114,8 @@ def _method_step(name: str, model, batch, cfg, recipe, total: int, compile_mode:
     """A method's real harness step (train_step with its hooks), eager or compiled like a stage compiles it."""
     method = METHODS[name](cfg, seed=0, tasks=["bench"], base_model=model)
     method.begin_stage(StageContext(stage=1, task="bench", run_dir=Path("."), calibrate=lambda *a: None,
-                                    batches=lambda idx, bs: iter([batch]), n_examples=batch["input_ids"].shape[0]))  # inflora, ewc
+                                    batches=lambda idx, bs: iter([batch]), n_examples=batch["input_ids"].shape[0],  # inflora, ewc
+                                    compiled=compile_mode != "none"))
     params = list(method.trainable().values())
     opt, sched = make_optimizer(params, cfg.lr_for(name), recipe, total)
     method.model.train()

@@ -147,7 +147,14 @@ class LoRIS(LoRID):
         if used is not None:
             self.stats["mask/overlap_with_earlier"] = sum(int((masks[k] & used[k]).sum()) for k in masks) / nnz
         self.stage_index = index
-        self.sparse = SparseStage(modules, index)  # from here on only the values train
+        names = {id(m): n for n, m in self.model.named_modules()} if ctx.compiled else None  # see SparseStage
+        self.sparse = SparseStage(modules, index, {k: names[id(m)] for k, m in modules.items()} if names else None)
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return self.sparse.named_values() if self.sparse is not None and self.sparse.functional else super().trainable()
+
+    def weight_overrides(self) -> dict[str, torch.Tensor] | None:
+        return self.sparse.overrides() if self.sparse is not None and self.sparse.functional else None
 
     def _choose_masks(self, ctx: StageContext, b_params, used) -> M.Masks:
         shapes = {k: tuple(p.shape) for k, p in b_params.items()}

@@ -16,6 +16,12 @@ AdamW is per coordinate, so its update of a kept coordinate does not depend on t
 dense path's masked-out coordinates had zero gradient and were restored. Clipping sees the same
 norm up to summation order (the dense path's zeros add nothing; tests/test_sparse_lori.py bounds
 the difference).
+
+Under torch.compile (`functional=True`) the modules are left as they are: a registered parametrization swaps the
+module's class, and each stage's index has its own length, so a compiled step would recompile at every stage. The
+step instead computes each B outside the compiled graph (`overrides()`, the same scatter) and hands the compiled
+forward these dense tensors, whose shapes never change; `values` stay named as the parametrization names them, so
+checkpoints are interchangeable between the two forms.
 """
 
 from __future__ import annotations
@@ -65,17 +71,35 @@ class SparseStage:
     modules: lora_B Linear per key (the adapter's B files' keys); index: the mask's flat positions per key
     (mask_index)."""
 
-    def __init__(self, modules: Mapping[str, nn.Linear], index: Mapping[str, torch.Tensor]):
+    def __init__(self, modules: Mapping[str, nn.Linear], index: Mapping[str, torch.Tensor],
+                 functional: Mapping[str, str] | None = None):
+        """functional: each module's name in the model the step calls (its weight is then passed to the forward by
+        `overrides()`, the module untouched); None: registered as a parametrization."""
         self.modules = dict(modules)
         self.parts: dict[str, MaskedValues] = {}
+        self.names = dict(functional) if functional is not None else None
         for key, mod in self.modules.items():
             w = mod.weight
             w.requires_grad_(False)
             index_k = index[key].to(w.device)
             part = MaskedValues(index_k, w.detach().reshape(-1)[index_k].clone())
-            # unsafe=True: skip the registration's trial forward; shape and dtype hold by construction.
-            parametrize.register_parametrization(mod, "weight", part, unsafe=True)
+            if self.names is None:  # unsafe=True: skip the trial forward; shape and dtype hold by construction.
+                parametrize.register_parametrization(mod, "weight", part, unsafe=True)
             self.parts[key] = part
+
+    @property
+    def functional(self) -> bool:
+        return self.names is not None
+
+    def overrides(self) -> dict[str, torch.Tensor]:
+        """{`<module name>.weight`: B with the stage's values scattered in} for torch.func.functional_call (functional)."""
+        assert self.names is not None
+        return {f"{self.names[k]}.weight": part(self.modules[k].weight) for k, part in self.parts.items()}
+
+    def named_values(self) -> dict[str, nn.Parameter]:
+        """The trainable values (functional) under the names a registered parametrization gives them in the model."""
+        assert self.names is not None
+        return {f"{self.names[k]}.parametrizations.weight.0.values": p.values for k, p in self.parts.items()}
 
     def values(self) -> dict[str, nn.Parameter]:
         return {k: p.values for k, p in self.parts.items()}
@@ -86,7 +110,9 @@ class SparseStage:
     @torch.no_grad()
     def commit(self) -> None:
         """Write the trained values into B (a plain frozen Parameter again) and remove the parametrization."""
-        for mod in self.modules.values():
+        for key, mod in self.modules.items():
+            if self.names is not None and key in self.parts:  # what removing the parametrization leaves in B
+                mod.weight.copy_(self.parts[key](mod.weight.detach()))
             if parametrize.is_parametrized(mod, "weight"):
                 parametrize.remove_parametrizations(mod, "weight", leave_parametrized=True)
             mod.weight.requires_grad_(False)
