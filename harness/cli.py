@@ -155,6 +155,10 @@ def _bench_command(sub) -> None:
                    help="With --eval-suite: a PEFT adapter folder (e.g. from harness export) instead of a seeded adapter.")
     b.add_argument("--eval-bare", action="store_true",
                    help="With --eval-suite: instead, time lm-eval against a bare batched scorer on the same requests.")
+    b.add_argument("--stage-hooks", metavar="SUITE",
+                   help="Instead: time each method's stage setup and teardown (begin_stage / end_stage: InfLoRA's subspace, "
+                        "EWC's Fisher, a mask) on this suite's first two tasks, --steps training steps per stage, and their "
+                        "share of a stage's training time at the suite's budget.")
     b.add_argument("--json", metavar="FILE", help="Also write the results as JSON.")
     _add_config_flags(b, skip={"methods", "batch_size", "seeds", "orders", "tasks", "results_dir", "tracking_uri", "experiment",
                                "suite", "wait_for_lock", "checkpoint_every", "eval_scope"})

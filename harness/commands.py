@@ -263,6 +263,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if bad:
         raise HarnessError(f"--methods: unknown {bad}; choose from base, peft-bare, {', '.join(METHODS)}")
     cfg = load_config(None, overrides(args))
+    if args.stage_hooks:
+        from harness.tools.stage_hooks_bench import format_stage_hooks, run_stage_hooks  # lazy: only this mode needs it
+
+        res = run_stage_hooks(cfg, methods=tuple(m for m in methods if m not in ("base", "peft-bare")), suite_name=args.stage_hooks,
+                              steps=args.steps)
+        print(format_stage_hooks(res))
+        if args.json:
+            write_json(res, Path(args.json))
+        return 0
     if args.eval_suite and not args.eval_bare:
         modes = tuple(m.strip() for m in args.eval_modes.split(",") if m.strip())
         res = run_eval_modes(cfg, suite=args.eval_suite, modes=modes, adapter=Path(args.adapter) if args.adapter else None,

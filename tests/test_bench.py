@@ -63,3 +63,20 @@ def test_bench_profile_says_where_a_step_goes(tmp_path):
         assert p["aten_ops"] > 0 and p["host_s"] > 0 and p["device_s"] is None  # CPU: no device time
         assert p["top_ops_self_cpu_s"]
     assert prof["lora"]["aten_ops"] > prof["base"]["aten_ops"]  # the LoRA layers add operators to every adapted module
+
+
+def test_bench_stage_hooks_times_what_a_method_does_between_stages(tmp_path, capsys):
+    """--stage-hooks: two stages per method, each with setup and teardown seconds, the median step, the stage's steps at
+    the suite's budget, and the method's share = (setup + teardown) / the stage's estimated training time."""
+    out = tmp_path / "hooks.json"
+    assert main(["bench", "--stage-hooks", "smoke", "--model", "tiny-llama", "--methods", "lora,ewc", "--steps", "2",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["suite"] == "smoke" and len(res["tasks"]) == 2 and set(res["methods"]) == {"lora", "ewc"}
+    ewc, lora = res["methods"]["ewc"], res["methods"]["lora"]
+    assert [s["stage"] for s in ewc] == [1, 2]
+    assert ewc[0]["method_teardown_s"] > 0 and ewc[0]["task"] == res["tasks"][0] and ewc[1]["task"] == res["tasks"][1]
+    for s in ewc + lora:
+        assert s["budget_steps"] > 0 and s["step_s_median"] > 0
+        assert s["method_frac"] == pytest.approx((s["method_setup_s"] + s["method_teardown_s"]) / s["train_s_est"])
+    assert "method share" in capsys.readouterr().out
