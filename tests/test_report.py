@@ -94,8 +94,14 @@ def write_sequence_folder(run_dir: Path, record: dict, R: list, summary: dict, d
     if documents is not None:
         _write_json(run_dir / "documents.json", documents)
     for t in range(len(R)):
-        _write_json(run_dir / "stages" / f"{t}-{(['base'] + TASKS)[t]}" / "stage.json", {"stage": t})
+        costs = STAGE_COSTS(t) if t else {}
+        _write_json(run_dir / "stages" / f"{t}-{(['base'] + TASKS)[t]}" / "stage.json", {"stage": t, **costs})
     _write_json(run_dir / "summary.json", {**summary, "complete": True, "sha256": result_hashes(run_dir)})
+
+
+def STAGE_COSTS(t: int) -> dict:  # noqa: N802 - a fixture table as a function of the stage
+    """stage.json seconds of trained stage t in every fixture sequence (the cost table's input)."""
+    return {"train_s": 10.0 * t, "method_setup_s": 1.0, "method_teardown_s": 0.5, "calibration_s": 0.0, "eval_s": 3.0}
 
 
 def write_unfinished_folder(run_dir: Path, method: str, seed: str, n_stages: int, run_id: str, run_name: str) -> None:
@@ -676,3 +682,18 @@ def test_every_method_of_a_report_gets_its_own_colour_beyond_ten_methods():
         assert len(set(colors.values())) == n, n
     first_ten = method_colors(list(METHODS))
     assert [first_ten[m] for m in list(METHODS)[:10]] == [matplotlib.colormaps["tab10"](i) for i in range(10)]
+
+
+def test_the_cost_table_is_the_mean_over_stages_of_each_stage_json(report):
+    """Per method: training, the method's own stage hooks, calibration and evaluation seconds, mean over every trained
+    stage of every run (the fixture: 2 seeds x stages 1-3 training 10, 20 and 30 s, hooks 1 + 0.5 s, evaluation 3 s)."""
+    import re
+
+    html = Path(report).read_text()
+    assert "Cost per stage" in html
+    section = html[html.index("Cost per stage"):html.index("Trainable parameters")]
+    cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", section, flags=re.S)]
+    rows = [cells[i:i + 7] for i in range(0, len(cells), 7)]
+    assert {r[0] for r in rows} == {"LoRA", "LoRI-S"}
+    for r in rows:
+        assert r[1:] == ["6", "20.0", "1.5", "0.0", "3.0", "7.5%"], r

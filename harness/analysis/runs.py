@@ -42,6 +42,7 @@ class SequenceRun:
     documents: dict | None = None  # documents.json (per-document scores) when present and consistent with R
     not_learned: list[str] | None = None  # tasks whose own-stage score did not clear base + learn_margin (None: not judged)
     learn_margin: float = LEARN_MARGIN
+    stage_costs: list[dict] | None = None  # per trained stage, from its stage.json: seconds of train, method, calibration, eval
 
 
 @dataclass

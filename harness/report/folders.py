@@ -175,6 +175,15 @@ def _optional_json(path: Path) -> dict | None:
     return read_json(path) if path.is_file() else None
 
 
+COST_KEYS = ("train_s", "method_setup_s", "method_teardown_s", "calibration_s", "eval_s")
+
+
+def _stage_costs(folder: Path) -> list[dict]:
+    """Per committed trained stage (1..S): its stage.json seconds (COST_KEYS; absent keys, from older runs: 0)."""
+    return [{k: float(info.get(k) or 0.0) for k in COST_KEYS}
+            for t, d in sorted(committed_stages(folder).items()) if t > 0 and (info := read_json(d / "stage.json"))]
+
+
 def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> SequenceRun:
     """One finished sequence from its folder: summary.json, matrix.json, diagnostics.json, documents.json, state.json."""
     state = parent_record(folder)
@@ -197,7 +206,7 @@ def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> 
         params={str(k): str(v) for k, v in (parent.get("params") or {}).items()},
         start_time_ms=tracked.start_ms(run_id), matrix_source="matrix.json", notes=notes, reference=reference,
         documents=_documents(folder, tasks, R, notes), not_learned=_not_learned(summary, R, margin, tasks, reference),
-        learn_margin=margin)
+        learn_margin=margin, stage_costs=_stage_costs(folder))
 
 
 def _sequence_label(block: dict) -> str:

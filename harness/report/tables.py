@@ -14,6 +14,8 @@ from harness.analysis.runs import SequenceRun
 from harness.analysis.sensitivity import VariantRow
 
 GENERAL_HEADERS = ["method", "runs", "base model CE", "CE after the last stage", "rise (↓)"]
+COST_HEADERS = ["method", "stages", "training s", "method s (setup + teardown)", "calibration s", "evaluation s",
+                "method / training"]
 GENERAL_TASK_HEADERS = ["method", "task (general_tasks)", "runs", "base model", "change after the last stage (mean)",
                         "95% interval over seeds"]
 
@@ -96,4 +98,20 @@ def general_task_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]
             iv = values_interval(changes)
             interval = _interval(iv.low, iv.high) if len(changes) >= MIN_SEEDS else f"— (under {MIN_SEEDS} runs)"
             out.append([display_name(method), task, str(len(changes)), fmt(base), f"{iv.mean:+.3f}", interval])
+    return out
+
+
+def cost_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
+    """The page's cost table: per method, the mean over its trained stages (all runs) of the seconds each stage spent
+    training, in the method's own stage hooks (InfLoRA's subspace, EWC's Fisher, a mask: stage.json method_setup_s +
+    method_teardown_s), in a magnitude mask's calibration run and evaluating, and the method's share of training."""
+    out = []
+    for method, runs in by_method.items():
+        stages = [c for r in runs for c in (r.stage_costs or [])]
+        if not stages:
+            continue
+        mean = lambda key: sum(key(c) for c in stages) / len(stages)  # noqa: E731
+        train, own = mean(lambda c: c["train_s"]), mean(lambda c: c["method_setup_s"] + c["method_teardown_s"])
+        out.append([display_name(method), str(len(stages)), f"{train:.1f}", f"{own:.1f}", f"{mean(lambda c: c['calibration_s']):.1f}",
+                    f"{mean(lambda c: c['eval_s']):.1f}", f"{100 * own / train:.1f}%" if train > 0 else "—"])
     return out
