@@ -48,13 +48,15 @@ test-fast: $(STAMP)
 run-sequence: $(STAMP)
 	$(BIN)/harness run --suite $(SUITE) --model $(MODEL) --methods $(METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
 
-# The LoRI paper's merging claim: one adapter per task, merged (cat, linear, ties), on the default suite, each method
-# at the per-adapter weight of MERGE_WEIGHT_GRID that scores best on the validation split (MERGE_WEIGHT_GRID= for the
-# fixed merge_weights). The merge table over 3 seeds: make merge SEEDS=0,1,2.
+# The LoRI paper's merging claim: one adapter per task, merged (cat, linear, ties), on the default suite, under both
+# protocols (docs/merging.md): the paper's hand-set weights, and each method at the per-adapter weight of
+# MERGE_WEIGHT_GRID (extended past an end when the best sits there) that scores best on the validation split.
+# The merge table over 3 seeds: make merge SEEDS=0,1,2 (MERGE_PROTOCOL=paper for the paper's weights alone).
 MERGE_WEIGHT_GRID ?= 0.25,0.5,0.75,1.0
+MERGE_PROTOCOL ?= paper,tuned
 merge: $(STAMP)
 	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --jobs $(JOBS) --results-dir $(RESULTS) \
-	  $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS)
+	  --merge-protocol $(MERGE_PROTOCOL) $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS)
 
 # The training-recipe ablation: recipe knobs x {lora, lori-s} x 3 seeds, one grid per suite (see README).
 # ACC and BWT need only R[t,t] and the final row: diagonal_final evaluation (2T-1 instead of T(T+1) evaluations).

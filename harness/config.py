@@ -27,22 +27,17 @@ class _Knobs(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # --- what to run -------------------------------------------------------------------------
-    experiment: str | None = Field(
-        None, description="MLflow experiment and results sub-folder name (default: <suite>-<model>)."
-    )
+    experiment: str | None = Field(None, description="MLflow experiment and results sub-folder name (default: <suite>-<model>).")
     suite: str = Field("default", description="Task suite: a name under task_suites/ or a path to a suite folder.")
-    model: str = Field(
-        "smollm2-135m",
-        description="Base model: smollm2-135m (embedded), tiny-llama[-256] (tests), an HF hub id or a local path.",
-    )
+    model: str = Field("smollm2-135m", description="Base model: smollm2-135m (embedded), tiny-llama[-256] (tests), an HF hub "
+                       "id or a local path.")
     methods: list[str] = Field(
         ["lori-s", "lora"], description=f"Methods to compare (comma-separated): {', '.join(METHODS)} (see `harness methods`)."
     )
     seeds: list[int] = Field([0], description="Seeds (comma-separated); each is a full sequence.")
     orders: list[int] = Field([0], description="Indices of the suite's task orders to run (comma-separated).")
-    tasks: list[str] | None = Field(
-        None, description="Restrict each order to these tasks (comma-separated; order kept). Default: all."
-    )
+    tasks: list[str] | None = Field(None, description="Restrict each order to these tasks (comma-separated; order kept). "
+                                    "Default: all.")
     grid: dict[str, list[Any]] | None = Field(
         None, description='Sweep knobs: "lr_lora=1e-3,2e-3;warmup_steps=0,5" (YAML: knob: [values]). Each combination '
         "is a variant of the experiment, in its own variant-<id>/ folder level."
@@ -147,16 +142,14 @@ class _Knobs(BaseModel):
         "2026-11-25), never. auto was chosen by the recipe ablation, 3 seeds x 2 suites (README: Training recipe)."
     )
     loss_reduction: Literal["token", "example"] = Field(
-        "token", description="Loss: mean over completion tokens (token) or mean of per-example means (example)."
-    )
+        "token", description="Loss: mean over completion tokens (token) or mean of per-example means (example).")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each decoder layer's activations in backward instead of keeping them (transformers' "
         "own, non-reentrant): less memory, about a third more compute, the same losses (tested).")
 
     # --- crash safety ------------------------------------------------------------------------
     checkpoint_every: int = Field(
-        50, ge=0, description="Mid-stage checkpoint every N optimizer steps (0 = off); resume continues from it."
-    )
+        50, ge=0, description="Mid-stage checkpoint every N optimizer steps (0 = off); resume continues from it.")
     wait_for_lock: bool = Field(False, description="If another process runs a sequence folder, wait for it instead of refusing.")
 
     # --- merging (`harness merge`: one adapter per task, trained separately, then merged) ------
@@ -164,9 +157,7 @@ class _Knobs(BaseModel):
         ["cat", "linear", "ties"], description="PEFT add_weighted_adapter combinations to evaluate (comma-separated)."
     )
     merge_weights: list[float] | None = Field(
-        None, description="Weight per task adapter (one value for all, or one per task; default: 0.5 lori-d, 0.4 lori-s "
-        "as the LoRI reference, 1/T for other methods)."
-    )
+        None, description="Fixed weight per task adapter (one value for all, or one per task): the `fixed` merge protocol.")
     merge_density: float = Field(0.5, gt=0, le=1, description="Density kept by ties, dare_* and magnitude_prune.")
     merge_masks: Literal["independent", "disjoint"] = Field(
         "independent", description="LoRI-S task masks when merging: independent (the paper) or disjoint through the allocator."
@@ -178,16 +169,22 @@ class _Knobs(BaseModel):
     merge_weight_grid: list[float] | None = Field(
         None, description="Candidate weights (one value for every adapter, e.g. 0.25,0.5,0.75,1): each method, seed and "
         "combination is merged at the candidate with the best mean score on the suite's validation split (every task "
-        "needs one), so methods are compared at tuned weights; overrides merge_weights."
+        "needs one), so methods are compared at tuned weights: the `tuned` merge protocol."
     )
+    merge_grid_extend: int = Field(
+        3, ge=0, description="tuned: when the best weight is the grid's lowest (highest), also try half (twice) it, up to N "
+        "times, until the choice is interior; merged.json records every candidate (0: the grid as given).")
+    merge_protocol: list[Literal["paper", "tuned", "fixed", "equal"]] | None = Field(
+        None, description="How merge weights are set, one or several (comma-separated; each gets its own merges, labelled "
+        "combination@protocol when there are several): paper (the LoRI paper's weights, 3 or 4 adapters), tuned "
+        "(merge_weight_grid), fixed (merge_weights), equal (1/T). Default: tuned with a grid, fixed with merge_weights, "
+        "paper for 3 or 4 tasks, else equal.")
 
     # --- evaluation --------------------------------------------------------------------------
     eval_scope: Literal["seen", "all"] = Field(
-        "all", description="After stage t evaluate tasks 1..t (seen) or every task (all; needed for FWT)."
-    )
+        "all", description="After stage t evaluate tasks 1..t (seen) or every task (all; needed for FWT).")
     eval_limit: int | None = Field(
-        None, ge=1, description="Evaluate a fixed seeded subset of N test examples per task (the same at every stage and run)."
-    )
+        None, ge=1, description="Evaluate a fixed seeded subset of N test examples per task (the same at every stage and run).")
     eval_schedule: str = Field(
         "full", description="full (every row), diagonal_final (R[t,t] after each stage + the final row: 2T-1 evaluations; "
         "enough for ACC and BWT), or every:K (full rows every K stages + the final row, R[t,t] in between)."

@@ -90,6 +90,7 @@ def test_merge_weights_are_chosen_on_the_validation_split(tmp_path):
     results = tmp_path / "results"
     assert main(["merge", "--suite", str(suite), "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--methods", "lora",
                  "--tasks", "parity,weather", "--max-steps", "1", "--merge-methods", "cat", "--merge-weight-grid", "0.5,1,2",
+                 "--merge-grid-extend", "0",
                  "--experiment", "mw", "--results-dir", str(results)]) == 0
     row = json.loads(next(results.rglob("merged.json")).read_text())["rows"][0]
     sel = row["weight_selection"]

@@ -42,6 +42,7 @@ def _merge_entry(values: dict, tasks: list[str]) -> dict:
     entry["scores"] = {t: _num(scores[t]) for t in tasks if t in scores}
     selection = values.get("weight_selection") if isinstance(values.get("weight_selection"), dict) else {}
     entry["chosen_weight"] = _num(selection.get("chosen")) if selection else None  # merge_weight_grid's pick
+    entry["at_grid_end"] = bool(selection.get("at_grid_end")) if selection else False  # the pick is the lowest or highest tried
     return entry
 
 

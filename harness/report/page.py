@@ -273,10 +273,12 @@ def _by_method(runs: list[MergeRun], value) -> str:
 
 def _chosen_weights(runs: list[MergeRun]) -> str:
     """merge_weight_grid: the weight each combination was merged at, per method over its seeds
-    ("LoRA: cat 0.5/0.75, ties 1/1 (seeds 0/1); LoRI-S: ..."; one seed: no seeds); empty without a grid."""
+    ("LoRA: cat 0.5/0.75, ties 1/1 (seeds 0/1); LoRI-S: ..."; one seed: no seeds); empty without a grid. A weight with
+    a * is the lowest or highest weight tried (after merge_grid_extend): the best may lie beyond it."""
     def weights(rs: list[MergeRun]) -> str:
         combos = dict.fromkeys(c for r in rs for c, e in r.merges.items() if e.get("chosen_weight") is not None)
-        picks = {c: "/".join(_fmt_weight(r.merges.get(c, {}).get("chosen_weight")) for r in rs) for c in combos}
+        picks = {c: "/".join(_fmt_weight(r.merges.get(c, {}).get("chosen_weight"))
+                             + ("*" if r.merges.get(c, {}).get("at_grid_end") else "") for r in rs) for c in combos}
         seeds = f" (seeds {'/'.join(r.seed for r in rs)})" if len(rs) > 1 and picks else ""
         return ", ".join(f"{c} {w}" for c, w in picks.items()) + seeds
 
@@ -303,7 +305,9 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["combinations", ", ".join(ms.combinations) or "—"],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
         ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
-        *([["weight chosen on the validation split (per combination)", chosen]] if chosen else []),
+        *([["weight chosen on the validation split (per combination)", chosen + (
+            " (*: the lowest or highest weight tried, after extending the grid: the best may lie beyond it)" if "*" in chosen else "")]]
+          if chosen else []),
         ["merge density (ties, dare)", vals(None, "merge_density")],
         ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
         ["model", vals("harness.model", "model")],

@@ -47,12 +47,12 @@ from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_
 from harness.locking import SequenceLock
 from harness.adapters.combine import MERGED, folded, load_adapters, merge, relative_error
 from harness.methods import METHODS, StageContext
+from harness.run import merge_weights as MW
 from harness.run.planning import experiment_dir, preflight_methods, stage_budget, validate
 from harness.provenance import git_commit
 from harness.run.train import Recipe, task_examples, train_method
 from harness.tracking.client import open_tracker
 
-REFERENCE_WEIGHTS = {"lori-d": 0.5, "lori-s": 0.4}  # the LoRI reference scripts' per-adapter weights
 
 
 def say(msg: str) -> None:
@@ -93,15 +93,8 @@ def plan_merge(cfg: ExperimentConfig, suite) -> list[MergeSpec]:
             raise ConfigError(f"--merge-weight-grid {cfg.merge_weight_grid}: give positive weights, and the suite needs a "
                               f"validation split on every merged task (suite.yaml tasks[].validation: {{size: N}}); "
                               f"{', '.join(missing) or 'every task has one'}")
-    if cfg.merge_weights is not None and len(cfg.merge_weights) not in (1, len(tasks)):
-        raise ConfigError(f"--merge-weights: give one weight or one per task ({len(tasks)}: {', '.join(tasks)}), got {cfg.merge_weights}")
+    MW.check(cfg, tasks)
     return [MergeSpec(m, s, tasks, experiment_dir(cfg) / "merge" / m / f"seed-{s}") for m in cfg.methods for s in cfg.seeds]
-
-
-def weights_for(cfg: ExperimentConfig, method: str, n: int) -> list[float]:
-    if cfg.merge_weights is not None:
-        return list(cfg.merge_weights) * n if len(cfg.merge_weights) == 1 else list(cfg.merge_weights)[:n]
-    return [REFERENCE_WEIGHTS.get(method, 1.0 / n)] * n
 
 
 class MergeRunner:
@@ -111,8 +104,9 @@ class MergeRunner:
         self.cfg, self.mcfg, self.suite, self.spec = cfg, merge_config(cfg), suite, spec
         self.model, self.tokenizer, self.evaluator, self.tracker, self.progress = model, tokenizer, evaluator, tracker, progress
         self.dir = spec.run_dir
-        self.weights = weights_for(cfg, spec.method, len(spec.tasks))
-        self.validator = validation_evaluator(suite, tokenizer, cfg, progress=progress) if cfg.merge_weight_grid else None
+        self.protocols = MW.protocols(cfg, len(spec.tasks))
+        self.weights = {p: MW.weights_for(cfg, spec.method, len(spec.tasks), p) for p in self.protocols}  # tuned: None
+        self.validator = validation_evaluator(suite, tokenizer, cfg, progress=progress) if "tuned" in self.protocols else None
 
     def run(self) -> dict[str, Any]:
         with SequenceLock(self.dir, wait=self.cfg.wait_for_lock).acquire():
@@ -120,7 +114,7 @@ class MergeRunner:
                 say(f"[{self.spec.label}] already complete: skipping")
                 return read_json(self.dir / "summary.json")
             atomic_write_yaml(self.dir / "config.yaml", {**self.cfg.to_yaml_dict(), "merge": {"method": self.spec.method,
-                              "seed": self.spec.seed, "tasks": self.spec.tasks}})
+                              "seed": self.spec.seed, "tasks": self.spec.tasks, "protocols": self.protocols}})
             self._verify_adapters()
             self.parent_id = self._open_parent()
             try:
@@ -155,7 +149,7 @@ class MergeRunner:
                 "harness.suite": self.suite.name, "harness.model": c.model, "harness.experiment": c.experiment_name,
                 "harness.git_commit": git_commit(), "harness.run_dir": str(self.dir.resolve())}
         params = {"method": s.method, "seed": s.seed, "tasks": ",".join(s.tasks), "rank": c.rank, "alpha": c.scale_alpha,
-                  "targets": ",".join(c.targets), "merge_methods": ",".join(c.merge_methods), "merge_weights": self.weights,
+                  "targets": ",".join(c.targets), "merge_methods": ",".join(c.merge_methods), "merge_protocol": ",".join(self.protocols),
                   "merge_density": c.merge_density, "merge_masks": c.merge_masks, "merge_a": c.merge_a, **Recipe.from_config(c).model_dump()}
         parent_id = self.tracker.create_parent(s.label, tags, params, kind="merge")
         atomic_write_json(state, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
@@ -228,49 +222,61 @@ class MergeRunner:
         say(f"[{self.spec.label}] single adapters: " + " ".join(f"{t}={S[i, i]:.2f}" for i, t in enumerate(tasks)))
         return S
 
-    def _merge_sets(self) -> list[tuple[str, list[str]]]:
-        sets = [(c, list(self.spec.tasks)) for c in self.cfg.merge_methods]
-        if self.cfg.merge_pairs:
-            sets += [(c, list(p)) for c in self.cfg.merge_methods for p in itertools.combinations(self.spec.tasks, 2)]
-        return sets
+    def _merge_sets(self) -> list[tuple[str, str, list[str]]]:
+        """(protocol, combination, tasks) of every merge: each protocol's full merges, then (merge_pairs) its pairs."""
+        subsets = [list(self.spec.tasks)] + ([list(p) for p in itertools.combinations(self.spec.tasks, 2)] if self.cfg.merge_pairs else [])
+        return [(p, c, sub) for p in self.protocols for sub in subsets for c in self.cfg.merge_methods]
+
+    def label(self, row: dict) -> str:
+        return MW.label(row["combination"], row.get("protocol", self.protocols[0]), self.protocols)
 
     def _merges(self, folders: dict[str, Path], S: np.ndarray) -> list[dict]:
         path = self.dir / "merged.json"
         rows = read_json(path)["rows"] if path.exists() else []
-        done = {(r["combination"], tuple(r["tasks"])) for r in rows}
-        for combination, subset in self._merge_sets():
-            if (combination, tuple(subset)) not in done:
-                rows.append(self._merge_one(folders, combination, subset, S))
+        done = {(r.get("protocol", self.protocols[0]), r["combination"], tuple(r["tasks"])) for r in rows}
+        for protocol, combination, subset in self._merge_sets():
+            if (protocol, combination, tuple(subset)) not in done:
+                rows.append(self._merge_one(folders, protocol, combination, subset, S))
                 atomic_write_json(path, {"rows": rows})
                 self._write_merged_csv(rows)
         return rows
 
     def _select_weight(self, folders: dict[str, Path], combination: str, subset: list[str]) -> dict[str, Any]:
         """merge_weight_grid: each candidate (the same weight for every adapter) merged and scored on the validation
-        split of the subset's tasks; the best mean wins (the first on a tie). The test documents are not looked at."""
-        scores = {}
-        for w in self.cfg.merge_weight_grid:
-            model = load_adapters(self.model, {t: folders[t] for t in subset})
-            try:
-                merge(model, subset, [w] * len(subset), combination, self.cfg.merge_density)
-                with folded(model, MERGED):
-                    ev = self.validator.evaluate(model, subset, bf16_autocast=self.cfg.bf16_autocast)
-            finally:
-                self.model = model.unload()
-            scores[w] = sum(ev.scores.values()) / len(subset)
+        split of the subset's tasks; the best mean wins (the first on a tie). A best weight at an end of the grid is
+        pushed past it (half the lowest, twice the highest), up to merge_grid_extend times, until it is interior. The
+        test documents are not looked at."""
+        scores = {w: self._validation_score(folders, combination, subset, w) for w in self.cfg.merge_weight_grid}
+        extended = []
+        for _ in range(self.cfg.merge_grid_extend):
+            chosen = max(scores, key=scores.get)
+            if chosen not in (min(scores), max(scores)) or len(scores) < 2:
+                break
+            w = chosen / 2 if chosen == min(scores) else chosen * 2
+            scores[w] = self._validation_score(folders, combination, subset, w)
+            extended.append(w)
         chosen = max(scores, key=scores.get)
+        edge = chosen in (min(scores), max(scores)) and len(scores) > 1
         say(f"[{self.spec.label}] {combination}: weight {chosen:g} chosen on the validation split ("
-            + " ".join(f"{w:g}={v:.3f}" for w, v in scores.items()) + ")")
+            + " ".join(f"{w:g}={v:.3f}" for w, v in scores.items()) + ")" + (" AT THE GRID'S END" if edge else ""))
         return {"split": "validation", "candidates": [{"weight": w, "validation_score": v} for w, v in scores.items()],
-                "chosen": chosen}
+                "chosen": chosen, "extended": extended, "at_grid_end": edge}
 
-    def _merge_one(self, folders: dict[str, Path], combination: str, subset: list[str], S: np.ndarray) -> dict:
+    def _validation_score(self, folders: dict[str, Path], combination: str, subset: list[str], w: float) -> float:
+        model = load_adapters(self.model, {t: folders[t] for t in subset})
+        try:
+            merge(model, subset, [w] * len(subset), combination, self.cfg.merge_density)
+            with folded(model, MERGED):
+                ev = self.validator.evaluate(model, subset, bf16_autocast=self.cfg.bf16_autocast)
+        finally:
+            self.model = model.unload()
+        return sum(ev.scores.values()) / len(subset)
+
+    def _merge_one(self, folders: dict[str, Path], protocol: str, combination: str, subset: list[str], S: np.ndarray) -> dict:
         tasks = self.spec.tasks
-        weights = [self.weights[tasks.index(t)] for t in subset]
-        selection = self._select_weight(folders, combination, subset) if self.validator else None
-        if selection:
-            weights = [selection["chosen"]] * len(subset)
-        name = f"{combination}-{'+'.join(subset)}"
+        selection = self._select_weight(folders, combination, subset) if protocol == "tuned" else None
+        weights = [selection["chosen"]] * len(subset) if selection else [self.weights[protocol][tasks.index(t)] for t in subset]
+        name = f"{MW.label(combination, protocol, self.protocols)}-{'+'.join(subset)}"
         child = self.tracker.create_child(self.parent_id, name, {"harness.kind": "merge-combination", "harness.combination": combination})
         model = load_adapters(self.model, {t: folders[t] for t in subset})
         try:
@@ -281,7 +287,7 @@ class MergeRunner:
                 ev = self.evaluator.evaluate(model, eval_tasks, bf16_autocast=self.cfg.bf16_autocast)
         finally:
             self.model = model.unload()
-        row = {"combination": combination, "tasks": subset, "weights": weights, "density": self.cfg.merge_density,
+        row = {"combination": combination, "protocol": protocol, "tasks": subset, "weights": weights, "density": self.cfg.merge_density,
                "scores": ev.scores, "relative_error": rel, "cross_terms": rel > CROSS_TERM_TOL, "eval_s": ev.wall_s, "mlflow_run_id": child,
                "weight_selection": selection, "documents": ev.documents}
         if len(subset) == len(tasks):
@@ -297,29 +303,30 @@ class MergeRunner:
         tasks = self.spec.tasks
         atomic_write_text(self.dir / "merged.csv", _csv(
             ["combination", "tasks", *tasks, "average_drop", "normalised_accuracy", "relative_error"],
-            [[r["combination"], "+".join(r["tasks"]), *[r["scores"].get(t, "") for t in tasks], r.get("average_drop", ""),
+            [[self.label(r), "+".join(r["tasks"]), *[r["scores"].get(t, "") for t in tasks], r.get("average_drop", ""),
               r.get("normalised_accuracy", ""), r["relative_error"]] for r in rows]))
 
     def _finish(self, S: np.ndarray, rows: list[dict]) -> dict[str, Any]:
         tasks, full = self.spec.tasks, [r for r in rows if len(r["tasks"]) == len(self.spec.tasks)]
         summary: dict[str, Any] = {
-            "protocol": "merge", "method": self.spec.method, "seed": self.spec.seed, "tasks": tasks, "weights": self.weights,
+            "protocol": "merge", "method": self.spec.method, "seed": self.spec.seed, "tasks": tasks,
+            "weights": self.weights[self.protocols[0]], "merge_protocols": self.protocols, "protocol_weights": self.weights,
             "single_diagonal": {t: float(S[i, i]) for i, t in enumerate(tasks)},
-            "merges": {r["combination"]: {k: r.get(k) for k in ("normalised_accuracy", "average_drop", "relative_error", "cross_terms",
-                                                                "weights", "weight_selection")}
+            "merges": {self.label(r): {k: r.get(k) for k in ("combination", "protocol", "normalised_accuracy", "average_drop",
+                                                             "relative_error", "cross_terms", "weights", "weight_selection")}
                        | {"scores": r["scores"]} for r in full},
             "interference": {}, "mlflow_parent_run_id": self.parent_id, "complete": True,
         }
-        for combination in self.cfg.merge_methods if self.cfg.merge_pairs else []:
+        for name in summary["merges"] if self.cfg.merge_pairs else []:
             pairs = {(tasks.index(r["tasks"][0]), tasks.index(r["tasks"][1])): (r["scores"][r["tasks"][0]], r["scores"][r["tasks"][1]])
-                     for r in rows if r["combination"] == combination and len(r["tasks"]) == 2}
-            summary["interference"][combination] = MX.interference_matrix(S, pairs)
+                     for r in rows if self.label(r) == name and len(r["tasks"]) == 2}
+            summary["interference"][name] = MX.interference_matrix(S, pairs)
         for r in full:
-            self.tracker.log_metrics(self.parent_id, {f"merged/{r['combination']}/{k}": r.get(k) for k in
+            self.tracker.log_metrics(self.parent_id, {f"merged/{self.label(r).replace('@', '/')}/{k}": r.get(k) for k in
                                                       ("normalised_accuracy", "average_drop", "relative_error")})
         single_docs = read_json(self.dir / "single.json").get("documents")
         if single_docs and all(r.get("documents") for r in full):  # folders begun before documents were kept have none
-            atomic_write_json(self.dir / DOCUMENTS_FILE, merge_documents(tasks, single_docs, {r["combination"]: r["documents"] for r in full}))
+            atomic_write_json(self.dir / DOCUMENTS_FILE, merge_documents(tasks, single_docs, {self.label(r): r["documents"] for r in full}))
             self.tracker.log_artifact(self.parent_id, self.dir / DOCUMENTS_FILE)
         for f in ("single.json", "merged.json", "config.yaml"):
             self.tracker.log_artifact(self.parent_id, self.dir / f)
