@@ -76,3 +76,36 @@ def test_a_tuned_weight_at_an_end_of_the_grid_is_pushed_past_it(monkeypatch, bes
     sel = runner._select_weight({}, "linear", ["a", "b"])
     assert [c["weight"] for c in sel["candidates"]] == expected_tried
     assert sel["chosen"] == chosen and sel["at_grid_end"] is at_end and sel["extended"] == expected_tried[2:]
+
+
+@pytest.mark.slow
+def test_verify_checks_a_merge_folder_and_names_a_flipped_file(tmp_path, capsys):
+    results = tmp_path / "r"
+    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--seeds", "0", "--no-progress",
+                 "--tasks", "parity,weather", "--max-steps", "1", "--merge-methods", "cat", "--experiment", "v",
+                 "--results-dir", str(results)]) == 0
+    folder = results / "v" / "merge" / "lora" / "seed-0"
+    capsys.readouterr()
+    assert main(["verify", str(results / "v")]) == 0
+    out = capsys.readouterr().out
+    assert "0 sequence folder(s) and 1 merge folder(s) checked" in out and "FAIL" not in out
+
+    def flipped(path):
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+        code = main(["verify", str(folder)])
+        text = capsys.readouterr().out
+        path.write_bytes(bytes(data[: len(data) // 2]) + bytes([data[len(data) // 2] ^ 1]) + bytes(data[len(data) // 2 + 1:]))
+        return code, text
+
+    for victim in (folder / "merged.json", folder / "adapters" / "parity" / "adapter_model.safetensors"):
+        code, text = flipped(victim)
+        assert code == 1 and str(victim) in text and "SHA-256 differs" in text, text
+    assert main(["verify", str(folder)]) == 0  # restored
+    capsys.readouterr()
+    summary = json.loads((folder / "summary.json").read_text())
+    summary["merges"]["cat"]["normalised_accuracy"] += 0.01  # a number no longer what its documents give
+    (folder / "summary.json").write_text(json.dumps(summary))
+    assert main(["verify", str(folder)]) == 1
+    assert "cat: normalised_accuracy" in capsys.readouterr().out

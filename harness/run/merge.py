@@ -42,7 +42,7 @@ from harness.models import load_model, module_shapes, set_torch_threads
 from harness.run.evaluate import Evaluator, validation_evaluator
 from harness.errors import ConfigError
 from harness.adapters.peft_folder import write_peft_folder
-from harness.integrity import HASHES, check_recorded, folder_hashes
+from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes
 from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.adapters.combine import MERGED, folded, load_adapters, merge, relative_error
@@ -53,6 +53,9 @@ from harness.provenance import git_commit
 from harness.run.train import Recipe, task_examples, train_method
 from harness.tracking.client import open_tracker
 
+
+
+MERGE_RESULT_FILES = ["single.json", "single.csv", "merged.json", "merged.csv", "documents.json"]  # hashed in summary.json
 
 
 def say(msg: str) -> None:
@@ -330,6 +333,7 @@ class MergeRunner:
             self.tracker.log_artifact(self.parent_id, self.dir / DOCUMENTS_FILE)
         for f in ("single.json", "merged.json", "config.yaml"):
             self.tracker.log_artifact(self.parent_id, self.dir / f)
+        summary[HASHES] = file_hashes(self.dir, MERGE_RESULT_FILES)  # harness verify checks them (tools/verify_merge.py)
         atomic_write_json(self.dir / "summary.json", summary)
         self.tracker.log_json(self.parent_id, summary, "summary.json")
         say(f"[{self.spec.label}] done: " + "  ".join(f"{c} norm.acc {v['normalised_accuracy']:.3f}" for c, v in summary["merges"].items()

@@ -8,13 +8,13 @@
     mlflow   where the store answers: one FINISHED stage run per committed stage, and its metrics, the parent's
              acc/<task> points and final metrics equal the folder
 
-Reads only. RUN_DIR is a sequence folder or any folder above sequence folders (an experiment).
+Reads only. RUN_DIR is a sequence folder, a merge folder or any folder above them (an experiment); merge folders get
+the checks of harness/tools/verify_merge.py.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +34,11 @@ from harness.integrity import HASHES, mismatches
 from harness.io import read_json
 from harness.run.folder import STAGE_MARKER, committed_stages, sequence_folders
 from harness.suites import load_suite
+from harness.tools.checks import FAIL, OK, SKIP, Check
+from harness.tools.verify_merge import merge_folders, verify_merge
 from harness.tracking.client import check_reachable, redact_uri
 
-OK, FAIL, SKIP = "ok", "FAIL", "skipped"
 _TOL = 1e-9
-
-
-@dataclass
-class Check:
-    name: str
-    status: str
-    detail: str
 
 
 def _same(a, b) -> bool:
@@ -264,17 +258,19 @@ def verify_sequence(run_dir: Path, tracking_uri: str | None = None) -> list[Chec
 
 
 def verify_path(path: Path, tracking_uri: str | None = None) -> tuple[str, bool]:
-    """(the report's text, whether nothing failed) for a sequence folder or every sequence folder under path."""
-    folders = sequence_folders(path)
+    """(the report's text, whether nothing failed) for a sequence or merge folder, or every one under path."""
+    folders = [(f, verify_sequence) for f in sequence_folders(path)] + [(f, None) for f in merge_folders(path)]
     if not folders:
-        raise HarnessError(f"{path}: no sequence folder here (a folder with config.yaml and stages/). Pass a run folder: "
-                           "results/<experiment>/<method>/seed-<s> or results/<experiment>.")
+        raise HarnessError(f"{path}: no sequence or merge folder here (a folder with config.yaml and stages/ or adapters/). "
+                           "Pass a run folder: results/<experiment>/<method>/seed-<s>, results/<experiment>/merge/<method>/"
+                           "seed-<s> or results/<experiment>.")
     lines, failed = [], 0
-    for folder in folders:
-        checks = verify_sequence(folder, tracking_uri)
+    for folder, verify in folders:
+        checks = verify(folder, tracking_uri) if verify else verify_merge(folder)
         failed += sum(c.status == FAIL for c in checks)
         lines.append(f"{folder}")
         lines += [f"  {c.name:<8} {c.status:<8} {c.detail}" for c in checks]
-    lines.append(f"{'FAILED' if failed else 'OK'}: {len(folders)} sequence folder(s) checked"
-                 + (f", {failed} check(s) failed" if failed else ""))
+    n_merge = sum(verify is None for _, verify in folders)
+    lines.append(f"{'FAILED' if failed else 'OK'}: {len(folders) - n_merge} sequence folder(s)"
+                 + (f" and {n_merge} merge folder(s)" if n_merge else "") + " checked" + (f", {failed} check(s) failed" if failed else ""))
     return "\n".join(lines), not failed
