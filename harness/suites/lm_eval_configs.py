@@ -18,6 +18,7 @@ from pathlib import Path
 
 from harness.errors import SuiteError
 from harness.suites.data import FIXED_DATA_SEED, read_lm_eval_yaml, read_records, test_file
+from harness.suites.refusal import RefusalScore
 
 # `task` arguments are harness.suites.schema.TaskSpec objects; schema imports this module (TaskSpec's methods
 # delegate here), so the name is only written in annotations, never imported (no import cycle).
@@ -208,6 +209,13 @@ def _set_test_data(task: "TaskSpec", cfg: dict) -> None:
         cfg["process_docs"] = _Subsample(task.test_limit, task.test_per_class, task.label_column)
 
 
+def _add_builtin_metric(task: "TaskSpec", cfg: dict) -> None:
+    """`metric: refusal_rate` (harness/suites/refusal.py): the harness's own per-document scorer and its aggregation."""
+    if task.metric.partition(",")[0] == "refusal_rate":
+        cfg["process_results"] = RefusalScore()
+        cfg["metric_list"] = [{"metric": "refusal_rate", "aggregation": "mean", "higher_is_better": True}]
+
+
 def lm_eval_config(task: "TaskSpec") -> dict:
     """The fully resolved lm-eval task config dict (task: '<suite>__<task>'); see harness.suites.schema."""
     cfg = copy.deepcopy(read_lm_eval_yaml(task))
@@ -215,6 +223,7 @@ def lm_eval_config(task: "TaskSpec") -> dict:
     if "task_alias" not in cfg:
         cfg["task_alias"] = task.name
     _add_rendering(task, cfg)
+    _add_builtin_metric(task, cfg)
     cfg.setdefault("metadata", {})
     if isinstance(cfg["metadata"], dict):
         cfg["metadata"].setdefault("version", 1.0)
@@ -232,6 +241,7 @@ def lm_eval_validation_config(task: "TaskSpec") -> dict | None:
     cfg["task"] = f"{task.lm_eval_name}__validation"
     cfg["task_alias"] = f"{task.name} (validation)"
     _add_rendering(task, cfg)
+    _add_builtin_metric(task, cfg)
     cfg.setdefault("metadata", {})
     if isinstance(cfg["metadata"], dict):
         cfg["metadata"].setdefault("version", 1.0)
