@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test test-fast run-sequence merge ablation all-methods headline evidence tables report dashboard bench tracking-server clean-venv
+.PHONY: setup test test-fast run-sequence merge ablation all-methods headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -115,6 +115,13 @@ report: $(STAMP)
 dashboard: $(STAMP)
 	$(BIN)/harness dashboard --results-dir $(RESULTS) --port $(PORT)
 
+
+# The before/after cost of InfLoRA's and EWC's stage hooks and N-LoRA's step (#35), measured in one run by the same
+# timer: the code before the changes (COST_BEFORE) extracted by git archive under results/cost-ratios/before/.
+# Run it on an idle machine: the ratios compare wall times.
+COST_BEFORE ?= 525380e~1
+cost-ratios: $(STAMP)
+	$(BIN)/python -m harness.tools.cost_ratios --before $(COST_BEFORE) --model $(MODEL) --out $(RESULTS)/cost-ratios
 bench: $(STAMP)
 	$(BIN)/harness bench --model $(MODEL) $(ARGS)
 
