@@ -58,6 +58,8 @@ def test_paper_and_tuned_merges_share_the_adapters_and_one_report_table(tmp_path
     assert all(set(d["merged"]) == {"linear@paper", "linear@tuned"} for d in docs.values())
     html = (results / "mp" / "report" / "index.html").read_text()
     assert "linear@paper" in html and "linear@tuned" in html
+    assert "paper = the LoRI paper&#x27;s weights" in html or "paper = the LoRI paper's weights" in html
+    assert "paper,tuned" in html  # the protocol row names what ran
 
 
 @pytest.mark.parametrize("best, expected_tried, chosen, at_end", [

@@ -101,7 +101,8 @@ def load_merge(folder: Path, summary: dict, config: dict, tracked: Tracked) -> M
         interference=_interference(summary, len(tasks)),
         tags={"harness.model": str(config.get("model")), "harness.suite": str(config.get("suite")),
               **({"harness.git_commit": commit} if commit else {})},
-        params={k: str(config[k]) for k in CONFIG_PARAMS if config.get(k) is not None},
+        params={**{k: str(config[k]) for k in CONFIG_PARAMS if config.get(k) is not None},
+                **({"merge_protocol": ",".join(summary["merge_protocols"])} if summary.get("merge_protocols") else {})},
         start_time_ms=tracked.start_ms(run_id), source="summary.json", notes=_consistency_notes(merges, diag, tasks) + doc_notes,
         documents=docs)
 

@@ -303,8 +303,10 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["seeds", ", ".join(uniq(r.seed for r in runs))],
         ["tasks merged", _by_method(runs, lambda r: " + ".join(r.tasks))],
         ["combinations", ", ".join(ms.combinations) or "—"],
+        ["weight protocol (docs/merging.md: paper = the LoRI paper's weights, tuned = chosen on validation)",
+         vals(None, "merge_protocol") if any(r.params.get("merge_protocol") for r in runs) else "— (before protocols)"],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
-        ["weights w_i (per task)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights))],
+        ["weights w_i (per task; the first protocol)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights) or "—")],
         *([["weight chosen on the validation split (per combination)", chosen + (
             " (*: the lowest or highest weight tried, after extending the grid: the best may lie beyond it)" if "*" in chosen else "")]]
           if chosen else []),
