@@ -44,7 +44,7 @@ from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, chec
                                 verify_stages, write_documents, write_matrix_files, write_stage_marker)
 from harness.run.mirror import Mirror, general_metrics, mirror_stage, parent_record, read_state, update_state
 from harness.run.planning import SequenceSpec
-from harness.run.train import Recipe, collate, compile_plan, task_examples, tokenize_examples, train_method
+from harness.run.train import Recipe, compile_plan, example_batches, task_examples, train_method
 from harness.timing import timed
 
 
@@ -266,12 +266,7 @@ class SequenceRunner:
                         calibration=True)
             calib["s"] += time.perf_counter() - tc
 
-        def batches(indices: list[int] | None, batch_size: int):
-            data = tokenize_examples(self.tokenizer, [examples[i] for i in (indices if indices is not None else range(len(examples)))],
-                                     budget["max_seq_len"])
-            pad_id, device = self.tokenizer.pad_token_id or 0, next(method.model.parameters()).device
-            for i in range(0, len(data), batch_size):
-                yield collate(data[i : i + batch_size], pad_id, device)
+        batches = example_batches(self.tokenizer, examples, budget["max_seq_len"], next(self.model.parameters()).device)
 
         _, setup_s = timed(method.begin_stage, StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate,
                                                             resumed_extra=ckpt.load_extra(), batches=batches, n_examples=len(examples),

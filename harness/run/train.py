@@ -167,6 +167,19 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[str
     return {"input_ids": input_ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
+def example_batches(tokenizer, examples: list[dict], max_seq_len: int | None, device):
+    """batches(indices, batch_size): those training examples (None = all, in order) as model inputs on `device`, for
+    methods that measure a stage's data outside training (StageContext.batches)."""
+    data = tokenize_examples(tokenizer, examples, max_seq_len)
+    pad_id = tokenizer.pad_token_id or 0
+
+    def batches(indices: list[int] | None, batch_size: int):
+        chosen = [data[i] for i in (indices if indices is not None else range(len(data)))]
+        for i in range(0, len(chosen), batch_size):
+            yield collate(chosen[i : i + batch_size], pad_id, device)
+    return batches
+
+
 def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reduction: str) -> tuple[dict[str, torch.Tensor], float | None]:
     """This rank's slice of a global batch and its loss scale; one process: the whole batch and no scale."""
     if not D.is_distributed():

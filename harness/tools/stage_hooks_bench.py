@@ -25,27 +25,16 @@ from harness.methods import METHODS, StageContext
 from harness.models import load_model, set_torch_threads
 from harness.models.environment import device_name
 from harness.run.planning import stage_budget
-from harness.run.train import Recipe, collate, make_optimizer, task_examples, tokenize_examples, train_step
+from harness.run.train import Recipe, example_batches, make_optimizer, task_examples, train_step
 from harness.suites import load_suite
 from harness.tools.profile_step import sync
-
-
-def _batches(tokenizer, examples: list[dict], budget: dict, device):
-    data = tokenize_examples(tokenizer, examples, budget["max_seq_len"])
-    pad_id = tokenizer.pad_token_id or 0
-
-    def batches(indices: list[int] | None, batch_size: int):
-        chosen = [data[i] for i in (indices if indices is not None else range(len(data)))]
-        for i in range(0, len(chosen), batch_size):
-            yield collate(chosen[i : i + batch_size], pad_id, device)
-    return batches
 
 
 def _stage(method, cfg, suite, tok, t: int, task: str, steps: int, recipe, device) -> dict:
     """One stage of `method` on `task`: timed setup, `steps` timed training steps, timed teardown."""
     b = stage_budget(cfg, suite, [task], method.name, 0)
     examples = method.train_data(t, task_examples(suite, task, recipe, limit=cfg.train_limit, seed=0))
-    batches = _batches(tok, examples, b, device)
+    batches = example_batches(tok, examples, b["max_seq_len"], device)
     calib = {"s": 0.0}
 
     def calibrate(max_steps, lr_method):  # a magnitude mask's LoRI-D run: training, not the method's own cost
