@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test test-fast run-sequence merge ablation all-methods headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
+.PHONY: setup test test-fast run-sequence merge ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -86,6 +86,24 @@ all-methods: $(STAMP)
 	  $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
 	    $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; \
 	done
+
+# Baseline strength (#35): each baseline's strength knob over a small grid, seed 0, on each CPU suite, chosen on the
+# validation split (docs/baselines.md has the grids, the choice and its evidence). One suite per core, one sequence at
+# a time, as the headline; finished sequences are skipped, so an interrupted tuning resumes. `harness tuning` then
+# writes each suite's evidence (validation and test ACC per value, the choice) to results/evidence/tuning-<suite>/.
+TUNE_SUITES ?= default mc4
+TUNE_GRIDS ?= ewc:ewc.lambda=100,1000,10000 nlora:nlora.lambda_l1=1e-5,1e-4,1e-3 olora:olora.lambda_orth=0.05,0.5,5 \
+  migu:migu.top_fraction=0.1,0.3,0.6 inflora:inflora.threshold=0.9,0.95,0.99
+tune-baselines: $(STAMP)
+	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in $(TUNE_SUITES); do \
+	  ( for mg in $(TUNE_GRIDS); do \
+	      taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $${mg%%:*} --seeds 0 \
+	        --grid "$${mg#*:}" --eval-schedule diagonal_final --experiment tune-$$suite --results-dir $(RESULTS)/tune-$$suite \
+	        --no-progress --no-report $(ARGS) || exit $$?; \
+	      $(BIN)/harness tuning $(RESULTS)/tune-$$suite/tune-$$suite --suite $$suite || exit $$?; \
+	    done ) > $(RESULTS)/tune-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
+	done; \
+	status=0; for p in $$pids; do wait $$p || status=$$?; done; tail -n 3 $(RESULTS)/tune-*.log; exit $$status
 
 # The README's headline: LoRI-S vs LoRA on both CPU suites, HEADLINE_SEEDS seeds each, one suite per core, one seed
 # (both methods) at a time so that paired evidence lands as it finishes; each finished seed's compact evidence goes to

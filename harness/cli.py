@@ -89,6 +89,11 @@ def _folder_commands(sub) -> None:
     ev.add_argument("run_folder", metavar="RUN_FOLDER", help="A sequence folder or a folder above sequence folders.")
     ev.add_argument("--table", required=True, help="Evidence table name, e.g. headline-default (a folder under results/evidence/).")
     ev.set_defaults(func="cmd_evidence")
+    tu = sub.add_parser("tuning", help="Choose each baseline's strength from a tuning grid on the validation split "
+                                       "(make tune-baselines) and write its evidence to results/evidence/tuning-SUITE/.")
+    tu.add_argument("run_folder", metavar="RUN_FOLDER", help="The tuning experiment's folder, e.g. results/tune-default/tune-default.")
+    tu.add_argument("--suite", required=True, help="The suite the grid ran on (names the evidence folder tuning-SUITE).")
+    tu.set_defaults(func="cmd_tuning")
     tb = sub.add_parser("tables", help="Rewrite the README's result tables from results/evidence/ (run from the repository root).")
     tb.add_argument("--check", action="store_true", help="Change nothing; exit 1 and name the tables that differ from the evidence.")
     tb.set_defaults(func="cmd_tables")

@@ -52,6 +52,9 @@ class Method:
     source: ClassVar[str]  # paper and equation
     knobs: ClassVar[type[BaseModel] | None] = None  # nested config section (cfg.<section>)
     section: ClassVar[str | None] = None
+    # The knob ("section.knob", its YAML name) that sets how hard the method protects earlier tasks: tuned per suite
+    # on the validation split (make tune-baselines; the suite's method_knobs), and named with its value in tables.
+    strength: ClassVar[str | None] = None
     lr_method: ClassVar[str] = "lora"  # whose learning-rate knob this method uses (lr_lora, lr_lori_d, lr_lori_s)
     reference: ClassVar[bool] = False  # a reference row (e.g. multi-task upper bound), never ranked as a sequence
     independent_adapters: ClassVar[bool] = False  # per-task adapters can be trained separately (merging)

@@ -120,6 +120,7 @@ class EWC(SeqLoRA):
               "Fisher under the model's own samples; θ is the LoRA adapter only (A and B), the base model is frozen.")
     knobs = EWCKnobs
     section = "ewc"
+    strength = "ewc.lambda"
     independent_adapters = False
 
     def __init__(self, cfg, **kw):

@@ -59,6 +59,7 @@ class OLoRA(IncLoRA):
               "the authors' code (src/uie_trainer_lora.py) uses an unsquared norm for the λ2 term.")
     knobs = OLoRAKnobs
     section = "olora"
+    strength = "olora.lambda_orth"
 
     def begin_stage(self, ctx) -> None:
         super().begin_stage(ctx)

@@ -166,6 +166,7 @@ class InfLoRA(IncLoRA):
               "(nothing uses it); suite budget and lr_lora, not the paper's 20 epochs of Adam at 5e-4; no classifier head.")
     knobs = InfLoRAKnobs
     section = "inflora"
+    strength = "inflora.threshold"
     train_A = False
 
     def __init__(self, cfg, **kw):

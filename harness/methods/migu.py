@@ -43,6 +43,7 @@ class MIGU(SeqLoRA):
               "task unless migu.mask_first_task, as in the code (is_first_task).")
     knobs = MIGUKnobs
     section = "migu"
+    strength = "migu.top_fraction"
     independent_adapters = False
 
     def begin_stage(self, ctx) -> None:

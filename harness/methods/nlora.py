@@ -71,6 +71,7 @@ class NLoRA(IncLoRA):
               "lr 1e-3 and 10 epochs, here the suite's budget and lr_lora.")
     knobs = NLoRAKnobs
     section = "nlora"
+    strength = "nlora.lambda_l1"
 
     def begin_stage(self, ctx) -> None:
         super().begin_stage(ctx)

@@ -27,7 +27,8 @@ from harness.analysis.runs import MergeRun, SequenceRun, UnfinishedRun
 from harness.analysis.sensitivity import SELECTION_CRITERION
 from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
-from harness.report.tables import (COST_HEADERS, GENERAL_HEADERS, GENERAL_TASK_HEADERS, PAIRED_HEADERS, cost_rows, fmt_metric,
+from harness.report.tables import (COST_HEADERS, GENERAL_HEADERS, GENERAL_TASK_HEADERS, PAIRED_HEADERS, STRENGTH_HEADERS,
+                                   cost_rows, strength_rows, fmt_metric,
                                    general_rows, general_task_rows, not_learned_sentences, paired_table_rows)
 
 _TEMPLATES = Path(__file__).with_name("templates")
@@ -238,6 +239,8 @@ def _sequence_context(d: PageData) -> dict:
         "param_rows": [_param_cells(r) for r in d.rows],
         "cost_headers": COST_HEADERS,
         "cost_rows": cost_rows(d.by_method),
+        "strength_headers": STRENGTH_HEADERS,
+        "strength_rows": strength_rows(d.by_method),
         "has_mask_overlap": bool(d.mask_diag),
         "has_subspace_overlap": bool(d.sub_diag),
         "mask_methods": ", ".join(display_name(m) for m, *_ in d.mask_diag),

@@ -7,15 +7,17 @@ from __future__ import annotations
 
 from harness.analysis.aggregate import mean_std_n
 from harness.analysis.intervals import fmt_p
-from harness.analysis.naming import METRICS, display_name
+from harness.analysis.naming import METRICS, display_name, num_sort_key
 from harness.analysis.numbers import finite, fmt, fmt_pm
 from harness.analysis.over_seeds import MIN_SEEDS, values_interval
 from harness.analysis.runs import SequenceRun
 from harness.analysis.sensitivity import VariantRow
+from harness.run.suite_knobs import SOURCES
 
 GENERAL_HEADERS = ["method", "runs", "base model CE", "CE after the last stage", "rise (↓)"]
 COST_HEADERS = ["method", "stages", "training s", "method s (setup + teardown)", "calibration s", "evaluation s",
                 "method / training"]
+STRENGTH_HEADERS = ["method", "strength knob", "value(s)", "runs", "how the value was chosen"]
 GENERAL_TASK_HEADERS = ["method", "task (general_tasks)", "runs", "base model", "change after the last stage (mean)",
                         "95% interval over seeds"]
 
@@ -114,4 +116,18 @@ def cost_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
         train, own = mean(lambda c: c["train_s"]), mean(lambda c: c["method_setup_s"] + c["method_teardown_s"])
         out.append([display_name(method), str(len(stages)), f"{train:.1f}", f"{own:.1f}", f"{mean(lambda c: c['calibration_s']):.1f}",
                     f"{mean(lambda c: c['eval_s']):.1f}", f"{100 * own / train:.1f}%" if train > 0 else "—"])
+    return out
+
+
+def strength_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
+    """Per baseline with a strength knob: the value(s) its runs used and where each came from (summary.json
+    `strength`: tuned on the suite's validation split, the knob's untuned default, or set by the experiment)."""
+    out = []
+    for method, runs in by_method.items():
+        records = [r.summary.get("strength") for r in runs if r.summary and r.summary.get("strength")]
+        if not records:
+            continue
+        values = sorted({str(s["value"]) for s in records}, key=num_sort_key)
+        sources = sorted({SOURCES.get(s["source"], s["source"]) for s in records})
+        out.append([display_name(method), records[0]["knob"], ", ".join(values), str(len(records)), "; ".join(sources)])
     return out

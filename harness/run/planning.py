@@ -37,6 +37,7 @@ from harness.models import memory as MEM
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
 from harness.run.general_eval import check_names as check_general_tasks
+from harness.run.suite_knobs import strength, with_suite_knobs
 from harness.suites import DEFAULT_LR, validate_suite
 from harness.tracking.client import check_reachable, default_tracking_uri
 
@@ -65,6 +66,7 @@ class SequenceSpec:
     variant: str | None = None
     variant_values: dict[str, Any] | None = None
     stages: list[StagePlan] = field(default_factory=list)  # stages 1..S, from plan()
+    strength: dict[str, Any] | None = None  # the method's strength knob, its value and its source (run/suite_knobs)
 
     @property
     def label(self) -> str:
@@ -115,6 +117,7 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                 raise ConfigError(f"tasks: {unknown} not in suite {suite.name!r} order {k} ({', '.join(order)})")
             order = [t for t in order if t in cfg.tasks]
         for vid, values, vcfg in variants(cfg):
+            vcfg = with_suite_knobs(vcfg, suite)
             base = experiment_dir(cfg) / f"variant-{vid}" if vid else experiment_dir(cfg)
             for method in cfg.methods:
                 for seed in cfg.seeds:
@@ -124,7 +127,8 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                     stages = [StagePlan(tasks, stage_budget(vcfg, suite, tasks, method, seed),
                                         {f: stage_lr(vcfg, suite, tasks, f) for f in DEFAULT_LR})
                               for tasks in METHODS[method].stage_plan(order)]
-                    specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages))
+                    specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages,
+                                              strength(vcfg, suite, method)))
     return specs
 
 

@@ -376,7 +376,8 @@ class SequenceRunner:
         matrix_heatmap(self.R, spec.tasks, f"{spec.method} seed {spec.seed} order {spec.order_index}", run_dir / "matrix_heatmap.png")
         summary = {
             "method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "tasks": spec.tasks,
-            "variant": spec.variant, "variant_values": spec.variant_values, "reference": self.method_cls.reference,
+            "variant": spec.variant, "variant_values": spec.variant_values, "strength": spec.strength,
+            "reference": self.method_cls.reference,
             "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
             "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
             **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),

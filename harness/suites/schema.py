@@ -231,6 +231,9 @@ class Suite(_Strict):
     description: str = ""
     recommended_model: str | None = None
     budget: Budget = Field(default_factory=Budget)
+    # Per-suite defaults of method knobs ({section: {knob: value}}), e.g. the baselines' strengths chosen on the
+    # validation split by `make tune-baselines`; a knob the experiment sets itself (YAML, flag, grid) wins.
+    method_knobs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     orders: list[list[str]]
     tasks: list[TaskSpec]
 

@@ -1,0 +1,128 @@
+"""The baselines' strength, tuned on the validation split (`make tune-baselines`, `harness tuning`).
+
+Each baseline with a strength knob (`Method.strength`: EWC's λ, N-LoRA's λ, O-LoRA's λ1, MIGU's fraction, InfLoRA's
+threshold) runs a small grid over that knob on a suite (seed 0). The value whose final model scores the highest ACC
+on the suite's validation split (records carved from the training data, never trained on, disjoint from the test
+documents) is chosen; the test split never chooses. A tie goes to the knob's default if it is among the tied, else to
+the first tied value in grid order. A choice at an end of the grid is flagged: the best may lie beyond it.
+
+    results/evidence/tuning-<suite>/
+        tuning.json                                   the choice per method (keys below)
+        <method>/<knob>=<value>/summary.json          each finished sequence's summary and config (about 6 KB)
+        <method>/<knob>=<value>/config.yaml
+
+tuning.json: {"suite", "selection", "methods": {method: {"knob", "default", "chosen", "at_grid_end", "values":
+[{"value", "seed", "validation_acc", "acc", "bwt", "forgetting"}, ...]}}}. The chosen values go into the suite's
+`method_knobs` (suite.yaml), where runs read them as the suite's defaults (harness/run/suite_knobs.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.analysis.numbers import json_clean
+from harness.config import ExperimentConfig
+from harness.errors import HarnessError
+from harness.io import atomic_write_bytes, atomic_write_text, read_json
+from harness.methods import METHODS
+from harness.run.folder import sequence_folders
+from harness.tools.evidence import EVIDENCE_DIR
+
+SELECTION = ("the highest ACC of the final model on the validation split of every task (seed 0); a tie goes to the "
+             "knob's default, else to the first value in grid order; the test split never chooses")
+
+
+def _knob_value(config: dict, knob: str) -> Any:
+    section, key = knob.split(".")
+    return (config.get(section) or {}).get(key)
+
+
+def _default(knob: str) -> Any:
+    section, key = knob.split(".")
+    model = ExperimentConfig.model_fields[section].annotation
+    return next(f.default for n, f in model.model_fields.items() if key in (n, f.alias))
+
+
+def _rows(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
+    """method -> one row per finished sequence of a method with a strength knob."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for f in folders:
+        summary, config = read_json(f / "summary.json"), yaml.safe_load((f / "config.yaml").read_text())
+        knob = METHODS[summary["method"]].strength
+        if knob is None:
+            continue
+        val = summary.get("validation") or {}
+        out.setdefault(summary["method"], []).append({
+            "value": _knob_value(config, knob), "seed": summary["seed"], "folder": f,
+            "validation_acc": val.get("acc") if val.get("complete") else None,
+            "acc": summary.get("acc"), "bwt": summary.get("bwt"), "forgetting": summary.get("forgetting")})
+    return out
+
+
+def choose(rows: list[dict[str, Any]], default: Any) -> dict[str, Any]:
+    """The chosen row (SELECTION) of one method's rows in grid order; HarnessError when one has no validation ACC."""
+    missing = [r["value"] for r in rows if r["validation_acc"] is None or not math.isfinite(r["validation_acc"])]
+    if missing:
+        raise HarnessError(f"values {missing}: no validation ACC in summary.json; tuning needs a suite whose every task "
+                           f"has a validation split (suite.yaml `validation: {{size: N}}`)")
+    best = max(r["validation_acc"] for r in rows)
+    tied = [r for r in rows if r["validation_acc"] == best]
+    return next((r for r in tied if r["value"] == default), tied[0])
+
+
+def summarize(folders: list[Path], suite: str) -> dict[str, Any]:
+    methods = {}
+    for method, rows in sorted(_rows(folders).items()):
+        knob = METHODS[method].strength
+        rows.sort(key=lambda r: r["value"])
+        default, chosen = _default(knob), choose(rows, _default(knob))
+        methods[method] = {
+            "knob": knob, "default": default, "chosen": chosen["value"],
+            "at_grid_end": len(rows) > 1 and chosen["value"] in (rows[0]["value"], rows[-1]["value"]),
+            "values": [{k: v for k, v in r.items() if k != "folder"} for r in rows]}
+    if not methods:
+        raise HarnessError(f"no finished sequence of a method with a strength knob "
+                           f"({', '.join(m for m, c in METHODS.items() if c.strength)}) under these folders")
+    return {"suite": suite, "selection": SELECTION, "methods": methods}
+
+
+def collect(run_folder: Path, suite: str, root: Path = EVIDENCE_DIR) -> dict[str, Any]:
+    """Write results/evidence/tuning-<suite>/ from the finished sequences under run_folder; the tuning.json written."""
+    folders = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
+    if not folders:
+        raise HarnessError(f"{run_folder}: no finished sequence under it; pass the tuning experiment's folder, "
+                           f"e.g. results/tune-{suite}/tune-{suite}")
+    result = summarize(folders, suite)
+    out = root / f"tuning-{suite}"
+    for method, rows in _rows(folders).items():
+        for r in rows:
+            dst = out / method / f"{METHODS[method].strength}={r['value']}"
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("summary.json", "config.yaml"):
+                atomic_write_bytes(dst / name, (r["folder"] / name).read_bytes())
+    atomic_write_text(out / "tuning.json", json.dumps(json_clean(result), indent=1))
+    return result
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def format_tuning(result: dict[str, Any]) -> str:
+    """The table `harness tuning` prints, and the suite.yaml lines that record the choice."""
+    lines = [f"suite {result['suite']}: chosen by {result['selection']}", "",
+             f"{'method':8} {'knob':20} {'value':>8} {'val ACC':>8} {'ACC':>7} {'BWT':>7}"]
+    snippet = []
+    for method, m in result["methods"].items():
+        for r in m["values"]:
+            mark = " <- chosen" + (" (at the grid's end)" if m["at_grid_end"] else "") if r["value"] == m["chosen"] else ""
+            lines.append(f"{method:8} {m['knob']:20} {_fmt(r['value']):>8} {_fmt(r['validation_acc']):>8} "
+                         f"{_fmt(r['acc']):>7} {_fmt(r['bwt']):>7}{mark}")
+        section, key = m["knob"].split(".")
+        snippet.append(f"  {section}: {{{key}: {m['chosen']}}}")
+    return "\n".join(lines + ["", "suite.yaml:", "method_knobs:", *snippet])
