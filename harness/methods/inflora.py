@@ -108,6 +108,18 @@ def grow_basis(C: torch.Tensor, U: torch.Tensor | None, threshold: float) -> tor
     return torch.cat([U, vecs[:, :r]], dim=1)[:, : C.shape[0]].contiguous()
 
 
+def decoder_body(model, layers: list[torch.nn.Module]) -> torch.nn.Module:
+    """The model without its LM head (transformers' get_decoder()) when every adapted layer is inside it, else the
+    model: the covariance needs the layers' inputs, not the logits (a vocab-wide product per position: ~20% of
+    SmolLM2's forward, and batch x length x vocab floats of memory at 7B)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if body is None or body is base:
+        return model
+    inside = {id(m) for m in body.modules()}
+    return body if all(id(m) in inside for m in layers) else model
+
+
 class InputCovariance:
     """mean x xᵀ of every adapted module's input over the non-padded positions of some batches.
 
@@ -141,10 +153,11 @@ class InputCovariance:
         handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.layers]
         was_training = model.training
         model.eval()
+        body = decoder_body(model, [m for _, m in self.layers])
         try:
             for batch in batches:
                 self._mask, self._last = batch["attention_mask"].bool(), None
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         finally:
             for h in handles:
                 h.remove()
