@@ -14,9 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from harness.metrics import LEARN_MARGIN
-from harness.methods import METHODS
+from harness.methods import LR_FAMILIES, METHODS, lr_knob
 from harness.methods.lori import knobs as lori_knobs
-from harness.suites.schema import DEFAULT_LR
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -117,17 +116,7 @@ class _Knobs(BaseModel):
     max_seq_len: int | None = Field(None, ge=8, description="Truncate training sequences to this many tokens.")
     lr: float | None = Field(
         None, gt=0, description="One learning rate for every method of the run (e.g. --grid \"lr=1e-3,2e-3\"); a family's own "
-        "lr_lora / lr_lori_d / lr_lori_s still wins for that family. Default: per family."
-    )
-    lr_lora: float | None = Field(
-        None, gt=0, description=f"Learning rate for lora and the LoRA baselines inclora, olora, replay, mtl, nlora, inflora, ewc, migu, sdlora, osf "
-        f"(default: the suite budget's, else {DEFAULT_LR['lora']:g})."
-    )
-    lr_lori_d: float | None = Field(
-        None, gt=0, description=f"Learning rate for lori-d (default: the suite budget's, else {DEFAULT_LR['lori-d']:g})."
-    )
-    lr_lori_s: float | None = Field(
-        None, gt=0, description=f"Learning rate for lori-s (default: the suite budget's, else {DEFAULT_LR['lori-s']:g}: ~10x lori-d, as the paper)."
+        "lr_<family> (lr_lora, lr_lori_d, lr_lori_s, ...) still wins for that family. Default: per family."
     )
     train_limit: int | None = Field(None, ge=1, description="Use at most N training examples per task.")
 
@@ -333,16 +322,17 @@ class _Knobs(BaseModel):
         return f"{suite}-{model}"
 
     def lr_for(self, method: str, suggested: dict[str, float] | None = None) -> float:
-        """The learning rate of a method: its family's knob (lr_lora, lr_lori_d or lr_lori_s), else lr, else the suite's."""
+        """The learning rate of a method: its family's knob (lr_lora, lr_lori_s, ...), else lr, else the suite's
+        recommendation for the family (budget.lr), else the family's default (LR_FAMILIES)."""
         family = METHODS[method].lr_method
-        explicit = {"lora": self.lr_lora, "lori-d": self.lr_lori_d, "lori-s": self.lr_lori_s}[family]
+        explicit = getattr(self, lr_knob(family))
         if explicit is not None:
             return explicit
         if self.lr is not None:
             return self.lr
         if suggested and family in suggested:
             return float(suggested[family])
-        return DEFAULT_LR[family]
+        return LR_FAMILIES[family]
 
     def to_yaml_dict(self) -> dict[str, Any]:
         """The resolved config; sections of methods not in the run are left out (they would not validate)."""
@@ -374,7 +364,17 @@ def _method_sections() -> dict[str, Any]:
     return fields
 
 
-ExperimentConfig = create_model("ExperimentConfig", __base__=_Knobs, __module__=__name__, **_method_sections())
+def _lr_fields() -> dict[str, Any]:
+    """One learning-rate knob per family (lr_lora, lr_lori_d, lr_lori_s, ...), from the registry."""
+    fields = {}
+    for family, default in sorted(LR_FAMILIES.items()):
+        users = ", ".join(m.name for m in METHODS.values() if m.lr_method == family)
+        fields[lr_knob(family)] = (float | None, Field(None, gt=0, description=(
+            f"Learning rate of the {family} family: {users} (default: the suite budget's, else {default:g}).")))
+    return fields
+
+
+ExperimentConfig = create_model("ExperimentConfig", __base__=_Knobs, __module__=__name__, **_lr_fields(), **_method_sections())
 ExperimentConfig.__doc__ = "A continual-learning experiment: methods x seeds x task orders over one suite and model."
 
 

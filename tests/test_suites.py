@@ -16,8 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the hub from these t
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from harness.errors import HarnessError, SuiteError  # noqa: E402
+from harness.config import ExperimentConfig  # noqa: E402
+from harness.errors import ConfigError  # noqa: E402
+from harness.methods import LR_FAMILIES  # noqa: E402
+from harness.run.suite_knobs import check_lr_families  # noqa: E402
 from harness.suites import (  # noqa: E402
-    DEFAULT_LR,
     _Subsample,
     format_to_jinja,
     list_suites,
@@ -162,13 +165,22 @@ def test_metric_keys():
 
 
 def test_budget_gives_an_lr_for_every_method(smoke_copy):
-    s = load_suite("olora-standard")  # its suite.yaml names no lr
-    assert s.task("agnews").budget_for(s).lr == DEFAULT_LR == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
+    cfg = ExperimentConfig()
+    rates = lambda s, task: {f: cfg.lr_for(f, s.task(task).budget_for(s).lr) for f in LR_FAMILIES}  # noqa: E731
+    s = load_suite("olora-standard")  # its suite.yaml names no lr: every family at its default
+    assert rates(s, "agnews") == LR_FAMILIES == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
     _edit(smoke_copy, lambda d: (d["budget"].update(lr={"lora": 5e-3}), d["tasks"][0].update(budget={"lr": {"lori-s": 7e-2}})))
     s = load_suite(smoke_copy)
-    assert s.task("weather").budget_for(s).lr == {"lora": 5e-3, "lori-d": 1e-3, "lori-s": 1e-2}
-    # a task's lr replaces the suite's mapping: the methods it leaves out get the defaults
-    assert s.task("parity").budget_for(s).lr == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 7e-2}
+    assert rates(s, "weather") == {"lora": 5e-3, "lori-d": 1e-3, "lori-s": 1e-2}
+    # a task's lr replaces the suite's mapping: the families it leaves out get their defaults
+    assert rates(s, "parity") == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 7e-2}
+
+
+def test_a_budget_lr_for_no_family_is_refused_naming_the_key(smoke_copy):
+    _edit(smoke_copy, lambda d: d["tasks"][1].update(budget={"lr": {"lori_s": 7e-2}}))
+    with pytest.raises(ConfigError, match=r"suite.yaml: tasks\[1\].budget.lr: 'lori_s' is no learning-rate family "
+                                          r"\(families: lora, lori-d, lori-s"):
+        check_lr_families(load_suite(smoke_copy))
 
 
 # ----------------------------------------------------------------------------- lm-eval wiring

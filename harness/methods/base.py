@@ -43,6 +43,19 @@ class StageContext:
     compiled: bool = False
 
 
+REGISTRY: dict[str, type["Method"]] = {}
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: the method joins the registry under its name (config sections, lr_<family> knobs, CLI flags
+    and `harness methods` are built from it). A module outside the package registers by being named in
+    $HARNESS_METHODS (harness/methods/__init__.py)."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice ({REGISTRY[cls.name].__module__}, {cls.__module__})")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
 class Method:
     """Base class: plain sequential adapters with no extra term; subclasses override verbs."""
 
@@ -55,7 +68,10 @@ class Method:
     # The knob ("section.knob", its YAML name) that sets how hard the method protects earlier tasks: tuned per suite
     # on the validation split (make tune-baselines; the suite's method_knobs), and named with its value in tables.
     strength: ClassVar[str | None] = None
-    lr_method: ClassVar[str] = "lora"  # whose learning-rate knob this method uses (lr_lora, lr_lori_d, lr_lori_s)
+    lr_method: ClassVar[str] = "lora"  # the learning-rate family it trains at (knob lr_<family>: lr_lora, lr_lori_s, ...)
+    # A method that starts its own family sets lr_method to its name and this to the family's default rate; the config
+    # then has a knob lr_<name> and suites may recommend a rate for it (budget.lr).
+    lr_default: ClassVar[float | None] = None
     reference: ClassVar[bool] = False  # a reference row (e.g. multi-task upper bound), never ranked as a sequence
     independent_adapters: ClassVar[bool] = False  # per-task adapters can be trained separately (merging)
     a_mode_from_config: ClassVar[bool] = False  # lori-*: cfg.lori.a_mode decides shared/per_task A

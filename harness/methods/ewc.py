@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
+from harness.methods.base import register
 from harness.methods.lora import SeqLoRA
 from harness.seeding import stable_seed
 from harness.losses import lm_loss
@@ -109,6 +110,7 @@ def _nothing():
     yield
 
 
+@register
 class EWC(SeqLoRA):
     name = "ewc"
     display = "EWC"

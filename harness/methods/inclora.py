@@ -11,9 +11,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from harness.adapters.keys import b_key
 from harness.methods.lori import masks as M
-from harness.methods.base import Method
+from harness.methods.base import Method, register
 
 
+@register
 class IncLoRA(Method):
     name = "inclora"
     display = "IncLoRA"
@@ -51,6 +52,7 @@ class OLoRAKnobs(BaseModel):
     lambda_l2: float = Field(0.0, ge=0, description="λ2: weight of ‖θ_t‖² over the new adapter's A and B.")
 
 
+@register
 class OLoRA(IncLoRA):
     name = "olora"
     display = "O-LoRA"

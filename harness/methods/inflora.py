@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from scipy import linalg as scipy_linalg
 
 from harness.errors import HarnessError
+from harness.methods.base import register
 from harness.methods.inclora import IncLoRA
 
 FILE = "inflora.safetensors"
@@ -167,6 +168,7 @@ class InputCovariance:
         return {n: covs[self.leader[n]] for n, _ in self.layers}
 
 
+@register
 class InfLoRA(IncLoRA):
     name = "inflora"
     display = "InfLoRA"

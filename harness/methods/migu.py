@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness import distributed as D
+from harness.methods.base import register
 from harness.methods.lora import SeqLoRA
 
 
@@ -31,6 +32,7 @@ def row_mask(magnitude: torch.Tensor, top_fraction: float) -> torch.Tensor:
     return (m >= torch.quantile(m, 1.0 - top_fraction)).float()
 
 
+@register
 class MIGU(SeqLoRA):
     name = "migu"
     display = "MIGU"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from harness.methods.base import register
 from harness.methods.lora import SeqLoRA
 
 
+@register
 class MTL(SeqLoRA):
     name = "mtl"
     display = "MTL"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.methods.base import register
 from harness.methods.inclora import IncLoRA
 
 
@@ -57,6 +58,7 @@ def update_l1(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return total if total is not None else torch.zeros(())
 
 
+@register
 class NLoRA(IncLoRA):
     name = "nlora"
     # Tabled as the paper's formula: the authors' runs penalise another product (see source), so these rows must not

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
-from harness.methods.base import Method
+from harness.methods.base import Method, register
 from harness.methods.lori import masks as M
 
 FILE, META = "osf.safetensors", "osf.json"
@@ -98,6 +98,7 @@ def off_frozen(layer, adapter: str = ADAPTER) -> tuple[torch.Tensor, torch.Tenso
     return U, V
 
 
+@register
 class OSF(Method):
     name = "osf"
     display = "OSF"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from harness.methods.base import register
 from harness.methods.lora import SeqLoRA
 from harness.seeding import stable_seed
 
@@ -27,6 +28,7 @@ def buffer_indices(n: int, *, seed: int, task: str, fraction: float, per_task: i
     return sorted(random.Random(stable_seed(seed, "replay", task)).sample(range(n), k))
 
 
+@register
 class Replay(SeqLoRA):
     name = "replay"
     display = "Replay"

@@ -32,6 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from harness.errors import HarnessError
+from harness.methods.base import register
 from harness.methods.inclora import IncLoRA
 
 FILE = "sdlora.safetensors"
@@ -80,6 +81,7 @@ class Magnitude(nn.Module):
         return B * (self.alpha * self.factor)
 
 
+@register
 class SDLoRA(IncLoRA):
     name = "sdlora"
     display = "SD-LoRA"

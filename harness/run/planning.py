@@ -30,15 +30,15 @@ from harness import distributed as D
 from harness.config import ExperimentConfig
 from harness.config_loading import format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
-from harness.methods import METHODS
+from harness.methods import LR_FAMILIES, METHODS
 from harness.methods.lori.knobs import flat_name
 from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
 from harness.models import memory as MEM
 from harness.models.environment import resolve_device, resolve_dtype
 from harness.precision import check_dtype_on_device
 from harness.run.general_eval import check_names as check_general_tasks
-from harness.run.suite_knobs import strength, with_suite_knobs
-from harness.suites import DEFAULT_LR, validate_suite
+from harness.run.suite_knobs import check_lr_families, strength, with_suite_knobs
+from harness.suites import validate_suite
 from harness.tracking.client import check_reachable, default_tracking_uri
 
 
@@ -106,6 +106,7 @@ def variants(cfg: ExperimentConfig) -> list[tuple[str | None, dict[str, Any], Ex
 
 def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
     """Every method x seed x order, with its run folder."""
+    check_lr_families(suite)
     specs = []
     for k in cfg.orders:
         if k < 0 or k >= len(suite.orders):
@@ -125,7 +126,7 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                     if len(cfg.orders) > 1:
                         d = d / f"order-{k}"
                     stages = [StagePlan(tasks, stage_budget(vcfg, suite, tasks, method, seed),
-                                        {f: stage_lr(vcfg, suite, tasks, f) for f in DEFAULT_LR})
+                                        {f: stage_lr(vcfg, suite, tasks, f) for f in LR_FAMILIES})
                               for tasks in METHODS[method].stage_plan(order)]
                     specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages,
                                               strength(vcfg, suite, method)))

@@ -1,4 +1,5 @@
-"""A suite's defaults for method knobs (suite.yaml `method_knobs`) and where each method's strength came from.
+"""A suite's defaults for method knobs (suite.yaml `method_knobs`), where each method's strength came from, and the
+check of its recommended learning rates (budget.lr) against the registry's families.
 
 A baseline's strength (EWC's λ, N-LoRA's λ, ...; `Method.strength`) is tuned per suite on the validation split by
 `make tune-baselines` and recorded in the suite as a default. An experiment that sets the knob itself (YAML, flag,
@@ -15,7 +16,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from harness.config import ExperimentConfig, section_users
 from harness.config_loading import format_errors
 from harness.errors import ConfigError
-from harness.methods import METHODS
+from harness.methods import LR_FAMILIES, METHODS
 from harness.suites.locations import display
 
 # How the source of a strength reads in tables (summary.json `strength.source` is the key).
@@ -43,6 +44,17 @@ def _check(suite) -> None:
             if _field_name(model, key) is None:
                 known = ", ".join(f.alias or n for n, f in model.model_fields.items())
                 raise ConfigError(f"{where}.{key}: {section} has no knob {key!r} (knobs: {known})")
+
+
+def check_lr_families(suite) -> None:
+    """ConfigError naming suite.yaml when a budget recommends a rate for a learning-rate family no method has."""
+    where = [("budget.lr", suite.budget.lr)] + [(f"tasks[{i}].budget.lr", t.budget.lr) for i, t in enumerate(suite.tasks)
+                                                if t.budget is not None and t.budget.lr]
+    for key, rates in where:
+        unknown = sorted(set(rates or {}) - set(LR_FAMILIES))
+        if unknown:
+            raise ConfigError(f"{display(suite.file)}: {key}: {', '.join(map(repr, unknown))} is no learning-rate family "
+                              f"(families: {', '.join(sorted(LR_FAMILIES))}); fix the name or drop it")
 
 
 def with_suite_knobs(cfg: ExperimentConfig, suite) -> ExperimentConfig:

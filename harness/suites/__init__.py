@@ -9,11 +9,11 @@ from harness.suites.data import read_records, template_fields
 from harness.suites.lm_eval_configs import _LocalDataset, _Subsample, format_to_jinja
 from harness.suites.loading import list_suites, load_suite
 from harness.suites.locations import SUITE_FILE, suites_dir
-from harness.suites.schema import DEFAULT_LR, Budget, HFSource, Sizes, Suite, TaskBudget, TaskSpec, TrainSource
+from harness.suites.schema import Budget, HFSource, Sizes, Suite, TaskBudget, TaskSpec, TrainSource
 from harness.suites.validation import validate_suite
 
 __all__ = [
-    "DEFAULT_LR", "SUITE_FILE", "Budget", "HFSource", "Sizes", "Suite", "TaskBudget", "TaskSpec", "TrainSource",
+    "SUITE_FILE", "Budget", "HFSource", "Sizes", "Suite", "TaskBudget", "TaskSpec", "TrainSource",
     "_LocalDataset", "_Subsample", "format_to_jinja", "list_suites", "load_suite", "read_records", "suites_dir",
     "template_fields", "validate_suite",
 ]

@@ -17,8 +17,6 @@ from harness.suites.data import DATA_EXTS, template_fields
 from harness.suites.locations import SUITE_FILE, SUITE_NAME_RE, display
 
 TASK_NAME_RE = re.compile(r"^[a-z0-9_]+$")
-# The learning rate of a method the suite does not name (LoRI-S trains ~10x higher, as the paper).
-DEFAULT_LR: dict[str, float] = {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
 
 
 class _Strict(BaseModel):
@@ -26,17 +24,14 @@ class _Strict(BaseModel):
 
 
 class Budget(_Strict):
-    """Recommended training budget per task; ``lr`` has every method of DEFAULT_LR."""
+    """Recommended training budget per task. ``lr``: a recommended rate per learning-rate family (lora, lori-d,
+    lori-s, or a registered method's own); a family it leaves out trains at the family's default (the method
+    registry's LR_FAMILIES), and a family no method has is refused when a run is planned."""
 
     epochs: float = Field(2, gt=0)
     batch_size: int = Field(8, ge=1)
     max_seq_len: int | None = Field(None, ge=8)
-    lr: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_LR))
-
-    @field_validator("lr")
-    @classmethod
-    def _complete_lr(cls, v: dict[str, float]) -> dict[str, float]:
-        return {**DEFAULT_LR, **v}
+    lr: dict[str, float] = Field(default_factory=dict)
 
 
 class TaskBudget(_Strict):
@@ -45,13 +40,7 @@ class TaskBudget(_Strict):
     epochs: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, ge=1)
     max_seq_len: int | None = Field(None, ge=8)
-    lr: dict[str, float] | None = None
-
-    @field_validator("lr")
-    @classmethod
-    def _complete_lr(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        # A task's lr replaces the suite's whole mapping, so the methods it leaves out get the defaults.
-        return None if v is None else {**DEFAULT_LR, **v}
+    lr: dict[str, float] | None = None  # replaces the suite's whole mapping: the families it leaves out get their defaults
 
 
 class HFSource(_Strict):

@@ -20,16 +20,18 @@ from harness.methods.lori.knobs import SECTION, LoRIKnobs
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.sparse import SparseStage, index_to_mask, mask_index
 from harness.errors import HarnessError
-from harness.methods.base import Method, StageContext
+from harness.methods.base import Method, StageContext, register
 from harness.seeding import stable_seed, tensors_digest
 
 
+@register
 class LoRID(Method):
     name = "lori-d"
     display = "LoRI-D"
     summary = "LoRI-D: frozen random A, dense trained B (half of LoRA's parameters)."
     source = "Zhang et al. 2025 (LoRI), W = W0 + s·B·A with A frozen random."
     lr_method = "lori-d"
+    lr_default = 1e-3
     independent_adapters = True
     a_mode_from_config = True
     train_A = False
@@ -47,12 +49,14 @@ class LoRID(Method):
         return {"subspace_overlap": {"tasks": self.tasks, "matrix": M.subspace_overlap_matrix(As)["matrix"]}}
 
 
+@register
 class LoRIS(LoRID):
     name = "lori-s"
     display = "LoRI-S"
     summary = "LoRI-S: frozen random A, B trained only under a sparse per-task mask (~5% of LoRA's parameters)."
     source = "Zhang et al. 2025 (LoRI), W = W0 + s·(B ⊙ M)·A; masks across tasks: this project (disjoint / max_overlap)."
     lr_method = "lori-s"
+    lr_default = 1e-2  # ~10x lori-d, as the paper
 
     def __init__(self, cfg, **kw):
         super().__init__(cfg, **kw)
