@@ -49,6 +49,17 @@ class Toy(Method):
 '''
 
 
+PLAN = """
+import sys
+from harness.config_loading import load_config
+from harness.run.planning import plan
+from harness.suites import load_suite
+cfg = load_config(None, {"suite": sys.argv[1], "model": "tiny-llama", "methods": ["toy", "lora"], "lr_toy": "7e-3"})
+for spec in plan(cfg, load_suite(sys.argv[1])):
+    print(spec.method, spec.stages[0].budget["lr"])
+"""
+
+
 def harness(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -96,10 +107,11 @@ def test_the_new_method_runs_end_to_end_with_its_family_rate_and_stage_files(plu
     assert config["toy"] == {"note": 0.25}
     verified = harness("verify", str(seq), cwd=tmp, env=env)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    flagged = harness(*common, "--lr-toy", "7e-3", "--results-dir", str(tmp / "r2"), "--experiment", "y", cwd=tmp, env=env)
-    assert flagged.returncode == 0, flagged.stderr[-3000:]
-    stage = tmp / "r2" / "y" / "toy" / "seed-0" / "stages" / "1-parity" / "train.json"
-    assert json.loads(stage.read_text())["budget"]["lr"] == 7e-3
+    # the family's own flag wins over the suite's rate (planned in a process that registered the module)
+    planned = subprocess.run([sys.executable, "-c", PLAN, str(suite)], cwd=tmp, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert planned.returncode == 0, planned.stderr[-2000:]
+    assert planned.stdout.split() == ["toy", "0.007", "lora", "0.001"]
 
 
 def test_a_module_that_cannot_be_imported_says_what_to_do(plugin):
