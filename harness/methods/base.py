@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Iterator
 import torch
 from pydantic import BaseModel
 
+from harness.checks import Check
 from harness.methods.lori import masks as M
 
 
@@ -158,6 +159,27 @@ class Method:
 
     def save_stage(self, folder: Path) -> None:
         self.adapters.save(folder)
+
+    # --- a committed folder as others read it: `harness export` and `harness verify` --------------
+    @classmethod
+    def export_reads(cls, stages: list[Path]) -> list[Path]:
+        """Of the committed stage folders 1..t (in order), those the export of stage t reads, and verifies first:
+        stage t's own folder, which holds the whole adapter for a method that saves PEFT files."""
+        return stages[-1:]
+
+    @classmethod
+    def export(cls, run_cfg: dict, stages: list[Path], out: Path) -> None:
+        """Write a stock PEFT adapter folder (adapter_config.json, adapter_model.safetensors) of the model after the
+        last of `stages` (the folders export_reads chose) into the empty folder `out`; run_cfg is the run's config.yaml."""
+        from harness.adapters.peft_folder import export_dense  # lazy: PEFT loads in ~2 s; config and --help need none of it
+
+        export_dense(stages[-1], out)
+
+    @classmethod
+    def checks(cls, run_dir: Path, done: dict[int, Path], cfg: dict) -> list[Check]:
+        """The method's own invariants of a sequence folder (committed stages `done`, its config.yaml `cfg`), as
+        lines of `harness verify`. Reads only."""
+        return []
 
     def param_counts(self) -> dict[str, int]:
         """Trainable parameters of one stage (mask-aware) and the LoRA equivalent at the same rank/targets."""

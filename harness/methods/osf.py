@@ -111,6 +111,15 @@ class OSF(Method):
     knobs = OSFKnobs
     section = "osf"
 
+    @classmethod
+    def export_reads(cls, stages: list[Path]) -> list[Path]:
+        """Stages 1..t: the export is the sum of their updates."""
+        return stages
+
+    @classmethod
+    def export(cls, run_cfg: dict, stages: list[Path], out: Path) -> None:
+        export_osf(stages, run_cfg.get("model"), out)
+
     def __init__(self, cfg, *, seed: int, tasks: list[str], base_model: torch.nn.Module, task_examples=None):
         super().__init__(cfg, seed=seed, tasks=tasks, base_model=base_model, task_examples=task_examples)
         self.adapters = None  # no LoRA adapters: OSF holds PEFT's OSF model itself (self.peft)

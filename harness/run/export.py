@@ -8,10 +8,9 @@ Methods with one adapter per task (inclora, olora, a_mode per_task) are exported
 scaling stays alpha/r): the same ΔW, logits equal up to float summation order (PEFT adds the
 adapters one by one; the stacked matmul sums over all T·r ranks at once).
 
-Dense methods' stage folders already hold PEFT files (copied, or stacked). LoRI-S stage folders
-hold only masks and values (harness/methods/lori/stage_files.py): B is rebuilt by replaying stages
-1..t, and A is regenerated from its seed on the model's module shapes (read from the model's
-config, no weights loaded) and checked against the sha256 stored with the stage.
+How is the method's (Method.export_reads / Method.export): dense methods' stage folders already hold PEFT files
+(copied, or stacked); LoRI-S stage folders hold only masks and values, so B is rebuilt by replaying stages 1..t and
+A regenerated from its seed (harness/methods/lori/export.py); OSF sums stages 1..t's updates.
 """
 
 from __future__ import annotations
@@ -20,12 +19,9 @@ from pathlib import Path
 
 import yaml
 
-from harness.adapters.peft_folder import export_dense, write_adapters
 from harness.errors import HarnessError
 from harness.io import atomic_dir
-from harness.methods.lori import stage_files as SF
-from harness.methods.lori.export import lori_s_adapters, lori_s_config
-from harness.methods.osf import META as OSF_META, export_osf
+from harness.methods import METHODS
 from harness.run.folder import committed_stages, verify_stages
 
 
@@ -49,16 +45,13 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    osf = (done[t] / OSF_META).is_file()  # OSF: the sum of stages 1..t's updates (harness/methods/osf.py)
-    read = {s: done[s] for s in sorted(done) if s <= t} if SF.is_sparse_stage(done[t]) or osf else {t: done[t]}
-    verify_stages(run_dir, read, last=max(done))  # nothing damaged goes into an adapter
+    name = (run_cfg.get("sequence") or {}).get("method")
+    if name not in METHODS:
+        raise HarnessError(f"{run_dir}: method {name!r} of this sequence is not registered here; a method from outside "
+                           f"the package is registered by naming its module in $HARNESS_METHODS (docs/methods.md)")
+    method = METHODS[name]
+    read = method.export_reads([done[s] for s in sorted(done) if s <= t])  # the method's export: Method.export
+    verify_stages(run_dir, {s: p for s, p in done.items() if p in read}, last=max(done))  # nothing damaged goes into an adapter
     with atomic_dir(out) as tmp:
-        if SF.is_sparse_stage(done[t]):
-            adapters, meta = lori_s_adapters(run_cfg, [done[s] for s in sorted(done) if s <= t])
-            config = lori_s_config(meta, run_cfg.get("model"))
-            write_adapters(tmp, adapters, config)
-        elif osf:
-            export_osf([done[s] for s in sorted(read)], run_cfg.get("model"), tmp)
-        else:
-            export_dense(done[t], tmp)
+        method.export(run_cfg, read, tmp)
     return out

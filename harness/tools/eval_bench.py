@@ -29,7 +29,6 @@ from harness.adapters.peft_folder import CONFIG
 from harness.adapters.sequence import AdapterSequence
 from harness.errors import HarnessError
 from harness.io import read_json
-from harness.methods.lori.stage_files import is_sparse_stage
 from harness.models import load_model, set_torch_threads
 from harness.run.evaluate import Evaluator
 from harness.suites import load_suite
@@ -62,14 +61,17 @@ def seeded_adapter(model: torch.nn.Module, cfg, *, seed: int = 0, relative_delta
 def load_adapter(model: torch.nn.Module, folder: Path):
     """A PeftModel from a PEFT adapter folder, or every adapter of a stage folder (adapters.json), all active."""
     folder = Path(folder)
-    if is_sparse_stage(folder):
-        raise HarnessError(f"{folder}: a LoRI-S stage folder holds masks and values, not a PEFT adapter; "
-                           "write one with `harness export RUN_DIR --stage T OUT` and pass OUT")
     if (folder / "adapters.json").is_file():  # a sequence's stage folder: adapter/ and adapter/<name>/
         names = read_json(folder / "adapters.json")["adapters"]
         folders = {n: AdapterSequence.adapter_file(folder, n).parent for n in names}
+        if not all((f / CONFIG).is_file() for f in folders.values()):  # e.g. LoRI-S: masks and values, not PEFT files
+            raise HarnessError(f"{folder}: this stage folder holds the method's own files, not a PEFT adapter; "
+                               "write one with `harness export RUN_DIR --stage T OUT` and pass OUT")
     elif (folder / CONFIG).is_file():
         names, folders = ["default"], {"default": folder}
+    elif (folder / "stage.json").is_file():  # e.g. LoRI-S: masks and values only
+        raise HarnessError(f"{folder}: this stage folder holds the method's own files, not a PEFT adapter; "
+                           "write one with `harness export RUN_DIR --stage T OUT` and pass OUT")
     else:
         raise HarnessError(f"{folder}: neither a PEFT adapter folder (adapter_config.json) nor a stage folder "
                            "(adapters.json); pass e.g. results/<experiment>/<method>/seed-0/stages/1-<task>")

@@ -1,8 +1,7 @@
 """`harness verify RUN_DIR`: everything a careful reader of a run folder would check, as a short report (exit 0 or 1).
 
     hashes   every committed file against the SHA-256 its commit marker recorded (stage.json, summary.json)
-    masks    LoRI-S: masks keep the overlap policy (disjoint: no position in two masks), entries of B outside a
-             stage's mask equal the previous stage's (earlier entries frozen), A regenerated from its seed matches
+    (method) the method's own invariants (Method.checks), e.g. LoRI-S's masks (harness/methods/lori/verify.py)
     metrics  the matrix equals every stage's eval.json, each score equals lm-eval's own metric in eval.json's raw
              results, and ACC/BWT/FWT/forgetting recomputed from the matrix equal summary.json
     mlflow   where the store answers: one FINISHED stage run per committed stage, and its metrics, the parent's
@@ -18,23 +17,18 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from harness import metrics as MX
-from harness.adapters.peft_folder import dense_stage
 from harness.analysis import documents as DOCS
-from harness.methods.lori import stage_files as SF
+from harness.methods import METHODS
 from harness.methods.lori.knobs import upgrade_flat_keys
-from harness.methods.lori.export import module_d_in, regenerate_A
-from harness.methods.lori.sparse import mask_index
 from harness.errors import HarnessError
 from harness.integrity import HASHES, mismatches
 from harness.io import read_json
 from harness.run.folder import STAGE_MARKER, committed_stages, sequence_folders
 from harness.suites import load_suite
-from harness.tools.checks import FAIL, OK, SKIP, Check
+from harness.checks import FAIL, OK, SKIP, Check
 from harness.tools.verify_merge import merge_folders, verify_merge
 from harness.tracking.client import check_reachable, redact_uri
 
@@ -67,80 +61,6 @@ def check_hashes(run_dir: Path, done: dict[int, Path]) -> Check:
         return Check("hashes", SKIP, "no hashes recorded (folder written before the harness recorded them)")
     note = f"; stages {unhashed}: no hashes recorded" if unhashed else ""
     return Check("hashes", OK, f"{len(done)} stage(s), {files} file(s) match the SHA-256 recorded at commit{note}")
-
-
-# --- masks ----------------------------------------------------------------------------------------
-def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, dict, dict | None]:
-    """(masks, B after this stage, lori.json or None) of a LoRI-S stage, sparse or in the older dense layout."""
-
-    if SF.is_sparse_stage(folder):
-        masks, values, meta = SF.read_stage(folder)
-        B = {k: (prev[k].clone() if prev and k in prev else torch.zeros(m.shape, dtype=values[k].dtype)) for k, m in masks.items()}
-        for k in masks:
-            SF.apply_values(B[k], mask_index(masks[k]), values[k])
-        return masks, B, meta
-    masks = SF.load_masks(folder)
-    if masks is None:
-        raise HarnessError(f"{folder}/{SF.MASKS} missing")
-
-    sd = {}
-    for f in dense_stage(folder)[0].values():
-        sd.update(load_file(str(f)))
-    return masks, {k: v for k, v in sd.items() if k in masks}, None
-
-
-def _overlap_problem(t: int, masks: dict, used: dict, cfg: dict) -> str | None:
-    lori = cfg.get("lori") or {}
-    policy, x = lori.get("overlap_policy", "disjoint"), float(lori.get("max_overlap") or 0.0)
-    if policy == "independent" or not used:
-        return None
-    over = {k: int((m & used[k]).sum()) for k, m in masks.items() if k in used}
-    nnz = {k: int(m.sum()) for k, m in masks.items()}
-    if policy == "disjoint" and sum(over.values()):
-        k = max(over, key=over.get)
-        return f"stage {t}: {sum(over.values())} mask position(s) used by an earlier stage (e.g. {over[k]} in {k}); policy disjoint"
-    if policy == "max_overlap":
-        per_module = lori.get("mask_strategy") == "random" or lori.get("mask_scope") == "module"
-        pairs = over.items() if per_module else [("all modules", sum(over.values()))]
-        for k, n in pairs:
-            k_t = nnz[k] if per_module else sum(nnz.values())
-            if n > math.floor(x * k_t + 1e-12):
-                return f"stage {t}: {n} of {k_t} positions of {k} reused, more than max_overlap {x}"
-    return None
-
-
-def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
-
-    if (cfg.get("sequence") or {}).get("method") != "lori-s":
-        return Check("masks", SKIP, "not a LoRI-S sequence")
-    used: dict[str, torch.Tensor] = {}  # positions of every earlier stage's mask (the allocator avoids them all)
-    B: dict[str, dict[str, torch.Tensor]] = {}  # per adapter: B after the last stage read
-    regenerated, problems, d_in = 0, [], None
-    try:
-        for t, folder in sorted((t, d) for t, d in done.items() if t > 0):
-            name = read_json(folder / SF.META)["adapter"] if (folder / SF.META).exists() else "default"
-            masks, B_t, meta = _stage_B(folder, B.get(name))
-            if (p := _overlap_problem(t, masks, used, cfg)) is not None:
-                problems.append(p)
-            prev = B.get(name) or {k: torch.zeros_like(v) for k, v in B_t.items()}
-            moved = {k: int(((B_t[k] != prev[k]) & ~masks[k]).sum()) for k in masks if k in prev}
-            if sum(moved.values()):
-                k = max(moved, key=moved.get)
-                problems.append(f"stage {t}: {sum(moved.values())} entries of B outside its mask changed (e.g. {moved[k]} in {k})")
-            if meta is not None:
-                d_in = d_in or module_d_in(cfg, list(masks))
-                regenerate_A(meta, d_in, getattr(torch, meta["dtype"]), folder)  # HarnessError when the sha256 differs
-                regenerated += 1
-            B[name] = B_t
-            used = {k: used[k] | m if k in used else m.clone() for k, m in masks.items()}
-    except HarnessError as exc:
-        problems.append(str(exc))
-    if problems:
-        return Check("masks", FAIL, "; ".join(problems))
-    policy = (cfg.get("lori") or {}).get("overlap_policy", "disjoint")
-    return Check("masks", OK, f"{len([t for t in done if t > 0])} stage mask(s) keep overlap policy {policy}; B outside each "
-                              f"stage's mask unchanged; A regenerated from seed {cfg['sequence']['seed']} matches at "
-                              f"{regenerated} stage(s)")
 
 
 # --- metrics --------------------------------------------------------------------------------------
@@ -253,8 +173,11 @@ def verify_sequence(run_dir: Path, tracking_uri: str | None = None) -> list[Chec
     done = committed_stages(run_dir)
     if not done:
         return [Check("stages", SKIP, "no committed stage yet")]
-    return [check_hashes(run_dir, done), check_masks(run_dir, done, cfg), check_metrics(run_dir, done, cfg),
-            check_mlflow(run_dir, done, tracking_uri)]
+    method = METHODS.get((cfg.get("sequence") or {}).get("method"))
+    own = method.checks(run_dir, done, cfg) if method is not None else [
+        Check("method", SKIP, f"method {(cfg.get('sequence') or {}).get('method')!r} is not registered here (a method from "
+                              f"outside the package: name its module in $HARNESS_METHODS)")]
+    return [check_hashes(run_dir, done), *own, check_metrics(run_dir, done, cfg), check_mlflow(run_dir, done, tracking_uri)]
 
 
 def verify_path(path: Path, tracking_uri: str | None = None) -> tuple[str, bool]:

@@ -19,7 +19,7 @@ from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.integrity import HASHES, mismatches
 from harness.io import read_json
-from harness.tools.checks import FAIL, OK, SKIP, Check
+from harness.checks import FAIL, OK, SKIP, Check
 
 _TOL = 1e-9
 

@@ -201,6 +201,29 @@ class LoRIS(LoRID):
                 "nnz": int(sum(v.numel() for v in values.values())), "a_sha256": tensors_digest(self._a(self.adapter))}
         SF.save_stage(folder, self._dense(self.stage_index), values, meta)
 
+    @classmethod
+    def export_reads(cls, stages: list[Path]) -> list[Path]:
+        """Stages 1..t: B is rebuilt by replaying their sparse files (an older harness's dense stage: its own folder)."""
+        return stages if SF.is_sparse_stage(stages[-1]) else stages[-1:]
+
+    @classmethod
+    def export(cls, run_cfg: dict, stages: list[Path], out: Path) -> None:
+        """One dense adapter: B replayed from the masks and values of stages 1..t, A regenerated from its seed and
+        checked against the sha256 stored with the stage (harness/methods/lori/export.py)."""
+        if not SF.is_sparse_stage(stages[-1]):
+            return super().export(run_cfg, stages, out)
+        from harness.adapters.peft_folder import write_adapters  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        from harness.methods.lori.export import lori_s_adapters, lori_s_config  # lazy: the same
+
+        adapters, meta = lori_s_adapters(run_cfg, stages)
+        write_adapters(out, adapters, lori_s_config(meta, run_cfg.get("model")))
+
+    @classmethod
+    def checks(cls, run_dir: Path, done: dict[int, Path], cfg: dict) -> list:
+        from harness.methods.lori.verify import check_masks  # lazy: PEFT (A's regeneration) loads in ~2 s
+
+        return [check_masks(run_dir, done, cfg)]
+
     def param_counts(self) -> dict[str, int]:
         counts = super().param_counts()
         counts["trainable_params_effective"] = max((sum(v.numel() for v in m.values()) for m in self.task_masks), default=0)

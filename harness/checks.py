@@ -1,4 +1,4 @@
-"""A verification check's result, as `harness verify` prints it (harness/tools/verify.py, verify_merge.py)."""
+"""A verification check's result, as `harness verify` prints it (tools/verify.py, tools/verify_merge.py, and a method's own checks: Method.checks)."""
 
 from __future__ import annotations
 
