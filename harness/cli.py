@@ -12,7 +12,8 @@ import os
 import sys
 import warnings
 
-from harness.config_loading import cli_fields, old_flags
+from harness.config_loading import cli_fields
+from harness.legacy_keys import old_flags
 from harness.errors import HarnessError, interrupted_message
 from harness.io import disk_full_error
 from harness.models import downloads_allowed

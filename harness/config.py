@@ -14,8 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from harness.metrics import LEARN_MARGIN
+from harness.legacy_keys import upgrade_flat_keys
 from harness.methods import LR_FAMILIES, METHODS, lr_knob
-from harness.methods.lori import knobs as lori_knobs
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -253,13 +253,10 @@ class _Knobs(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _lori_flat_keys(cls, data: Any) -> Any:
-        """LoRI's knobs under their old top-level names (mask_density, ...) go to the `lori` section, with a note."""
-        if not isinstance(data, dict):
-            return data
-        methods = data.get("methods")
-        runs_lori = methods is None or not isinstance(methods, list) or bool(set(methods) & set(section_users()[lori_knobs.SECTION]))
-        return lori_knobs.upgrade_flat_keys(data, runs_lori=runs_lori)
+    def _flat_keys(cls, data: Any) -> Any:
+        """Knobs under their names from before method sections (LoRI's mask_density, ...) go to their section, with a
+        note (harness/legacy_keys.py)."""
+        return upgrade_flat_keys(data) if isinstance(data, dict) else data
 
     @model_validator(mode="after")
     def _resolve_eval_batch_size(self) -> "_Knobs":

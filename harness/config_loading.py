@@ -14,7 +14,6 @@ from pydantic import BaseModel, ValidationError
 
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError
-from harness.methods.lori import knobs as lori_knobs
 from harness.parsing import parse_bool
 
 
@@ -126,9 +125,3 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         return ExperimentConfig(**data)
     except ValidationError as err:
         raise ConfigError(format_errors(err, source, set(flat))) from None
-
-
-def old_flags(dest: str) -> list[str]:
-    """Flags a knob also answers to: LoRI's knobs under their names before the `lori` section (--mask-density)."""
-    top, _, sub = dest.partition(".")
-    return [f"--{sub.replace('_', '-')}"] if top == lori_knobs.SECTION and sub in lori_knobs.FLAT_KEYS else []

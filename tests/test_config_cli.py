@@ -13,7 +13,7 @@ import yaml
 from harness.cli import build_parser, main
 from harness.config import ExperimentConfig
 from harness.config_loading import load_config, parse_grid
-from harness.methods.lori import knobs as lori_knobs
+from harness import legacy_keys
 from harness.run.folder import check_same_config
 from harness.run.planning import variants
 
@@ -104,7 +104,7 @@ def test_one_lr_for_every_method_as_the_issue_spells_the_grid():
 
 # --- LoRI's knobs: a section like every method's, the old top-level names still work ------------------------
 def test_lori_knobs_are_a_section_read_from_yaml_flags_and_old_names(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(lori_knobs, "_noted", set())  # the note is said once per process: as if this were the first
+    monkeypatch.setattr(legacy_keys, "_noted", set())  # the note is said once per process: as if this were the first
     p = tmp_path / "new.yaml"
     p.write_text("methods: [lori-s]\nlori: {mask_density: 0.2, overlap_policy: max_overlap, max_overlap: 0.1}\n")
     assert load_config(p).lori.mask_density == 0.2

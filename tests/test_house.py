@@ -146,3 +146,11 @@ def test_the_parser_does_not_load_peft_lm_eval_or_mlflow(module):
     code = f"import sys, {module}; print(sorted(m for m in ('peft', 'lm_eval', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_nothing_outside_the_methods_package_imports_a_method_s_internals():
+    """A method's modules are its own: outside harness/methods/ the harness reads methods through the registry and
+    the verbs of Method (`from harness.methods import METHODS, Method, ...`), never `harness.methods.<module>`."""
+    reaching = sorted(f"{a} imports {b}" for a, targets in EDGES.items() if not a.startswith("harness.methods")
+                      for b in targets if b.startswith("harness.methods."))
+    assert reaching == [], "\n".join(reaching)

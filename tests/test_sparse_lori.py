@@ -247,7 +247,7 @@ def test_a_sequence_begun_in_the_older_dense_layout_resumes_and_exports(tmp_path
     method = METHODS["lori-s"](cfg, seed=0, tasks=["a", "b"], base_model=load_model("tiny-llama")[0])
     run_dir = tmp_path / "run"
     (run_dir / "config.yaml").parent.mkdir()
-    (run_dir / "config.yaml").write_text("model: tiny-llama\n")
+    (run_dir / "config.yaml").write_text("model: tiny-llama\nmethods: [lori-s]\n")  # every config.yaml names its methods
     folders = {t: run_dir / "stages" / f"{t}-{'ab'[t - 1]}" for t in (1, 2)}
     for t, folder in folders.items():
         method.begin_stage(StageContext(stage=t, task="ab"[t - 1], run_dir=run_dir, calibrate=None))

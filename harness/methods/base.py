@@ -69,6 +69,7 @@ class Method:
     # The knob ("section.knob", its YAML name) that sets how hard the method protects earlier tasks: tuned per suite
     # on the validation split (make tune-baselines; the suite's method_knobs), and named with its value in tables.
     strength: ClassVar[str | None] = None
+    flat_knobs: ClassVar[bool] = False  # its knobs were once top-level keys; the old names still work (legacy_keys.py)
     lr_method: ClassVar[str] = "lora"  # the learning-rate family it trains at (knob lr_<family>: lr_lora, lr_lori_s, ...)
     # A method that starts its own family sets lr_method to its name and this to the family's default rate; the config
     # then has a knob lr_<name> and suites may recommend a rate for it (budget.lr).

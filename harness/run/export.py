@@ -30,6 +30,18 @@ def trained_stages(run_dir: Path) -> dict[int, Path]:
     return {t: p for t, p in committed_stages(run_dir).items() if t > 0}
 
 
+def method_of(run_dir: Path, run_cfg: dict) -> str | None:
+    """The sequence's method: its config's sequence block, else (folders written before it recorded one) the run's
+    only method, else the folder's place in the layout (<method>/seed-<s>[/order-<k>])."""
+    name = (run_cfg.get("sequence") or {}).get("method")
+    if name is None and len(run_cfg.get("methods") or []) == 1:
+        name = run_cfg["methods"][0]
+    if name is None:
+        up = run_dir.parent.parent if run_dir.name.startswith("order-") else run_dir.parent
+        name = up.name if up.name in METHODS else None
+    return name
+
+
 def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     """Write the PEFT adapter of sequence folder `run_dir` at committed stage `stage` (default: the last) to `out`."""
     run_dir, out = Path(run_dir), Path(out)
@@ -45,7 +57,7 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    name = (run_cfg.get("sequence") or {}).get("method")
+    name = method_of(run_dir, run_cfg)
     if name not in METHODS:
         raise HarnessError(f"{run_dir}: method {name!r} of this sequence is not registered here; a method from outside "
                            f"the package is registered by naming its module in $HARNESS_METHODS (docs/methods.md)")

@@ -36,7 +36,7 @@ from harness.errors import ConfigError
 from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes, redo_hint
 from harness.io import atomic_write_json, atomic_write_text, read_json
 from harness.methods import METHODS
-from harness.methods.lori.knobs import SECTION, upgrade_flat_keys
+from harness.legacy_keys import upgrade_flat_keys
 
 STAGE_MARKER = "stage.json"
 PRECISION = "precision.json"  # what the stages' numbers depend on besides the config (harness/precision.py)
@@ -151,8 +151,7 @@ def config_knobs(cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]
     """A config.yaml as knobs only, and its sequence block (None in an experiment folder)."""
     data = yaml.safe_load(Path(cfg_path).read_text()) or {}
     seq = data.pop("sequence", None)
-    runs_lori = bool(set(data.get("methods") or []) & set(section_users()[SECTION]))
-    return upgrade_flat_keys(data, runs_lori=runs_lori, note=False), seq  # an older folder's flat LoRI keys, silently
+    return upgrade_flat_keys(data, absent_methods_run=False, note=False), seq  # an older folder's flat LoRI keys, silently
 
 
 def check_same_precision(run_dir: Path, record: dict[str, Any]) -> None:

@@ -31,7 +31,7 @@ from harness.config import ExperimentConfig
 from harness.config_loading import format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.methods import LR_FAMILIES, METHODS
-from harness.methods.lori.knobs import flat_name
+from harness.legacy_keys import flat_name
 from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
 from harness.models import memory as MEM
 from harness.models.environment import resolve_device, resolve_dtype

@@ -22,10 +22,11 @@ import yaml
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.methods import METHODS
-from harness.methods.lori.knobs import upgrade_flat_keys
+from harness.legacy_keys import upgrade_flat_keys
 from harness.errors import HarnessError
 from harness.integrity import HASHES, mismatches
 from harness.io import read_json
+from harness.run.export import method_of
 from harness.run.folder import STAGE_MARKER, committed_stages, sequence_folders
 from harness.suites import load_suite
 from harness.checks import FAIL, OK, SKIP, Check
@@ -173,10 +174,10 @@ def verify_sequence(run_dir: Path, tracking_uri: str | None = None) -> list[Chec
     done = committed_stages(run_dir)
     if not done:
         return [Check("stages", SKIP, "no committed stage yet")]
-    method = METHODS.get((cfg.get("sequence") or {}).get("method"))
-    own = method.checks(run_dir, done, cfg) if method is not None else [
-        Check("method", SKIP, f"method {(cfg.get('sequence') or {}).get('method')!r} is not registered here (a method from "
-                              f"outside the package: name its module in $HARNESS_METHODS)")]
+    name = method_of(run_dir, cfg)
+    own = METHODS[name].checks(run_dir, done, cfg) if name in METHODS else [
+        Check("method", SKIP, f"method {name!r} is not registered here (a method from outside the package: name its "
+                              f"module in $HARNESS_METHODS)")]
     return [check_hashes(run_dir, done), *own, check_metrics(run_dir, done, cfg), check_mlflow(run_dir, done, tracking_uri)]
 
 

@@ -37,6 +37,7 @@ class LoRID(Method):
     train_A = False
     knobs = LoRIKnobs  # shared with lori-s: the config section `lori`
     section = SECTION
+    flat_knobs = True  # mask_density, a_mode, ... were top-level keys until 2026-12
 
     @classmethod
     def params(cls, cfg) -> dict:
