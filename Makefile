@@ -76,7 +76,10 @@ ablation: $(STAMP)
 # general-text cross-entropy after every stage), JOBS sequences at a time as the ablation; reports and intervals in
 # results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it;
 # each report also compares REPORT_BASELINE with every other method (the README's "LoRI-S − method" columns).
-ALL_METHODS ?= lori-s,lora,inclora,olora,replay,mtl
+# Every baseline runs at its suite's tuned strength (suite.yaml method_knobs, make tune-baselines; the report's
+# "Baseline strength" table says which). All 13 methods x 3 seeds x 2 suites is about 8 h on 2 cores (8-25 min a
+# sequence; InfLoRA's covariance passes are the slowest): ALL_METHODS=... runs a subset, and finished ones are skipped.
+ALL_METHODS ?= lori-s,lori-d,lora,inclora,olora,nlora,inflora,ewc,migu,sdlora,osf,replay,mtl
 ALL_SEEDS ?= 0,1,2
 REPORT_BASELINE ?= lori-s
 all-methods: $(STAMP)
