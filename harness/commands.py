@@ -7,6 +7,7 @@ import json
 import statistics as st
 import sys
 from pathlib import Path
+from typing import Any
 
 from harness import distributed
 from harness.config_loading import cli_fields, load_config, parse_cli_value
@@ -22,7 +23,7 @@ from harness.run.merge import run_merge
 from harness.run.mirror import catch_up_folders, is_behind, sync_path
 from harness.run.planning import experiment_dir, validate
 from harness.run.console import install_signal_handlers
-from harness.suites import list_suites, validate_suite
+from harness.suites import list_suites, load_suite, validate_suite
 from harness.tools.bench import format_table, run_bench, write_json
 from harness.tools.dashboard import serve_dashboard
 from harness.tools.eval_bench import format_eval_table, run_eval_bench, run_eval_modes
@@ -160,11 +161,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tuned_strengths() -> dict[str, dict[str, Any]]:
+    """knob ("ewc.lambda") -> {suite: value} from the bundled suites' method_knobs (make tune-baselines)."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in list_suites():
+        if "error" not in row:
+            for section, knobs in load_suite(row["name"]).method_knobs.items():
+                for k, v in knobs.items():
+                    out.setdefault(f"{section}.{k}", {})[row["name"]] = v
+    return out
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
+    tuned = _tuned_strengths()
     for m in METHODS.values():
         print(f"{m.name:<9} {m.summary}")
         print(f"{'':<9} source: {m.source}")
         print(f"{'':<9} learning rate: --lr-{m.lr_method}" + ("   (a reference row, not ranked)" if m.reference else ""))
+        if m.strength:
+            values = ", ".join(f"{suite} {v}" for suite, v in sorted(tuned.get(m.strength, {}).items())) or "none yet"
+            print(f"{'':<9} strength: {m.strength}, tuned on the validation split per suite (make tune-baselines): {values}")
         if m.knobs is not None:
             for k, f in m.knobs.model_fields.items():
                 k = f.alias or k  # ewc.lambda

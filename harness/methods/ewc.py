@@ -28,7 +28,7 @@ class EWCKnobs(BaseModel):
     """EWC's penalty weight and the size of the Fisher estimate."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)  # `lambda` is a Python keyword
-    lambda_: float = Field(1000.0, ge=0, alias="lambda", description="λ in λ/2 Σ_i Σ F_i (θ − θ*_i)² (not tuned here).")
+    lambda_: float = Field(1000.0, ge=0, alias="lambda", description="λ in λ/2 Σ_i Σ F_i (θ − θ*_i)² (a suite may set its tuned value: method_knobs, make tune-baselines).")
     fisher_samples: int = Field(64, ge=1, description="Training examples (seeded sample; each one's own gradient, computed in batches) per Fisher estimate.")
 
 

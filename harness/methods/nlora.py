@@ -69,7 +69,7 @@ class NLoRA(IncLoRA):
               "src/uie_trainer_lora.py:101 (l1_loss += torch.norm(torch.mm(loranew_A, loranew_B), p=1), added at line 104). "
               "Deviations: that line multiplies PEFT's A (r x d_in) by B (d_out x r), i.e. the r x r product A_t·B_t, defined only "
               "for square modules (T5's q/v); here the ℓ1 is over the update B_t·A_t itself (d_out x d_in, every target module, "
-              "unscaled as in the code), so λ is rescaled (default 1e-4 instead of 0.4; not tuned); their T5 runs also used "
+              "unscaled as in the code), so λ is rescaled (default 1e-4 instead of 0.4; a suite may set its tuned value: method_knobs, make tune-baselines); their T5 runs also used "
               "lr 1e-3 and 10 epochs, here the suite's budget and lr_lora.")
     knobs = NLoRAKnobs
     section = "nlora"
