@@ -104,11 +104,12 @@ def test_a_damaged_last_stage_is_redone_by_the_command_resume_prints(seq, capsys
 def test_verify_names_masks_that_overlap_and_metrics_that_disagree(seq, capsys):
     shutil.copyfile(stage(seq, 1) / SF.MASKS, stage(seq, 2) / SF.MASKS)  # stage 2 claims stage 1's positions
     summary = json.loads((seq / "summary.json").read_text())
-    (seq / "summary.json").write_text(json.dumps({**summary, "acc": summary["acc"] + 0.25}))
+    (seq / "summary.json").write_text(json.dumps({**summary, "acc": summary["acc"] + 0.25, "la": summary["la"] - 0.125}))
     assert main(["verify", str(seq)]) == 1
     out = capsys.readouterr().out
     assert "masks    FAIL     stage 2:" in out and "used by an earlier stage" in out
     assert "metrics  FAIL     summary.json acc" in out and "mlflow   FAIL     parent ACC" in out
+    assert f"summary.json la = {summary['la'] - 0.125}, recomputed from the matrix" in out
 
 
 @pytest.mark.slow

@@ -102,14 +102,16 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
         problems += [f"{docs_path}: {p}" for p in DOCS.check_documents(read_json(docs_path), R)]
     recomputed = MX.summarize_reference(R) if summary.get("reference") else MX.summarize(R)
     names = {"ACC": "acc", "BWT": "bwt", "FWT": "fwt", "forgetting": "forgetting"}
+    if not summary.get("reference") and "la" in summary:  # LA (learning accuracy), since summaries recorded it
+        recomputed, names = {**recomputed, "LA": MX.learning_accuracy(R)}, {**names, "LA": "la"}
     for k, v in recomputed.items():
         if not _same(v, summary.get(names[k])):
             problems.append(f"summary.json {names[k]} = {summary.get(names[k])}, recomputed from the matrix {v}")
     if problems:
         return Check("metrics", FAIL, "; ".join(problems))
     docs = "every cell recomputed from documents.json; " if docs_path.is_file() else "(no per-document scores: an older folder) "
-    return Check("metrics", OK, f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}ACC, BWT, FWT, forgetting "
-                                "recomputed from the matrix equal summary.json")
+    return Check("metrics", OK, f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}ACC, BWT, FWT, forgetting"
+                                f"{', LA' if 'la' in summary else ''} recomputed from the matrix equal summary.json")
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
