@@ -91,22 +91,24 @@ all-methods: $(STAMP)
 	done
 
 # Baseline strength (#35): each baseline's strength knob over a small grid, seed 0, on each CPU suite, chosen on the
-# validation split (docs/baselines.md has the grids, the choice and its evidence). One suite per core, one sequence at
-# a time, as the headline; finished sequences are skipped, so an interrupted tuning resumes. `harness tuning` then
-# writes each suite's evidence (validation and test ACC per value, the choice) to results/evidence/tuning-<suite>/.
+# validation split (docs/baselines.md has the grids, the choice and its evidence). The (suite, method) grids are dealt
+# round-robin to one chain per core, each chain running one sequence at a time; finished sequences are skipped, so an
+# interrupted tuning resumes, and one value can be added later (the variant folder is named by its value alone).
+# `harness tuning` then writes each suite's evidence (validation and test ACC per value, the choice) to
+# results/evidence/tuning-<suite>/; the chosen values go into the suite's method_knobs by hand (commit both).
 TUNE_SUITES ?= default mc4
 TUNE_GRIDS ?= ewc:ewc.lambda=100,1000,10000 nlora:nlora.lambda_l1=1e-5,1e-4,1e-3 olora:olora.lambda_orth=0.05,0.5,5 \
   migu:migu.top_fraction=0.1,0.3,0.6 inflora:inflora.threshold=0.9,0.95,0.99
 tune-baselines: $(STAMP)
-	mkdir -p $(RESULTS); pids=""; i=0; n=$$(nproc); for suite in $(TUNE_SUITES); do \
-	  ( for mg in $(TUNE_GRIDS); do \
-	      taskset -c $$((i % n)) $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $${mg%%:*} --seeds 0 \
+	mkdir -p $(RESULTS); n=$$(nproc); units=""; for suite in $(TUNE_SUITES); do for mg in $(TUNE_GRIDS); do \
+	  units="$$units $$suite@$$mg"; done; done; pids=""; for i in $$(seq 0 $$((n - 1))); do \
+	  ( k=0; for u in $$units; do if [ $$((k % n)) -eq $$i ]; then suite=$${u%%@*}; mg=$${u#*@}; \
+	      taskset -c $$i $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $${mg%%:*} --seeds 0 \
 	        --grid "$${mg#*:}" --eval-schedule diagonal_final --experiment tune-$$suite --results-dir $(RESULTS)/tune-$$suite \
-	        --no-progress --no-report $(ARGS) || exit $$?; \
-	      $(BIN)/harness tuning $(RESULTS)/tune-$$suite/tune-$$suite --suite $$suite || exit $$?; \
-	    done ) > $(RESULTS)/tune-$$suite.log 2>&1 & pids="$$pids $$!"; i=$$((i + 1)); \
-	done; \
-	status=0; for p in $$pids; do wait $$p || status=$$?; done; tail -n 3 $(RESULTS)/tune-*.log; exit $$status
+	        --no-progress --no-report $(ARGS) || exit $$?; fi; k=$$((k + 1)); done ) > $(RESULTS)/tune-$$i.log 2>&1 & \
+	  pids="$$pids $$!"; done; status=0; for p in $$pids; do wait $$p || status=$$?; done; \
+	for suite in $(TUNE_SUITES); do $(BIN)/harness tuning $(RESULTS)/tune-$$suite/tune-$$suite --suite $$suite || status=$$?; done; \
+	exit $$status
 
 # The README's headline: LoRI-S vs LoRA on both CPU suites, HEADLINE_SEEDS seeds each, one suite per core, one seed
 # (both methods) at a time so that paired evidence lands as it finishes; each finished seed's compact evidence goes to
