@@ -34,7 +34,7 @@ def fake_sequence(root: Path, value: float, val: float, acc: float) -> None:
     folder = root / f"variant-{value:g}" / "ewc" / "seed-0"
     (folder / "stages").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"methods": ["ewc"], "ewc": {"lambda": value}}))
-    summary = {"method": "ewc", "seed": 0, "acc": acc, "bwt": -0.2, "forgetting": 0.2,
+    summary = {"method": "ewc", "seed": 0, "acc": acc, "bwt": -0.2, "forgetting": 0.2, "la": 0.9,
                "validation": {"acc": val, "complete": True}}
     (folder / "summary.json").write_text(json.dumps(summary))
 

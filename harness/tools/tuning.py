@@ -12,7 +12,7 @@ the first tied value in grid order. A choice at an end of the grid is flagged: t
         <method>/<knob>=<value>/config.yaml
 
 tuning.json: {"suite", "selection", "methods": {method: {"knob", "default", "chosen", "at_grid_end", "values":
-[{"value", "seed", "validation_acc", "acc", "bwt", "forgetting"}, ...]}}}. The chosen values go into the suite's
+[{"value", "seed", "validation_acc", "acc", "bwt", "forgetting", "la"}, ...]}}}. The chosen values go into the suite's
 `method_knobs` (suite.yaml), where runs read them as the suite's defaults (harness/run/suite_knobs.py).
 """
 
@@ -60,7 +60,8 @@ def _rows(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
         out.setdefault(summary["method"], []).append({
             "value": _knob_value(config, knob), "seed": summary["seed"], "folder": f,
             "validation_acc": val.get("acc") if val.get("complete") else None,
-            "acc": summary.get("acc"), "bwt": summary.get("bwt"), "forgetting": summary.get("forgetting")})
+            "acc": summary.get("acc"), "bwt": summary.get("bwt"), "forgetting": summary.get("forgetting"),
+            "la": summary.get("la")})
     return out
 
 
@@ -116,13 +117,13 @@ def _fmt(x: Any) -> str:
 def format_tuning(result: dict[str, Any]) -> str:
     """The table `harness tuning` prints, and the suite.yaml lines that record the choice."""
     lines = [f"suite {result['suite']}: chosen by {result['selection']}", "",
-             f"{'method':8} {'knob':20} {'value':>8} {'val ACC':>8} {'ACC':>7} {'BWT':>7}"]
+             f"{'method':8} {'knob':20} {'value':>8} {'val ACC':>8} {'ACC':>7} {'BWT':>7} {'LA':>6}"]
     snippet = []
     for method, m in result["methods"].items():
         for r in m["values"]:
             mark = " <- chosen" + (" (at the grid's end)" if m["at_grid_end"] else "") if r["value"] == m["chosen"] else ""
-            lines.append(f"{method:8} {m['knob']:20} {_fmt(r['value']):>8} {_fmt(r['validation_acc']):>8} "
-                         f"{_fmt(r['acc']):>7} {_fmt(r['bwt']):>7}{mark}")
+            lines.append(f"{method:8} {m['knob']:20} {r['value']:>8g} {_fmt(r['validation_acc']):>8} "
+                         f"{_fmt(r['acc']):>7} {_fmt(r['bwt']):>7} {_fmt(r['la']):>6}{mark}")
         section, key = m["knob"].split(".")
         snippet.append(f"  {section}: {{{key}: {m['chosen']}}}")
     return "\n".join(lines + ["", "suite.yaml:", "method_knobs:", *snippet])
