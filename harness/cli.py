@@ -94,6 +94,7 @@ def _folder_commands(sub) -> None:
                                        "(make tune-baselines) and write its evidence to results/evidence/tuning-SUITE/.")
     tu.add_argument("run_folder", metavar="RUN_FOLDER", help="The tuning experiment's folder, e.g. results/tune-default/tune-default.")
     tu.add_argument("--suite", required=True, help="The suite the grid ran on (names the evidence folder tuning-SUITE).")
+    tu.add_argument("--markdown", action="store_true", help="Print the choice as a Markdown table (docs/baselines.md).")
     tu.set_defaults(func="cmd_tuning")
     tb = sub.add_parser("tables", help="Rewrite the README's result tables from results/evidence/ (run from the repository root).")
     tb.add_argument("--check", action="store_true", help="Change nothing; exit 1 and name the tables that differ from the evidence.")

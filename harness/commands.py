@@ -32,7 +32,7 @@ from harness.tools.tracking_server import serve_tracking_server
 from harness.tools.plan_seeds import format_plan, plan as plan_seeds
 from harness.tools import tables as published_tables
 from harness.tools.evidence import collect as collect_evidence
-from harness.tools.tuning import collect as collect_tuning, format_tuning
+from harness.tools.tuning import collect as collect_tuning, format_tuning, markdown_tuning
 from harness.tools.verify import verify_path
 from harness.run.lineage import register_export, registration_target
 from harness.tracking.client import default_tracking_uri, mark_interrupted
@@ -231,7 +231,8 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 
 
 def cmd_tuning(args: argparse.Namespace) -> int:
-    print(format_tuning(collect_tuning(Path(args.run_folder), args.suite)))
+    result = collect_tuning(Path(args.run_folder), args.suite)
+    print(markdown_tuning(result) if args.markdown else format_tuning(result))
     return 0
 
 

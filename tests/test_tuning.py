@@ -59,4 +59,6 @@ def test_the_command_prints_the_table_and_the_suite_lines(tmp_path, capsys, monk
     assert main(["tuning", str(tmp_path / "tune"), "--suite", "default"]) == 0
     text = capsys.readouterr().out
     assert "<- chosen (at the grid's end)" in text and "method_knobs:\n  ewc: {lambda: 1000.0}" in text
+    assert main(["tuning", str(tmp_path / "tune"), "--suite", "default", "--markdown"]) == 0
+    assert "| ewc | `ewc.lambda` | 1000 | 0.600 | 0.300 | -0.200 | 0.900 | **chosen**, at the grid's end (default) |" in capsys.readouterr().out
     assert main(["tuning", str(tmp_path / "nothing"), "--suite", "default"]) == 2

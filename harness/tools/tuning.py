@@ -127,3 +127,15 @@ def format_tuning(result: dict[str, Any]) -> str:
         section, key = m["knob"].split(".")
         snippet.append(f"  {section}: {{{key}: {m['chosen']}}}")
     return "\n".join(lines + ["", "suite.yaml:", "method_knobs:", *snippet])
+
+
+def markdown_tuning(result: dict[str, Any]) -> str:
+    """The same choice as a Markdown table (docs/baselines.md pastes it)."""
+    lines = ["| method | knob | value | validation ACC | ACC (test) | BWT | LA | |", "|---|---|---|---|---|---|---|---|"]
+    for method, m in result["methods"].items():
+        for r in m["values"]:
+            mark = ("**chosen**" + (", at the grid's end" if m["at_grid_end"] else "")) if r["value"] == m["chosen"] else ""
+            mark += " (default)" if r["value"] == m["default"] else ""
+            lines.append(f"| {method} | `{m['knob']}` | {r['value']:g} | {_fmt(r['validation_acc'])} | {_fmt(r['acc'])} | "
+                         f"{_fmt(r['bwt'])} | {_fmt(r['la'])} | {mark.strip()} |")
+    return "\n".join(lines)
