@@ -100,6 +100,7 @@ def test_replay_buffer_is_seeded_sized_and_from_earlier_tasks_only(baselines):
         assert sorted(replayed) == sorted(tasks[: t - 1])  # earlier tasks only
         assert all(idx == buffer_indices(64, seed=0, task=task, fraction=0.25, per_task=None) for task, idx in replayed.items())
         assert json.loads((d / "train.json").read_text())["train_examples"] == 64 + 16 * (t - 1)
+        assert json.loads((d / "stage.json").read_text())["replay/stored_examples"] == 16 * (t - 1)
 
 
 def test_mtl_trains_once_on_every_task_and_is_stored_as_a_reference(baselines):

@@ -53,6 +53,11 @@ class Replay(SeqLoRA):
             mixed.extend(pool[i] for i in idx)
         return mixed
 
+    def end_stage(self) -> dict[str, float]:
+        """replay/stored_examples (stage.json): the earlier tasks' examples mixed into this stage, the memory replay
+        keeps (its fraction is a memory budget, not a strength: it is not tuned)."""
+        return {**super().end_stage(), "replay/stored_examples": float(sum(len(v) for v in self.replayed.values()))}
+
     def save_stage(self, folder: Path) -> None:
         super().save_stage(folder)
         (folder / "replay.json").write_text(json.dumps({"replayed": self.replayed}, indent=2))
