@@ -11,6 +11,7 @@ import yaml
 from harness.cli import main
 from harness.config_loading import load_config
 from harness.errors import ConfigError
+from harness.methods import METHODS
 from harness.run.planning import plan
 from harness.suites import load_suite
 
@@ -80,3 +81,15 @@ def test_summary_records_the_strength_a_sequence_ran_at(tmp_path):
     assert main(["report", "k", "--results-dir", str(tmp_path / "r")]) == 0
     page = (tmp_path / "r" / "k" / "report" / "index.html").read_text()
     assert "Baseline strength" in page and "<td>ewc.lambda</td><td>400.0</td>" in page and "tuned on the suite" in page
+
+
+@pytest.mark.parametrize("suite_name", ["default", "mc4"])
+def test_the_bundled_suites_tuned_strengths_are_knobs_their_methods_read(suite_name):
+    suite = load_suite(suite_name)
+    tuned = [m for m, cls in METHODS.items() if cls.strength]
+    for method, spec in specs(SUITES / suite_name, methods=tuned).items():
+        section, key = spec.strength["knob"].split(".")
+        in_suite = key in suite.method_knobs.get(section, {})
+        assert spec.strength["source"] == ("suite" if in_suite else "default"), (method, spec.strength)
+        if in_suite:
+            assert spec.strength["value"] == pytest.approx(float(suite.method_knobs[section][key]))

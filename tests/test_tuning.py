@@ -62,3 +62,9 @@ def test_the_command_prints_the_table_and_the_suite_lines(tmp_path, capsys, monk
     assert main(["tuning", str(tmp_path / "tune"), "--suite", "default", "--markdown"]) == 0
     assert "| ewc | `ewc.lambda` | 1000 | 0.600 | 0.300 | -0.200 | 0.900 | **chosen**, at the grid's end (default) |" in capsys.readouterr().out
     assert main(["tuning", str(tmp_path / "nothing"), "--suite", "default"]) == 2
+
+
+def test_one_finished_value_chooses_nothing(tmp_path):
+    fake_sequence(tmp_path / "tune", 100.0, 0.5, 0.4)
+    ewc = collect(tmp_path / "tune", "default", root=tmp_path / "evidence")["methods"]["ewc"]
+    assert ewc["chosen"] is None and not ewc["at_grid_end"]

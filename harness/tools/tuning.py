@@ -11,7 +11,8 @@ the first tied value in grid order. A choice at an end of the grid is flagged: t
         <method>/<knob>=<value>/summary.json          each finished sequence's summary and config (about 6 KB)
         <method>/<knob>=<value>/config.yaml
 
-tuning.json: {"suite", "selection", "methods": {method: {"knob", "default", "chosen", "at_grid_end", "values":
+tuning.json: {"suite", "selection", "methods": {method: {"knob", "default", "chosen" (null while fewer than two values
+have finished), "at_grid_end", "values":
 [{"value", "seed", "validation_acc", "acc", "bwt", "forgetting", "la"}, ...]}}}. The chosen values go into the suite's
 `method_knobs` (suite.yaml), where runs read them as the suite's defaults (harness/run/suite_knobs.py).
 """
@@ -81,10 +82,11 @@ def summarize(folders: list[Path], suite: str) -> dict[str, Any]:
     for method, rows in sorted(_rows(folders).items()):
         knob = METHODS[method].strength
         rows.sort(key=lambda r: r["value"])
-        default, chosen = _default(knob), choose(rows, _default(knob))
+        default = _default(knob)
+        chosen = choose(rows, default)["value"] if len(rows) > 1 else None  # one value finished: nothing chosen yet
         methods[method] = {
-            "knob": knob, "default": default, "chosen": chosen["value"],
-            "at_grid_end": len(rows) > 1 and chosen["value"] in (rows[0]["value"], rows[-1]["value"]),
+            "knob": knob, "default": default, "chosen": chosen,
+            "at_grid_end": chosen is not None and chosen in (rows[0]["value"], rows[-1]["value"]),
             "values": [{k: v for k, v in r.items() if k != "folder"} for r in rows]}
     if not methods:
         raise HarnessError(f"no finished sequence of a method with a strength knob "
@@ -125,7 +127,8 @@ def format_tuning(result: dict[str, Any]) -> str:
             lines.append(f"{method:8} {m['knob']:20} {r['value']:>8g} {_fmt(r['validation_acc']):>8} "
                          f"{_fmt(r['acc']):>7} {_fmt(r['bwt']):>7} {_fmt(r['la']):>6}{mark}")
         section, key = m["knob"].split(".")
-        snippet.append(f"  {section}: {{{key}: {m['chosen']}}}")
+        if m["chosen"] is not None:
+            snippet.append(f"  {section}: {{{key}: {m['chosen']}}}")
     return "\n".join(lines + ["", "suite.yaml:", "method_knobs:", *snippet])
 
 
