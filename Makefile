@@ -37,7 +37,7 @@ $(STAMP): requirements.lock pyproject.toml
 TEST_WORKERS ?= auto
 LONG_TESTS := tests/test_crash_safety.py tests/test_tracking_server.py tests/test_launcher_ray.py tests/test_jobs.py \
   tests/test_lineage.py tests/test_tracking_outage.py tests/test_distributed.py tests/test_merging.py tests/test_compile.py \
-  tests/test_disk_full.py
+  tests/test_disk_full.py tests/test_method_plugin.py
 TEST_FILES := $(LONG_TESTS) $(filter-out $(LONG_TESTS),$(sort $(wildcard tests/test_*.py)))
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TEST_FILES) $(ARGS)
