@@ -27,9 +27,16 @@ SOURCES = {
 }
 
 
-def _field_name(model: type[BaseModel], key: str) -> str | None:
+def knob_field(model: type[BaseModel], key: str) -> str | None:
     """The field a YAML key names (ewc's `lambda` is the field lambda_), None if none does."""
     return next((name for name, f in model.model_fields.items() if key in (name, f.alias)), None)
+
+
+def knob_default(knob: str) -> Any:
+    """The default of a method knob named "section.key" (ewc.lambda -> 1000.0)."""
+    section, key = knob.split(".")
+    model = ExperimentConfig.model_fields[section].annotation
+    return model.model_fields[knob_field(model, key)].default
 
 
 def _check(suite) -> None:
@@ -41,7 +48,7 @@ def _check(suite) -> None:
                               f"fix the name or drop it")
         model = ExperimentConfig.model_fields[section].annotation
         for key in knobs:
-            if _field_name(model, key) is None:
+            if knob_field(model, key) is None:
                 known = ", ".join(f.alias or n for n, f in model.model_fields.items())
                 raise ConfigError(f"{where}.{key}: {section} has no knob {key!r} (knobs: {known})")
 
@@ -67,7 +74,7 @@ def with_suite_knobs(cfg: ExperimentConfig, suite) -> ExperimentConfig:
             continue
         current = getattr(cfg, section)
         for key, value in knobs.items():
-            if _field_name(type(current), key) not in current.model_fields_set:
+            if knob_field(type(current), key) not in current.model_fields_set:
                 data.setdefault(section, {})[key], filled = value, True
     if not filled:
         return cfg
@@ -86,7 +93,7 @@ def strength(cfg: ExperimentConfig, suite, method: str) -> dict[str, Any] | None
         return None
     section, key = knob.split(".")
     model = getattr(cfg, section)
-    name = _field_name(type(model), key)
+    name = knob_field(type(model), key)
     value = getattr(model, name)
     field = type(model).model_fields[name]
     tuned = suite.method_knobs.get(section, {})

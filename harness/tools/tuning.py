@@ -27,11 +27,11 @@ from typing import Any
 import yaml
 
 from harness.analysis.numbers import json_clean
-from harness.config import ExperimentConfig
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes, atomic_write_text, read_json
 from harness.methods import METHODS
 from harness.run.folder import sequence_folders
+from harness.run.suite_knobs import knob_default
 from harness.tools.evidence import EVIDENCE_DIR
 
 SELECTION = ("the highest ACC of the final model on the validation split of every task (seed 0); a tie goes to the "
@@ -41,12 +41,6 @@ SELECTION = ("the highest ACC of the final model on the validation split of ever
 def _knob_value(config: dict, knob: str) -> Any:
     section, key = knob.split(".")
     return (config.get(section) or {}).get(key)
-
-
-def _default(knob: str) -> Any:
-    section, key = knob.split(".")
-    model = ExperimentConfig.model_fields[section].annotation
-    return next(f.default for n, f in model.model_fields.items() if key in (n, f.alias))
 
 
 def _rows(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
@@ -77,12 +71,13 @@ def choose(rows: list[dict[str, Any]], default: Any) -> dict[str, Any]:
     return next((r for r in tied if r["value"] == default), tied[0])
 
 
-def summarize(folders: list[Path], suite: str) -> dict[str, Any]:
+def summarize(by_method: dict[str, list[dict[str, Any]]], suite: str) -> dict[str, Any]:
+    """tuning.json's content from each method's rows (_rows)."""
     methods = {}
-    for method, rows in sorted(_rows(folders).items()):
+    for method, rows in sorted(by_method.items()):
         knob = METHODS[method].strength
         rows.sort(key=lambda r: r["value"])
-        default = _default(knob)
+        default = knob_default(knob)
         chosen = choose(rows, default)["value"] if len(rows) > 1 else None  # one value finished: nothing chosen yet
         methods[method] = {
             "knob": knob, "default": default, "chosen": chosen,
@@ -100,9 +95,10 @@ def collect(run_folder: Path, suite: str, root: Path = EVIDENCE_DIR) -> dict[str
     if not folders:
         raise HarnessError(f"{run_folder}: no finished sequence under it; pass the tuning experiment's folder, "
                            f"e.g. results/tune-{suite}/tune-{suite}")
-    result = summarize(folders, suite)
+    by_method = _rows(folders)
+    result = summarize(by_method, suite)
     out = root / f"tuning-{suite}"
-    for method, rows in _rows(folders).items():
+    for method, rows in by_method.items():
         for r in rows:
             dst = out / method / f"{METHODS[method].strength}={r['value']}"
             dst.mkdir(parents=True, exist_ok=True)
