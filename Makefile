@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup test test-fast run-sequence merge ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
+.PHONY: setup lint format test test-fast run-sequence merge ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,16 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Style kept by a tool: ruff's formatter and linter as configured in pyproject.toml ([tool.ruff]). `make format` applies
+# both (imports sorted, code wrapped at 120); `make lint` only checks, and is the first step of `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check harness tests
+	$(BIN)/ruff format --check harness tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix harness tests
+	$(BIN)/ruff format harness tests
+
 # The test files run side by side, one worker per core; a file's tests stay together (its servers and runs are
 # module fixtures). The longest files go first, so that no worker is left alone with one at the end (measured with
 # --durations, 2026-12-06). TEST_WORKERS=0 runs them in this one process.
@@ -39,7 +49,7 @@ LONG_TESTS := tests/test_crash_safety.py tests/test_tracking_server.py tests/tes
   tests/test_lineage.py tests/test_tracking_outage.py tests/test_distributed.py tests/test_merging.py tests/test_compile.py \
   tests/test_disk_full.py tests/test_method_plugin.py
 TEST_FILES := $(LONG_TESTS) $(filter-out $(LONG_TESTS),$(sort $(wildcard tests/test_*.py)))
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TEST_FILES) $(ARGS)
 
 # The inner loop: every test except the end-to-end ones marked slow (they still run in `make test` and CI).

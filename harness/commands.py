@@ -10,31 +10,33 @@ from pathlib import Path
 from typing import Any
 
 from harness import distributed
-from harness.config_loading import cli_fields, load_config, parse_cli_value
 from harness.analysis.numbers import json_clean
+from harness.config_loading import cli_fields, load_config, parse_cli_value
 from harness.errors import ConfigError, HarnessError
 from harness.io import atomic_write_text
 from harness.launchers import run_sequences
 from harness.launchers.merge_jobs import run_merge_jobs
 from harness.methods import METHODS
 from harness.report import write_report
+from harness.run.console import install_signal_handlers
+from harness.run.export import export_adapter
 from harness.run.folder import config_knobs, experiment_of, sequence_folders, verify_folder
+from harness.run.lineage import register_export, registration_target
 from harness.run.merge import run_merge
 from harness.run.mirror import catch_up_folders, is_behind, sync_path
 from harness.run.planning import experiment_dir, validate
-from harness.run.console import install_signal_handlers
 from harness.suites import list_suites, load_suite, validate_suite
+from harness.tools import tables as published_tables
 from harness.tools.bench import format_table, run_bench, write_json
 from harness.tools.dashboard import serve_dashboard
 from harness.tools.eval_bench import format_eval_table, run_eval_bench, run_eval_modes
-from harness.run.export import export_adapter
-from harness.tools.tracking_server import serve_tracking_server
-from harness.tools.plan_seeds import format_plan, plan as plan_seeds
-from harness.tools import tables as published_tables
 from harness.tools.evidence import collect as collect_evidence
-from harness.tools.tuning import collect as collect_tuning, format_tuning, markdown_tuning
+from harness.tools.plan_seeds import format_plan
+from harness.tools.plan_seeds import plan as plan_seeds
+from harness.tools.tracking_server import serve_tracking_server
+from harness.tools.tuning import collect as collect_tuning
+from harness.tools.tuning import format_tuning, markdown_tuning
 from harness.tools.verify import verify_path
-from harness.run.lineage import register_export, registration_target
 from harness.tracking.client import default_tracking_uri, mark_interrupted
 
 
@@ -51,7 +53,11 @@ def _print_table(results: list[dict]) -> None:
         by.setdefault(key, []).append(r)
     cols = [("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "Forgetting")]
     width = max([10, *(len(k) + 2 for k in by)])
-    head = f"{'method':<{width}}" + "".join(f"{c[1]:>16}" for c in cols) + f"{'trainable':>14}{'LoRA-equiv':>14}{'runs':>6}"
+    head = (
+        f"{'method':<{width}}"
+        + "".join(f"{c[1]:>16}" for c in cols)
+        + f"{'trainable':>14}{'LoRA-equiv':>14}{'runs':>6}"
+    )
     print(head)
     print("-" * len(head))
     for method, rs in by.items():
@@ -91,8 +97,10 @@ def _after_run(cfg, results, args) -> int:
     print(f"MLflow store: {default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri)}  (browse: make dashboard)")
     if not getattr(args, "no_report", False):
         if any(is_behind(f) for f in sequence_folders(experiment_dir(cfg))):
-            print("report: not written now: the tracking server was away and MLflow is behind the run folders. Once it "
-                  f"answers, `harness report {cfg.experiment_name} --results-dir {cfg.results_dir}` catches it up and writes it.")
+            print(
+                "report: not written now: the tracking server was away and MLflow is behind the run folders. Once it "
+                f"answers, `harness report {cfg.experiment_name} --results-dir {cfg.results_dir}` catches it up and writes it."
+            )
             return 0
         index = write_report(cfg.experiment_name, Path(cfg.results_dir), cfg.tracking_uri)
         print(f"report: {index}")
@@ -103,18 +111,28 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     cfg_path = run_dir / "config.yaml"
     if not cfg_path.is_file():
-        raise HarnessError(f"{run_dir}: no config.yaml here. Pass a sequence folder (results/<experiment>/<method>/seed-<s>[/order-<k>]) "
-                           "or an experiment folder (results/<experiment>).")
+        raise HarnessError(
+            f"{run_dir}: no config.yaml here. Pass a sequence folder (results/<experiment>/<method>/seed-<s>[/order-<k>]) "
+            "or an experiment folder (results/<experiment>)."
+        )
     data, seq = config_knobs(cfg_path)
     # The folder's own location wins over a results_dir recorded elsewhere (folders can be moved):
     # the results folder is the parent of the experiment folder, wherever RUN_DIR sits below it.
     name = load_config(None, {**data, "results_dir": "."}).experiment_name
     # The nearest folder of that name holding the experiment's config.yaml: a method folder may share the name
     # (experiment osf, method osf: results/osf/osf/seed-0), and only the experiment folder has a config.yaml there.
-    exp_dir = next((p for p in [run_dir.resolve(), *run_dir.resolve().parents]
-                    if p.name == name and (p / "config.yaml").is_file()), None)
+    exp_dir = next(
+        (
+            p
+            for p in [run_dir.resolve(), *run_dir.resolve().parents]
+            if p.name == name and (p / "config.yaml").is_file()
+        ),
+        None,
+    )
     if exp_dir is None:
-        raise HarnessError(f"{run_dir}: not inside an experiment folder named {name!r}; pass the folder `harness run` wrote.")
+        raise HarnessError(
+            f"{run_dir}: not inside an experiment folder named {name!r}; pass the folder `harness run` wrote."
+        )
     data["results_dir"] = str(exp_dir.parent)
     # The recorded config is the whole experiment's (every method, seed, order and grid): the folder
     # layout is planned from it, and one sequence is picked out, never the plan narrowed.
@@ -127,8 +145,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides(args))
     if cfg.launcher != "local":
-        raise ConfigError(f"--launcher {cfg.launcher}: `harness merge` runs its jobs in this process only so far; "
-                          "pass --launcher local (sequences of `harness run` go to Ray and Slurm).")
+        raise ConfigError(
+            f"--launcher {cfg.launcher}: `harness merge` runs its jobs in this process only so far; "
+            "pass --launcher local (sequences of `harness run` go to Ray and Slurm)."
+        )
     install_signal_handlers()
     results = run_merge(cfg, progress=not args.no_progress) if cfg.jobs == 1 else run_merge_jobs(cfg)
     print()
@@ -136,8 +156,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     for r in results:
         for c, v in r["merges"].items():
             fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-            print(f"{r['method']:<8}{r['seed']:>5}  {c:<16}{fmt(v['normalised_accuracy']):>10}{fmt(v['average_drop']):>10}"
-                  f"{v['relative_error']:>13.2e}")
+            print(
+                f"{r['method']:<8}{r['seed']:>5}  {c:<16}{fmt(v['normalised_accuracy']):>10}{fmt(v['average_drop']):>10}"
+                f"{v['relative_error']:>13.2e}"
+            )
     print(f"\nmerge folders: {experiment_dir(cfg) / 'merge'}")
     if not args.no_report:
         print(f"report: {write_report(cfg.experiment_name, Path(cfg.results_dir), cfg.tracking_uri)}")
@@ -156,8 +178,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, flags)
     suite, specs, uri, _ = validate(cfg)
-    print(f"config OK: experiment {cfg.experiment_name}, {len(specs)} sequence(s) of {len(specs[0].tasks)} tasks, "
-          f"suite {suite.name}, model {cfg.model}, tracking {uri}")
+    print(
+        f"config OK: experiment {cfg.experiment_name}, {len(specs)} sequence(s) of {len(specs[0].tasks)} tasks, "
+        f"suite {suite.name}, model {cfg.model}, tracking {uri}"
+    )
     return 0
 
 
@@ -177,14 +201,20 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for m in METHODS.values():
         print(f"{m.name:<9} {m.summary}")
         print(f"{'':<9} source: {m.source}")
-        print(f"{'':<9} learning rate: --lr-{m.lr_method}" + ("   (a reference row, not ranked)" if m.reference else ""))
+        print(
+            f"{'':<9} learning rate: --lr-{m.lr_method}" + ("   (a reference row, not ranked)" if m.reference else "")
+        )
         if m.strength:
             values = ", ".join(f"{suite} {v}" for suite, v in sorted(tuned.get(m.strength, {}).items())) or "none yet"
-            print(f"{'':<9} strength: {m.strength}, tuned on the validation split per suite (make tune-baselines): {values}")
+            print(
+                f"{'':<9} strength: {m.strength}, tuned on the validation split per suite (make tune-baselines): {values}"
+            )
         if m.knobs is not None:
             for k, f in m.knobs.model_fields.items():
                 k = f.alias or k  # ewc.lambda
-                print(f"{'':<9} --{m.section}-{k.replace('_', '-')} (YAML {m.section}.{k}, default {f.default}): {f.description}")
+                print(
+                    f"{'':<9} --{m.section}-{k.replace('_', '-')} (YAML {m.section}.{k}, default {f.default}): {f.description}"
+                )
         print()
     return 0
 
@@ -220,7 +250,9 @@ def cmd_plan_seeds(args: argparse.Namespace) -> int:
     rows = plan_seeds(args.experiment, Path(args.results_dir), methods, args.tracking_uri)
     print(format_plan(methods, rows))
     if args.plan_json:
-        atomic_write_text(Path(args.plan_json), json.dumps(json_clean({"methods": list(methods), "metrics": rows}), indent=1))
+        atomic_write_text(
+            Path(args.plan_json), json.dumps(json_clean({"methods": list(methods), "metrics": rows}), indent=1)
+        )
     return 0
 
 
@@ -254,7 +286,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_tracking_server(args: argparse.Namespace) -> int:
-    return serve_tracking_server(Path(args.results_dir), port=args.port, backend_uri=args.backend_uri, host=args.host, auth=args.auth)
+    return serve_tracking_server(
+        Path(args.results_dir), port=args.port, backend_uri=args.backend_uri, host=args.host, auth=args.auth
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -289,33 +323,58 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.stage_hooks:
         from harness.tools.stage_hooks_bench import format_stage_hooks, run_stage_hooks  # lazy: only this mode needs it
 
-        res = run_stage_hooks(cfg, methods=tuple(m for m in methods if m not in ("base", "peft-bare")), suite_name=args.stage_hooks,
-                              steps=args.steps)
+        res = run_stage_hooks(
+            cfg,
+            methods=tuple(m for m in methods if m not in ("base", "peft-bare")),
+            suite_name=args.stage_hooks,
+            steps=args.steps,
+        )
         print(format_stage_hooks(res))
         if args.json:
             write_json(res, Path(args.json))
         return 0
     if args.eval_suite and not args.eval_bare:
         modes = tuple(m.strip() for m in args.eval_modes.split(",") if m.strip())
-        res = run_eval_modes(cfg, suite=args.eval_suite, modes=modes, adapter=Path(args.adapter) if args.adapter else None,
-                             repeats=args.eval_repeats, progress=True)
+        res = run_eval_modes(
+            cfg,
+            suite=args.eval_suite,
+            modes=modes,
+            adapter=Path(args.adapter) if args.adapter else None,
+            repeats=args.eval_repeats,
+            progress=True,
+        )
         print(format_eval_table(res))
         if args.json:
             write_json(res, Path(args.json))
         return 0
     if args.eval_suite:
-        res = run_eval_bench(cfg.model, args.eval_suite, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit,
-                             device=cfg.device, dtype=cfg.dtype)
+        res = run_eval_bench(
+            cfg.model,
+            args.eval_suite,
+            batch_size=cfg.eval_batch_size,
+            limit=cfg.eval_limit,
+            device=cfg.device,
+            dtype=cfg.dtype,
+        )
         for kind in ("loglikelihood", "generate_until"):
             if kind in res:
                 r = res[kind]
-                print(f"{kind:<15} {res['requests'][kind]:>5} requests  lm-eval {r['lm_eval_s']:.1f}s  bare {r['bare_s']:.1f}s  "
-                      f"lm-eval throughput = {100 * r['lm_eval_throughput_vs_bare']:.0f}% of bare")
+                print(
+                    f"{kind:<15} {res['requests'][kind]:>5} requests  lm-eval {r['lm_eval_s']:.1f}s  bare {r['bare_s']:.1f}s  "
+                    f"lm-eval throughput = {100 * r['lm_eval_throughput_vs_bare']:.0f}% of bare"
+                )
         if args.json:
             write_json(res, Path(args.json))
         return 0
-    res = run_bench(cfg, methods=methods, batch_size=args.bench_batch_size, seq_len=args.seq_len, steps=args.steps,
-                    memory=args.memory, profile=args.profile)
+    res = run_bench(
+        cfg,
+        methods=methods,
+        batch_size=args.bench_batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        memory=args.memory,
+        profile=args.profile,
+    )
     print(format_table(res))
     if args.json:
         write_json(res, Path(args.json))

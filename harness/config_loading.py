@@ -43,7 +43,9 @@ def cli_fields() -> list[tuple[str, Any]]:
         if sub is None:
             out.append((name, field))
         else:
-            out.extend((f"{name}.{f.alias or k}", f) for k, f in sub.model_fields.items())  # ewc.lambda: alias of lambda_
+            out.extend(
+                (f"{name}.{f.alias or k}", f) for k, f in sub.model_fields.items()
+            )  # ewc.lambda: alias of lambda_
     return out
 
 

@@ -86,12 +86,16 @@ def init(device: str = "auto") -> None:
     cuda = text.startswith("cuda") or (text == "auto" and torch.cuda.is_available())
     if cuda:
         if text not in ("auto", "cuda"):
-            raise ConfigError(f"device {device!r} under a launch of {world_size()} processes: every rank uses its own GPU "
-                              "(cuda:LOCAL_RANK). Use --device auto or cuda, and choose GPUs with CUDA_VISIBLE_DEVICES.")
+            raise ConfigError(
+                f"device {device!r} under a launch of {world_size()} processes: every rank uses its own GPU "
+                "(cuda:LOCAL_RANK). Use --device auto or cuda, and choose GPUs with CUDA_VISIBLE_DEVICES."
+            )
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if local_world_size() > n_gpus:
-            raise HarnessError(f"{local_world_size()} processes were launched on this node but it has {n_gpus} CUDA device(s): "
-                               f"launch at most {n_gpus} (torchrun --nproc_per_node {max(n_gpus, 1)}), or use --device cpu.")
+            raise HarnessError(
+                f"{local_world_size()} processes were launched on this node but it has {n_gpus} CUDA device(s): "
+                f"launch at most {n_gpus} (torchrun --nproc_per_node {max(n_gpus, 1)}), or use --device cpu."
+            )
         torch.cuda.set_device(local_rank())
     else:
         try:
@@ -160,8 +164,10 @@ def check_identical(tensors: Mapping[str, Any], what: str) -> str:
     bad = [r for r, d in enumerate(digests) if d != digests[0]]
     if bad:
         raise HarnessError(
-            f"{what} differ between ranks (rank 0 {digests[0][:12]}; " + ", ".join(f"rank {r} {digests[r][:12]}" for r in bad)
-            + "). Every rank must build the same state: same code, config, seed and model files on every node.")
+            f"{what} differ between ranks (rank 0 {digests[0][:12]}; "
+            + ", ".join(f"rank {r} {digests[r][:12]}" for r in bad)
+            + "). Every rank must build the same state: same code, config, seed and model files on every node."
+        )
     return digest
 
 
@@ -174,7 +180,8 @@ def check_batch_size(batch_size: int, where: str) -> None:
         raise ConfigError(
             f"{where}: batch_size {batch_size} is not divisible by the {w} processes of this launch (each rank trains on "
             f"batch_size / {w} examples of every global batch). Set --batch-size to a multiple of {w}, or launch "
-            f"{', '.join(map(str, fits))} processes.")
+            f"{', '.join(map(str, fits))} processes."
+        )
 
 
 def check_fsdp_method(method_cls, base_cls, mode: str) -> None:
@@ -186,7 +193,8 @@ def check_fsdp_method(method_cls, base_cls, mode: str) -> None:
     if verbs:
         raise ConfigError(
             f"method {method_cls.name} acts on whole parameters between backward and the optimizer step ({', '.join(verbs)}), "
-            f"which FSDP shards across ranks: run it with --distributed ddp.")
+            f"which FSDP shards across ranks: run it with --distributed ddp."
+        )
 
 
 def shard(items: list, r: int | None = None, w: int | None = None) -> list:
@@ -214,8 +222,10 @@ class StageModel:
         if not is_distributed():
             return cls(model, params, opt, sched)
         if not _initialized():  # e.g. `harness merge` under torchrun: each rank would train its shard alone, silently
-            raise HarnessError(f"this command was launched as {world_size()} processes (WORLD_SIZE), but only `harness run` "
-                               "and `harness resume` train a stage across processes: launch it as one process.")
+            raise HarnessError(
+                f"this command was launched as {world_size()} processes (WORLD_SIZE), but only `harness run` "
+                "and `harness resume` train a stage across processes: launch it as one process."
+            )
         if mode == "fsdp":
             return cls._fsdp(model, params, opt, sched, make_optimizer)
 
@@ -229,7 +239,9 @@ class StageModel:
         memo = {id(t): t for t in [*originals.values(), *model.buffers()]}
         clone = copy.deepcopy(model, memo)  # new modules, the same parameter and buffer objects
         mesh = init_device_mesh(next(iter(originals.values())).device.type, (world_size(),))
-        lists = [m for m in clone.modules() if isinstance(m, torch.nn.ModuleList) and not isinstance(m, ParametrizationList)]
+        lists = [
+            m for m in clone.modules() if isinstance(m, torch.nn.ModuleList) and not isinstance(m, ParametrizationList)
+        ]
         for block in max(lists, key=len, default=[]):  # the transformer blocks, then the rest at the root
             fully_shard(block, mesh=mesh)
         fully_shard(clone, mesh=mesh)
@@ -275,8 +287,12 @@ def _shard_optimizer_state(sd: dict, params: list) -> dict:
     state = {}
     for i, st in sd["state"].items():
         p = params[i]
-        state[i] = {k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-                    if getattr(v, "shape", None) == p.shape and v.dim() > 0 else v for k, v in st.items()}
+        state[i] = {
+            k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+            if getattr(v, "shape", None) == p.shape and v.dim() > 0
+            else v
+            for k, v in st.items()
+        }
     return {"state": state, "param_groups": sd["param_groups"]}
 
 
@@ -285,8 +301,10 @@ class _FullOptimizer:
 
     def __init__(self, opt):
         sd = opt.state_dict()
-        self._sd = {"state": {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()},
-                    "param_groups": sd["param_groups"]}
+        self._sd = {
+            "state": {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()},
+            "param_groups": sd["param_groups"],
+        }
 
     def state_dict(self) -> dict:
         return self._sd

@@ -29,7 +29,7 @@ def general_tokens(tokenizer, n_tokens: int) -> list[int]:
 
 def windows(ids: list[int], size: int = WINDOW) -> list[list[int]]:
     """Consecutive windows of size + 1 ids that overlap by one, so every token after the first is predicted once."""
-    return [ids[s:s + size + 1] for s in range(0, max(len(ids) - 1, 0), size) if len(ids[s:s + size + 1]) > 1]
+    return [ids[s : s + size + 1] for s in range(0, max(len(ids) - 1, 0), size) if len(ids[s : s + size + 1]) > 1]
 
 
 @torch.no_grad()

@@ -71,16 +71,28 @@ def draw_heatmap(ax, M: np.ndarray, row_labels, col_labels, title: str, style: H
         cmap = cmap.with_extremes(bad=style.missing_color)
     im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     rotate = max(map(len, col_labels), default=0) > style.rotate_after
-    ax.set_xticks(range(M.shape[1]), col_labels, rotation=style.rotation if rotate else 0,
-                  ha="right" if rotate else "center", **text_size(style.tick_fontsize))
+    ax.set_xticks(
+        range(M.shape[1]),
+        col_labels,
+        rotation=style.rotation if rotate else 0,
+        ha="right" if rotate else "center",
+        **text_size(style.tick_fontsize),
+    )
     ax.set_yticks(range(M.shape[0]), row_labels[: M.shape[0]], **text_size(style.tick_fontsize))
     ax.set_title(title, **text_size(style.title_fontsize))
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             v = M[i, j]
             if np.isfinite(v):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize,
-                        color="white" if v < style.white_below else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if v < style.white_below else "black",
+                )
             elif style.missing_text is not None:
                 ax.text(j, i, style.missing_text, ha="center", va="center", fontsize=fontsize - 1, color="#555555")
     return im
@@ -94,8 +106,15 @@ def matrix_heatmap(R: np.ndarray, tasks: list[str], title: str, path: Path) -> N
     # dpi=None: the layout is computed at Matplotlib's default 100 dpi, as the file always was.
     fig = new_figure(1.2 + 1.1 * len(tasks), 1.0 + 0.55 * R.shape[0], dpi=None, layout=None)
     ax = fig.subplots()
-    im = draw_heatmap(ax, R, [f"stage {i}" for i in range(R.shape[0])], tasks,
-                      fit_title(title, 0.7 * fig.get_figwidth(), RUN_STYLE.title_fontsize or 10), RUN_STYLE, 8)
+    im = draw_heatmap(
+        ax,
+        R,
+        [f"stage {i}" for i in range(R.shape[0])],
+        tasks,
+        fit_title(title, 0.7 * fig.get_figwidth(), RUN_STYLE.title_fontsize or 10),
+        RUN_STYLE,
+        8,
+    )
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     atomic_write_bytes(Path(path), png_bytes(fig))

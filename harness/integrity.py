@@ -34,8 +34,11 @@ def file_sha256(path: Path) -> str:
 def folder_hashes(folder: Path, exclude: frozenset[str] = frozenset()) -> dict[str, str]:
     """SHA-256 of every file under folder (recursively), keyed by its path relative to folder, but for `exclude`."""
     folder = Path(folder)
-    return {p.relative_to(folder).as_posix(): file_sha256(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in exclude}
+    return {
+        p.relative_to(folder).as_posix(): file_sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.relative_to(folder).as_posix() not in exclude
+    }
 
 
 def file_hashes(folder: Path, names: list[str]) -> dict[str, str]:
@@ -65,15 +68,21 @@ def check_recorded(folder: Path, recorded: dict[str, str] | None, marker: Path, 
     if bad:
         path, what = bad[0]
         more = f" (and {len(bad) - 1} more file(s))" if len(bad) > 1 else ""
-        raise IntegrityError(f"{path}: {what}{more}, so it changed after {marker.name} was written (a flipped bit, "
-                             f"a partial copy). {todo}")
+        raise IntegrityError(
+            f"{path}: {what}{more}, so it changed after {marker.name} was written (a flipped bit, "
+            f"a partial copy). {todo}"
+        )
     return True
 
 
 def redo_hint(run_dir: Path, stage_dir: Path, last: bool) -> str:
     """What to do about a damaged stage: redo it when it is the sequence's last committed one, else restore a copy."""
     if last:
-        return (f"It is the last committed stage: to redo it, delete that stage folder and continue: "
-                f"`rm -r {stage_dir} && harness resume {run_dir}`.")
-    return (f"Restore {stage_dir} from a good copy; or delete it and every later stage folder, then "
-            f"`harness resume {run_dir}` redoes them.")
+        return (
+            f"It is the last committed stage: to redo it, delete that stage folder and continue: "
+            f"`rm -r {stage_dir} && harness resume {run_dir}`."
+        )
+    return (
+        f"Restore {stage_dir} from a good copy; or delete it and every later stage folder, then "
+        f"`harness resume {run_dir}` redoes them."
+    )

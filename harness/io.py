@@ -56,9 +56,11 @@ def disk_full(where: Path, needed: int | None, what: str) -> DiskFullError:
     except OSError:
         free = "free space unknown"
     need = f"about {human_bytes(needed)}" if needed else "more than was left"
-    return DiskFullError(f"no space left on the disk of {where} ({free}) while writing {what}, which needs {need}. "
-                         "Free space there (or use a --results-dir on a larger disk) and run the command again: "
-                         "what was committed before is intact, nothing was half-written.")
+    return DiskFullError(
+        f"no space left on the disk of {where} ({free}) while writing {what}, which needs {need}. "
+        "Free space there (or use a --results-dir on a larger disk) and run the command again: "
+        "what was committed before is intact, nothing was half-written."
+    )
 
 
 def disk_full_error(exc: BaseException) -> DiskFullError | None:

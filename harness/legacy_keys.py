@@ -34,8 +34,10 @@ def _note(key: str) -> None:
     if key not in _noted:
         _noted.add(key)
         section, flag = FLAT[key], key.replace("_", "-")
-        sys.stderr.write(f"note: `{key}` is now `{section}.{key}` (YAML `{section}: {{{key}: ...}}`, flag --{section}-{flag}); "
-                         "the old name still works\n")
+        sys.stderr.write(
+            f"note: `{key}` is now `{section}.{key}` (YAML `{section}: {{{key}: ...}}`, flag --{section}-{flag}); "
+            "the old name still works\n"
+        )
 
 
 def _runs(section: str, methods: Any, absent_methods_run: bool) -> bool:

@@ -39,8 +39,10 @@ def _holder(fd: int) -> str:
 
 
 def _locked(run_dir: Path, holder: str) -> SequenceLockedError:
-    return SequenceLockedError(f"{run_dir} is being run by another process ({holder}). Wait for it to finish, "
-                               "pass --wait-for-lock true to wait here, or stop that process first.")
+    return SequenceLockedError(
+        f"{run_dir} is being run by another process ({holder}). Wait for it to finish, "
+        "pass --wait-for-lock true to wait here, or stop that process first."
+    )
 
 
 def refuse_if_held(run_dir: Path) -> None:

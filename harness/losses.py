@@ -12,7 +12,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str, *, scale
     scale (several processes): a rank's share instead of a mean, the sum of its terms times `scale`
     (world_size / the global batch's number of terms, see rank_batch)."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    per_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none")
+    per_tok = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
+    )
     per_tok = per_tok.view(labels.shape)
     valid = (labels != -100).to(per_tok.dtype)
     if reduction == "token":

@@ -96,7 +96,7 @@ def forgetting_values(R) -> np.ndarray:
     for j in range(T - 1):
         # Every stage from the one that trained task j to T must have been evaluated on it (eval_schedule
         # diagonal_final / every:K leave them out): a max over fewer stages would be a guess, so n/a.
-        complete = ~np.isnan(R[..., j + 1:T + 1, j]).any(axis=-1)
+        complete = ~np.isnan(R[..., j + 1 : T + 1, j]).any(axis=-1)
         best = np.fmax.reduce(R[..., 1:T, j], axis=-1)  # max over the evaluated stages 1..T-1
         drops.append(np.where(complete, best - R[..., T, j], np.nan))
     return np.stack(drops, axis=-1).mean(axis=-1)
@@ -144,8 +144,13 @@ def reference_acc_values(R) -> np.ndarray:
 
 
 # Metric name -> its definition on a stack of matrices (the names of summarize, MLflow and summary.json).
-METRIC_VALUES = {"ACC": acc_values, "BWT": bwt_values, "FWT": fwt_values, "forgetting": forgetting_values,
-                 "LA": learning_accuracy_values}
+METRIC_VALUES = {
+    "ACC": acc_values,
+    "BWT": bwt_values,
+    "FWT": fwt_values,
+    "forgetting": forgetting_values,
+    "LA": learning_accuracy_values,
+}
 REFERENCE_VALUES = {"ACC": reference_acc_values}
 
 
@@ -213,7 +218,9 @@ def merge_summary(S: np.ndarray, merged: Sequence[float]) -> dict[str, float | N
     return {k: _scalar(fn(M)) for k, fn in MERGE_VALUES.items()}
 
 
-def interference_matrix(S: np.ndarray, pair_scores: dict[tuple[int, int], tuple[float, float]]) -> list[list[float | None]]:
+def interference_matrix(
+    S: np.ndarray, pair_scores: dict[tuple[int, int], tuple[float, float]]
+) -> list[list[float | None]]:
     """I[i][j] = score on task i of the merge of (i, j) minus S[i, i]; None on the diagonal and for pairs not run."""
     T = S.shape[0]
     out: list[list[float | None]] = [[None] * T for _ in range(T)]
@@ -234,5 +241,8 @@ def learned(R: np.ndarray, tasks: list[str], margin: float) -> dict[str, Any]:
 def general_ce_summary(per_stage: list[float | None]) -> dict[str, Any]:
     """summary.json's general-ability forgetting: CE per stage (0 = the base model), the base's, its rise after the last stage."""
     base, last = per_stage[0], per_stage[-1]
-    return {"general_ce": per_stage, "general_ce_base": base,
-            "general_ce_rise": last - base if base is not None and last is not None else None}
+    return {
+        "general_ce": per_stage,
+        "general_ce_base": base,
+        "general_ce_rise": last - base if base is not None and last is not None else None,
+    }

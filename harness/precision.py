@@ -74,10 +74,15 @@ class Precision:
 
     def record(self) -> dict:
         """The precision block of config.yaml and stage.json (a resume under another one is refused)."""
-        return {"device_type": torch.device(self.device).type, "base_dtype": dtype_name(self.base_dtype),
-                "adapter_dtype": dtype_name(self.adapter_dtype), "optimizer_state_dtype": dtype_name(self.adapter_dtype),
-                "tf32_train": self.tf32 and torch.device(self.device).type == "cuda", "tf32_eval": False,
-                "cpu_bf16_autocast": self.bf16_autocast and torch.device(self.device).type == "cpu"}
+        return {
+            "device_type": torch.device(self.device).type,
+            "base_dtype": dtype_name(self.base_dtype),
+            "adapter_dtype": dtype_name(self.adapter_dtype),
+            "optimizer_state_dtype": dtype_name(self.adapter_dtype),
+            "tf32_train": self.tf32 and torch.device(self.device).type == "cuda",
+            "tf32_eval": False,
+            "cpu_bf16_autocast": self.bf16_autocast and torch.device(self.device).type == "cpu",
+        }
 
     def describe(self) -> str:
         r = self.record()
@@ -89,16 +94,25 @@ class Precision:
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> str | None:
     """Why `dtype` cannot be the base dtype on `device` (None: it can)."""
     if dtype == torch.float16 and device.type == "cpu":
-        return ("fp16 weights need a CUDA GPU (CPU fp16 matmuls are emulated and slow); use dtype fp32 or bf16 on CPU, "
-                "or --device cuda")
+        return (
+            "fp16 weights need a CUDA GPU (CPU fp16 matmuls are emulated and slow); use dtype fp32 or bf16 on CPU, "
+            "or --device cuda"
+        )
     if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return (f"bf16 is not supported by {torch.cuda.get_device_name(device)}; use dtype fp16 (with care: no loss "
-                "scaling here) or fp32")
+        return (
+            f"bf16 is not supported by {torch.cuda.get_device_name(device)}; use dtype fp16 (with care: no loss "
+            "scaling here) or fp32"
+        )
     return None
 
 
 def precision_of(cfg, model: torch.nn.Module) -> Precision:
     """The run's precision as it is: the loaded base model's device and dtype, the config's adapter, TF32 and autocast knobs."""
     p = next(p for p in model.parameters() if p.is_floating_point())
-    return Precision(device=str(p.device), base_dtype=p.dtype, adapter_dtype=adapter_torch_dtype(cfg.adapter_dtype, p.dtype),
-                     tf32=cfg.tf32, bf16_autocast=cfg.bf16_autocast)
+    return Precision(
+        device=str(p.device),
+        base_dtype=p.dtype,
+        adapter_dtype=adapter_torch_dtype(cfg.adapter_dtype, p.dtype),
+        tf32=cfg.tf32,
+        bf16_autocast=cfg.bf16_autocast,
+    )

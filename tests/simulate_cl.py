@@ -19,11 +19,15 @@ from harness.analysis import statistics as ST
 
 TASKS = ["a", "b", "c", "d"]
 # True accuracies of a 4-task sequence: stage 0 = base; each task learned at its stage, partly forgotten later.
-P = np.array([[0.30, 0.35, 0.40, 0.25],
-              [0.90, 0.40, 0.45, 0.30],
-              [0.75, 0.90, 0.45, 0.30],
-              [0.65, 0.80, 0.90, 0.35],
-              [0.60, 0.72, 0.80, 0.90]])
+P = np.array(
+    [
+        [0.30, 0.35, 0.40, 0.25],
+        [0.90, 0.40, 0.45, 0.30],
+        [0.75, 0.90, 0.45, 0.30],
+        [0.65, 0.80, 0.90, 0.35],
+        [0.60, 0.72, 0.80, 0.90],
+    ]
+)
 RHO = 0.7
 N_DOCS = 100
 
@@ -35,8 +39,12 @@ class SeedEffect:
     lose: float  # probability that a seed loses one earlier task entirely
 
 
-SEED_EFFECTS = (SeedEffect("none", 0.0, 0.0), SeedEffect("moderate", 0.08, 0.0), SeedEffect("large", 0.15, 0.0),
-                SeedEffect("loses a task", 0.05, 0.3))
+SEED_EFFECTS = (
+    SeedEffect("none", 0.0, 0.0),
+    SeedEffect("moderate", 0.08, 0.0),
+    SeedEffect("large", 0.15, 0.0),
+    SeedEffect("loses a task", 0.05, 0.3),
+)
 
 
 def seed_matrix(rng: np.random.Generator, P: np.ndarray, effect: SeedEffect) -> np.ndarray:
@@ -58,9 +66,11 @@ def units(rng: np.random.Generator, P: np.ndarray, n_seeds: int, effect: SeedEff
         for j, t in enumerate(TASKS):
             own = rng.random((P.shape[0], N_DOCS))
             U = np.where(rng.random((P.shape[0], N_DOCS)) < RHO, shared[t][None, :], own)
-            scores[t] = (U < Pk[:, j:j + 1]).astype(float)
+            scores[t] = (U < Pk[:, j : j + 1]).astype(float)
         R = np.stack([scores[t].mean(axis=1) for t in TASKS], axis=1)
-        out.append(ST.Unit(key=str(k), tasks=TASKS, R=R, scores=scores, doc_ids={t: list(range(N_DOCS)) for t in TASKS}))
+        out.append(
+            ST.Unit(key=str(k), tasks=TASKS, R=R, scores=scores, doc_ids={t: list(range(N_DOCS)) for t in TASKS})
+        )
     return out
 
 
@@ -82,8 +92,11 @@ def table(n_experiments: int = 400, gap: float = 0.10) -> list[str]:
     seed bootstrap it replaced) and the power at a planted ACC gap, measured and as the test states it."""
     from harness.analysis import over_seeds as OS
 
-    rows = ["| seed effect | seeds | identical methods called different: test over seeds | same: old seed bootstrap "
-            f"| planted gap {gap:.2f} found | power stated for it (median) |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| seed effect | seeds | identical methods called different: test over seeds | same: old seed bootstrap "
+        f"| planted gap {gap:.2f} found | power stated for it (median) |",
+        "|---|---|---|---|---|---|",
+    ]
     for effect in SEED_EFFECTS:
         for n in (3, 5, 10):
             rng = np.random.default_rng([7, n, SEED_EFFECTS.index(effect)])
@@ -97,8 +110,10 @@ def table(n_experiments: int = 400, gap: float = 0.10) -> list[str]:
                 found += t.p < 0.05
                 stated.append(OS.power(gap, n, t.sd, (t.document_se or 0.0) ** 2))
             e = mc_error(0.05, n_experiments)
-            rows.append(f"| {effect.name} | {n} | {new / n_experiments:.1%} | {old / n_experiments:.1%} "
-                        f"| {found / n_experiments:.1%} | {float(np.median(stated)):.1%} |")
+            rows.append(
+                f"| {effect.name} | {n} | {new / n_experiments:.1%} | {old / n_experiments:.1%} "
+                f"| {found / n_experiments:.1%} | {float(np.median(stated)):.1%} |"
+            )
     rows.append(f"\n{n_experiments} experiments per row; a rate's Monte-Carlo standard error at 5% is {e:.1%}.")
     return rows
 

@@ -15,6 +15,7 @@ from typing import Callable
 
 import pytest
 import torch
+from test_methods import stage_dirs
 
 from harness.cli import main
 from harness.config import ExperimentConfig
@@ -23,7 +24,6 @@ from harness.models import load_model
 from harness.run.checkpoint import StageCheckpointer
 from harness.run.train import Recipe, train_stage
 from harness.suites import load_suite
-from test_methods import stage_dirs
 
 TASKS = ["parity", "weather", "copy"]
 
@@ -42,9 +42,23 @@ def ctx(t: int, run_dir: Path, **kw) -> StageContext:
 def train(method, tok, t: int, steps: int = 4, **kw):
     """`steps` steps of stage t on its smoke task, with the method's hooks."""
     examples = load_suite("smoke").task(TASKS[t - 1]).train_examples()
-    return train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(method.cfg),
-                       lr=3e-2, epochs=1, batch_size=4, steps=steps, max_seq_len=32, seed=0, stage=t, hooks=method,
-                       progress=False, **kw)
+    return train_stage(
+        method.model,
+        tok,
+        examples,
+        method.trainable(),
+        recipe=Recipe.from_config(method.cfg),
+        lr=3e-2,
+        epochs=1,
+        batch_size=4,
+        steps=steps,
+        max_seq_len=32,
+        seed=0,
+        stage=t,
+        hooks=method,
+        progress=False,
+        **kw,
+    )
 
 
 class Killed(Exception):

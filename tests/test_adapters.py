@@ -7,13 +7,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from harness.adapters.sequence import AdapterSequence, init_A
+from harness.errors import CapacityError
 from harness.methods.lori import masks as M
 from harness.methods.lori import stage_files as SF
-from harness.adapters.sequence import AdapterSequence, init_A
 from harness.methods.lori.sparse import SparseStage, mask_index
-from harness.errors import CapacityError
-from harness.seeding import stable_seed
 from harness.run.train import Recipe, train_stage
+from harness.seeding import stable_seed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -30,8 +30,15 @@ class ByteTok:
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -40,13 +47,35 @@ EXAMPLES = [{"prompt": f"q{i} is", "completion": f" a{i % 3}"} for i in range(24
 
 def train(seq, name, masks=None, wd=0.1, steps=6, lr=5e-2, stage=1):
     """Train like the lori-s method: only the mask's values are parameters (masks=None: everything that requires grad)."""
-    sparse = SparseStage(seq.b_modules(name), {k: mask_index(v) for k, v in masks.items()}) if masks is not None else None
-    recipe = Recipe(weight_decay=wd, grad_clip=1.0, warmup_steps=0, warmup_ratio=0.0, loss_reduction="token", completion_eos="always")
+    sparse = (
+        SparseStage(seq.b_modules(name), {k: mask_index(v) for k, v in masks.items()}) if masks is not None else None
+    )
+    recipe = Recipe(
+        weight_decay=wd,
+        grad_clip=1.0,
+        warmup_steps=0,
+        warmup_ratio=0.0,
+        loss_reduction="token",
+        completion_eos="always",
+    )
     params = {n: p for n, p in seq.model.named_parameters() if p.requires_grad}
     if sparse is not None:
-        assert sum(p.numel() for p in params.values()) == M.mask_nnz(masks)  # the optimizer sees only the mask's entries
-    train_stage(seq.model, ByteTok(), EXAMPLES, params, recipe=recipe, lr=lr, epochs=10, batch_size=4,
-                max_steps=steps, stage=stage, progress=False)
+        assert sum(p.numel() for p in params.values()) == M.mask_nnz(
+            masks
+        )  # the optimizer sees only the mask's entries
+    train_stage(
+        seq.model,
+        ByteTok(),
+        EXAMPLES,
+        params,
+        recipe=recipe,
+        lr=lr,
+        epochs=10,
+        batch_size=4,
+        max_steps=steps,
+        stage=stage,
+        progress=False,
+    )
     if sparse is not None:
         sparse.commit()
 
@@ -54,8 +83,14 @@ def train(seq, name, masks=None, wd=0.1, steps=6, lr=5e-2, stage=1):
 def allocate_random(seq, name, t, policy="disjoint", density=0.1, max_overlap=0.0):
     shapes = {k: tuple(p.shape) for k, p in seq.b_params(name).items()}
     used = M.union(seq.task_masks) if seq.task_masks else None
-    m = M.allocate(M.random_scores(shapes, stable_seed(0, "task", t)), used, density=density, policy=policy,
-                   max_overlap=max_overlap, scope="module")
+    m = M.allocate(
+        M.random_scores(shapes, stable_seed(0, "task", t)),
+        used,
+        density=density,
+        policy=policy,
+        max_overlap=max_overlap,
+        scope="module",
+    )
     seq.task_masks.append(m)
     return m
 
@@ -120,8 +155,15 @@ def test_disjoint_masks_share_no_position():
     shapes = {"a": (64, 8), "b": (32, 8)}
     masks = []
     for t in range(1, 6):
-        masks.append(M.allocate(M.random_scores(shapes, t), M.union(masks) if masks else None, density=0.2,
-                                policy="disjoint", scope="module"))
+        masks.append(
+            M.allocate(
+                M.random_scores(shapes, t),
+                M.union(masks) if masks else None,
+                density=0.2,
+                policy="disjoint",
+                scope="module",
+            )
+        )
     for i in range(5):
         for j in range(i):
             assert all(not torch.any(masks[i][k] & masks[j][k]) for k in shapes)
@@ -165,14 +207,28 @@ def test_allocator_refuses_when_positions_run_out():
     masks = []
     with pytest.raises(CapacityError):
         for t in range(4):
-            masks.append(M.allocate(M.random_scores(shapes, t), M.union(masks) if masks else None, density=0.3,
-                                    policy="disjoint", scope="module"))
+            masks.append(
+                M.allocate(
+                    M.random_scores(shapes, t),
+                    M.union(masks) if masks else None,
+                    density=0.3,
+                    policy="disjoint",
+                    scope="module",
+                )
+            )
 
 
 def test_parameter_counts_match_llama3_8b_hand_computed():
     # Llama-3-8B, 32 layers: (d_out, d_in) of q,k,v,o,gate,up,down; r = 32.
-    layer = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
-             "gate": (14336, 4096), "up": (14336, 4096), "down": (4096, 14336)}
+    layer = {
+        "q": (4096, 4096),
+        "k": (1024, 4096),
+        "v": (1024, 4096),
+        "o": (4096, 4096),
+        "gate": (14336, 4096),
+        "up": (14336, 4096),
+        "down": (4096, 14336),
+    }
     shapes = {f"{i}.{n}": s for i in range(32) for n, s in layer.items()}
     c = M.count_params(shapes, 32)
     assert c["lora"] == 83_886_080
@@ -194,7 +250,9 @@ def test_param_counts_know_masks(tmp_path):
     method.end_stage()
     counts = method.param_counts()
     assert counts["trainable_params_effective"] == nnz
-    assert counts["trainable_params_lora_equivalent"] == sum(4 * (o + i) for o, i in method.adapters.linear_shapes().values())
+    assert counts["trainable_params_lora_equivalent"] == sum(
+        4 * (o + i) for o, i in method.adapters.linear_shapes().values()
+    )
 
 
 def test_overlap_diagnostics():
@@ -269,7 +327,10 @@ def test_lora_trains_A_and_B():
 @pytest.mark.parametrize("rank", [1, 5, 8, 12])
 def test_mask_bit_packing_round_trips_and_takes_an_eighth_of_a_byte_per_entry(tmp_path, rank):
     g = torch.Generator().manual_seed(rank)
-    masks = {"m.lora_B.weight": torch.rand(37, rank, generator=g) < 0.3, "n.lora_B.weight": torch.rand(3, rank, generator=g) < 0.5}
+    masks = {
+        "m.lora_B.weight": torch.rand(37, rank, generator=g) < 0.3,
+        "n.lora_B.weight": torch.rand(3, rank, generator=g) < 0.5,
+    }
     SF.save_masks(tmp_path, masks)
     raw = load_file(str(tmp_path / "masks.safetensors"))
     assert raw["m.lora_B.weight"].shape == (37, math.ceil(rank / 8)) and raw["m.lora_B.weight"].dtype == torch.uint8

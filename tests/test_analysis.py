@@ -9,24 +9,42 @@ import math
 import numpy as np
 import pytest
 
+from harness.analysis import over_seeds as OS
 from harness.analysis.aggregate import aggregate, mean_std_n, method_matrices, noise_class, rank, verdicts
 from harness.analysis.general_ce import curves
 from harness.analysis.intervals import fmt_ci, general_ce_verdicts, paired_sentence
 from harness.analysis.merging import summarize_merging
 from harness.analysis.runs import INTERRUPTED, RUNNING, MergeRun, SequenceRun, UnfinishedRun
 from harness.analysis.sensitivity import VariantRow, best_variants, selection_split
-from harness.analysis import over_seeds as OS
 from harness.report.folders import _consistency_notes, _matrix
 
 NAN = float("nan")
 
 
-def run(method: str, seed: str, R, tasks=("a", "b"), metrics=None, order="0", summary=None, reference=False) -> SequenceRun:
+def run(
+    method: str, seed: str, R, tasks=("a", "b"), metrics=None, order="0", summary=None, reference=False
+) -> SequenceRun:
     R = np.array(R, dtype=float)
-    return SequenceRun(run_id=f"{method}-{seed}", run_name=f"{method}/seed-{seed}", status="FINISHED", method=method,
-                       seed=seed, order=order, tasks=list(tasks), R=R, metrics=metrics or {}, params_effective=100.0,
-                       params_lora_equivalent=400.0, diagnostics=None, summary=summary, tags={}, params={},
-                       start_time_ms=None, matrix_source="matrix.json", reference=reference)
+    return SequenceRun(
+        run_id=f"{method}-{seed}",
+        run_name=f"{method}/seed-{seed}",
+        status="FINISHED",
+        method=method,
+        seed=seed,
+        order=order,
+        tasks=list(tasks),
+        R=R,
+        metrics=metrics or {},
+        params_effective=100.0,
+        params_lora_equivalent=400.0,
+        diagnostics=None,
+        summary=summary,
+        tags={},
+        params={},
+        start_time_ms=None,
+        matrix_source="matrix.json",
+        reference=reference,
+    )
 
 
 def test_mean_std_n_is_the_sample_std_and_drops_nan():
@@ -60,7 +78,10 @@ def test_a_method_trained_in_another_task_order_lands_in_the_same_columns():
 
 def test_aggregate_rows_are_the_mean_and_std_over_seeds():
     m = lambda acc: {"ACC": acc, "BWT": -0.1, "FWT": NAN, "forgetting": 0.2, "LA": 0.5}  # noqa: E731
-    runs = [run("lora", "0", [[0, 0], [1, 0], [1, 1]], metrics=m(0.5)), run("lora", "1", [[0, 0], [1, 0], [1, 1]], metrics=m(0.7))]
+    runs = [
+        run("lora", "0", [[0, 0], [1, 0], [1, 1]], metrics=m(0.5)),
+        run("lora", "1", [[0, 0], [1, 0], [1, 1]], metrics=m(0.7)),
+    ]
     _, [row] = aggregate(runs)
     assert row["n_runs"] == 2 and row["seeds"] == ["0", "1"]
     assert row["ACC"]["mean"] == pytest.approx(0.6) and row["ACC"]["std"] == pytest.approx(math.sqrt(0.02))
@@ -92,33 +113,48 @@ def test_verdicts_name_the_winner_and_never_rank_a_reference():
         r.update({m: {"mean": NAN, "std": NAN} for m in ("BWT", "FWT", "forgetting", "LA")})
         rows.append(r)
     v = verdicts(rows)
-    assert v["ACC"] == ("ACC (higher is better): LoRI-S 0.700 ± 0.010 vs LoRA 0.600 ± 0.010: "
-                        "LoRI-S is better by 0.100, more than the std (0.010).")
+    assert v["ACC"] == (
+        "ACC (higher is better): LoRI-S 0.700 ± 0.010 vs LoRA 0.600 ± 0.010: "
+        "LoRI-S is better by 0.100, more than the std (0.010)."
+    )
     assert "MTL" not in v["ACC"] and "it needs at least two tasks" in v["BWT"]
 
 
 def test_a_verdict_is_decided_by_the_test_over_seeds_and_otherwise_says_how_many_seeds_it_needs():
     best = {"method": "lori-s", "ACC": {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9}}
     other = {"method": "lora", "ACC": {"mean": 0.6, "ci_low": 0.5, "ci_high": 0.7}}
-    sig = OS.values_test({"0": 0.80, "1": 0.82, "2": 0.78, "3": 0.81}, {"0": 0.60, "1": 0.61, "2": 0.59, "3": 0.62},
-                         "ACC", ("lori-s", "lora"))
+    sig = OS.values_test(
+        {"0": 0.80, "1": 0.82, "2": 0.78, "3": 0.81},
+        {"0": 0.60, "1": 0.61, "2": 0.59, "3": 0.62},
+        "ACC",
+        ("lori-s", "lora"),
+    )
     text = paired_sentence("ACC", best, other, sig)
     assert sig.decided and "LoRI-S is better by 0.198 (paired t over 4 seeds: LoRI-S − LoRA = +0.198" in text
     assert "these seeds detect" in text and "at 80% power" in text
     # The README's old headline: three positive differences, p = 0.20 over seeds: undecided, about 9 seeds.
-    old = OS.values_test({"0": 0.833, "1": 0.685, "2": 0.502}, {"0": 0.372, "1": 0.460, "2": 0.473}, "ACC",
-                         ("lori-s", "lora"))
+    old = OS.values_test(
+        {"0": 0.833, "1": 0.685, "2": 0.502}, {"0": 0.372, "1": 0.460, "2": 0.473}, "ACC", ("lori-s", "lora")
+    )
     text = paired_sentence("ACC", best, other, old)
     assert not old.decided and "undecided: 3 seeds; the observed +0.238 with this spread needs about 9 seeds" in text
     two = OS.values_test({"0": 0.8, "1": 0.82}, {"0": 0.6, "1": 0.61}, "ACC", ("lori-s", "lora"))
     assert two.p is None and two.sd is not None and two.seeds_needed is not None  # a spread to plan with, no verdict
-    assert "on 2 seed(s): undecided, a test over seeds needs at least 3 seeds" in paired_sentence("ACC", best, other, two)
+    assert "on 2 seed(s): undecided, a test over seeds needs at least 3 seeds" in paired_sentence(
+        "ACC", best, other, two
+    )
     assert fmt_ci(0.8, 0.7, 0.9) == "0.800 [0.700, 0.900]" and fmt_ci(0.8, None, None) == "0.800"
 
 
 def variant(method: str, name: str, acc: float, val: float | None = None) -> VariantRow:
-    return VariantRow(method, name, {"lr": name}, ["0"], {"ACC": {"mean": acc, "std": NAN, "n": 1}},
-                      {"mean": val, "std": NAN, "n": 1} if val is not None else None)
+    return VariantRow(
+        method,
+        name,
+        {"lr": name},
+        ["0"],
+        {"ACC": {"mean": acc, "std": NAN, "n": 1}},
+        {"mean": val, "std": NAN, "n": 1} if val is not None else None,
+    )
 
 
 def test_each_method_is_compared_at_its_best_variant_on_the_selection_split():
@@ -130,16 +166,41 @@ def test_each_method_is_compared_at_its_best_variant_on_the_selection_split():
 
 
 def merge_run(method: str, seed: str, na: float, error: float, cross: bool | None) -> MergeRun:
-    entry = {"normalised_accuracy": na, "average_drop": 1 - na, "relative_error": error, "cross_terms": cross,
-             "scores": {"a": na, "b": na}, "chosen_weight": None}
-    return MergeRun(run_id=f"{method}{seed}", run_name="", status="FINISHED", method=method, seed=seed, tasks=["a", "b"],
-                    weights=[0.5, 0.5], single={"a": 1.0, "b": 1.0}, merges={"linear": entry}, interference={}, tags={},
-                    params={}, start_time_ms=None, source="summary.json")
+    entry = {
+        "normalised_accuracy": na,
+        "average_drop": 1 - na,
+        "relative_error": error,
+        "cross_terms": cross,
+        "scores": {"a": na, "b": na},
+        "chosen_weight": None,
+    }
+    return MergeRun(
+        run_id=f"{method}{seed}",
+        run_name="",
+        status="FINISHED",
+        method=method,
+        seed=seed,
+        tasks=["a", "b"],
+        weights=[0.5, 0.5],
+        single={"a": 1.0, "b": 1.0},
+        merges={"linear": entry},
+        interference={},
+        tags={},
+        params={},
+        start_time_ms=None,
+        source="summary.json",
+    )
 
 
 def test_merging_summary_means_over_seeds_and_flags_cross_terms_above_the_tolerance():
-    ms = summarize_merging([merge_run("lora", "0", 0.6, 0.3, None), merge_run("lora", "1", 0.8, 2e-5, False),
-                            merge_run("lori-s", "0", 0.9, 1e-6, False)], [])
+    ms = summarize_merging(
+        [
+            merge_run("lora", "0", 0.6, 0.3, None),
+            merge_run("lora", "1", 0.8, 2e-5, False),
+            merge_run("lori-s", "0", 0.9, 1e-6, False),
+        ],
+        [],
+    )
     lora = next(c for c in ms.cells if c.method == "lora")
     assert lora.normalised_accuracy["mean"] == pytest.approx(0.7) and lora.normalised_accuracy["n"] == 2
     assert lora.relative_error_max == pytest.approx(0.3) and lora.cross_terms  # 0.3 > 1e-4, though not flagged
@@ -150,8 +211,11 @@ def test_merging_summary_means_over_seeds_and_flags_cross_terms_above_the_tolera
 def test_the_page_names_each_methods_chosen_merge_weight_per_seed():
     from harness.report.page import _chosen_weights
 
-    runs = [merge_run("lora", "0", 0.6, 0.3, None), merge_run("lora", "1", 0.8, 2e-5, False),
-            merge_run("lori-s", "0", 0.9, 1e-6, False)]
+    runs = [
+        merge_run("lora", "0", 0.6, 0.3, None),
+        merge_run("lora", "1", 0.8, 2e-5, False),
+        merge_run("lori-s", "0", 0.9, 1e-6, False),
+    ]
     assert _chosen_weights(runs) == ""  # no weight grid
     for r, w in zip(runs, (0.5, 1.0, 0.25)):
         r.merges["linear"]["chosen_weight"] = w
@@ -160,9 +224,13 @@ def test_the_page_names_each_methods_chosen_merge_weight_per_seed():
 
 
 def test_general_curves_average_the_stages_over_seeds_and_leave_references_out():
-    by = {"lora": [run("lora", "0", [[0]], summary={"general_ce": [2.0, 2.4]}),
-                   run("lora", "1", [[0]], summary={"general_ce": [2.0, 2.2]})],
-          "mtl": [run("mtl", "0", [[0]], summary={"general_ce": [2.0, 3.0]}, reference=True)]}
+    by = {
+        "lora": [
+            run("lora", "0", [[0]], summary={"general_ce": [2.0, 2.4]}),
+            run("lora", "1", [[0]], summary={"general_ce": [2.0, 2.2]}),
+        ],
+        "mtl": [run("mtl", "0", [[0]], summary={"general_ce": [2.0, 3.0]}, reference=True)],
+    }
     got = curves(by)
     assert list(got) == ["lora"]
     mean, std = got["lora"]
@@ -171,11 +239,18 @@ def test_general_curves_average_the_stages_over_seeds_and_leave_references_out()
 
 def test_the_general_text_ce_rise_gets_a_verdict_from_the_test_over_seeds():
     rise = {"lori-s": [1.27, 1.29, 1.32, 1.30], "lora": [3.21, 3.02, 3.37, 3.10], "olora": [1.35, 1.21, 1.40, 1.25]}
-    by = {m: [run(m, str(k), [[0]], summary={"general_ce_rise": v}) for k, v in enumerate(vals)] for m, vals in rise.items()}
+    by = {
+        m: [run(m, str(k), [[0]], summary={"general_ce_rise": v}) for k, v in enumerate(vals)]
+        for m, vals in rise.items()
+    }
     by["mtl"] = [run("mtl", "0", [[0]], summary={"general_ce_rise": 0.5}, reference=True)]  # never compared
     sentences, table = general_ce_verdicts(by, baseline="olora")
-    assert [(c["a"], c["b"], c["role"]) for c in table] == [("lori-s", "olora", "best"), ("lori-s", "lora", "best"),
-                                                          ("olora", "lori-s", "baseline"), ("olora", "lora", "baseline")]
+    assert [(c["a"], c["b"], c["role"]) for c in table] == [
+        ("lori-s", "olora", "best"),
+        ("lori-s", "lora", "best"),
+        ("olora", "lori-s", "baseline"),
+        ("olora", "lora", "baseline"),
+    ]
     assert all(c["family_size"] == 4 and c["n_pairs"] == 4 for c in table)
     vs_lora = table[1]
     assert vs_lora["difference"] == pytest.approx(np.mean(rise["lori-s"]) - np.mean(rise["lora"]))
@@ -199,9 +274,11 @@ def test_a_summary_number_that_disagrees_with_the_matrix_is_noted():
     right = {"ACC": 0.75, "BWT": -0.1, "FWT": 0.1, "forgetting": 0.1, "LA": 0.8}
     assert _consistency_notes(right, R, reference=False) == []
     assert _consistency_notes({**right, "ACC": 0.7}, R, reference=False) == [
-        "summary.json has ACC = 0.700000 but the matrix gives 0.750000"]
+        "summary.json has ACC = 0.700000 but the matrix gives 0.750000"
+    ]
     assert _consistency_notes({**right, "BWT": NAN}, R, reference=False) == [
-        "BWT is not in summary.json but the matrix defines it"]
+        "BWT is not in summary.json but the matrix defines it"
+    ]
 
 
 def test_an_unfinished_run_offers_resume_only_when_nobody_runs_it():

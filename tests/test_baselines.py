@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_export import harness_model, logits, stock
+from test_methods import assert_earlier_adapters_unchanged, stage_dirs
 
 from harness import distributed as D
 from harness.cli import main
 from harness.config import ExperimentConfig
 from harness.errors import ConfigError
-from harness.run.export import export_adapter
 from harness.methods import METHODS, Method, StageContext
 from harness.methods.ewc import ewc_penalty
 from harness.methods.inflora import design_A, grow_basis
 from harness.methods.migu import row_mask
 from harness.models import load_model
+from harness.run.export import export_adapter
 from harness.run.train import collate, tokenize_examples
-from test_export import harness_model, logits, stock
-from test_methods import assert_earlier_adapters_unchanged, stage_dirs
 
 BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report"]
 NEW = ["nlora", "inflora", "ewc", "migu"]
@@ -30,8 +30,27 @@ NEW = ["nlora", "inflora", "ewc", "migu"]
 def runs(tmp_path_factory):
     """Every new method on the smoke suite in one `harness run`."""
     results = tmp_path_factory.mktemp("newbaselines")
-    assert main(["run", *BASE, "--methods", ",".join(NEW), "--eval-limit", "8", "--eval-schedule", "diagonal_final",
-                 "--ewc-fisher-samples", "16", "--results-dir", str(results), "--experiment", "nb"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *BASE,
+                "--methods",
+                ",".join(NEW),
+                "--eval-limit",
+                "8",
+                "--eval-schedule",
+                "diagonal_final",
+                "--ewc-fisher-samples",
+                "16",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "nb",
+            ]
+        )
+        == 0
+    )
     return results / "nb"
 
 
@@ -40,8 +59,31 @@ def ewc_runs(tmp_path_factory):
     """EWC on two tasks with λ = 0 and λ large."""
     results = tmp_path_factory.mktemp("ewc")
     for lam in ("0", "1e6"):
-        assert main(["run", *BASE, "--methods", "ewc", "--tasks", "parity,weather", "--ewc-lambda", lam, "--ewc-fisher-samples", "16", "--eval-limit", "8",
-                     "--eval-schedule", "diagonal_final", "--results-dir", str(results), "--experiment", f"l{lam}"]) == 0
+        assert (
+            main(
+                [
+                    "run",
+                    *BASE,
+                    "--methods",
+                    "ewc",
+                    "--tasks",
+                    "parity,weather",
+                    "--ewc-lambda",
+                    lam,
+                    "--ewc-fisher-samples",
+                    "16",
+                    "--eval-limit",
+                    "8",
+                    "--eval-schedule",
+                    "diagonal_final",
+                    "--results-dir",
+                    str(results),
+                    "--experiment",
+                    f"l{lam}",
+                ]
+            )
+            == 0
+        )
     return {lam: results / f"l{lam}" / "ewc" / "seed-0" for lam in ("0", "1e6")}
 
 
@@ -56,7 +98,10 @@ def ctx(t: int, tmp_path: Path, **kw) -> StageContext:
 
 
 def batch(tok):
-    exs = [{"prompt": "the cat sat on", "completion": " the mat"}, {"prompt": "one two", "completion": " three four five"}]
+    exs = [
+        {"prompt": "the cat sat on", "completion": " the mat"},
+        {"prompt": "one two", "completion": " three four five"},
+    ]
     return collate(tokenize_examples(tok, exs, None), tok.pad_token_id or 0, torch.device("cpu"))
 
 
@@ -131,7 +176,7 @@ def test_inflora_kept_basis_follows_the_codes_energy_criterion_by_hand():
     U2 = grow_basis(C, U1, 0.95)  # covered 16/21 < 0.95: add the next direction (then 20/21 >= 0.95)
     assert U2.shape == (4, 2) and torch.allclose(U2.abs(), torch.eye(4, dtype=U2.dtype)[:, :2], atol=1e-12)
     A = design_A(C, U2, 1)  # the largest direction outside span(e1, e2) is e3, scaled by 1/√3
-    assert torch.allclose(A.abs(), torch.tensor([[0.0, 0.0, 3 ** -0.5, 0.0]]), atol=1e-7)
+    assert torch.allclose(A.abs(), torch.tensor([[0.0, 0.0, 3**-0.5, 0.0]]), atol=1e-7)
 
 
 @pytest.mark.slow
@@ -147,7 +192,9 @@ def test_inflora_top_r_solver_and_shared_inputs_give_the_full_decompositions_res
     for basis in (None, U):
         full = left_singular(project_out(C, basis))[0][:, :8]
         top = top_left_singular(project_out(C, basis), 8)
-        assert torch.allclose(top.abs(), full.abs(), atol=1e-8) and torch.allclose((top * full).sum(0).abs(), torch.ones(8, dtype=torch.float64))
+        assert torch.allclose(top.abs(), full.abs(), atol=1e-8) and torch.allclose(
+            (top * full).sum(0).abs(), torch.ones(8, dtype=torch.float64)
+        )
     calls = []
     covs = {"q": C, "k": C, "o": C.clone()}
     got = per_input(["q", "k", "o"], covs, {}, lambda c, u: calls.append(1) or design_A(c, u, 4))
@@ -158,7 +205,11 @@ def test_inflora_top_r_solver_and_shared_inputs_give_the_full_decompositions_res
 def test_inflora_A_is_orthogonal_to_the_earlier_kept_input_subspace(runs):
     stages = stage_dirs(runs / "inflora" / "seed-0")
     for t in (2, 3):
-        bases = {k[len("basis/"):]: v for k, v in load_file(str(stages[t - 2] / "inflora.safetensors")).items() if k.startswith("basis/")}
+        bases = {
+            k[len("basis/") :]: v
+            for k, v in load_file(str(stages[t - 2] / "inflora.safetensors")).items()
+            if k.startswith("basis/")
+        }
         designed = load_file(str(stages[t - 1] / "inflora.safetensors"))
         assert bases and all(0 < U.shape[1] < U.shape[0] for U in bases.values())
         for name, U in bases.items():
@@ -172,7 +223,11 @@ def test_inflora_reports_the_kept_share_of_each_module_familys_inputs(runs):
     stage1 = stage_dirs(runs / "inflora" / "seed-0")[0]
     info = json.loads((stage1 / "stage.json").read_text())
     per = {k.rsplit("/", 1)[1]: v for k, v in info.items() if k.startswith("inflora/kept_dims_frac/")}
-    bases = {k[len("basis/"):]: v for k, v in load_file(str(stage1 / "inflora.safetensors")).items() if k.startswith("basis/")}
+    bases = {
+        k[len("basis/") :]: v
+        for k, v in load_file(str(stage1 / "inflora.safetensors")).items()
+        if k.startswith("basis/")
+    }
     assert set(per) == {n.rsplit(".", 1)[-1] for n in bases} and len(per) > 1, per
     for family, share in per.items():
         us = [U for n, U in bases.items() if n.endswith(family)]
@@ -218,20 +273,31 @@ def test_inflora_mid_stage_checkpoint_holds_A_t_and_a_resumed_stage_takes_it_fro
     method, _ = tiny_method("inflora", tmp_path)
     method.adapters.begin_task(1)  # the modules' names and shapes (begin_stage finds the adapter there)
     names = [n for n, _ in method.adapters.layers()]
-    given = {f"A/{n}": torch.randn(method.cfg.rank, layer.in_features, generator=torch.Generator().manual_seed(i))
-             for i, (n, layer) in enumerate(method.adapters.layers())}
+    given = {
+        f"A/{n}": torch.randn(method.cfg.rank, layer.in_features, generator=torch.Generator().manual_seed(i))
+        for i, (n, layer) in enumerate(method.adapters.layers())
+    }
     method.begin_stage(ctx(1, tmp_path, resumed_extra=given))  # no data: it must not measure anything
     assert method.checkpoint_extra().keys() == {f"A/{n}" for n in names}
     for n, layer in method.adapters.layers():
-        assert torch.equal(layer.lora_A["task1"].weight, given[f"A/{n}"]) and not layer.lora_A["task1"].weight.requires_grad
+        assert (
+            torch.equal(layer.lora_A["task1"].weight, given[f"A/{n}"])
+            and not layer.lora_A["task1"].weight.requires_grad
+        )
         assert torch.equal(method.checkpoint_extra()[f"A/{n}"], given[f"A/{n}"])
 
 
 # --- EWC ---------------------------------------------------------------------------------------------------
 def test_ewc_penalty_equals_a_hand_computation():
     theta = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor([[0.5, 3.0]])}
-    F = [{"a": torch.tensor([2.0, 1.0]), "b": torch.tensor([[4.0, 0.0]])}, {"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([[1.0, 2.0]])}]
-    star = [{"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([[0.0, 1.0]])}, {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([[1.5, 3.0]])}]
+    F = [
+        {"a": torch.tensor([2.0, 1.0]), "b": torch.tensor([[4.0, 0.0]])},
+        {"a": torch.tensor([0.5, 0.5]), "b": torch.tensor([[1.0, 2.0]])},
+    ]
+    star = [
+        {"a": torch.tensor([0.0, 0.0]), "b": torch.tensor([[0.0, 1.0]])},
+        {"a": torch.tensor([1.0, 1.0]), "b": torch.tensor([[1.5, 3.0]])},
+    ]
     # task 1: 2·1 + 1·4 + 4·0.25 + 0·4 = 7;  task 2: 0.5·0 + 0.5·9 + 1·1 + 2·0 = 5.5;  λ/2 · 12.5 with λ = 3
     assert ewc_penalty(theta, F, star, 3.0).item() == pytest.approx(1.5 * 12.5)
     assert ewc_penalty(theta, [], [], 3.0).item() == 0.0
@@ -249,18 +315,26 @@ def test_ewc_batched_fisher_is_the_mean_of_per_example_squared_gradients(tmp_pat
     with torch.no_grad():
         for i, p in enumerate(params.values()):
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.1)
-    exs = [{"prompt": f"count {i} to", "completion": " " + " ".join(str(i + k) for k in range(1 + i % 4))} for i in range(6)]
+    exs = [
+        {"prompt": f"count {i} to", "completion": " " + " ".join(str(i + k) for k in range(1 + i % 4))}
+        for i in range(6)
+    ]
     items = tokenize_examples(tok, exs, None)
     pad = tok.pad_token_id or 0
-    batched = empirical_fisher(method.model, params, [collate(items[:4], pad, torch.device("cpu")),
-                                                      collate(items[4:], pad, torch.device("cpu"))])
+    batched = empirical_fisher(
+        method.model,
+        params,
+        [collate(items[:4], pad, torch.device("cpu")), collate(items[4:], pad, torch.device("cpu"))],
+    )
     by_hand = {k: torch.zeros_like(p) for k, p in params.items()}
     mean_grad = {k: torch.zeros_like(p) for k, p in params.items()}
     for item in items:
         b = collate([item], pad, torch.device("cpu"))
-        loss = lm_loss(method.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], "token")
+        loss = lm_loss(
+            method.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"], "token"
+        )
         for k, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
-            by_hand[k] += g ** 2 / len(items)
+            by_hand[k] += g**2 / len(items)
             mean_grad[k] += g / len(items)
     for k in params:
         assert torch.allclose(batched[k], by_hand[k], rtol=1e-4, atol=1e-10), k
@@ -288,12 +362,19 @@ def test_ewc_fisher_is_stored_per_task_and_restored_on_resume(ewc_runs, tmp_path
     # Stage 2 is the last: no Fisher or anchor of task 2 (nothing would read them), task 1's carried on.
     assert {k.split("/", 2)[1] for k in f1} == {"1"} and {k.split("/", 2)[1] for k in f2} == {"1"}
     assert len([k for k in f1 if k.startswith("fisher/1/")]) == len(adapter)
-    assert all(torch.equal(f1[k], f2[k]) for k in f1) and any(v.abs().sum() > 0 for k, v in f1.items() if k.startswith("fisher/"))
+    assert all(torch.equal(f1[k], f2[k]) for k in f1) and any(
+        v.abs().sum() > 0 for k, v in f1.items() if k.startswith("fisher/")
+    )
     method = harness_model(seq, 1)
-    assert all(torch.equal(method.fishers[0][k], f1[f"fisher/1/{k}"]) and torch.equal(method.anchors[0][k], f1[f"anchor/1/{k}"])
-               for k in method.fishers[0])
+    assert all(
+        torch.equal(method.fishers[0][k], f1[f"fisher/1/{k}"])
+        and torch.equal(method.anchors[0][k], f1[f"anchor/1/{k}"])
+        for k in method.fishers[0]
+    )
     # Drop stage 2 and resume: it is retrained from the restored Fisher and anchors, bit-identically.
-    shutil.copytree(seq.parents[2], tmp_path / "r")  # the results folder: resume needs the experiment around the sequence
+    shutil.copytree(
+        seq.parents[2], tmp_path / "r"
+    )  # the results folder: resume needs the experiment around the sequence
     copy = tmp_path / "r" / seq.relative_to(seq.parents[2])
     shutil.rmtree(copy / "stages" / s2.name)
     (copy / "summary.json").unlink()
@@ -308,8 +389,12 @@ def test_ewc_with_lambda_large_moves_the_earlier_tasks_adapter_less(ewc_runs):
     moved = {}
     for lam, seq in ewc_runs.items():
         s1, s2 = stage_dirs(seq)
-        moved[lam] = float((flat(load_file(str(s2 / "adapter" / "adapter_model.safetensors")))
-                            - flat(load_file(str(s1 / "adapter" / "adapter_model.safetensors")))).norm())
+        moved[lam] = float(
+            (
+                flat(load_file(str(s2 / "adapter" / "adapter_model.safetensors")))
+                - flat(load_file(str(s1 / "adapter" / "adapter_model.safetensors")))
+            ).norm()
+        )
     assert 0 < moved["1e6"] < 0.5 * moved["0"], moved
 
 
@@ -325,8 +410,11 @@ def test_migu_gradient_reaches_only_the_rows_with_the_largest_outputs(tmp_path):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     seen: dict[str, torch.Tensor] = {}
     layers = dict(method.adapters.layers())
-    spies = [m.register_forward_hook(lambda mod, a, out, key=key: seen.__setitem__(key, out.detach().abs().sum(dim=(0, 1))))
-             for name, layer in layers.items() for key, m in ((f"{name}/out", layer), (f"{name}/A", layer.lora_A["default"]))]
+    spies = [
+        m.register_forward_hook(lambda mod, a, out, key=key: seen.__setitem__(key, out.detach().abs().sum(dim=(0, 1))))
+        for name, layer in layers.items()
+        for key, m in ((f"{name}/out", layer), (f"{name}/A", layer.lora_A["default"]))
+    ]
     b = batch(tok)
     logits_ = method.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
     logits_.float().logsumexp(-1).mean().backward()
@@ -359,8 +447,9 @@ def test_migu_unselected_rows_stay_on_a_first_step_but_adamw_momentum_moves_them
     for step in range(3):
         before = {k: p.detach().clone() for k, p in params.items()}
         opt.zero_grad()
-        method.model(input_ids=b["input_ids"] * (step + 1) % 400, attention_mask=b["attention_mask"]).logits.float() \
-            .logsumexp(-1).mean().backward()
+        method.model(
+            input_ids=b["input_ids"] * (step + 1) % 400, attention_mask=b["attention_mask"]
+        ).logits.float().logsumexp(-1).mean().backward()
         method.after_backward()
         selected = {k: p.grad.abs().sum(dim=1) > 0 for k, p in params.items()}
         opt.step()
@@ -422,6 +511,11 @@ def test_ewc_lambda_is_spelled_lambda_in_yaml_flags_and_grid(tmp_path):
     yml.write_text("methods: [ewc]\newc: {lambda: 7}\n")
     cfg = load_config(yml)
     assert cfg.ewc.lambda_ == 7 and cfg.to_yaml_dict()["ewc"] == {"lambda": 7.0, "fisher_samples": 64}
-    assert load_config(None, {**cfg.to_yaml_dict(), "ewc.lambda": "3"}).ewc.lambda_ == 3  # the config a run folder keeps
+    assert (
+        load_config(None, {**cfg.to_yaml_dict(), "ewc.lambda": "3"}).ewc.lambda_ == 3
+    )  # the config a run folder keeps
     grid = load_config(None, {"methods": ["ewc"], "grid": parse_cli_value("grid", "ewc.lambda=0,5")})
-    assert [(v[1], v[2].ewc.lambda_) for v in variants(grid)] == [({"ewc.lambda": 0.0}, 0.0), ({"ewc.lambda": 5.0}, 5.0)]
+    assert [(v[1], v[2].ewc.lambda_) for v in variants(grid)] == [
+        ({"ewc.lambda": 0.0}, 0.0),
+        ({"ewc.lambda": 5.0}, 5.0),
+    ]

@@ -9,7 +9,9 @@ from harness.cli import main
 
 def test_bench_writes_json_contract(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "tiny-llama", "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--json", str(out)])
+    rc = main(
+        ["bench", "--model", "tiny-llama", "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--json", str(out)]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["model"] == "tiny-llama"
@@ -29,8 +31,27 @@ def test_bench_rejects_unknown_method(capsys):
 
 def test_bench_memory_is_measured_from_the_tensors(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "tiny-llama", "--methods", "lora,lori-d,lori-s", "--steps", "1", "--seq-len", "16",
-                 "--batch-size", "2", "--memory", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora,lori-d,lori-s",
+                "--steps",
+                "1",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--memory",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     mem = json.loads(out.read_text())["memory"]
     keys = {"params_bytes", "grads_bytes", "optimizer_bytes", "snapshot_bytes", "total_bytes"}
     assert set(mem) == {"lora", "lori-d", "lori-s"} and all(set(m) == keys for m in mem.values())
@@ -55,8 +76,27 @@ def test_bench_memory_is_measured_from_the_tensors(tmp_path):
 
 def test_bench_profile_says_where_a_step_goes(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--model", "tiny-llama", "--methods", "base,lora", "--steps", "1", "--seq-len", "16", "--batch-size", "2",
-                 "--profile", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "base,lora",
+                "--steps",
+                "1",
+                "--seq-len",
+                "16",
+                "--batch-size",
+                "2",
+                "--profile",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     prof = json.loads(out.read_text())["profile"]
     assert set(prof) == {"base", "lora"}
     for p in prof.values():
@@ -69,8 +109,24 @@ def test_bench_stage_hooks_times_what_a_method_does_between_stages(tmp_path, cap
     """--stage-hooks: two stages per method, each with setup and teardown seconds, the median step, the stage's steps at
     the suite's budget, and the method's share = (setup + teardown) / the stage's estimated training time."""
     out = tmp_path / "hooks.json"
-    assert main(["bench", "--stage-hooks", "smoke", "--model", "tiny-llama", "--methods", "lora,ewc", "--steps", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--stage-hooks",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora,ewc",
+                "--steps",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["suite"] == "smoke" and len(res["tasks"]) == 2 and set(res["methods"]) == {"lora", "ewc"}
     ewc, lora = res["methods"]["ewc"], res["methods"]["lora"]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from harness.methods.lori import masks as M
 from harness.errors import CapacityError
+from harness.methods.lori import masks as M
 from harness.models import linear_shapes, model_config
 from harness.run.planning import b_shapes
 
@@ -40,8 +40,15 @@ def test_the_masks_really_fit_on_the_largest_and_smallest_modules(smollm2_b_shap
     shapes = {k: v for k, v in smollm2_b_shapes.items() if k.startswith("model.layers.0.")}
     masks = []
     for t in range(M.max_disjoint_tasks(0.1)):  # 10 tasks: with round(), q_proj ran out at the 10th
-        masks.append(M.allocate(M.random_scores(shapes, t), M.union(masks) if masks else None, density=0.1,
-                                policy="disjoint", scope="module"))
+        masks.append(
+            M.allocate(
+                M.random_scores(shapes, t),
+                M.union(masks) if masks else None,
+                density=0.1,
+                policy="disjoint",
+                scope="module",
+            )
+        )
     for k, shape in shapes.items():
         assert int(sum(m[k].int() for m in masks).max()) == 1
         assert all(int(m[k].sum()) == math.floor(0.1 * math.prod(shape)) for m in masks)
@@ -58,8 +65,21 @@ def test_validate_checks_capacity_on_the_real_model_before_anything_is_written(t
     from harness.cli import main
 
     results = tmp_path / "results"
-    rc = main(["validate", "--suite", "default", "--model", "smollm2-135m", "--methods", "lori-s",
-               "--mask-density", str(density), "--results-dir", str(results)])
+    rc = main(
+        [
+            "validate",
+            "--suite",
+            "default",
+            "--model",
+            "smollm2-135m",
+            "--methods",
+            "lori-s",
+            "--mask-density",
+            str(density),
+            "--results-dir",
+            str(results),
+        ]
+    )
     err = capsys.readouterr().err
     assert (rc == 0) == ok, err
     if not ok:

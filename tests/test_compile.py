@@ -19,12 +19,12 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from harness.run.compiled import BUCKET, pad_to_bucket, pad_to_shape, why_not  # noqa: E402
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.suites import load_suite  # noqa: E402
+from harness.run.compiled import BUCKET, pad_to_bucket, pad_to_shape, why_not  # noqa: E402
 from harness.run.train import Recipe, collate, forward_loss, train_stage  # noqa: E402
+from harness.suites import load_suite  # noqa: E402
 
 LOSS_RTOL = 1e-4
 W_ATOL = 1e-4
@@ -34,12 +34,30 @@ def _train(name: str, compile_mode: str):
     model, tok = load_model("tiny-llama")
     cfg = ExperimentConfig(model="tiny-llama", suite="smoke", methods=[name])
     method = METHODS[name](cfg, seed=0, tasks=["weather"], base_model=model)
-    method.begin_stage(StageContext(stage=1, task="weather", run_dir=Path("."), calibrate=lambda *a: None,
-                                    compiled=compile_mode != "none"))
+    method.begin_stage(
+        StageContext(
+            stage=1, task="weather", run_dir=Path("."), calibrate=lambda *a: None, compiled=compile_mode != "none"
+        )
+    )
     examples = [{**ex, "eos": True} for ex in load_suite("smoke").task("weather").train_examples()]
-    res = train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=3e-2, epochs=1,
-                      batch_size=8, steps=6, max_seq_len=32, seed=0, stage=1, hooks=method, progress=False,
-                      compile_mode=compile_mode, compile_shape=(8, 64) if compile_mode != "none" else None)
+    res = train_stage(
+        method.model,
+        tok,
+        examples,
+        method.trainable(),
+        recipe=Recipe.from_config(cfg),
+        lr=3e-2,
+        epochs=1,
+        batch_size=8,
+        steps=6,
+        max_seq_len=32,
+        seed=0,
+        stage=1,
+        hooks=method,
+        progress=False,
+        compile_mode=compile_mode,
+        compile_shape=(8, 64) if compile_mode != "none" else None,
+    )
     mask = getattr(method, "stage_index", None)
     method.end_stage()
     weights = {n: p.detach().clone() for n, p in method.model.named_parameters() if "lora_" in n}
@@ -96,8 +114,24 @@ def test_compiled_training_equals_eager_within_tolerance(name):
 
 
 def test_unknown_compile_value_exits_2_and_writes_nothing(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "smoke", "--model", "tiny-llama",
-                          "--results-dir", str(tmp_path / "r"), "--compile", "max-autotune-please"], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            "--suite",
+            "smoke",
+            "--model",
+            "tiny-llama",
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--compile",
+            "max-autotune-please",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr
     assert "--compile" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()
@@ -116,10 +150,37 @@ def test_a_compiled_sequence_builds_its_graph_once(tmp_path):
     reason = why_not("default", torch.device("cpu"))
     if reason:
         pytest.skip(f"torch.compile cannot run here: {reason}")
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "smoke", "--model", "tiny-llama",
-                          "--methods", "lora,lori-s", "--seeds", "0", "--max-steps", "3", "--compile", "default",
-                          "--results-dir", str(tmp_path / "r"), "--experiment", "c", "--no-progress", "--no-report",
-                          "--eval-limit", "8"], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            "--suite",
+            "smoke",
+            "--model",
+            "tiny-llama",
+            "--methods",
+            "lora,lori-s",
+            "--seeds",
+            "0",
+            "--max-steps",
+            "3",
+            "--compile",
+            "default",
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--experiment",
+            "c",
+            "--no-progress",
+            "--no-report",
+            "--eval-limit",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     for method in ("lora", "lori-s"):
         trains = sorted((tmp_path / "r" / "c" / method / "seed-0").glob("**/stages/*/train.json"))

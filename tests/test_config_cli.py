@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import legacy_keys
 from harness.cli import build_parser, main
 from harness.config import ExperimentConfig
 from harness.config_loading import load_config, parse_grid
-from harness import legacy_keys
 from harness.run.folder import check_same_config
 from harness.run.planning import variants
 
@@ -79,8 +79,21 @@ def test_validate_suite_only(capsys):
 
 def test_hub_model_offline_is_exit_2_with_one_paragraph(tmp_path):
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "validate", "--model", "meta-llama/Meta-Llama-3-8B",
-                          "--results-dir", str(tmp_path / "r")], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "validate",
+            "--model",
+            "meta-llama/Meta-Llama-3-8B",
+            "--results-dir",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert out.returncode == 2
     assert "meta-llama/Meta-Llama-3-8B" in out.stderr and "Traceback" not in out.stderr
 
@@ -136,7 +149,9 @@ def test_a_grid_over_an_old_lori_name_keeps_its_variant_ids():
     assert [v[0] for v in old] == [v[0] for v in new]
     assert sorted(c.lori.mask_density for _, _, c in new) == [0.05, 0.1]
     # the id of {mask_density: 0.05} as harness versions before the section computed it
-    assert hashlib.sha256(json.dumps({"mask_density": 0.05}, sort_keys=True).encode()).hexdigest()[:8] in [v[0] for v in new]
+    assert hashlib.sha256(json.dumps({"mask_density": 0.05}, sort_keys=True).encode()).hexdigest()[:8] in [
+        v[0] for v in new
+    ]
 
 
 def test_a_folder_written_with_flat_lori_keys_resumes_under_the_section(tmp_path):
@@ -151,8 +166,21 @@ def test_a_folder_written_with_flat_lori_keys_resumes_under_the_section(tmp_path
 
 
 # Flags of other tools the docs show beside harness's (torchrun, accelerate, ray, pip, sbatch).
-OTHER_TOOLS_FLAGS = {"--address", "--cpu", "--cpus-per-task", "--gpus-per-node", "--head", "--index-url", "--multi", "--nnodes",
-                     "--no-deps", "--nproc", "--num", "--rdzv", "--standalone"}
+OTHER_TOOLS_FLAGS = {
+    "--address",
+    "--cpu",
+    "--cpus-per-task",
+    "--gpus-per-node",
+    "--head",
+    "--index-url",
+    "--multi",
+    "--nnodes",
+    "--no-deps",
+    "--nproc",
+    "--num",
+    "--rdzv",
+    "--standalone",
+}
 
 
 def test_every_flag_the_readme_and_docs_spell_is_accepted():
@@ -167,7 +195,10 @@ def test_every_flag_the_readme_and_docs_spell_is_accepted():
 
     walk(build_parser())
     root = Path(__file__).resolve().parents[1]
-    spelled = {m for f in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
-               for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text())}
+    spelled = {
+        m
+        for f in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+        for m in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", f.read_text())
+    }
     assert spelled - known - OTHER_TOOLS_FLAGS == set()
     assert "--mask-density" in known and "--lori-mask-density" in known

@@ -15,26 +15,47 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from test_sequence import mlflow_client, read_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 # Enough steps per stage for several mid-stage checkpoints (smoke: 64 examples, batch 8).
-RUN = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report",
-       "--methods", "lori-s", "--epochs", "3", "--checkpoint-every", "5"]
+RUN = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--no-progress",
+    "--no-report",
+    "--methods",
+    "lori-s",
+    "--epochs",
+    "3",
+    "--checkpoint-every",
+    "5",
+]
 
 
 def cli(*args, env_extra=None, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, **kw
+    )
 
 
 def start(*args, pause: str | None = None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if pause:
         env["HARNESS_FAULT_PAUSE"] = pause
-    return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc, timeout=300):
@@ -96,8 +117,9 @@ def test_sigkill_then_resume_equals_uninterrupted(point, reference, tmp_path):
     from harness.tracking.client import mark_interrupted
 
     assert mark_interrupted(f"sqlite:///{results / 'mlflow.db'}", "crash") == 1
-    parent = mlflow_client(results).search_runs([mlflow_client(results).get_experiment_by_name("crash").experiment_id],
-                                                "tags.`harness.kind` = 'sequence'")[0]
+    parent = mlflow_client(results).search_runs(
+        [mlflow_client(results).get_experiment_by_name("crash").experiment_id], "tags.`harness.kind` = 'sequence'"
+    )[0]
     assert parent.info.status == "KILLED" and parent.data.tags["harness.interrupted"] == "true"
 
     out = cli("resume", str(seq), "--no-report", "--no-progress")
@@ -140,8 +162,26 @@ def test_second_process_on_a_sequence_refuses_or_waits(reference, tmp_path):
 @pytest.mark.slow
 def test_resume_one_sequence_of_a_multi_order_experiment_keeps_its_folder_and_the_experiment(tmp_path):
     results = tmp_path / "r"
-    args = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lora", "--orders", "0,1",
-            "--tasks", "parity,weather", "--no-progress", "--no-report", "--results-dir", str(results), "--experiment", "orders"]
+    args = [
+        "--suite",
+        "smoke",
+        "--model",
+        "tiny-llama",
+        "--seeds",
+        "0",
+        "--methods",
+        "lora",
+        "--orders",
+        "0,1",
+        "--tasks",
+        "parity,weather",
+        "--no-progress",
+        "--no-report",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "orders",
+    ]
     seq0 = results / "orders" / "lora" / "seed-0" / "order-0"
     proc = start("run", *args, pause="eval:2")
     wait_for(seq0 / ".paused-eval", proc)
@@ -164,8 +204,24 @@ def test_resume_one_sequence_of_a_multi_order_experiment_keeps_its_folder_and_th
 
 def test_a_parent_run_that_cannot_be_reopened_is_an_error_not_a_new_run(tmp_path):
     results = tmp_path / "r"
-    args = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lora", "--tasks", "parity",
-            "--no-progress", "--no-report", "--results-dir", str(results), "--experiment", "reopen"]
+    args = [
+        "--suite",
+        "smoke",
+        "--model",
+        "tiny-llama",
+        "--seeds",
+        "0",
+        "--methods",
+        "lora",
+        "--tasks",
+        "parity",
+        "--no-progress",
+        "--no-report",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "reopen",
+    ]
     seq = results / "reopen" / "lora" / "seed-0"
     proc = start("run", *args, pause="eval:1")
     wait_for(seq / ".paused-eval", proc)
@@ -183,14 +239,33 @@ def test_a_parent_run_that_cannot_be_reopened_is_an_error_not_a_new_run(tmp_path
 def test_adapter_is_active_at_evaluation_and_disabling_it_gives_the_base_score(tmp_path):
     """A learnable smoke task: the score after its stage beats the base; the same model with the adapter off scores the base."""
     from harness.config import ExperimentConfig
-    from harness.run.evaluate import Evaluator
     from harness.methods import METHODS
     from harness.models import load_model
+    from harness.run.evaluate import Evaluator
     from harness.suites import load_suite
 
     results = tmp_path / "r"
-    out = cli("run", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--tasks", "weather", "--epochs", "10",
-              "--lr-lora", "1e-2", "--no-progress", "--no-report", "--results-dir", str(results), "--experiment", "active")
+    out = cli(
+        "run",
+        "--suite",
+        "smoke",
+        "--model",
+        "tiny-llama",
+        "--methods",
+        "lora",
+        "--tasks",
+        "weather",
+        "--epochs",
+        "10",
+        "--lr-lora",
+        "1e-2",
+        "--no-progress",
+        "--no-report",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "active",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     seq = results / "active" / "lora" / "seed-0"
     _, R = read_matrix(seq / "matrix.csv")
@@ -208,15 +283,42 @@ def test_adapter_is_active_at_evaluation_and_disabling_it_gives_the_base_score(t
 def test_results_dir_that_cannot_be_created_is_one_message(tmp_path, capsys):
     from harness.cli import main
 
-    rc = main(["run", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--results-dir", "/proc/harness-no/results"])
+    rc = main(
+        [
+            "run",
+            "--suite",
+            "smoke",
+            "--model",
+            "tiny-llama",
+            "--methods",
+            "lora",
+            "--results-dir",
+            "/proc/harness-no/results",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "not writable" in err and "Traceback" not in err
 
 
 def test_eval_schedule_diagonal_final_evaluates_2T_minus_1_cells_and_reports_na(tmp_path):
     results = tmp_path / "r"
-    out = cli("run", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--eval-schedule", "diagonal_final",
-              "--no-progress", "--no-report", "--results-dir", str(results), "--experiment", "sched")
+    out = cli(
+        "run",
+        "--suite",
+        "smoke",
+        "--model",
+        "tiny-llama",
+        "--methods",
+        "lora",
+        "--eval-schedule",
+        "diagonal_final",
+        "--no-progress",
+        "--no-report",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "sched",
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     seq = results / "sched" / "lora" / "seed-0"
     _, R = read_matrix(seq / "matrix.csv")
@@ -260,10 +362,9 @@ def test_a_folder_made_before_a_knob_existed_resumes_when_the_knob_is_at_its_def
     """Upgrading the harness must not strand run folders: a knob missing from their config.yaml means its default."""
     import yaml as _yaml
 
+    from harness.config_loading import load_config
     from harness.errors import ConfigError
     from harness.run.folder import check_same_config
-
-    from harness.config_loading import load_config
 
     resolved = load_config(None, {"suite": "smoke", "model": "tiny-llama"}).to_yaml_dict()
     old = {k: v for k, v in resolved.items() if k not in ("eval_merged", "eval_bf16")}  # written by an older harness
@@ -296,9 +397,15 @@ def test_ctrl_c_prints_the_real_resume_command_marks_runs_killed_and_timings_add
     results = tmp_path / "r"
     seq = results / "crash" / "lori-s" / "seed-0"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "mid-train:2"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *RUN, "--results-dir", str(results), "--experiment", "crash"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=sigint_at_default)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness.cli", "run", *RUN, "--results-dir", str(results), "--experiment", "crash"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_at_default,
+    )
     wait_for(seq / ".paused-mid-train", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
@@ -306,8 +413,11 @@ def test_ctrl_c_prints_the_real_resume_command_marks_runs_killed_and_timings_add
     assert f"continue with `harness resume {seq}`" in err and "()" not in err and "Traceback" not in err
     c = mlflow_client(results)
     runs = c.search_runs([c.get_experiment_by_name("crash").experiment_id])
-    killed = {r.data.tags.get("harness.kind") for r in runs if r.info.status == "KILLED"
-              and r.data.tags.get("harness.interrupted") == "true"}
+    killed = {
+        r.data.tags.get("harness.kind")
+        for r in runs
+        if r.info.status == "KILLED" and r.data.tags.get("harness.interrupted") == "true"
+    }
     assert killed == {"sequence", "stage"}, [(r.info.status, r.data.tags.get("harness.kind")) for r in runs]
 
     command = err.split("continue with `", 1)[1].split("`", 1)[0].split()

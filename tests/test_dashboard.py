@@ -13,8 +13,8 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-from harness.tools.dashboard import free_port, serve_dashboard, start_server, stop_server, wait_healthy  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.tools.dashboard import free_port, serve_dashboard, start_server, stop_server, wait_healthy  # noqa: E402
 
 
 def _fixture_module():
@@ -51,11 +51,14 @@ def test_server_serves_the_parent_runs(tmp_path):
             wait_healthy(url, timeout=90, proc=proc)
             with pytest.raises(HarnessError, match=f"port {port} .* in use"):
                 start_server(store["results_dir"], port=port)
-            found = _post(f"{url}/api/2.0/mlflow/runs/search", {
-                "experiment_ids": [store["experiment_id"]],
-                "filter": "tags.`harness.kind` = 'sequence' and attributes.status = 'FINISHED'",
-                "max_results": 100,
-            })
+            found = _post(
+                f"{url}/api/2.0/mlflow/runs/search",
+                {
+                    "experiment_ids": [store["experiment_id"]],
+                    "filter": "tags.`harness.kind` = 'sequence' and attributes.status = 'FINISHED'",
+                    "max_results": 100,
+                },
+            )
             runs = found["runs"]
             assert {r["info"]["run_id"] for r in runs} == set(store["parents"].values())
             for r in runs:
@@ -66,10 +69,13 @@ def test_server_serves_the_parent_runs(tmp_path):
                 assert {"BWT", "FWT", "forgetting", "acc/arith", "trainable_params_effective"} <= set(metrics)
             # The per-stage history and an artifact come through the server too.
             rid = store["parents"][("lora", "0")]
-            with urllib.request.urlopen(f"{url}/api/2.0/mlflow/metrics/get-history?run_id={rid}&metric_key=acc/arith",
-                                        timeout=10) as resp:
+            with urllib.request.urlopen(
+                f"{url}/api/2.0/mlflow/metrics/get-history?run_id={rid}&metric_key=acc/arith", timeout=10
+            ) as resp:
                 hist = json.load(resp)["metrics"]
-            assert sorted((m["step"], m["value"]) for m in hist) == [(s, row[0]) for s, row in enumerate(fx.MATRICES[("lora", "0")])]
+            assert sorted((m["step"], m["value"]) for m in hist) == [
+                (s, row[0]) for s, row in enumerate(fx.MATRICES[("lora", "0")])
+            ]
             with urllib.request.urlopen(f"{url}/get-artifact?path=matrix.json&run_uuid={rid}", timeout=10) as resp:
                 assert json.load(resp)["tasks"] == fx.TASKS
         finally:
@@ -84,18 +90,21 @@ def test_server_serves_the_parent_runs(tmp_path):
 def test_serve_dashboard_stops_cleanly_on_ctrl_c(tmp_path):
     """The user path: `harness dashboard` prints the address, Ctrl-C (SIGINT) stops server and workers."""
     import signal
-
-    from conftest import sigint_at_default
     import subprocess
     import sys
     import time
+
+    from conftest import sigint_at_default
 
     fx = _fixture_module()
     store = fx.build_fixture_store(tmp_path / "results")
     port = free_port()
     code = f"import sys\nfrom harness.tools.dashboard import serve_dashboard\nsys.exit(serve_dashboard({str(store['results_dir'])!r}, port={port}))"
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         preexec_fn=sigint_at_default,
     )
     try:

@@ -15,8 +15,22 @@ from harness.errors import DiskFullError
 from harness.io import atomic_dir, atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report",
-       "--methods", "lori-s", "--epochs", "3", "--checkpoint-every", "5"]
+RUN = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--no-progress",
+    "--no-report",
+    "--methods",
+    "lori-s",
+    "--epochs",
+    "3",
+    "--checkpoint-every",
+    "5",
+]
 
 
 @pytest.fixture
@@ -26,7 +40,9 @@ def small_disk(tmp_path):
     mnt.mkdir()
     out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True, text=True)
     if out.returncode != 0:
-        pytest.skip(f"!!! disk-full tests NOT RUN: cannot mount a tmpfs here ({out.stderr.strip()}); they need root !!!")
+        pytest.skip(
+            f"!!! disk-full tests NOT RUN: cannot mount a tmpfs here ({out.stderr.strip()}); they need root !!!"
+        )
     try:
         yield mnt
     finally:
@@ -54,8 +70,11 @@ def test_a_commit_on_a_full_disk_leaves_nothing_half_written_and_the_previous_fo
     with atomic_dir(stage) as tmp:
         (tmp / "eval.json").write_text('{"ok": true}')
     fill(small_disk)
-    with pytest.raises(DiskFullError, match=r"no space left on the disk of .*stages \(0 B free\) while writing 1-parity/, "
-                                            r"which needs about 1\.0 MB"):
+    with pytest.raises(
+        DiskFullError,
+        match=r"no space left on the disk of .*stages \(0 B free\) while writing 1-parity/, "
+        r"which needs about 1\.0 MB",
+    ):
         with atomic_dir(stage, need=1_000_000) as tmp:
             (tmp / "values.safetensors").write_bytes(b"\1" * 1_000_000)
     assert (stage / "eval.json").read_text() == '{"ok": true}'
@@ -66,13 +85,35 @@ def test_a_commit_on_a_full_disk_leaves_nothing_half_written_and_the_previous_fo
 
 
 @pytest.mark.slow
-def test_disk_full_during_a_run_is_exit_2_without_traceback_and_the_run_continues_once_space_is_freed(small_disk, tmp_path):
+def test_disk_full_during_a_run_is_exit_2_without_traceback_and_the_run_continues_once_space_is_freed(
+    small_disk, tmp_path
+):
     results = small_disk / "results"
     seq = results / "full" / "lori-s" / "seed-0"
-    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # the mirror elsewhere: this is about the run folder
+    store = [
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]  # the mirror elsewhere: this is about the run folder
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "between-stages:1"}
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *RUN, *store, "--results-dir", str(results),
-                             "--experiment", "full"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            *RUN,
+            *store,
+            "--results-dir",
+            str(results),
+            "--experiment",
+            "full",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (seq / ".paused-between-stages").exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -84,15 +125,28 @@ def test_disk_full_during_a_run_is_exit_2_without_traceback_and_the_run_continue
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert "no space left on the disk of" in line and "stage 2" in line and "needs about" in line and "Free space there" in line
+    assert (
+        "no space left on the disk of" in line
+        and "stage 2" in line
+        and "needs about" in line
+        and "Free space there" in line
+    )
     assert not list(seq.rglob(".tmp-*")) and not (seq / "checkpoint").exists()
     assert sorted(p.name.split("-")[0] for p in (seq / "stages").iterdir()) == ["0", "1"]
-    verify = subprocess.run([sys.executable, "-m", "harness.cli", "verify", str(seq)], cwd=ROOT, capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "verify", str(seq)], cwd=ROOT, capture_output=True, text=True
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
 
     ballast.unlink()
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "resume", str(seq), "--no-report", "--no-progress", *store],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "resume", str(seq), "--no-report", "--no-progress", *store],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    verify = subprocess.run([sys.executable, "-m", "harness.cli", "verify", str(seq)], cwd=ROOT, capture_output=True, text=True)
+    verify = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "verify", str(seq)], cwd=ROOT, capture_output=True, text=True
+    )
     assert verify.returncode == 0, verify.stdout

@@ -24,18 +24,34 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sequence import mlflow_client, read_matrix
 
 from harness import distributed as D
-from harness.methods.lori.stage_files import load_masks
 from harness.errors import ConfigError, HarnessError
 from harness.losses import lm_loss
+from harness.methods.lori.stage_files import load_masks
 from harness.run.train import collate, rank_batch
-from test_sequence import mlflow_client, read_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-ARGS = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lori-s", "--tasks", "parity,weather",
-        "--eval-limit", "16", "--checkpoint-every", "3", "--no-progress", "--no-report"]
+ARGS = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--methods",
+    "lori-s",
+    "--tasks",
+    "parity,weather",
+    "--eval-limit",
+    "16",
+    "--checkpoint-every",
+    "3",
+    "--no-progress",
+    "--no-report",
+]
 SEQ = Path("dist") / "lori-s" / "seed-0"
 STAGES = ["1-parity", "2-weather"]
 HASH_LINE = re.compile(r"\[rank (\d)/2\] \[[^\]]+\] stage (\d+) state hash ([0-9a-f]{64})")
@@ -43,8 +59,9 @@ HASH_LINE = re.compile(r"\[rank (\d)/2\] \[[^\]]+\] stage (\d+) state hash ([0-9
 
 def torchrun(*args, env_extra=None, timeout=300):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([*TORCHRUN, "-m", "harness.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [*TORCHRUN, "-m", "harness.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def children_of(pid: int) -> list[int]:
@@ -72,12 +89,17 @@ def stage_values(results: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def assert_close_to(results: Path, reference: Path):
     """Same matrix, same masks and A, trained values and losses equal up to the stated tolerance."""
-    np.testing.assert_array_equal(read_matrix(results / SEQ / "matrix.csv")[1], read_matrix(reference / SEQ / "matrix.csv")[1])
+    np.testing.assert_array_equal(
+        read_matrix(results / SEQ / "matrix.csv")[1], read_matrix(reference / SEQ / "matrix.csv")[1]
+    )
     for s in STAGES:
         mine, ref = results / SEQ / "stages" / s, reference / SEQ / "stages" / s
         m_mine, m_ref = load_masks(mine), load_masks(ref)
         assert m_mine.keys() == m_ref.keys() and all(torch.equal(m_mine[k], m_ref[k]) for k in m_ref)
-        assert json.loads((mine / "lori.json").read_text())["a_sha256"] == json.loads((ref / "lori.json").read_text())["a_sha256"]
+        assert (
+            json.loads((mine / "lori.json").read_text())["a_sha256"]
+            == json.loads((ref / "lori.json").read_text())["a_sha256"]
+        )
         l_mine, l_ref = (json.loads((d / "train.json").read_text())["losses"] for d in (mine, ref))
         np.testing.assert_allclose(l_mine, l_ref, rtol=0, atol=1e-4)
     for s, values in stage_values(results).items():
@@ -104,8 +126,12 @@ def check_one_sequence_in_mlflow(results: Path):
 def test_rank_losses_and_gradients_average_to_the_one_process_ones(reduction, world, monkeypatch):
     g = torch.Generator().manual_seed(0)
     vocab = 11
-    table = torch.randn(vocab, vocab, generator=g, requires_grad=True)  # logits = table[input_ids]: rows depend on their token only
-    items = [(torch.randint(1, vocab, (n,), generator=g).tolist(), p) for n, p in [(5, 2), (7, 6), (3, 1), (6, 3), (4, 4)]]
+    table = torch.randn(
+        vocab, vocab, generator=g, requires_grad=True
+    )  # logits = table[input_ids]: rows depend on their token only
+    items = [
+        (torch.randint(1, vocab, (n,), generator=g).tolist(), p) for n, p in [(5, 2), (7, 6), (3, 1), (6, 3), (4, 4)]
+    ]
 
     def loss_and_grad(batch, scale):
         table.grad = None
@@ -154,11 +180,37 @@ def test_more_processes_than_gpus_on_a_node_is_refused_before_joining(monkeypatc
 def test_batch_size_not_divisible_by_the_world_exits_2_on_every_rank_with_the_message(tmp_path):
     # Each worker as torchrun starts it (torchrun itself always exits 1 when a worker fails, and prints each exit code).
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *ARGS, "--batch-size", "7", "--results-dir",
-                               str(tmp_path), "--experiment", "dist"], cwd=ROOT, text=True, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE,
-                              env={**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "harness.cli",
+                "run",
+                *ARGS,
+                "--batch-size",
+                "7",
+                "--results-dir",
+                str(tmp_path),
+                "--experiment",
+                "dist",
+            ],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={
+                **os.environ,
+                "WORLD_SIZE": "2",
+                "LOCAL_WORLD_SIZE": "2",
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for r in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2, err[-2000:]
@@ -177,15 +229,32 @@ def test_fsdp_refuses_a_method_that_acts_between_backward_and_step(monkeypatch):
 
 
 def test_ranks_with_different_masks_fail_the_hash_check_on_every_rank():
-    script = ("import os, torch; from harness import distributed as D; from harness.errors import HarnessError\n"
-              "D.init('cpu'); r = D.rank()\n"
-              "print('same', D.check_identical({'mask': torch.tensor([True, False]), 'w': torch.ones(3)}, 'masks'))\n"
-              "try:\n    D.check_identical({'mask': torch.tensor([r == 0, True])}, 'stage 1 masks')\n"
-              "except HarnessError as e:\n    print('refused', e)\n")
+    script = (
+        "import os, torch; from harness import distributed as D; from harness.errors import HarnessError\n"
+        "D.init('cpu'); r = D.rank()\n"
+        "print('same', D.check_identical({'mask': torch.tensor([True, False]), 'w': torch.ones(3)}, 'masks'))\n"
+        "try:\n    D.check_identical({'mask': torch.tensor([r == 0, True])}, 'stage 1 masks')\n"
+        "except HarnessError as e:\n    print('refused', e)\n"
+    )
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port)}) for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={
+                **os.environ,
+                "WORLD_SIZE": "2",
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1000:] for o in outs]
     same = {re.search(r"same ([0-9a-f]{64})", o[0]).group(1) for o in outs}
@@ -232,8 +301,14 @@ def kill_mid_stage_2_and_resume(results: Path, *extra: str, env_extra=None) -> s
 
     Returns both launches' stderr."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "mid-train:2", **(env_extra or {})}
-    proc = subprocess.Popen([*TORCHRUN, "-m", "harness.cli", "run", *ARGS, *extra, "--results-dir", str(results), "--experiment", "dist"],
-                            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*TORCHRUN, "-m", "harness.cli", "run", *ARGS, *extra, "--results-dir", str(results), "--experiment", "dist"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     paused, deadline = results / SEQ / ".paused-mid-train", time.time() + 240
     try:
         while not paused.exists():
@@ -257,10 +332,17 @@ def two_processes(tmp_path_factory):
     """DDP, 2 processes: stage 1, then a SIGKILL of both workers in the middle of stage 2, then a 2-process resume."""
     results, audit = tmp_path_factory.mktemp("ddp"), tmp_path_factory.mktemp("audit")
     (audit / "sitecustomize.py").write_text(AUDIT)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")])),
-           "AUDIT_ROOT": str(results), "AUDIT_LOG": str(audit / "writes")}
+    env = {
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(audit), os.environ.get("PYTHONPATH")])),
+        "AUDIT_ROOT": str(results),
+        "AUDIT_LOG": str(audit / "writes"),
+    }
     err = kill_mid_stage_2_and_resume(results, env_extra=env)
-    return results, err, {r: [w for f in audit.glob(f"writes.{r}.*") for w in f.read_text().splitlines()] for r in (0, 1)}
+    return (
+        results,
+        err,
+        {r: [w for f in audit.glob(f"writes.{r}.*") for w in f.read_text().splitlines()] for r in (0, 1)},
+    )
 
 
 @pytest.mark.slow
@@ -289,8 +371,10 @@ def test_two_processes_keep_the_mask_invariants_in_the_files(two_processes, tmp_
 
     seq = two_processes[0] / SEQ
     masks = [load_masks(seq / "stages" / s) for s in STAGES]
-    adapters = [load_file(str(export_adapter(seq, tmp_path / s, stage=t) / "adapter_model.safetensors"))
-                for t, s in enumerate(STAGES, 1)]
+    adapters = [
+        load_file(str(export_adapter(seq, tmp_path / s, stage=t) / "adapter_model.safetensors"))
+        for t, s in enumerate(STAGES, 1)
+    ]
     for k, m1 in masks[0].items():
         m2 = masks[1][k]
         assert not (m1 & m2).any(), "disjoint masks overlap"
@@ -308,7 +392,9 @@ def test_rank_0_alone_wrote_files_and_logged_to_mlflow(two_processes):
     check_one_sequence_in_mlflow(results)  # the killed stage-2 run was discarded on resume
     assert json.loads((results / SEQ / "summary.json").read_text())["complete"] is True
     seq = str(results / SEQ)
-    assert any(w.startswith("sqlite3.connect") for w in writes[0]) and any(seq in w for w in writes[0])  # the hook sees writes
+    assert any(w.startswith("sqlite3.connect") for w in writes[0]) and any(
+        seq in w for w in writes[0]
+    )  # the hook sees writes
     res = re.escape(str(results))
     # Before the sequences, every rank still runs the preflight's writability probe (a folder made and removed): the
     # only write allowed here. Rank 1 never writes the experiment's config.yaml, the sequence folder, the lock or the store.
@@ -324,4 +410,6 @@ def test_fsdp2_shards_trains_checkpoints_and_resumes_like_one_process(one_proces
     check_one_sequence_in_mlflow(tmp_path)
     for s in STAGES:
         info = json.loads((tmp_path / SEQ / "stages" / s / "stage.json").read_text())
-        assert info["distributed"] == "fsdp" and 0 < info["rank0_trainable_elements"] < info["mask/nnz"]  # rank 0 held its shards
+        assert (
+            info["distributed"] == "fsdp" and 0 < info["rank0_trainable_elements"] < info["mask/nnz"]
+        )  # rank 0 held its shards

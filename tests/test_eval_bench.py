@@ -12,11 +12,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from harness.adapters.combine import lora_layers  # noqa: E402
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.tools.eval_bench import MODES, format_eval_table, load_adapter, run_eval_modes, seeded_adapter  # noqa: E402
-from harness.adapters.combine import lora_layers  # noqa: E402
 from harness.models import load_model  # noqa: E402
+from harness.tools.eval_bench import MODES, format_eval_table, load_adapter, run_eval_modes, seeded_adapter  # noqa: E402
 
 CFG = ExperimentConfig(model="tiny-llama", suite="smoke", eval_limit=6)
 TASKS = ["parity", "weather", "copy"]

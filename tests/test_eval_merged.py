@@ -18,14 +18,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from harness.adapters.combine import folded, lora_layers  # noqa: E402
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
-from harness.run.evaluate import Evaluator  # noqa: E402
-from harness.adapters.combine import folded, lora_layers  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.suites import load_suite  # noqa: E402
+from harness.run.evaluate import Evaluator  # noqa: E402
 from harness.run.train import Recipe, train_stage  # noqa: E402
+from harness.suites import load_suite  # noqa: E402
 
 LL_TOL = 1e-3
 TASKS = ["weather", "copy"]  # one multiple-choice task, one generation task
@@ -53,8 +53,21 @@ def trained(case: str):
     for t, task in enumerate(order, start=1):
         method.begin_stage(StageContext(stage=t, task=task, run_dir=Path("."), calibrate=lambda *a: None))
         examples = [{**ex, "eos": True} for ex in suite.task(task).train_examples()]
-        train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=3e-2, epochs=1,
-                    batch_size=8, max_seq_len=32, seed=0, stage=t, hooks=method, progress=False)
+        train_stage(
+            method.model,
+            tok,
+            examples,
+            method.trainable(),
+            recipe=Recipe.from_config(cfg),
+            lr=3e-2,
+            epochs=1,
+            batch_size=8,
+            max_seq_len=32,
+            seed=0,
+            stage=t,
+            hooks=method,
+            progress=False,
+        )
         method.end_stage()
     return method, Evaluator(suite, tok, limit=LIMIT, progress=False)
 
@@ -64,8 +77,12 @@ def preds(ev) -> dict[str, list]:
 
 
 def max_ll_diff(a, b) -> float:
-    return max(abs(x - y) for t in a.samples for da, db in zip(a.samples[t], b.samples[t])
-               for x, y in zip(da.get("loglikelihoods", []), db.get("loglikelihoods", [])))
+    return max(
+        abs(x - y)
+        for t in a.samples
+        for da, db in zip(a.samples[t], b.samples[t])
+        for x, y in zip(da.get("loglikelihoods", []), db.get("loglikelihoods", []))
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -121,18 +138,26 @@ def _forward_probe(model):
     """Counts LoRA-layer forwards and records whether CPU bf16 autocast was on in the base model's linears."""
     seen = {"lora_calls": 0, "autocast": set()}
     layer = lora_layers(model)[0][1]
-    hooks = [layer.register_forward_hook(lambda *a: seen.__setitem__("lora_calls", seen["lora_calls"] + 1)),
-             layer.base_layer.register_forward_hook(lambda *a: seen["autocast"].add(torch.is_autocast_enabled("cpu")))]
+    hooks = [
+        layer.register_forward_hook(lambda *a: seen.__setitem__("lora_calls", seen["lora_calls"] + 1)),
+        layer.base_layer.register_forward_hook(lambda *a: seen["autocast"].add(torch.is_autocast_enabled("cpu"))),
+    ]
     return seen, hooks
 
 
-@pytest.mark.parametrize("eval_merged,eval_bf16,run_bf16", [(True, False, False), (False, True, False), (False, False, True),
-                                                           (False, False, False)])
+@pytest.mark.parametrize(
+    "eval_merged,eval_bf16,run_bf16",
+    [(True, False, False), (False, True, False), (False, False, True), (False, False, False)],
+)
 def test_from_config_reads_eval_merged_and_eval_bf16(eval_merged, eval_bf16, run_bf16):
     method, trained_ev = trained("lora")
-    cfg = ExperimentConfig(model="tiny-llama", suite="smoke", eval_merged=eval_merged, eval_bf16=eval_bf16, eval_limit=4)
+    cfg = ExperimentConfig(
+        model="tiny-llama", suite="smoke", eval_merged=eval_merged, eval_bf16=eval_bf16, eval_limit=4
+    )
     ev = Evaluator.from_config(load_suite("smoke"), trained_ev.tokenizer, cfg, progress=False)
-    ev.checked_fold = True  # the first merged evaluation's PEFT cross-check runs the LoRA layers (tests/test_precision.py)
+    ev.checked_fold = (
+        True  # the first merged evaluation's PEFT cross-check runs the LoRA layers (tests/test_precision.py)
+    )
     seen, hooks = _forward_probe(method.model)
     try:
         ev.evaluate(method.model, ["weather"], bf16_autocast=run_bf16)  # how the scheduler calls it
@@ -174,9 +199,18 @@ def test_the_evaluator_scores_exactly_as_lm_eval_simple_evaluate():
     method, ev = trained("lora")
     ours = ev.evaluate(method.model, TASKS, log_samples=True)
     lm = HFLM(pretrained=method.model, tokenizer=ev.tokenizer, batch_size=ev.batch_size, max_length=ev.max_length)
-    ref = lm_eval.simple_evaluate(model=lm, tasks=[ev.configs[t] for t in TASKS], task_manager=TaskManager(include_defaults=False),
-                                  samples=ev.subsets(TASKS), bootstrap_iters=0, log_samples=True, random_seed=0,
-                                  numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+    ref = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[ev.configs[t] for t in TASKS],
+        task_manager=TaskManager(include_defaults=False),
+        samples=ev.subsets(TASKS),
+        bootstrap_iters=0,
+        log_samples=True,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
     for t in TASKS:
         name = ev.configs[t]["task"]
         assert ours.scores[t] == ref["results"][name][ev.suite.task(t).metric_key]
@@ -193,7 +227,9 @@ def test_a_stage_is_one_lm_eval_call_with_the_answers_of_one_call_per_task(monke
     alone = {t: ev.evaluate(method.model, [t], log_samples=True) for t in TASKS}
     calls = []
     real = lm_eval.evaluator.evaluate
-    monkeypatch.setattr(lm_eval.evaluator, "evaluate", lambda **kw: calls.append(sorted(kw["task_dict"]["tasks"])) or real(**kw))
+    monkeypatch.setattr(
+        lm_eval.evaluator, "evaluate", lambda **kw: calls.append(sorted(kw["task_dict"]["tasks"])) or real(**kw)
+    )
     together = ev.evaluate(method.model, TASKS, log_samples=True)
     assert len(calls) == 1 and len(calls[0]) == len(TASKS)
     for t in TASKS:

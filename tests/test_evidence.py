@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_report import doc_report  # noqa: F401  (a fixture: 2 methods x 3 seeds with documents.json)
 
 from harness.analysis import over_seeds as OS
 from harness.cli import main
 from harness.errors import HarnessError
 from harness.tools import tables
 from harness.tools.evidence import collect, read_table
-from test_report import doc_report  # noqa: F401  (a fixture: 2 methods x 3 seeds with documents.json)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,8 @@ def results(doc_report, tmp_path):  # noqa: F811
 
 def test_the_published_tables_are_what_the_committed_evidence_gives():
     assert tables.stale(files=[ROOT / "README.md"], root=ROOT / "results" / "evidence") == [], (
-        "README.md's generated tables differ from results/evidence/: run `make tables` and commit the result")
+        "README.md's generated tables differ from results/evidence/: run `make tables` and commit the result"
+    )
 
 
 def test_collected_evidence_reads_back_as_the_same_runs_and_gives_a_table(results, tmp_path):
@@ -38,7 +39,9 @@ def test_collected_evidence_reads_back_as_the_same_runs_and_gives_a_table(result
     assert sorted(by_method) == ["lora", "lori-s"] and [r.seed for r in by_method["lora"]] == ["0", "1", "2"]
     assert all(r.unit.scores is not None and not r.notes for r in by_method["lora"])  # documents recompute R
     block = tables.pair_block(tables.PairTable("x", "lori-s", "lora", (("s", "t"),)), root)
-    assert "| s | LoRI-S | 3 |" in block and "| s | LoRA | 3 |" in block and "- s, ACC (3 seeds): LoRI-S − LoRA" in block
+    assert (
+        "| s | LoRI-S | 3 |" in block and "| s | LoRA | 3 |" in block and "- s, ACC (3 seeds): LoRI-S − LoRA" in block
+    )
     t = OS.seed_test([r.unit for r in by_method["lori-s"]], [r.unit for r in by_method["lora"]], "ACC")
     assert f"{t.difference:+.3f}".replace("-", "−") in block
     text = "intro\n<!-- evidence:x -->\nold numbers\n<!-- /evidence:x -->\nend\n"
@@ -61,7 +64,9 @@ def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
 
 def test_plan_seeds_answers_from_the_runs_that_exist(results, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan-seeds", "docs", "--methods", "lori-s,lora", "--results-dir", str(results), "--json", str(out)]) == 0
+    assert (
+        main(["plan-seeds", "docs", "--methods", "lori-s,lora", "--results-dir", str(results), "--json", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "LoRI-S − LoRA, paired t over the seeds both ran" in printed and "seeds needed" in printed
     rows = {r["metric"]: r for r in json.loads(out.read_text())["metrics"]}

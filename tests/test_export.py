@@ -9,14 +9,14 @@ import yaml
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from harness.methods.lori import stage_files as SF
+from harness.adapters.peft_folder import write_peft_folder
 from harness.cli import main
 from harness.config_loading import load_config
 from harness.errors import HarnessError
-from harness.adapters.peft_folder import write_peft_folder
-from harness.run.export import export_adapter, trained_stages
 from harness.methods import METHODS, StageContext
+from harness.methods.lori import stage_files as SF
 from harness.models import load_model
+from harness.run.export import export_adapter, trained_stages
 
 X = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 311], [400, 2, 64, 128, 9, 77, 500, 1]])
 
@@ -24,8 +24,30 @@ X = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 311], [400, 2, 64, 128, 9, 77, 500,
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     results = tmp_path_factory.mktemp("export")
-    assert main(["run", "--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report",
-                 "--methods", "lori-s,lora", "--epochs", "1", "--results-dir", str(results), "--experiment", "ex"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--seeds",
+                "0",
+                "--no-progress",
+                "--no-report",
+                "--methods",
+                "lori-s,lora",
+                "--epochs",
+                "1",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "ex",
+            ]
+        )
+        == 0
+    )
     return results / "ex"
 
 
@@ -104,15 +126,22 @@ def test_per_task_adapters_export_as_one_stacked_adapter_with_the_exact_sum(tmp_
     (tmp_path / "live").mkdir()
     write_peft_folder(method.adapters, tmp_path / "live")
     out = export_adapter(run_dir, tmp_path / "out")
-    from_files, from_live = load_file(str(out / "adapter_model.safetensors")), load_file(str(tmp_path / "live" / "adapter_model.safetensors"))
+    from_files, from_live = (
+        load_file(str(out / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "live" / "adapter_model.safetensors")),
+    )
     assert from_files.keys() == from_live.keys() and all(torch.equal(from_files[k], from_live[k]) for k in from_files)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 2 * cfg.rank and config["lora_alpha"] == 2 * cfg.scale_alpha
     loaded = stock(out)
     layer = dict(loaded.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]
     ours = dict(method.model.named_modules())["base_model.model.model.layers.0.self_attn.q_proj"]
-    torch.testing.assert_close(layer.get_delta_weight("default"), ours.get_delta_weight("task1") + ours.get_delta_weight("task2"),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        layer.get_delta_weight("default"),
+        ours.get_delta_weight("task1") + ours.get_delta_weight("task2"),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     torch.testing.assert_close(logits(loaded), logits(method.model), rtol=1e-5, atol=1e-5)
 
 

@@ -16,15 +16,35 @@ from harness.analysis.naming import display_name
 from harness.analysis.runs import SequenceRun
 from harness.cli import main
 from harness.config_loading import load_config
+from harness.report.tables import general_task_rows
 from harness.run import general_eval as GEN
 from harness.run.mirror import sync_folder
-from harness.report.tables import general_task_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN = ROOT / "tests" / "data" / "general"
 TASK = "harness_general_facts"
-RUN = ["--suite", "smoke", "--model", "tiny-llama", "--tasks", "parity,weather", "--max-steps", "4", "--eval-limit", "8",
-       "--no-report", "--no-progress", "--methods", "lora", "--seeds", "0", "--checkpoint-every", "0", "--experiment", "g"]
+RUN = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--tasks",
+    "parity,weather",
+    "--max-steps",
+    "4",
+    "--eval-limit",
+    "8",
+    "--no-report",
+    "--no-progress",
+    "--methods",
+    "lora",
+    "--seeds",
+    "0",
+    "--checkpoint-every",
+    "0",
+    "--experiment",
+    "g",
+]
 
 
 def _metric_history(uri: str, experiment: str, key: str):
@@ -42,8 +62,26 @@ def _metric_history(uri: str, experiment: str, key: str):
 def finished(tmp_path_factory):
     results = tmp_path_factory.mktemp("general")
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_FAULT_PAUSE"}
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", *RUN, "--results-dir", str(results), "--general-tasks", TASK,
-                          "--general-include", str(OWN)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            *RUN,
+            "--results-dir",
+            str(results),
+            "--general-tasks",
+            TASK,
+            "--general-include",
+            str(OWN),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return results
 
@@ -51,8 +89,10 @@ def finished(tmp_path_factory):
 @pytest.mark.slow
 def test_a_run_scores_general_tasks_on_the_base_model_and_after_the_last_stage(finished):
     seq = finished / "g" / "lora" / "seed-0"
-    evals = {t: json.loads((seq / "stages" / name / "eval.json").read_text()) for t, name in
-             ((0, "0-base"), (1, "1-parity"), (2, "2-weather"))}
+    evals = {
+        t: json.loads((seq / "stages" / name / "eval.json").read_text())
+        for t, name in ((0, "0-base"), (1, "1-parity"), (2, "2-weather"))
+    }
     assert "general" not in evals[1]  # neither the base model nor the last stage: not scored (general_every unset)
     for t in (0, 2):
         assert evals[t]["general_metric"] == {TASK: "acc,none"} and evals[t]["general_n"] == {TASK: 8}
@@ -78,7 +118,9 @@ def test_the_mirror_catches_general_tasks_up_from_the_folder_alone(finished, tmp
         uri = f"sqlite:///{tmp_path / 'other.db'}"
         sync_folder(seq, "g", uri)
         history, _ = _metric_history(uri, "g", f"general/{TASK}")
-        evals = [json.loads((seq / "stages" / n / "eval.json").read_text())["general"][TASK] for n in ("0-base", "2-weather")]
+        evals = [
+            json.loads((seq / "stages" / n / "eval.json").read_text())["general"][TASK] for n in ("0-base", "2-weather")
+        ]
         assert history == {0: evals[0], 2: evals[1]}
         assert set(_metric_history(uri, "g", "general_ce")[0]) == {0, 1, 2}
     finally:
@@ -88,8 +130,18 @@ def test_the_mirror_catches_general_tasks_up_from_the_folder_alone(finished, tmp
 @pytest.mark.slow  # lm-eval indexes its ~14,700 built-in task names (~20 s)
 def test_a_misspelled_general_task_exits_2_naming_close_matches_and_writes_nothing(tmp_path, capsys):
     results = tmp_path / "results"
-    code = main(["run", *RUN, "--results-dir", str(results), "--general-tasks", f"hellaswg,{TASK[:-1]}",
-                 "--general-include", str(OWN)])
+    code = main(
+        [
+            "run",
+            *RUN,
+            "--results-dir",
+            str(results),
+            "--general-tasks",
+            f"hellaswg,{TASK[:-1]}",
+            "--general-include",
+            str(OWN),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "'hellaswg' (close: hellaswag" in err and f"'{TASK[:-1]}' (close: {TASK}" in err
@@ -98,8 +150,18 @@ def test_a_misspelled_general_task_exits_2_naming_close_matches_and_writes_nothi
 
 
 def test_a_general_include_that_is_not_a_folder_exits_2(tmp_path, capsys):
-    code = main(["validate", *RUN[:4], "--results-dir", str(tmp_path / "r"), "--general-tasks", TASK,
-                 "--general-include", str(tmp_path / "nowhere")])
+    code = main(
+        [
+            "validate",
+            *RUN[:4],
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--general-tasks",
+            TASK,
+            "--general-include",
+            str(tmp_path / "nowhere"),
+        ]
+    )
     assert code == 2 and "no such folder" in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
@@ -116,8 +178,26 @@ def test_schedule_primary_metric_and_summary():
 
 def test_the_report_table_gives_the_mean_change_and_an_interval_from_three_seeds():
     def run(seed, change):
-        return SequenceRun("r", "n", "FINISHED", "lora", str(seed), "0", [], None, {}, 0, 0, None,
-                           {"general_tasks": {TASK: {"base": 0.5, "final": 0.5 + change, "change": change}}}, {}, {}, None, "")
+        return SequenceRun(
+            "r",
+            "n",
+            "FINISHED",
+            "lora",
+            str(seed),
+            "0",
+            [],
+            None,
+            {},
+            0,
+            0,
+            None,
+            {"general_tasks": {TASK: {"base": 0.5, "final": 0.5 + change, "change": change}}},
+            {},
+            {},
+            None,
+            "",
+        )
+
     two = general_task_rows({"lora": [run(0, -0.1), run(1, -0.3)]})
     assert [row[:3] + row[4:] for row in two] == [[display_name("lora"), TASK, "2", "-0.200", "— (under 3 runs)"]]
     assert float(two[0][3]) == 0.5

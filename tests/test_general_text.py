@@ -20,7 +20,7 @@ def hand_ce(model, ids: list[int]) -> float:
     """-log p(token | its window's prefix), averaged over every predicted token, with plain Python arithmetic."""
     nll = []
     for start in range(0, len(ids) - 1, WINDOW):
-        w = ids[start:start + WINDOW + 1]
+        w = ids[start : start + WINDOW + 1]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([w[:-1]])).logits[0].double().tolist()
         for k, row in enumerate(logits):

@@ -9,20 +9,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
-from harness.cli import main
 from test_sequence import mlflow_client, read_matrix
 
+from harness.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
-BASE = ["--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--tasks", "parity,weather", "--seeds", "0",
-        "--no-progress", "--no-report"]
+BASE = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--methods",
+    "lora",
+    "--tasks",
+    "parity,weather",
+    "--seeds",
+    "0",
+    "--no-progress",
+    "--no-report",
+]
 
 
 @pytest.fixture(scope="module")
 def grid_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("grid")
-    assert main(["run", *BASE, "--grid", "warmup_steps=0,3;completion_eos=auto,always", "--results-dir", str(results),
-                 "--experiment", "g"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *BASE,
+                "--grid",
+                "warmup_steps=0,3;completion_eos=auto,always",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "g",
+            ]
+        )
+        == 0
+    )
     return results
 
 
@@ -63,14 +88,25 @@ def test_a_variant_equals_the_same_knobs_run_without_a_grid(grid_run, tmp_path):
 def test_resume_of_a_variant_sequence_stays_in_its_folder(grid_run):
     seq = variant_dirs(grid_run)[(3, "always")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "resume", str(seq), "--no-report", "--no-progress"],
-                         env=env, cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "resume", str(seq), "--no-report", "--no-progress"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count("already complete") == 1
 
 
-@pytest.mark.parametrize("grid,needle", [("seeds=0,1", "cannot sweep ['seeds']"), ("warmup_steps=-1", "grid variant"),
-                                         ("warmup_steps", "is not knob=v1,v2")])
+@pytest.mark.parametrize(
+    "grid,needle",
+    [
+        ("seeds=0,1", "cannot sweep ['seeds']"),
+        ("warmup_steps=-1", "grid variant"),
+        ("warmup_steps", "is not knob=v1,v2"),
+    ],
+)
 def test_bad_grid_exits_2_and_writes_nothing(tmp_path, capsys, grid, needle):
     results = tmp_path / "r"
     assert main(["run", *BASE, "--grid", grid, "--results-dir", str(results)]) == 2
@@ -87,7 +123,11 @@ def test_report_never_averages_variants_and_compares_each_method_at_its_best(gri
     variants = comp["variants"]
     assert len(variants) == 4 and {v["method"] for v in variants} == {"lora"}
     assert {(v["values"]["warmup_steps"], v["values"]["completion_eos"]) for v in variants} == {
-        ("0", "auto"), ("0", "always"), ("3", "auto"), ("3", "always")}
+        ("0", "auto"),
+        ("0", "always"),
+        ("3", "auto"),
+        ("3", "always"),
+    }
     best = max(variants, key=lambda v: v["ACC"]["mean"])
     assert comp["selection"]["chosen"] == {"lora": best["variant"]}
     # The headline row is the chosen variant's one run, with its ACC, not a mean over the four variants.
@@ -107,20 +147,37 @@ def _vrow(method, eos, per_seed):
     from harness.analysis.sensitivity import VariantRow
 
     mean, std = statistics.mean(per_seed), statistics.stdev(per_seed)
-    return VariantRow(method, f"v-{eos}", {"completion_eos": eos}, ["0", "1", "2"],
-                      {m: {"mean": mean if m == "ACC" else float("nan"), "std": std, "n": 3} for m in
-                       ("ACC", "BWT", "FWT", "forgetting")}, None, {f"{k}/0": v for k, v in enumerate(per_seed)})
+    return VariantRow(
+        method,
+        f"v-{eos}",
+        {"completion_eos": eos},
+        ["0", "1", "2"],
+        {
+            m: {"mean": mean if m == "ACC" else float("nan"), "std": std, "n": 3}
+            for m in ("ACC", "BWT", "FWT", "forgetting")
+        },
+        None,
+        {f"{k}/0": v for k, v in enumerate(per_seed)},
+    )
 
 
 def test_the_report_says_plainly_when_the_verdict_depends_on_the_recipe():
     from harness.analysis.sensitivity import recipe_verdicts
 
-    same = [_vrow("lora", "always", [0.30, 0.40, 0.50]), _vrow("lori-s", "always", [0.82, 0.85, 0.88]),
-            _vrow("lora", "auto", [0.45, 0.50, 0.55]), _vrow("lori-s", "auto", [0.78, 0.80, 0.82])]
+    same = [
+        _vrow("lora", "always", [0.30, 0.40, 0.50]),
+        _vrow("lori-s", "always", [0.82, 0.85, 0.88]),
+        _vrow("lora", "auto", [0.45, 0.50, 0.55]),
+        _vrow("lori-s", "auto", [0.78, 0.80, 0.82]),
+    ]
     lines, summary = recipe_verdicts(same)
-    assert len(lines) == 2 and lines[0].startswith("completion_eos=always: LoRI-S leads on ACC, ahead of LoRA by +0.450")
+    assert len(lines) == 2 and lines[0].startswith(
+        "completion_eos=always: LoRI-S leads on ACC, ahead of LoRA by +0.450"
+    )
     assert "paired t over 3 seeds" in lines[0] and ": decided)" in lines[0]
-    assert summary.startswith("The verdict is the same at every variant") and "decided by the test over seeds" in summary
+    assert (
+        summary.startswith("The verdict is the same at every variant") and "decided by the test over seeds" in summary
+    )
     # At `auto` the lead shrinks into the seeds' spread: undecided, so the verdict now depends on the recipe.
     flips = same[:2] + [_vrow("lora", "auto", [0.70, 0.78, 0.86]), _vrow("lori-s", "auto", [0.76, 0.80, 0.84])]
     lines, summary = recipe_verdicts(flips)

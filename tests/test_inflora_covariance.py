@@ -2,9 +2,9 @@
 body (no LM head), equal to an independent capture of the same inputs from a full forward."""
 
 import torch
+from test_baselines import batch, ctx, tiny_method
 
 from harness.methods.inflora import InputCovariance, decoder_body
-from test_baselines import batch, ctx, tiny_method
 
 
 def started(tmp_path):
@@ -19,8 +19,10 @@ def independent_covariances(model, layers, b) -> tuple[dict, dict]:
     """mean x xᵀ of each module's input from forward hooks on its base layer during a full forward: over the
     non-padded positions, and (to show the test can tell) over every position."""
     seen: dict[str, torch.Tensor] = {}
-    handles = [layer.base_layer.register_forward_hook(lambda m, inp, out, n=n: seen.__setitem__(n, inp[0].detach()))
-               for n, layer in layers]
+    handles = [
+        layer.base_layer.register_forward_hook(lambda m, inp, out, n=n: seen.__setitem__(n, inp[0].detach()))
+        for n, layer in layers
+    ]
     with torch.no_grad():
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
     for h in handles:

@@ -7,12 +7,24 @@ from pathlib import Path
 
 import pytest
 
-from harness.methods.lori import stage_files as SF
 from harness.cli import main
 from harness.integrity import IntegrityError, check_recorded, folder_hashes
+from harness.methods.lori import stage_files as SF
 
-RUN = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lori-s", "--epochs", "1",
-       "--no-progress", "--no-report"]
+RUN = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--methods",
+    "lori-s",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--no-report",
+]
 
 
 def flip_byte(path: Path) -> None:
@@ -48,7 +60,9 @@ def test_a_commit_marker_records_the_sha256_of_every_other_file(tmp_path):
     recorded = folder_hashes(tmp_path, exclude=frozenset({"stage.json"}))
     assert set(recorded) == {"adapter/w.bin", "eval.json"}
     assert check_recorded(tmp_path, recorded, tmp_path / "stage.json", "redo it") is True
-    assert check_recorded(tmp_path, None, tmp_path / "stage.json", "redo it") is False  # no hashes recorded: read as before
+    assert (
+        check_recorded(tmp_path, None, tmp_path / "stage.json", "redo it") is False
+    )  # no hashes recorded: read as before
     (tmp_path / "adapter" / "w.bin").write_bytes(b"weightz")
     with pytest.raises(IntegrityError, match=r"adapter/w.bin: SHA-256 differs .* redo it"):
         check_recorded(tmp_path, recorded, tmp_path / "stage.json", "redo it")
@@ -63,7 +77,9 @@ def test_verify_passes_on_a_finished_sequence(seq, capsys):
     out = capsys.readouterr().out
     for check in ("hashes", "masks", "metrics", "mlflow"):
         assert f"  {check:<8} ok" in out, out
-    assert "A regenerated from seed 0 matches at 3 stage(s)" in out and out.strip().endswith("1 sequence folder(s) checked")
+    assert "A regenerated from seed 0 matches at 3 stage(s)" in out and out.strip().endswith(
+        "1 sequence folder(s) checked"
+    )
 
 
 @pytest.mark.slow
@@ -81,7 +97,9 @@ def test_a_flipped_byte_is_named_by_verify_and_refused_by_export_resume_and_repo
 
     assert main(["resume", str(seq), "--no-report", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"{values}: SHA-256 differs" in err and "and every later stage folder" in err  # stage 2 of 3: not simply redone
+    assert (
+        f"{values}: SHA-256 differs" in err and "and every later stage folder" in err
+    )  # stage 2 of 3: not simply redone
 
     assert main(["report", "ig", "--results-dir", str(seq.parents[2])]) == 2
     assert f"{values}: SHA-256 differs" in capsys.readouterr().err
@@ -104,7 +122,9 @@ def test_a_damaged_last_stage_is_redone_by_the_command_resume_prints(seq, capsys
 def test_verify_names_masks_that_overlap_and_metrics_that_disagree(seq, capsys):
     shutil.copyfile(stage(seq, 1) / SF.MASKS, stage(seq, 2) / SF.MASKS)  # stage 2 claims stage 1's positions
     summary = json.loads((seq / "summary.json").read_text())
-    (seq / "summary.json").write_text(json.dumps({**summary, "acc": summary["acc"] + 0.25, "la": summary["la"] - 0.125}))
+    (seq / "summary.json").write_text(
+        json.dumps({**summary, "acc": summary["acc"] + 0.25, "la": summary["la"] - 0.125})
+    )
     assert main(["verify", str(seq)]) == 1
     out = capsys.readouterr().out
     assert "masks    FAIL     stage 2:" in out and "used by an earlier stage" in out

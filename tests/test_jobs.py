@@ -17,21 +17,39 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import sigint_at_default
 from test_crash_safety import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--suite", "smoke", "--model", "tiny-llama", "--tasks", "parity,weather", "--max-steps", "4", "--checkpoint-every", "2",
-         "--eval-limit", "8", "--no-report", "--no-progress", "--methods", "lori-s,lora", "--seeds", "0"]
+SMALL = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--tasks",
+    "parity,weather",
+    "--max-steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--eval-limit",
+    "8",
+    "--no-report",
+    "--no-progress",
+    "--methods",
+    "lori-s,lora",
+    "--seeds",
+    "0",
+]
 SEQUENCES = ("lori-s/seed-0", "lora/seed-0")
 COMPARED_METRICS = ("acc", "eval/", "ACC", "BWT", "FWT", "forgetting", "LA", "general_ce")
 
 
 def cli(*args, env_extra=None, check=True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HARNESS_FAULT_PAUSE"} | (env_extra or {})
-    out = subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     if check:
         assert out.returncode == 0, out.stderr[-4000:]
     return out
@@ -56,7 +74,9 @@ def mlflow_contents(results: Path, experiment: str) -> dict:
         key = (r.data.tags.get("harness.kind"), parent, r.info.run_name, r.data.tags.get("harness.stage"))
         assert key not in out, f"two runs for {key}"
         params = {k: v for k, v in r.data.params.items() if k not in LAUNCH_KEYS and str(results) not in v}
-        metrics = {k: round(v, 9) for k, v in r.data.metrics.items() if k.startswith(COMPARED_METRICS) and not k.endswith("_s")}
+        metrics = {
+            k: round(v, 9) for k, v in r.data.metrics.items() if k.startswith(COMPARED_METRICS) and not k.endswith("_s")
+        }
         out[key] = (r.info.status, params, metrics)
     return out
 
@@ -66,7 +86,18 @@ def reference(tmp_path_factory):
     """Two sequences one after another in one process (--jobs 1), each evaluating the base model itself (no cache): the
     matrices and MLflow runs every other path must give."""
     results = tmp_path_factory.mktemp("jobs1")
-    cli("run", *SMALL, "--results-dir", str(results), "--experiment", "jobs", "--jobs", "1", "--base-eval-cache", "false")
+    cli(
+        "run",
+        *SMALL,
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "jobs",
+        "--jobs",
+        "1",
+        "--base-eval-cache",
+        "false",
+    )
     assert not (results / "jobs" / "base-eval").exists()
     return results
 
@@ -82,7 +113,10 @@ def test_two_jobs_sharing_the_base_evaluation_give_the_matrices_and_mlflow_runs_
         assert ours[key] == theirs[key], key
     assert all(status == "FINISHED" for status, _, _ in ours.values())
     # The base model was evaluated once: the second sequence read the first one's entry.
-    cached = [json.loads((tmp_path / "jobs" / s / "stages" / "0-base" / "eval.json").read_text())["base_eval"] for s in SEQUENCES]
+    cached = [
+        json.loads((tmp_path / "jobs" / s / "stages" / "0-base" / "eval.json").read_text())["base_eval"]
+        for s in SEQUENCES
+    ]
     assert cached[0]["digest"] == cached[1]["digest"] and sorted(c["cached"] for c in cached) == [False, True]
     # No folder is left marked behind: the driver mirrored every folder when its job ended.
     assert not any("mirror_behind" in json.loads((tmp_path / "jobs" / s / "state.json").read_text()) for s in SEQUENCES)
@@ -91,10 +125,28 @@ def test_two_jobs_sharing_the_base_evaluation_give_the_matrices_and_mlflow_runs_
 @pytest.mark.slow
 def test_a_sigkilled_job_then_resume_gives_the_same_matrices(reference, tmp_path):
     exp = tmp_path / "jobs"
-    driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *SMALL, "--results-dir", str(tmp_path),
-                               "--experiment", "jobs", "--jobs", "2", "--job-retries", "0"], cwd=ROOT,
-                              env={**os.environ, "HARNESS_FAULT_PAUSE": "mid-train:2"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            *SMALL,
+            "--results-dir",
+            str(tmp_path),
+            "--experiment",
+            "jobs",
+            "--jobs",
+            "2",
+            "--job-retries",
+            "0",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HARNESS_FAULT_PAUSE": "mid-train:2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for s in SEQUENCES:
             wait_for(exp / s / ".paused-mid-train", driver, timeout=300)
@@ -119,10 +171,27 @@ def test_ctrl_c_stops_every_job_marks_their_runs_killed_and_prints_one_resume_co
     from harness.locking import is_locked
 
     exp = tmp_path / "jobs"
-    driver = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *SMALL, "--results-dir", str(tmp_path),
-                               "--experiment", "jobs", "--jobs", "2"], cwd=ROOT,
-                              env={**os.environ, "HARNESS_FAULT_PAUSE": "eval:2"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, preexec_fn=sigint_at_default)
+    driver = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            *SMALL,
+            "--results-dir",
+            str(tmp_path),
+            "--experiment",
+            "jobs",
+            "--jobs",
+            "2",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "HARNESS_FAULT_PAUSE": "eval:2"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=sigint_at_default,
+    )
     try:
         for s in SEQUENCES:
             wait_for(exp / s / ".paused-eval", driver, timeout=300)
@@ -147,18 +216,31 @@ def test_ctrl_c_stops_every_job_marks_their_runs_killed_and_prints_one_resume_co
 
 
 def test_more_jobs_than_memory_holds_are_refused_with_nothing_written(tmp_path):
+    import torch
+
     from harness.launchers.processes import CPU_PROCESS_BYTES, MEMORY_MARGIN
     from harness.models.memory import free_memory
-
-    import torch
 
     free = free_memory(torch.device("cpu"))
     n = 200
     if free is None or free > n * CPU_PROCESS_BYTES * MEMORY_MARGIN:
         pytest.skip(f"this machine has {free} bytes available: {n} jobs would fit, so the refusal cannot be shown")
     seeds = ",".join(map(str, range(n)))
-    out = cli("run", *SMALL[:-4], "--methods", "lora", "--seeds", seeds, "--results-dir", str(tmp_path / "r"),
-              "--experiment", "jobs", "--jobs", str(n), check=False)
+    out = cli(
+        "run",
+        *SMALL[:-4],
+        "--methods",
+        "lora",
+        "--seeds",
+        seeds,
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--experiment",
+        "jobs",
+        "--jobs",
+        str(n),
+        check=False,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"--jobs {n}:" in out.stderr and "at most" in out.stderr and "Pass --jobs" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -216,8 +298,15 @@ def test_the_base_evaluation_key_changes_with_everything_it_depends_on(tmp_path,
     digest = BE.digest_of(BE.cache_key(cfg, suite, model, tasks))
     assert BE.digest_of(BE.cache_key(cfg, suite, model, tasks)) == digest, "the key must be a function of its inputs"
     changed = {}
-    for knob, value in [("eval_limit", 7), ("eval_batch_size", 3), ("eval_max_length", 64), ("eval_bf16", True),
-                        ("bf16_autocast", True), ("general_ce_tokens", 128), ("model", "other-model")]:
+    for knob, value in [
+        ("eval_limit", 7),
+        ("eval_batch_size", 3),
+        ("eval_max_length", 64),
+        ("eval_bf16", True),
+        ("bf16_autocast", True),
+        ("general_ce_tokens", 128),
+        ("model", "other-model"),
+    ]:
         changed[knob] = BE.cache_key(cfg.model_copy(update={knob: value}), suite, model, tasks)
     changed["tasks"] = BE.cache_key(cfg, suite, model, ["parity"])
     with torch.no_grad():
@@ -247,7 +336,10 @@ def test_the_cache_computes_once_across_processes_sharing_the_folder_and_recompu
         def run():
             calls.append(score)
             docs = {"t": {"metric": "acc,none", "doc_ids": [0, 1], "scores": [score, 1.0]}}
-            return BaseEval(EvalResult({"t": (score + 1) / 2}, {"t": {"acc,none": 0.5}}, 1.0, {"t": 2}, documents=docs), 7.25)
+            return BaseEval(
+                EvalResult({"t": (score + 1) / 2}, {"t": {"acc,none": 0.5}}, 1.0, {"t": 2}, documents=docs), 7.25
+            )
+
         return run
 
     key = {"model": "m", "weights": "w"}
@@ -281,8 +373,16 @@ def test_processes_creating_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
 
     db = tmp_path / "mlflow.db"
     start = time.time() + 8  # after every interpreter has imported MLflow
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(db), str(start), str(i)], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE, str(db), str(start), str(i)],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(err[-1500:] for _, err in outs)
     experiments = {out.split()[0] for out, _ in outs}

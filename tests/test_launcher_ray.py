@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import sigint_at_default
 from test_crash_safety import wait_for
 from test_sequence import read_matrix
@@ -33,8 +32,21 @@ from harness.tools.dashboard import free_port
 ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 # 2 tasks (3 stages with the base row), 4 optimizer steps, checkpoints every 2 steps, 8 test examples.
-SMALL = ["--suite", "smoke", "--model", "tiny-llama", "--tasks", "parity,weather", "--max-steps", "4", "--checkpoint-every", "2",
-         "--eval-limit", "8", "--no-report"]
+SMALL = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--tasks",
+    "parity,weather",
+    "--max-steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--eval-limit",
+    "8",
+    "--no-report",
+]
 FOUR = ["--methods", "lori-s,lora", "--seeds", "0,1"]
 SEQUENCES = [f"{m}/seed-{s}" for m in ("lori-s", "lora") for s in (0, 1)]
 START_TIMEOUT_S, RUN_TIMEOUT_S = 120, 480
@@ -42,15 +54,22 @@ START_TIMEOUT_S, RUN_TIMEOUT_S = 120, 480
 
 def cli(*args, env_extra=None, timeout=RUN_TIMEOUT_S):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start_cli(*args, env_extra=None, log: Path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                preexec_fn=sigint_at_default)
+        return subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=sigint_at_default,
+        )
 
 
 # --- real servers ------------------------------------------------------------------------------------------------
@@ -82,7 +101,7 @@ def _descendants(roots: set[int]) -> set[int]:
         if d.name.isdigit():
             try:
                 stat = (d / "stat").read_text()
-                parent[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
+                parent[int(d.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
             except (OSError, ValueError):
                 pass
     found, grew = set(roots), True
@@ -117,9 +136,29 @@ def ray_head():
     port = free_port()
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", **auth}
-    started = subprocess.Popen([str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                                "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", str(tmp)],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    started = subprocess.Popen(
+        [
+            str(RAY),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            str(tmp),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = started.communicate(timeout=START_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -175,13 +214,18 @@ def check_store(uri: str, experiment: str, seq_dirs: dict[str, Path], n_stages: 
         assert sorted(int(ch.data.tags["harness.stage"]) for ch in children) == list(range(1, n_stages + 1)), label
         assert all(ch.info.status == "FINISHED" for ch in children), label
         for t in json.loads((d / "summary.json").read_text())["tasks"]:
-            assert [m.step for m in c.get_metric_history(parent.info.run_id, f"acc/{t}")] == list(range(n_stages + 1)), label
+            assert [m.step for m in c.get_metric_history(parent.info.run_id, f"acc/{t}")] == list(
+                range(n_stages + 1)
+            ), label
 
 
 def check_folder(d: Path, tasks: list[str]) -> None:
     summary = json.loads((d / "summary.json").read_text())
     assert summary["complete"] and summary["tasks"] == tasks
-    assert sorted(p.name for p in (d / "stages").iterdir()) == ["0-base", *[f"{i + 1}-{t}" for i, t in enumerate(tasks)]]
+    assert sorted(p.name for p in (d / "stages").iterdir()) == [
+        "0-base",
+        *[f"{i + 1}-{t}" for i, t in enumerate(tasks)],
+    ]
     assert not (d / "checkpoint").exists()
 
 
@@ -190,8 +234,22 @@ def check_folder(d: Path, tasks: list[str]) -> None:
 def test_four_sequences_in_parallel_on_ray_match_a_local_run(local_reference, tracking_server, ray_head, tmp_path):
     results = tmp_path / "r"
     t0 = time.monotonic()
-    out = cli("run", *SMALL, *FOUR, "--no-progress", "--results-dir", str(results), "--experiment", "par", *ray_head["args"],
-              "--job-cpus", "1", "--tracking-uri", tracking_server, env_extra=ray_head["env"])
+    out = cli(
+        "run",
+        *SMALL,
+        *FOUR,
+        "--no-progress",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "par",
+        *ray_head["args"],
+        "--job-cpus",
+        "1",
+        "--tracking-uri",
+        tracking_server,
+        env_extra=ray_head["env"],
+    )
     wall = time.monotonic() - t0
     assert out.returncode == 0, out.stderr[-4000:]
     exp = results / "par"
@@ -201,8 +259,12 @@ def test_four_sequences_in_parallel_on_ray_match_a_local_run(local_reference, tr
         np.testing.assert_array_equal(read_matrix(d / "matrix.csv")[1], local_reference[s], err_msg=s)
         assert (exp / "ray" / f"{s.replace('/', '_')}_order-0.log").is_file()
         # The driver showed every stage and every sequence as they finished.
-        for line in (f"[{s}/order-0] stage 0 (base model)", f"[{s}/order-0] stage 1/2 parity", f"[{s}/order-0] stage 2/2 weather",
-                     f"[{s}/order-0] done: ACC"):
+        for line in (
+            f"[{s}/order-0] stage 0 (base model)",
+            f"[{s}/order-0] stage 1/2 parity",
+            f"[{s}/order-0] stage 2/2 weather",
+            f"[{s}/order-0] done: ACC",
+        ):
             assert line in out.stderr, line
     check_store(tracking_server, "par", dirs, n_stages=2)
     assert (exp / "config.yaml").is_file()
@@ -211,13 +273,30 @@ def test_four_sequences_in_parallel_on_ray_match_a_local_run(local_reference, tr
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_stage_is_retried_and_resumes_to_the_same_matrix(local_reference, tracking_server, ray_head, tmp_path):
+def test_a_worker_killed_mid_stage_is_retried_and_resumes_to_the_same_matrix(
+    local_reference, tracking_server, ray_head, tmp_path
+):
     results = tmp_path / "r"
     seq = results / "kill" / "lori-s" / "seed-0"
     log = tmp_path / "driver.log"
-    driver = start_cli("run", *SMALL, "--methods", "lori-s", "--seeds", "0", "--no-progress", "--results-dir", str(results),
-                       "--experiment", "kill", *ray_head["args"], "--tracking-uri", tracking_server,
-                       env_extra={"HARNESS_FAULT_PAUSE": "mid-train:2", **ray_head["env"]}, log=log)
+    driver = start_cli(
+        "run",
+        *SMALL,
+        "--methods",
+        "lori-s",
+        "--seeds",
+        "0",
+        "--no-progress",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "kill",
+        *ray_head["args"],
+        "--tracking-uri",
+        tracking_server,
+        env_extra={"HARNESS_FAULT_PAUSE": "mid-train:2", **ray_head["env"]},
+        log=log,
+    )
     try:
         wait_for(seq / ".paused-mid-train", driver, timeout=RUN_TIMEOUT_S)
         worker = int((seq / ".paused-mid-train").read_text())
@@ -246,9 +325,24 @@ def test_ctrl_c_cancels_the_jobs_and_marks_their_runs_killed(tracking_server, ra
     results = tmp_path / "r"
     seq = results / "cancel" / "lora" / "seed-0"
     log = tmp_path / "driver.log"
-    driver = start_cli("run", *SMALL, "--methods", "lora", "--seeds", "0", "--no-progress", "--results-dir", str(results),
-                       "--experiment", "cancel", *ray_head["args"], "--tracking-uri", tracking_server,
-                       env_extra={"HARNESS_FAULT_PAUSE": "eval:1", **ray_head["env"]}, log=log)
+    driver = start_cli(
+        "run",
+        *SMALL,
+        "--methods",
+        "lora",
+        "--seeds",
+        "0",
+        "--no-progress",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "cancel",
+        *ray_head["args"],
+        "--tracking-uri",
+        tracking_server,
+        env_extra={"HARNESS_FAULT_PAUSE": "eval:1", **ray_head["env"]},
+        log=log,
+    )
     try:
         wait_for(seq / ".paused-eval", driver, timeout=RUN_TIMEOUT_S)
         worker = int((seq / ".paused-eval").read_text())
@@ -257,7 +351,9 @@ def test_ctrl_c_cancels_the_jobs_and_marks_their_runs_killed(tracking_server, ra
     finally:
         if driver.poll() is None:
             driver.kill()
-    assert not Path(f"/proc/{worker}").exists() or "(Z)" in Path(f"/proc/{worker}/stat").read_text(), "the job was not cancelled"
+    assert not Path(f"/proc/{worker}").exists() or "(Z)" in Path(f"/proc/{worker}/stat").read_text(), (
+        "the job was not cancelled"
+    )
     assert is_locked(seq) is False
     c = MlflowClient(tracking_uri=tracking_server)
     exp = c.get_experiment_by_name("cancel")
@@ -275,20 +371,43 @@ def test_a_retry_waits_while_its_previous_process_still_holds_the_folder(tmp_pat
     from harness.launchers.job import payload, run_sequence_job
     from harness.run.planning import experiment_dir
 
-    cfg = load_config(None, {"suite": "smoke", "model": "tiny-llama", "methods": ["lora"], "tasks": ["parity"], "max_steps": 2,
-                             "eval_limit": 4, "results_dir": str(tmp_path / "r"), "experiment": "wait"})
+    cfg = load_config(
+        None,
+        {
+            "suite": "smoke",
+            "model": "tiny-llama",
+            "methods": ["lora"],
+            "tasks": ["parity"],
+            "max_steps": 2,
+            "eval_limit": 4,
+            "results_dir": str(tmp_path / "r"),
+            "experiment": "wait",
+        },
+    )
     seq = experiment_dir(cfg) / "lora" / "seed-0"
     seq.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.locking import SequenceLock; "
-                               "SequenceLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(seq)],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from harness.locking import SequenceLock; "
+            "SequenceLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+            str(seq),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         first = run_sequence_job(payload(cfg, seq, attempt=1, label="lora/seed-0", log=tmp_path / "job1.log"))
         assert not first["ok"] and f"pid {holder.pid}" in first["error"], first
         result = {}
-        retry = threading.Thread(target=lambda: result.update(run_sequence_job(
-            payload(cfg, seq, attempt=2, label="lora/seed-0", log=tmp_path / "job2.log"))))
+        retry = threading.Thread(
+            target=lambda: result.update(
+                run_sequence_job(payload(cfg, seq, attempt=2, label="lora/seed-0", log=tmp_path / "job2.log"))
+            )
+        )
         retry.start()
         log2, deadline = tmp_path / "job2.log", time.monotonic() + 120
         while not (log2.exists() and "waiting for" in log2.read_text(errors="replace")):
@@ -309,8 +428,22 @@ def test_a_retry_waits_while_its_previous_process_still_holds_the_folder(tmp_pat
 
 def test_an_unreachable_ray_address_is_refused_in_seconds_with_nothing_written(tracking_server, tmp_path):
     t0 = time.monotonic()
-    out = cli("run", *SMALL, "--methods", "lora", "--no-progress", "--results-dir", str(tmp_path / "r"), "--launcher", "ray",
-              "--ray-address", f"127.0.0.1:{free_port()}", "--tracking-uri", tracking_server, timeout=120)
+    out = cli(
+        "run",
+        *SMALL,
+        "--methods",
+        "lora",
+        "--no-progress",
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--launcher",
+        "ray",
+        "--ray-address",
+        f"127.0.0.1:{free_port()}",
+        "--tracking-uri",
+        tracking_server,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "nothing answers there" in out.stderr and "Traceback" not in out.stderr
     assert time.monotonic() - t0 < 60

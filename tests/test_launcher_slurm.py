@@ -14,9 +14,8 @@ import time
 
 import numpy as np
 import pytest
-
-from test_crash_safety import wait_for
 import test_launcher_ray
+from test_crash_safety import wait_for
 from test_launcher_ray import SMALL, check_folder, check_store, cli, start_cli
 from test_sequence import read_matrix
 
@@ -57,8 +56,24 @@ def local_reference(tmp_path_factory):
 def test_two_sequences_as_a_slurm_job_array_match_a_local_run(local_reference, tracking_server, tmp_path):
     results = tmp_path / "r"
     t0 = time.monotonic()
-    out = cli("run", *SMALL, *TWO, "--no-progress", "--results-dir", str(results), "--experiment", "arr", "--launcher", "slurm",
-              "--job-cpus", "1", "--slurm-time", "10", "--tracking-uri", tracking_server)
+    out = cli(
+        "run",
+        *SMALL,
+        *TWO,
+        "--no-progress",
+        "--results-dir",
+        str(results),
+        "--experiment",
+        "arr",
+        "--launcher",
+        "slurm",
+        "--job-cpus",
+        "1",
+        "--slurm-time",
+        "10",
+        "--tracking-uri",
+        tracking_server,
+    )
     wall = time.monotonic() - t0
     assert out.returncode == 0, out.stderr[-4000:]
     exp = results / "arr"
@@ -86,11 +101,25 @@ def test_a_slurm_job_killed_mid_stage_is_resubmitted_and_resumes(local_reference
     seq = results / "die" / "lora" / "seed-0"
     log = tmp_path / "driver.log"
     args = [*SMALL, "--methods", "lora", "--seeds", "0", "--no-progress", "--experiment", "die"]
-    driver = start_cli("run", *args, "--results-dir", str(results), "--launcher", "slurm", "--slurm-time", "10",
-                       "--tracking-uri", tracking_server, env_extra={"HARNESS_FAULT_PAUSE": "mid-train:2"}, log=log)
+    driver = start_cli(
+        "run",
+        *args,
+        "--results-dir",
+        str(results),
+        "--launcher",
+        "slurm",
+        "--slurm-time",
+        "10",
+        "--tracking-uri",
+        tracking_server,
+        env_extra={"HARNESS_FAULT_PAUSE": "mid-train:2"},
+        log=log,
+    )
     try:
         wait_for(seq / ".paused-mid-train", driver, timeout=300)
-        os.kill(int((seq / ".paused-mid-train").read_text()), signal.SIGKILL)  # the job's process dies; Slurm says FAILED
+        os.kill(
+            int((seq / ".paused-mid-train").read_text()), signal.SIGKILL
+        )  # the job's process dies; Slurm says FAILED
         assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
     finally:
         if driver.poll() is None:

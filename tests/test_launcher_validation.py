@@ -11,7 +11,9 @@ BASE = ["--suite", "smoke", "--model", "tiny-llama", "--no-progress", "--no-repo
 
 @pytest.mark.parametrize("launcher", ["ray", "slurm"])
 @pytest.mark.parametrize("command", ["run", "validate"])
-def test_a_parallel_launcher_with_the_sqlite_store_is_refused_saying_how_to_start_a_server(tmp_path, capsys, launcher, command):
+def test_a_parallel_launcher_with_the_sqlite_store_is_refused_saying_how_to_start_a_server(
+    tmp_path, capsys, launcher, command
+):
     results = tmp_path / "r"
     args = [command, *BASE, "--results-dir", str(results), "--launcher", launcher]
     if command == "validate":
@@ -26,7 +28,21 @@ def test_a_parallel_launcher_with_the_sqlite_store_is_refused_saying_how_to_star
 
 def test_an_explicit_sqlite_uri_is_refused_too(tmp_path, capsys):
     db = tmp_path / "store.db"
-    assert main(["run", *BASE, "--results-dir", str(tmp_path / "r"), "--launcher", "ray", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                *BASE,
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--launcher",
+                "ray",
+                "--tracking-uri",
+                f"sqlite:///{db}",
+            ]
+        )
+        == 2
+    )
     assert "harness tracking-server" in capsys.readouterr().err
     assert not db.exists() and not (tmp_path / "r").exists()
 
@@ -37,18 +53,52 @@ def test_the_local_launcher_keeps_the_sqlite_store(tmp_path, capsys):
 
 
 def test_slurm_takes_whole_gpus(tmp_path, capsys):
-    assert main(["validate", "--suite", "smoke", "--model", "tiny-llama", "--results-dir", str(tmp_path / "r"), "--launcher", "slurm",
-                 "--tracking-uri", "http://127.0.0.1:9", "--job-gpus", "0.5"]) == 2
+    assert (
+        main(
+            [
+                "validate",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--launcher",
+                "slurm",
+                "--tracking-uri",
+                "http://127.0.0.1:9",
+                "--job-gpus",
+                "0.5",
+            ]
+        )
+        == 2
+    )
     assert "whole GPUs" in capsys.readouterr().err
 
 
 def test_merge_on_a_parallel_launcher_is_refused(tmp_path, capsys):
-    assert main(["merge", *BASE, "--results-dir", str(tmp_path / "r"), "--launcher", "ray", "--tracking-uri", "http://127.0.0.1:9"]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                *BASE,
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--launcher",
+                "ray",
+                "--tracking-uri",
+                "http://127.0.0.1:9",
+            ]
+        )
+        == 2
+    )
     assert "--launcher local" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
-def test_a_job_payload_is_plain_data_with_absolute_paths_and_the_environment_to_forward_is_selected(tmp_path, monkeypatch):
+def test_a_job_payload_is_plain_data_with_absolute_paths_and_the_environment_to_forward_is_selected(
+    tmp_path, monkeypatch
+):
     import pickle
 
     from harness.config_loading import load_config
@@ -60,9 +110,13 @@ def test_a_job_payload_is_plain_data_with_absolute_paths_and_the_environment_to_
     p = payload(cfg, tmp_path / "rel" / "e" / "lora" / "seed-0", attempt=2, label="lora/seed-0/order-0", log=None)
     assert pickle.loads(pickle.dumps(p)) == p
     assert p["config"]["results_dir"] == str(tmp_path / "rel") and p["cwd"] == str(tmp_path)
-    assert "/some/cache" not in repr(p), "the environment travels with the process, not in the payload (submitit keeps it as a file)"
+    assert "/some/cache" not in repr(p), (
+        "the environment travels with the process, not in the payload (submitit keeps it as a file)"
+    )
     assert "olora" not in p["config"]  # sections of methods not in the run stay out (they would not validate)
-    env = forwarded_environment({"HF_HUB_OFFLINE": "1", "PATH": "/bin", "MLFLOW_TRACKING_TOKEN": "t", "UNRELATED_SECRET": "x"})
+    env = forwarded_environment(
+        {"HF_HUB_OFFLINE": "1", "PATH": "/bin", "MLFLOW_TRACKING_TOKEN": "t", "UNRELATED_SECRET": "x"}
+    )
     assert env == {"HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_TOKEN": "t"}
 
 
@@ -98,8 +152,17 @@ def _follow_with(outcome, tmp_path, retries=2):
     from harness.run.planning import plan
     from harness.suites import load_suite
 
-    cfg = load_config(None, {"suite": "smoke", "model": "tiny-llama", "methods": ["lora"], "results_dir": str(tmp_path),
-                             "launcher": "ray", "job_retries": retries})
+    cfg = load_config(
+        None,
+        {
+            "suite": "smoke",
+            "model": "tiny-llama",
+            "methods": ["lora"],
+            "results_dir": str(tmp_path),
+            "launcher": "ray",
+            "job_retries": retries,
+        },
+    )
     cluster = _Cluster(outcome)
     with pytest.raises(driver.JobsFailed) as err:
         driver._follow(cfg, cluster, tracker=None, specs=plan(cfg, load_suite("smoke")), progress=False)

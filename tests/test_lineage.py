@@ -25,15 +25,29 @@ from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from harness.run import lineage
 from harness.cli import main
 from harness.models import load_model
+from harness.run import lineage
 from harness.suites import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["parity", "weather", "copy"]
-RUN = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lori-s", "--epochs", "1", "--no-progress",
-       "--no-report", "--system-metrics", "true"]
+RUN = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--methods",
+    "lori-s",
+    "--epochs",
+    "1",
+    "--no-progress",
+    "--no-report",
+    "--system-metrics",
+    "true",
+]
 X = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 311]])
 
 
@@ -74,13 +88,22 @@ def test_register_without_a_mirrored_parent_run_is_one_message_and_writes_nothin
 def _popen(args: list[str], log: Path, pause: str | None = None) -> subprocess.Popen:
     # MLflow's monitor publishes once per sampling interval (10 s by default) and drops a shorter tail: a smoke
     # sequence's resumed part can be shorter than that, so sample every second here.
-    env = {**{k: v for k, v in os.environ.items() if k != "HARNESS_FAULT_PAUSE"}, "PYTHONUNBUFFERED": "1",
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "HARNESS_FAULT_PAUSE"},
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }
     if pause:
         env["HARNESS_FAULT_PAUSE"] = pause
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", "harness.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 600) -> None:
@@ -95,8 +118,11 @@ def run_killed_and_resumed(url: str, results: Path, experiment: str) -> tuple[Pa
     """A smoke sequence SIGKILLed between stages 1 and 2, then resumed; (its folder, everything both processes printed)."""
     seq = results / experiment / "lori-s" / "seed-0"
     first, second = results.parent / "first.log", results.parent / "resume.log"
-    proc = _popen(["run", *RUN, "--results-dir", str(results), "--experiment", experiment, "--tracking-uri", url], first,
-                  pause="between-stages:1")
+    proc = _popen(
+        ["run", *RUN, "--results-dir", str(results), "--experiment", experiment, "--tracking-uri", url],
+        first,
+        pause="between-stages:1",
+    )
     try:
         _wait_for(seq / ".paused-between-stages", proc, first)
         proc.send_signal(signal.SIGKILL)
@@ -116,13 +142,19 @@ def check_lineage(url: str, seq: Path, experiment: str, output: str) -> None:
     assert parent.info.status == "FINISHED"
     state = json.loads((seq / "state.json").read_text())
     suite_dir = ROOT / "task_suites" / "smoke" / "data"
-    digests = {f"smoke/{t}/{s}": lineage.digest_file(suite_dir / f"{t}.{s}.jsonl") for t in TASKS for s in ("train", "test")}
+    digests = {
+        f"smoke/{t}/{s}": lineage.digest_file(suite_dir / f"{t}.{s}.jsonl") for t in TASKS for s in ("train", "test")
+    }
     assert {r["name"]: r["digest"] for r in state["mlflow_datasets"]} == digests
 
     # Inputs: every task's train (training) and test (evaluation) data once, with the files' digests.
-    inputs = [(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
-              for d in parent.inputs.dataset_inputs]
-    assert sorted(inputs) == sorted((n, d, "training" if n.endswith("/train") else "evaluation") for n, d in digests.items())
+    inputs = [
+        (d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+        for d in parent.inputs.dataset_inputs
+    ]
+    assert sorted(inputs) == sorted(
+        (n, d, "training" if n.endswith("/train") else "evaluation") for n, d in digests.items()
+    )
     stages = {int(p.name.split("-")[0]): p for p in (seq / "stages").iterdir() if p.name[0] != "0"}
     for child in c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"):
         task = child.data.tags["harness.task"]
@@ -136,16 +168,26 @@ def check_lineage(url: str, seq: Path, experiment: str, output: str) -> None:
         t = int(m.params["stage"])
         info, scores = (json.loads((stages[t] / f).read_text()) for f in ("stage.json", "eval.json"))
         assert str(m.status) == "READY" and m.source_run_id == info["mlflow_run_id"]
-        assert {k: m.params[k] for k in ("method", "task", "rank", "seed")} == {"method": "lori-s", "task": TASKS[t - 1],
-                                                                                  "rank": "8", "seed": "0"}
+        assert {k: m.params[k] for k in ("method", "task", "rank", "seed")} == {
+            "method": "lori-s",
+            "task": TASKS[t - 1],
+            "rank": "8",
+            "seed": "0",
+        }
         assert float(m.params["mask_density"]) == pytest.approx(info["mask/density"]) and 0 < info["mask/density"] < 0.2
         got = {x.key: (x.value, x.step, x.dataset_name, x.dataset_digest) for x in m.metrics}
-        assert got == {f"acc/{task}": (pytest.approx(v), t, f"smoke/{task}/test", digests[f"smoke/{task}/test"])
-                       for task, v in scores["scores"].items()}
-        assert sorted(a.path for a in c.list_logged_model_artifacts(m.model_id)) == ["adapter_config.json",
-                                                                                     "adapter_model.safetensors"]
+        assert got == {
+            f"acc/{task}": (pytest.approx(v), t, f"smoke/{task}/test", digests[f"smoke/{task}/test"])
+            for task, v in scores["scores"].items()
+        }
+        assert sorted(a.path for a in c.list_logged_model_artifacts(m.model_id)) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
     parity = lambda m: next(x.value for x in m.metrics if x.key == "acc/parity")  # noqa: E731
-    ranked = c.search_logged_models([exp.experiment_id], order_by=[{"field_name": "metrics.acc/parity", "ascending": False}])
+    ranked = c.search_logged_models(
+        [exp.experiment_id], order_by=[{"field_name": "metrics.acc/parity", "ascending": False}]
+    )
     assert [parity(m) for m in ranked] == sorted((parity(m) for m in models), reverse=True)  # the Models view's ranking
 
     # System metrics on the parent; a quiet console with the parent's address, once per process.
@@ -183,7 +225,10 @@ def check_register(url: str, seq: Path, tmp: Path, monkeypatch) -> None:
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # models:/NAME/VERSION resolves through the registry
     got = Path(mlflow.artifacts.download_artifacts(f"models:/smoke-adapter/{mv.version}", dst_path=str(tmp / "dl")))
-    assert load_file(str(got / "adapter_model.safetensors")).keys() == load_file(str(out / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(str(got / "adapter_model.safetensors")).keys()
+        == load_file(str(out / "adapter_model.safetensors")).keys()
+    )
     base = load_model("tiny-llama")[0]
     registered = PeftModel.from_pretrained(base, str(got)).eval()
     exported = PeftModel.from_pretrained(load_model("tiny-llama")[0], str(out)).eval()
@@ -192,7 +237,9 @@ def check_register(url: str, seq: Path, tmp: Path, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_sqlite_server_one_model_per_stage_inputs_with_digests_after_a_kill_and_a_registered_version(tmp_path, monkeypatch):
+def test_sqlite_server_one_model_per_stage_inputs_with_digests_after_a_kill_and_a_registered_version(
+    tmp_path, monkeypatch
+):
     from test_tracking_outage import Server
 
     server = Server(tmp_path)

@@ -17,17 +17,39 @@ from harness.models.shapes import linear_shapes
 from harness.run.train import Recipe, set_checkpointing, train_stage
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LLAMA3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-MISTRAL_7B = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                           num_key_value_heads=8, vocab_size=32000)
+LLAMA3_8B = LlamaConfig(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
+MISTRAL_7B = MistralConfig(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=32000,
+)
 
 
 def big_estimate(config, dtype, checkpointing=False, batch_size=8, seq_len=512):
     shape = M.shape_of(config)
     adapter, adapted = M.adapter_sizes(linear_shapes(config), TARGETS, 8)
-    return shape, M.estimate(shape, dtype=dtype, adapter_params=adapter, adapted_params=adapted, batch_size=batch_size,
-                             seq_len=seq_len, checkpointing=checkpointing, folded_eval=True, cuda=True)
+    return shape, M.estimate(
+        shape,
+        dtype=dtype,
+        adapter_params=adapter,
+        adapted_params=adapted,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        checkpointing=checkpointing,
+        folded_eval=True,
+        cuda=True,
+    )
 
 
 @pytest.mark.parametrize("config, params", [(LLAMA3_8B, 8_030_261_248), (MISTRAL_7B, 7_241_732_096)])
@@ -48,8 +70,14 @@ def test_8b_and_7b_estimates_from_their_configs(config, params):
 def test_a_stage_that_cannot_fit_is_refused_with_what_would_fit():
     shape, _ = big_estimate(LLAMA3_8B, torch.float32)
     adapter, adapted = M.adapter_sizes(linear_shapes(LLAMA3_8B), TARGETS, 8)
-    kw = dict(adapter_params=adapter, adapted_params=adapted, batch_size=8, seq_len=512, folded_eval=True,
-              device=torch.device("cuda", 0))
+    kw = dict(
+        adapter_params=adapter,
+        adapted_params=adapted,
+        batch_size=8,
+        seq_len=512,
+        folded_eval=True,
+        device=torch.device("cuda", 0),
+    )
     with pytest.raises(HarnessError) as exc:  # a 40 GiB card, simulated: nothing touches CUDA
         M.preflight(shape, dtype=torch.float32, checkpointing=False, free=40 * M.GiB, **kw)
     msg = str(exc.value)
@@ -81,9 +109,17 @@ def test_the_estimate_errs_high_against_what_backward_keeps_on_the_tiny_model(ch
     params = {p.untyped_storage().data_ptr() for p in method.model.parameters()}
     measured = sum(n for ptr, n in saved.items() if ptr not in params)
     adapter, adapted = M.adapter_sizes(module_shapes(model), cfg.targets, cfg.rank)
-    est = M.estimate(M.shape_of(model_config("tiny-llama")), dtype=torch.float32, adapter_params=adapter,
-                     adapted_params=adapted, batch_size=8, seq_len=128, checkpointing=checkpointing, folded_eval=False,
-                     cuda=False)
+    est = M.estimate(
+        M.shape_of(model_config("tiny-llama")),
+        dtype=torch.float32,
+        adapter_params=adapter,
+        adapted_params=adapted,
+        batch_size=8,
+        seq_len=128,
+        checkpointing=checkpointing,
+        folded_eval=False,
+        cuda=False,
+    )
     assert measured <= est.activations + est.logits <= (2.5 if not checkpointing else 6) * measured
 
 
@@ -100,10 +136,22 @@ def test_gradient_checkpointing_gives_the_same_losses_on_the_tiny_model():
         cfg = ExperimentConfig(model="tiny-llama", methods=["lora"], gradient_checkpointing=on)
         method = METHODS["lora"](cfg, seed=0, tasks=["a"], base_model=model)
         method.begin_stage(StageContext(stage=1, task="a", run_dir=None, calibrate=None))
-        examples = [{"prompt": f"count {i} to", "completion": " " + " ".join(str(i + k) for k in range(3)), "eos": True}
-                    for i in range(16)]
-        res = train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=1e-3,
-                          epochs=1, batch_size=4, max_steps=4, progress=False)
+        examples = [
+            {"prompt": f"count {i} to", "completion": " " + " ".join(str(i + k) for k in range(3)), "eos": True}
+            for i in range(16)
+        ]
+        res = train_stage(
+            method.model,
+            tok,
+            examples,
+            method.trainable(),
+            recipe=Recipe.from_config(cfg),
+            lr=1e-3,
+            epochs=1,
+            batch_size=4,
+            max_steps=4,
+            progress=False,
+        )
         losses[on] = res.losses
         assert method.model.get_base_model().is_activation_checkpointing == on
     assert len(losses[True]) > 0 and losses[True] == pytest.approx(losses[False], rel=1e-5)

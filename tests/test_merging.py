@@ -8,16 +8,25 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness.cli import main
 from harness.adapters.combine import MERGED, folded, load_adapters, lora_layers, merge, relative_error
+from harness.cli import main
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def tiny():
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=64,
+            max_position_embeddings=64,
+        )
+    )
 
 
 def adapter_folders(tmp_path: Path, shared_A: bool) -> dict[str, Path]:
@@ -87,9 +96,34 @@ def test_folding_gives_the_adapter_outputs_and_restores_base_weights_bit_for_bit
 @pytest.fixture(scope="module")
 def merge_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("merge")
-    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora,lori-s", "--seeds", "0", "--epochs", "2",
-                 "--merge-methods", "cat,linear", "--merge-pairs", "true", "--no-progress", "--no-report",
-                 "--results-dir", str(results), "--experiment", "mg"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora,lori-s",
+                "--seeds",
+                "0",
+                "--epochs",
+                "2",
+                "--merge-methods",
+                "cat,linear",
+                "--merge-pairs",
+                "true",
+                "--no-progress",
+                "--no-report",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "mg",
+            ]
+        )
+        == 0
+    )
     return results
 
 
@@ -112,15 +146,21 @@ def test_merge_folders_hold_the_documented_files(merge_run):
         assert summary["complete"] and set(summary["merges"]) == {"cat", "linear"}
         I = summary["interference"]["cat"]
         assert I[0][0] is None and I[0][1] == pytest.approx(
-            next(r for r in rows if r["combination"] == "cat" and r["tasks"] == ["parity", "weather"])["scores"]["parity"] - single["S"][0][0])
+            next(r for r in rows if r["combination"] == "cat" and r["tasks"] == ["parity", "weather"])["scores"][
+                "parity"
+            ]
+            - single["S"][0][0]
+        )
         assert (d / "single.csv").exists() and (d / "merged.csv").exists()
         # Each document's score: the adapters alone on their own task and every full merge recompute exactly.
         from harness.analysis.documents import merge_matrix
 
         docs = json.loads((d / "documents.json").read_text())
         for r in (cat, lin):
-            assert merge_matrix(docs, r["combination"]).tolist() == [[single["S"][j][j] for j in range(3)],
-                                                                     [r["scores"][t] for t in single["tasks"]]]
+            assert merge_matrix(docs, r["combination"]).tolist() == [
+                [single["S"][j][j] for j in range(3)],
+                [r["scores"][t] for t in single["tasks"]],
+            ]
 
 
 def test_merge_mlflow_runs_and_resume_skips_finished_pieces(merge_run, capsys):
@@ -135,9 +175,34 @@ def test_merge_mlflow_runs_and_resume_skips_finished_pieces(merge_run, capsys):
         kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{p.info.run_id}'")
         assert sorted(k.data.tags["harness.kind"] for k in kids).count("merge-adapter") == 3
         assert sorted(k.data.tags["harness.kind"] for k in kids).count("merge-combination") == 8
-    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora,lori-s", "--seeds", "0", "--epochs", "2",
-                 "--merge-methods", "cat,linear", "--merge-pairs", "true", "--no-progress", "--no-report",
-                 "--results-dir", str(merge_run), "--experiment", "mg"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora,lori-s",
+                "--seeds",
+                "0",
+                "--epochs",
+                "2",
+                "--merge-methods",
+                "cat,linear",
+                "--merge-pairs",
+                "true",
+                "--no-progress",
+                "--no-report",
+                "--results-dir",
+                str(merge_run),
+                "--experiment",
+                "mg",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().err.count("already complete") == 2
     assert len(c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'merge'")) == 2
 
@@ -147,14 +212,48 @@ def test_merge_units_run_as_concurrent_jobs_give_the_same_scores(merge_run, tmp_
     """`harness merge --jobs 2`: each (method, seed) in its own process, sharing the store the driver created."""
     from mlflow.tracking import MlflowClient
 
-    assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora,lori-s", "--seeds", "0", "--epochs", "2",
-                 "--merge-methods", "cat,linear", "--merge-pairs", "true", "--no-progress", "--no-report",
-                 "--results-dir", str(tmp_path), "--experiment", "mg", "--jobs", "2"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora,lori-s",
+                "--seeds",
+                "0",
+                "--epochs",
+                "2",
+                "--merge-methods",
+                "cat,linear",
+                "--merge-pairs",
+                "true",
+                "--no-progress",
+                "--no-report",
+                "--results-dir",
+                str(tmp_path),
+                "--experiment",
+                "mg",
+                "--jobs",
+                "2",
+            ]
+        )
+        == 0
+    )
     for method in ("lora", "lori-s"):
         ours, theirs = (r / "mg" / "merge" / method / "seed-0" for r in (tmp_path, merge_run))
-        assert json.loads((ours / "single.json").read_text())["S"] == json.loads((theirs / "single.json").read_text())["S"]
-        rows = [(r["combination"], r["tasks"], r["scores"]) for r in json.loads((ours / "merged.json").read_text())["rows"]]
-        assert rows == [(r["combination"], r["tasks"], r["scores"]) for r in json.loads((theirs / "merged.json").read_text())["rows"]]
+        assert (
+            json.loads((ours / "single.json").read_text())["S"] == json.loads((theirs / "single.json").read_text())["S"]
+        )
+        rows = [
+            (r["combination"], r["tasks"], r["scores"]) for r in json.loads((ours / "merged.json").read_text())["rows"]
+        ]
+        assert rows == [
+            (r["combination"], r["tasks"], r["scores"])
+            for r in json.loads((theirs / "merged.json").read_text())["rows"]
+        ]
         assert (tmp_path / "mg" / "jobs" / f"merge_{method}_seed-0.log").is_file()
     c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     parents = c.search_runs([c.get_experiment_by_name("mg").experiment_id], "tags.`harness.kind` = 'merge'")
@@ -162,9 +261,14 @@ def test_merge_units_run_as_concurrent_jobs_give_the_same_scores(merge_run, tmp_
     assert all(p.info.status == "FINISHED" for p in parents)
 
 
-@pytest.mark.parametrize("args,needle", [(["--methods", "inclora"], "cannot be merged"),
-                                         (["--methods", "lora", "--merge-weights", "0.1,0.2"], "--merge-weights"),
-                                         (["--methods", "lora", "--merge-methods", "avg"], "--merge-methods")])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--methods", "inclora"], "cannot be merged"),
+        (["--methods", "lora", "--merge-weights", "0.1,0.2"], "--merge-weights"),
+        (["--methods", "lora", "--merge-methods", "avg"], "--merge-methods"),
+    ],
+)
 def test_bad_merge_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
     results = tmp_path / "r"
     assert main(["merge", "--suite", "smoke", "--model", "tiny-llama", *args, "--results-dir", str(results)]) == 2

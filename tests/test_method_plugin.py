@@ -61,8 +61,9 @@ for spec in plan(cfg, load_suite(sys.argv[1])):
 
 
 def harness(*args, cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +90,27 @@ def test_the_new_method_is_listed_with_its_own_learning_rate_flag(plugin):
 
 def test_the_new_method_runs_end_to_end_with_its_family_rate_and_stage_files(plugin):
     tmp, suite, env = plugin
-    common = ["run", "--suite", str(suite), "--model", "tiny-llama", "--methods", "toy,lora", "--tasks", "parity,weather",
-              "--seeds", "0", "--max-steps", "2", "--eval-limit", "4", "--no-progress", "--no-report", "--toy-note", "0.25"]
+    common = [
+        "run",
+        "--suite",
+        str(suite),
+        "--model",
+        "tiny-llama",
+        "--methods",
+        "toy,lora",
+        "--tasks",
+        "parity,weather",
+        "--seeds",
+        "0",
+        "--max-steps",
+        "2",
+        "--eval-limit",
+        "4",
+        "--no-progress",
+        "--no-report",
+        "--toy-note",
+        "0.25",
+    ]
     out = harness(*common, "--results-dir", str(tmp / "r"), "--experiment", "x", cwd=tmp, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     seq = tmp / "r" / "x" / "toy" / "seed-0"
@@ -108,8 +128,9 @@ def test_the_new_method_runs_end_to_end_with_its_family_rate_and_stage_files(plu
     verified = harness("verify", str(seq), cwd=tmp, env=env)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     # the family's own flag wins over the suite's rate (planned in a process that registered the module)
-    planned = subprocess.run([sys.executable, "-c", PLAN, str(suite)], cwd=tmp, env=env, capture_output=True, text=True,
-                             timeout=300)
+    planned = subprocess.run(
+        [sys.executable, "-c", PLAN, str(suite)], cwd=tmp, env=env, capture_output=True, text=True, timeout=300
+    )
     assert planned.returncode == 0, planned.stderr[-2000:]
     assert planned.stdout.split() == ["toy", "0.007", "lora", "0.001"]
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_sequence import read_matrix
 
 from harness.cli import main
 from harness.config import ExperimentConfig
 from harness.methods import METHODS, StageContext
 from harness.methods.inclora import orth_l1
 from harness.methods.replay import buffer_indices
-from test_sequence import read_matrix
 
 BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report"]
 
@@ -21,13 +21,32 @@ BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progr
 @pytest.fixture(scope="module")
 def baselines(tmp_path_factory):
     results = tmp_path_factory.mktemp("baselines")
-    assert main(["run", *BASE, "--methods", "inclora,olora,replay,mtl", "--epochs", "2", "--replay-fraction", "0.25",
-                 "--results-dir", str(results), "--experiment", "base"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                *BASE,
+                "--methods",
+                "inclora,olora,replay,mtl",
+                "--epochs",
+                "2",
+                "--replay-fraction",
+                "0.25",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "base",
+            ]
+        )
+        == 0
+    )
     return results / "base"
 
 
 def stage_dirs(seq: Path) -> list[Path]:
-    return sorted((p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
+    return sorted(
+        (p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0])
+    )
 
 
 def assert_earlier_adapters_unchanged(seq: Path, n_stages: int = 3) -> None:
@@ -49,7 +68,10 @@ def test_earlier_adapters_stay_bit_identical_in_the_stage_files(baselines, metho
 
 
 def test_olora_lowers_the_trained_orthogonality_term_below_inclora(baselines):
-    diag = {m: json.loads((baselines / m / "seed-0" / "diagnostics.json").read_text())["orth_l1"]["matrix"] for m in ("inclora", "olora")}
+    diag = {
+        m: json.loads((baselines / m / "seed-0" / "diagnostics.json").read_text())["orth_l1"]["matrix"]
+        for m in ("inclora", "olora")
+    }
     pairs = [(i, j) for i in range(3) for j in range(3) if i < j]
     inc = sum(diag["inclora"][i][j] for i, j in pairs)
     olo = sum(diag["olora"][i][j] for i, j in pairs)
@@ -98,7 +120,9 @@ def test_replay_buffer_is_seeded_sized_and_from_earlier_tasks_only(baselines):
     for t, d in enumerate(stage_dirs(seq), start=1):
         replayed = json.loads((d / "replay.json").read_text())["replayed"]
         assert sorted(replayed) == sorted(tasks[: t - 1])  # earlier tasks only
-        assert all(idx == buffer_indices(64, seed=0, task=task, fraction=0.25, per_task=None) for task, idx in replayed.items())
+        assert all(
+            idx == buffer_indices(64, seed=0, task=task, fraction=0.25, per_task=None) for task, idx in replayed.items()
+        )
         assert json.loads((d / "train.json").read_text())["train_examples"] == 64 + 16 * (t - 1)
         assert json.loads((d / "stage.json").read_text())["replay/stored_examples"] == 16 * (t - 1)
 
@@ -128,20 +152,23 @@ def test_report_and_table_handle_every_method(baselines, capsys):
     assert mtl and mtl[0]["reference"] is True
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--methods", "lora,nope"], "known methods: lori-s, lori-d, lora, inclora, olora, replay, mtl"),
-    (["--methods", "olora", "--olora-lambda-orth", "-1"], "--olora-lambda-orth"),
-    (["--methods", "lora", "--replay-fraction", "0.5"], "replay: knobs of method 'replay'"),
-    # the four baselines of tests/test_baselines.py
-    (["--methods", "nlora", "--nlora-lambda-l1", "-1"], "--nlora-lambda-l1"),
-    (["--methods", "inflora", "--inflora-threshold", "1.5"], "--inflora-threshold"),
-    (["--methods", "inflora", "--inflora-threshold", "0.99", "--inflora-threshold-end", "0.9"], "may only grow"),
-    (["--methods", "ewc", "--ewc-lambda", "-1"], "--ewc-lambda"),
-    (["--methods", "ewc", "--ewc-fisher-samples", "0"], "--ewc-fisher-samples"),
-    (["--methods", "migu", "--migu-top-fraction", "0"], "--migu-top-fraction"),
-    (["--methods", "migu", "--migu-top-fraction", "1.5"], "--migu-top-fraction"),
-    (["--methods", "lora", "--ewc-lambda", "5"], "ewc: knobs of method 'ewc'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--methods", "lora,nope"], "known methods: lori-s, lori-d, lora, inclora, olora, replay, mtl"),
+        (["--methods", "olora", "--olora-lambda-orth", "-1"], "--olora-lambda-orth"),
+        (["--methods", "lora", "--replay-fraction", "0.5"], "replay: knobs of method 'replay'"),
+        # the four baselines of tests/test_baselines.py
+        (["--methods", "nlora", "--nlora-lambda-l1", "-1"], "--nlora-lambda-l1"),
+        (["--methods", "inflora", "--inflora-threshold", "1.5"], "--inflora-threshold"),
+        (["--methods", "inflora", "--inflora-threshold", "0.99", "--inflora-threshold-end", "0.9"], "may only grow"),
+        (["--methods", "ewc", "--ewc-lambda", "-1"], "--ewc-lambda"),
+        (["--methods", "ewc", "--ewc-fisher-samples", "0"], "--ewc-fisher-samples"),
+        (["--methods", "migu", "--migu-top-fraction", "0"], "--migu-top-fraction"),
+        (["--methods", "migu", "--migu-top-fraction", "1.5"], "--migu-top-fraction"),
+        (["--methods", "lora", "--ewc-lambda", "5"], "ewc: knobs of method 'ewc'"),
+    ],
+)
 def test_bad_method_input_exits_2_and_writes_nothing(tmp_path, capsys, args, needle):
     results = tmp_path / "results"
     assert main(["run", *BASE, *args, "--results-dir", str(results)]) == 2

@@ -1,18 +1,12 @@
 """Continual-learning metrics against hand-computed values (formulas in harness/metrics.py)."""
 
-
 import numpy as np
 import pytest
 
 from harness.metrics import acc, as_matrix, bwt, forgetting, fwt, learn_gains, learning_accuracy, not_learned, summarize
 
 # Rows: stage 0 (base) .. 3; columns: tasks 1..3. Task 1 recovers at stage 2 (0.95 > 0.9).
-R3 = as_matrix([
-    [0.2, 0.1, 0.3],
-    [0.9, 0.2, 0.3],
-    [0.95, 0.8, 0.4],
-    [0.6, 0.5, 0.9],
-])
+R3 = as_matrix([[0.2, 0.1, 0.3], [0.9, 0.2, 0.3], [0.95, 0.8, 0.4], [0.6, 0.5, 0.9]])
 
 
 def test_acc_is_mean_of_last_row():
@@ -82,10 +76,7 @@ def test_forgetting_is_na_when_a_stage_it_maximises_over_was_not_evaluated():
 
 
 def test_learning_accuracy_is_the_mean_of_each_tasks_own_stage_score():
-    R = as_matrix([[0.2, 0.3, 0.4],
-                   [0.9, 0.3, 0.5],
-                   [0.6, 0.8, 0.5],
-                   [0.5, 0.7, 0.35]])
+    R = as_matrix([[0.2, 0.3, 0.4], [0.9, 0.3, 0.5], [0.6, 0.8, 0.5], [0.5, 0.7, 0.35]])
     assert learning_accuracy(R) == pytest.approx((0.9 + 0.8 + 0.35) / 3)
     assert learn_gains(R) == [pytest.approx(0.7), pytest.approx(0.5), pytest.approx(-0.05)]
     assert not_learned(R, 0.05) == [2]  # task 3 never beat its base score: its low final score is not forgetting

@@ -11,7 +11,6 @@ import torch
 
 from harness import models
 from harness.errors import HarnessError, ModelUnavailableError
-from harness.models import smollm2 as smollm2_module  # where the GGUF lookups happen (monkeypatch target)
 from harness.models import (
     BUILTIN_MODELS,
     COMPLETE_MARKER,
@@ -25,6 +24,7 @@ from harness.models import (
     set_torch_threads,
     smollm2_checkpoint_dir,
 )
+from harness.models import smollm2 as smollm2_module  # where the GGUF lookups happen (monkeypatch target)
 
 
 @pytest.fixture(scope="session")
@@ -270,7 +270,9 @@ def test_hub_model_with_missing_shard_fails_preflight(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    index = json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}})
+    index = json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    )
     _fake_hub_cache(
         tmp_path,
         "org/sharded",

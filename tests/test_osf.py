@@ -6,16 +6,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
+from stage_resume import TASKS, build, check_mid_stage_resume, ctx, resume_without_last_stage, train
+from test_export import harness_model, logits, stock
+from test_methods import stage_dirs
 
 from harness.cli import main
 from harness.config import ExperimentConfig
 from harness.methods.osf import FILE, frozen_share
 from harness.models import load_model
 from harness.run.export import export_adapter
-from stage_resume import TASKS, build, check_mid_stage_resume, ctx, resume_without_last_stage, train
-from test_export import harness_model, logits, stock
-from test_methods import stage_dirs
-
 
 
 def osf(**knobs):
@@ -29,7 +28,9 @@ def frozen_basis(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # --- the defining property --------------------------------------------------------------------------------------
-def test_training_leaves_each_weights_part_in_its_frozen_subspace_unchanged_and_the_trained_factors_orthogonal(tmp_path):
+def test_training_leaves_each_weights_part_in_its_frozen_subspace_unchanged_and_the_trained_factors_orthogonal(
+    tmp_path,
+):
     method, tok = osf()
     first = {}  # module -> (W_0, U_h, V_h of stage 1)
     for t in (1, 2):
@@ -51,7 +52,9 @@ def test_training_leaves_each_weights_part_in_its_frozen_subspace_unchanged_and_
             zero(Uh.T @ p["U_low"].detach())  # ... because what trains is orthogonal to it
             zero(p["V_low"].detach() @ Vh.T)
             first.setdefault(n, (before[n], Uh, Vh))
-            if t == 2:  # stage 1's frozen subspace, inside stage 2's here (see harness/methods/osf.py): unchanged since W_0
+            if (
+                t == 2
+            ):  # stage 1's frozen subspace, inside stage 2's here (see harness/methods/osf.py): unchanged since W_0
                 W0, Uh1, Vh1 = first[n]
                 zero(Uh1.T @ (before[n] + delta - W0))
                 zero((before[n] + delta - W0) @ Vh1.T)
@@ -67,7 +70,9 @@ def test_unload_gives_the_base_model_back_bit_identical(tmp_path):
         method.begin_stage(ctx(t, tmp_path))
         train(method, tok, t, steps=2)
         method.end_stage()
-    assert not torch.equal(next(method.layers())[1].base_layer.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        next(method.layers())[1].base_layer.weight, original["model.layers.0.self_attn.q_proj.weight"]
+    )
     base = method.unload()
     got = dict(base.named_parameters())
     assert got.keys() == original.keys() and all(torch.equal(got[n], original[n]) for n in original)
@@ -98,9 +103,34 @@ def run(tmp_path_factory) -> Path:
     """`harness run --methods osf` on the smoke suite's three tasks; the sequence folder. The experiment shares the
     method's name (results/osf/osf/seed-0): resume must still find the experiment folder, not the method's."""
     results = tmp_path_factory.mktemp("osf")
-    assert main(["run", "--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report",
-                 "--methods", "osf", "--tasks", ",".join(TASKS), "--eval-limit", "8",
-                 "--eval-schedule", "diagonal_final", "--results-dir", str(results), "--experiment", "osf"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--seeds",
+                "0",
+                "--no-progress",
+                "--no-report",
+                "--methods",
+                "osf",
+                "--tasks",
+                ",".join(TASKS),
+                "--eval-limit",
+                "8",
+                "--eval-schedule",
+                "diagonal_final",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "osf",
+            ]
+        )
+        == 0
+    )
     return results / "osf" / "osf" / "seed-0"
 
 

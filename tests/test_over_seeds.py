@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
+from simulate_cl import SEED_EFFECTS, P, SeedEffect, experiment, mc_error
 
 from harness.analysis import over_seeds as OS
 from harness.analysis import statistics as ST
-from simulate_cl import P, SEED_EFFECTS, SeedEffect, experiment, mc_error
 
 N_EXPERIMENTS = 400
 N_BOOT = 200  # document draws behind V_doc in the simulations (the report uses 400)
@@ -37,8 +37,9 @@ def test_identical_methods_are_called_different_at_most_5_percent_of_the_time(n_
 @pytest.mark.slow
 def test_the_seed_bootstrap_the_report_used_fails_the_same_simulation():
     large = next(e for e in SEED_EFFECTS if e.name == "large")
-    old = rejection_rate(3, large, test=lambda a, b: ST.paired_difference(a, b, "ACC", n_boot=400,
-                                                                       resample_seeds=True).p)
+    old = rejection_rate(
+        3, large, test=lambda a, b: ST.paired_difference(a, b, "ACC", n_boot=400, resample_seeds=True).p
+    )
     assert old > BOUND, f"the seeds-and-documents bootstrap rejected a true null in only {old:.1%}"
 
 
@@ -49,11 +50,15 @@ def test_a_planted_gap_is_found_with_the_power_the_report_states():
     rng = np.random.default_rng(99)
     # The report states it from each experiment's own spread; over experiments its root mean square is the
     # design's (s² is unbiased for the variance, s is not).
-    stated = np.sqrt(np.mean([OS.seed_test(*experiment(rng, 10, moderate), "ACC", n_boot=N_BOOT).detectable ** 2
-                              for _ in range(100)]))
+    stated = np.sqrt(
+        np.mean(
+            [OS.seed_test(*experiment(rng, 10, moderate), "ACC", n_boot=N_BOOT).detectable ** 2 for _ in range(100)]
+        )
+    )
     power = rejection_rate(10, moderate, gap=float(stated), seed=1)
     assert abs(power - OS.POWER) <= 3 * mc_error(OS.POWER, N_EXPERIMENTS), (
-        f"gap {stated:.3f}: found in {power:.1%} of experiments, stated {OS.POWER:.0%}")
+        f"gap {stated:.3f}: found in {power:.1%} of experiments, stated {OS.POWER:.0%}"
+    )
 
 
 def test_the_t_test_over_seeds_is_the_paired_t_test_without_documents():
@@ -67,10 +72,10 @@ def test_the_t_test_over_seeds_is_the_paired_t_test_without_documents():
 def test_document_noise_the_seeds_share_widens_the_interval():
     d = np.array([0.10, 0.12, 0.08, 0.11])
     _, se0, lo0, hi0, p0 = OS.t_test(d)
-    _, se1, lo1, hi1, p1 = OS.t_test(d, doc_var=0.02 ** 2)
-    assert se1 == pytest.approx(np.sqrt(se0 ** 2 + 0.02 ** 2)) and lo1 < lo0 and hi1 > hi0
+    _, se1, lo1, hi1, p1 = OS.t_test(d, doc_var=0.02**2)
+    assert se1 == pytest.approx(np.sqrt(se0**2 + 0.02**2)) and lo1 < lo0 and hi1 > hi0
     # The documents' part is known from hundreds of documents: its degrees of freedom are many (Welch-Satterthwaite)
-    assert OS.degrees_of_freedom(np.std(d, ddof=1), 4, 0.02 ** 2) > 3 == OS.degrees_of_freedom(np.std(d, ddof=1), 4)
+    assert OS.degrees_of_freedom(np.std(d, ddof=1), 4, 0.02**2) > 3 == OS.degrees_of_freedom(np.std(d, ddof=1), 4)
 
 
 def test_power_is_alpha_at_no_difference_and_80_percent_at_the_detectable_difference():
@@ -87,7 +92,7 @@ def test_seeds_needed_is_the_fewest_seeds_with_80_percent_power():
     assert 6 <= n <= 12
     assert OS.seeds_needed(0.0, 0.1) is None
     # The shared part of the documents' noise does not shrink with seeds: a gap below it is never decided.
-    assert OS.seeds_needed(0.01, 0.05, doc_var=0.02 ** 2) is None
+    assert OS.seeds_needed(0.01, 0.05, doc_var=0.02**2) is None
 
 
 def test_holm_adjusts_in_step_down_order():
@@ -121,10 +126,12 @@ def test_a_seed_test_reports_the_difference_interval_power_and_seeds_needed():
 
 def test_the_seed_interval_covers_the_true_value_over_seeds():
     from harness import metrics as MX
+
     rng = np.random.default_rng(2)
     moderate = next(e for e in SEED_EFFECTS if e.name == "moderate")
     # The truth is the expected ACC over seeds: estimated once from many seeds' true matrices.
     from simulate_cl import seed_matrix
+
     truth = np.mean([MX.acc(seed_matrix(rng, P, moderate)) for _ in range(20000)])
     hits = 0
     for _ in range(200):

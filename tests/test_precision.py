@@ -15,17 +15,17 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from harness.adapters.combine import Fp32FoldedLinear, folded  # noqa: E402
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.config_loading import load_config
 from harness.errors import ConfigError  # noqa: E402
-from harness.run.evaluate import Evaluator  # noqa: E402
-from harness.adapters.combine import Fp32FoldedLinear, folded  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
-from harness.run.planning import check_precision  # noqa: E402
 from harness.precision import exact_matmuls, precision_of, set_tf32  # noqa: E402
-from harness.suites import load_suite  # noqa: E402
+from harness.run.evaluate import Evaluator  # noqa: E402
+from harness.run.planning import check_precision  # noqa: E402
 from harness.run.train import Recipe, make_optimizer, train_stage  # noqa: E402
+from harness.suites import load_suite  # noqa: E402
 
 TASKS = ["weather", "copy"]
 
@@ -33,8 +33,22 @@ TASKS = ["weather", "copy"]
 def _stage(method, suite, tok, t: int, task: str, cfg, *, steps: int = 6, lr: float = 3e-2):
     method.begin_stage(StageContext(stage=t, task=task, run_dir=Path("."), calibrate=lambda *a: None))
     examples = [{**ex, "eos": True} for ex in suite.task(task).train_examples()]
-    train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=lr, epochs=1,
-                batch_size=8, steps=steps, max_seq_len=32, seed=0, stage=t, hooks=method, progress=False)
+    train_stage(
+        method.model,
+        tok,
+        examples,
+        method.trainable(),
+        recipe=Recipe.from_config(cfg),
+        lr=lr,
+        epochs=1,
+        batch_size=8,
+        steps=steps,
+        max_seq_len=32,
+        seed=0,
+        stage=t,
+        hooks=method,
+        progress=False,
+    )
     method.end_stage()
 
 
@@ -61,8 +75,15 @@ def test_bf16_base_keeps_adapters_and_adamw_state_in_fp32(name):
 
     device = next(method.model.parameters()).device
     batch = collate(tokenize_examples(tok, suite.task("weather").train_examples()[:4], 32), 0, device)
-    train_step(method.model, batch, list(trainable.values()), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
-               Recipe.from_config(cfg), method)
+    train_step(
+        method.model,
+        batch,
+        list(trainable.values()),
+        opt,
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+        Recipe.from_config(cfg),
+        method,
+    )
     moments = [v for state in opt.state.values() for k, v in state.items() if k in ("exp_avg", "exp_avg_sq")]
     assert moments and all(m.dtype == torch.float32 for m in moments)
     assert precision_of(cfg, method.model).record()["optimizer_state_dtype"] == "float32"
@@ -79,10 +100,15 @@ def test_earlier_lori_s_entries_are_bit_identical_after_a_bf16_stage():
     suite = load_suite("smoke")
     _stage(method, suite, tok, 1, "weather", cfg)
     mask1 = method.task_masks[0]
-    before = {k: m.weight.detach().reshape(-1)[mask1[k].long()].clone() for k, m in method.adapters.b_modules(method.adapter).items()}
+    before = {
+        k: m.weight.detach().reshape(-1)[mask1[k].long()].clone()
+        for k, m in method.adapters.b_modules(method.adapter).items()
+    }
     assert any(bool(v.abs().sum() > 0) for v in before.values())
     _stage(method, suite, tok, 2, "copy", cfg)
-    after = {k: m.weight.detach().reshape(-1)[mask1[k].long()] for k, m in method.adapters.b_modules(method.adapter).items()}
+    after = {
+        k: m.weight.detach().reshape(-1)[mask1[k].long()] for k, m in method.adapters.b_modules(method.adapter).items()
+    }
     for k in before:
         assert torch.equal(before[k], after[k]), k
 
@@ -136,8 +162,23 @@ def test_fp16_on_cpu_is_refused_before_anything_is_loaded():
 
 @pytest.mark.parametrize("flag", [["--adapter-dtype", "fp8"], ["--dtype", "fp16", "--device", "cpu"]])
 def test_bad_precision_flags_exit_2_and_write_nothing(tmp_path, flag):
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "smoke", "--model", "tiny-llama",
-                          "--results-dir", str(tmp_path / "r"), *flag], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            "--suite",
+            "smoke",
+            "--model",
+            "tiny-llama",
+            "--results-dir",
+            str(tmp_path / "r"),
+            *flag,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()
@@ -148,11 +189,21 @@ def test_resuming_a_folder_made_under_another_precision_is_refused_naming_both(t
     from harness.io import atomic_write_json
     from harness.run.folder import PRECISION, check_same_precision
 
-    cpu = {"device_type": "cpu", "base_dtype": "float32", "adapter_dtype": "float32", "optimizer_state_dtype": "float32",
-           "tf32_train": False, "tf32_eval": False, "cpu_bf16_autocast": False}
+    cpu = {
+        "device_type": "cpu",
+        "base_dtype": "float32",
+        "adapter_dtype": "float32",
+        "optimizer_state_dtype": "float32",
+        "tf32_train": False,
+        "tf32_eval": False,
+        "cpu_bf16_autocast": False,
+    }
     gpu = {**cpu, "device_type": "cuda", "base_dtype": "bfloat16"}
     check_same_precision(tmp_path, cpu)  # a folder made before precision.json existed continues
     atomic_write_json(tmp_path / PRECISION, gpu)
-    with pytest.raises(ConfigError, match=r"base_dtype: folder 'bfloat16', now 'float32'.*device_type: folder 'cuda', now 'cpu'.*--dtype"):
+    with pytest.raises(
+        ConfigError,
+        match=r"base_dtype: folder 'bfloat16', now 'float32'.*device_type: folder 'cuda', now 'cpu'.*--dtype",
+    ):
         check_same_precision(tmp_path, cpu)
     check_same_precision(tmp_path, gpu)

@@ -18,12 +18,23 @@ class Tok:
 
 
 def recipe(**kw):
-    base = dict(weight_decay=0.0, grad_clip=1.0, warmup_steps=0, warmup_ratio=0.0, loss_reduction="token", completion_eos="auto")
+    base = dict(
+        weight_decay=0.0, grad_clip=1.0, warmup_steps=0, warmup_ratio=0.0, loss_reduction="token", completion_eos="auto"
+    )
     return Recipe(**{**base, **kw})
 
 
-@pytest.mark.parametrize("mode,generative,eos", [("auto", True, True), ("auto", False, False), ("always", False, True),
-                                                  ("always", True, True), ("never", True, False), ("never", False, False)])
+@pytest.mark.parametrize(
+    "mode,generative,eos",
+    [
+        ("auto", True, True),
+        ("auto", False, False),
+        ("always", False, True),
+        ("always", True, True),
+        ("never", True, False),
+        ("never", False, False),
+    ],
+)
 def test_eos_follows_the_completion_exactly_as_configured(mode, generative, eos):
     r = recipe(completion_eos=mode)
     ex = {"prompt": "Q:", "completion": " A", "eos": r.add_eos(generative)}
@@ -40,11 +51,15 @@ def test_scheduler_marks_each_example_from_its_task_kind(tmp_path):
 
     suite = load_suite("smoke")
     cfg = ExperimentConfig(model="tiny-llama", suite="smoke")  # the default: auto
-    runner = SequenceRunner(cfg, suite, SequenceSpec("lora", 0, 0, ["parity", "copy"], tmp_path, cfg), None, None, None, None)
+    runner = SequenceRunner(
+        cfg, suite, SequenceSpec("lora", 0, 0, ["parity", "copy"], tmp_path, cfg), None, None, None, None
+    )
     assert all(ex["eos"] is False for ex in runner.task_examples("parity"))  # multiple choice: EOS is never scored
     assert all(ex["eos"] is True for ex in runner.task_examples("copy"))  # generation: EOS is the stop signal
     always_cfg = ExperimentConfig(model="tiny-llama", suite="smoke", completion_eos="always")
-    always = SequenceRunner(always_cfg, suite, SequenceSpec("lora", 0, 0, ["parity"], tmp_path, always_cfg), None, None, None, None)
+    always = SequenceRunner(
+        always_cfg, suite, SequenceSpec("lora", 0, 0, ["parity"], tmp_path, always_cfg), None, None, None, None
+    )
     assert all(ex["eos"] is True for ex in always.task_examples("parity"))
 
 
@@ -79,24 +94,73 @@ def test_loss_reduction_token_vs_example():
 
 
 def test_recipe_knobs_are_logged_as_mlflow_params(tmp_path):
-    from harness.cli import main
     from test_sequence import mlflow_client
 
+    from harness.cli import main
+
     results = tmp_path / "r"
-    assert main(["run", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--tasks", "parity", "--seeds", "0",
-                 "--warmup-ratio", "0.25", "--completion-eos", "never", "--loss-reduction", "example", "--no-progress", "--no-report",
-                 "--results-dir", str(results), "--experiment", "recipe"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora",
+                "--tasks",
+                "parity",
+                "--seeds",
+                "0",
+                "--warmup-ratio",
+                "0.25",
+                "--completion-eos",
+                "never",
+                "--loss-reduction",
+                "example",
+                "--no-progress",
+                "--no-report",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "recipe",
+            ]
+        )
+        == 0
+    )
     c = mlflow_client(results)
     run = c.search_runs([c.get_experiment_by_name("recipe").experiment_id], "tags.`harness.kind` = 'sequence'")[0]
     p = run.data.params
-    assert (p["warmup_ratio"], p["completion_eos"], p["loss_reduction"], p["grad_clip"], p["weight_decay"]) == \
-        ("0.25", "never", "example", "1.0", "0.0")
+    assert (p["warmup_ratio"], p["completion_eos"], p["loss_reduction"], p["grad_clip"], p["weight_decay"]) == (
+        "0.25",
+        "never",
+        "example",
+        "1.0",
+        "0.0",
+    )
 
 
 def test_warmup_steps_and_ratio_together_are_refused(tmp_path, capsys):
     from harness.cli import main
 
-    assert main(["run", "--suite", "smoke", "--model", "tiny-llama", "--warmup-steps", "5", "--warmup-ratio", "0.1",
-                 "--results-dir", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--warmup-steps",
+                "5",
+                "--warmup-ratio",
+                "0.1",
+                "--results-dir",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "warmup_steps or warmup_ratio" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from html import escape as html_escape
 import os
 import shutil
 import statistics
+from html import escape as html_escape
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,8 @@ import pytest
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
-from harness.methods import METHODS  # noqa: E402
 from harness.errors import HarnessError  # noqa: E402
+from harness.methods import METHODS  # noqa: E402
 from harness.metrics import summarize as cl_metrics  # noqa: E402
 from harness.report import write_report  # noqa: E402
 
@@ -75,8 +75,9 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2))
 
 
-def write_sequence_folder(run_dir: Path, record: dict, R: list, summary: dict, diagnostics: dict | None = None,
-                          documents: dict | None = None) -> None:
+def write_sequence_folder(
+    run_dir: Path, record: dict, R: list, summary: dict, diagnostics: dict | None = None, documents: dict | None = None
+) -> None:
     """A finished sequence folder with the files the report reads, as the scheduler writes them.
 
     record: state.json's parent record (name, tags, params) and run id; summary.json gets the hashes of the results."""
@@ -111,15 +112,27 @@ def write_unfinished_folder(run_dir: Path, method: str, seed: str, n_stages: int
     run_dir.mkdir(parents=True, exist_ok=True)
     seq = {"method": method, "seed": int(seed), "order_index": 0, "tasks": TASKS}
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"suite": "default", "model": "smollm2-135m", "sequence": seq}))
-    _write_json(run_dir / "state.json", {"mlflow_parent": {"name": run_name, "tags": {}, "params": {}},
-                                         "mlflow_parent_run_id": run_id})
+    _write_json(
+        run_dir / "state.json",
+        {"mlflow_parent": {"name": run_name, "tags": {}, "params": {}}, "mlflow_parent_run_id": run_id},
+    )
     for t in range(n_stages):
         _write_json(run_dir / "stages" / f"{t}-{(['base'] + TASKS)[t]}" / "stage.json", {"stage": t})
 
 
-def _log_sequence(client, exp_id: str, method: str, seed: str, R: list, eff: float, lora_eq: float,
-                  experiment: str = EXPERIMENT, reference: bool = False, results_dir: Path | None = None,
-                  documents: dict | None = None) -> str:
+def _log_sequence(
+    client,
+    exp_id: str,
+    method: str,
+    seed: str,
+    R: list,
+    eff: float,
+    lora_eq: float,
+    experiment: str = EXPERIMENT,
+    reference: bool = False,
+    results_dir: Path | None = None,
+    documents: dict | None = None,
+) -> str:
     """One FINISHED sequence: its run folder under results_dir/<experiment>/<method>/seed-<seed>, and its MLflow
     parent run with its children, as the scheduler writes them; a reference trains all tasks in one stage."""
     import numpy as np
@@ -129,42 +142,92 @@ def _log_sequence(client, exp_id: str, method: str, seed: str, R: list, eff: flo
 
     ts = 1_760_000_000_000
     tags = {
-        "harness.kind": "sequence", "harness.method": method, "harness.seed": seed, "harness.order": "0",
-        "harness.suite": "default", "harness.model": "smollm2-135m", "harness.experiment": experiment,
-        "harness.git_commit": "0123abcd", **({"harness.reference": "true"} if reference else {}),
+        "harness.kind": "sequence",
+        "harness.method": method,
+        "harness.seed": seed,
+        "harness.order": "0",
+        "harness.suite": "default",
+        "harness.model": "smollm2-135m",
+        "harness.experiment": experiment,
+        "harness.git_commit": "0123abcd",
+        **({"harness.reference": "true"} if reference else {}),
     }
     rid = client.create_run(exp_id, start_time=ts, tags=tags, run_name=f"{method}-s{seed}-o0").info.run_id
     m = summarize_reference(np.array(R)) if reference else hand_metrics(R)
     params = {
-        "method": method, "seed": seed, "order_index": "0", "task_order": ",".join(TASKS), "suite": "default",
-        "model": "smollm2-135m", "rank": "8", "alpha": "16", "targets": "q_proj,v_proj",
-        "mask_strategy": "random" if method == "lori-s" else "none", "mask_density": "0.1" if method == "lori-s" else "1.0",
-        "overlap_policy": "disjoint", "a_mode": "shared",
+        "method": method,
+        "seed": seed,
+        "order_index": "0",
+        "task_order": ",".join(TASKS),
+        "suite": "default",
+        "model": "smollm2-135m",
+        "rank": "8",
+        "alpha": "16",
+        "targets": "q_proj,v_proj",
+        "mask_strategy": "random" if method == "lori-s" else "none",
+        "mask_density": "0.1" if method == "lori-s" else "1.0",
+        "overlap_policy": "disjoint",
+        "a_mode": "shared",
     }
-    metrics = [Metric(f"acc/{t}", R[s][j], ts + s, s) for s in range(len(R)) for j, t in enumerate(TASKS) if R[s][j] is not None]
+    metrics = [
+        Metric(f"acc/{t}", R[s][j], ts + s, s)
+        for s in range(len(R))
+        for j, t in enumerate(TASKS)
+        if R[s][j] is not None
+    ]
     metrics += [Metric(k, v, ts + 9, 0) for k, v in m.items() if v is not None]
-    metrics += [Metric("trainable_params_effective", eff, ts, 0), Metric("trainable_params_lora_equivalent", lora_eq, ts, 0)]
+    metrics += [
+        Metric("trainable_params_effective", eff, ts, 0),
+        Metric("trainable_params_lora_equivalent", lora_eq, ts, 0),
+    ]
     client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in params.items()])
     client.log_dict(rid, {"tasks": TASKS, "stages": list(range(len(R))), "R": R}, "matrix.json")
-    csv = "stage," + ",".join(TASKS) + "\n" + "".join(
-        f"{s}," + ",".join("" if v is None else str(v) for v in row) + "\n" for s, row in enumerate(R))
+    csv = (
+        "stage,"
+        + ",".join(TASKS)
+        + "\n"
+        + "".join(f"{s}," + ",".join("" if v is None else str(v) for v in row) + "\n" for s, row in enumerate(R))
+    )
     client.log_text(rid, csv, "matrix.csv")
     summary = {
-        "method": method, "seed": int(seed), "order_index": 0, "tasks": TASKS, "acc": m["ACC"], "bwt": m["BWT"],
-        "fwt": m["FWT"], "forgetting": m["forgetting"], "trainable_params_effective": eff, "reference": reference,
-        "trainable_params_lora_equivalent": lora_eq, "stage_wall_s": [60.0, 61.0, 59.5], "mlflow_parent_run_id": rid,
+        "method": method,
+        "seed": int(seed),
+        "order_index": 0,
+        "tasks": TASKS,
+        "acc": m["ACC"],
+        "bwt": m["BWT"],
+        "fwt": m["FWT"],
+        "forgetting": m["forgetting"],
+        "trainable_params_effective": eff,
+        "reference": reference,
+        "trainable_params_lora_equivalent": lora_eq,
+        "stage_wall_s": [60.0, 61.0, 59.5],
+        "mlflow_parent_run_id": rid,
     }
     client.log_dict(rid, summary, "summary.json")
     client.log_text(rid, f"experiment: {experiment}\nmethods: [{method}]\n", "config.yaml")
     client.log_dict(rid, _diagnostics(method, seed), "diagnostics.json")
     if documents is not None:
         client.log_dict(rid, documents, "documents.json")
-    record = {"mlflow_parent": {"name": f"{method}-s{seed}-o0", "tags": tags, "params": params}, "mlflow_parent_run_id": rid}
-    write_sequence_folder(results_dir / experiment / method / f"seed-{seed}", record, R, summary, _diagnostics(method, seed),
-                          documents)
+    record = {
+        "mlflow_parent": {"name": f"{method}-s{seed}-o0", "tags": tags, "params": params},
+        "mlflow_parent_run_id": rid,
+    }
+    write_sequence_folder(
+        results_dir / experiment / method / f"seed-{seed}", record, R, summary, _diagnostics(method, seed), documents
+    )
     for stage, task in enumerate(["all"] if reference else TASKS, start=1):
-        child = client.create_run(exp_id, start_time=ts + stage, run_name=f"stage-{stage}-{task}", tags={
-            "mlflow.parentRunId": rid, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task})
+        child = client.create_run(
+            exp_id,
+            start_time=ts + stage,
+            run_name=f"stage-{stage}-{task}",
+            tags={
+                "mlflow.parentRunId": rid,
+                "harness.kind": "stage",
+                "harness.stage": str(stage),
+                "harness.task": task,
+            },
+        )
         cm = [Metric("train/loss", 2.0 / (k + 1), ts + k, k) for k in range(5)]
         cm += [Metric("stage_wall_s", 60.0, ts, 0), Metric("train_tok_s", 150.0, ts, 0)]
         cm += [Metric(f"eval/{t}", R[stage][j], ts, 0) for j, t in enumerate(TASKS) if R[stage][j] is not None]
@@ -185,15 +248,22 @@ def build_fixture_store(results_dir: Path) -> dict:
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment(EXPERIMENT, artifact_location=f"file://{results_dir / 'mlartifacts'}")
     ts = 1_760_000_000_000
-    parents = {(method, seed): _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], results_dir=results_dir)
-               for (method, seed), R in MATRICES.items()}
+    parents = {
+        (method, seed): _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], results_dir=results_dir)
+        for (method, seed), R in MATRICES.items()
+    }
     # Incomplete sequences (folders without summary.json): skipped by the report.
     for status, seed in (("RUNNING", "2"), ("FAILED", "3")):
-        run = client.create_run(exp_id, start_time=ts, run_name=f"lora-s{seed}-o0", tags={
-            "harness.kind": "sequence", "harness.method": "lora", "harness.seed": seed, "harness.order": "0"})
+        run = client.create_run(
+            exp_id,
+            start_time=ts,
+            run_name=f"lora-s{seed}-o0",
+            tags={"harness.kind": "sequence", "harness.method": "lora", "harness.seed": seed, "harness.order": "0"},
+        )
         client.log_metric(run.info.run_id, "acc/arith", 0.1, step=0)
-        write_unfinished_folder(results_dir / EXPERIMENT / "lora" / f"seed-{seed}", "lora", seed, 1, run.info.run_id,
-                                f"lora-s{seed}-o0")
+        write_unfinished_folder(
+            results_dir / EXPERIMENT / "lora" / f"seed-{seed}", "lora", seed, 1, run.info.run_id, f"lora-s{seed}-o0"
+        )
         if status != "RUNNING":
             client.set_terminated(run.info.run_id, status)
     return {"uri": uri, "experiment_id": exp_id, "parents": parents, "results_dir": results_dir}
@@ -225,15 +295,29 @@ def test_hand_metrics_match_the_reference_formulas():
         got, want = cl_metrics(arr), hand_metrics(R)
         for k in want:
             assert got[k] == pytest.approx(want[k])
-    assert cl_metrics(np.array([[0.2], [0.9]])) == {"ACC": pytest.approx(0.9), "BWT": None, "FWT": None, "forgetting": None}
+    assert cl_metrics(np.array([[0.2], [0.9]])) == {
+        "ACC": pytest.approx(0.9),
+        "BWT": None,
+        "FWT": None,
+        "forgetting": None,
+    }
 
 
 def test_report_files(report, store):
     rdir = store["results_dir"] / EXPERIMENT / "report"
     assert report == rdir / "index.html"
-    for name in ("index.html", "comparison.csv", "comparison.json", "mean_matrices.json", "accuracy_matrices.png",
-                 "forgetting_curves.png", "cl_metrics.png", "trainable_params.png", "mask_overlap.png",
-                 "subspace_overlap.png"):
+    for name in (
+        "index.html",
+        "comparison.csv",
+        "comparison.json",
+        "mean_matrices.json",
+        "accuracy_matrices.png",
+        "forgetting_curves.png",
+        "cl_metrics.png",
+        "trainable_params.png",
+        "mask_overlap.png",
+        "subspace_overlap.png",
+    ):
         p = rdir / name
         assert p.is_file() and p.stat().st_size > 0, name
     assert not list(rdir.glob("*.tmp")) and not list(rdir.glob(".*.tmp"))
@@ -244,7 +328,7 @@ def test_report_files(report, store):
         assert f'src="{png.name}"' in text, png.name
     # Self-contained: nothing fetched from elsewhere.
     assert "http://" not in text and "https://" not in text and "<script" not in text and "<link" not in text
-    assert "2 skipped" in text or "skipped (not FINISHED)</td><td class=\"l\">2:" in text
+    assert "2 skipped" in text or 'skipped (not FINISHED)</td><td class="l">2:' in text
     assert "Avalanche" in text and "Mammoth" in text and "Lopez-Paz" in text and "Chaudhry" in text
     assert "max_{l in 1..T-1} (R[l, j] - R[T, j])" in text
     assert "0123abcd" in text and "smollm2-135m" in text
@@ -270,7 +354,9 @@ def test_comparison_numbers(report, store):
     assert len(comp["runs"]) == 4
     # LoRI-S forgets less in the fixture, by far more than the std.
     for m in ("forgetting", "ACC"):  # 2 seeds: ahead, but no verdict (a test over seeds needs 3)
-        assert "LoRI-S is ahead by" in comp["verdicts"][m] and "a test over seeds needs at least 3" in comp["verdicts"][m]
+        assert (
+            "LoRI-S is ahead by" in comp["verdicts"][m] and "a test over seeds needs at least 3" in comp["verdicts"][m]
+        )
 
     import csv
 
@@ -323,8 +409,9 @@ def test_generated_at_is_the_time_stated(store, tmp_path):
 
     copy = _copy_store(store, tmp_path / "results")
     when = dt.datetime(2025, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-    index = write_report(EXPERIMENT, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False,
-                         generated_at=when)
+    index = write_report(
+        EXPERIMENT, copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, generated_at=when
+    )
     assert "Generated 2025-01-02 03:04 UTC from " in index.read_text(encoding="utf-8")
     assert json.loads((index.parent / "comparison.json").read_text())["generated_at"] == "2025-01-02T03:04:05+00:00"
 
@@ -376,8 +463,11 @@ SEVEN = "all-methods"
 
 def _seven_matrix(k: int, seed: int, reference: bool = False) -> list[list[float]]:
     d = 0.01 * k + 0.005 * seed  # a reference has one multi-task stage: base, all tasks
-    return [[0.25, 0.30, 0.50]] + ([[0.97 - d, 0.96, 0.98]] if reference else
-                                   [[0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]])
+    return [[0.25, 0.30, 0.50]] + (
+        [[0.97 - d, 0.96, 0.98]]
+        if reference
+        else [[0.90 + d, 0.32, 0.50], [0.70 + d, 0.92, 0.52], [0.55 + 2 * d, 0.80 + d, 0.95]]
+    )
 
 
 def _log_unfinished(client, exp_id, run_dir: Path, method, seed, R, tags, status=None) -> str:
@@ -385,10 +475,22 @@ def _log_unfinished(client, exp_id, run_dir: Path, method, seed, R, tags, status
     acc/<task> up to where it stopped (step = stage)."""
     from mlflow.entities import Metric, Param
 
-    rid = client.create_run(exp_id, run_name=f"{method}-s{seed}-o0", tags={
-        "harness.kind": "sequence", "harness.method": method, "harness.seed": str(seed), "harness.order": "0", **tags}).info.run_id
-    client.log_batch(rid, metrics=[Metric(f"acc/{t}", v, 0, s) for s, row in enumerate(R) for t, v in zip(TASKS, row)],
-                     params=[Param("task_order", ",".join(TASKS))])
+    rid = client.create_run(
+        exp_id,
+        run_name=f"{method}-s{seed}-o0",
+        tags={
+            "harness.kind": "sequence",
+            "harness.method": method,
+            "harness.seed": str(seed),
+            "harness.order": "0",
+            **tags,
+        },
+    ).info.run_id
+    client.log_batch(
+        rid,
+        metrics=[Metric(f"acc/{t}", v, 0, s) for s, row in enumerate(R) for t, v in zip(TASKS, row)],
+        params=[Param("task_order", ",".join(TASKS))],
+    )
     write_unfinished_folder(run_dir, method, str(seed), len(R), rid, f"{method}-s{seed}-o0")
     if status:
         client.set_terminated(rid, status)
@@ -401,8 +503,10 @@ def lock_held_by_another_process(run_dir: Path):
     import subprocess
     import sys
 
-    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)")
+    code = (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.lockf(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "held"
@@ -426,8 +530,16 @@ def build_seven_method_store(results_dir: Path) -> dict:
         for seed in ("0", "1"):
             R = st["R"][(method, seed)] = _seven_matrix(k, int(seed), cls.reference)
             _log_sequence(client, exp_id, method, seed, R, 4e5 * (1 + k), 4e5, SEVEN, cls.reference, results_dir)
-    st["killed"] = _log_unfinished(client, exp_id, Path(st["killed_dir"]), "lora", 7, _seven_matrix(0, 7)[:2],
-                                   {"harness.run_dir": st["killed_dir"], "harness.interrupted": "true"}, status="KILLED")
+    st["killed"] = _log_unfinished(
+        client,
+        exp_id,
+        Path(st["killed_dir"]),
+        "lora",
+        7,
+        _seven_matrix(0, 7)[:2],
+        {"harness.run_dir": st["killed_dir"], "harness.interrupted": "true"},
+        status="KILLED",
+    )
     st["running_dir"] = results_dir / SEVEN / "replay" / "seed-8"
     st["running"] = _log_unfinished(client, exp_id, st["running_dir"], "replay", 8, _seven_matrix(0, 8)[:3], {})
     return st
@@ -441,11 +553,17 @@ def seven(tmp_path_factory):
 
 
 def test_method_names_and_order_come_from_the_method_layer():
-    from harness.methods import METHODS
     from harness.analysis.naming import display_name, is_reference_method, method_sort_key
+    from harness.methods import METHODS
 
     assert [display_name(m) for m in METHODS] == [c.display for c in METHODS.values()] and display_name("old") == "old"
-    assert sorted(["zzz", "mtl", "aaa", "lora", "lori-s"], key=method_sort_key) == ["lori-s", "lora", "mtl", "aaa", "zzz"]
+    assert sorted(["zzz", "mtl", "aaa", "lora", "lori-s"], key=method_sort_key) == [
+        "lori-s",
+        "lora",
+        "mtl",
+        "aaa",
+        "zzz",
+    ]
     assert is_reference_method("mtl") and not is_reference_method("lora") and not is_reference_method("nope")
 
 
@@ -456,14 +574,19 @@ def test_seven_methods_reference_row_never_ranked(seven):
 
     text, rdir = seven["index"].read_text(encoding="utf-8"), seven["index"].parent
     assert all(f'<td class="l">{c.display}' in text for c in METHODS.values())
-    assert "MTL is a reference (upper bound), not ranked" in text and "every ACC/BWT/FWT/forgetting in summary.json matches" in text
-    row = text[text.index("MTL <em>reference (upper bound)</em></td><td>2</td>"):].split("</tr>")[0]
+    assert (
+        "MTL is a reference (upper bound), not ranked" in text
+        and "every ACC/BWT/FWT/forgetting in summary.json matches" in text
+    )
+    row = text[text.index("MTL <em>reference (upper bound)</em></td><td>2</td>") :].split("</tr>")[0]
     assert row.count("<td>n/a</td>") == 4  # BWT, FWT, forgetting, LA do not apply
     assert len(list(rdir.glob("*.png"))) == 6
     comp = json.loads((rdir / "comparison.json").read_text())
     by = {r["method"]: r for r in comp["methods"]}
     assert list(by) == list(METHODS) and [m for m in by if by[m]["reference"]] == ["mtl"]
-    assert by["mtl"]["ACC"]["mean"] == pytest.approx(statistics.mean(statistics.mean(seven["R"][("mtl", s)][1]) for s in "01"))
+    assert by["mtl"]["ACC"]["mean"] == pytest.approx(
+        statistics.mean(statistics.mean(seven["R"][("mtl", s)][1]) for s in "01")
+    )
     assert all(by["mtl"][k]["mean"] is None for k in ("BWT", "FWT", "forgetting"))
     assert not any("MTL" in v or "mtl" in v for v in comp["verdicts"].values())
     best = [c.display for c in METHODS.values() if not c.reference][-1]  # _seven_matrix: later methods score higher
@@ -476,25 +599,40 @@ def test_seven_methods_reference_row_never_ranked(seven):
 
 
 def test_interrupted_and_running_runs_are_listed_not_aggregated(seven, tmp_path):
-    text, comp = seven["index"].read_text(encoding="utf-8"), json.loads((seven["index"].parent / "comparison.json").read_text())
-    assert {seven["killed"], seven["running"]}.isdisjoint(r["run_id"] for r in comp["runs"]) and len(comp["runs"]) == 2 * len(METHODS)
+    text, comp = (
+        seven["index"].read_text(encoding="utf-8"),
+        json.loads((seven["index"].parent / "comparison.json").read_text()),
+    )
+    assert {seven["killed"], seven["running"]}.isdisjoint(r["run_id"] for r in comp["runs"]) and len(
+        comp["runs"]
+    ) == 2 * len(METHODS)
     assert all(r["seeds"] == ["0", "1"] for r in comp["methods"])
     [killed], [running] = comp["interrupted_runs"], comp["running_runs"]
     assert (killed["run_id"], killed["status"], killed["last_stage"]) == (seven["killed"], "KILLED", 1)
     assert killed["resume_command"] == f"harness resume {seven['killed_dir']}"
     assert (running["run_id"], running["last_stage"], running["resume_command"]) == (seven["running"], 2, None)
-    section = text[text.index("<h2>Interrupted sequences</h2>"):text.index("<h2>Running sequences</h2>")]
+    section = text[text.index("<h2>Interrupted sequences</h2>") : text.index("<h2>Running sequences</h2>")]
     assert "lora-s7-o0" in section and "1 of 3" in section and f"harness resume {seven['killed_dir']}" in section
-    assert "replay-s8-o0" in text[text.index("<h2>Running sequences</h2>"):text.index("<h2>Which method")]
-    assert "lora-s7-o0" not in text[text.index("<h2>Runs</h2>"):] and "replay-s8-o0" not in text[text.index("<h2>Runs"):]
+    assert "replay-s8-o0" in text[text.index("<h2>Running sequences</h2>") : text.index("<h2>Which method")]
+    assert (
+        "lora-s7-o0" not in text[text.index("<h2>Runs</h2>") :] and "replay-s8-o0" not in text[text.index("<h2>Runs") :]
+    )
     # Nothing finished yet: the error says what to resume.
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp_id = client.create_experiment("cut", artifact_location=f"file://{tmp_path / 'mlartifacts'}")
     cut_dir = tmp_path / "cut" / "lora" / "seed-0"
-    _log_unfinished(client, exp_id, cut_dir, "lora", 0, [], {"harness.run_dir": str(cut_dir), "harness.interrupted": "true"},
-                    "KILLED")
+    _log_unfinished(
+        client,
+        exp_id,
+        cut_dir,
+        "lora",
+        0,
+        [],
+        {"harness.run_dir": str(cut_dir), "harness.interrupted": "true"},
+        "KILLED",
+    )
     with pytest.raises(HarnessError, match=rf"no FINISHED sequence runs .*1 interrupted.*`harness resume {cut_dir}`"):
         write_report("cut", tmp_path, log_to_mlflow=False)
 
@@ -515,8 +653,16 @@ def test_reference_matrix_comes_from_its_folder_without_any_mlflow_store(seven, 
 
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @contextlib.contextmanager
@@ -525,8 +671,10 @@ def chromium_page(path: Path):
 
     Skips, saying how to get one, where Chromium or playwright is missing."""
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} missing: install it with `apt-get install -y chromium chromium-driver` "
-                    "(or run .ci/install-browser.sh)")
+        pytest.skip(
+            f"{CHROMIUM} missing: install it with `apt-get install -y chromium chromium-driver` "
+            "(or run .ci/install-browser.sh)"
+        )
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download needed)")
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -543,12 +691,16 @@ def chromium_page(path: Path):
 def test_report_renders_in_headless_chromium(report, tmp_path):
     shot = tmp_path / "report.png"
     with chromium_page(report) as (page, requests):
-        imgs = page.evaluate("Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])")
+        imgs = page.evaluate(
+            "Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth])"
+        )
         page.screenshot(path=str(shot), full_page=True)
     assert len(imgs) == len(list(report.parent.glob("*.png"))) == 6
     for src, complete, width in imgs:
         assert complete and width > 0, src
-    assert all(u.startswith(("file://", "data:")) for u in requests), [u for u in requests if not u.startswith("file://")]
+    assert all(u.startswith(("file://", "data:")) for u in requests), [
+        u for u in requests if not u.startswith("file://")
+    ]
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     keep = os.environ.get("HARNESS_REPORT_SCREENSHOT")
@@ -567,9 +719,11 @@ def test_verdicts_without_per_document_results_test_over_the_seeds_alone_and_say
     assert acc["std_rule"] in ("within", "beyond") and len(acc["per_seed"]) == 2
 
 
-DOC_P = {"lori-s": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.85, 0.9, 0.5], [0.8, 0.85, 0.9]],
-         # LoRA forgets more, and never learns the last task: its own-stage score stays at the base model's.
-         "lora": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.5, 0.9, 0.5], [0.3, 0.5, 0.5]]}
+DOC_P = {
+    "lori-s": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.85, 0.9, 0.5], [0.8, 0.85, 0.9]],
+    # LoRA forgets more, and never learns the last task: its own-stage score stays at the base model's.
+    "lora": [[0.3, 0.3, 0.5], [0.9, 0.35, 0.5], [0.5, 0.9, 0.5], [0.3, 0.5, 0.5]],
+}
 
 
 @pytest.fixture(scope="module")
@@ -588,9 +742,21 @@ def doc_report(tmp_path_factory):
             u = {t: np.where(rng.random(40) < 0.8, difficulty[t], rng.random(40)) for t in TASKS}
             rows = {t: [[int(u[t][d] < P[i][j]) for d in range(40)] for i in range(4)] for j, t in enumerate(TASKS)}
             R = [[sum(rows[t][i]) / 40 for t in TASKS] for i in range(4)]
-            _log_sequence(client, exp_id, method, seed, R, *PARAMS[method], experiment="docs", results_dir=results_dir,
-                          documents={"tasks": TASKS, "stages": [0, 1, 2, 3],
-                                     "documents": {t: {"doc_ids": list(range(40)), "scores": rows[t]} for t in TASKS}})
+            _log_sequence(
+                client,
+                exp_id,
+                method,
+                seed,
+                R,
+                *PARAMS[method],
+                experiment="docs",
+                results_dir=results_dir,
+                documents={
+                    "tasks": TASKS,
+                    "stages": [0, 1, 2, 3],
+                    "documents": {t: {"doc_ids": list(range(40)), "scores": rows[t]} for t in TASKS},
+                },
+            )
     return write_report("docs", results_dir, log_to_mlflow=False)
 
 
@@ -621,10 +787,16 @@ def test_a_baseline_is_compared_with_every_method_not_only_with_the_best(doc_rep
     """--baseline lora (not the best): lora against lori-s, with the sign kept and the better method named."""
     results_dir = doc_report.parent.parent.parent
     copy = _copy_store({"results_dir": results_dir}, tmp_path / "results")
-    with pytest.raises(HarnessError, match="--baseline olora: experiment 'docs' has no finished sequence run.*lori-s, lora"):
-        write_report("docs", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, baseline="olora")
+    with pytest.raises(
+        HarnessError, match="--baseline olora: experiment 'docs' has no finished sequence run.*lori-s, lora"
+    ):
+        write_report(
+            "docs", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, baseline="olora"
+        )
     assert not (copy / "docs" / "report").exists()  # refused before anything is written
-    index = write_report("docs", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, baseline="lora")
+    index = write_report(
+        "docs", copy, tracking_uri=f"sqlite:///{copy / 'mlflow.db'}", log_to_mlflow=False, baseline="lora"
+    )
     comp = json.loads((index.parent / "comparison.json").read_text())
     best = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC" and c["role"] == "best")
     base = next(c for c in comp["paired_comparisons"] if c["metric"] == "ACC" and c["role"] == "baseline")
@@ -653,9 +825,18 @@ def test_a_metric_no_run_defines_is_explained_by_its_cause_not_by_t_equals_1():
     from harness.analysis.aggregate import verdicts
 
     nan = float("nan")
-    rows = [{"method": m, "reference": False, "ACC": {"mean": a, "std": 0.0}, "BWT": {"mean": -0.2, "std": 0.0},
-             "FWT": {"mean": nan, "std": nan}, "forgetting": {"mean": nan, "std": nan}, "LA": {"mean": 0.9, "std": 0.0}}
-            for m, a in (("lora", 0.4), ("lori-s", 0.8))]
+    rows = [
+        {
+            "method": m,
+            "reference": False,
+            "ACC": {"mean": a, "std": 0.0},
+            "BWT": {"mean": -0.2, "std": 0.0},
+            "FWT": {"mean": nan, "std": nan},
+            "forgetting": {"mean": nan, "std": nan},
+            "LA": {"mean": 0.9, "std": 0.0},
+        }
+        for m, a in (("lora", 0.4), ("lori-s", 0.8))
+    ]
     v = verdicts(rows)
     assert "diagonal_final" in v["FWT"] and "diagonal_final" in v["forgetting"]
     assert "T = 1" not in v["FWT"] + v["forgetting"]
@@ -691,9 +872,9 @@ def test_the_cost_table_is_the_mean_over_stages_of_each_stage_json(report):
 
     html = Path(report).read_text()
     assert "Cost per stage" in html
-    section = html[html.index("Cost per stage"):html.index("Trainable parameters")]
+    section = html[html.index("Cost per stage") : html.index("Trainable parameters")]
     cells = [re.sub(r"<[^>]+>", "", c).strip() for c in re.findall(r"<td[^>]*>(.*?)</td>", section, flags=re.S)]
-    rows = [cells[i:i + 7] for i in range(0, len(cells), 7)]
+    rows = [cells[i : i + 7] for i in range(0, len(cells), 7)]
     assert {r[0] for r in rows} == {"LoRA", "LoRI-S"}
     for r in rows:
         assert r[1:] == ["6", "20.0", "1.5", "0.0", "3.0", "7.5%"], r

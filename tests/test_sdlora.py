@@ -6,16 +6,15 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
+from stage_resume import TASKS, build, check_mid_stage_resume, ctx, resume_without_last_stage, train
+from test_export import harness_model, logits, stock
+from test_methods import stage_dirs
 
 from harness.cli import main
 from harness.config import ExperimentConfig
 from harness.methods.sdlora import FILE
 from harness.models import load_model
 from harness.run.export import export_adapter
-from stage_resume import TASKS, build, check_mid_stage_resume, ctx, resume_without_last_stage, train
-from test_export import harness_model, logits, stock
-from test_methods import stage_dirs
-
 
 
 def sdlora(**knobs):
@@ -88,8 +87,12 @@ def test_only_the_new_adapter_and_every_magnitude_train_and_earlier_directions_s
     alpha1 = {n: a.clone() for n, a in method.magnitudes[0].items()}
     method.begin_stage(ctx(2, tmp_path))
     names = set(method.trainable())
-    per_module = {".lora_A.task2.weight", ".lora_B.task2.parametrizations.weight.original",
-                  ".lora_B.task2.parametrizations.weight.0.alpha", ".lora_B.task1.parametrizations.weight.0.alpha"}
+    per_module = {
+        ".lora_A.task2.weight",
+        ".lora_B.task2.parametrizations.weight.original",
+        ".lora_B.task2.parametrizations.weight.0.alpha",
+        ".lora_B.task1.parametrizations.weight.0.alpha",
+    }
     assert names == {n + k for n, _ in method.adapters.layers() for k in per_module}
     train(method, tok, 2)
     for n, layer in method.adapters.layers():  # what the forward used: task 1's own B and A, bit for bit
@@ -131,10 +134,34 @@ def test_a_stage_resumed_from_the_stage_folder_and_a_mid_stage_checkpoint_ends_b
 def run(tmp_path_factory) -> Path:
     """`harness run --methods sdlora` on the smoke suite's three tasks; the sequence folder."""
     results = tmp_path_factory.mktemp("sdlora")
-    assert main(["run", "--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report",
-                 "--methods", "sdlora", "--tasks", ",".join(TASKS), "--eval-limit", "8",
-                 "--eval-schedule", "diagonal_final",
-                 "--results-dir", str(results), "--experiment", "sd"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--seeds",
+                "0",
+                "--no-progress",
+                "--no-report",
+                "--methods",
+                "sdlora",
+                "--tasks",
+                ",".join(TASKS),
+                "--eval-limit",
+                "8",
+                "--eval-schedule",
+                "diagonal_final",
+                "--results-dir",
+                str(results),
+                "--experiment",
+                "sd",
+            ]
+        )
+        == 0
+    )
     return results / "sd" / "sdlora" / "seed-0"
 
 
@@ -147,8 +174,10 @@ def test_a_smoke_run_passes_harness_verify(run):
 def test_stage_files_keep_earlier_directions_bit_identical_while_their_alphas_change(run):
     stages = stage_dirs(run)
     files = [load_file(str(d / FILE)) for d in stages]
-    adapters = [{i: load_file(str(d / "adapter" / f"task{i}" / "adapter_model.safetensors")) for i in range(1, t + 1)}
-                for t, d in enumerate(stages, start=1)]
+    adapters = [
+        {i: load_file(str(d / "adapter" / f"task{i}" / "adapter_model.safetensors")) for i in range(1, t + 1)}
+        for t, d in enumerate(stages, start=1)
+    ]
     s = 16.0 / 8  # the default alpha 2r over r
     for t in (2, 3):
         for i in range(1, t):

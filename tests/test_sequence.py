@@ -43,7 +43,9 @@ def test_run_folder_layout_and_matrix(smoke_run):
     exp = smoke_run / "smoke-e2e"
     assert (exp / "config.yaml").exists()
     report = exp / "report"
-    assert {"index.html", "comparison.csv", "comparison.json", "accuracy_matrices.png"} <= {p.name for p in report.iterdir()}
+    assert {"index.html", "comparison.csv", "comparison.json", "accuracy_matrices.png"} <= {
+        p.name for p in report.iterdir()
+    }
     for method in ("lori-s", "lora"):
         d = exp / method / "seed-0"
         tasks, R = read_matrix(d / "matrix.csv")
@@ -62,7 +64,9 @@ def test_run_folder_layout_and_matrix(smoke_run):
             if method == "lori-s":  # what the stage trained (mask, values, how to regenerate A), never a dense B
                 assert {"masks.safetensors", "values.safetensors", "lori.json"} <= files and "adapter" not in files
             else:
-                assert (d / "stages" / s / "adapter" / "adapter_model.safetensors").exists() and "masks.safetensors" not in files
+                assert (
+                    d / "stages" / s / "adapter" / "adapter_model.safetensors"
+                ).exists() and "masks.safetensors" not in files
     s_lori = json.loads((exp / "lori-s" / "seed-0" / "summary.json").read_text())
     s_lora = json.loads((exp / "lora" / "seed-0" / "summary.json").read_text())
     assert s_lori["trainable_params_lora_equivalent"] == s_lora["trainable_params_effective"]
@@ -114,7 +118,9 @@ def test_lori_s_masks_in_files_are_disjoint_and_B_respects_them(smoke_run, tmp_p
     from harness.run.export import export_adapter
 
     seq = smoke_run / "smoke-e2e" / "lori-s" / "seed-0"
-    stage_dirs = sorted((p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
+    stage_dirs = sorted(
+        (p for p in (seq / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0])
+    )
     masks = [load_masks(p) for p in stage_dirs]
     final_B = load_file(str(export_adapter(seq, tmp_path / "last") / "adapter_model.safetensors"))
     for k in masks[0]:
@@ -143,12 +149,22 @@ def test_mlflow_holds_parents_children_metrics_and_artifacts(smoke_run):
         assert sorted(int(ch.data.tags["harness.stage"]) for ch in children) == [1, 2, 3]
         assert all(ch.info.status == "FINISHED" and "train_tok_s" in ch.data.metrics for ch in children)
         names = {a.path for a in c.list_artifacts(p.info.run_id)}
-        assert {"matrix.csv", "matrix.json", "matrix_heatmap.png", "summary.json", "config.yaml", "diagnostics.json",
-                "documents.json"} <= names
+        assert {
+            "matrix.csv",
+            "matrix.json",
+            "matrix_heatmap.png",
+            "summary.json",
+            "config.yaml",
+            "diagnostics.json",
+            "documents.json",
+        } <= names
 
 
 def test_rerun_skips_finished_sequences(smoke_run, capsys):
-    assert run_cli("--methods", "lori-s,lora", "--results-dir", str(smoke_run), "--experiment", "smoke-e2e", "--no-report") == 0
+    assert (
+        run_cli("--methods", "lori-s,lora", "--results-dir", str(smoke_run), "--experiment", "smoke-e2e", "--no-report")
+        == 0
+    )
     assert "already complete" in capsys.readouterr().err
     c = mlflow_client(smoke_run)
     exp = c.get_experiment_by_name("smoke-e2e")
@@ -170,8 +186,11 @@ BAD_INPUTS = {
 def test_bad_input_exits_2_with_one_message_and_writes_nothing(case, tmp_path, capsys):
     args, needle = BAD_INPUTS[case]
     results = tmp_path / "results"
-    rc = main(["run", *BASE[:-1], "--no-progress", *args, "--results-dir", str(results)]
-              if "--suite" not in args else ["run", "--model", "tiny-llama", *args, "--results-dir", str(results)])
+    rc = main(
+        ["run", *BASE[:-1], "--no-progress", *args, "--results-dir", str(results)]
+        if "--suite" not in args
+        else ["run", "--model", "tiny-llama", *args, "--results-dir", str(results)]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert needle in err
@@ -187,7 +206,9 @@ def test_missing_data_file_is_refused_before_anything_is_written(tmp_path, capsy
     victim = next(suite.rglob("*.train.jsonl"))
     victim.unlink()
     results = tmp_path / "results"
-    rc = main(["run", "--suite", str(suite), "--model", "tiny-llama", "--methods", "lora", "--results-dir", str(results)])
+    rc = main(
+        ["run", "--suite", str(suite), "--model", "tiny-llama", "--methods", "lora", "--results-dir", str(results)]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and victim.name in err
     assert not results.exists()
@@ -207,11 +228,32 @@ def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
     from harness.run.export import export_adapter
 
     results = tmp_path / "r"
-    assert run_cli("--methods", "lori-s", "--mask-strategy", "magnitude", "--a-mode", "per_task",
-                   "--overlap-policy", "max_overlap", "--max-overlap", "0.2", "--calibration-steps", "3",
-                   "--no-report", "--results-dir", str(results), "--experiment", "mag") == 0
+    assert (
+        run_cli(
+            "--methods",
+            "lori-s",
+            "--mask-strategy",
+            "magnitude",
+            "--a-mode",
+            "per_task",
+            "--overlap-policy",
+            "max_overlap",
+            "--max-overlap",
+            "0.2",
+            "--calibration-steps",
+            "3",
+            "--no-report",
+            "--results-dir",
+            str(results),
+            "--experiment",
+            "mag",
+        )
+        == 0
+    )
     d = results / "mag" / "lori-s" / "seed-0"
-    stage_dirs = sorted((p for p in (d / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0]))
+    stage_dirs = sorted(
+        (p for p in (d / "stages").iterdir() if not p.name.startswith("0-")), key=lambda p: int(p.name.split("-")[0])
+    )
     masks = [load_masks(p) for p in stage_dirs]
     for t, m in enumerate(masks[1:], start=2):
         used = {k: sum(masks[i][k].int() for i in range(t - 1)) > 0 for k in m}
@@ -223,7 +265,7 @@ def test_magnitude_masks_per_task_A_and_max_overlap_end_to_end(tmp_path):
     for t, m in enumerate(masks):
         for k, v in m.items():
             r = v.shape[1]
-            assert (B[k][:, t * r:(t + 1) * r][~v] == 0).all()
+            assert (B[k][:, t * r : (t + 1) * r][~v] == 0).all()
     diag = json.loads((d / "diagnostics.json").read_text())
     assert diag["subspace_overlap"]["matrix"][0][1] < diag["subspace_overlap"]["matrix"][0][0]
 
@@ -239,9 +281,22 @@ def test_a_stage_that_does_not_train_is_flagged_as_not_learned(tmp_path, monkeyp
         return TrainResult(steps=0, tokens=0, wall_s=0.0) if stage == 1 else real(method, *a, stage=stage, **kw)
 
     monkeypatch.setattr(S, "train_method", zero_steps_at_stage_1)
-    assert run_cli("--methods", "lora", "--tasks", "parity,weather", "--max-steps", "2", "--results-dir", str(tmp_path),
-                   "--experiment", "untrained",
-                   "--no-report") == 0
+    assert (
+        run_cli(
+            "--methods",
+            "lora",
+            "--tasks",
+            "parity,weather",
+            "--max-steps",
+            "2",
+            "--results-dir",
+            str(tmp_path),
+            "--experiment",
+            "untrained",
+            "--no-report",
+        )
+        == 0
+    )
     d = tmp_path / "untrained" / "lora" / "seed-0"
     first = json.loads((d / "summary.json").read_text())["tasks"][0]
     stage1 = next(p for p in (d / "stages").iterdir() if p.name.startswith("1-"))

@@ -5,18 +5,18 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_adapters import EXAMPLES, TARGETS, ByteTok, tiny_model
 
-from harness.methods.lori import masks as M
-from harness.methods.lori import stage_files as SF
 from harness.adapters.sequence import AdapterSequence
-from harness.methods.lori.sparse import SparseStage, mask_index
-from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.config import ExperimentConfig
 from harness.errors import HarnessError
 from harness.methods import METHODS, StageContext
-from harness.seeding import stable_seed
+from harness.methods.lori import masks as M
+from harness.methods.lori import stage_files as SF
+from harness.methods.lori.sparse import SparseStage, mask_index
+from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.run.train import Recipe, make_optimizer, train_stage, train_step
-from test_adapters import EXAMPLES, TARGETS, ByteTok, tiny_model
+from harness.seeding import stable_seed
 
 
 class DenseReference:
@@ -43,7 +43,14 @@ class DenseReference:
 
 
 def recipe(wd=0.1, clip=0.0):
-    return Recipe(weight_decay=wd, grad_clip=clip, warmup_steps=2, warmup_ratio=0.0, loss_reduction="token", completion_eos="always")
+    return Recipe(
+        weight_decay=wd,
+        grad_clip=clip,
+        warmup_steps=2,
+        warmup_ratio=0.0,
+        loss_reduction="token",
+        completion_eos="always",
+    )
 
 
 DENSE_LAYOUT: dict[int, tuple] = {}  # id(values parameter) -> (flat positions, B's shape), for dense_order_clip
@@ -69,16 +76,34 @@ def two_stages(sparse: bool, clip: float, policy="independent", steps=8):
     for t in (1, 2):
         name = seq.begin_task(t)
         shapes = {k: tuple(m.weight.shape) for k, m in seq.b_modules(name).items()}
-        m = M.allocate(M.random_scores(shapes, stable_seed(0, "task", t)), M.union(masks) if masks else None, density=0.3,
-                       policy=policy, max_overlap=0.5, scope="module")
+        m = M.allocate(
+            M.random_scores(shapes, stable_seed(0, "task", t)),
+            M.union(masks) if masks else None,
+            density=0.3,
+            policy=policy,
+            max_overlap=0.5,
+            scope="module",
+        )
         masks.append(m)
         stage = SparseStage(seq.b_modules(name), {k: mask_index(v) for k, v in m.items()}) if sparse else None
         if sparse:
             DENSE_LAYOUT.update({id(v): (stage.index()[k], shapes[k]) for k, v in stage.values().items()})
         params = {n: p for n, p in seq.model.named_parameters() if p.requires_grad}
         hooks = None if sparse else DenseReference(seq.b_params(name), m)
-        train_stage(seq.model, ByteTok(), EXAMPLES, params, recipe=recipe(clip=clip), lr=5e-2, epochs=10, batch_size=4,
-                    max_steps=steps, stage=t, hooks=hooks, progress=False)
+        train_stage(
+            seq.model,
+            ByteTok(),
+            EXAMPLES,
+            params,
+            recipe=recipe(clip=clip),
+            lr=5e-2,
+            epochs=10,
+            batch_size=4,
+            max_steps=steps,
+            stage=t,
+            hooks=hooks,
+            progress=False,
+        )
         if sparse:
             stage.commit()
             DENSE_LAYOUT.clear()
@@ -122,11 +147,26 @@ def lori_s(tmp_path, a_mode="shared", **kw):
 
 
 def run_stage(method, t, tmp_path, steps=4, checkpointer=None, resumed_extra=None):
-    method.begin_stage(StageContext(stage=t, task="ab"[t - 1], run_dir=tmp_path, calibrate=None, resumed_extra=resumed_extra))
+    method.begin_stage(
+        StageContext(stage=t, task="ab"[t - 1], run_dir=tmp_path, calibrate=None, resumed_extra=resumed_extra)
+    )
     if checkpointer is not None:
         checkpointer.extra = method.checkpoint_extra()
-    train_stage(method.model, ByteTok(), EXAMPLES, method.trainable(), recipe=recipe(clip=1.0), lr=5e-2, epochs=10, batch_size=4,
-                max_steps=steps, stage=t, hooks=method, checkpointer=checkpointer, progress=False)
+    train_stage(
+        method.model,
+        ByteTok(),
+        EXAMPLES,
+        method.trainable(),
+        recipe=recipe(clip=1.0),
+        lr=5e-2,
+        epochs=10,
+        batch_size=4,
+        max_steps=steps,
+        stage=t,
+        hooks=method,
+        checkpointer=checkpointer,
+        progress=False,
+    )
 
 
 def test_optimizer_gradients_and_moments_cover_only_the_mask(tmp_path):
@@ -134,7 +174,9 @@ def test_optimizer_gradients_and_moments_cover_only_the_mask(tmp_path):
     method.begin_stage(StageContext(stage=1, task="a", run_dir=tmp_path, calibrate=None))
     nnz = sum(v.numel() for v in method.stage_index.values())
     params = list(method.trainable().values())
-    assert sum(p.numel() for p in params) == nnz and all(".parametrizations.weight.0.values" in n for n in method.trainable())
+    assert sum(p.numel() for p in params) == nnz and all(
+        ".parametrizations.weight.0.values" in n for n in method.trainable()
+    )
     opt, sched = make_optimizer(params, 1e-2, recipe(), 4)
     batch = {"input_ids": torch.randint(2, 60, (2, 12)), "attention_mask": torch.ones(2, 12, dtype=torch.long)}
     batch["labels"] = batch["input_ids"].clone()
@@ -166,7 +208,9 @@ def test_restore_from_stage_files_rebuilds_the_trained_model_exactly(tmp_path, a
     for name in method.adapters.adapters:
         for k, p in method.adapters.b_params(name).items():
             assert torch.equal(fresh.adapters.b_params(name)[k], p)
-    assert [M.mask_nnz(fresh._dense(m)) for m in fresh.task_masks] == [M.mask_nnz(method._dense(m)) for m in method.task_masks]
+    assert [M.mask_nnz(fresh._dense(m)) for m in fresh.task_masks] == [
+        M.mask_nnz(method._dense(m)) for m in method.task_masks
+    ]
 
 
 def test_a_that_does_not_regenerate_to_its_stored_hash_is_refused(tmp_path):
@@ -223,7 +267,9 @@ def test_a_lori_s_stage_folder_is_a_small_fraction_of_a_lora_stage(tmp_path):
         model, _ = load_model("tiny-llama")
         method = METHODS[name](ExperimentConfig(model="tiny-llama"), seed=0, tasks=["a"], base_model=model)
         method.begin_stage(StageContext(stage=1, task="a", run_dir=tmp_path, calibrate=None))
-        with torch.no_grad():  # trained-looking values (file sizes do not depend on them, but zeros would hide a dense write)
+        with (
+            torch.no_grad()
+        ):  # trained-looking values (file sizes do not depend on them, but zeros would hide a dense write)
             for p in method.trainable().values():
                 p.uniform_(-1, 1)
         method.end_stage()
@@ -240,14 +286,16 @@ def test_a_sequence_begun_in_the_older_dense_layout_resumes_and_exports(tmp_path
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from harness.run.export import export_adapter
     from harness.models import load_model
+    from harness.run.export import export_adapter
 
     cfg = ExperimentConfig(model="tiny-llama", a_mode=a_mode)
     method = METHODS["lori-s"](cfg, seed=0, tasks=["a", "b"], base_model=load_model("tiny-llama")[0])
     run_dir = tmp_path / "run"
     (run_dir / "config.yaml").parent.mkdir()
-    (run_dir / "config.yaml").write_text("model: tiny-llama\nmethods: [lori-s]\n")  # every config.yaml names its methods
+    (run_dir / "config.yaml").write_text(
+        "model: tiny-llama\nmethods: [lori-s]\n"
+    )  # every config.yaml names its methods
     folders = {t: run_dir / "stages" / f"{t}-{'ab'[t - 1]}" for t in (1, 2)}
     for t, folder in folders.items():
         method.begin_stage(StageContext(stage=t, task="ab"[t - 1], run_dir=run_dir, calibrate=None))
@@ -258,7 +306,9 @@ def test_a_sequence_begun_in_the_older_dense_layout_resumes_and_exports(tmp_path
         folder.mkdir(parents=True)
         if t == 1:  # what the older harness wrote
             method.adapters.save(folder)
-            save_file({k: v.to(torch.uint8) for k, v in method._dense(method.stage_index).items()}, str(folder / SF.MASKS))
+            save_file(
+                {k: v.to(torch.uint8) for k, v in method._dense(method.stage_index).items()}, str(folder / SF.MASKS)
+            )
         else:
             method.save_stage(folder)
         (folder / "stage.json").write_text("{}")

@@ -19,10 +19,7 @@ from harness.analysis.documents import cell_score, check_documents, gather, matr
 
 TASKS = ["a", "b", "c"]
 # True accuracies: stage 0 = base; clear maxima so that forgetting's max is well defined.
-P = np.array([[0.30, 0.35, 0.40],
-              [0.85, 0.40, 0.45],
-              [0.65, 0.85, 0.45],
-              [0.55, 0.70, 0.85]])
+P = np.array([[0.30, 0.35, 0.40], [0.85, 0.40, 0.45], [0.65, 0.85, 0.45], [0.55, 0.70, 0.85]])
 RHO = 0.7
 METRICS = ("ACC", "BWT", "FWT", "forgetting", "LA")
 
@@ -44,8 +41,15 @@ def synthetic_units(rng, P, *, n_seeds: int, n_docs: int, seed_sd: float, shared
                 A[i] = (U < Pk[i, j]).astype(float)
             scores[t] = A
         R = np.stack([scores[t].mean(axis=1) for t in TASKS], axis=1)
-        units.append(ST.Unit(key=str(keys[k] if keys else k), tasks=TASKS, R=R, scores=scores,
-                             doc_ids={t: list(range(n_docs)) for t in TASKS}))
+        units.append(
+            ST.Unit(
+                key=str(keys[k] if keys else k),
+                tasks=TASKS,
+                R=R,
+                scores=scores,
+                doc_ids={t: list(range(n_docs)) for t in TASKS},
+            )
+        )
     return units
 
 
@@ -57,10 +61,13 @@ def coverage(n_seeds: int, seed_sd: float, n_rep: int = 200, n_boot: int = 400) 
     for rep in range(n_rep):
         units = synthetic_units(rng, P, n_seeds=n_seeds, n_docs=100, seed_sd=seed_sd)
         for m in METRICS:
-            e = ST.estimate(units, m, n_boot=n_boot, seed=rep) if n_seeds == 1 else OS.seed_interval(units, m, n_boot=n_boot)
+            e = (
+                ST.estimate(units, m, n_boot=n_boot, seed=rep)
+                if n_seeds == 1
+                else OS.seed_interval(units, m, n_boot=n_boot)
+            )
             hits[m] += e.low <= true[m] <= e.high
-        low, high, _ = ST.cell_intervals(units, TASKS, P.shape[0], n_boot=n_boot, seed=rep,
-                                         resample_seeds=n_seeds > 1)
+        low, high, _ = ST.cell_intervals(units, TASKS, P.shape[0], n_boot=n_boot, seed=rep, resample_seeds=n_seeds > 1)
         hits["cell"] += low[3, 1] <= P[3, 1] <= high[3, 1]
     return {m: h / n_rep for m, h in hits.items()}
 
@@ -130,8 +137,13 @@ def test_batched_metric_definitions_equal_the_scalar_ones():
     rng = np.random.default_rng(3)
     Rs = rng.random((50, 5, 4))
     Rs[rng.random(Rs.shape) < 0.1] = np.nan  # cells not evaluated
-    for fn, scalar in ((MX.acc_values, MX.acc), (MX.bwt_values, MX.bwt), (MX.fwt_values, MX.fwt),
-                       (MX.forgetting_values, MX.forgetting), (MX.learning_accuracy_values, MX.learning_accuracy)):
+    for fn, scalar in (
+        (MX.acc_values, MX.acc),
+        (MX.bwt_values, MX.bwt),
+        (MX.fwt_values, MX.fwt),
+        (MX.forgetting_values, MX.forgetting),
+        (MX.learning_accuracy_values, MX.learning_accuracy),
+    ):
         batch = fn(Rs)
         for R, v in zip(Rs, batch):
             s = scalar(R)
@@ -139,15 +151,25 @@ def test_batched_metric_definitions_equal_the_scalar_ones():
 
 
 def test_per_document_scores_take_the_primary_metrics_filter():
-    samples = [{"doc_id": 1, "filter": "strip", "exact_match": 1.0}, {"doc_id": 0, "filter": "strip", "exact_match": 0.0},
-               {"doc_id": 0, "filter": "raw", "exact_match": 1.0}, {"doc_id": 1, "filter": "raw", "exact_match": 1.0}]
-    assert sample_scores(samples, "exact_match,strip") == {"metric": "exact_match,strip", "doc_ids": [0, 1], "scores": [0, 1]}
+    samples = [
+        {"doc_id": 1, "filter": "strip", "exact_match": 1.0},
+        {"doc_id": 0, "filter": "strip", "exact_match": 0.0},
+        {"doc_id": 0, "filter": "raw", "exact_match": 1.0},
+        {"doc_id": 1, "filter": "raw", "exact_match": 1.0},
+    ]
+    assert sample_scores(samples, "exact_match,strip") == {
+        "metric": "exact_match,strip",
+        "doc_ids": [0, 1],
+        "scores": [0, 1],
+    }
     assert cell_score([0, 1, 1]) == 2 / 3
 
 
 def test_gathered_documents_recompute_the_matrix_and_refuse_other_documents():
-    stage = {0: {"tasks": {"x": {"doc_ids": [3, 5], "scores": [0, 1]}}},
-             1: {"tasks": {"x": {"doc_ids": [3, 5], "scores": [1, 1]}, "y": {"doc_ids": [0], "scores": [1]}}}}
+    stage = {
+        0: {"tasks": {"x": {"doc_ids": [3, 5], "scores": [0, 1]}}},
+        1: {"tasks": {"x": {"doc_ids": [3, 5], "scores": [1, 1]}, "y": {"doc_ids": [0], "scores": [1]}}},
+    }
     docs = gather(stage, ["x", "y"], 2)
     R = matrix_from_documents(docs)
     assert R[0, 0] == 0.5 and R[1, 0] == 1.0 and np.isnan(R[0, 1]) and R[1, 1] == 1.0

@@ -23,8 +23,16 @@ def test_processes_creating_a_fresh_store_at_once_all_get_one_experiment(tmp_pat
     uri = f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
     start = time.time() + 6  # every process has imported MLflow by then, and they open the store together
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    procs = [subprocess.Popen([sys.executable, "-c", RACER, uri, str(start)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, uri, str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(6)
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     failed = [err[-800:] for p, (_, err) in zip(procs, outs) if p.returncode != 0]
     assert not failed, "\n---\n".join(failed)

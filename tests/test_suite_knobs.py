@@ -46,8 +46,16 @@ def test_the_suite_value_is_the_default_and_the_experiment_value_wins(tmp_path):
 
 def test_a_grid_sweeps_over_the_suite_value(tmp_path):
     folder = suite_with(tmp_path, {"ewc": {"lambda": 400}})
-    cfg = load_config(None, {"suite": str(folder), "model": "tiny-llama", "seeds": [0], "methods": ["ewc"],
-                             "grid": {"ewc.lambda": ["10", "400"]}})
+    cfg = load_config(
+        None,
+        {
+            "suite": str(folder),
+            "model": "tiny-llama",
+            "seeds": [0],
+            "methods": ["ewc"],
+            "grid": {"ewc.lambda": ["10", "400"]},
+        },
+    )
     got = sorted((s.cfg.ewc.lambda_, s.strength["source"]) for s in plan(cfg, load_suite(folder)))
     assert got == [(10.0, "experiment"), (400.0, "suite")]
 
@@ -58,11 +66,14 @@ def test_sections_of_methods_not_in_the_run_are_left_alone(tmp_path):
     assert "ewc" not in got.cfg.model_fields_set and got.cfg.to_yaml_dict().get("ewc") is None
 
 
-@pytest.mark.parametrize("knobs, message", [
-    ({"ewk": {"lambda": 1}}, r"method_knobs.ewk: no method reads a section 'ewk'"),
-    ({"ewc": {"lamda": 1}}, r"method_knobs.ewc.lamda: ewc has no knob 'lamda' \(knobs: lambda, fisher_samples\)"),
-    ({"ewc": {"lambda": -1}}, r"method_knobs: ewc.lambda"),
-])
+@pytest.mark.parametrize(
+    "knobs, message",
+    [
+        ({"ewk": {"lambda": 1}}, r"method_knobs.ewk: no method reads a section 'ewk'"),
+        ({"ewc": {"lamda": 1}}, r"method_knobs.ewc.lamda: ewc has no knob 'lamda' \(knobs: lambda, fisher_samples\)"),
+        ({"ewc": {"lambda": -1}}, r"method_knobs: ewc.lambda"),
+    ],
+)
 def test_a_bad_method_knob_names_the_suite_file_and_the_key(tmp_path, knobs, message):
     folder = suite_with(tmp_path, knobs)
     with pytest.raises(ConfigError, match=message):
@@ -71,12 +82,40 @@ def test_a_bad_method_knob_names_the_suite_file_and_the_key(tmp_path, knobs, mes
 
 def test_summary_records_the_strength_a_sequence_ran_at(tmp_path):
     folder = suite_with(tmp_path, {"ewc": {"lambda": 400}})
-    assert main(["run", "--suite", str(folder), "--model", "tiny-llama", "--methods", "ewc", "--tasks", "parity,weather",
-                 "--seeds", "0", "--max-steps", "2", "--eval-limit", "4", "--results-dir", str(tmp_path / "r"),
-                 "--experiment", "k", "--no-progress", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                str(folder),
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "ewc",
+                "--tasks",
+                "parity,weather",
+                "--seeds",
+                "0",
+                "--max-steps",
+                "2",
+                "--eval-limit",
+                "4",
+                "--results-dir",
+                str(tmp_path / "r"),
+                "--experiment",
+                "k",
+                "--no-progress",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     seq = tmp_path / "r" / "k" / "ewc" / "seed-0"
-    assert json.loads((seq / "summary.json").read_text())["strength"] == {"knob": "ewc.lambda", "value": 400.0,
-                                                                          "source": "suite"}
+    assert json.loads((seq / "summary.json").read_text())["strength"] == {
+        "knob": "ewc.lambda",
+        "value": 400.0,
+        "source": "suite",
+    }
     assert yaml.safe_load((seq / "config.yaml").read_text())["ewc"]["lambda"] == 400
     assert main(["report", "k", "--results-dir", str(tmp_path / "r")]) == 0
     page = (tmp_path / "r" / "k" / "report" / "index.html").read_text()

@@ -15,19 +15,15 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the hub from these tests
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from harness.errors import HarnessError, SuiteError  # noqa: E402
 from harness.config import ExperimentConfig  # noqa: E402
-from harness.errors import ConfigError  # noqa: E402
+from harness.errors import (  # noqa: E402
+    ConfigError,  # noqa: E402
+    HarnessError,
+    SuiteError,
+)
 from harness.methods import LR_FAMILIES  # noqa: E402
 from harness.run.suite_knobs import check_lr_families  # noqa: E402
-from harness.suites import (  # noqa: E402
-    _Subsample,
-    format_to_jinja,
-    list_suites,
-    load_suite,
-    suites_dir,
-    validate_suite,
-)
+from harness.suites import _Subsample, format_to_jinja, list_suites, load_suite, suites_dir, validate_suite  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SUITES = REPO / "task_suites"
@@ -54,8 +50,18 @@ def test_generator_reproduces_committed_files(suite, tmp_path):
 
 def test_smoke15_configs_are_what_its_generator_writes(tmp_path):
     """suite.yaml and the 15 lm-eval YAMLs come from generate.py's one task table."""
-    subprocess.run([sys.executable, str(SUITES / "smoke15" / "generate.py"), "--out", str(tmp_path / "data"),
-                    "--configs", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(SUITES / "smoke15" / "generate.py"),
+            "--out",
+            str(tmp_path / "data"),
+            "--configs",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     written = sorted(p.name for p in tmp_path.glob("*.yaml"))
     assert written == sorted(p.name for p in (SUITES / "smoke15").glob("*.yaml")) and len(written) == 16
     for name in written:
@@ -71,7 +77,9 @@ def test_smoke15_is_fifteen_small_tasks_of_both_kinds_in_one_order():
     assert len(set(label_sets)) == len(label_sets), "every multiple-choice task has its own label words"
     assert len({t.prompt for t in s.tasks}) == 15
     for t in s.tasks:
-        size = sum((SUITES / "smoke15" / "data" / f"{t.name}.{split}.jsonl").stat().st_size for split in ("train", "test"))
+        size = sum(
+            (SUITES / "smoke15" / "data" / f"{t.name}.{split}.jsonl").stat().st_size for split in ("train", "test")
+        )
         assert size < 5_000, f"{t.name}: {size} bytes"
 
 
@@ -108,8 +116,10 @@ def test_train_examples_limit_is_seeded():
     t = load_suite("default").task("stars")
     a, b, c = t.train_examples(limit=20, seed=1), t.train_examples(limit=20, seed=1), t.train_examples(limit=20, seed=2)
     assert a == b and a != c and len(a) == 20
-    assert t.train_examples()[0] == {"prompt": t.render(t.train_records()[0])["prompt"],
-                                     "completion": t.render(t.train_records()[0])["completion"]}
+    assert t.train_examples()[0] == {
+        "prompt": t.render(t.train_records()[0])["prompt"],
+        "completion": t.render(t.train_records()[0])["completion"],
+    }
 
 
 # ----------------------------------------------------------------------------- loading
@@ -169,7 +179,10 @@ def test_budget_gives_an_lr_for_every_method(smoke_copy):
     rates = lambda s, task: {f: cfg.lr_for(f, s.task(task).budget_for(s).lr) for f in LR_FAMILIES}  # noqa: E731
     s = load_suite("olora-standard")  # its suite.yaml names no lr: every family at its default
     assert rates(s, "agnews") == LR_FAMILIES == {"lora": 1e-3, "lori-d": 1e-3, "lori-s": 1e-2}
-    _edit(smoke_copy, lambda d: (d["budget"].update(lr={"lora": 5e-3}), d["tasks"][0].update(budget={"lr": {"lori-s": 7e-2}})))
+    _edit(
+        smoke_copy,
+        lambda d: (d["budget"].update(lr={"lora": 5e-3}), d["tasks"][0].update(budget={"lr": {"lori-s": 7e-2}})),
+    )
     s = load_suite(smoke_copy)
     assert rates(s, "weather") == {"lora": 5e-3, "lori-d": 1e-3, "lori-s": 1e-2}
     # a task's lr replaces the suite's mapping: the families it leaves out get their defaults
@@ -178,8 +191,11 @@ def test_budget_gives_an_lr_for_every_method(smoke_copy):
 
 def test_a_budget_lr_for_no_family_is_refused_naming_the_key(smoke_copy):
     _edit(smoke_copy, lambda d: d["tasks"][1].update(budget={"lr": {"lori_s": 7e-2}}))
-    with pytest.raises(ConfigError, match=r"suite.yaml: tasks\[1\].budget.lr: 'lori_s' is no learning-rate family "
-                                          r"\(families: lora, lori-d, lori-s"):
+    with pytest.raises(
+        ConfigError,
+        match=r"suite.yaml: tasks\[1\].budget.lr: 'lori_s' is no learning-rate family "
+        r"\(families: lora, lori-d, lori-s",
+    ):
         check_lr_families(load_suite(smoke_copy))
 
 
@@ -220,7 +236,9 @@ def test_lm_eval_tasks_score_right_and_wrong_answers(suite):
             gold = choices.index(want["completion"])
             wrong = (gold + 1) % len(choices)
             for pick, expected in ((gold, 1.0), (wrong, 0.0)):
-                res = _score_with_fake_model(task, 1, lambda inst, p=pick: (-0.1 if inst.idx == p else -5.0, inst.idx == p))
+                res = _score_with_fake_model(
+                    task, 1, lambda inst, p=pick: (-0.1 if inst.idx == p else -5.0, inst.idx == p)
+                )
                 assert res[metric] == expected, (name, pick, res)
         else:
             # the model's raw generation: leading space, cut at the stop string by the model wrapper
@@ -255,9 +273,14 @@ def test_lm_eval_simple_evaluate_with_config_dicts():
         def loglikelihood_rolling(self, requests):
             raise NotImplementedError
 
-    out = lm_eval.simple_evaluate(model=Oracle(), tasks=[cfgs[n] for n in s.task_names],
-                                  task_manager=TaskManager(include_defaults=False), bootstrap_iters=0,
-                                  log_samples=False, limit=8)
+    out = lm_eval.simple_evaluate(
+        model=Oracle(),
+        tasks=[cfgs[n] for n in s.task_names],
+        task_manager=TaskManager(include_defaults=False),
+        bootstrap_iters=0,
+        log_samples=False,
+        limit=8,
+    )
     for name in s.task_names:
         assert out["results"][f"smoke__{name}"][s.task(name).metric_key] == 1.0
 

@@ -18,7 +18,19 @@ from mlflow.tracking import MlflowClient
 from harness.tools.dashboard import free_port, start_server, stop_server, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--methods", "lori-s", "--epochs", "1", "--no-progress"]
+RUN = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--methods",
+    "lori-s",
+    "--epochs",
+    "1",
+    "--no-progress",
+]
 
 
 class Server:
@@ -51,8 +63,14 @@ def server(tmp_path):
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "harness.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "harness.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        **kw,
+    )
 
 
 def wait_paused(marker: Path, proc, timeout=300) -> None:
@@ -70,7 +88,9 @@ def check_mirrored(server: Server, seq: Path, experiment: str) -> None:
     parents = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'sequence'")
     assert [p.info.status for p in parents] == ["FINISHED"]
     children = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert sorted((int(ch.data.tags["harness.stage"]), ch.info.status) for ch in children) == [(t, "FINISHED") for t in (1, 2, 3)]
+    assert sorted((int(ch.data.tags["harness.stage"]), ch.info.status) for ch in children) == [
+        (t, "FINISHED") for t in (1, 2, 3)
+    ]
     models = c.search_logged_models([exp.experiment_id])  # harness/run/lineage.py: caught up like the runs, none twice
     assert sorted((int(m.params["stage"]), len(m.metrics)) for m in models) == [(t, 3) for t in (1, 2, 3)]
     out = cli("verify", str(seq))
@@ -83,16 +103,35 @@ def test_a_server_stopped_after_stage_1_and_restarted_before_the_end_misses_noth
     results = tmp_path / "r"
     seq = results / "outage" / "lori-s" / "seed-0"
     pause = seq / ".paused-between-stages"
-    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "run", *RUN, "--no-report", "--results-dir", str(results),
-                             "--experiment", "outage", "--tracking-uri", server.url],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "between-stages:1,between-stages:2"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "run",
+            *RUN,
+            "--no-report",
+            "--results-dir",
+            str(results),
+            "--experiment",
+            "outage",
+            "--tracking-uri",
+            server.url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "between-stages:1,between-stages:2"},
+    )
     try:
         wait_paused(pause, proc)
         server.stop()
         pause.unlink()  # stage 2 runs with the server away
         wait_paused(pause, proc)
-        assert (next((seq / "stages").glob("2-*")) / "stage.json").exists(), "stage 2 was committed while the server was away"
+        assert (next((seq / "stages").glob("2-*")) / "stage.json").exists(), (
+            "stage 2 was committed while the server was away"
+        )
         server.start()
         pause.unlink()
         _, err = proc.communicate(timeout=600)
@@ -105,8 +144,10 @@ def test_a_server_stopped_after_stage_1_and_restarted_before_the_end_misses_noth
     assert json.loads((seq / "summary.json").read_text())["complete"]
     check_mirrored(server, seq, "outage")
     s1, s2 = (json.loads(next((seq / "stages").glob(f"{t}-*/stage.json")).read_text()) for t in (1, 2))
-    print(f"\nstage 1 (server up): other {s1['overhead_s']:.1f}s of {s1['wall_s']:.1f}s; "
-          f"stage 2 (server down): other {s2['overhead_s']:.1f}s of {s2['wall_s']:.1f}s")
+    print(
+        f"\nstage 1 (server up): other {s1['overhead_s']:.1f}s of {s1['wall_s']:.1f}s; "
+        f"stage 2 (server down): other {s2['overhead_s']:.1f}s of {s2['wall_s']:.1f}s"
+    )
 
 
 @pytest.mark.slow
@@ -124,7 +165,9 @@ def test_tracking_optional_starts_without_the_server_and_report_or_sync_mirror_t
     assert json.loads((seq / "summary.json").read_text())["complete"]
 
     server.start()
-    report = cli("report", "offline", "--results-dir", str(results), "--tracking-uri", server.url)  # catches MLflow up first
+    report = cli(
+        "report", "offline", "--results-dir", str(results), "--tracking-uri", server.url
+    )  # catches MLflow up first
     assert report.returncode == 0 and "(FINISHED) and 3 stage run(s)" in report.stderr, report.stdout + report.stderr
     check_mirrored(server, seq, "offline")
     again = cli("sync", str(results / "offline"))  # on demand, and idempotent: nothing is logged twice

@@ -28,8 +28,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from harness.tools import tracking_server as ts  # noqa: E402
 from harness.cli import main  # noqa: E402
+from harness.tools import tracking_server as ts  # noqa: E402
 from harness.tools.dashboard import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,8 +74,10 @@ def _require_postgres() -> None:
     try:
         import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("!!! tracking-server end-to-end test NOT RUN: psycopg is not installed (pip install 'psycopg[binary]', "
-                    "pinned in requirements.lock) !!!")
+        pytest.skip(
+            "!!! tracking-server end-to-end test NOT RUN: psycopg is not installed (pip install 'psycopg[binary]', "
+            "pinned in requirements.lock) !!!"
+        )
 
 
 @pytest.fixture
@@ -96,7 +98,7 @@ def _stat(pid: int) -> tuple[str, int, int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    f = raw[raw.rindex(")") + 2:].split()
+    f = raw[raw.rindex(")") + 2 :].split()
     return f[0], int(f[1]), int(f[2]), int(f[19])
 
 
@@ -157,8 +159,22 @@ def _start(results: Path, log_path: Path, extra: tuple[str, ...] | list[str] = (
     port = free_port()
     log = open(log_path, "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "harness.cli", "tracking-server", "--results-dir", str(results), "--port", str(port), *extra],
-        cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "tracking-server",
+            "--results-dir",
+            str(results),
+            "--port",
+            str(port),
+            *extra,
+        ],
+        cwd=str(ROOT),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     log.close()
@@ -171,7 +187,9 @@ def _wait_ready(proc: subprocess.Popen, port: int, log_path: Path) -> float:
     healthy = None
     while time.monotonic() - t0 < HEALTH_TIMEOUT_S:
         if proc.poll() is not None:
-            pytest.fail(f"tracking server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
+            pytest.fail(
+                f"tracking server exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}"
+            )
         if healthy is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
@@ -205,8 +223,15 @@ def _stop(proc: subprocess.Popen, results: Path, running: set[tuple[int, int]], 
 
 def _write_concurrently(uri: str, eid: str) -> tuple[dict, float]:
     t0 = time.monotonic()
-    writers = [subprocess.Popen([sys.executable, "-c", WRITER, uri, eid, str(i), str(N_THREADS), str(N_STEPS)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(N_PROCS)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, uri, eid, str(i), str(N_THREADS), str(N_STEPS)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(N_PROCS)
+    ]
     runs, errors = {}, []
     try:
         for w in writers:
@@ -247,8 +272,11 @@ def _check_external_backend(results: Path, eid: str, runs: dict) -> None:
     pg_port = re.search(r"127\.0\.0\.1:(\d+), database", (results.parent / "first.log").read_text()).group(1)
     password = (results / "postgres" / "password").read_text().strip()
     other = results.parent / "other"
-    proc, port = _start(other, results.parent / "other.log",
-                        ["--backend-uri", f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow"])
+    proc, port = _start(
+        other,
+        results.parent / "other.log",
+        ["--backend-uri", f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow"],
+    )
     try:
         _wait_ready(proc, port, results.parent / "other.log")
         out = (results.parent / "other.log").read_text()
@@ -280,8 +308,22 @@ def test_tracking_server_postgres_concurrent_writers_and_restart(results_dir, mo
         seen = _server_processes(results_dir)
         assert len(seen) >= 3, "expected PostgreSQL and MLflow processes"
         # A second server on the same folder is refused (exit 2, one message) and the first keeps going.
-        second = subprocess.run([sys.executable, "-m", "harness.cli", "tracking-server", "--results-dir", str(results_dir),
-                                 "--port", str(free_port())], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "harness.cli",
+                "tracking-server",
+                "--results-dir",
+                str(results_dir),
+                "--port",
+                str(free_port()),
+            ],
+            cwd=str(ROOT),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2 and "another `harness tracking-server`" in second.stderr, second.stderr
         eid = MlflowClient(tracking_uri=uri).create_experiment("concurrent")
         runs, write_s = _write_concurrently(uri, eid)
@@ -299,21 +341,28 @@ def test_tracking_server_postgres_concurrent_writers_and_restart(results_dir, mo
         assert exp is not None and exp.experiment_id == eid, "the experiment did not survive a restart"
         _check_runs(uri, eid, runs)
         _stop(proc, results_dir, seen | _server_processes(results_dir), logs / "second.log")
-        print(f"\n/health: fresh data folder {fresh_s:.1f} s, existing {existing_s:.1f} s; "
-              f"{N_PROCS}x{N_THREADS} writers x {2 * N_STEPS} metrics + artifact: {write_s:.1f} s; stop {stop_s:.1f} s")
+        print(
+            f"\n/health: fresh data folder {fresh_s:.1f} s, existing {existing_s:.1f} s; "
+            f"{N_PROCS}x{N_THREADS} writers x {2 * N_STEPS} metrics + artifact: {write_s:.1f} s; stop {stop_s:.1f} s"
+        )
     finally:
         _kill_everything(proc, results_dir, seen)
 
 
 # --- fast: bad input is refused with exit 2 and one message, nothing started or created ------------------
-@pytest.mark.parametrize("uri,message", [
-    ("sqlite:///x.db", "needs PostgreSQL"),
-    ("mysql://u:p@127.0.0.1/db", "must be a PostgreSQL database"),
-    ("http://127.0.0.1:5000", "is a tracking server already"),
-    ("postgresql+psycopg://u:secret@/", "needs a host and a database"),
-])
+@pytest.mark.parametrize(
+    "uri,message",
+    [
+        ("sqlite:///x.db", "needs PostgreSQL"),
+        ("mysql://u:p@127.0.0.1/db", "must be a PostgreSQL database"),
+        ("http://127.0.0.1:5000", "is a tracking server already"),
+        ("postgresql+psycopg://u:secret@/", "needs a host and a database"),
+    ],
+)
 def test_bad_backend_uri_is_refused(tmp_path, capsys, uri, message):
-    code = main(["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(free_port()), "--backend-uri", uri])
+    code = main(
+        ["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(free_port()), "--backend-uri", uri]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err
     assert err.count("error:") == 1 and len(err.strip().splitlines()) == 1
@@ -324,16 +373,37 @@ def test_bad_backend_uri_is_refused(tmp_path, capsys, uri, message):
 def test_unreachable_backend_and_busy_port_are_refused(tmp_path, capsys):
     pytest.importorskip("psycopg")
     closed = free_port()
-    code = main(["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(free_port()),
-                 "--backend-uri", f"postgresql://u:secret@127.0.0.1:{closed}/db"])
+    code = main(
+        [
+            "tracking-server",
+            "--results-dir",
+            str(tmp_path / "r"),
+            "--port",
+            str(free_port()),
+            "--backend-uri",
+            f"postgresql://u:secret@127.0.0.1:{closed}/db",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "cannot connect to the PostgreSQL backend" in err and "secret" not in err
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        assert main(["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(busy),
-                     "--backend-uri", f"postgresql+psycopg://u@127.0.0.1:{closed}/db"]) == 2
+        assert (
+            main(
+                [
+                    "tracking-server",
+                    "--results-dir",
+                    str(tmp_path / "r"),
+                    "--port",
+                    str(busy),
+                    "--backend-uri",
+                    f"postgresql+psycopg://u@127.0.0.1:{closed}/db",
+                ]
+            )
+            == 2
+        )
     assert f"port {busy} on 127.0.0.1 is in use" in capsys.readouterr().err
     assert main(["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", "70000"]) == 2
     assert "not a TCP port" in capsys.readouterr().err
@@ -351,7 +421,9 @@ def test_missing_postgres_says_how_to_install(tmp_path, capsys, monkeypatch):
 
 
 def test_a_network_address_without_auth_is_refused(tmp_path, capsys):
-    code = main(["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(free_port()), "--host", "0.0.0.0"])
+    code = main(
+        ["tracking-server", "--results-dir", str(tmp_path / "r"), "--port", str(free_port()), "--host", "0.0.0.0"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--host 0.0.0.0" in err and "--auth" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
@@ -360,7 +432,9 @@ def test_a_network_address_without_auth_is_refused(tmp_path, capsys):
 @pytest.mark.slow
 def test_auth_refuses_anonymous_requests_and_a_run_with_the_runs_credentials_logs_normally(results_dir):
     _require_postgres()
-    pytest.importorskip("flask_wtf", reason="!!! auth test NOT RUN: Flask-WTF missing (pip install -r requirements.lock) !!!")
+    pytest.importorskip(
+        "flask_wtf", reason="!!! auth test NOT RUN: Flask-WTF missing (pip install -r requirements.lock) !!!"
+    )
     from harness.tracking.auth import CREDENTIALS_ENV, read_credentials
 
     log = results_dir.parent / "auth.log"
@@ -378,13 +452,46 @@ def test_auth_refuses_anonymous_requests_and_a_run_with_the_runs_credentials_log
         assert anonymous.value.code == 401
 
         env = {**os.environ, CREDENTIALS_ENV: str(creds), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
-        run = subprocess.run([sys.executable, "-m", "harness.cli", "run", "--suite", "smoke", "--model", "tiny-llama",
-                              "--methods", "lora", "--tasks", "parity,weather", "--epochs", "1", "--no-progress", "--no-report",
-                              "--results-dir", str(results_dir.parent / "runs"), "--experiment", "authed", "--tracking-uri", uri],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "harness.cli",
+                "run",
+                "--suite",
+                "smoke",
+                "--model",
+                "tiny-llama",
+                "--methods",
+                "lora",
+                "--tasks",
+                "parity,weather",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--no-report",
+                "--results-dir",
+                str(results_dir.parent / "runs"),
+                "--experiment",
+                "authed",
+                "--tracking-uri",
+                uri,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert run.returncode == 0 and "tracking is behind" not in run.stderr, run.stderr[-3000:]
-        verify = subprocess.run([sys.executable, "-m", "harness.cli", "verify", str(results_dir.parent / "runs" / "authed")],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        verify = subprocess.run(
+            [sys.executable, "-m", "harness.cli", "verify", str(results_dir.parent / "runs" / "authed")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert verify.returncode == 0 and "mlflow   ok" in verify.stdout, verify.stdout + verify.stderr
         seen |= _server_processes(results_dir)
         _stop(proc, results_dir, seen, log)

@@ -34,8 +34,15 @@ def fake_sequence(root: Path, value: float, val: float, acc: float) -> None:
     folder = root / f"variant-{value:g}" / "ewc" / "seed-0"
     (folder / "stages").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({"methods": ["ewc"], "ewc": {"lambda": value}}))
-    summary = {"method": "ewc", "seed": 0, "acc": acc, "bwt": -0.2, "forgetting": 0.2, "la": 0.9,
-               "validation": {"acc": val, "complete": True}}
+    summary = {
+        "method": "ewc",
+        "seed": 0,
+        "acc": acc,
+        "bwt": -0.2,
+        "forgetting": 0.2,
+        "la": 0.9,
+        "validation": {"acc": val, "complete": True},
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
 
 
@@ -60,7 +67,10 @@ def test_the_command_prints_the_table_and_the_suite_lines(tmp_path, capsys, monk
     text = capsys.readouterr().out
     assert "<- chosen (at the grid's end)" in text and "method_knobs:\n  ewc: {lambda: 1000.0}" in text
     assert main(["tuning", str(tmp_path / "tune"), "--suite", "default", "--markdown"]) == 0
-    assert "| ewc | `ewc.lambda` | 1000 | 0.600 | 0.300 | -0.200 | 0.900 | **chosen**, at the grid's end (default) |" in capsys.readouterr().out
+    assert (
+        "| ewc | `ewc.lambda` | 1000 | 0.600 | 0.300 | -0.200 | 0.900 | **chosen**, at the grid's end (default) |"
+        in capsys.readouterr().out
+    )
     assert main(["tuning", str(tmp_path / "nothing"), "--suite", "default"]) == 2
 
 

@@ -24,11 +24,16 @@ def test_the_validation_split_never_overlaps_train_or_test(suite):
         assert t.validation is not None
         train, val, test = t.train_records(), t.validation_records(), t.test_records()
         assert len(val) == t.validation.size and len(train) + len(val) == t.sizes.train
-        prompts = {name: {t.render(r)["prompt"] for r in rows} for name, rows in (("train", train), ("val", val), ("test", test))}
+        prompts = {
+            name: {t.render(r)["prompt"] for r in rows}
+            for name, rows in (("train", train), ("val", val), ("test", test))
+        }
         assert len(prompts["val"]) == len(val)
         assert not prompts["val"] & prompts["train"], f"{suite}/{t.name}: validation shares prompts with train"
         assert not prompts["val"] & prompts["test"], f"{suite}/{t.name}: validation shares prompts with test"
-        assert [e["prompt"] for e in t.train_examples()] == [t.render(r)["prompt"] for r in train]  # trained on: train only
+        assert [e["prompt"] for e in t.train_examples()] == [
+            t.render(r)["prompt"] for r in train
+        ]  # trained on: train only
 
 
 def test_the_validation_split_is_the_same_at_every_load_and_differs_by_task():
@@ -42,8 +47,12 @@ def smoke_with_validation(tmp_path: Path, size: int) -> Path:
     folder = tmp_path / "smoke-val"
     shutil.copytree(ROOT / "task_suites" / "smoke", folder)
     suite = folder / "suite.yaml"
-    suite.write_text(suite.read_text().replace("    sizes: {train: 64, test: 32}\n",
-                                               f"    sizes: {{train: 64, test: 32}}\n    validation: {{size: {size}}}\n"))
+    suite.write_text(
+        suite.read_text().replace(
+            "    sizes: {train: 64, test: 32}\n",
+            f"    sizes: {{train: 64, test: 32}}\n    validation: {{size: {size}}}\n",
+        )
+    )
     return suite
 
 
@@ -59,9 +68,33 @@ def test_a_validation_split_as_large_as_the_training_data_is_refused(tmp_path, c
 def test_grid_selection_uses_the_validation_split_and_says_so(tmp_path):
     suite = smoke_with_validation(tmp_path, 8)
     results = tmp_path / "results"
-    assert main(["run", "--suite", str(suite), "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--methods", "lora",
-                 "--tasks", "parity,weather", "--max-steps", "1", "--grid", "lr_lora=1e-3,2e-3",
-                 "--experiment", "val", "--results-dir", str(results)]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--suite",
+                str(suite),
+                "--model",
+                "tiny-llama",
+                "--seeds",
+                "0",
+                "--no-progress",
+                "--methods",
+                "lora",
+                "--tasks",
+                "parity,weather",
+                "--max-steps",
+                "1",
+                "--grid",
+                "lr_lora=1e-3,2e-3",
+                "--experiment",
+                "val",
+                "--results-dir",
+                str(results),
+            ]
+        )
+        == 0
+    )
     summaries = [json.loads(p.read_text()) for p in (results / "val").glob("variant-*/lora/seed-0/summary.json")]
     assert len(summaries) == 2
     for s in summaries:
@@ -78,8 +111,24 @@ def test_grid_selection_uses_the_validation_split_and_says_so(tmp_path):
 
 
 def test_a_merge_weight_grid_without_validation_splits_is_refused_before_anything_is_written(tmp_path, capsys):
-    code = main(["merge", "--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--seeds", "0", "--no-progress",
-                 "--merge-weight-grid", "0.5,1", "--results-dir", str(tmp_path / "r")])
+    code = main(
+        [
+            "merge",
+            "--suite",
+            "smoke",
+            "--model",
+            "tiny-llama",
+            "--methods",
+            "lora",
+            "--seeds",
+            "0",
+            "--no-progress",
+            "--merge-weight-grid",
+            "0.5,1",
+            "--results-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2 and "validation split on every merged task" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").rglob("summary.json"))
 
@@ -88,10 +137,37 @@ def test_a_merge_weight_grid_without_validation_splits_is_refused_before_anythin
 def test_merge_weights_are_chosen_on_the_validation_split(tmp_path):
     suite = smoke_with_validation(tmp_path, 8)
     results = tmp_path / "results"
-    assert main(["merge", "--suite", str(suite), "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--methods", "lora",
-                 "--tasks", "parity,weather", "--max-steps", "1", "--merge-methods", "cat", "--merge-weight-grid", "0.5,1,2",
-                 "--merge-grid-extend", "0",
-                 "--experiment", "mw", "--results-dir", str(results)]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--suite",
+                str(suite),
+                "--model",
+                "tiny-llama",
+                "--seeds",
+                "0",
+                "--no-progress",
+                "--methods",
+                "lora",
+                "--tasks",
+                "parity,weather",
+                "--max-steps",
+                "1",
+                "--merge-methods",
+                "cat",
+                "--merge-weight-grid",
+                "0.5,1,2",
+                "--merge-grid-extend",
+                "0",
+                "--experiment",
+                "mw",
+                "--results-dir",
+                str(results),
+            ]
+        )
+        == 0
+    )
     row = json.loads(next(results.rglob("merged.json")).read_text())["rows"][0]
     sel = row["weight_selection"]
     assert sel["split"] == "validation" and [c["weight"] for c in sel["candidates"]] == [0.5, 1.0, 2.0]
@@ -100,4 +176,4 @@ def test_merge_weights_are_chosen_on_the_validation_split(tmp_path):
     summary = json.loads(next(results.rglob("merge/lora/seed-0/summary.json")).read_text())
     assert summary["merges"]["cat"]["weight_selection"]["chosen"] == sel["chosen"]
     html = (results / "mw" / "report" / "index.html").read_text()
-    assert f"weight chosen on the validation split (per combination)</td><td class=\"l\">cat {sel['chosen']:g}" in html
+    assert f'weight chosen on the validation split (per combination)</td><td class="l">cat {sel["chosen"]:g}' in html

@@ -65,7 +65,9 @@ def _adapters_in_forward(layer: LoraLayer) -> list[str]:
     """The adapters this layer's forward adds to the base output (PEFT's lora.Linear.forward, mirrored)."""
     if layer.merged:
         if layer.disable_adapters:  # PEFT would unmerge in place on the next forward
-            raise HarnessError("an adapter is merged in place (merge_adapter) and disabled; unmerge it before evaluating")
+            raise HarnessError(
+                "an adapter is merged in place (merge_adapter) and disabled; unmerge it before evaluating"
+            )
         return []  # already inside the base weights
     if layer.disable_adapters:
         return []
@@ -76,12 +78,15 @@ def _check_foldable(name: str, layer: LoraLayer, adapters: list[str]) -> None:
     """Refuse what W0 + Σ get_delta_weight would not reproduce (DoRA-like variants, LoRA biases, nesting)."""
     where = f"module {name!r}"
     if not isinstance(layer, LoraLinear) or isinstance(layer.base_layer, LoraLayer):
-        raise HarnessError(f"{where}: only LoRA on plain linear layers can be folded ({type(layer).__name__}); "
-                           "set eval_merged false")
+        raise HarnessError(
+            f"{where}: only LoRA on plain linear layers can be folded ({type(layer).__name__}); set eval_merged false"
+        )
     for a in adapters:
         if a in layer.lora_variant or layer.lora_bias.get(a, False):
-            raise HarnessError(f"{where}: adapter {a!r} is a LoRA variant or has a LoRA bias, which folding does not "
-                               "reproduce; set eval_merged false")
+            raise HarnessError(
+                f"{where}: adapter {a!r} is a LoRA variant or has a LoRA bias, which folding does not "
+                "reproduce; set eval_merged false"
+            )
 
 
 @contextlib.contextmanager
@@ -157,5 +162,7 @@ def _refuse_shared_weights(model: torch.nn.Module, bases: list[torch.nn.Module])
         seen[id(p)] = seen.get(id(p), 0) + 1
     for b in bases:
         if seen.get(id(b.weight), 0) > 1:
-            raise HarnessError(f"a LoRA-adapted weight of shape {tuple(b.weight.shape)} is tied to another module; "
-                               "folding cannot serve both. Set eval_merged false")
+            raise HarnessError(
+                f"a LoRA-adapted weight of shape {tuple(b.weight.shape)} is tied to another module; "
+                "folding cannot serve both. Set eval_merged false"
+            )

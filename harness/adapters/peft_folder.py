@@ -25,8 +25,10 @@ Adapter = dict[str, torch.Tensor]  # PEFT state dict of one adapter: <module>.lo
 def write_adapters(folder: Path, adapters: list[Adapter], config: dict) -> None:
     """One adapter as it is; several as one adapter of the summed rank (exact ΔW = Σ s B_i A_i)."""
     if len(adapters) > 1:
-        adapters, config = [stack(adapters)], {**config, "r": config["r"] * len(adapters),
-                                               "lora_alpha": config["lora_alpha"] * len(adapters)}
+        adapters, config = (
+            [stack(adapters)],
+            {**config, "r": config["r"] * len(adapters), "lora_alpha": config["lora_alpha"] * len(adapters)},
+        )
     save_file({k: v.contiguous() for k, v in adapters[0].items()}, str(Path(folder) / WEIGHTS))
     (Path(folder) / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
 
@@ -62,9 +64,13 @@ def dense_stage(stage_dir: Path) -> tuple[dict[str, Path], dict]:
     """(adapter name -> its PEFT weights file, the first adapter's PEFT config) of a stage folder with adapter/."""
     info_path = stage_dir / "adapters.json"
     if not info_path.exists():
-        raise HarnessError(f"{stage_dir}: neither LoRI-S stage files nor adapters.json; delete the stage folder to redo it.")
+        raise HarnessError(
+            f"{stage_dir}: neither LoRI-S stage files nor adapters.json; delete the stage folder to redo it."
+        )
     files = {n: AdapterSequence.adapter_file(stage_dir, n) for n in json.loads(info_path.read_text())["adapters"]}
     missing = [str(f) for f in files.values() if not f.exists()]
     if missing:
-        raise HarnessError(f"{missing[0]}: adapter file missing; the stage folder is incomplete. Delete it to redo the stage.")
+        raise HarnessError(
+            f"{missing[0]}: adapter file missing; the stage folder is incomplete. Delete it to redo the stage."
+        )
     return files, json.loads((next(iter(files.values())).parent / CONFIG).read_text())

@@ -93,8 +93,12 @@ class AdapterSequence:
         name = self.adapter_for_task(t)
         if self.model is None:
             try:
-                self.model = get_peft_model(self.base_model, self._lora_config(), adapter_name=name,
-                                            autocast_adapter_dtype=self.adapter_dtype == "fp32")
+                self.model = get_peft_model(
+                    self.base_model,
+                    self._lora_config(),
+                    adapter_name=name,
+                    autocast_adapter_dtype=self.adapter_dtype == "fp32",
+                )
             except ValueError as exc:
                 raise HarnessError(
                     f"cannot attach adapters to targets {self.targets}: {exc}. Set `targets` to module names "
@@ -121,8 +125,10 @@ class AdapterSequence:
             layer.lora_B[name].weight.zero_()
             for part in (layer.lora_A[name].weight, layer.lora_B[name].weight):
                 if part.dtype != want:  # the precision policy, checked where the tensors are made
-                    raise HarnessError(f"{mod_name}: adapter {name!r} is {part.dtype}, the policy says {want} "
-                                       f"(adapter_dtype {self.adapter_dtype}); this PEFT version casts adapters differently")
+                    raise HarnessError(
+                        f"{mod_name}: adapter {name!r} is {part.dtype}, the policy says {want} "
+                        f"(adapter_dtype {self.adapter_dtype}); this PEFT version casts adapters differently"
+                    )
 
     def base_dtype(self) -> torch.dtype:
         """The dtype of the frozen base weights of the adapted layers."""
@@ -159,15 +165,25 @@ class AdapterSequence:
     def save(self, folder: Path) -> None:
         """Adapter weights in PEFT's layout (safetensors): `adapter/` (default) or `adapter/task<t>/`."""
         assert self.model is not None
-        self.model.save_pretrained(str(folder / "adapter"), selected_adapters=list(self.adapters), safe_serialization=True)
-        meta = {"a_mode": self.a_mode, "train_A": self.train_A, "adapters": self.adapters, "rank": self.rank, "alpha": self.alpha}
+        self.model.save_pretrained(
+            str(folder / "adapter"), selected_adapters=list(self.adapters), safe_serialization=True
+        )
+        meta = {
+            "a_mode": self.a_mode,
+            "train_A": self.train_A,
+            "adapters": self.adapters,
+            "rank": self.rank,
+            "alpha": self.alpha,
+        }
         (folder / "adapters.json").write_text(json.dumps(meta, indent=2))
 
     @staticmethod
     def adapter_file(folder: Path, adapter: str) -> Path:
         # PEFT stores the "default" adapter at the root, others in a sub-folder named after them.
         root = folder / "adapter"
-        return root / "adapter_model.safetensors" if adapter == "default" else root / adapter / "adapter_model.safetensors"
+        return (
+            root / "adapter_model.safetensors" if adapter == "default" else root / adapter / "adapter_model.safetensors"
+        )
 
     @torch.no_grad()
     def load_weights(self, folder: Path) -> None:
@@ -176,7 +192,9 @@ class AdapterSequence:
         for name in self.adapters:
             path = self.adapter_file(folder, name)
             if not path.exists():
-                raise HarnessError(f"{path}: adapter file missing; the stage folder is incomplete. Delete it to redo the stage.")
+                raise HarnessError(
+                    f"{path}: adapter file missing; the stage folder is incomplete. Delete it to redo the stage."
+                )
             sd = load_file(str(path))
             expected = get_peft_model_state_dict(self.model, adapter_name=name)
             missing = set(expected) - set(sd)
@@ -196,4 +214,3 @@ class AdapterSequence:
         self.model = None
         self.adapters = []
         return base
-

@@ -82,8 +82,11 @@ def method_matrices(by_method: dict[str, list[SequenceRun]]) -> tuple[list[str],
         rows = max(r.R.shape[0] for r in runs) if reference else n_rows
         stack = _align([(r.tasks, r.R) for r in runs], columns, rows)
         mean, std, count = _nanmean_std(stack)
-        out.append(MethodMatrix(method, runs[0].order, [r.seed for r in runs], list(runs[0].tasks), mean, std, count,
-                                reference))
+        out.append(
+            MethodMatrix(
+                method, runs[0].order, [r.seed for r in runs], list(runs[0].tasks), mean, std, count, reference
+            )
+        )
     return columns, n_rows, out
 
 
@@ -102,7 +105,9 @@ def _diagnostic_matrix(run: SequenceRun, key: str) -> tuple[list[str], np.ndarra
     return tasks, M
 
 
-def diagnostic_matrices(by_method: dict[str, list[SequenceRun]], key: str) -> list[tuple[str, list[str], np.ndarray, int]]:
+def diagnostic_matrices(
+    by_method: dict[str, list[SequenceRun]], key: str
+) -> list[tuple[str, list[str], np.ndarray, int]]:
     """Per method: (method, tasks, mean matrix over the heatmap order's seeds, n) for one diagnostic."""
     out = []
     for method, runs in by_method.items():
@@ -176,7 +181,9 @@ def aggregate(runs: list[SequenceRun]):
         ]
     )
     grouped = df.groupby("method", sort=False)
-    rows = [_method_row(method, grouped.get_group(method)) for method in sorted(df["method"].unique(), key=method_sort_key)]
+    rows = [
+        _method_row(method, grouped.get_group(method)) for method in sorted(df["method"].unique(), key=method_sort_key)
+    ]
     return df, rows
 
 
@@ -184,13 +191,22 @@ def comparison_rows(rows: list[dict]) -> list[dict]:
     """The method rows flattened to one level (the columns of comparison.csv)."""
     flat = []
     for r in rows:
-        d = {"method": r["method"], "display_name": r["display_name"], "n_runs": r["n_runs"],
-             "seeds": " ".join(r["seeds"]), "orders": " ".join(r["orders"])}
+        d = {
+            "method": r["method"],
+            "display_name": r["display_name"],
+            "n_runs": r["n_runs"],
+            "seeds": " ".join(r["seeds"]),
+            "orders": " ".join(r["orders"]),
+        }
         for m in METRICS:
             d[f"{m}_mean"], d[f"{m}_std"], d[f"{m}_n"] = r[m]["mean"], r[m]["std"], r[m]["n"]
             d[f"{m}_ci_low"], d[f"{m}_ci_high"] = r[m].get("ci_low"), r[m].get("ci_high")
         g = r.get("general_ce_rise") or {}
-        d["general_ce_rise_mean"], d["general_ce_rise_std"], d["general_ce_rise_n"] = g.get("mean"), g.get("std"), g.get("n")
+        d["general_ce_rise_mean"], d["general_ce_rise_std"], d["general_ce_rise_n"] = (
+            g.get("mean"),
+            g.get("std"),
+            g.get("n"),
+        )
         for p in (*PARAM_KEYS, "effective_fraction_of_lora"):
             d[p] = r[p]
         d["reference"] = r["reference"]
@@ -230,9 +246,9 @@ UNDEFINED_BECAUSE = {
     "ACC": "no sequence has its final row",
     "BWT": "it needs at least two tasks",
     "FWT": "it needs the base row and each task scored one stage before its own, which eval_schedule diagonal_final and "
-           "every:K (and eval_scope seen) leave out; a single task has none",
+    "every:K (and eval_scope seen) leave out; a single task has none",
     "forgetting": "it needs each task's score after every earlier stage, which eval_schedule diagonal_final and every:K leave "
-                  "out; a single task has none",
+    "out; a single task has none",
     "LA": "no task was scored right after its own stage",
 }
 
@@ -248,7 +264,9 @@ def verdicts(rows: list[dict]) -> dict[str, str]:
         cands = [r for r in rows if finite(r[m]["mean"]) and not r.get("reference")]
         if len(cands) < 2:
             if cands:
-                out[m] = f"{m} ({direction} is better): defined for {display_name(cands[0]['method'])} only; nothing to compare."
+                out[m] = (
+                    f"{m} ({direction} is better): defined for {display_name(cands[0]['method'])} only; nothing to compare."
+                )
             elif all(r.get("reference") for r in rows):
                 out[m] = f"{m} ({direction} is better): only reference rows finished; they are not ranked."
             else:

@@ -48,7 +48,11 @@ def sample_scores(samples: list[dict], metric_key: str) -> dict[str, Any]:
     (document, filter): only the primary metric's filter counts."""
     metric, _, filt = metric_key.partition(",")
     rows = sorted((s for s in samples if not filt or s.get("filter", filt) == filt), key=lambda s: s["doc_id"])
-    return {"metric": metric_key, "doc_ids": [int(s["doc_id"]) for s in rows], "scores": [compact(s[metric]) for s in rows]}
+    return {
+        "metric": metric_key,
+        "doc_ids": [int(s["doc_id"]) for s in rows],
+        "scores": [compact(s[metric]) for s in rows],
+    }
 
 
 def cell_score(scores: list[float]) -> float:
@@ -123,8 +127,11 @@ def merge_documents(tasks: list[str], single: dict[str, dict], merged: dict[str,
         for c, per_task in merged.items():
             if list(per_task[task]["doc_ids"]) != ids:
                 raise ValueError(f"task {task!r}: merge {c!r} scored other documents than the task's own adapter")
-        out[task] = {"doc_ids": ids, "single": list(single[task]["scores"]),
-                     "merged": {c: list(per_task[task]["scores"]) for c, per_task in merged.items()}}
+        out[task] = {
+            "doc_ids": ids,
+            "single": list(single[task]["scores"]),
+            "merged": {c: list(per_task[task]["scores"]) for c, per_task in merged.items()},
+        }
     return {"tasks": list(tasks), "documents": out}
 
 
@@ -141,8 +148,13 @@ def merge_matrix(docs: dict[str, Any], combination: str) -> np.ndarray | None:
     entries, tasks = docs["documents"], docs["tasks"]
     if any(combination not in entries[t]["merged"] for t in tasks):
         return None
-    return np.array([[cell_score(entries[t]["single"]) for t in tasks],
-                     [cell_score(entries[t]["merged"][combination]) for t in tasks]], dtype=float)
+    return np.array(
+        [
+            [cell_score(entries[t]["single"]) for t in tasks],
+            [cell_score(entries[t]["merged"][combination]) for t in tasks],
+        ],
+        dtype=float,
+    )
 
 
 def check_documents(docs: dict[str, Any], R: np.ndarray) -> list[str]:

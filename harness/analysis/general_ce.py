@@ -13,7 +13,6 @@ from harness.analysis.numbers import finite
 from harness.analysis.runs import SequenceRun
 
 
-
 def _curve(run: SequenceRun) -> list[float]:
     vals = (run.summary or {}).get("general_ce") or []
     return [float(v) if finite(v) else float("nan") for v in vals]
@@ -29,11 +28,9 @@ def curves(by_method: dict[str, list[SequenceRun]]) -> dict[str, tuple[np.ndarra
         n = max(len(c) for c in cs)
         stack = np.full((len(cs), n), np.nan)
         for k, c in enumerate(cs):
-            stack[k, :len(c)] = c
+            stack[k, : len(c)] = c
         with np.errstate(invalid="ignore"):
             mean = np.nanmean(stack, axis=0)
             std = np.nanstd(stack, axis=0, ddof=1) if len(cs) > 1 else np.full(n, np.nan)
         out[method] = (mean, std)
     return out
-
-

@@ -21,8 +21,8 @@ import numpy as np
 
 from harness.analysis import over_seeds as OS
 from harness.analysis import statistics as ST
-from harness.analysis.documents import score_arrays
 from harness.analysis.aggregate import MethodMatrix, noise_class, rank
+from harness.analysis.documents import score_arrays
 from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name
 from harness.analysis.numbers import finite
 from harness.analysis.runs import SequenceRun
@@ -43,8 +43,14 @@ def unit(run: SequenceRun) -> ST.Unit:
     docs = run.documents
     scores = score_arrays(docs) if docs else None
     ids = {t: list(docs["documents"][t]["doc_ids"]) for t in docs["tasks"]} if docs else None
-    return ST.Unit(key=f"{run.seed}/{run.order}", tasks=list(run.tasks), R=np.asarray(run.R, dtype=float), scores=scores,
-                   doc_ids=ids, reference=run.reference)
+    return ST.Unit(
+        key=f"{run.seed}/{run.order}",
+        tasks=list(run.tasks),
+        R=np.asarray(run.R, dtype=float),
+        scores=scores,
+        doc_ids=ids,
+        reference=run.reference,
+    )
 
 
 def units_by_method(by_method: dict[str, list[SequenceRun]]) -> dict[str, list[ST.Unit]]:
@@ -60,10 +66,16 @@ def add_intervals(rows: list[dict], units: dict[str, list[ST.Unit]]) -> None:
         for m in METRICS:
             e = ests.get(m)
             s = OS.seed_interval(us, m) if e else None
-            r[m].update({"ci_low": s.low if s else None, "ci_high": s.high if s else None,
-                         "ci_kind": "t over seeds" + (", documents added" if s and s.document_se is not None else ""),
-                         "measurement_low": e.low if e else None, "measurement_high": e.high if e else None,
-                         "ci_resampled": e.resampled if e else "nothing"})
+            r[m].update(
+                {
+                    "ci_low": s.low if s else None,
+                    "ci_high": s.high if s else None,
+                    "ci_kind": "t over seeds" + (", documents added" if s and s.document_se is not None else ""),
+                    "measurement_low": e.low if e else None,
+                    "measurement_high": e.high if e else None,
+                    "ci_resampled": e.resampled if e else "nothing",
+                }
+            )
 
 
 def cell_intervals(mm: MethodMatrix, runs: list[SequenceRun], columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +89,11 @@ def fmt_ci(mean: Any, low: Any, high: Any) -> str:
     """0.812 [0.750, 0.870]; the mean alone without an interval."""
     if not finite(mean):
         return "—"
-    return f"{float(mean):.3f} [{float(low):.3f}, {float(high):.3f}]" if finite(low) and finite(high) else f"{float(mean):.3f}"
+    return (
+        f"{float(mean):.3f} [{float(low):.3f}, {float(high):.3f}]"
+        if finite(low) and finite(high)
+        else f"{float(mean):.3f}"
+    )
 
 
 def fmt_p(p: float | None) -> str:
@@ -95,17 +111,21 @@ def fmt_needed(t: OS.SeedTest) -> str:
 
 def _how(t: OS.SeedTest) -> str:
     holm = f", Holm {fmt_p(t.p_adjusted)} over {t.family} comparisons" if t.family > 1 else ""
-    return (f"paired t over {t.n_pairs} seeds: {display_name(t.a)} − {display_name(t.b)} = {t.difference:+.3f}, "
-            f"95% CI [{t.low:+.3f}, {t.high:+.3f}], {fmt_p(t.p)}{holm}; these seeds detect {t.detectable:.3f} "
-            f"at 80% power")
+    return (
+        f"paired t over {t.n_pairs} seeds: {display_name(t.a)} − {display_name(t.b)} = {t.difference:+.3f}, "
+        f"95% CI [{t.low:+.3f}, {t.high:+.3f}], {fmt_p(t.p)}{holm}; these seeds detect {t.detectable:.3f} "
+        f"at 80% power"
+    )
 
 
 def paired_sentence(m: str, a_row: dict, b_row: dict, t: OS.SeedTest, higher: bool | None = None) -> str:
     """One verdict: row a against row b on metric m, from their test over seeds (a − b); the better one is named,
     or the comparison is called undecided with the seeds it would need."""
     a, b = display_name(a_row["method"]), display_name(b_row["method"])
-    vs = (f"{a} {fmt_ci(a_row[m]['mean'], a_row[m].get('ci_low'), a_row[m].get('ci_high'))} vs "
-          f"{b} {fmt_ci(b_row[m]['mean'], b_row[m].get('ci_low'), b_row[m].get('ci_high'))}")
+    vs = (
+        f"{a} {fmt_ci(a_row[m]['mean'], a_row[m].get('ci_low'), a_row[m].get('ci_high'))} vs "
+        f"{b} {fmt_ci(b_row[m]['mean'], b_row[m].get('ci_low'), b_row[m].get('ci_high'))}"
+    )
     if t.difference is None:
         return f"{vs}: not compared (no seed and task order that both ran)"
     d = abs(t.difference)
@@ -114,33 +134,48 @@ def paired_sentence(m: str, a_row: dict, b_row: dict, t: OS.SeedTest, higher: bo
         return f"{vs}: no difference"
     better = a if (t.difference > 0) == (HIGHER_IS_BETTER[m] if higher is None else higher) else b
     if t.p is None:
-        return (f"{vs}: {better} is ahead by {d_txt} on {t.n_pairs} seed(s): undecided, a test over seeds needs "
-                f"at least {OS.MIN_SEEDS} seeds of each")
+        return (
+            f"{vs}: {better} is ahead by {d_txt} on {t.n_pairs} seed(s): undecided, a test over seeds needs "
+            f"at least {OS.MIN_SEEDS} seeds of each"
+        )
     if t.decided:
         return f"{vs}: {better} is better by {d_txt} ({_how(t)})"
-    return (f"{vs}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.3f} with this spread needs "
-            f"{fmt_needed(t)} seeds ({_how(t)})")
+    return (
+        f"{vs}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.3f} with this spread needs "
+        f"{fmt_needed(t)} seeds ({_how(t)})"
+    )
 
 
 def comparison_entry(t: OS.SeedTest, a: dict, b: dict, ua: list[ST.Unit], ub: list[ST.Unit], m: str, **fields) -> dict:
     """comparison.json's row for one test: the test over seeds, the measurement interval, the std rule's class."""
     meas = ST.paired_difference(ua, ub, m, (a["method"], b["method"]))
-    return {**t.as_json(), "significant": t.decided, "resampled": meas.resampled,
-            "measurement_low": meas.low, "measurement_high": meas.high, "std_rule": noise_class(m, a, b), **fields}
+    return {
+        **t.as_json(),
+        "significant": t.decided,
+        "resampled": meas.resampled,
+        "measurement_low": meas.low,
+        "measurement_high": meas.high,
+        "std_rule": noise_class(m, a, b),
+        **fields,
+    }
 
 
-def compare_family(m: str, pairs: list[tuple[dict, dict, list[ST.Unit], list[ST.Unit], dict]], *,
-                   higher: bool | None = None) -> list[tuple[str, dict]]:
+def compare_family(
+    m: str, pairs: list[tuple[dict, dict, list[ST.Unit], list[ST.Unit], dict]], *, higher: bool | None = None
+) -> list[tuple[str, dict]]:
     """(sentence, comparison.json entry) for each (a row, b row, a units, b units, extra fields) of one family:
     each pair's test over seeds, the family's p-values Holm-adjusted together."""
     tests = [OS.seed_test(ua, ub, m, (a["method"], b["method"])) for a, b, ua, ub, _ in pairs]
     OS.holm_adjust(tests)
-    return [(paired_sentence(m, a, b, t, higher), comparison_entry(t, a, b, ua, ub, m, **extra))
-            for t, (a, b, ua, ub, extra) in zip(tests, pairs)]
+    return [
+        (paired_sentence(m, a, b, t, higher), comparison_entry(t, a, b, ua, ub, m, **extra))
+        for t, (a, b, ua, ub, extra) in zip(tests, pairs)
+    ]
 
 
-def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
-                    baseline: str | None = None) -> tuple[dict[str, str], list[dict], dict[str, str]]:
+def paired_verdicts(
+    rows: list[dict], units: dict[str, list[ST.Unit]], baseline: str | None = None
+) -> tuple[dict[str, str], list[dict], dict[str, str]]:
     """(metric -> verdict sentence, comparison.json's "paired_comparisons", metric -> baseline sentence).
 
     Per metric the best method is compared with each other one (role "best", a = the best). With a baseline
@@ -168,8 +203,11 @@ def paired_verdicts(rows: list[dict], units: dict[str, list[ST.Unit]],
             table.append(entry)
         sentences[m] = f"{m} ({direction} is better): " + "; ".join(said["best"]) + "."
         if base is not None:
-            against[m] = (f"{m} ({direction} is better), {display_name(baseline)} against each method: "
-                          + "; ".join(said["baseline"] or said["best"]) + ".")
+            against[m] = (
+                f"{m} ({direction} is better), {display_name(baseline)} against each method: "
+                + "; ".join(said["baseline"] or said["best"])
+                + "."
+            )
     return sentences, table, against
 
 
@@ -177,11 +215,16 @@ GENERAL_CE = "general_ce_rise"
 
 
 def _rise(runs: list[SequenceRun]) -> dict[str, float]:
-    return {f"{r.seed}/{r.order}": float(r.summary[GENERAL_CE]) for r in runs
-            if r.summary and finite(r.summary.get(GENERAL_CE))}
+    return {
+        f"{r.seed}/{r.order}": float(r.summary[GENERAL_CE])
+        for r in runs
+        if r.summary and finite(r.summary.get(GENERAL_CE))
+    }
 
 
-def general_ce_verdicts(by_method: dict[str, list[SequenceRun]], baseline: str | None = None) -> tuple[list[str], list[dict]]:
+def general_ce_verdicts(
+    by_method: dict[str, list[SequenceRun]], baseline: str | None = None
+) -> tuple[list[str], list[dict]]:
     """(sentences, comparison.json's "general_ce_comparisons"): the general-text CE rise (lower is better) of the
     method with the lowest mean against each other one, and of the baseline against each; one Holm family. The text
     is fixed, so the seeds are its only noise: a paired t-test over them (over_seeds.values_test)."""
@@ -203,14 +246,17 @@ def general_ce_verdicts(by_method: dict[str, list[SequenceRun]], baseline: str |
             better = a if t.difference < 0 else b
             sentences.append(f"{better} raises it less, by {abs(t.difference):.2f} nats ({_how(t)})")
         else:
-            sentences.append(f"{a} vs {b}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.2f} with this "
-                             f"spread needs {fmt_needed(t)} seeds ({_how(t)})")
+            sentences.append(
+                f"{a} vs {b}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.2f} with this "
+                f"spread needs {fmt_needed(t)} seeds ({_how(t)})"
+            )
     return sentences, [{**t.as_json(), "significant": t.decided, "role": role} for t, (_, _, role) in zip(tests, pairs)]
 
 
 def not_learned_notes(runs: list[SequenceRun]) -> list[dict]:
     """comparison.json's "not_learned": per run, the tasks it did not learn at their own stage."""
-    return [{"method": r.method, "seed": r.seed, "order": r.order, "tasks": r.not_learned, "margin": r.learn_margin}
-            for r in runs if r.not_learned]
-
-
+    return [
+        {"method": r.method, "seed": r.seed, "order": r.order, "tasks": r.not_learned, "margin": r.learn_margin}
+        for r in runs
+        if r.not_learned
+    ]

@@ -22,12 +22,14 @@ from harness.analysis import statistics as ST
 from harness.analysis.aggregate import _nanmean_std, mean_std_n, rank
 from harness.analysis.documents import merge_score_arrays
 from harness.analysis.intervals import compare_family
-from harness.analysis.runs import MergeRun
 from harness.analysis.naming import display_name, method_sort_key, num_sort_key
 from harness.analysis.numbers import finite
+from harness.analysis.runs import MergeRun
 
 NORM, DROP = "normalised_accuracy", "average_drop"
-STD_DEFINITION = "sample standard deviation (ddof=1) over the finished merge runs (seeds) of a method; null with fewer than 2"
+STD_DEFINITION = (
+    "sample standard deviation (ddof=1) over the finished merge runs (seeds) of a method; null with fewer than 2"
+)
 
 
 CROSS_TERM_TOL = 1e-4  # relative ΔW error above which a merge is reported as having cross terms (run/merge.py)
@@ -88,15 +90,24 @@ def _cell(method: str, combination: str, runs: list[MergeRun], tol: float) -> Me
     entries = [r.merges[combination] for r in runs if combination in r.merges]
     errors = [e["relative_error"] for e in entries if finite(e["relative_error"])]
     cross = any(e["cross_terms"] for e in entries) or any(v > tol for v in errors)
-    return MergeCell(method, combination, [r.seed for r in runs if combination in r.merges],
-                     mean_std_n([e[NORM] for e in entries]), mean_std_n([e[DROP] for e in entries]),
-                     max(errors) if errors else float("nan"), cross)
+    return MergeCell(
+        method,
+        combination,
+        [r.seed for r in runs if combination in r.merges],
+        mean_std_n([e[NORM] for e in entries]),
+        mean_std_n([e[DROP] for e in entries]),
+        max(errors) if errors else float("nan"),
+        cross,
+    )
 
 
 def _method_scores(method: str, runs: list[MergeRun], combinations: list[str]) -> MethodScores:
     tasks = list(dict.fromkeys(t for r in runs for t in r.tasks))
-    merged = {c: _nanmean_std(_stack([r.merges[c]["scores"] for r in runs if c in r.merges], tasks))
-              for c in combinations if any(c in r.merges and r.merges[c]["scores"] for r in runs)}
+    merged = {
+        c: _nanmean_std(_stack([r.merges[c]["scores"] for r in runs if c in r.merges], tasks))
+        for c in combinations
+        if any(c in r.merges and r.merges[c]["scores"] for r in runs)
+    }
     return MethodScores(method, tasks, len(runs), _nanmean_std(_stack([r.single for r in runs], tasks)), merged)
 
 
@@ -129,8 +140,15 @@ def _add_intervals(cell: MergeCell, units: list[ST.Unit]) -> None:
     measurement_low/high with ci_resampled (the documents' bootstrap, seeds fixed)."""
     for key, e in ST.estimates(units, (NORM, DROP)).items():
         s = OS.seed_interval(units, key)
-        getattr(cell, key).update({"ci_low": s.low, "ci_high": s.high, "measurement_low": e.low,
-                                   "measurement_high": e.high, "ci_resampled": e.resampled})
+        getattr(cell, key).update(
+            {
+                "ci_low": s.low,
+                "ci_high": s.high,
+                "measurement_low": e.low,
+                "measurement_high": e.high,
+                "ci_resampled": e.resampled,
+            }
+        )
 
 
 def _verdict(combination: str, cells: list[MergeCell], units: dict) -> tuple[str, list[dict]]:
@@ -142,8 +160,20 @@ def _verdict(combination: str, cells: list[MergeCell], units: dict) -> tuple[str
         return f"{head}: {who}; nothing to compare.", []
     ranked = rank(NORM, cands, True)
     best = ranked[0]
-    pairs = compare_family(NORM, [(best, other, units[best.method, combination], units[other.method, combination],
-                                   {"combination": combination}) for other in ranked[1:]], higher=True)
+    pairs = compare_family(
+        NORM,
+        [
+            (
+                best,
+                other,
+                units[best.method, combination],
+                units[other.method, combination],
+                {"combination": combination},
+            )
+            for other in ranked[1:]
+        ],
+        higher=True,
+    )
     return f"{head}: " + "; ".join(s for s, _ in pairs) + ".", [entry for _, entry in pairs]
 
 
@@ -153,16 +183,30 @@ def summarize_merging(merges: list[MergeRun], skipped: list[tuple[str, str, str]
     combinations = list(dict.fromkeys(c for r in runs for c in r.merges))
     tol = cross_term_tolerance()
     by_method = {m: [r for r in runs if r.method == m] for m in methods}
-    cells = [_cell(m, c, by_method[m], tol) for m in methods for c in combinations
-             if any(c in r.merges for r in by_method[m])]
-    units = {(c.method, c.combination): [merge_unit(r, c.combination) for r in by_method[c.method] if c.combination in r.merges]
-             for c in cells}
+    cells = [
+        _cell(m, c, by_method[m], tol)
+        for m in methods
+        for c in combinations
+        if any(c in r.merges for r in by_method[m])
+    ]
+    units = {
+        (c.method, c.combination): [
+            merge_unit(r, c.combination) for r in by_method[c.method] if c.combination in r.merges
+        ]
+        for c in cells
+    }
     for c in cells:
         _add_intervals(c, units[c.method, c.combination])
     verdicts = {c: _verdict(c, cells, units) for c in combinations}
     return MergingSummary(
-        runs=runs, skipped=list(skipped), methods=methods, combinations=combinations, cells=cells,
-        verdicts={c: v[0] for c, v in verdicts.items()}, paired=[row for v in verdicts.values() for row in v[1]], tolerance=tol,
+        runs=runs,
+        skipped=list(skipped),
+        methods=methods,
+        combinations=combinations,
+        cells=cells,
+        verdicts={c: v[0] for c, v in verdicts.items()},
+        paired=[row for v in verdicts.values() for row in v[1]],
+        tolerance=tol,
         scores=[_method_scores(m, by_method[m], combinations) for m in methods],
         interference=[x for m in methods for x in _interference(m, by_method[m], combinations)],
         warnings=[c for c in cells if c.cross_terms],
@@ -175,29 +219,65 @@ def merging_json(ms: MergingSummary) -> dict:
         "std_definition": STD_DEFINITION,
         "cross_term_tolerance": ms.tolerance,
         "combinations": ms.combinations,
-        "methods": {m: {"display_name": display_name(m), "seeds": [r.seed for r in ms.runs if r.method == m],
-                        "combinations": {c.combination: {NORM: c.normalised_accuracy, DROP: c.average_drop,
-                                                         "relative_error": {"max": c.relative_error_max},
-                                                         "cross_terms": {"any": c.cross_terms}}
-                                         for c in ms.cells if c.method == m}}
-                    for m in ms.methods},
+        "methods": {
+            m: {
+                "display_name": display_name(m),
+                "seeds": [r.seed for r in ms.runs if r.method == m],
+                "combinations": {
+                    c.combination: {
+                        NORM: c.normalised_accuracy,
+                        DROP: c.average_drop,
+                        "relative_error": {"max": c.relative_error_max},
+                        "cross_terms": {"any": c.cross_terms},
+                    }
+                    for c in ms.cells
+                    if c.method == m
+                },
+            }
+            for m in ms.methods
+        },
         "verdicts": ms.verdicts,
         # The verdicts' evidence: the best method against each other one per combination (paired bootstrap).
         "paired_comparisons": ms.paired,
         # I[i][j] averaged over seeds (rows, columns: tasks); null on the diagonal and for pairs not merged.
-        "interference": {m: {c: {"tasks": tasks, "mean": M, "n": n} for mm, c, tasks, M, n in ms.interference if mm == m}
-                         for m in dict.fromkeys(x[0] for x in ms.interference)},
-        "cross_term_warnings": [{"method": c.method, "combination": c.combination, "relative_error": c.relative_error_max}
-                                for c in ms.warnings],
-        "runs": [{"run_id": r.run_id, "method": r.method, "seed": r.seed, "tasks": r.tasks, "single": r.single,
-                  "merges": r.merges} for r in ms.runs],
+        "interference": {
+            m: {c: {"tasks": tasks, "mean": M, "n": n} for mm, c, tasks, M, n in ms.interference if mm == m}
+            for m in dict.fromkeys(x[0] for x in ms.interference)
+        },
+        "cross_term_warnings": [
+            {"method": c.method, "combination": c.combination, "relative_error": c.relative_error_max}
+            for c in ms.warnings
+        ],
+        "runs": [
+            {
+                "run_id": r.run_id,
+                "method": r.method,
+                "seed": r.seed,
+                "tasks": r.tasks,
+                "single": r.single,
+                "merges": r.merges,
+            }
+            for r in ms.runs
+        ],
         "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in ms.skipped],
     }
 
 
 def merging_rows(ms: MergingSummary) -> list[dict]:
     """The rows of merging.csv: one per (method, combination)."""
-    return [{"method": c.method, "display_name": display_name(c.method), "combination": c.combination,
-             "seeds": " ".join(c.seeds),
-             **{f"{k}_{s}": getattr(c, k).get(s) for k in (NORM, DROP) for s in ("mean", "std", "n", "ci_low", "ci_high")},
-             "relative_error_max": c.relative_error_max, "cross_terms": c.cross_terms} for c in ms.cells]
+    return [
+        {
+            "method": c.method,
+            "display_name": display_name(c.method),
+            "combination": c.combination,
+            "seeds": " ".join(c.seeds),
+            **{
+                f"{k}_{s}": getattr(c, k).get(s)
+                for k in (NORM, DROP)
+                for s in ("mean", "std", "n", "ci_low", "ci_high")
+            },
+            "relative_error_max": c.relative_error_max,
+            "cross_terms": c.cross_terms,
+        }
+        for c in ms.cells
+    ]

@@ -73,12 +73,27 @@ class SeedTest:
         return p is not None and p < ALPHA and self.difference not in (None, 0.0)
 
     def as_json(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "metric": self.metric, "difference": self.difference, "low": self.low,
-                "high": self.high, "p": self.p, "p_holm": self.p_adjusted, "family_size": self.family,
-                "n_pairs": self.n_pairs, "per_seed": self.per_seed, "sd": self.sd, "se": self.se,
-                "document_se": self.document_se, "detectable_difference": self.detectable,
-                "seeds_needed": self.seeds_needed, "decided": self.decided,
-                "test": "paired t over seeds" + (", documents' sampling variance added" if self.document_se is not None else "")}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "metric": self.metric,
+            "difference": self.difference,
+            "low": self.low,
+            "high": self.high,
+            "p": self.p,
+            "p_holm": self.p_adjusted,
+            "family_size": self.family,
+            "n_pairs": self.n_pairs,
+            "per_seed": self.per_seed,
+            "sd": self.sd,
+            "se": self.se,
+            "document_se": self.document_se,
+            "detectable_difference": self.detectable,
+            "seeds_needed": self.seeds_needed,
+            "decided": self.decided,
+            "test": "paired t over seeds"
+            + (", documents' sampling variance added" if self.document_se is not None else ""),
+        }
 
 
 def standard_error(sd: float, n: int, doc_var: float = 0.0) -> float:
@@ -121,7 +136,9 @@ def power(delta: float, n: int, sd: float, doc_var: float = 0.0, alpha: float = 
     return float(min(1.0, upper + lower))
 
 
-def detectable_difference(n: int, sd: float, doc_var: float = 0.0, *, target: float = POWER, alpha: float = ALPHA) -> float:
+def detectable_difference(
+    n: int, sd: float, doc_var: float = 0.0, *, target: float = POWER, alpha: float = ALPHA
+) -> float:
     """The smallest |difference| that n seeds detect with probability `target` (the minimum detectable effect)."""
     se = standard_error(sd, n, doc_var)
     if se == 0.0:
@@ -132,8 +149,15 @@ def detectable_difference(n: int, sd: float, doc_var: float = 0.0, *, target: fl
     return float(optimize.brentq(lambda x: power(x, n, sd, doc_var, alpha) - target, 0.0, hi, xtol=1e-9 * se + 1e-15))
 
 
-def seeds_needed(delta: float, sd: float, doc_var: float = 0.0, *, target: float = POWER, alpha: float = ALPHA,
-                 limit: int = MAX_SEEDS) -> int | None:
+def seeds_needed(
+    delta: float,
+    sd: float,
+    doc_var: float = 0.0,
+    *,
+    target: float = POWER,
+    alpha: float = ALPHA,
+    limit: int = MAX_SEEDS,
+) -> int | None:
     """The fewest seeds (>= 2) whose test detects delta with probability `target`; None when more than `limit`."""
     if delta == 0 or power(delta, limit, sd, doc_var, alpha) < target:
         return None
@@ -168,8 +192,9 @@ def _values(units: list[ST.Unit], metric: str) -> np.ndarray:
     return np.array([ST.unit_functions(u)[metric](u.R) for u in units], dtype=float)
 
 
-def document_variance(a: list[ST.Unit], b: list[ST.Unit] | None, metric: str, *, n_boot: int = DOC_BOOT,
-                      seed: int = ST.SEED) -> float | None:
+def document_variance(
+    a: list[ST.Unit], b: list[ST.Unit] | None, metric: str, *, n_boot: int = DOC_BOOT, seed: int = ST.SEED
+) -> float | None:
     """V_doc: the part of the documents' sampling variance that the seeds share, so that s²/n + V_doc is the
     variance of the mean over seeds and document draws. None without per-document scores in every unit.
 
@@ -209,8 +234,15 @@ def _fill(out: SeedTest, d: np.ndarray, doc_var: float | None) -> SeedTest:
     return out
 
 
-def seed_test(a: list[ST.Unit], b: list[ST.Unit], metric: str, names: tuple[str, str] = ("a", "b"), *,
-              n_boot: int = DOC_BOOT, seed: int = ST.SEED) -> SeedTest:
+def seed_test(
+    a: list[ST.Unit],
+    b: list[ST.Unit],
+    metric: str,
+    names: tuple[str, str] = ("a", "b"),
+    *,
+    n_boot: int = DOC_BOOT,
+    seed: int = ST.SEED,
+) -> SeedTest:
     """The paired t-test of metric(a) - metric(b) over the seeds (and orders) both ran; fields None where undefined."""
     ua, ub = ST.pair_units(a, b)
     out = SeedTest(names[0], names[1], metric, len(ua))
@@ -237,7 +269,7 @@ def documents_limit(t: SeedTest) -> bool:
     """Whether the documents' shared noise alone keeps the observed difference from being decided by any seeds."""
     if t.difference is None or t.document_se is None:
         return False
-    return power(t.difference, MAX_SEEDS, 0.0, t.document_se ** 2) < POWER
+    return power(t.difference, MAX_SEEDS, 0.0, t.document_se**2) < POWER
 
 
 @dataclass
@@ -251,12 +283,18 @@ class SeedInterval:
     document_se: float | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "n_units": self.n_units,
-                "document_se": self.document_se}
+        return {
+            "mean": self.mean,
+            "low": self.low,
+            "high": self.high,
+            "n_units": self.n_units,
+            "document_se": self.document_se,
+        }
 
 
-def seed_interval(units: list[ST.Unit], metric: str, *, level: float = LEVEL, n_boot: int = DOC_BOOT,
-                  seed: int = ST.SEED) -> SeedInterval:
+def seed_interval(
+    units: list[ST.Unit], metric: str, *, level: float = LEVEL, n_boot: int = DOC_BOOT, seed: int = ST.SEED
+) -> SeedInterval:
     """Mean ± t · sqrt(s²/n + V_doc) over the units (seeds); no interval from fewer than MIN_SEEDS seeds."""
     if not units or metric not in ST.unit_functions(units[0]):
         return SeedInterval(None, None, None, len(units))

@@ -40,9 +40,13 @@ class SequenceRun:
     notes: list[str] = field(default_factory=list)
     reference: bool = False  # a reference row (one multi-task stage), never ranked
     documents: dict | None = None  # documents.json (per-document scores) when present and consistent with R
-    not_learned: list[str] | None = None  # tasks whose own-stage score did not clear base + learn_margin (None: not judged)
+    not_learned: list[str] | None = (
+        None  # tasks whose own-stage score did not clear base + learn_margin (None: not judged)
+    )
     learn_margin: float = LEARN_MARGIN
-    stage_costs: list[dict] | None = None  # per trained stage, from its stage.json: seconds of train, method, calibration, eval
+    stage_costs: list[dict] | None = (
+        None  # per trained stage, from its stage.json: seconds of train, method, calibration, eval
+    )
 
 
 @dataclass
@@ -97,6 +101,15 @@ class UnfinishedRun:
         return f"{self.last_stage}{of}" + (" (base model only)" if self.last_stage == 0 else "")
 
     def as_json(self) -> dict:
-        return {"run_id": self.run_id, "run_name": self.run_name, "status": self.status, "method": self.method,
-                "seed": self.seed, "order": self.order, "run_dir": self.run_dir, "last_stage": self.last_stage,
-                "n_stages": self.n_stages, "resume_command": self.resume_command}
+        return {
+            "run_id": self.run_id,
+            "run_name": self.run_name,
+            "status": self.status,
+            "method": self.method,
+            "seed": self.seed,
+            "order": self.order,
+            "run_dir": self.run_dir,
+            "last_stage": self.last_stage,
+            "n_stages": self.n_stages,
+            "resume_command": self.resume_command,
+        }

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from harness.analysis import over_seeds as OS
 from harness.analysis.aggregate import mean_std_n
 from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, display_name, method_sort_key, num_sort_key
@@ -44,7 +43,7 @@ def variant_of(run: SequenceRun) -> str | None:
 
 def knob_values(run: SequenceRun) -> dict[str, str]:
     """The swept knobs of a run's variant, from its grid.<knob> params (as logged: strings)."""
-    return {k[len("grid."):]: v for k, v in sorted(run.params.items()) if k.startswith("grid.")}
+    return {k[len("grid.") :]: v for k, v in sorted(run.params.items()) if k.startswith("grid.")}
 
 
 @dataclass
@@ -58,8 +57,15 @@ class VariantRow:
     per_seed: dict[str, float] = field(default_factory=dict)  # "<seed>/<order>" -> ACC: what the test over seeds pairs
 
     def as_json(self) -> dict[str, Any]:
-        return {"method": self.method, "display_name": display_name(self.method), "variant": self.variant,
-                "values": self.values, "seeds": self.seeds, **self.metrics, "validation_ACC": self.validation}
+        return {
+            "method": self.method,
+            "display_name": display_name(self.method),
+            "variant": self.variant,
+            "values": self.values,
+            "seeds": self.seeds,
+            **self.metrics,
+            "validation_ACC": self.validation,
+        }
 
     @property
     def label(self) -> str:
@@ -78,15 +84,22 @@ def variant_rows(runs: list[SequenceRun]) -> list[VariantRow]:
     rows = []
     for (method, variant), rs in groups.items():
         val = mean_std_n([validation_acc(r) for r in rs])
-        rows.append(VariantRow(method, variant, knob_values(rs[0]), sorted({r.seed for r in rs}, key=num_sort_key),
-                               {m: mean_std_n([r.metrics[m] for r in rs]) for m in METRICS},
-                               val if val["n"] == len(rs) else None,
-                               {f"{r.seed}/{r.order}": r.metrics[SELECTION_METRIC] for r in rs}))
+        rows.append(
+            VariantRow(
+                method,
+                variant,
+                knob_values(rs[0]),
+                sorted({r.seed for r in rs}, key=num_sort_key),
+                {m: mean_std_n([r.metrics[m] for r in rs]) for m in METRICS},
+                val if val["n"] == len(rs) else None,
+                {f"{r.seed}/{r.order}": r.metrics[SELECTION_METRIC] for r in rs},
+            )
+        )
     return sorted(rows, key=lambda v: (method_sort_key(v.method), [num_sort_key(x) for x in v.values.values()]))
 
 
 def selection_split(rows: list[VariantRow]) -> str:
-    """"validation" when every variant row has validation ACC for all its runs, else "test"."""
+    """ "validation" when every variant row has validation ACC for all its runs, else "test"."""
     return "validation" if rows and all(v.validation is not None for v in rows) else "test"
 
 
@@ -119,9 +132,12 @@ def select_variants(runs: list[SequenceRun]) -> tuple[list[SequenceRun], list[Va
     chosen = best_variants(vrows, split)
     lines, summary = recipe_verdicts(vrows)
     criterion = SELECTION_CRITERION_VALIDATION if split == "validation" else SELECTION_CRITERION
-    grid = {"variants": [v.as_json() for v in vrows],
-            "selection": {"criterion": criterion, "chosen": chosen, "split": split},
-            "verdicts_per_variant": lines, "recipe_verdict": summary}
+    grid = {
+        "variants": [v.as_json() for v in vrows],
+        "selection": {"criterion": criterion, "chosen": chosen, "split": split},
+        "verdicts_per_variant": lines,
+        "recipe_verdict": summary,
+    }
     return selected_runs(runs, chosen), vrows, chosen, grid
 
 
@@ -134,11 +150,15 @@ def _variant_line(label: str, ranked: list[VariantRow]) -> tuple[str, bool]:
     parts = []
     for t in tests:
         if t.p is None:
-            parts.append(f"ahead of {display_name(t.b)} by {t.difference or 0.0:+.3f} (fewer than {OS.MIN_SEEDS} shared seeds: no test)")
+            parts.append(
+                f"ahead of {display_name(t.b)} by {t.difference or 0.0:+.3f} (fewer than {OS.MIN_SEEDS} shared seeds: no test)"
+            )
         else:
             word = "decided" if t.decided else f"undecided, about {t.seeds_needed or 'more than 1000'} seeds needed"
-            parts.append(f"ahead of {display_name(t.b)} by {t.difference:+.3f} (paired t over {t.n_pairs} seeds, "
-                         f"p = {t.p:.3f}{f', Holm {t.p_adjusted:.3f}' if t.family > 1 else ''}: {word})")
+            parts.append(
+                f"ahead of {display_name(t.b)} by {t.difference:+.3f} (paired t over {t.n_pairs} seeds, "
+                f"p = {t.p:.3f}{f', Holm {t.p_adjusted:.3f}' if t.family > 1 else ''}: {word})"
+            )
     return f"{label}: {display_name(lead.method)} leads on {SELECTION_METRIC}, " + "; ".join(parts), tests[0].decided
 
 
@@ -156,22 +176,27 @@ def recipe_verdicts(rows: list[VariantRow]) -> tuple[list[str], str | None]:
         cands = [v for v in vs if finite(v.metrics[SELECTION_METRIC]["mean"])]
         if len(cands) < 2:
             continue
-        ranked = sorted(cands, key=lambda v: v.metrics[SELECTION_METRIC]["mean"], reverse=HIGHER_IS_BETTER[SELECTION_METRIC])
+        ranked = sorted(
+            cands, key=lambda v: v.metrics[SELECTION_METRIC]["mean"], reverse=HIGHER_IS_BETTER[SELECTION_METRIC]
+        )
         line, decided = _variant_line(vs[0].label, ranked)
         lines.append(line)
         outcomes.add((ranked[0].method, decided))
     if len(lines) < 2:
         return lines, None
     if len(outcomes) > 1:
-        return lines, (f"The verdict depends on the recipe: the {SELECTION_METRIC} leader, or whether its lead over the "
-                       f"runner-up is decided by the test over seeds, changes between the variants below.")
-    (leader, decided), = outcomes
+        return lines, (
+            f"The verdict depends on the recipe: the {SELECTION_METRIC} leader, or whether its lead over the "
+            f"runner-up is decided by the test over seeds, changes between the variants below."
+        )
+    ((leader, decided),) = outcomes
     how = "decided by the test over seeds" if decided else "but undecided by the test over seeds"
-    return lines, f"The verdict is the same at every variant: {display_name(leader)} leads on {SELECTION_METRIC}, {how}."
+    return (
+        lines,
+        f"The verdict is the same at every variant: {display_name(leader)} leads on {SELECTION_METRIC}, {how}.",
+    )
 
 
 def selected_runs(runs: list[SequenceRun], chosen: dict[str, str]) -> list[SequenceRun]:
     """The runs of each method's chosen variant (methods with no finite ACC anywhere keep none)."""
     return [r for r in runs if chosen.get(r.method) == (variant_of(r) or "-")]
-
-

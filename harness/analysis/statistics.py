@@ -58,7 +58,13 @@ class Estimate:
     resampled: str  # "documents and seeds", "documents", "seeds" or "nothing"
 
     def as_json(self) -> dict[str, Any]:
-        return {"mean": self.mean, "low": self.low, "high": self.high, "n_units": self.n_units, "resampled": self.resampled}
+        return {
+            "mean": self.mean,
+            "low": self.low,
+            "high": self.high,
+            "n_units": self.n_units,
+            "resampled": self.resampled,
+        }
 
 
 @dataclass
@@ -76,8 +82,17 @@ class Comparison:
     resampled: str
 
     def as_json(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "metric": self.metric, "difference": self.difference, "low": self.low,
-                "high": self.high, "p": self.p, "n_pairs": self.n_units, "resampled": self.resampled}
+        return {
+            "a": self.a,
+            "b": self.b,
+            "metric": self.metric,
+            "difference": self.difference,
+            "low": self.low,
+            "high": self.high,
+            "p": self.p,
+            "n_pairs": self.n_units,
+            "resampled": self.resampled,
+        }
 
 
 def metric_functions(reference: bool) -> dict:
@@ -156,21 +171,32 @@ def _resampled_label(documents: bool, n_units: int) -> str:
     return "seeds" if n_units > 1 else "nothing"
 
 
-def _setup(units: list[Unit], n_units: int, n_boot: int, seed: int,
-           resample_seeds: bool) -> tuple[dict | None, np.ndarray, bool, str]:
+def _setup(
+    units: list[Unit], n_units: int, n_boot: int, seed: int, resample_seeds: bool
+) -> tuple[dict | None, np.ndarray, bool, str]:
     """(document draws or None, seed draws (n_boot, n_units), whether anything is resampled, its label).
 
     Without resample_seeds every replicate takes every unit once: the seeds are held fixed (a measurement)."""
     docs = has_documents(units)
     draws = document_draws(seed, units, n_boot) if docs else None
     seeds = resample_seeds and n_units > 1
-    idx = (np.random.default_rng([seed, 1]).integers(0, n_units, size=(n_boot, n_units)) if seeds
-           else np.broadcast_to(np.arange(n_units), (n_boot, n_units)))
+    idx = (
+        np.random.default_rng([seed, 1]).integers(0, n_units, size=(n_boot, n_units))
+        if seeds
+        else np.broadcast_to(np.arange(n_units), (n_boot, n_units))
+    )
     return draws, idx, docs or seeds, _resampled_label(docs, n_units if seeds else 1)
 
 
-def estimate(units: list[Unit], metric: str, *, n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL,
-             resample_seeds: bool = False) -> Estimate:
+def estimate(
+    units: list[Unit],
+    metric: str,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    level: float = LEVEL,
+    resample_seeds: bool = False,
+) -> Estimate:
     """Mean over units of one metric and its percentile interval over the documents (when present), the seeds fixed.
 
     That is a measurement interval: how precisely these runs' values are known, not what another seed would
@@ -192,8 +218,16 @@ def estimates(units: list[Unit], metrics, **kw) -> dict[str, Estimate]:
     return {m: estimate(units, m, **kw) for m in metrics if m in fns}
 
 
-def cell_intervals(units: list[Unit], columns: list[str], n_rows: int, *, n_boot: int = N_BOOT, seed: int = SEED,
-                   level: float = LEVEL, resample_seeds: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+def cell_intervals(
+    units: list[Unit],
+    columns: list[str],
+    n_rows: int,
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    level: float = LEVEL,
+    resample_seeds: bool = False,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """(low, high, what was resampled): a measurement interval for every cell of the mean matrix, by task name.
 
     NaN where a cell was not evaluated or cannot be estimated (no per-document scores)."""
@@ -231,9 +265,17 @@ def bootstrap_p(diffs: np.ndarray) -> float:
     return float(min(1.0, 2 * min(np.sum(diffs <= 0) + 1, np.sum(diffs >= 0) + 1) / (n + 1)))
 
 
-def paired_difference(a: list[Unit], b: list[Unit], metric: str, names: tuple[str, str] = ("a", "b"), *,
-                      n_boot: int = N_BOOT, seed: int = SEED, level: float = LEVEL,
-                      resample_seeds: bool = False) -> Comparison:
+def paired_difference(
+    a: list[Unit],
+    b: list[Unit],
+    metric: str,
+    names: tuple[str, str] = ("a", "b"),
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = SEED,
+    level: float = LEVEL,
+    resample_seeds: bool = False,
+) -> Comparison:
     """Mean of metric(a) - metric(b) over the paired units, its measurement interval over documents (seeds fixed).
 
     Never a verdict: verdicts come from harness.analysis.over_seeds. With resample_seeds=True this is the

@@ -21,7 +21,6 @@ from harness.launchers.local import run_experiment
 def run_sequences(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
     """Every sequence of the experiment (or the one in folder `only`) on cfg.launcher; their summaries."""
     if cfg.launcher == "local" and cfg.jobs == 1:
-
         return run_experiment(cfg, progress=progress, only=only)
 
     return run_jobs(cfg, progress=progress, only=only)

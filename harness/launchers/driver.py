@@ -23,14 +23,14 @@ from harness.errors import HarnessError, Interrupted
 from harness.io import read_json
 from harness.launchers.job import payload
 from harness.launchers.local import planned_sequences, write_experiment_files
+from harness.launchers.processes import local_backend
 from harness.launchers.progress import StageMonitor
 from harness.launchers.ray_launcher import RayBackend
 from harness.launchers.slurm_launcher import SlurmBackend
 from harness.locking import is_locked, refuse_if_held
 from harness.models import load_model, module_shapes
-from harness.launchers.processes import local_backend
 from harness.run.mirror import sync_sequence, update_state
-from harness.run.planning import experiment_dir, preflight_methods, sequence_memory, SequenceSpec
+from harness.run.planning import SequenceSpec, experiment_dir, preflight_methods, sequence_memory
 from harness.tracking.client import open_tracker
 
 POLL_S = 1.0  # how often the driver looks at jobs and run folders
@@ -75,11 +75,9 @@ def check_free(specs: list[SequenceSpec], wait: bool) -> None:
 
 def make_backend(cfg, exp_dir: Path, suite, specs: list[SequenceSpec]) -> Backend:
     if cfg.launcher == "ray":
-
         return RayBackend(cfg, exp_dir)
 
     if cfg.launcher == "slurm":
-
         return SlurmBackend(cfg, exp_dir)
 
     return local_backend(cfg, exp_dir, len(specs), sequence_memory(cfg, suite, specs))
@@ -89,13 +87,20 @@ def run_jobs(cfg, *, progress: bool = True, only: Path | None = None) -> list[di
     """Preflight, dispatch one job per sequence, follow the run folders, gather each summary.json (spec order)."""
     suite, specs, uri, shapes_checked = planned_sequences(cfg, only)
     if not shapes_checked:  # the model's config is unreadable without weights: check capacity on the loaded model
-
-        model, _ = load_model(cfg.model, seed=0, device="cpu", dtype="fp32", cache_dir=cfg.cache_dir,
-                              trust_remote_code=cfg.trust_remote_code)
+        model, _ = load_model(
+            cfg.model,
+            seed=0,
+            device="cpu",
+            dtype="fp32",
+            cache_dir=cfg.cache_dir,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         preflight_methods(cfg, specs, module_shapes(model))
         del model
     check_free(specs, cfg.wait_for_lock)
-    backend = make_backend(cfg, experiment_dir(cfg), suite, specs)  # reaches the cluster, or plans --jobs; writes nothing
+    backend = make_backend(
+        cfg, experiment_dir(cfg), suite, specs
+    )  # reaches the cluster, or plans --jobs; writes nothing
     try:
         write_experiment_files(cfg, only=only)
         tracker = open_tracker(cfg, uri)  # the experiment is created here, once; jobs only look it up
@@ -131,12 +136,20 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
                     failures.append((job.spec.label, value.get("error", "?"), True))
                     monitor.say(f"[{job.spec.label}] failed: {value.get('error')}")
                 elif kind == "died" and job.attempt <= cfg.job_retries:
-                    monitor.say(f"[{job.spec.label}] job died ({value}); retry {job.attempt}/{cfg.job_retries}: "
-                                "it continues from the last committed stage or checkpoint")
+                    monitor.say(
+                        f"[{job.spec.label}] job died ({value}); retry {job.attempt}/{cfg.job_retries}: "
+                        "it continues from the last committed stage or checkpoint"
+                    )
                     submit([Job(job.spec, job.attempt + 1)])
                 else:
                     what = "died" if kind == "died" else "failed"
-                    failures.append((job.spec.label, f"{what} (attempt {job.attempt}): {value}\n  log: {backend.log_of(handle)}", False))
+                    failures.append(
+                        (
+                            job.spec.label,
+                            f"{what} (attempt {job.attempt}): {value}\n  log: {backend.log_of(handle)}",
+                            False,
+                        )
+                    )
                     monitor.say(f"[{job.spec.label}] {what} (attempt {job.attempt}); log: {backend.log_of(handle)}")
             monitor.poll()
             if pending:
@@ -159,9 +172,11 @@ def _follow(cfg, backend: Backend, tracker, specs: list[SequenceSpec], progress:
     monitor.close()
     if failures:
         lines = "\n".join(f"  [{label}] {msg}" for label, msg, _ in failures)
-        raise JobsFailed(f"{len(failures)} of {len(specs)} sequence(s) did not finish:\n{lines}\n"
-                         "Finished stages are kept: fix the cause and run the same command again (finished work is skipped).",
-                         user_errors_only=all(user for _, _, user in failures))
+        raise JobsFailed(
+            f"{len(failures)} of {len(specs)} sequence(s) did not finish:\n{lines}\n"
+            "Finished stages are kept: fix the cause and run the same command again (finished work is skipped).",
+            user_errors_only=all(user for _, _, user in failures),
+        )
     return [summaries[s.run_dir] for s in specs]
 
 
@@ -173,8 +188,10 @@ def mirror_folder(tracker, spec: SequenceSpec, say_) -> None:
         sync_sequence(tracker, spec.run_dir)
         update_state(spec.run_dir, mirror_behind=None)
     except Exception as exc:  # noqa: BLE001 - the folder keeps everything; MLflow can be caught up later
-        say_(f"[{spec.label}] MLflow not updated ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}); "
-             f"the folder is complete as far as it got: `harness sync {spec.run_dir}` mirrors it")
+        say_(
+            f"[{spec.label}] MLflow not updated ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}); "
+            f"the folder is complete as far as it got: `harness sync {spec.run_dir}` mirrors it"
+        )
 
 
 def gathered(spec: SequenceSpec) -> dict[str, Any]:
@@ -189,8 +206,10 @@ def gathered(spec: SequenceSpec) -> dict[str, Any]:
         except (OSError, ValueError):
             pass
         if time.monotonic() > deadline:
-            raise HarnessError(f"[{spec.label}] its job finished but {path} is missing or incomplete here: the results folder must be "
-                               "on a filesystem that the driver and every worker share (same path).")
+            raise HarnessError(
+                f"[{spec.label}] its job finished but {path} is missing or incomplete here: the results folder must be "
+                "on a filesystem that the driver and every worker share (same path)."
+            )
         time.sleep(0.5)
 
 

@@ -41,8 +41,14 @@ def payload(cfg, run_dir: Path, *, attempt: int, label: str, log: Path | None = 
     data["results_dir"] = str(Path(cfg.results_dir).resolve())
     if cfg.cache_dir is not None:
         data["cache_dir"] = str(Path(cfg.cache_dir).resolve())
-    return {"config": data, "run_dir": str(Path(run_dir).resolve()), "attempt": attempt, "label": label,
-            "cwd": os.getcwd(), "log": str(log) if log else None}
+    return {
+        "config": data,
+        "run_dir": str(Path(run_dir).resolve()),
+        "attempt": attempt,
+        "label": label,
+        "cwd": os.getcwd(),
+        "log": str(log) if log else None,
+    }
 
 
 @contextlib.contextmanager
@@ -96,16 +102,26 @@ def run_sequence_job(p: dict[str, Any]) -> dict[str, Any]:
     waits for the folder's lock instead of refusing: when a node is reported lost while its process
     still runs, the retry must not start a second copy, and it continues once the first is gone."""
     with _output_to(p.get("log")), _job_environment(p):
-        print(f"=== {p['label']}: attempt {p['attempt']}, pid {os.getpid()}, host {os.uname().nodename}, "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S')} (t={time.time():.3f})", file=sys.stderr, flush=True)
+        print(
+            f"=== {p['label']}: attempt {p['attempt']}, pid {os.getpid()}, host {os.uname().nodename}, "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} (t={time.time():.3f})",
+            file=sys.stderr,
+            flush=True,
+        )
 
         data = dict(p["config"])
         if p["attempt"] > 1:
             data["wait_for_lock"] = True
         try:
             cfg = ExperimentConfig(**data)
-            summary = run_experiment(cfg, progress=False, only=Path(p["run_dir"]), preflight=False, threads=cfg.job_cpus,
-                                     tracking_by_driver=p.get("tracking") == "driver")[0]
+            summary = run_experiment(
+                cfg,
+                progress=False,
+                only=Path(p["run_dir"]),
+                preflight=False,
+                threads=cfg.job_cpus,
+                tracking_by_driver=p.get("tracking") == "driver",
+            )[0]
         except HarnessError as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             return {"ok": False, "error": str(exc)}
@@ -115,8 +131,11 @@ def run_sequence_job(p: dict[str, Any]) -> dict[str, Any]:
 def run_merge_job(p: dict[str, Any]) -> dict[str, Any]:
     """`harness merge --jobs`: run (resume) the one (method, seed) unit of p["config"]; {"ok", "summary"} or {"ok": False, "error"}."""
     with _output_to(p.get("log")), _job_environment(p):
-        print(f"=== {p['label']}: attempt {p['attempt']}, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}",
-              file=sys.stderr, flush=True)
+        print(
+            f"=== {p['label']}: attempt {p['attempt']}, pid {os.getpid()}, {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            file=sys.stderr,
+            flush=True,
+        )
         try:
             cfg = ExperimentConfig(**{**p["config"], **({"wait_for_lock": True} if p["attempt"] > 1 else {})})
             summary = run_merge(cfg, progress=False, threads=cfg.job_cpus)[0]

@@ -20,10 +20,11 @@ from harness.io import atomic_write_yaml
 from harness.methods import METHODS, Method
 from harness.models import load_model, module_shapes, set_torch_threads
 from harness.precision import precision_of, set_tf32
-from harness.run.base_eval import CACHE_DIR as BASE_EVAL_DIR, BaseEvalCache
+from harness.run.base_eval import CACHE_DIR as BASE_EVAL_DIR
+from harness.run.base_eval import BaseEvalCache
+from harness.run.console import say
 from harness.run.evaluate import Evaluator
 from harness.run.planning import experiment_dir, plan, preflight_methods, validate
-from harness.run.console import say
 from harness.run.sequence import SequenceRunner
 from harness.suites import load_suite
 from harness.tracking.client import default_tracking_uri, open_tracker
@@ -49,12 +50,17 @@ def planned_sequences(cfg: ExperimentConfig, only: Path | None = None, *, prefli
         suite, specs, uri, shapes_checked = validate(cfg)
     else:
         suite = load_suite(cfg.suite)
-        specs, uri, shapes_checked = plan(cfg, suite), default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri), True
+        specs, uri, shapes_checked = (
+            plan(cfg, suite),
+            default_tracking_uri(Path(cfg.results_dir), cfg.tracking_uri),
+            True,
+        )
     if only is not None:
         specs = [s for s in specs if s.run_dir.resolve() == Path(only).resolve()]
         if not specs:
-
-            raise HarnessError(f"{only}: not a sequence folder of experiment {cfg.experiment_name} (its config plans other folders)")
+            raise HarnessError(
+                f"{only}: not a sequence folder of experiment {cfg.experiment_name} (its config plans other folders)"
+            )
     return suite, specs, uri, shapes_checked
 
 
@@ -67,8 +73,15 @@ def write_experiment_files(cfg: ExperimentConfig, *, only: Path | None = None) -
     return exp_dir
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path | None = None, preflight: bool = True,
-                   threads: int | None = None, tracking_by_driver: bool = False) -> list[dict[str, Any]]:
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    progress: bool = True,
+    only: Path | None = None,
+    preflight: bool = True,
+    threads: int | None = None,
+    tracking_by_driver: bool = False,
+) -> list[dict[str, Any]]:
     """Validate everything, then run every sequence (or only the one in folder `only`), skipping finished work.
 
     A launcher's job calls this with only=<its folder>, preflight=False (the driver checked) and
@@ -83,13 +96,23 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     D.init(cfg.device)  # several processes: join the group now, so each GPU rank loads onto its own device
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, seed=0, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
-                                  trust_remote_code=cfg.trust_remote_code)
+    model, tokenizer = load_model(
+        cfg.model,
+        seed=0,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        cache_dir=cfg.cache_dir,
+        trust_remote_code=cfg.trust_remote_code,
+    )
     if D.device() is not None and next(model.parameters()).device != D.device():
         model = model.to(D.device())  # e.g. a hub model placed on cuda:0: each rank's model on its own GPU
-    set_tf32(cfg.tf32)  # explicit, never the library's default; evaluation and folding switch it off (precision.exact_matmuls)
-    say(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}: "
-        f"{precision_of(cfg, model).describe()}")
+    set_tf32(
+        cfg.tf32
+    )  # explicit, never the library's default; evaluation and folding switch it off (precision.exact_matmuls)
+    say(
+        f"loaded {cfg.model} in {time.perf_counter() - t0:.1f}s on {next(model.parameters()).device}: "
+        f"{precision_of(cfg, model).describe()}"
+    )
     if not shapes_checked:
         preflight_methods(cfg, specs, module_shapes(model))
     # Only now is anything written: the experiment folder, the store, the runs.
@@ -100,8 +123,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, only: Path |
     results = []
     base_cache = BaseEvalCache(experiment_dir(cfg) / BASE_EVAL_DIR if cfg.base_eval_cache else None)
     for spec in specs:
-        runner = SequenceRunner(spec.cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress,
-                                base_cache=base_cache)
+        runner = SequenceRunner(
+            spec.cfg, suite, spec, model, tokenizer, evaluator, tracker, progress=progress, base_cache=base_cache
+        )
         try:
             results.append(runner.run())
         except Interrupted as exc:

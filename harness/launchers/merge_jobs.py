@@ -34,9 +34,20 @@ def say(msg: str) -> None:
 
 def _payload(cfg, spec: MergeSpec, attempt: int) -> dict[str, Any]:
     unit = cfg.model_copy(update={"methods": [spec.method], "seeds": [spec.seed], "jobs": 1})  # its own sections only
-    data = {**unit.to_yaml_dict(), "experiment": cfg.experiment_name, "results_dir": str(Path(cfg.results_dir).resolve())}
-    return {"kind": "merge", "config": data, "run_dir": str(spec.run_dir.resolve()), "attempt": attempt,
-            "label": spec.label, "cwd": os.getcwd(), "log": None}
+    data = {
+        **unit.to_yaml_dict(),
+        "experiment": cfg.experiment_name,
+        "results_dir": str(Path(cfg.results_dir).resolve()),
+    }
+    return {
+        "kind": "merge",
+        "config": data,
+        "run_dir": str(spec.run_dir.resolve()),
+        "attempt": attempt,
+        "label": spec.label,
+        "cwd": os.getcwd(),
+        "log": None,
+    }
 
 
 def run_merge_jobs(cfg) -> list[dict[str, Any]]:
@@ -66,11 +77,15 @@ def _follow(cfg, backend: ProcessBackend, specs: list[MergeSpec]) -> list[dict[s
                     summaries[spec.run_dir] = read_json(spec.run_dir / "summary.json")
                     say(f"[{spec.label}] done ({len(summaries)} of {len(specs)})")
                 elif kind == "died" and attempt <= cfg.job_retries:
-                    say(f"[{spec.label}] job died ({value}); retry {attempt}/{cfg.job_retries}: it resumes where it stopped")
+                    say(
+                        f"[{spec.label}] job died ({value}); retry {attempt}/{cfg.job_retries}: it resumes where it stopped"
+                    )
                     (h,) = backend.submit([_payload(cfg, spec, attempt + 1)])
                     pending[h] = (spec, attempt + 1)
                 else:
-                    failures.append(f"  [{spec.label}] {value.get('error') if kind == 'ok' else value}; log: {backend.log_of(handle)}")
+                    failures.append(
+                        f"  [{spec.label}] {value.get('error') if kind == 'ok' else value}; log: {backend.log_of(handle)}"
+                    )
             if pending:
                 time.sleep(POLL_S)
     except KeyboardInterrupt as exc:
@@ -78,6 +93,9 @@ def _follow(cfg, backend: ProcessBackend, specs: list[MergeSpec]) -> list[dict[s
         backend.cancel(list(pending))
         raise Interrupted(getattr(exc, "why", None) or str(exc) or "Ctrl-C") from None
     if failures:
-        raise HarnessError(f"{len(failures)} of {len(specs)} merge unit(s) did not finish:\n" + "\n".join(failures) +
-                           "\nFinished adapters and merges are kept: fix the cause and run the same command again.")
+        raise HarnessError(
+            f"{len(failures)} of {len(specs)} merge unit(s) did not finish:\n"
+            + "\n".join(failures)
+            + "\nFinished adapters and merges are kept: fix the cause and run the same command again."
+        )
     return [summaries[s.run_dir] for s in specs]

@@ -44,7 +44,9 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec (Linux); elsewhere the job outlives a killed driver
+def _die_with_parent() -> (
+    None
+):  # runs in the child between fork and exec (Linux); elsewhere the job outlives a killed driver
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -64,8 +66,9 @@ def measured_footprint(exp_dir: Path, device_type: str) -> int | None:
     return max(peaks) if peaks else None
 
 
-def plan_jobs(requested: int | str, n_sequences: int, *, device_type: str, footprint: int | None, free: int | None,
-              how: str) -> tuple[int, int]:
+def plan_jobs(
+    requested: int | str, n_sequences: int, *, device_type: str, footprint: int | None, free: int | None, how: str
+) -> tuple[int, int]:
     """(jobs, threads per job) for `--jobs requested`; HarnessError (exit 2) when that many cannot fit in memory.
 
     footprint: one sequence's peak memory (measured, else estimated: `how` says which); free: the device's free memory
@@ -81,7 +84,8 @@ def plan_jobs(requested: int | str, n_sequences: int, *, device_type: str, footp
             raise HarnessError(
                 f"--jobs {requested}: {n} sequences at once need about {MEM.gib(n * footprint * MEMORY_MARGIN)} on {device_type} "
                 f"({MEM.gib(footprint)} each, {how}, plus a 10% margin) and {MEM.gib(free)} is free; at most {max(fits, 1)} "
-                f"fit. Pass --jobs {max(fits, 1)} or --jobs auto.")
+                f"fit. Pass --jobs {max(fits, 1)} or --jobs auto."
+            )
     return max(1, n), max(1, n_cores // max(1, n))
 
 
@@ -128,9 +132,12 @@ class ProcessBackend:
         while self.queue and len(self.running) < self.jobs:
             h = self.queue.pop(0)
             h.result_file.unlink(missing_ok=True)
-            h.process = subprocess.Popen([sys.executable, "-m", "harness.launchers.process_job", str(h.payload_file),
-                                          str(h.result_file)], stdin=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent)
+            h.process = subprocess.Popen(
+                [sys.executable, "-m", "harness.launchers.process_job", str(h.payload_file), str(h.result_file)],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
             self.running.append(h)
 
     def poll(self, handles: list[Handle]) -> list[tuple[Handle, str, Any]]:
@@ -143,7 +150,13 @@ class ProcessBackend:
             if h.result_file.is_file():
                 out.append((h, "ok", json.loads(h.result_file.read_text())))
             else:
-                out.append((h, "died", f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc} ({signal.Signals(-rc).name})"))
+                out.append(
+                    (
+                        h,
+                        "died",
+                        f"exit code {rc}" if rc >= 0 else f"killed by signal {-rc} ({signal.Signals(-rc).name})",
+                    )
+                )
         self._start()
         return out
 
@@ -177,7 +190,10 @@ def local_backend(cfg, exp_dir: Path, n_sequences: int, estimate: MEM.Estimate |
     footprint, how = measured_footprint(exp_dir, device.type), "measured by a finished sequence of this experiment"
     if footprint is None and estimate is not None:
         footprint = estimate.total + (CPU_PROCESS_BYTES if device.type == "cpu" else 0)
-        how = "estimated" + (" (the memory preflight's estimate plus the process itself)" if device.type == "cpu" else "")
-    jobs, threads = plan_jobs(cfg.jobs, n_sequences, device_type=device.type, footprint=footprint,
-                              free=MEM.free_memory(device), how=how)
+        how = "estimated" + (
+            " (the memory preflight's estimate plus the process itself)" if device.type == "cpu" else ""
+        )
+    jobs, threads = plan_jobs(
+        cfg.jobs, n_sequences, device_type=device.type, footprint=footprint, free=MEM.free_memory(device), how=how
+    )
     return ProcessBackend(exp_dir, jobs, threads, str(device) if device.type == "cuda" else "cpu")

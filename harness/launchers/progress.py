@@ -14,9 +14,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from harness.run.planning import SequenceSpec
 from harness.run.console import done_line, stage_line
 from harness.run.folder import STAGE_MARKER, committed_stages
+from harness.run.planning import SequenceSpec
+
 
 def _read(path: Path) -> dict | None:
     try:
@@ -45,8 +46,15 @@ class StageMonitor:
         self.seen: set[Path] = set()
         self.finished: set[Path] = set()
 
-        self.bar = tqdm(total=self.total, desc="stages", unit="stage", file=sys.stderr, disable=not progress,
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(
+            total=self.total,
+            desc="stages",
+            unit="stage",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+            leave=True,
+        )
         already = self._committed()
         if already:
             self.seen |= already

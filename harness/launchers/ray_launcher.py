@@ -17,7 +17,6 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.launchers.job import forwarded_environment, run_sequence_job
 
-
 LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 CONNECT_TIMEOUT_S = 10.0
 
@@ -38,8 +37,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection(hp, timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
-        raise HarnessError(f"--ray-address {address}: nothing answers there ({exc.strerror or exc}). Start the head "
-                           "(`ray start --head --port PORT`) or fix the address; omit it to start Ray here.") from None
+        raise HarnessError(
+            f"--ray-address {address}: nothing answers there ({exc.strerror or exc}). Start the head "
+            "(`ray start --head --port PORT`) or fix the address; omit it to start Ray here."
+        ) from None
 
 
 def _import_ray(loopback: bool):
@@ -52,7 +53,9 @@ def _import_ray(loopback: bool):
     try:
         import ray  # lazy: Ray loads in ~0.3 s; only --launcher ray needs it
     except ImportError:
-        raise HarnessError("--launcher ray needs the `ray` package: pip install ray (the pinned version is in requirements.lock)") from None
+        raise HarnessError(
+            "--launcher ray needs the `ray` package: pip install ray (the pinned version is in requirements.lock)"
+        ) from None
     return ray
 
 
@@ -71,15 +74,17 @@ class RayBackend:
                 ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kw)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
             where = f"the Ray cluster at {self.address}" if self.address else "a local Ray"
-            raise HarnessError(f"--launcher ray: cannot start or reach {where}: {exc}. Check --ray-address "
-                               "(host:port of `ray start --head`, or ray://host:10001), or omit it to start Ray here.") from None
+            raise HarnessError(
+                f"--launcher ray: cannot start or reach {where}: {exc}. Check --ray-address "
+                "(host:port of `ray start --head`, or ray://host:10001), or omit it to start Ray here."
+            ) from None
         self._check_fits()
 
         # The driver's settings (cache folder, offline hub, MLflow credentials) in the worker's environment
         # from its start, before anything is imported there.
-        self.remote = ray.remote(num_cpus=cfg.job_cpus, num_gpus=cfg.job_gpus, max_retries=0, retry_exceptions=False,
-                                 max_calls=1)(run_sequence_job).options(
-            name="harness-sequence", runtime_env={"env_vars": forwarded_environment()})
+        self.remote = ray.remote(
+            num_cpus=cfg.job_cpus, num_gpus=cfg.job_gpus, max_retries=0, retry_exceptions=False, max_calls=1
+        )(run_sequence_job).options(name="harness-sequence", runtime_env={"env_vars": forwarded_environment()})
         self.logs: dict[Any, str] = {}
 
     def _check_fits(self) -> None:
@@ -88,14 +93,18 @@ class RayBackend:
         if not any(r.get("CPU", 0) >= self.cfg.job_cpus and r.get("GPU", 0) >= self.cfg.job_gpus for r in nodes):
             biggest = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no live node"
             self.close()
-            raise HarnessError(f"--job-cpus {self.cfg.job_cpus} --job-gpus {self.cfg.job_gpus}: no node of the Ray cluster has that "
-                               f"much ({biggest}). Lower them or add nodes.")
+            raise HarnessError(
+                f"--job-cpus {self.cfg.job_cpus} --job-gpus {self.cfg.job_gpus}: no node of the Ray cluster has that "
+                f"much ({biggest}). Lower them or add nodes."
+            )
 
     def describe(self) -> str:
         res = self.ray.cluster_resources()
         where = f"the Ray cluster at {self.address}" if self.address else "a local Ray on 127.0.0.1"
-        return (f"{where} ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; each job {self.cfg.job_cpus} CPU(s), "
-                f"{self.cfg.job_gpus:g} GPU(s), up to {self.cfg.job_retries} retries)")
+        return (
+            f"{where} ({res.get('CPU', 0):g} CPUs, {res.get('GPU', 0):g} GPUs; each job {self.cfg.job_cpus} CPU(s), "
+            f"{self.cfg.job_gpus:g} GPU(s), up to {self.cfg.job_retries} retries)"
+        )
 
     def submit(self, payloads: list[dict]) -> list[Any]:
         refs = []
@@ -121,7 +130,13 @@ class RayBackend:
             except rex.RuntimeEnvSetupError as exc:
                 out.append((ref, "failed", f"the worker's environment could not be set up: {exc}"))
             except rex.RayError as exc:  # worker crashed or killed, node died, out of memory, object lost
-                out.append((ref, "died", f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
+                out.append(
+                    (
+                        ref,
+                        "died",
+                        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                    )
+                )
         return out
 
     def cancel(self, handles: list[Any]) -> None:

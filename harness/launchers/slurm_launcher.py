@@ -21,13 +21,25 @@ from typing import Any
 import submitit
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-
 from harness.errors import HarnessError
 from harness.launchers.job import run_sequence_job
 
 # squeue states of a job that may still write its result; anything else (or absence) means it ended.
-ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING",
-          "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "RESIZING",
+    "SUSPENDED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+}
 SQUEUE_EVERY_S = 5.0  # one squeue call per poll period for all jobs, not one per job
 RESULT_GRACE_S = 20.0  # a result pickle written just before the job ended may show up late on a shared filesystem
 COMMAND_TIMEOUT_S = 60
@@ -46,14 +58,24 @@ class SlurmBackend:
         self.name = f"harness-{cfg.experiment_name}"
         info = _slurm("sinfo", "-h", "-o", "%P %a", *(["-p", cfg.slurm_partition] if cfg.slurm_partition else []))
         if info.returncode != 0:
-            raise HarnessError(f"--launcher slurm: cannot reach the Slurm controller (sinfo: {info.stderr.strip() or info.stdout.strip()}).")
+            raise HarnessError(
+                f"--launcher slurm: cannot reach the Slurm controller (sinfo: {info.stderr.strip() or info.stdout.strip()})."
+            )
         if cfg.slurm_partition and not info.stdout.strip():
-            raise HarnessError(f"--slurm-partition {cfg.slurm_partition}: no such partition (`sinfo` lists the partitions).")
+            raise HarnessError(
+                f"--slurm-partition {cfg.slurm_partition}: no such partition (`sinfo` lists the partitions)."
+            )
         self.partitions = " ".join(line.split()[0] for line in info.stdout.splitlines() if line.strip())
         self.executor = submitit.SlurmExecutor(folder=Path(exp_dir).resolve() / "slurm" / "%j", max_num_timeout=0)
         self.executor.update_parameters(
-            job_name=self.name, partition=cfg.slurm_partition, time=cfg.slurm_time, nodes=1, ntasks_per_node=1,
-            cpus_per_task=cfg.job_cpus, gpus_per_node=int(cfg.job_gpus) or None)
+            job_name=self.name,
+            partition=cfg.slurm_partition,
+            time=cfg.slurm_time,
+            nodes=1,
+            ntasks_per_node=1,
+            cpus_per_task=cfg.job_cpus,
+            gpus_per_node=int(cfg.job_gpus) or None,
+        )
         self.states: dict[str, str] = {}
         self.last_squeue = 0.0
         self.ended_at: dict[str, float] = {}
@@ -61,8 +83,10 @@ class SlurmBackend:
 
     def describe(self) -> str:
         part = self.cfg.slurm_partition or f"the default partition (of {self.partitions})"
-        return (f"Slurm, {part} (each job {self.cfg.job_cpus} CPU(s), {int(self.cfg.job_gpus)} GPU(s), {self.cfg.slurm_time} min, "
-                f"up to {self.cfg.job_retries} retries; logs under {Path(self.executor.folder).parent})")
+        return (
+            f"Slurm, {part} (each job {self.cfg.job_cpus} CPU(s), {int(self.cfg.job_gpus)} GPU(s), {self.cfg.slurm_time} min, "
+            f"up to {self.cfg.job_retries} retries; logs under {Path(self.executor.folder).parent})"
+        )
 
     def submit(self, payloads: list[dict]) -> list[Any]:
         self.executor.update_parameters(array_parallelism=len(payloads))
@@ -106,7 +130,9 @@ class SlurmBackend:
             if (state or "").startswith("CANCELLED"):  # someone ran scancel: stopping it was meant, not retried
                 out.append((job, "failed", f"Slurm job {job.job_id} was cancelled (scancel)"))
             else:  # FAILED (process killed), NODE_FAIL, PREEMPTED, TIMEOUT, OUT_OF_MEMORY, BOOT_FAIL, purged from the queue
-                out.append((job, "died", f"Slurm job {job.job_id} ended {state or 'and left the queue'} without a result"))
+                out.append(
+                    (job, "died", f"Slurm job {job.job_id} ended {state or 'and left the queue'} without a result")
+                )
         return out
 
     def cancel(self, handles: list[Any]) -> None:

@@ -14,9 +14,9 @@ import importlib
 import os
 import sys
 
-from harness.methods.base import REGISTRY, Method, StageContext, register
 # The built-in methods register themselves when their modules are imported.
 from harness.methods import ewc, inclora, inflora, lora, migu, mtl, nlora, osf, replay, sdlora  # noqa: F401
+from harness.methods.base import REGISTRY, Method, StageContext, register
 from harness.methods.lori import method as lori_method  # noqa: F401
 
 PLUGINS_ENV = "HARNESS_METHODS"
@@ -29,21 +29,40 @@ def _import_plugins() -> None:
         try:
             importlib.import_module(name)
         except ImportError as exc:
-            print(f"error: ${PLUGINS_ENV} names {name!r}, which cannot be imported ({exc}); put its folder on PYTHONPATH "
-                  f"or install it, or remove it from ${PLUGINS_ENV}", file=sys.stderr)
+            print(
+                f"error: ${PLUGINS_ENV} names {name!r}, which cannot be imported ({exc}); put its folder on PYTHONPATH "
+                f"or install it, or remove it from ${PLUGINS_ENV}",
+                file=sys.stderr,
+            )
             raise SystemExit(2) from exc
 
 
 _import_plugins()
-_ORDER = ("lori-s", "lori-d", "lora", "inclora", "olora", "replay", "mtl", "nlora", "inflora", "ewc", "migu", "sdlora", "osf")
+_ORDER = (
+    "lori-s",
+    "lori-d",
+    "lora",
+    "inclora",
+    "olora",
+    "replay",
+    "mtl",
+    "nlora",
+    "inflora",
+    "ewc",
+    "migu",
+    "sdlora",
+    "osf",
+)
 METHODS: dict[str, type[Method]] = {**{n: REGISTRY[n] for n in _ORDER}, **REGISTRY}
 
 # Learning-rate families: each method that starts one (lr_method == its name) and its default rate.
 LR_FAMILIES: dict[str, float] = {m.lr_method: m.lr_default for m in METHODS.values() if m.lr_default is not None}
 _orphans = sorted({m.name for m in METHODS.values() if m.lr_method not in LR_FAMILIES})
 if _orphans:
-    raise ValueError(f"methods {_orphans} train at a learning-rate family no method starts (set lr_default on the "
-                     f"method named by their lr_method)")
+    raise ValueError(
+        f"methods {_orphans} train at a learning-rate family no method starts (set lr_default on the "
+        f"method named by their lr_method)"
+    )
 
 __all__ = ["LR_FAMILIES", "METHODS", "Method", "StageContext", "get_method", "lr_knob", "register"]
 

@@ -70,7 +70,9 @@ class Method:
     # on the validation split (make tune-baselines; the suite's method_knobs), and named with its value in tables.
     strength: ClassVar[str | None] = None
     flat_knobs: ClassVar[bool] = False  # its knobs were once top-level keys; the old names still work (legacy_keys.py)
-    lr_method: ClassVar[str] = "lora"  # the learning-rate family it trains at (knob lr_<family>: lr_lora, lr_lori_s, ...)
+    lr_method: ClassVar[str] = (
+        "lora"  # the learning-rate family it trains at (knob lr_<family>: lr_lora, lr_lori_s, ...)
+    )
     # A method that starts its own family sets lr_method to its name and this to the family's default rate; the config
     # then has a knob lr_<name> and suites may recommend a rate for it (budget.lr).
     lr_default: ClassVar[float | None] = None
@@ -80,16 +82,33 @@ class Method:
     per_task_adapters: ClassVar[bool] = False  # a new adapter per task, earlier ones frozen and active
     train_A: ClassVar[bool] = True  # LoRA trains A; LoRI freezes it
 
-    def __init__(self, cfg, *, seed: int, tasks: list[str], base_model: torch.nn.Module,
-                 task_examples: Callable[[str], list[dict]] | None = None):
+    def __init__(
+        self,
+        cfg,
+        *,
+        seed: int,
+        tasks: list[str],
+        base_model: torch.nn.Module,
+        task_examples: Callable[[str], list[dict]] | None = None,
+    ):
         self.cfg, self.seed, self.tasks = cfg, seed, list(tasks)
         self.task_examples = task_examples  # task -> its training examples (for methods that revisit earlier tasks)
-        from harness.adapters.sequence import AdapterSequence  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        from harness.adapters.sequence import (
+            AdapterSequence,  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        )
 
         a_mode = cfg.lori.a_mode if self.a_mode_from_config else ("per_task" if self.per_task_adapters else "shared")
-        self.adapters = AdapterSequence(base_model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets,
-                                        a_init=cfg.a_init, a_mode=a_mode, train_A=self.train_A, seed=seed,
-                                        adapter_dtype=cfg.adapter_dtype)
+        self.adapters = AdapterSequence(
+            base_model,
+            rank=cfg.rank,
+            alpha=cfg.scale_alpha,
+            targets=cfg.targets,
+            a_init=cfg.a_init,
+            a_mode=a_mode,
+            train_A=self.train_A,
+            seed=seed,
+            adapter_dtype=cfg.adapter_dtype,
+        )
         self.adapter: str | None = None  # the adapter the current stage trains
 
     # --- the stage plan ---------------------------------------------------------------------
@@ -172,7 +191,9 @@ class Method:
     def export(cls, run_cfg: dict, stages: list[Path], out: Path) -> None:
         """Write a stock PEFT adapter folder (adapter_config.json, adapter_model.safetensors) of the model after the
         last of `stages` (the folders export_reads chose) into the empty folder `out`; run_cfg is the run's config.yaml."""
-        from harness.adapters.peft_folder import export_dense  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        from harness.adapters.peft_folder import (
+            export_dense,  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        )
 
         export_dense(stages[-1], out)
 
@@ -185,8 +206,10 @@ class Method:
     def param_counts(self) -> dict[str, int]:
         """Trainable parameters of one stage (mask-aware) and the LoRA equivalent at the same rank/targets."""
         counts = M.count_params(self.adapters.linear_shapes(), self.cfg.rank)
-        return {"trainable_params_effective": counts["lora"] if self.train_A else counts["lori_d"],
-                "trainable_params_lora_equivalent": counts["lora"]}
+        return {
+            "trainable_params_effective": counts["lora"] if self.train_A else counts["lori_d"],
+            "trainable_params_lora_equivalent": counts["lora"],
+        }
 
     def diagnostics(self) -> dict[str, Any]:
         return {}

@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from harness.errors import HarnessError
+from harness.losses import lm_loss
 from harness.methods.base import register
 from harness.methods.lora import SeqLoRA
 from harness.seeding import stable_seed
-from harness.losses import lm_loss
 
 FILE = "ewc.safetensors"
 
@@ -27,13 +27,28 @@ FILE = "ewc.safetensors"
 class EWCKnobs(BaseModel):
     """EWC's penalty weight and the size of the Fisher estimate."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)  # `lambda` is a Python keyword
-    lambda_: float = Field(1000.0, ge=0, alias="lambda", description="λ in λ/2 Σ_i Σ F_i (θ − θ*_i)² (a suite may set its tuned value: method_knobs, make tune-baselines).")
-    fisher_samples: int = Field(64, ge=1, description="Training examples (seeded sample; each one's own gradient, computed in batches) per Fisher estimate.")
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, serialize_by_alias=True
+    )  # `lambda` is a Python keyword
+    lambda_: float = Field(
+        1000.0,
+        ge=0,
+        alias="lambda",
+        description="λ in λ/2 Σ_i Σ F_i (θ − θ*_i)² (a suite may set its tuned value: method_knobs, make tune-baselines).",
+    )
+    fisher_samples: int = Field(
+        64,
+        ge=1,
+        description="Training examples (seeded sample; each one's own gradient, computed in batches) per Fisher estimate.",
+    )
 
 
-def ewc_penalty(params: dict[str, torch.Tensor], fishers: list[dict[str, torch.Tensor]],
-                anchors: list[dict[str, torch.Tensor]], lam: float) -> torch.Tensor:
+def ewc_penalty(
+    params: dict[str, torch.Tensor],
+    fishers: list[dict[str, torch.Tensor]],
+    anchors: list[dict[str, torch.Tensor]],
+    lam: float,
+) -> torch.Tensor:
     """λ/2 Σ_i Σ_k F_i[k] · (θ[k] − θ*_i[k])² over earlier tasks i and parameter keys k."""
     total = None
     for F, star in zip(fishers, anchors):
@@ -76,8 +91,11 @@ def empirical_fisher(model, params: dict[str, torch.nn.Parameter], batches) -> d
 def _linear_modules(model, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Linear] | None:
     """key -> the bias-free nn.Linear whose weight is params[key]; None unless every parameter is one."""
     by_id = {id(p): k for k, p in params.items()}
-    found = {by_id[id(m.weight)]: m for m in model.modules()
-             if isinstance(m, torch.nn.Linear) and m.bias is None and id(m.weight) in by_id}
+    found = {
+        by_id[id(m.weight)]: m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear) and m.bias is None and id(m.weight) in by_id
+    }
     return found if len(found) == len(params) else None
 
 
@@ -91,10 +109,11 @@ def per_example_grads(modules: dict[str, torch.nn.Linear], fisher: dict[str, tor
 
             def on_grad(g):
                 per_example = torch.einsum("bto,bti->boi", g.float(), x.float())
-                fisher[key] += (per_example ** 2).sum(dim=0)
+                fisher[key] += (per_example**2).sum(dim=0)
 
             if output.requires_grad:
                 output.register_hook(on_grad)
+
         return hook
 
     handles = [m.register_forward_hook(forward_hook(k)) for k, m in modules.items()]
@@ -115,11 +134,13 @@ class EWC(SeqLoRA):
     name = "ewc"
     display = "EWC"
     summary = "EWC: SeqLoRA + λ/2 Σ_{i<t} F_i (θ − θ*_i)² over the adapter, F_i its diagonal Fisher after task i."
-    source = ("Kirkpatrick et al., PNAS 2017 (EWC), eq. 3 with one penalty per earlier task (not online EWC's running sum, "
-              "Schwarz et al. 2018). Deviations: the empirical Fisher (squared gradient of the training loss at the gold "
-              "completion, each example's own gradient, computed in batches) on ewc.fisher_samples seeded training examples, "
-              "after every stage but the last (nothing reads that one), not the expected "
-              "Fisher under the model's own samples; θ is the LoRA adapter only (A and B), the base model is frozen.")
+    source = (
+        "Kirkpatrick et al., PNAS 2017 (EWC), eq. 3 with one penalty per earlier task (not online EWC's running sum, "
+        "Schwarz et al. 2018). Deviations: the empirical Fisher (squared gradient of the training loss at the gold "
+        "completion, each example's own gradient, computed in batches) on ewc.fisher_samples seeded training examples, "
+        "after every stage but the last (nothing reads that one), not the expected "
+        "Fisher under the model's own samples; θ is the LoRA adapter only (A and B), the base model is frozen."
+    )
     knobs = EWCKnobs
     section = "ewc"
     strength = "ewc.lambda"
@@ -135,8 +156,10 @@ class EWC(SeqLoRA):
         self.ctx = ctx
         self._params = self.trainable()
         if self.fishers and set(self.fishers[0]) != set(self._params):
-            raise HarnessError(f"EWC: the stored Fisher's parameters {sorted(self.fishers[0])[:2]}... are not this adapter's "
-                               f"{sorted(self._params)[:2]}...; the stage folders were written with another config.")
+            raise HarnessError(
+                f"EWC: the stored Fisher's parameters {sorted(self.fishers[0])[:2]}... are not this adapter's "
+                f"{sorted(self._params)[:2]}...; the stage folders were written with another config."
+            )
 
     def extra_loss(self) -> torch.Tensor | None:
         lam = self.cfg.ewc.lambda_
@@ -154,8 +177,10 @@ class EWC(SeqLoRA):
         self.fishers.append(empirical_fisher(self.model, self._params, self.ctx.batches(idx, batch)))
         self.anchors.append({key: p.detach().clone().contiguous() for key, p in self._params.items()})
         F = self.fishers[-1]
-        return {"ewc/fisher_mean": float(sum(f.sum() for f in F.values()) / sum(f.numel() for f in F.values())),
-                "ewc/fisher_samples": k}
+        return {
+            "ewc/fisher_mean": float(sum(f.sum() for f in F.values()) / sum(f.numel() for f in F.values())),
+            "ewc/fisher_samples": k,
+        }
 
     def save_stage(self, folder: Path) -> None:
         super().save_stage(folder)
@@ -166,7 +191,9 @@ class EWC(SeqLoRA):
     def restore_stage(self, t: int, folder: Path) -> None:
         path = folder / FILE
         if not path.exists():
-            raise HarnessError(f"{path}: EWC's Fisher and anchors are missing; the stage folder is incomplete. Delete it to redo the stage.")
+            raise HarnessError(
+                f"{path}: EWC's Fisher and anchors are missing; the stage folder is incomplete. Delete it to redo the stage."
+            )
         sd = load_file(str(path))
         self.fishers = [_task(sd, "fisher", i) for i in range(1, t + 1)]
         self.anchors = [_task(sd, "anchor", i) for i in range(1, t + 1)]
@@ -177,4 +204,4 @@ class EWC(SeqLoRA):
 
 def _task(sd: dict[str, torch.Tensor], kind: str, i: int) -> dict[str, torch.Tensor]:
     prefix = f"{kind}/{i}/"
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -10,8 +10,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from harness.adapters.keys import b_key
-from harness.methods.lori import masks as M
 from harness.methods.base import Method, register
+from harness.methods.lori import masks as M
 
 
 @register
@@ -30,7 +30,10 @@ class IncLoRA(Method):
         As = self.a_matrices()
         return {
             "subspace_overlap": {"tasks": self.tasks, "matrix": M.subspace_overlap_matrix(As)["matrix"]},
-            "orth_l1": {"tasks": self.tasks, "matrix": [[float(orth_l1([As[i]], As[j])) for j in range(len(As))] for i in range(len(As))]},
+            "orth_l1": {
+                "tasks": self.tasks,
+                "matrix": [[float(orth_l1([As[i]], As[j])) for j in range(len(As))] for i in range(len(As))],
+            },
         }
 
 
@@ -48,7 +51,9 @@ class OLoRAKnobs(BaseModel):
     """O-LoRA's loss weights (defaults: the authors' code for the 4-task benchmark)."""
 
     model_config = ConfigDict(extra="forbid")
-    lambda_orth: float = Field(0.5, ge=0, description="λ1: weight of Σ|A_i A_tᵀ| between earlier tasks' A and the new A.")
+    lambda_orth: float = Field(
+        0.5, ge=0, description="λ1: weight of Σ|A_i A_tᵀ| between earlier tasks' A and the new A."
+    )
     lambda_l2: float = Field(0.0, ge=0, description="λ2: weight of ‖θ_t‖² over the new adapter's A and B.")
 
 
@@ -57,8 +62,10 @@ class OLoRA(IncLoRA):
     name = "olora"
     display = "O-LoRA"
     summary = "O-LoRA: IncLoRA + λ1 Σ|A_i A_tᵀ| (orthogonal subspaces) + λ2 ‖θ_t‖²."
-    source = ("Wang et al., EMNLP Findings 2023 (O-LoRA), L = L_task + λ1 Σ_{i<t} ‖A_i A_tᵀ‖₁ + λ2 ‖θ_t‖²; "
-              "the authors' code (src/uie_trainer_lora.py) uses an unsquared norm for the λ2 term.")
+    source = (
+        "Wang et al., EMNLP Findings 2023 (O-LoRA), L = L_task + λ1 Σ_{i<t} ‖A_i A_tᵀ‖₁ + λ2 ‖θ_t‖²; "
+        "the authors' code (src/uie_trainer_lora.py) uses an unsquared norm for the λ2 term."
+    )
     knobs = OLoRAKnobs
     section = "olora"
     strength = "olora.lambda_orth"

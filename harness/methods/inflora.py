@@ -29,15 +29,27 @@ class InfLoRAKnobs(BaseModel):
     """Energy thresholds of the kept input subspace (the code's lamb and lame)."""
 
     model_config = ConfigDict(extra="forbid")
-    threshold: float = Field(0.95, gt=0, le=1, description="Fraction of a task's input energy its kept subspace covers after "
-                             "the first task (the code's lamb; 0.95 CIFAR-100, 0.98 ImageNet-R).")
-    threshold_end: float = Field(1.0, gt=0, le=1, description="The threshold grows linearly toward this over the sequence: "
-                                 "threshold + (threshold_end − threshold)·(t−1)/T after stage t (the code's lame).")
+    threshold: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="Fraction of a task's input energy its kept subspace covers after "
+        "the first task (the code's lamb; 0.95 CIFAR-100, 0.98 ImageNet-R).",
+    )
+    threshold_end: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="The threshold grows linearly toward this over the sequence: "
+        "threshold + (threshold_end − threshold)·(t−1)/T after stage t (the code's lame).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> "InfLoRAKnobs":
         if self.threshold_end < self.threshold:
-            raise ValueError(f"threshold_end {self.threshold_end} is below threshold {self.threshold}; it may only grow")
+            raise ValueError(
+                f"threshold_end {self.threshold_end} is below threshold {self.threshold}; it may only grow"
+            )
         return self
 
 
@@ -80,9 +92,13 @@ def per_input(names: list[str], covs: dict[str, torch.Tensor], bases: dict[str, 
     for n in names:
         C, U = covs[n], bases.get(n)
         hit = done.get(id(C))
-        if hit is not None and ((hit[0] is None and U is None) or (hit[0] is not None and U is not None
-                                                                      and (hit[0] is U or torch.equal(hit[0], U)))):
-            out[n] = hit[1].clone()  # its own tensor: the stage files store each module's (safetensors refuses shared ones)
+        if hit is not None and (
+            (hit[0] is None and U is None)
+            or (hit[0] is not None and U is not None and (hit[0] is U or torch.equal(hit[0], U)))
+        ):
+            out[n] = hit[
+                1
+            ].clone()  # its own tensor: the stage files store each module's (safetensors refuses shared ones)
             continue
         out[n] = fn(C, U)
         done[id(C)] = (U, out[n])
@@ -149,6 +165,7 @@ class InputCovariance:
                 self.sums[name] = xs.T @ xs
             self.count[name] = self.count.get(name, 0) + xs.shape[0]
             self._last = (x, name)
+
         return hook
 
     @torch.no_grad()
@@ -176,12 +193,14 @@ class InfLoRA(IncLoRA):
     name = "inflora"
     display = "InfLoRA"
     summary = "InfLoRA: per-task adapters; A_t designed from the task's inputs outside earlier tasks' input subspace, frozen; only B_t trains."
-    source = ("Liang & Li, CVPR 2024 (InfLoRA); code liangyanshuo/InfLoRA methods/inflora.py:122-157 (A_t = top-r left singular "
-              "vectors of the projected input covariance / √3) and :321-413 (update_DualGPM, threshold (lame − lamb)·t/T + lamb). "
-              "Deviations from the ViT setting: every target module of a decoder LLM (the paper: k and v of ViT attention) on the "
-              "non-padded token positions of the task's training examples (the paper: all image tokens); the kept basis is always "
-              "stored as U ('remove'), never as its complement ('retain', the same projection); no update after the last task "
-              "(nothing uses it); suite budget and lr_lora, not the paper's 20 epochs of Adam at 5e-4; no classifier head.")
+    source = (
+        "Liang & Li, CVPR 2024 (InfLoRA); code liangyanshuo/InfLoRA methods/inflora.py:122-157 (A_t = top-r left singular "
+        "vectors of the projected input covariance / √3) and :321-413 (update_DualGPM, threshold (lame − lamb)·t/T + lamb). "
+        "Deviations from the ViT setting: every target module of a decoder LLM (the paper: k and v of ViT attention) on the "
+        "non-padded token positions of the task's training examples (the paper: all image tokens); the kept basis is always "
+        "stored as U ('remove'), never as its complement ('retain', the same projection); no update after the last task "
+        "(nothing uses it); suite budget and lr_lora, not the paper's 20 epochs of Adam at 5e-4; no classifier head."
+    )
     knobs = InfLoRAKnobs
     section = "inflora"
     strength = "inflora.threshold"
@@ -229,10 +248,15 @@ class InfLoRA(IncLoRA):
         families: dict[str, list[torch.Tensor]] = {}
         for n, U in self.bases.items():  # q_proj, down_proj, ...: how much of each kind of input is protected
             families.setdefault(n.rsplit(".", 1)[-1], []).append(U)
-        per_family = {f"inflora/kept_dims_frac/{f}": sum(U.shape[1] for U in us) / sum(U.shape[0] for U in us)
-                      for f, us in sorted(families.items())}
-        return {"inflora/kept_dims_frac": kept, **per_family,
-                **({"inflora/threshold": self.threshold_used} if self.threshold_used else {})}
+        per_family = {
+            f"inflora/kept_dims_frac/{f}": sum(U.shape[1] for U in us) / sum(U.shape[0] for U in us)
+            for f, us in sorted(families.items())
+        }
+        return {
+            "inflora/kept_dims_frac": kept,
+            **per_family,
+            **({"inflora/threshold": self.threshold_used} if self.threshold_used else {}),
+        }
 
     def save_stage(self, folder: Path) -> None:
         super().save_stage(folder)
@@ -243,9 +267,11 @@ class InfLoRA(IncLoRA):
     def restore_stage(self, t: int, folder: Path) -> None:
         path = folder / FILE
         if not path.exists():
-            raise HarnessError(f"{path}: InfLoRA's kept input bases are missing; the stage folder is incomplete. Delete it to redo the stage.")
+            raise HarnessError(
+                f"{path}: InfLoRA's kept input bases are missing; the stage folder is incomplete. Delete it to redo the stage."
+            )
         sd = load_file(str(path))
-        self.bases = {k[len("basis/"):]: v for k, v in sd.items() if k.startswith("basis/")}
+        self.bases = {k[len("basis/") :]: v for k, v in sd.items() if k.startswith("basis/")}
 
     def held_tensors(self) -> list[torch.Tensor]:
         return list(self.bases.values()) + list(self.designed.values())

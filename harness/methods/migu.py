@@ -21,9 +21,15 @@ class MIGUKnobs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     top_fraction: float = Field(
-        0.3, gt=0, le=1, description="Fraction of each layer's output rows (largest L1-normalised |output|) whose gradient is kept "
-        "(the authors' ini_threshold 0.7 = 1 − 0.3).")
-    mask_first_task: bool = Field(False, description="Also mask on the first task (the authors' code trains it unmasked).")
+        0.3,
+        gt=0,
+        le=1,
+        description="Fraction of each layer's output rows (largest L1-normalised |output|) whose gradient is kept "
+        "(the authors' ini_threshold 0.7 = 1 − 0.3).",
+    )
+    mask_first_task: bool = Field(
+        False, description="Also mask on the first task (the authors' code trains it unmasked)."
+    )
 
 
 def row_mask(magnitude: torch.Tensor, top_fraction: float) -> torch.Tensor:
@@ -37,12 +43,14 @@ class MIGU(SeqLoRA):
     name = "migu"
     display = "MIGU"
     summary = "MIGU: SeqLoRA whose gradient reaches only each adapted layer's output rows with the top L1-normalised |output|."
-    source = ("Du et al. 2024 (MIGU); authors' code wenyudu/MIGU src/uie_trainer_lora.py:444-461 (hooks sum "
-              "|output| over positions) and src/accelerate_local.py:21-29 (mask = activation >= quantile(activation, ini_threshold), "
-              "applied to weight.grad rows). Deviations: lora_B's rows are ranked by the adapted layer's output (base + LoRA), "
-              "lora_A's by lora_A's own output (the authors' LoRA path, src/accelerate_local.py:61-100, is written for their "
-              "clustering variant and does not run as published); padded positions count, as in the code; no mask on the first "
-              "task unless migu.mask_first_task, as in the code (is_first_task).")
+    source = (
+        "Du et al. 2024 (MIGU); authors' code wenyudu/MIGU src/uie_trainer_lora.py:444-461 (hooks sum "
+        "|output| over positions) and src/accelerate_local.py:21-29 (mask = activation >= quantile(activation, ini_threshold), "
+        "applied to weight.grad rows). Deviations: lora_B's rows are ranked by the adapted layer's output (base + LoRA), "
+        "lora_A's by lora_A's own output (the authors' LoRA path, src/accelerate_local.py:61-100, is written for their "
+        "clustering variant and does not run as published); padded positions count, as in the code; no mask on the first "
+        "task unless migu.mask_first_task, as in the code (is_first_task)."
+    )
     knobs = MIGUKnobs
     section = "migu"
     strength = "migu.top_fraction"
@@ -68,6 +76,7 @@ class MIGU(SeqLoRA):
             if torch.is_grad_enabled():  # training steps only, not a no-grad forward
                 mag = output.detach().abs().reshape(-1, output.shape[-1]).sum(dim=0).float()
                 self.magnitudes[key] = self.magnitudes[key] + mag if key in self.magnitudes else mag
+
         return hook
 
     @torch.no_grad()

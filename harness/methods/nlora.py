@@ -17,8 +17,11 @@ class NLoRAKnobs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     lambda_l1: float = Field(
-        1e-4, ge=0, description="λ: weight of Σ_modules ‖B_t A_t‖₁ (the new task's update, summed over its d_out·d_in entries). "
-        "The authors' 0.4 weighs another quantity (their r x r product A_t·B_t): see `harness methods`.")
+        1e-4,
+        ge=0,
+        description="λ: weight of Σ_modules ‖B_t A_t‖₁ (the new task's update, summed over its d_out·d_in entries). "
+        "The authors' 0.4 weighs another quantity (their r x r product A_t·B_t): see `harness methods`.",
+    )
 
 
 TILE_ROWS = 256  # rows of B·A held at once: 256 x d_in floats (0.6 MB at d_in 576, 4 MB at 4096)
@@ -33,7 +36,7 @@ class _TiledL1(torch.autograd.Function):
         ctx.save_for_backward(A, B)
         total = torch.zeros((), dtype=torch.promote_types(A.dtype, B.dtype), device=A.device)
         for i in range(0, B.shape[0], TILE_ROWS):
-            total += (B[i:i + TILE_ROWS] @ A).abs().sum()
+            total += (B[i : i + TILE_ROWS] @ A).abs().sum()
         return total
 
     @staticmethod
@@ -41,9 +44,9 @@ class _TiledL1(torch.autograd.Function):
         A, B = ctx.saved_tensors
         gA, gB = torch.zeros_like(A), torch.empty_like(B)
         for i in range(0, B.shape[0], TILE_ROWS):
-            rows = B[i:i + TILE_ROWS]
+            rows = B[i : i + TILE_ROWS]
             sign = torch.sign(rows @ A)
-            gB[i:i + TILE_ROWS] = sign @ A.T
+            gB[i : i + TILE_ROWS] = sign @ A.T
             gA += rows.T @ sign
         return grad * gA, grad * gB
 
@@ -64,20 +67,27 @@ class NLoRA(IncLoRA):
     # Tabled as the paper's formula: the authors' runs penalise another product (see source), so these rows must not
     # be set beside published N-LoRA numbers.
     display = "N-LoRA (paper formula)"
-    summary = "N-LoRA: IncLoRA + λ Σ_modules ‖B_t A_t‖₁ (an ℓ1 penalty on the new task's update, fewer parameter collisions)."
-    source = ("Yang et al., COLING 2025 (N-LoRA), L = L_task + λ‖ΔW_t‖₁; authors' code PKU-YuanGroup/N-LoRA "
-              "src/uie_trainer_lora.py:101 (l1_loss += torch.norm(torch.mm(loranew_A, loranew_B), p=1), added at line 104). "
-              "Deviations: that line multiplies PEFT's A (r x d_in) by B (d_out x r), i.e. the r x r product A_t·B_t, defined only "
-              "for square modules (T5's q/v); here the ℓ1 is over the update B_t·A_t itself (d_out x d_in, every target module, "
-              "unscaled as in the code), so λ is rescaled (default 1e-4 instead of 0.4; a suite may set its tuned value: method_knobs, make tune-baselines); their T5 runs also used "
-              "lr 1e-3 and 10 epochs, here the suite's budget and lr_lora.")
+    summary = (
+        "N-LoRA: IncLoRA + λ Σ_modules ‖B_t A_t‖₁ (an ℓ1 penalty on the new task's update, fewer parameter collisions)."
+    )
+    source = (
+        "Yang et al., COLING 2025 (N-LoRA), L = L_task + λ‖ΔW_t‖₁; authors' code PKU-YuanGroup/N-LoRA "
+        "src/uie_trainer_lora.py:101 (l1_loss += torch.norm(torch.mm(loranew_A, loranew_B), p=1), added at line 104). "
+        "Deviations: that line multiplies PEFT's A (r x d_in) by B (d_out x r), i.e. the r x r product A_t·B_t, defined only "
+        "for square modules (T5's q/v); here the ℓ1 is over the update B_t·A_t itself (d_out x d_in, every target module, "
+        "unscaled as in the code), so λ is rescaled (default 1e-4 instead of 0.4; a suite may set its tuned value: method_knobs, make tune-baselines); their T5 runs also used "
+        "lr 1e-3 and 10 epochs, here the suite's budget and lr_lora."
+    )
     knobs = NLoRAKnobs
     section = "nlora"
     strength = "nlora.lambda_l1"
 
     def begin_stage(self, ctx) -> None:
         super().begin_stage(ctx)
-        self._pairs = [(layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight) for _, layer in self.adapters.layers()]
+        self._pairs = [
+            (layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight)
+            for _, layer in self.adapters.layers()
+        ]
 
     def extra_loss(self) -> torch.Tensor | None:
         lam = self.cfg.nlora.lambda_l1

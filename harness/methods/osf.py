@@ -58,11 +58,23 @@ class OSFKnobs(BaseModel):
     """How much of each weight's singular spectrum OSF freezes, stage by stage."""
 
     model_config = ConfigDict(extra="forbid")
-    freeze_first: float = Field(0.3, gt=0, lt=1, allow_inf_nan=False, description="Share of each target weight's "
-                                "singular directions (of min(d_out, d_in)) frozen at stage 1 (PEFT's effective_rank "
-                                "as a fraction; PEFT's continual example: 0.3).")
-    freeze_last: float = Field(0.7, gt=0, lt=1, allow_inf_nan=False, description="Share frozen at the last stage; "
-                               "stages in between interpolate linearly (PEFT's example: 0.3, 0.5, 0.7 for 3 tasks).")
+    freeze_first: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Share of each target weight's "
+        "singular directions (of min(d_out, d_in)) frozen at stage 1 (PEFT's effective_rank "
+        "as a fraction; PEFT's continual example: 0.3).",
+    )
+    freeze_last: float = Field(
+        0.7,
+        gt=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="Share frozen at the last stage; "
+        "stages in between interpolate linearly (PEFT's example: 0.3, 0.5, 0.7 for 3 tasks).",
+    )
 
     @model_validator(mode="after")
     def _grows(self) -> "OSFKnobs":
@@ -102,12 +114,16 @@ def off_frozen(layer, adapter: str = ADAPTER) -> tuple[torch.Tensor, torch.Tenso
 class OSF(Method):
     name = "osf"
     display = "OSF"
-    summary = ("OSF: per stage, PEFT's OSF tuner freezes each weight's top singular subspace (a share growing "
-               "freeze_first → freeze_last) and trains the rest orthogonally to it; updates merged between stages.")
-    source = ("Nayak et al. 2025, 'Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual Learning' "
-              "(arXiv 2504.07097), W = U_h S_h V_h (frozen) + U_l S_l V_l (trained, ⊥); PEFT's OSF tuner "
-              "(peft/tuners/osf) and its continual example. Deviations: uniform frozen share per stage (no "
-              "layer-importance ranks), update merged between stages, U_l/V_l re-projected after each AdamW step.")
+    summary = (
+        "OSF: per stage, PEFT's OSF tuner freezes each weight's top singular subspace (a share growing "
+        "freeze_first → freeze_last) and trains the rest orthogonally to it; updates merged between stages."
+    )
+    source = (
+        "Nayak et al. 2025, 'Sculpting Subspaces: Constrained Full Fine-Tuning in LLMs for Continual Learning' "
+        "(arXiv 2504.07097), W = U_h S_h V_h (frozen) + U_l S_l V_l (trained, ⊥); PEFT's OSF tuner "
+        "(peft/tuners/osf) and its continual example. Deviations: uniform frozen share per stage (no "
+        "layer-importance ranks), update merged between stages, U_l/V_l re-projected after each AdamW step."
+    )
     knobs = OSFKnobs
     section = "osf"
 
@@ -146,14 +162,21 @@ class OSF(Method):
 
         base = self.peft.merge_and_unload() if self.peft is not None else self.base
         if self.w0 is None:
-            self.w0 = {n: m.weight.detach().clone() for n, m in base.named_modules()
-                       if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in self.cfg.targets}
+            self.w0 = {
+                n: m.weight.detach().clone()
+                for n, m in base.named_modules()
+                if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in self.cfg.targets
+            }
         self.share = frozen_share(self.cfg.osf, t, len(self.stage_plan(self.tasks)))
         try:
-            self.peft = get_peft_model(base, OSFConfig(target_modules=list(self.cfg.targets), effective_rank=self.share))
+            self.peft = get_peft_model(
+                base, OSFConfig(target_modules=list(self.cfg.targets), effective_rank=self.share)
+            )
         except ValueError as exc:
-            raise HarnessError(f"OSF at stage {t} (frozen share {self.share:.3f}): {exc}. Raise osf.freeze_first so "
-                               "every target keeps at least one frozen direction, or set `targets`.") from None
+            raise HarnessError(
+                f"OSF at stage {t} (frozen share {self.share:.3f}): {exc}. Raise osf.freeze_first so "
+                "every target keeps at least one frozen direction, or set `targets`."
+            ) from None
         self.stage = t
 
     def begin_stage(self, ctx) -> None:
@@ -184,8 +207,9 @@ class OSF(Method):
                 tensors[f"{key}/{n}"] = layer.osf_svd_params[ADAPTER][param].detach().cpu().contiguous()
                 tensors[f"{key}0/{n}"] = getattr(layer, init)[ADAPTER].detach().cpu().contiguous()
         save_file(tensors, str(folder / FILE))
-        (folder / META).write_text(json.dumps({"stage": self.stage, "frozen_share": self.share,
-                                               "targets": list(self.cfg.targets)}, indent=2))
+        (folder / META).write_text(
+            json.dumps({"stage": self.stage, "frozen_share": self.share, "targets": list(self.cfg.targets)}, indent=2)
+        )
 
     def restore(self, done: dict[int, Path]) -> None:
         """Stage by stage, as the run did: wrap at the stage's share, load its factors and initial values (merged at
@@ -198,20 +222,28 @@ class OSF(Method):
     def _load(self, t: int, folder: Path) -> None:
         path, meta = folder / FILE, folder / META
         if not path.exists() or not meta.exists():
-            raise HarnessError(f"{folder}: OSF's {FILE} or {META} is missing; the stage folder is incomplete. Delete it "
-                               "to redo the stage.")
+            raise HarnessError(
+                f"{folder}: OSF's {FILE} or {META} is missing; the stage folder is incomplete. Delete it "
+                "to redo the stage."
+            )
         share = json.loads(meta.read_text())["frozen_share"]
         if abs(share - self.share) > 1e-12:
-            raise HarnessError(f"{meta}: frozen share {share}, this config gives {self.share} at stage {t}; the stage "
-                               "folders were written by another config (osf.freeze_first / freeze_last, tasks).")
+            raise HarnessError(
+                f"{meta}: frozen share {share}, this config gives {self.share} at stage {t}; the stage "
+                "folders were written by another config (osf.freeze_first / freeze_last, tasks)."
+            )
         sd = load_file(str(path))
         for n, layer in self.layers():
             for key, param, init in PARTS:
-                for k, dest in ((f"{key}/{n}", layer.osf_svd_params[ADAPTER][param]),
-                                (f"{key}0/{n}", getattr(layer, init)[ADAPTER])):
+                for k, dest in (
+                    (f"{key}/{n}", layer.osf_svd_params[ADAPTER][param]),
+                    (f"{key}0/{n}", getattr(layer, init)[ADAPTER]),
+                ):
                     if k not in sd or sd[k].shape != dest.shape:
-                        raise HarnessError(f"{path}: {k} missing or of another shape; written with another model, "
-                                           "targets or frozen share?")
+                        raise HarnessError(
+                            f"{path}: {k} missing or of another shape; written with another model, "
+                            "targets or frozen share?"
+                        )
                     dest.copy_(sd[k])
 
     def unload(self) -> torch.nn.Module:
@@ -227,8 +259,10 @@ class OSF(Method):
     def param_counts(self) -> dict[str, int]:
         shapes = {n: (layer.out_features, layer.in_features) for n, layer in self.layers()}
         trained = sum(p.numel() for p in self.peft.parameters() if p.requires_grad)
-        return {"trainable_params_effective": int(trained),
-                "trainable_params_lora_equivalent": M.count_params(shapes, self.cfg.rank)["lora"]}
+        return {
+            "trainable_params_effective": int(trained),
+            "trainable_params_lora_equivalent": M.count_params(shapes, self.cfg.rank)["lora"],
+        }
 
     def held_tensors(self) -> list[torch.Tensor]:
         return list((self.w0 or {}).values())

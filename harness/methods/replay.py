@@ -18,8 +18,12 @@ class ReplayKnobs(BaseModel):
     """Size of the replay buffer kept per earlier task."""
 
     model_config = ConfigDict(extra="forbid")
-    fraction: float = Field(0.1, gt=0, le=1, description="Fraction of each earlier task's training examples kept (TRACE: 10%).")
-    per_task: int | None = Field(None, ge=1, description="A fixed number of examples per earlier task instead of a fraction.")
+    fraction: float = Field(
+        0.1, gt=0, le=1, description="Fraction of each earlier task's training examples kept (TRACE: 10%)."
+    )
+    per_task: int | None = Field(
+        None, ge=1, description="A fixed number of examples per earlier task instead of a fraction."
+    )
 
 
 def buffer_indices(n: int, *, seed: int, task: str, fraction: float, per_task: int | None) -> list[int]:
@@ -32,7 +36,9 @@ def buffer_indices(n: int, *, seed: int, task: str, fraction: float, per_task: i
 class Replay(SeqLoRA):
     name = "replay"
     display = "Replay"
-    summary = "Replay: SeqLoRA plus a seeded buffer of each earlier task's training examples mixed into every later stage."
+    summary = (
+        "Replay: SeqLoRA plus a seeded buffer of each earlier task's training examples mixed into every later stage."
+    )
     source = "Experience replay as in TRACE (Wang et al. 2023): 10% of each earlier task's data replayed."
     knobs = ReplayKnobs
     section = "replay"

@@ -19,6 +19,7 @@ trained in their stage, never changed after) and every α go to sdlora.safetenso
 parametrizations from them. ‖B A‖_F comes from the r×r Gram matrices (‖B A‖²_F = Σ (BᵀB) ⊙ (A Aᵀ)) in float64
 on the CPU: no d_out × d_in product, the same bits on every device.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,12 +45,18 @@ class SDLoRAKnobs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     alpha_init: Literal["carry", "constant"] = Field(
-        "carry", description="carry: an earlier task's α starts each stage where the last stage left it (task t's "
+        "carry",
+        description="carry: an earlier task's α starts each stage where the last stage left it (task t's "
         "own α becomes α_t·s·‖B_tA_t‖_F when its direction is frozen: the model does not jump), and the new α_t "
         "starts at 1; constant: every α (earlier and new) starts each stage at alpha_value, as the authors' code "
-        "re-creates them each task.")
-    alpha_value: float = Field(CODE_ALPHA, gt=0, allow_inf_nan=False, description="With alpha_init constant: the value "
-                               "every α starts each stage at (the code's 0.8).")
+        "re-creates them each task.",
+    )
+    alpha_value: float = Field(
+        CODE_ALPHA,
+        gt=0,
+        allow_inf_nan=False,
+        description="With alpha_init constant: the value every α starts each stage at (the code's 0.8).",
+    )
 
     @model_validator(mode="after")
     def _value_needs_constant(self) -> "SDLoRAKnobs":
@@ -85,16 +92,20 @@ class Magnitude(nn.Module):
 class SDLoRA(IncLoRA):
     name = "sdlora"
     display = "SD-LoRA"
-    summary = ("SD-LoRA: per-task adapters; earlier directions B_iA_i/‖B_iA_i‖_F frozen, their magnitudes α_i "
-               "train with the new adapter (ΔW = Σ_{i<t} α_i B_iA_i/‖B_iA_i‖_F + α_t s B_tA_t).")
-    source = ("Wu et al., ICLR 2025 (SD-LoRA), W = W0 + Σ_i α_i A_iB_i/‖A_iB_i‖_F (the paper's A_iB_i is PEFT's "
-              "B_iA_i); authors' code WuYichen-97/SD-Lora-CL backbone/lora.py (_LoRA_qkv_timm_train, "
-              "LoRA_ViT_timm). Deviations: every target module of a decoder LLM (the code: q and v of ViT blocks); "
-              "one α per task and module (the code: one per task, shared by all layers); directions normalised by "
-              "‖B_iA_i‖_F as the paper writes (the code divides by ‖B_i‖_F·‖A_i‖_F); alpha_init carry by default "
-              "(the code re-creates every α at 0.8 each task: alpha_init constant); the new adapter's unnormalised "
-              "term keeps PEFT's scale s = lora_alpha/r (the code: none); suite budget, AdamW and lr_lora instead of "
-              "the code's SGD; no classifier head; not the RR/KD variants.")
+    summary = (
+        "SD-LoRA: per-task adapters; earlier directions B_iA_i/‖B_iA_i‖_F frozen, their magnitudes α_i "
+        "train with the new adapter (ΔW = Σ_{i<t} α_i B_iA_i/‖B_iA_i‖_F + α_t s B_tA_t)."
+    )
+    source = (
+        "Wu et al., ICLR 2025 (SD-LoRA), W = W0 + Σ_i α_i A_iB_i/‖A_iB_i‖_F (the paper's A_iB_i is PEFT's "
+        "B_iA_i); authors' code WuYichen-97/SD-Lora-CL backbone/lora.py (_LoRA_qkv_timm_train, "
+        "LoRA_ViT_timm). Deviations: every target module of a decoder LLM (the code: q and v of ViT blocks); "
+        "one α per task and module (the code: one per task, shared by all layers); directions normalised by "
+        "‖B_iA_i‖_F as the paper writes (the code divides by ‖B_i‖_F·‖A_i‖_F); alpha_init carry by default "
+        "(the code re-creates every α at 0.8 each task: alpha_init constant); the new adapter's unnormalised "
+        "term keeps PEFT's scale s = lora_alpha/r (the code: none); suite budget, AdamW and lr_lora instead of "
+        "the code's SGD; no classifier head; not the RR/KD variants."
+    )
     knobs = SDLoRAKnobs
     section = "sdlora"
 
@@ -112,16 +123,19 @@ class SDLoRA(IncLoRA):
         constant = k.alpha_value if k.alpha_init == "constant" else None
         earlier = self.adapters.adapters[:-1]
         if len(earlier) != len(self.directions):
-            raise HarnessError(f"SD-LoRA: stage {ctx.stage} found {len(self.directions)} frozen direction(s) "
-                               f"for {len(earlier)} earlier adapter(s); the stage folders were written by another "
-                               "config.")
+            raise HarnessError(
+                f"SD-LoRA: stage {ctx.stage} found {len(self.directions)} frozen direction(s) "
+                f"for {len(earlier)} earlier adapter(s); the stage folders were written by another "
+                "config."
+            )
         self.parts = {}
         for name, B, alpha in zip(earlier, self.directions, self.magnitudes):
             self.parts[name] = self._attach(name, B, alpha if constant is None else constant)
         self.parts[self.adapter] = self._attach(self.adapter, None, 1.0 if constant is None else constant)
 
-    def _attach(self, adapter: str, directions: dict[str, torch.Tensor] | None,
-                alpha: dict[str, torch.Tensor] | float) -> dict[str, Magnitude]:
+    def _attach(
+        self, adapter: str, directions: dict[str, torch.Tensor] | None, alpha: dict[str, torch.Tensor] | float
+    ) -> dict[str, Magnitude]:
         """Parametrize the adapter's lora_B in every module: a frozen direction (B given) or the new adapter."""
         parts = {}
         for n, layer in self.adapters.layers():
@@ -153,8 +167,10 @@ class SDLoRA(IncLoRA):
         self.directions.append(B_new)
         self.magnitudes.append(alpha_new)
         self._commit()
-        return {f"sdlora/alpha_mean/task{i}": float(torch.cat(list(m.values())).mean())
-                for i, m in enumerate(self.magnitudes, start=1)}
+        return {
+            f"sdlora/alpha_mean/task{i}": float(torch.cat(list(m.values())).mean())
+            for i, m in enumerate(self.magnitudes, start=1)
+        }
 
     def _commit(self) -> None:
         """Each lora_B a plain frozen weight again, holding the folded B' = B·α·c."""
@@ -176,8 +192,10 @@ class SDLoRA(IncLoRA):
     def restore_stage(self, t: int, folder: Path) -> None:
         path = folder / FILE
         if not path.exists():
-            raise HarnessError(f"{path}: SD-LoRA's directions and magnitudes are missing; the stage folder is "
-                               "incomplete. Delete it to redo the stage.")
+            raise HarnessError(
+                f"{path}: SD-LoRA's directions and magnitudes are missing; the stage folder is "
+                "incomplete. Delete it to redo the stage."
+            )
         sd = load_file(str(path))
         self.directions = [_task(sd, "B", i) for i in range(1, t + 1)]
         self.magnitudes = [_task(sd, "alpha", i) for i in range(1, t + 1)]
@@ -193,7 +211,7 @@ class SDLoRA(IncLoRA):
 
 def _task(sd: dict[str, torch.Tensor], kind: str, i: int) -> dict[str, torch.Tensor]:
     prefix = f"{kind}/{i}/"
-    found = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    found = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not found:
         raise HarnessError(f"{FILE}: no {kind} of task {i}; the stage folder was written by another config.")
     return found

@@ -47,7 +47,10 @@ from harness.models.smollm2 import (
 from harness.models.tiny import _TINY_SPECS, TINY_CORPUS, TINY_INIT_STD, _load_tiny, tiny_tokenizer_dir
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only the loaders need it
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from transformers import (  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -130,11 +133,15 @@ def load_model(
     """
     resolved_device = resolve_device(device)
     check_model_available(name, cache_dir=cache_dir)
-    params = model_params(name, cache_dir=cache_dir, trust_remote_code=trust_remote_code) if str(dtype) == "auto" else None
+    params = (
+        model_params(name, cache_dir=cache_dir, trust_remote_code=trust_remote_code) if str(dtype) == "auto" else None
+    )
     resolved_dtype = resolve_dtype(dtype, resolved_device, params)
     if not logging.getLogger("harness").isEnabledFor(logging.DEBUG):
         # One bar per stage is ours to show; transformers' "Loading weights" bar only with harness -v.
-        from transformers.utils import logging as hf_logging  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        from transformers.utils import (
+            logging as hf_logging,  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        )
 
         hf_logging.disable_progress_bar()
     if name == "smollm2-135m":

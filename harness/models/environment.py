@@ -98,7 +98,9 @@ AUTO_DTYPE = torch.float32  # what dtype auto means for a model of up to AUTO_BF
 AUTO_BF16_ABOVE = 1_000_000_000  # parameters; above, auto is bf16 (docs/precision.md: "dtype: auto by size")
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu", params: int | None = None) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype, device: str | torch.device = "cpu", params: int | None = None
+) -> torch.dtype:
     """Turn a dtype name into a torch.dtype for weights on ``device``.
 
     ``auto`` is float32 up to AUTO_BF16_ABOVE parameters (README "Precision": on the H200 a bf16 base was slower for
@@ -113,9 +115,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu", 
         return torch.bfloat16 if params is not None and params > AUTO_BF16_ABOVE else AUTO_DTYPE
     if text in _DTYPES:
         return _DTYPES[text]
-    raise HarnessError(
-        f"unknown dtype '{dtype}': use 'auto', 'bf16' (bfloat16), 'fp16' (float16) or 'fp32' (float32)."
-    )
+    raise HarnessError(f"unknown dtype '{dtype}': use 'auto', 'bf16' (bfloat16), 'fp16' (float16) or 'fp32' (float32).")
 
 
 def downloads_allowed() -> bool:

@@ -76,13 +76,16 @@ def _check_hub_id(name: str) -> None:
         why = f"HF_HUB_OFFLINE={state}" if state is not None else "HF_HUB_OFFLINE is unset: the harness stays offline"
         raise ModelUnavailableError(
             _unavailable_hub_message(
-                name,
-                f"its {missing} is not in the local Hugging Face cache ({hf_cache}) and downloads are off ({why})",
+                name, f"its {missing} is not in the local Hugging Face cache ({hf_cache}) and downloads are off ({why})"
             )
         )
     # Downloads allowed: one cheap metadata request tells missing/gated apart before a big download.
     from huggingface_hub import auth_check  # lazy: only hub models need it
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError  # lazy: only hub models need it
+    from huggingface_hub.errors import (  # lazy: only hub models need it
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+    )
 
     try:
         auth_check(name)
@@ -135,15 +138,15 @@ def check_pretrained_available(name: str) -> None:
 
 def _load_pretrained(name: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool):
     from huggingface_hub.errors import GatedRepoError  # lazy: only hub models need it
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from transformers import (  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     local = Path(name).expanduser()
     is_local = local.is_dir()
     source = str(local) if is_local else name
-    kwargs: dict = {
-        "trust_remote_code": trust_remote_code,
-        "local_files_only": is_local or not downloads_allowed(),
-    }
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "local_files_only": is_local or not downloads_allowed()}
     if not is_local:
         # Read at call time: huggingface_hub froze its own idea of the cache dir at import.
         kwargs["cache_dir"] = str(_hf_hub_cache())

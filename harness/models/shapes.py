@@ -23,8 +23,12 @@ def model_config(name: str, *, cache_dir: str | os.PathLike | None = None, trust
             return tiny_config(name)
         local = Path(name).expanduser()
         source = str(local) if local.is_dir() else name
-        return AutoConfig.from_pretrained(source, local_files_only=not downloads_allowed() or local.is_dir(),
-                                          trust_remote_code=trust_remote_code, cache_dir=None if local.is_dir() else str(_hf_hub_cache()))
+        return AutoConfig.from_pretrained(
+            source,
+            local_files_only=not downloads_allowed() or local.is_dir(),
+            trust_remote_code=trust_remote_code,
+            cache_dir=None if local.is_dir() else str(_hf_hub_cache()),
+        )
     except Exception as exc:  # noqa: BLE001 - a preflight that cannot read the config falls back to the loaded model
         logger.info("no config for %s without loading weights: %s", name, exc)
         return None
@@ -32,7 +36,9 @@ def model_config(name: str, *, cache_dir: str | os.PathLike | None = None, trust
 
 def linear_shapes(config) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of every Linear module of a model built from `config` on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from transformers import (
+        AutoModelForCausalLM,  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    )
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -51,7 +51,10 @@ def _find_smollm2_gguf() -> Path:
 
 def _convert_smollm2_gguf(gguf: Path, out_dir: Path) -> dict:
     """Dequantize the GGUF into an fp32 safetensors checkpoint + tokenizer in ``out_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from transformers import (  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
@@ -122,7 +125,10 @@ def smollm2_config(cache_dir: str | os.PathLike | None = None):
 
 
 def _load_smollm2(cache_dir, device: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from transformers import (  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        AutoModelForCausalLM,
+        AutoTokenizer,
+    )
 
     path = ensure_smollm2_checkpoint(cache_dir)
     logger.info("loading smollm2-135m from %s", path)

@@ -44,8 +44,16 @@ def _corpus_digest() -> str:
 
 def _train_tiny_tokenizer(vocab_size: int, out_dir: Path) -> dict:
     """Train a byte-level BPE on the committed corpus and save it as a HF fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # lazy: only the tiny test models build a tokenizer
-    from transformers import PreTrainedTokenizerFast  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from tokenizers import (  # lazy: only the tiny test models build a tokenizer
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import (
+        PreTrainedTokenizerFast,  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    )
 
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -76,13 +84,25 @@ def tiny_config(name: str):
     from transformers import LlamaConfig  # lazy: transformers' models load in ~0.7 s; validation and --help need none
 
     t = _TINY_SPECS[name]
-    return LlamaConfig(vocab_size=t.vocab, hidden_size=t.hidden, num_hidden_layers=t.layers, num_attention_heads=t.heads,
-                       num_key_value_heads=t.kv_heads, intermediate_size=t.intermediate, max_position_embeddings=t.max_positions,
-                       tie_word_embeddings=True, initializer_range=TINY_INIT_STD)
+    return LlamaConfig(
+        vocab_size=t.vocab,
+        hidden_size=t.hidden,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        intermediate_size=t.intermediate,
+        max_position_embeddings=t.max_positions,
+        tie_word_embeddings=True,
+        initializer_range=TINY_INIT_STD,
+    )
 
 
 def _load_tiny(name: str, seed: int, cache_dir, device: torch.device, dtype: torch.dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+    from transformers import (  # lazy: transformers' models load in ~0.7 s; validation and --help need none
+        LlamaConfig,
+        LlamaForCausalLM,
+        PreTrainedTokenizerFast,
+    )
 
     spec = _TINY_SPECS[name]
     tok_dir = _build_atomically(

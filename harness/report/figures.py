@@ -31,8 +31,9 @@ _PANELS_PER_LINE = 4
 _MAX_WIDTH = 16.0
 
 
-def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, xlabel, ylabel, highlight=None,
-                    short_notes=None):
+def _heatmap_panels(
+    panels, row_labels_per_panel, col_labels_per_panel, title, xlabel, ylabel, highlight=None, short_notes=None
+):
     """Heatmaps side by side (wrapped beyond 3, see _PANELS_PER_LINE) with one shared 0..1 colour scale and the
     value in every cell. A panel with a short note (short_notes[k], a reference run) and fewer rows keeps
     the others' cell height and shows the note in the space below its rows."""
@@ -56,12 +57,19 @@ def _heatmap_panels(panels, row_labels_per_panel, col_labels_per_panel, title, x
         note = short_notes[k] if short_notes else None
         if note and M.shape[0] < n_rows:  # same cell height as the other panels, the note below
             ax.set_ylim(n_rows - 0.5, -0.5)
-            ax.text((M.shape[1] - 1) / 2, (M.shape[0] + n_rows - 1) / 2, note, ha="center", va="center",
-                    fontsize=9, color="#555555")
+            ax.text(
+                (M.shape[1] - 1) / 2,
+                (M.shape[0] + n_rows - 1) / 2,
+                note,
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="#555555",
+            )
         ax.set_xlabel(xlabel, fontsize=9)
         if k % per_line == 0:
             ax.set_ylabel(ylabel, fontsize=9)
-        for (i, j) in (highlight[k] if highlight else ()):
+        for i, j in highlight[k] if highlight else ():
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#e4572e", linewidth=1.8))
     cbar = fig.colorbar(im, ax=[a for row in grid for a in row], shrink=0.9 if lines == 1 else 0.6, fraction=0.05)
     cbar.set_label("accuracy" if "ccuracy" in title else "overlap", fontsize=9)
@@ -85,9 +93,13 @@ def _fig_accuracy_matrices(columns: list[str], n_rows: int, mms: list[MethodMatr
         highlight.append([(t + 1, columns.index(task)) for t, task in enumerate(mm.tasks) if task in columns])
         row_labels.append(stage_labels)
     return _heatmap_panels(
-        panels, row_labels, [columns] * len(panels),
+        panels,
+        row_labels,
+        [columns] * len(panels),
         "Accuracy matrix R[stage, task] (outlined: task trained at that stage)",
-        "task (evaluated)", "stage (after training task #)", highlight,
+        "task (evaluated)",
+        "stage (after training task #)",
+        highlight,
         short_notes=["reference: one stage,\nall tasks trained together" if mm.reference else None for mm in mms],
     )
 
@@ -105,8 +117,12 @@ def _curve_panel(ax, task: str, j: int, stages: np.ndarray, mms: list[MethodMatr
         ax.plot(stages[ok], y[ok], marker="o", markersize=4, color=colors[mm.method], label=display_name(mm.method))
         band = ok & np.isfinite(s) & (c > 1)
         if band.any():
-            ax.fill_between(stages[band], (y - s)[band], (y + s)[band], color=colors[mm.method], alpha=0.18, linewidth=0)
-    ax.set_title(task + (f"  (trained at stage {', '.join(map(str, sorted(trained_at)))})" if trained_at else ""), fontsize=9)
+            ax.fill_between(
+                stages[band], (y - s)[band], (y + s)[band], color=colors[mm.method], alpha=0.18, linewidth=0
+            )
+    ax.set_title(
+        task + (f"  (trained at stage {', '.join(map(str, sorted(trained_at)))})" if trained_at else ""), fontsize=9
+    )
     ax.set_ylim(-0.03, 1.03)
     ax.set_xticks(stages)
     ax.set_xlabel("stage", fontsize=8)
@@ -130,7 +146,9 @@ def _fig_curves(columns: list[str], n_rows: int, mms: list[MethodMatrix], colors
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="outside lower center", fontsize=8, ncols=min(len(labels), 6))
-    fig.suptitle("Per-task accuracy over stages (mean over seeds, shaded ± std; dotted: stage the task was trained)", fontsize=10)
+    fig.suptitle(
+        "Per-task accuracy over stages (mean over seeds, shaded ± std; dotted: stage the task was trained)", fontsize=10
+    )
     return fig
 
 
@@ -153,17 +171,39 @@ def _fig_metrics(rows: list[dict], colors):
         stds = np.array([r[m]["std"] for m in METRICS], dtype=float)
         pos = x - 0.4 + width * (k + 0.5)
         ok = np.isfinite(means)
-        ax.bar(pos[ok], means[ok], width * 0.92, color=colors[r["method"]], label=_legend_label(r),
-               yerr=np.nan_to_num(stds[ok], nan=0.0), capsize=3 if not many else 2, error_kw={"linewidth": 1},
-               **({"hatch": "..", "edgecolor": "white", "linewidth": 0} if r.get("reference") else {}))
+        ax.bar(
+            pos[ok],
+            means[ok],
+            width * 0.92,
+            color=colors[r["method"]],
+            label=_legend_label(r),
+            yerr=np.nan_to_num(stds[ok], nan=0.0),
+            capsize=3 if not many else 2,
+            error_kw={"linewidth": 1},
+            **({"hatch": "..", "edgecolor": "white", "linewidth": 0} if r.get("reference") else {}),
+        )
         for p, v, sd in zip(pos[ok], means[ok], np.nan_to_num(stds[ok], nan=0.0)):
             tip = v + sd if v >= 0 else v - sd
             if many:  # vertical labels never run into their neighbours
-                ax.annotate(f"{v:.2f}", (p, tip), textcoords="offset points", xytext=(0, 2 if v >= 0 else -2),
-                            ha="center", va="bottom" if v >= 0 else "top", rotation=90, fontsize=7)
+                ax.annotate(
+                    f"{v:.2f}",
+                    (p, tip),
+                    textcoords="offset points",
+                    xytext=(0, 2 if v >= 0 else -2),
+                    ha="center",
+                    va="bottom" if v >= 0 else "top",
+                    rotation=90,
+                    fontsize=7,
+                )
             else:
-                ax.annotate(f"{v:.2f}", (p, tip), textcoords="offset points", xytext=(0, 3 if v >= 0 else -10),
-                            ha="center", fontsize=7)
+                ax.annotate(
+                    f"{v:.2f}",
+                    (p, tip),
+                    textcoords="offset points",
+                    xytext=(0, 3 if v >= 0 else -10),
+                    ha="center",
+                    fontsize=7,
+                )
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, [f"{m}\n({'higher' if HIGHER_IS_BETTER[m] else 'lower'} is better)" for m in METRICS], fontsize=8)
     ax.set_ylabel("fraction", fontsize=9)
@@ -181,20 +221,32 @@ def _fig_params(rows: list[dict], colors):
     fig = new_figure(max(4.5, 1.3 * len(rows) + 2.5), 3.2)
     ax = fig.subplots()
     x = np.arange(len(rows))
-    for off, key, label, hatch in ((-0.2, "trainable_params_effective", "effective (mask non-zeros)", None),
-                                   (0.2, "trainable_params_lora_equivalent", "LoRA-equivalent", "//")):
+    for off, key, label, hatch in (
+        (-0.2, "trainable_params_effective", "effective (mask non-zeros)", None),
+        (0.2, "trainable_params_lora_equivalent", "LoRA-equivalent", "//"),
+    ):
         vals = np.array([r[key] for r in rows], dtype=float)
         ok = np.isfinite(vals) & (vals > 0)
-        ax.bar(x[ok] + off, vals[ok], 0.38, color=[colors[r["method"]] for r, o in zip(rows, ok) if o],
-               hatch=hatch, edgecolor="black", linewidth=0.5, alpha=1.0 if hatch is None else 0.45, label=label)
+        ax.bar(
+            x[ok] + off,
+            vals[ok],
+            0.38,
+            color=[colors[r["method"]] for r, o in zip(rows, ok) if o],
+            hatch=hatch,
+            edgecolor="black",
+            linewidth=0.5,
+            alpha=1.0 if hatch is None else 0.45,
+            label=label,
+        )
         for p, v in zip(x[ok] + off, vals[ok]):
             ax.annotate(fmt_count(v), (p, v), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
     ax.set_yscale("log")
     positive = [r[k] for r in rows for k in PARAM_KEYS if finite(r[k]) and r[k] > 0]
     if positive:
         ax.set_ylim(min(positive) / 5, max(positive) * 3)
-    ax.set_xticks(x, [display_name(r["method"]) + ("\n(reference)" if r.get("reference") else "") for r in rows],
-                  fontsize=9)
+    ax.set_xticks(
+        x, [display_name(r["method"]) + ("\n(reference)" if r.get("reference") else "") for r in rows], fontsize=9
+    )
     ax.set_ylabel("parameters (log)", fontsize=9)
     ax.set_title("Trainable parameters: effective vs LoRA-equivalent", fontsize=10)
     ax.legend(fontsize=7)
@@ -229,11 +281,13 @@ def report_figures(methods, rows, columns, n_rows, mms, mask_diag, sub_diag) -> 
     if any(finite(r[k]) for r in rows for k in PARAM_KEYS):
         figures["trainable_params.png"] = png_bytes(_fig_params(rows, colors))
     if mask_diag:
-        figures["mask_overlap.png"] = png_bytes(_fig_diagnostic(
-            mask_diag, "LoRI mask overlap |M_i ∧ M_j| / |M_j| (row i, column j)"))
+        figures["mask_overlap.png"] = png_bytes(
+            _fig_diagnostic(mask_diag, "LoRI mask overlap |M_i ∧ M_j| / |M_j| (row i, column j)")
+        )
     if sub_diag:
-        figures["subspace_overlap.png"] = png_bytes(_fig_diagnostic(
-            sub_diag, "A-subspace overlap ||A_i A_jᵀ||_F / (||A_i||_F ||A_j||_F)"))
+        figures["subspace_overlap.png"] = png_bytes(
+            _fig_diagnostic(sub_diag, "A-subspace overlap ||A_i A_jᵀ||_F / (||A_i||_F ||A_j||_F)")
+        )
     return figures
 
 
@@ -245,8 +299,15 @@ def general_figure(cs: dict[str, tuple[np.ndarray, np.ndarray]], colors) -> byte
     ax = fig.subplots()
     for method, (mean, std) in cs.items():
         x = np.arange(len(mean))
-        ax.errorbar(x, mean, yerr=np.where(np.isfinite(std), std, 0.0), marker="o", capsize=3, label=display_name(method),
-                    color=colors.get(method))
+        ax.errorbar(
+            x,
+            mean,
+            yerr=np.where(np.isfinite(std), std, 0.0),
+            marker="o",
+            capsize=3,
+            label=display_name(method),
+            color=colors.get(method),
+        )
     ax.set_xlabel("stage (0 = base model)")
     ax.set_ylabel("cross-entropy on the general text (nats/token)")
     ax.set_title("General-ability forgetting: higher = more of the base model's general ability lost", fontsize=9)
@@ -274,7 +335,9 @@ def sensitivity_figure(rows: list[VariantRow], metrics: tuple[str, ...] = ("ACC"
             ax = axes[i][j]
             for k, ((method, others), vs) in enumerate(lines.items()):
                 vs = sorted(vs, key=lambda v: xs.index(v.values.get(knob, "")))
-                pos = np.array([xs.index(v.values.get(knob, "")) for v in vs], dtype=float) + (k - len(lines) / 2) * 0.03
+                pos = (
+                    np.array([xs.index(v.values.get(knob, "")) for v in vs], dtype=float) + (k - len(lines) / 2) * 0.03
+                )
                 mean = [v.metrics[metric]["mean"] for v in vs]
                 std = [v.metrics[metric]["std"] if finite(v.metrics[metric]["std"]) else 0.0 for v in vs]
                 label = display_name(method) + (f" ({others})" if others else "")

@@ -64,7 +64,9 @@ def experiment_folder(results_dir: Path, experiment: str | None) -> Path:
             return Path(results_dir) / names[0]
         if not names:
             raise HarnessError(f"no runs yet under {results_dir}: run `make run-sequence` (or `harness merge`) first")
-        raise HarnessError(f"{len(names)} harness experiments under {results_dir}: {listing}; pick one with --experiment NAME")
+        raise HarnessError(
+            f"{len(names)} harness experiments under {results_dir}: {listing}; pick one with --experiment NAME"
+        )
     if experiment not in names:
         raise HarnessError(f"no experiment named {experiment!r} under {results_dir}; harness experiments: {listing}")
     return Path(results_dir) / experiment
@@ -101,11 +103,18 @@ def unfinished_run(folder: Path, label: str, block: dict, tracked: Tracked) -> U
     tasks = block.get("tasks") or []
     reference = str(tags.get("harness.reference", "")).strip().lower() == "true"
     return UnfinishedRun(
-        run_id=run_id, run_name=(state.get("mlflow_parent") or {}).get("name") or label,
-        status=status, state=kind, method=str(block.get("method", "unknown")),
-        seed=str(block.get("seed", "?")), order=str(block.get("order_index", "?")), run_dir=str(folder),
-        last_stage=max(stages) if stages else None, n_stages=1 if reference else (len(tasks) or None),
-        start_time_ms=tracked.start_ms(run_id))
+        run_id=run_id,
+        run_name=(state.get("mlflow_parent") or {}).get("name") or label,
+        status=status,
+        state=kind,
+        method=str(block.get("method", "unknown")),
+        seed=str(block.get("seed", "?")),
+        order=str(block.get("order_index", "?")),
+        run_dir=str(folder),
+        last_stage=max(stages) if stages else None,
+        n_stages=1 if reference else (len(tasks) or None),
+        start_time_ms=tracked.start_ms(run_id),
+    )
 
 
 def _matrix(matrix: dict, reference: bool) -> tuple[list[str], np.ndarray]:
@@ -130,7 +139,9 @@ def _num(v: Any) -> float:
 def _consistency_notes(recorded: dict[str, float], R: np.ndarray, reference: bool) -> list[str]:
     """Where summary.json's metric disagrees with harness.metrics' definitions on the sequence's own matrix."""
     try:
-        recomputed = {**summarize_reference(R), "LA": None} if reference else {**summarize(R), "LA": learning_accuracy(R)}
+        recomputed = (
+            {**summarize_reference(R), "LA": None} if reference else {**summarize(R), "LA": learning_accuracy(R)}
+        )
     except ValueError:  # a malformed matrix defines nothing
         recomputed = {m: None for m in METRICS}
     notes = []
@@ -139,8 +150,10 @@ def _consistency_notes(recorded: dict[str, float], R: np.ndarray, reference: boo
         if finite(lv) and rv is not None and abs(lv - rv) > _CONSISTENCY_TOL:
             notes.append(f"summary.json has {m} = {lv:.6f} but the matrix gives {rv:.6f}")
         elif finite(lv) != (rv is not None):
-            notes.append(f"{m} is {'in' if finite(lv) else 'not in'} summary.json but the matrix "
-                         f"{'defines' if rv is not None else 'does not define'} it")
+            notes.append(
+                f"{m} is {'in' if finite(lv) else 'not in'} summary.json but the matrix "
+                f"{'defines' if rv is not None else 'does not define'} it"
+            )
     return notes
 
 
@@ -151,7 +164,9 @@ def _documents(folder: Path, tasks: list[str], R: np.ndarray, notes: list[str]) 
         return None
     try:
         docs = read_json(path)
-        problems = check_documents(docs, R) if list(docs["tasks"]) == list(tasks) else ["its tasks differ from the matrix's"]
+        problems = (
+            check_documents(docs, R) if list(docs["tasks"]) == list(tasks) else ["its tasks differ from the matrix's"]
+        )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         problems = [f"malformed ({type(exc).__name__}: {exc})"]
     if problems:
@@ -180,8 +195,11 @@ COST_KEYS = ("train_s", "method_setup_s", "method_teardown_s", "calibration_s", 
 
 def _stage_costs(folder: Path) -> list[dict]:
     """Per committed trained stage (1..S): its stage.json seconds (COST_KEYS; absent keys, from older runs: 0)."""
-    return [{k: float(info.get(k) or 0.0) for k in COST_KEYS}
-            for t, d in sorted(committed_stages(folder).items()) if t > 0 and (info := read_json(d / "stage.json"))]
+    return [
+        {k: float(info.get(k) or 0.0) for k in COST_KEYS}
+        for t, d in sorted(committed_stages(folder).items())
+        if t > 0 and (info := read_json(d / "stage.json"))
+    ]
 
 
 def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> SequenceRun:
@@ -197,16 +215,30 @@ def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> 
     run_id = summary.get("mlflow_parent_run_id") or state.get("mlflow_parent_run_id") or ""
     margin = float(summary.get("learn_margin") or LEARN_MARGIN)
     return SequenceRun(
-        run_id=run_id, run_name=parent.get("name") or label, status="FINISHED", method=str(summary["method"]),
-        seed=str(summary["seed"]), order=str(summary.get("order_index", 0)), tasks=tasks, R=R, metrics=recorded,
+        run_id=run_id,
+        run_name=parent.get("name") or label,
+        status="FINISHED",
+        method=str(summary["method"]),
+        seed=str(summary["seed"]),
+        order=str(summary.get("order_index", 0)),
+        tasks=tasks,
+        R=R,
+        metrics=recorded,
         params_effective=_num(summary.get("trainable_params_effective")),
         params_lora_equivalent=_num(summary.get("trainable_params_lora_equivalent")),
-        diagnostics=_optional_json(folder / "diagnostics.json"), summary=summary,
+        diagnostics=_optional_json(folder / "diagnostics.json"),
+        summary=summary,
         tags={str(k): str(v) for k, v in (parent.get("tags") or {}).items()},
         params={str(k): str(v) for k, v in (parent.get("params") or {}).items()},
-        start_time_ms=tracked.start_ms(run_id), matrix_source="matrix.json", notes=notes, reference=reference,
-        documents=_documents(folder, tasks, R, notes), not_learned=_not_learned(summary, R, margin, tasks, reference),
-        learn_margin=margin, stage_costs=_stage_costs(folder))
+        start_time_ms=tracked.start_ms(run_id),
+        matrix_source="matrix.json",
+        notes=notes,
+        reference=reference,
+        documents=_documents(folder, tasks, R, notes),
+        not_learned=_not_learned(summary, R, margin, tasks, reference),
+        learn_margin=margin,
+        stage_costs=_stage_costs(folder),
+    )
 
 
 def _sequence_label(block: dict) -> str:

@@ -11,9 +11,9 @@ import math
 import matplotlib
 import numpy as np
 
-from harness.heatmap import new_figure, png_bytes
 from harness.analysis.merging import MergingSummary, MethodScores
 from harness.analysis.naming import display_name
+from harness.heatmap import new_figure, png_bytes
 
 _SINGLE_COLOR = "#9e9e9e"
 _PANELS_PER_LINE = 3
@@ -40,8 +40,16 @@ def _score_panel(ax, ms: MethodScores, combinations: list[str], colors: dict) ->
         pos = x - 0.4 + width * (k + 0.5)
         ok = np.isfinite(mean)
         err = np.where(count > 1, std, np.nan)[ok]
-        ax.bar(pos[ok], mean[ok], width * 0.92, color=color, label=label, capsize=3, error_kw={"linewidth": 1},
-               yerr=err if np.isfinite(err).any() else None)
+        ax.bar(
+            pos[ok],
+            mean[ok],
+            width * 0.92,
+            color=color,
+            label=label,
+            capsize=3,
+            error_kw={"linewidth": 1},
+            yerr=err if np.isfinite(err).any() else None,
+        )
         for p, v, sd in zip(pos[ok], mean[ok], np.nan_to_num(err, nan=0.0)) if labelled else ():
             ax.annotate(f"{v:.2f}", (p, v + sd), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=6)
     rotate = max(map(len, ms.tasks), default=0) > 8
@@ -71,8 +79,10 @@ def _fig_scores(ms: MergingSummary, colors: dict):
         for h, label in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(label, h)
     fig.legend(list(legend.values()), list(legend), loc="outside lower center", fontsize=8, ncols=min(len(legend), 6))
-    fig.suptitle("Per-task score: each task's adapter alone S[j, j] vs the merged model m_j "
-                 "(mean over seeds, error bars ± std)", fontsize=10)
+    fig.suptitle(
+        "Per-task score: each task's adapter alone S[j, j] vs the merged model m_j (mean over seeds, error bars ± std)",
+        fontsize=10,
+    )
     return fig
 
 
@@ -80,17 +90,28 @@ def _interference_panel(ax, tasks: list[str], M: np.ndarray, lim: float, title: 
     cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="#d9d9d9")
     im = ax.imshow(np.ma.masked_invalid(M), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     rotate = max(map(len, tasks), default=0) > 6
-    ax.set_xticks(range(len(tasks)), tasks, rotation=35 if rotate else 0, ha="right" if rotate else "center", fontsize=8)
+    ax.set_xticks(
+        range(len(tasks)), tasks, rotation=35 if rotate else 0, ha="right" if rotate else "center", fontsize=8
+    )
     ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
     ax.set_title(title, fontsize=10)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
             v = M[i, j]
             if np.isfinite(v):
-                ax.text(j, i, f"{v:+.2f}", ha="center", va="center", fontsize=fontsize,
-                        color="white" if abs(v) > 0.6 * lim else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:+.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=fontsize,
+                    color="white" if abs(v) > 0.6 * lim else "black",
+                )
             else:
-                ax.text(j, i, "—" if i == j else "n/a", ha="center", va="center", fontsize=fontsize - 1, color="#555555")
+                ax.text(
+                    j, i, "—" if i == j else "n/a", ha="center", va="center", fontsize=fontsize - 1, color="#555555"
+                )
     return im
 
 
@@ -107,8 +128,9 @@ def _fig_interference(ms: MergingSummary):
     used, im = set(), None
     for m, c, tasks, M, n in ms.interference:
         i, j = methods.index(m), combos.index(c)
-        im = _interference_panel(grid[i][j], tasks, M, lim, f"{display_name(m)} · {c} ({_seeds(n)})",
-                                 9 if T <= 6 else (7 if T <= 10 else 5))
+        im = _interference_panel(
+            grid[i][j], tasks, M, lim, f"{display_name(m)} · {c} ({_seeds(n)})", 9 if T <= 6 else (7 if T <= 10 else 5)
+        )
         grid[i][j].set_xlabel("merged with task j", fontsize=8)
         if j == 0:
             grid[i][j].set_ylabel("task i (scored)", fontsize=8)
@@ -117,10 +139,15 @@ def _fig_interference(ms: MergingSummary):
         for j in range(len(combos)):
             if (i, j) not in used:
                 grid[i][j].set_visible(False)
-    cbar = fig.colorbar(im, ax=[a for row in grid for a in row], shrink=0.9 if len(methods) == 1 else 0.6, fraction=0.05)
+    cbar = fig.colorbar(
+        im, ax=[a for row in grid for a in row], shrink=0.9 if len(methods) == 1 else 0.6, fraction=0.05
+    )
     cbar.set_label("I[i, j]: score change", fontsize=9)
-    fig.suptitle("Pairwise interference I[i, j] = score on task i after merging adapters i and j − S[i, i] "
-                 "(red: the merge loses)", fontsize=10)
+    fig.suptitle(
+        "Pairwise interference I[i, j] = score on task i after merging adapters i and j − S[i, i] "
+        "(red: the merge loses)",
+        fontsize=10,
+    )
     return fig
 
 

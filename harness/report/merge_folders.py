@@ -42,7 +42,9 @@ def _merge_entry(values: dict, tasks: list[str]) -> dict:
     entry["scores"] = {t: _num(scores[t]) for t in tasks if t in scores}
     selection = values.get("weight_selection") if isinstance(values.get("weight_selection"), dict) else {}
     entry["chosen_weight"] = _num(selection.get("chosen")) if selection else None  # merge_weight_grid's pick
-    entry["at_grid_end"] = bool(selection.get("at_grid_end")) if selection else False  # the pick is the lowest or highest tried
+    entry["at_grid_end"] = (
+        bool(selection.get("at_grid_end")) if selection else False
+    )  # the pick is the lowest or highest tried
     return entry
 
 
@@ -69,7 +71,9 @@ def _consistency_notes(merges: dict[str, dict], diag: dict[str, float], tasks: l
     return notes
 
 
-def _documents(folder: Path, merges: dict[str, dict], diag: dict[str, float], tasks: list[str]) -> tuple[dict | None, list[str]]:
+def _documents(
+    folder: Path, merges: dict[str, dict], diag: dict[str, float], tasks: list[str]
+) -> tuple[dict | None, list[str]]:
     """(documents.json when it recomputes S[j, j] and every merge's m_j exactly, else None; a note when it does not)."""
     path = folder / DOCUMENTS_FILE
     if not path.is_file():
@@ -81,8 +85,10 @@ def _documents(folder: Path, merges: dict[str, dict], diag: dict[str, float], ta
         M = merge_matrix(docs, c)
         want = np.array([[diag[t] for t in tasks], [e["scores"].get(t, np.nan) for t in tasks]])
         if M is None or not np.array_equal(M, want):
-            return None, [f"documents.json does not recompute merge {c!r} and the single adapters' scores exactly; "
-                          "intervals resample seeds only"]
+            return None, [
+                f"documents.json does not recompute merge {c!r} and the single adapters' scores exactly; "
+                "intervals resample seeds only"
+            ]
     return docs, []
 
 
@@ -95,16 +101,30 @@ def load_merge(folder: Path, summary: dict, config: dict, tracked: Tracked) -> M
     commit = tracked.tag(run_id, "harness.git_commit")
     docs, doc_notes = _documents(folder, merges, diag, tasks)
     return MergeRun(
-        run_id=run_id, run_name=f"merge/{summary['method']}/seed-{summary['seed']}", status="FINISHED",
-        method=str(summary["method"]), seed=str(summary["seed"]), tasks=tasks,
-        weights=[w for w in (_num(x) for x in summary.get("weights") or []) if finite(w)], single=diag, merges=merges,
+        run_id=run_id,
+        run_name=f"merge/{summary['method']}/seed-{summary['seed']}",
+        status="FINISHED",
+        method=str(summary["method"]),
+        seed=str(summary["seed"]),
+        tasks=tasks,
+        weights=[w for w in (_num(x) for x in summary.get("weights") or []) if finite(w)],
+        single=diag,
+        merges=merges,
         interference=_interference(summary, len(tasks)),
-        tags={"harness.model": str(config.get("model")), "harness.suite": str(config.get("suite")),
-              **({"harness.git_commit": commit} if commit else {})},
-        params={**{k: str(config[k]) for k in CONFIG_PARAMS if config.get(k) is not None},
-                **({"merge_protocol": ",".join(summary["merge_protocols"])} if summary.get("merge_protocols") else {})},
-        start_time_ms=tracked.start_ms(run_id), source="summary.json", notes=_consistency_notes(merges, diag, tasks) + doc_notes,
-        documents=docs)
+        tags={
+            "harness.model": str(config.get("model")),
+            "harness.suite": str(config.get("suite")),
+            **({"harness.git_commit": commit} if commit else {}),
+        },
+        params={
+            **{k: str(config[k]) for k in CONFIG_PARAMS if config.get(k) is not None},
+            **({"merge_protocol": ",".join(summary["merge_protocols"])} if summary.get("merge_protocols") else {}),
+        },
+        start_time_ms=tracked.start_ms(run_id),
+        source="summary.json",
+        notes=_consistency_notes(merges, diag, tasks) + doc_notes,
+        documents=docs,
+    )
 
 
 def read_merges(exp_dir: Path, tracked: Tracked) -> tuple[list[MergeRun], list[tuple[str, str, str]]]:

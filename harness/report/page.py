@@ -20,16 +20,34 @@ from markupsafe import Markup, escape
 from harness.analysis.aggregate import MethodMatrix
 from harness.analysis.intervals import STATISTICS_NOTE
 from harness.analysis.merging import DROP, NORM, MergingSummary
-from harness.analysis.naming import (HIGHER_IS_BETTER, METRICS, REFERENCE_LABEL, display_name, method_sort_key,
-                                     num_sort_key, uniq)
+from harness.analysis.naming import (
+    HIGHER_IS_BETTER,
+    METRICS,
+    REFERENCE_LABEL,
+    display_name,
+    method_sort_key,
+    num_sort_key,
+    uniq,
+)
 from harness.analysis.numbers import finite, fmt, fmt_pm
 from harness.analysis.runs import MergeRun, SequenceRun, UnfinishedRun
 from harness.analysis.sensitivity import SELECTION_CRITERION
 from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
-from harness.report.tables import (COST_HEADERS, GENERAL_HEADERS, GENERAL_TASK_HEADERS, PAIRED_HEADERS, STRENGTH_HEADERS,
-                                   cost_rows, strength_rows, fmt_metric,
-                                   general_rows, general_task_rows, not_learned_sentences, paired_table_rows)
+from harness.report.tables import (
+    COST_HEADERS,
+    GENERAL_HEADERS,
+    GENERAL_TASK_HEADERS,
+    PAIRED_HEADERS,
+    STRENGTH_HEADERS,
+    cost_rows,
+    fmt_metric,
+    general_rows,
+    general_task_rows,
+    not_learned_sentences,
+    paired_table_rows,
+    strength_rows,
+)
 
 _TEMPLATES = Path(__file__).with_name("templates")
 # The adapter settings shown per method, from the run parameters.
@@ -56,7 +74,9 @@ class PageData:
     interrupted: list[UnfinishedRun] = field(default_factory=list)
     running: list[UnfinishedRun] = field(default_factory=list)
     merging: MergingSummary | None = None  # None: no finished merge runs
-    sensitivity: tuple[list[str], list[list[str]], int] | None = None  # a grid: (headers, rows per method x variant, text columns)
+    sensitivity: tuple[list[str], list[list[str]], int] | None = (
+        None  # a grid: (headers, rows per method x variant, text columns)
+    )
     variant_verdicts: list[str] = field(default_factory=list)  # a grid: the methods compared within each variant
     recipe_verdict: str | None = None  # a grid: whether those verdicts agree across variants
     paired: list[dict] = field(default_factory=list)  # comparison.json's paired_comparisons (the verdicts' evidence)
@@ -119,8 +139,14 @@ def _what_was_run(d: PageData) -> list[list[str]]:
         ["experiment", d.experiment],
         ["model", tagvals("harness.model", "model")],
         ["suite", tagvals("harness.suite", "suite")],
-        ["methods", ", ".join(f"{display_name(m)} ({'reference, ' if any(r.reference for r in d.by_method[m]) else ''}"
-                              f"{len(d.by_method[m])} runs)" for m in d.by_method)],
+        [
+            "methods",
+            ", ".join(
+                f"{display_name(m)} ({'reference, ' if any(r.reference for r in d.by_method[m]) else ''}"
+                f"{len(d.by_method[m])} runs)"
+                for m in d.by_method
+            ),
+        ],
         ["seeds", ", ".join(uniq(r.seed for r in runs))],
         ["task orders", "; ".join(orders)],
         ["precision", ", ".join(uniq(_precision_text(r.params) for r in runs))],
@@ -136,8 +162,10 @@ def _precision_text(params: dict) -> str:
     if "precision.base_dtype" not in params:
         return "not recorded (before 2026-12)"
     tf32 = "TF32 in training" if str(params.get("precision.tf32_train")).lower() == "true" else "no TF32"
-    return (f"{params.get('precision.device_type')}: base {params['precision.base_dtype']}, adapters and AdamW "
-            f"{params.get('precision.adapter_dtype')}, {tf32}")
+    return (
+        f"{params.get('precision.device_type')}: base {params['precision.base_dtype']}, adapters and AdamW "
+        f"{params.get('precision.adapter_dtype')}, {tf32}"
+    )
 
 
 def _method_cell(method: str, reference: bool):
@@ -154,8 +182,7 @@ def _metric_cell(value: str, metric: str, reference: bool) -> str:
 
 def _metric_row(r: dict) -> list:
     ref = r["reference"]
-    return [_method_cell(r["method"], ref), r["n_runs"]] + [
-        _metric_cell(fmt_metric(r, m), m, ref) for m in METRICS]
+    return [_method_cell(r["method"], ref), r["n_runs"]] + [_metric_cell(fmt_metric(r, m), m, ref) for m in METRICS]
 
 
 def _reference_notes(rows: list[dict]) -> list[str]:
@@ -164,7 +191,8 @@ def _reference_notes(rows: list[dict]) -> list[str]:
         f"{display_name(r['method'])} is a reference (upper bound), not ranked: trained on all tasks together in a "
         f"single stage, so only ACC applies ({fmt_pm(r['ACC']['mean'], r['ACC']['std'])}); "
         "BWT, FWT and forgetting are n/a."
-        for r in rows if r["reference"]
+        for r in rows
+        if r["reference"]
     ]
 
 
@@ -174,8 +202,9 @@ def _unfinished_cells(u: UnfinishedRun) -> list:
 
 
 def _param_cells(row: dict) -> list[str]:
-    eff, lora, frac = (row[k] for k in ("trainable_params_effective", "trainable_params_lora_equivalent",
-                                         "effective_fraction_of_lora"))
+    eff, lora, frac = (
+        row[k] for k in ("trainable_params_effective", "trainable_params_lora_equivalent", "effective_fraction_of_lora")
+    )
     return [
         _method_cell(row["method"], row["reference"]),
         f"{eff:,.0f}" if finite(eff) else "—",
@@ -186,8 +215,11 @@ def _param_cells(row: dict) -> list[str]:
 
 def _run_cells(r: SequenceRun) -> list[str]:
     tasks = " + ".join(r.tasks) + " (together)" if r.reference else " → ".join(r.tasks)
-    return ([r.run_name, r.run_id, _method_cell(r.method, r.reference), r.seed, r.order, tasks]
-            + [_metric_cell(fmt(r.metrics[m]), m, r.reference) for m in METRICS] + [r.matrix_source])
+    return (
+        [r.run_name, r.run_id, _method_cell(r.method, r.reference), r.seed, r.order, tasks]
+        + [_metric_cell(fmt(r.metrics[m]), m, r.reference) for m in METRICS]
+        + [r.matrix_source]
+    )
 
 
 def _context(d: PageData) -> dict:
@@ -216,8 +248,10 @@ def _sequence_context(d: PageData) -> dict:
     return {
         "info_rows": _what_was_run(d),
         "knob_headers": ["method"] + _KNOBS,
-        "knob_rows": [[display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—"
-                                           for k in _KNOBS] for m in d.by_method],
+        "knob_rows": [
+            [display_name(m)] + [", ".join(uniq(r.params.get(k) for r in d.by_method[m])) or "—" for k in _KNOBS]
+            for m in d.by_method
+        ],
         "verdicts": [d.verdicts[m] for m in METRICS],
         "baseline": display_name(d.baseline) if d.baseline else None,
         "baseline_verdicts": [d.baseline_verdicts[m] for m in METRICS if m in d.baseline_verdicts],
@@ -278,14 +312,25 @@ def _chosen_weights(runs: list[MergeRun]) -> str:
     """merge_weight_grid: the weight each combination was merged at, per method over its seeds
     ("LoRA: cat 0.5/0.75, ties 1/1 (seeds 0/1); LoRI-S: ..."; one seed: no seeds); empty without a grid. A weight with
     a * is the lowest or highest weight tried (after merge_grid_extend): the best may lie beyond it."""
+
     def weights(rs: list[MergeRun]) -> str:
         combos = dict.fromkeys(c for r in rs for c, e in r.merges.items() if e.get("chosen_weight") is not None)
-        picks = {c: "/".join(_fmt_weight(r.merges.get(c, {}).get("chosen_weight"))
-                             + ("*" if r.merges.get(c, {}).get("at_grid_end") else "") for r in rs) for c in combos}
+        picks = {
+            c: "/".join(
+                _fmt_weight(r.merges.get(c, {}).get("chosen_weight"))
+                + ("*" if r.merges.get(c, {}).get("at_grid_end") else "")
+                for r in rs
+            )
+            for c in combos
+        }
         seeds = f" (seeds {'/'.join(r.seed for r in rs)})" if len(rs) > 1 and picks else ""
         return ", ".join(f"{c} {w}" for c, w in picks.items()) + seeds
 
-    return _per_method(runs, weights) if any(e.get("chosen_weight") is not None for r in runs for e in r.merges.values()) else ""
+    return (
+        _per_method(runs, weights)
+        if any(e.get("chosen_weight") is not None for r in runs for e in r.merges.values())
+        else ""
+    )
 
 
 def _fmt_weight(w: float | None) -> str:
@@ -306,13 +351,32 @@ def _merge_info_rows(ms: MergingSummary) -> list[list[str]]:
         ["seeds", ", ".join(uniq(r.seed for r in runs))],
         ["tasks merged", _by_method(runs, lambda r: " + ".join(r.tasks))],
         ["combinations", ", ".join(ms.combinations) or "—"],
-        ["weight protocol (docs/merging.md: paper = the LoRI paper's weights, tuned = chosen on validation)",
-         vals(None, "merge_protocol") if any(r.params.get("merge_protocol") for r in runs) else "— (before protocols)"],
+        [
+            "weight protocol (docs/merging.md: paper = the LoRI paper's weights, tuned = chosen on validation)",
+            vals(None, "merge_protocol")
+            if any(r.params.get("merge_protocol") for r in runs)
+            else "— (before protocols)",
+        ],
         ["pairs merged (interference)", _by_method(runs, lambda r: ", ".join(r.interference) or "none")],
-        ["weights w_i (per task; the first protocol)", _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights) or "—")],
-        *([["weight chosen on the validation split (per combination)", chosen + (
-            " (*: the lowest or highest weight tried, after extending the grid: the best may lie beyond it)" if "*" in chosen else "")]]
-          if chosen else []),
+        [
+            "weights w_i (per task; the first protocol)",
+            _by_method(runs, lambda r: ", ".join(f"{w:.3g}" for w in r.weights) or "—"),
+        ],
+        *(
+            [
+                [
+                    "weight chosen on the validation split (per combination)",
+                    chosen
+                    + (
+                        " (*: the lowest or highest weight tried, after extending the grid: the best may lie beyond it)"
+                        if "*" in chosen
+                        else ""
+                    ),
+                ]
+            ]
+            if chosen
+            else []
+        ),
         ["merge density (ties, dare)", vals(None, "merge_density")],
         ["A per task / masks", f"{vals(None, 'merge_a')} / {vals(None, 'merge_masks')}"],
         ["model", vals("harness.model", "model")],
@@ -329,27 +393,72 @@ def _fmt_err(x) -> str:
 
 
 def _merge_run_rows(ms: MergingSummary) -> list[list[str]]:
-    return [[r.run_name, r.run_id, display_name(r.method), r.seed, c, fmt(e[NORM]), fmt(e[DROP]), _fmt_err(e["relative_error"]),
-             " ".join(f"{t}={e['scores'][t]:.2f}" for t in r.tasks if t in e["scores"]) or "—", r.source]
-            for r in ms.runs for c, e in r.merges.items()]
+    return [
+        [
+            r.run_name,
+            r.run_id,
+            display_name(r.method),
+            r.seed,
+            c,
+            fmt(e[NORM]),
+            fmt(e[DROP]),
+            _fmt_err(e["relative_error"]),
+            " ".join(f"{t}={e['scores'][t]:.2f}" for t in r.tasks if t in e["scores"]) or "—",
+            r.source,
+        ]
+        for r in ms.runs
+        for c, e in r.merges.items()
+    ]
 
 
 def _merging_context(ms: MergingSummary) -> dict:
     return {
         "info_rows": _merge_info_rows(ms),
         "verdicts": [ms.verdicts[c] for c in ms.combinations],
-        "headers": ["method", "combination", "seeds", "normalised accuracy (↑)", "average drop (↓)", "max ΔW rel. error",
-                    "cross terms"],
-        "rows": [[display_name(c.method), c.combination, len(c.seeds), fmt_metric(c, "normalised_accuracy"),
-                  fmt_metric(c, "average_drop"), _fmt_err(c.relative_error_max), "yes" if c.cross_terms else "no"]
-                 for c in ms.cells],
+        "headers": [
+            "method",
+            "combination",
+            "seeds",
+            "normalised accuracy (↑)",
+            "average drop (↓)",
+            "max ΔW rel. error",
+            "cross terms",
+        ],
+        "rows": [
+            [
+                display_name(c.method),
+                c.combination,
+                len(c.seeds),
+                fmt_metric(c, "normalised_accuracy"),
+                fmt_metric(c, "average_drop"),
+                _fmt_err(c.relative_error_max),
+                "yes" if c.cross_terms else "no",
+            ]
+            for c in ms.cells
+        ],
         "tolerance": f"{ms.tolerance:g}",
         "cross_terms_explained": CROSS_TERMS_EXPLAINED,
-        "warnings": [f"{display_name(c.method)} · {c.combination}: relative error {_fmt_err(c.relative_error_max)}"
-                     + (f" (ΔW up to {100 * c.relative_error_max:.3g}% off Σ_i w_i s_i B_i A_i)" if finite(c.relative_error_max)
-                        else "") for c in ms.warnings],
-        "run_headers": ["run", "run id", "method", "seed", "combination", "normalised accuracy", "average drop",
-                        "ΔW rel. error", "merged scores m_j", "from"],
+        "warnings": [
+            f"{display_name(c.method)} · {c.combination}: relative error {_fmt_err(c.relative_error_max)}"
+            + (
+                f" (ΔW up to {100 * c.relative_error_max:.3g}% off Σ_i w_i s_i B_i A_i)"
+                if finite(c.relative_error_max)
+                else ""
+            )
+            for c in ms.warnings
+        ],
+        "run_headers": [
+            "run",
+            "run id",
+            "method",
+            "seed",
+            "combination",
+            "normalised accuracy",
+            "average drop",
+            "ΔW rel. error",
+            "merged scores m_j",
+            "from",
+        ],
         "run_rows": _merge_run_rows(ms),
         "problems": [(r, display_name(r.method), n) for r in ms.runs for n in r.notes],
     }

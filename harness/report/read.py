@@ -41,7 +41,13 @@ def read_experiment(experiment: str | None, results_dir: Path, uri: str) -> Expe
             msg += f"; nor FINISHED merge runs ({len(merge_skipped)} not finished: rerun `harness merge`, it resumes)"
         raise HarnessError(msg)
     return ExperimentRuns(
-        name=exp_dir.name, folder=exp_dir, tracked=tracked, runs=runs,
+        name=exp_dir.name,
+        folder=exp_dir,
+        tracked=tracked,
+        runs=runs,
         skipped=[(u.run_id or str(u.run_dir), u.run_name, u.status) for u in unfinished],
         interrupted=[u for u in unfinished if u.state == INTERRUPTED],
-        running=[u for u in unfinished if u.state == RUNNING], merges=merges, merge_skipped=merge_skipped)
+        running=[u for u in unfinished if u.state == RUNNING],
+        merges=merges,
+        merge_skipped=merge_skipped,
+    )

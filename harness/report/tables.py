@@ -15,11 +15,24 @@ from harness.analysis.sensitivity import VariantRow
 from harness.run.suite_knobs import SOURCES
 
 GENERAL_HEADERS = ["method", "runs", "base model CE", "CE after the last stage", "rise (↓)"]
-COST_HEADERS = ["method", "stages", "training s", "method s (setup + teardown)", "calibration s", "evaluation s",
-                "method / training"]
+COST_HEADERS = [
+    "method",
+    "stages",
+    "training s",
+    "method s (setup + teardown)",
+    "calibration s",
+    "evaluation s",
+    "method / training",
+]
 STRENGTH_HEADERS = ["method", "strength knob", "value(s)", "runs", "how the value was chosen"]
-GENERAL_TASK_HEADERS = ["method", "task (general_tasks)", "runs", "base model", "change after the last stage (mean)",
-                        "95% interval over seeds"]
+GENERAL_TASK_HEADERS = [
+    "method",
+    "task (general_tasks)",
+    "runs",
+    "base model",
+    "change after the last stage (mean)",
+    "95% interval over seeds",
+]
 
 
 def _interval(low, high) -> str:
@@ -28,28 +41,62 @@ def _interval(low, high) -> str:
 
 def paired_table_rows(table: list[dict]) -> list[list[str]]:
     """The page's table of paired comparisons: the test over seeds, its power, the measurement, the std rule."""
-    std_words = {"beyond": "beyond the std", "within": "within the std", "unknown": "one run each", "none": "no difference"}
+    std_words = {
+        "beyond": "beyond the std",
+        "within": "within the std",
+        "unknown": "one run each",
+        "none": "no difference",
+    }
     out = []
     for c in table:
         diff = f"{c['difference']:+.3f}" if c["difference"] is not None else "—"
         decided = "yes" if c["decided"] else ("undecided" if c["p"] is not None else "—")
         needed = str(c["seeds_needed"]) if c["seeds_needed"] is not None else ("—" if c["p"] is None else "more")
-        out.append([c["metric"], f"{display_name(c['a'])} ({c.get('role', 'best')})", display_name(c["b"]), diff,
-                    _interval(c["low"], c["high"]), fmt_p(c["p"]), fmt_p(c["p_holm"]) if c["family_size"] > 1 else "—",
-                    decided, str(c["n_pairs"]), fmt(c["detectable_difference"]), needed,
-                    _interval(c["measurement_low"], c["measurement_high"]), std_words[c["std_rule"]]])
+        out.append(
+            [
+                c["metric"],
+                f"{display_name(c['a'])} ({c.get('role', 'best')})",
+                display_name(c["b"]),
+                diff,
+                _interval(c["low"], c["high"]),
+                fmt_p(c["p"]),
+                fmt_p(c["p_holm"]) if c["family_size"] > 1 else "—",
+                decided,
+                str(c["n_pairs"]),
+                fmt(c["detectable_difference"]),
+                needed,
+                _interval(c["measurement_low"], c["measurement_high"]),
+                std_words[c["std_rule"]],
+            ]
+        )
     return out
 
 
-PAIRED_HEADERS = ["metric", "method (best or baseline)", "against", "difference (method − other)",
-                  "95% CI over seeds", "p", "Holm p (this metric)", "decided", "seeds", "detectable (80%)",
-                  "seeds needed", "measurement CI (documents)", "std rule (old verdict)"]
+PAIRED_HEADERS = [
+    "metric",
+    "method (best or baseline)",
+    "against",
+    "difference (method − other)",
+    "95% CI over seeds",
+    "p",
+    "Holm p (this metric)",
+    "decided",
+    "seeds",
+    "detectable (80%)",
+    "seeds needed",
+    "measurement CI (documents)",
+    "std rule (old verdict)",
+]
 
 
 def not_learned_sentences(runs: list[SequenceRun]) -> list[str]:
-    return [f"{display_name(r.method)} seed {r.seed} order {r.order}: {', '.join(r.not_learned)} did not beat the base model by "
-            f"{r.learn_margin:g} right after its own stage: its low final score is a training failure, not forgetting "
-            f"(it counts in ACC and BWT all the same; LA shows it)." for r in runs if r.not_learned]
+    return [
+        f"{display_name(r.method)} seed {r.seed} order {r.order}: {', '.join(r.not_learned)} did not beat the base model by "
+        f"{r.learn_margin:g} right after its own stage: its low final score is a training failure, not forgetting "
+        f"(it counts in ACC and BWT all the same; LA shows it)."
+        for r in runs
+        if r.not_learned
+    ]
 
 
 def fmt_metric(r: dict, m: str) -> str:
@@ -66,10 +113,16 @@ def sensitivity_table(rows: list[VariantRow], chosen: dict[str, str]) -> tuple[l
     headers = ["method", *knobs, "seeds", *METRICS, *(["validation ACC"] if val else []), "chosen"]
     out = []
     for v in rows:
-        out.append([display_name(v.method), *(v.values.get(k, "") for k in knobs), str(len(v.seeds)),
-                    *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
-                    *([fmt_pm(v.validation["mean"], v.validation["std"]) if v.validation else "—"] if val else []),
-                    ("best validation ACC" if v.validation else "best ACC") if chosen.get(v.method) == v.variant else ""])
+        out.append(
+            [
+                display_name(v.method),
+                *(v.values.get(k, "") for k in knobs),
+                str(len(v.seeds)),
+                *(fmt_pm(v.metrics[m]["mean"], v.metrics[m]["std"]) for m in METRICS),
+                *([fmt_pm(v.validation["mean"], v.validation["std"]) if v.validation else "—"] if val else []),
+                ("best validation ACC" if v.validation else "best ACC") if chosen.get(v.method) == v.variant else "",
+            ]
+        )
     return headers, out, 1 + len(knobs)  # method and the knobs are text
 
 
@@ -83,8 +136,15 @@ def general_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
         base = mean_std_n([s.get("general_ce_base") for s in got])
         final = mean_std_n([s["general_ce_base"] + s["general_ce_rise"] for s in got])
         rise = mean_std_n([s["general_ce_rise"] for s in got])
-        out.append([display_name(method), str(len(got)), fmt(base["mean"]), fmt_pm(final["mean"], final["std"]),
-                    fmt_pm(rise["mean"], rise["std"])])
+        out.append(
+            [
+                display_name(method),
+                str(len(got)),
+                fmt(base["mean"]),
+                fmt_pm(final["mean"], final["std"]),
+                fmt_pm(rise["mean"], rise["std"]),
+            ]
+        )
     return out
 
 
@@ -114,8 +174,17 @@ def cost_rows(by_method: dict[str, list[SequenceRun]]) -> list[list[str]]:
             continue
         mean = lambda key: sum(key(c) for c in stages) / len(stages)  # noqa: E731
         train, own = mean(lambda c: c["train_s"]), mean(lambda c: c["method_setup_s"] + c["method_teardown_s"])
-        out.append([display_name(method), str(len(stages)), f"{train:.1f}", f"{own:.1f}", f"{mean(lambda c: c['calibration_s']):.1f}",
-                    f"{mean(lambda c: c['eval_s']):.1f}", f"{100 * own / train:.1f}%" if train > 0 else "—"])
+        out.append(
+            [
+                display_name(method),
+                str(len(stages)),
+                f"{train:.1f}",
+                f"{own:.1f}",
+                f"{mean(lambda c: c['calibration_s']):.1f}",
+                f"{mean(lambda c: c['eval_s']):.1f}",
+                f"{100 * own / train:.1f}%" if train > 0 else "—",
+            ]
+        )
     return out
 
 

@@ -65,8 +65,13 @@ def _search_all_runs(client, experiment_id: str, filter_string: str) -> list:
     runs: list = []
     token = None
     while True:
-        page = client.search_runs(experiment_ids=[experiment_id], filter_string=filter_string,
-                                  run_view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        page = client.search_runs(
+            experiment_ids=[experiment_id],
+            filter_string=filter_string,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=1000,
+            page_token=token,
+        )
         runs.extend(page)
         token = page.token
         if not token:
@@ -89,4 +94,3 @@ def read_tracked(experiment: str, uri: str) -> Tracked:
     except (MlflowException, OSError, HarnessError) as exc:
         return Tracked(None, uri, problem=f"cannot read {redact_uri(uri)} ({type(exc).__name__}: {exc})")
     return Tracked(client, uri, {r.info.run_id: r for r in runs})
-

@@ -16,8 +16,15 @@ import pandas as pd
 
 from harness.analysis.aggregate import aggregate, comparison_rows, diagnostic_matrices, method_matrices, verdicts
 from harness.analysis.general_ce import curves as general_curves
-from harness.analysis.intervals import (STATISTICS_NOTE, add_intervals, cell_intervals, general_ce_verdicts,
-                                        not_learned_notes, paired_verdicts, units_by_method)
+from harness.analysis.intervals import (
+    STATISTICS_NOTE,
+    add_intervals,
+    cell_intervals,
+    general_ce_verdicts,
+    not_learned_notes,
+    paired_verdicts,
+    units_by_method,
+)
 from harness.analysis.merging import MergingSummary, merging_json, merging_rows, summarize_merging
 from harness.analysis.naming import HIGHER_IS_BETTER, method_sort_key
 from harness.analysis.numbers import json_clean
@@ -52,32 +59,47 @@ def _write_figures(report_dir: Path, figures: dict[str, bytes]) -> None:
             stale.unlink()
 
 
-def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, columns, n_rows, mms, now,
-                  merging: MergingSummary | None = None, grid: dict | None = None, stats: dict | None = None,
-                  cells: dict | None = None) -> None:
+def _write_tables(
+    report_dir: Path,
+    exp: ExperimentRuns,
+    df,
+    rows,
+    verdict,
+    columns,
+    n_rows,
+    mms,
+    now,
+    merging: MergingSummary | None = None,
+    grid: dict | None = None,
+    stats: dict | None = None,
+    cells: dict | None = None,
+) -> None:
     """comparison.json, plus comparison.csv and mean_matrices.json (sequence runs) and merging.csv (merge runs)."""
     merge_part = {"merging": merging_json(merging)} if merging else {}
-    _write_json(report_dir / "comparison.json", {
-        "experiment": exp.name,
-        "generated_at": now.isoformat(),
-        "std_definition": _STD_DEFINITION,
-        "units": "fractions in [-1, 1]",
-        "higher_is_better": HIGHER_IS_BETTER,
-        "methods": rows,
-        "verdicts": verdict,
-        "runs": df.to_dict(orient="records") if df is not None else [],
-        "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in exp.skipped],
-        # Not aggregated: killed sequences to resume, and sequences another process is running.
-        "interrupted_runs": [u.as_json() for u in exp.interrupted],
-        "running_runs": [u.as_json() for u in exp.running],
-        # The rows of comparison.csv (one level, one per method; reference rows marked).
-        "rows": comparison_rows(rows),
-        # The verdicts' evidence (paired bootstrap), the older std-rule sentences, tasks a run did not learn.
-        **(stats or {}),
-        **merge_part,
-        # A grid experiment: one row per method x variant, and which variant each method is compared at.
-        **(grid or {}),
-    })
+    _write_json(
+        report_dir / "comparison.json",
+        {
+            "experiment": exp.name,
+            "generated_at": now.isoformat(),
+            "std_definition": _STD_DEFINITION,
+            "units": "fractions in [-1, 1]",
+            "higher_is_better": HIGHER_IS_BETTER,
+            "methods": rows,
+            "verdicts": verdict,
+            "runs": df.to_dict(orient="records") if df is not None else [],
+            "skipped_runs": [{"run_id": i, "run_name": n, "status": s} for i, n, s in exp.skipped],
+            # Not aggregated: killed sequences to resume, and sequences another process is running.
+            "interrupted_runs": [u.as_json() for u in exp.interrupted],
+            "running_runs": [u.as_json() for u in exp.running],
+            # The rows of comparison.csv (one level, one per method; reference rows marked).
+            "rows": comparison_rows(rows),
+            # The verdicts' evidence (paired bootstrap), the older std-rule sentences, tasks a run did not learn.
+            **(stats or {}),
+            **merge_part,
+            # A grid experiment: one row per method x variant, and which variant each method is compared at.
+            **(grid or {}),
+        },
+    )
     _remove_stale(report_dir, ("comparison.csv", "mean_matrices.json") if not exp.runs else ())
     _remove_stale(report_dir, ("merging.csv",) if not merging else ())
     if merging:
@@ -87,17 +109,27 @@ def _write_tables(report_dir: Path, exp: ExperimentRuns, df, rows, verdict, colu
         return
     csv = pd.DataFrame(comparison_rows(rows)).to_csv(index=False, float_format="%.6g")
     atomic_write_text(report_dir / "comparison.csv", csv)
-    _write_json(report_dir / "mean_matrices.json", {
-        "columns": columns,
-        "stages": list(range(n_rows)),
-        "methods": {
-            mm.method: {"order": mm.order, "seeds": mm.seeds, "task_order": mm.tasks, "reference": mm.reference,
-                        "mean": mm.mean, "std": mm.std, "count": mm.count,
-                        "ci_low": (cells or {}).get(mm.method, (None, None))[0],
-                        "ci_high": (cells or {}).get(mm.method, (None, None))[1]}
-            for mm in mms
+    _write_json(
+        report_dir / "mean_matrices.json",
+        {
+            "columns": columns,
+            "stages": list(range(n_rows)),
+            "methods": {
+                mm.method: {
+                    "order": mm.order,
+                    "seeds": mm.seeds,
+                    "task_order": mm.tasks,
+                    "reference": mm.reference,
+                    "mean": mm.mean,
+                    "std": mm.std,
+                    "count": mm.count,
+                    "ci_low": (cells or {}).get(mm.method, (None, None))[0],
+                    "ci_high": (cells or {}).get(mm.method, (None, None))[1],
+                }
+                for mm in mms
+            },
         },
-    })
+    )
 
 
 def _remove_stale(report_dir: Path, names) -> None:
@@ -152,7 +184,9 @@ def write_report(
     rows with role "baseline", the page's "Against BASELINE" list. Prints nothing.
     """
     with quiet_mlflow():
-        return _write_report(experiment, Path(results_dir).resolve(), tracking_uri, log_to_mlflow, generated_at, baseline)
+        return _write_report(
+            experiment, Path(results_dir).resolve(), tracking_uri, log_to_mlflow, generated_at, baseline
+        )
 
 
 def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bool, now, baseline: str | None) -> Path:
@@ -161,8 +195,10 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     runs, vrows, chosen, grid = select_variants(exp.runs)  # variants are never averaged together
     methods = sorted({r.method for r in runs}, key=method_sort_key)
     if baseline is not None and baseline not in methods:  # refused before anything is written
-        raise HarnessError(f"--baseline {baseline}: experiment {exp.name!r} has no finished sequence run of that method "
-                           f"(it has: {', '.join(methods) or 'none'}); pick one of those, or leave --baseline out")
+        raise HarnessError(
+            f"--baseline {baseline}: experiment {exp.name!r} has no finished sequence run of that method "
+            f"(it has: {', '.join(methods) or 'none'}); pick one of those, or leave --baseline out"
+        )
     report_dir = exp.folder / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
 
@@ -175,10 +211,16 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     paired_verdict, paired, against = paired_verdicts(rows, units, baseline)
     verdict = {**std_verdict, **paired_verdict}  # the std rule's sentence stays where nothing can be compared
     ce_sentences, ce_table = general_ce_verdicts(by_method, baseline)
-    stats = {"verdicts_std_rule": std_verdict, "paired_comparisons": paired, "not_learned": not_learned_notes(runs),
-             "verdicts_general_ce": ce_sentences, "general_ce_comparisons": ce_table,
-             "baseline": baseline, "verdicts_baseline": against,
-             "statistics": {"method": STATISTICS_NOTE.format(n=N_BOOT), "replicates": N_BOOT, "level": LEVEL, "seed": SEED}}
+    stats = {
+        "verdicts_std_rule": std_verdict,
+        "paired_comparisons": paired,
+        "not_learned": not_learned_notes(runs),
+        "verdicts_general_ce": ce_sentences,
+        "general_ce_comparisons": ce_table,
+        "baseline": baseline,
+        "verdicts_baseline": against,
+        "statistics": {"method": STATISTICS_NOTE.format(n=N_BOOT), "replicates": N_BOOT, "level": LEVEL, "seed": SEED},
+    }
     columns, n_rows, mms = method_matrices(by_method) if runs else ([], 0, [])
     cells = {mm.method: cell_intervals(mm, by_method[mm.method], columns) for mm in mms}
     mask_diag = diagnostic_matrices(by_method, "mask_overlap")
@@ -198,11 +240,32 @@ def _write_report(experiment, results_dir: Path, tracking_uri, log_to_mlflow: bo
     _write_tables(report_dir, exp, df, rows, verdict, columns, n_rows, mms, now, merging, grid, stats, cells)
     log_note = _log_figures(exp, figures) if log_to_mlflow else "not logged to MLflow (log_to_mlflow=False)."
 
-    page = PageData(exp.name, _source(exp), runs, exp.skipped, by_method, rows, verdict, mms, list(figures),
-                    mask_diag, sub_diag, now, log_note, exp.interrupted, exp.running, merging,
-                    sensitivity_table(vrows, chosen) if vrows else None,
-                    grid["verdicts_per_variant"] if grid else [], grid["recipe_verdict"] if grid else None, paired,
-                    grid["selection"]["criterion"] if grid else SELECTION_CRITERION, baseline, against, ce_sentences)
+    page = PageData(
+        exp.name,
+        _source(exp),
+        runs,
+        exp.skipped,
+        by_method,
+        rows,
+        verdict,
+        mms,
+        list(figures),
+        mask_diag,
+        sub_diag,
+        now,
+        log_note,
+        exp.interrupted,
+        exp.running,
+        merging,
+        sensitivity_table(vrows, chosen) if vrows else None,
+        grid["verdicts_per_variant"] if grid else [],
+        grid["recipe_verdict"] if grid else None,
+        paired,
+        grid["selection"]["criterion"] if grid else SELECTION_CRITERION,
+        baseline,
+        against,
+        ce_sentences,
+    )
     index = report_dir / "index.html"
     atomic_write_text(index, render_page(page))
     return index

@@ -33,8 +33,18 @@ from harness.run.evaluate import EvalResult
 
 CACHE_DIR = "base-eval"
 SAMPLED_VALUES = 4096  # values of each weight tensor that the fingerprint reads (strided over the whole tensor)
-EVAL_KNOBS = ("eval_batch_size", "eval_limit", "eval_max_length", "eval_merged", "eval_bf16", "bf16_autocast",
-              "general_ce_tokens", "general_tasks", "general_limit", "general_include")
+EVAL_KNOBS = (
+    "eval_batch_size",
+    "eval_limit",
+    "eval_max_length",
+    "eval_merged",
+    "eval_bf16",
+    "bf16_autocast",
+    "general_ce_tokens",
+    "general_tasks",
+    "general_limit",
+    "general_include",
+)
 
 
 @dataclass
@@ -81,12 +91,26 @@ def cache_key(cfg, suite, model: torch.nn.Module, tasks: list[str]) -> dict[str,
             if path is not None and Path(path).is_file():
                 overrides[f"{t.name}{part}"] = file_sha256(Path(path))
     return {
-        "model": str(cfg.model), "weights": weights_fingerprint(model), "dtype": str(p.dtype), "device": p.device.type,
-        "evaluation": {k: str(v) if isinstance(v := getattr(cfg, k), Path) else v for k in EVAL_KNOBS}, "tasks": list(tasks),
-        "suite": folder_hashes(suite.path), "data_overrides": overrides, "general_include": {  # the user's own task YAMLs
-            k: v for k, v in folder_hashes(cfg.general_include).items() if "__pycache__" not in k} if cfg.general_include else None,
-        "versions": {"harness": __version__, "commit": git_commit(), "lm_eval": _version("lm_eval"),
-                     "transformers": _version("transformers"), "torch": torch.__version__},
+        "model": str(cfg.model),
+        "weights": weights_fingerprint(model),
+        "dtype": str(p.dtype),
+        "device": p.device.type,
+        "evaluation": {k: str(v) if isinstance(v := getattr(cfg, k), Path) else v for k in EVAL_KNOBS},
+        "tasks": list(tasks),
+        "suite": folder_hashes(suite.path),
+        "data_overrides": overrides,
+        "general_include": {  # the user's own task YAMLs
+            k: v for k, v in folder_hashes(cfg.general_include).items() if "__pycache__" not in k
+        }
+        if cfg.general_include
+        else None,
+        "versions": {
+            "harness": __version__,
+            "commit": git_commit(),
+            "lm_eval": _version("lm_eval"),
+            "transformers": _version("transformers"),
+            "torch": torch.__version__,
+        },
     }
 
 
@@ -96,13 +120,26 @@ def digest_of(key: dict[str, Any]) -> str:
 
 def _record(base: BaseEval, key: dict[str, Any]) -> dict[str, Any]:
     r = base.result
-    return {"key": key, "scores": r.scores, "raw": r.raw, "wall_s": r.wall_s, "n_examples": r.n_examples,
-            "documents": r.documents, "general_ce": base.general_ce, "general": base.general}
+    return {
+        "key": key,
+        "scores": r.scores,
+        "raw": r.raw,
+        "wall_s": r.wall_s,
+        "n_examples": r.n_examples,
+        "documents": r.documents,
+        "general_ce": base.general_ce,
+        "general": base.general,
+    }
 
 
 def _from_record(data: dict[str, Any], digest: str) -> BaseEval:
-    result = EvalResult(scores=data["scores"], raw=data["raw"], wall_s=data["wall_s"], n_examples=data["n_examples"],
-                        documents=data["documents"])
+    result = EvalResult(
+        scores=data["scores"],
+        raw=data["raw"],
+        wall_s=data["wall_s"],
+        n_examples=data["n_examples"],
+        documents=data["documents"],
+    )
     return BaseEval(result, data["general_ce"], digest, cached=True, general=data.get("general"))
 
 

@@ -87,7 +87,7 @@ class StageCheckpointer:
         if not self._matches():
             return None
         tensors = load_file(str(self.path / "tensors.safetensors"))
-        return {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
+        return {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
 
     def restore(self, params: dict[str, torch.nn.Parameter], opt, sched, gen: torch.Generator) -> Progress | None:
         """Put the stage back where its checkpoint left it; None when there is none for this stage."""
@@ -101,7 +101,8 @@ class StageCheckpointer:
                 f"{self.path}: this mid-stage checkpoint of stage {self.stage} ({self.task}) does not hold this harness's "
                 f"trainable tensors (missing {len(missing)}, e.g. {missing[0]}); it was written by another harness version. "
                 f"Delete that folder and run the same command again: stage {self.stage} restarts from its beginning and "
-                f"the committed stages are kept.")
+                f"the committed stages are kept."
+            )
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param/{n}"].to(p.device, p.dtype))
@@ -113,7 +114,9 @@ class StageCheckpointer:
             if f"rng/cuda{i}" in tensors:
                 torch.cuda.set_rng_state(tensors[f"rng/cuda{i}"], i)
         self.restored_train_s = st["wall_s"]
-        return Progress(step=st["step"], tokens=st["tokens"], wall_s=st["wall_s"], losses=st["losses"], order=st["order"])
+        return Progress(
+            step=st["step"], tokens=st["tokens"], wall_s=st["wall_s"], losses=st["losses"], order=st["order"]
+        )
 
     # --- writing ----------------------------------------------------------------------------
     def due(self, step: int, total: int) -> bool:
@@ -130,9 +133,15 @@ class StageCheckpointer:
             tensors[f"rng/cuda{i}"] = torch.cuda.get_rng_state(i)
         tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in self.extra.items()})
         state = {
-            "stage": self.stage, "task": self.task, "step": progress.step, "tokens": progress.tokens,
-            "wall_s": progress.wall_s, "losses": progress.losses, "order": progress.order,
-            "optimizer": opt_meta, "scheduler": sched.state_dict(),
+            "stage": self.stage,
+            "task": self.task,
+            "step": progress.step,
+            "tokens": progress.tokens,
+            "wall_s": progress.wall_s,
+            "losses": progress.losses,
+            "order": progress.order,
+            "optimizer": opt_meta,
+            "scheduler": sched.state_dict(),
         }
         need = sum(t.numel() * t.element_size() for t in tensors.values()) + len(json.dumps(state))
         check_free_space(self.run_dir, need, f"the mid-stage checkpoint of stage {self.stage} ({self.task})")

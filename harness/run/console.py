@@ -38,10 +38,14 @@ def stage_line(label: str, n_stages: int, info: dict, ev: dict, tr: dict | None 
     loss = f"loss {losses[0]:.3f}->{losses[-1]:.3f} " if losses else ""
     other = f" other {info['overhead_s']:.1f}s ({100 * info['overhead_frac']:.1f}%)" if "overhead_s" in info else ""
     method_s = info.get("method_setup_s", 0.0) + info.get("method_teardown_s", 0.0)
-    method = f" method {method_s:.1f}s" if method_s >= 0.05 else ""  # a baseline's own setup and teardown (Fisher, SVDs)
-    return (f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
-            f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
-            f"{method}{other} | {scores}{not_learned_note(info.get('learn_check'))}")
+    method = (
+        f" method {method_s:.1f}s" if method_s >= 0.05 else ""
+    )  # a baseline's own setup and teardown (Fisher, SVDs)
+    return (
+        f"[{label}] stage {info['stage']}/{n_stages} {info.get('task')}: {loss}{info.get('train_steps', 0)} steps "
+        f"{info.get('train_tok_s', 0):.0f} tok/s | train {info.get('train_s', 0):.1f}s eval {info.get('eval_s', 0):.1f}s"
+        f"{method}{other} | {scores}{not_learned_note(info.get('learn_check'))}"
+    )
 
 
 def not_learned_note(check: dict | None) -> str:
@@ -55,14 +59,17 @@ def not_learned_note(check: dict | None) -> str:
 def done_line(label: str, summary: dict) -> str:
     """The line a finished sequence gets, from its summary.json contents."""
     flagged = summary.get("not_learned") or []
-    return (f"[{label}] done: ACC {_signed(summary.get('acc'))} BWT {_signed(summary.get('bwt'))} FWT {_signed(summary.get('fwt'))} "
-            f"forgetting {_signed(summary.get('forgetting'))} LA {_signed(summary.get('la'))}  "
-            f"trainable {summary.get('trainable_params_effective', 0):,}"
-            + (f"  NOT LEARNED: {', '.join(flagged)}" if flagged else ""))
+    return (
+        f"[{label}] done: ACC {_signed(summary.get('acc'))} BWT {_signed(summary.get('bwt'))} FWT {_signed(summary.get('fwt'))} "
+        f"forgetting {_signed(summary.get('forgetting'))} LA {_signed(summary.get('la'))}  "
+        f"trainable {summary.get('trainable_params_effective', 0):,}"
+        + (f"  NOT LEARNED: {', '.join(flagged)}" if flagged else "")
+    )
 
 
 def install_signal_handlers() -> None:
     """SIGTERM ends like Ctrl-C: runs are marked KILLED (interrupted), finished stages stay for resume."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 

@@ -58,8 +58,18 @@ class EvalResult:
 class Evaluator:
     """Scores a model on suite tasks via lm-eval's evaluate(), one task at a time."""
 
-    def __init__(self, suite, tokenizer, *, batch_size: int = 32, limit: int | None = None, max_length: int = 512,
-                 progress: bool = True, merged: bool | None = False, bf16: bool = False):
+    def __init__(
+        self,
+        suite,
+        tokenizer,
+        *,
+        batch_size: int = 32,
+        limit: int | None = None,
+        max_length: int = 512,
+        progress: bool = True,
+        merged: bool | None = False,
+        bf16: bool = False,
+    ):
         from lm_eval.tasks import TaskManager  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
 
         self.suite = suite
@@ -79,8 +89,16 @@ class Evaluator:
     @classmethod
     def from_config(cls, suite, tokenizer, cfg, *, progress: bool = True) -> "Evaluator":
         """The evaluator an experiment config asks for (eval_batch_size, eval_limit, eval_max_length, eval_merged, eval_bf16)."""
-        return cls(suite, tokenizer, batch_size=cfg.eval_batch_size, limit=cfg.eval_limit, max_length=cfg.eval_max_length,
-                   progress=progress, merged=cfg.eval_merged, bf16=cfg.eval_bf16)
+        return cls(
+            suite,
+            tokenizer,
+            batch_size=cfg.eval_batch_size,
+            limit=cfg.eval_limit,
+            max_length=cfg.eval_max_length,
+            progress=progress,
+            merged=cfg.eval_merged,
+            bf16=cfg.eval_bf16,
+        )
 
     def subsets(self, tasks: list[str]) -> dict[str, list[int]] | None:
         """lm-eval's `samples` for tasks: each task's fixed seeded documents under eval_limit (None: all of every task)."""
@@ -100,8 +118,15 @@ class Evaluator:
         idx = sorted(random.Random(stable_seed("eval-subset", task, self.limit)).sample(range(n), self.limit))
         return {self.configs[task]["task"]: idx}
 
-    def evaluate(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False,
-                 merged: bool | None = None, log_samples: bool = False) -> EvalResult:
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        tasks: list[str],
+        *,
+        bf16_autocast: bool = False,
+        merged: bool | None = None,
+        log_samples: bool = False,
+    ) -> EvalResult:
         """Primary metric per task; model.train() is restored afterwards whatever happens.
 
         bf16 autocast if the caller or eval_bf16 asks; merged (default: eval_merged) folds the active adapters."""
@@ -119,7 +144,9 @@ class Evaluator:
 
             fold = folded(model)
         with exact_matmuls(), fold:
-            results, n_samples, samples = self._run(model, tasks, bf16_autocast or self.bf16, True)  # per-document scores
+            results, n_samples, samples = self._run(
+                model, tasks, bf16_autocast or self.bf16, True
+            )  # per-document scores
         scores, raw, n, preds, docs = {}, {}, {}, ({} if log_samples else None), {}
         for t in tasks:
             spec = self.suite.task(t)
@@ -135,7 +162,9 @@ class Evaluator:
             if log_samples:
                 preds[t] = predictions(samples[name], spec.kind)
             docs[t] = sample_scores(samples[name], metric_key)
-        return EvalResult(scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds, documents=docs)
+        return EvalResult(
+            scores=scores, raw=raw, wall_s=time.perf_counter() - t0, n_examples=n, samples=preds, documents=docs
+        )
 
     def check_fold(self, model: torch.nn.Module, tasks: list[str], *, bf16_autocast: bool = False) -> dict[str, float]:
         """Answer FOLD_CHECK_DOCS documents per task folded and through PEFT; warn (stderr) where they differ.
@@ -147,29 +176,55 @@ class Evaluator:
             fold = self.evaluate(model, tasks, bf16_autocast=bf16_autocast, merged=True, log_samples=True).samples
         finally:
             self.limit = saved
-        agreement = {t: sum(a["pred"] == b["pred"] for a, b in zip(peft[t], fold[t])) / max(1, len(peft[t])) for t in tasks}
+        agreement = {
+            t: sum(a["pred"] == b["pred"] for a, b in zip(peft[t], fold[t])) / max(1, len(peft[t])) for t in tasks
+        }
         bad = {t: f for t, f in agreement.items() if f < 1.0}
         if bad:
-            sys.stderr.write(f"warning: eval_merged: the folded model answered differently from the PEFT path on "
-                             f"{', '.join(f'{t} ({1 - f:.0%} of {FOLD_CHECK_DOCS})' for t, f in bad.items())}; its scores are "
-                             "not exact. Set --eval-merged false, or see the README's Precision section.\n")
+            sys.stderr.write(
+                f"warning: eval_merged: the folded model answered differently from the PEFT path on "
+                f"{', '.join(f'{t} ({1 - f:.0%} of {FOLD_CHECK_DOCS})' for t, f in bad.items())}; its scores are "
+                "not exact. Set --eval-merged false, or see the README's Precision section.\n"
+            )
         return agreement
 
     def _run(self, model: torch.nn.Module, tasks: list[str], bf16: bool, log_samples: bool) -> tuple[dict, dict, dict]:
         """lm-eval's results, n-samples and (with log_samples) samples for the tasks, in one lm-eval call (requests of
         every task batched together)."""
-        out = run_lm_eval(model, self.tokenizer, lambda: self.task_manager.load([self.configs[t] for t in tasks]),
-                          batch_size=self.batch_size, max_length=self.max_length, bf16=bf16, samples=self.subsets(tasks),
-                          log_samples=log_samples, progress=self.progress, n_tasks=len(tasks))
+        out = run_lm_eval(
+            model,
+            self.tokenizer,
+            lambda: self.task_manager.load([self.configs[t] for t in tasks]),
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            bf16=bf16,
+            samples=self.subsets(tasks),
+            log_samples=log_samples,
+            progress=self.progress,
+            n_tasks=len(tasks),
+        )
         return out["results"], out.get("n-samples", {}), out.get("samples") or {}
 
 
-def run_lm_eval(model: torch.nn.Module, tokenizer, load: Callable[[], dict], *, batch_size, max_length: int | None, bf16: bool,
-                samples: dict[str, list[int]] | None = None, limit: int | None = None, log_samples: bool = False,
-                progress: bool = True, n_tasks: int = 1) -> dict:
+def run_lm_eval(
+    model: torch.nn.Module,
+    tokenizer,
+    load: Callable[[], dict],
+    *,
+    batch_size,
+    max_length: int | None,
+    bf16: bool,
+    samples: dict[str, list[int]] | None = None,
+    limit: int | None = None,
+    log_samples: bool = False,
+    progress: bool = True,
+    n_tasks: int = 1,
+) -> dict:
     """lm-eval's evaluate() output for the tasks load() returns (a TaskManager.load result), on the in-memory model through
     HFLM; model.train() is restored afterwards whatever happens. Also harness/run/general_eval.py's (general_tasks)."""
-    from lm_eval.models.huggingface import HFLM  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+    from lm_eval.models.huggingface import (
+        HFLM,  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+    )
 
     was_training = model.training
     verbose = logging.getLogger("harness").isEnabledFor(logging.DEBUG)
@@ -178,8 +233,13 @@ def run_lm_eval(model: torch.nn.Module, tokenizer, load: Callable[[], dict], *, 
         # lm-eval wraps every forward in torch.autocast(enabled=mixed_precision_dtype is not None), which
         # switches an outer autocast off: bf16 must be asked of HFLM itself. CPU only, as in training.
         device = next(model.parameters()).device
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
-                  mixed_precision_dtype=autocast_dtype(device, bf16))
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            max_length=max_length,
+            mixed_precision_dtype=autocast_dtype(device, bf16),
+        )
         quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stderr(io.StringIO())  # lm-eval's bars
         with quiet, torch.no_grad():
             out = _lm_eval(lm, load, samples, limit, log_samples, verbose)
@@ -207,8 +267,15 @@ def _lm_eval(lm, load: Callable[[], dict], samples, limit: int | None, log_sampl
         if obj.get_config("num_fewshot") is None:
             obj.set_config(key="num_fewshot", value=0)
         obj.set_fewshot_seed(seed=0)
-    out = evaluate(lm=lm, task_dict=loaded, samples=samples, limit=limit, bootstrap_iters=0, log_samples=log_samples,
-                   cache_requests=False)
+    out = evaluate(
+        lm=lm,
+        task_dict=loaded,
+        samples=samples,
+        limit=limit,
+        bootstrap_iters=0,
+        log_samples=log_samples,
+        cache_requests=False,
+    )
     setup_logging(verbosity="INFO" if verbose else "ERROR")
     return out
 
@@ -224,7 +291,9 @@ def predictions(samples: list[dict], kind: str) -> list[dict]:
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         if kind == "multiple_choice":
             lls = [float(r[0]) for r in s["filtered_resps"]]  # one (loglikelihood, is_greedy) per choice
-            out.append({"doc_id": s["doc_id"], "pred": max(range(len(lls)), key=lls.__getitem__), "loglikelihoods": lls})
+            out.append(
+                {"doc_id": s["doc_id"], "pred": max(range(len(lls)), key=lls.__getitem__), "loglikelihoods": lls}
+            )
         else:
             out.append({"doc_id": s["doc_id"], "pred": s["filtered_resps"][0]})
     return out
@@ -241,7 +310,9 @@ def validation_evaluator(suite, tokenizer, cfg, *, progress: bool = True) -> Eva
     return ev
 
 
-def validation_scores(suite, tokenizer, cfg, model: torch.nn.Module, tasks: list[str], *, progress: bool = True) -> dict | None:
+def validation_scores(
+    suite, tokenizer, cfg, model: torch.nn.Module, tasks: list[str], *, progress: bool = True
+) -> dict | None:
     """The model on the validation split of each of the tasks that has one (None: no task has one).
 
     ACC on the validation split (their mean) is what grid selection reads, so the test split never chooses."""
@@ -250,4 +321,9 @@ def validation_scores(suite, tokenizer, cfg, model: torch.nn.Module, tasks: list
     if not got:
         return None
     res = ev.evaluate(model, got, bf16_autocast=cfg.bf16_autocast)
-    return {"tasks": got, "scores": res.scores, "acc": sum(res.scores.values()) / len(got), "complete": len(got) == len(tasks)}
+    return {
+        "tasks": got,
+        "scores": res.scores,
+        "acc": sum(res.scores.values()) / len(got),
+        "complete": len(got) == len(tasks),
+    }

@@ -46,24 +46,32 @@ def export_adapter(run_dir: Path, out: Path, stage: int | None = None) -> Path:
     """Write the PEFT adapter of sequence folder `run_dir` at committed stage `stage` (default: the last) to `out`."""
     run_dir, out = Path(run_dir), Path(out)
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "stages").is_dir():
-        raise HarnessError(f"{run_dir}: not a sequence folder (it has no config.yaml and stages/). Pass the folder of one "
-                           "sequence: results/<experiment>/<method>/seed-<s>[/order-<k>].")
+        raise HarnessError(
+            f"{run_dir}: not a sequence folder (it has no config.yaml and stages/). Pass the folder of one "
+            "sequence: results/<experiment>/<method>/seed-<s>[/order-<k>]."
+        )
     done = trained_stages(run_dir)
     if not done:
         raise HarnessError(f"{run_dir}: no training stage is committed yet; run or resume the sequence first.")
     t = max(done) if stage is None else stage
     if t not in done:
-        raise HarnessError(f"--stage {t}: stage {t} is not committed in {run_dir} (committed: {', '.join(map(str, sorted(done)))}).")
+        raise HarnessError(
+            f"--stage {t}: stage {t} is not committed in {run_dir} (committed: {', '.join(map(str, sorted(done)))})."
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HarnessError(f"{out}: exists and is not an empty folder; export never overwrites. Pass a new OUT folder.")
     run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     name = method_of(run_dir, run_cfg)
     if name not in METHODS:
-        raise HarnessError(f"{run_dir}: method {name!r} of this sequence is not registered here; a method from outside "
-                           f"the package is registered by naming its module in $HARNESS_METHODS (docs/methods.md)")
+        raise HarnessError(
+            f"{run_dir}: method {name!r} of this sequence is not registered here; a method from outside "
+            f"the package is registered by naming its module in $HARNESS_METHODS (docs/methods.md)"
+        )
     method = METHODS[name]
     read = method.export_reads([done[s] for s in sorted(done) if s <= t])  # the method's export: Method.export
-    verify_stages(run_dir, {s: p for s, p in done.items() if p in read}, last=max(done))  # nothing damaged goes into an adapter
+    verify_stages(
+        run_dir, {s: p for s, p in done.items() if p in read}, last=max(done)
+    )  # nothing damaged goes into an adapter
     with atomic_dir(out) as tmp:
         method.export(run_cfg, read, tmp)
     return out

@@ -1,20 +1,20 @@
 """What a sequence folder holds on disk, and how to read it back (the folder is the source of truth).
 
-    <sequence>/config.yaml   resolved experiment config + this sequence (method, seed, order, tasks)
-    <sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
-    <sequence>/precision.json  base/adapter dtypes, TF32, device type the stages ran under (harness/precision.py)
-    <sequence>/.lock         held while a process works on the folder (harness/locking.py)
-    <sequence>/checkpoint/   the stage in progress (harness/run/checkpoint.py), removed on commit
-    <sequence>/stages/0-base/eval.json, documents.json
-    <sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
-                             replay.json (replay), eval.json, documents.json (each document's score,
-                             harness/analysis/documents.py), train.json, stage.json (written last, with
-                             the SHA-256 of every other file of the folder; the folder appears by atomic
-                             rename; under a launcher it also records world_size, distributed, state_hash,
-                             rank0_trainable_elements)
-    <sequence>/matrix.csv, matrix.json, diagnostics.json, matrix_heatmap.png, documents.json (every stage's
-                             per-document scores, gathered), summary.json (written last, with the SHA-256 of
-                             the other four)
+<sequence>/config.yaml   resolved experiment config + this sequence (method, seed, order, tasks)
+<sequence>/state.json    MLflow parent run id (what resume needs besides the stages)
+<sequence>/precision.json  base/adapter dtypes, TF32, device type the stages ran under (harness/precision.py)
+<sequence>/.lock         held while a process works on the folder (harness/locking.py)
+<sequence>/checkpoint/   the stage in progress (harness/run/checkpoint.py), removed on commit
+<sequence>/stages/0-base/eval.json, documents.json
+<sequence>/stages/<t>-<task>/  adapter/ (PEFT safetensors), masks.safetensors (lori-s),
+                         replay.json (replay), eval.json, documents.json (each document's score,
+                         harness/analysis/documents.py), train.json, stage.json (written last, with
+                         the SHA-256 of every other file of the folder; the folder appears by atomic
+                         rename; under a launcher it also records world_size, distributed, state_hash,
+                         rank0_trainable_elements)
+<sequence>/matrix.csv, matrix.json, diagnostics.json, matrix_heatmap.png, documents.json (every stage's
+                         per-document scores, gathered), summary.json (written last, with the SHA-256 of
+                         the other four)
 """
 
 from __future__ import annotations
@@ -35,23 +35,40 @@ from harness.config_loading import load_config
 from harness.errors import ConfigError
 from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes, redo_hint
 from harness.io import atomic_write_json, atomic_write_text, read_json
-from harness.methods import METHODS
 from harness.legacy_keys import upgrade_flat_keys
+from harness.methods import METHODS
 
 STAGE_MARKER = "stage.json"
 PRECISION = "precision.json"  # what the stages' numbers depend on besides the config (harness/precision.py)
 RESULT_FILES = ["matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png"]  # hashed in summary.json
 # Keys that say where results go and how they are tracked, or how a process behaves, not what a stage computes.
-NOT_COMPARED = {"grid", "results_dir", "tracking_uri", "tracking_optional", "cache_dir", "methods", "seeds", "orders", "experiment",
-                "system_metrics",
-                "wait_for_lock", "learn_margin", *section_users(), "merge_methods",
-                "merge_weights", "merge_density", "merge_masks", "merge_a", "merge_pairs", "merge_weight_grid"} | LAUNCH_KEYS
+NOT_COMPARED = {
+    "grid",
+    "results_dir",
+    "tracking_uri",
+    "tracking_optional",
+    "cache_dir",
+    "methods",
+    "seeds",
+    "orders",
+    "experiment",
+    "system_metrics",
+    "wait_for_lock",
+    "learn_margin",
+    *section_users(),
+    "merge_methods",
+    "merge_weights",
+    "merge_density",
+    "merge_masks",
+    "merge_a",
+    "merge_pairs",
+    "merge_weight_grid",
+} | LAUNCH_KEYS
 
 
 def comparable(d: dict[str, Any], method: str | None = None) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k not in NOT_COMPARED}
     if method is not None:  # a method's own section does change what its stages compute
-
         section = METHODS[method].section
         if section:
             out[section] = d.get(section)
@@ -62,7 +79,9 @@ def check_same_config(cfg_path: Path, resolved: dict[str, Any], method: str) -> 
     """Refuse to continue a folder made with a different config (its stages would not belong together)."""
     if not cfg_path.exists():
         return
-    old = comparable(upgrade_flat_keys(yaml.safe_load(cfg_path.read_text()) or {}, note=False), method)  # older folders: flat LoRI keys
+    old = comparable(
+        upgrade_flat_keys(yaml.safe_load(cfg_path.read_text()) or {}, note=False), method
+    )  # older folders: flat LoRI keys
     new = comparable(resolved, method)
     # A knob added after the folder was made did not exist then: the old code behaved as the knob's default
     # does, or as BEFORE_KNOB_EXISTED says where a default has changed since.
@@ -133,8 +152,10 @@ def verify_stages(run_dir: Path, done: dict[int, Path], last: int | None = None)
 
     last: the sequence's last committed stage (default: the last of `done`), the one a resume can simply redo."""
     last = max(done, default=None) if last is None else last
-    return sum(check_recorded(d, read_json(d / STAGE_MARKER).get(HASHES), d / STAGE_MARKER, redo_hint(run_dir, d, t == last))
-               for t, d in sorted(done.items()))
+    return sum(
+        check_recorded(d, read_json(d / STAGE_MARKER).get(HASHES), d / STAGE_MARKER, redo_hint(run_dir, d, t == last))
+        for t, d in sorted(done.items())
+    )
 
 
 def result_hashes(run_dir: Path) -> dict[str, str]:
@@ -143,15 +164,21 @@ def result_hashes(run_dir: Path) -> dict[str, str]:
 
 def verify_results(run_dir: Path, summary: dict[str, Any]) -> bool:
     """A finished sequence's matrix, diagnostics and heatmap against the hashes in its summary.json."""
-    return check_recorded(run_dir, summary.get(HASHES), Path(run_dir) / "summary.json",
-                          f"Delete {Path(run_dir) / 'summary.json'} and `harness resume {run_dir}` rewrites them from the stages.")
+    return check_recorded(
+        run_dir,
+        summary.get(HASHES),
+        Path(run_dir) / "summary.json",
+        f"Delete {Path(run_dir) / 'summary.json'} and `harness resume {run_dir}` rewrites them from the stages.",
+    )
 
 
 def config_knobs(cfg_path: Path) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """A config.yaml as knobs only, and its sequence block (None in an experiment folder)."""
     data = yaml.safe_load(Path(cfg_path).read_text()) or {}
     seq = data.pop("sequence", None)
-    return upgrade_flat_keys(data, absent_methods_run=False, note=False), seq  # an older folder's flat LoRI keys, silently
+    return upgrade_flat_keys(
+        data, absent_methods_run=False, note=False
+    ), seq  # an older folder's flat LoRI keys, silently
 
 
 def check_same_precision(run_dir: Path, record: dict[str, Any]) -> None:
@@ -163,10 +190,15 @@ def check_same_precision(run_dir: Path, record: dict[str, Any]) -> None:
         return
     old = read_json(path)
     if old != record:
-        was = "; ".join(f"{k}: folder {old.get(k)!r}, now {record.get(k)!r}" for k in sorted(set(old) | set(record))
-                        if old.get(k) != record.get(k))
-        raise ConfigError(f"{path}: this folder's stages were computed under another precision ({was}). Resume on the "
-                          "folder's device type with its --dtype, --adapter-dtype and --tf32, or use another --results-dir.")
+        was = "; ".join(
+            f"{k}: folder {old.get(k)!r}, now {record.get(k)!r}"
+            for k in sorted(set(old) | set(record))
+            if old.get(k) != record.get(k)
+        )
+        raise ConfigError(
+            f"{path}: this folder's stages were computed under another precision ({was}). Resume on the "
+            "folder's device type with its --dtype, --adapter-dtype and --tf32, or use another --results-dir."
+        )
 
 
 def experiment_of(run_dir: Path) -> str:
@@ -202,10 +234,14 @@ def write_matrix_files(run_dir: Path, R: np.ndarray, tasks: list[str]) -> None:
     for i in range(R.shape[0]):
         w.writerow([i, *["" if math.isnan(v) else f"{v:.6f}" for v in R[i]]])
     atomic_write_text(run_dir / "matrix.csv", buf.getvalue())
-    atomic_write_json(run_dir / "matrix.json", {
-        "tasks": tasks, "stages": list(range(R.shape[0])),
-        "R": [[None if math.isnan(v) else float(v) for v in row] for row in R],
-    })
+    atomic_write_json(
+        run_dir / "matrix.json",
+        {
+            "tasks": tasks,
+            "stages": list(range(R.shape[0])),
+            "R": [[None if math.isnan(v) else float(v) for v in row] for row in R],
+        },
+    )
 
 
 def write_documents(path: Path, content: dict) -> None:
@@ -217,7 +253,13 @@ def learn_check(tasks: list[str], scores: dict[str, float], base: dict[str, floa
     """stage.json's "learn_check": which of the stage's own tasks did not beat the base model by margin.
 
     A task without a base score (eval_schedule diagonal_final evaluates no base row) is not judged."""
-    flagged = [{"task": t, "score": scores[t], "base": base[t]} for t in tasks
-               if t in scores and base.get(t) is not None and not math.isnan(base[t]) and scores[t] - base[t] < margin]
-    return {"margin": margin, "judged": [t for t in tasks if t in scores and base.get(t) is not None and not math.isnan(base[t])],
-            "not_learned": flagged}
+    flagged = [
+        {"task": t, "score": scores[t], "base": base[t]}
+        for t in tasks
+        if t in scores and base.get(t) is not None and not math.isnan(base[t]) and scores[t] - base[t] < margin
+    ]
+    return {
+        "margin": margin,
+        "judged": [t for t in tasks if t in scores and base.get(t) is not None and not math.isnan(base[t])],
+        "not_learned": flagged,
+    }

@@ -47,7 +47,9 @@ def resolve(names: list[str], include: Path | None):
     """The TaskManager that knows every name: the include folder's own when its tasks are all of them, else lm-eval's
     built-in tasks with the folder's. ConfigError for an unknown name (with the close matches) or a tag."""
     if include is not None and not Path(include).is_dir():
-        raise ConfigError(f"--general-include {include}: no such folder. Give the folder that holds your lm-eval task YAMLs.")
+        raise ConfigError(
+            f"--general-include {include}: no such folder. Give the folder that holds your lm-eval task YAMLs."
+        )
     if include is not None:
         own = task_manager(include, False)
         if all(n in own.all_subtasks for n in names):
@@ -58,12 +60,16 @@ def resolve(names: list[str], include: Path | None):
         near = {n: difflib.get_close_matches(n, tm.all_tasks, n=5, cutoff=0.6) for n in unknown}
         said = "; ".join(f"{n!r} (close: {', '.join(m)})" if m else f"{n!r} (nothing close)" for n, m in near.items())
         where = f"lm-eval's registry or {include}" if include is not None else "lm-eval's registry"
-        raise ConfigError(f"--general-tasks: {said} is not a task or group in {where}. Spell it as lm-eval does "
-                          "(`lm-eval ls tasks` lists them), or pass the folder of your own task YAMLs with --general-include.")
+        raise ConfigError(
+            f"--general-tasks: {said} is not a task or group in {where}. Spell it as lm-eval does "
+            "(`lm-eval ls tasks` lists them), or pass the folder of your own task YAMLs with --general-include."
+        )
     tags = [n for n in names if n in tm.all_tags and n not in tm.all_subtasks and n not in tm.all_groups]
     if tags:
-        raise ConfigError(f"--general-tasks: {', '.join(tags)} is an lm-eval tag (a list of tasks with no score of its own); "
-                          "name its tasks instead, or a group that aggregates them.")
+        raise ConfigError(
+            f"--general-tasks: {', '.join(tags)} is an lm-eval tag (a list of tasks with no score of its own); "
+            "name its tasks instead, or a group that aggregates them."
+        )
     return tm
 
 
@@ -79,7 +85,8 @@ def check_names(cfg) -> None:
             f"--general-tasks {','.join(hub)}: lm-eval's registered tasks read their datasets from the Hugging Face hub, and hub "
             "downloads are off. On a machine with hub access set HF_HUB_OFFLINE=0 (or HARNESS_ALLOW_DOWNLOADS=1); without the "
             "hub, leave --general-tasks out (general_ce is the offline measure) or give tasks with local data through "
-            "--general-include.")
+            "--general-include."
+        )
 
 
 def due(cfg, stage: int, last: int) -> bool:
@@ -113,16 +120,26 @@ def evaluate(model: torch.nn.Module, tokenizer, cfg, *, progress: bool = True) -
 
         fold = folded(model)
     with exact_matmuls(), fold:
-        out = run_lm_eval(model, tokenizer, lambda: tm.load(list(cfg.general_tasks)), batch_size=cfg.eval_batch_size,
-                          max_length=None, bf16=cfg.eval_bf16 or cfg.bf16_autocast, limit=cfg.general_limit,
-                          progress=progress, n_tasks=len(cfg.general_tasks))
+        out = run_lm_eval(
+            model,
+            tokenizer,
+            lambda: tm.load(list(cfg.general_tasks)),
+            batch_size=cfg.eval_batch_size,
+            max_length=None,
+            bf16=cfg.eval_bf16 or cfg.bf16_autocast,
+            limit=cfg.general_limit,
+            progress=progress,
+            n_tasks=len(cfg.general_tasks),
+        )
     results = {**out.get("groups", {}), **out["results"]}
     scores, metrics, n = {}, {}, {}
     for name in cfg.general_tasks:
         key = primary(results.get(name, {}))
         if key is None:
-            raise HarnessError(f"--general-tasks {name}: lm-eval returned no score for it (got {sorted(results)}); a group "
-                               "needs an aggregate metric (aggregate_metric_list) to have one. Name its tasks instead.")
+            raise HarnessError(
+                f"--general-tasks {name}: lm-eval returned no score for it (got {sorted(results)}); a group "
+                "needs an aggregate metric (aggregate_metric_list) to have one. Name its tasks instead."
+            )
         scores[name], metrics[name] = float(results[name][key]), key
         n[name] = documents(name, out.get("n-samples", {}), out.get("group_subtasks", {}))
     return {"general": scores, "general_metric": metrics, "general_n": n, "general_s": time.perf_counter() - t0}
@@ -141,4 +158,8 @@ def summary(stage_evals: dict[int, dict[str, Any]], last: int) -> dict[str, Any]
     base, final = ((stage_evals.get(t) or {}).get("general") for t in (0, last))
     if not base or not final or last == 0:
         return {}
-    return {"general_tasks": {t: {"base": base[t], "final": final[t], "change": final[t] - base[t]} for t in base if t in final}}
+    return {
+        "general_tasks": {
+            t: {"base": base[t], "final": final[t], "change": final[t] - base[t]} for t in base if t in final
+        }
+    }

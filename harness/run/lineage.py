@@ -35,8 +35,8 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from harness.errors import HarnessError
-from harness.run.export import export_adapter
 from harness.io import read_json
+from harness.run.export import export_adapter
 from harness.run.folder import committed_stages
 from harness.suites.data import test_file, train_file
 from harness.tracking.client import Tracker, check_reachable, redact_uri
@@ -69,8 +69,13 @@ def _record(suite_name: str, task: str, split: str, path: Path | None, hub: dict
     if path is not None:
         data = path.read_bytes()
         rows = sum(1 for line in data.splitlines() if line.strip()) - (1 if path.suffix.lower() == ".csv" else 0)
-        return {**rec, "digest": digest_file(path), "source_type": "local", "source": {"uri": path.resolve().as_uri()},
-                "profile": {"rows": rows, "bytes": len(data)}}
+        return {
+            **rec,
+            "digest": digest_file(path),
+            "source_type": "local",
+            "source": {"uri": path.resolve().as_uri()},
+            "profile": {"rows": rows, "bytes": len(data)},
+        }
     return {**rec, "digest": _digest_json(hub), "source_type": "hugging_face", "source": hub, "profile": {}}
 
 
@@ -80,8 +85,9 @@ def dataset_records(suite, tasks: list[str]) -> list[dict[str, Any]]:
     for name in tasks:
         task = suite.task(name)
         hf = task.train.hf
-        train_hub = None if hf is None else {"path": hf.path, "name": hf.name, "split": hf.split,
-                                             "revision": hf.revision}
+        train_hub = (
+            None if hf is None else {"path": hf.path, "name": hf.name, "split": hf.split, "revision": hf.revision}
+        )
         out.append(_record(suite.name, name, "train", train_file(task), train_hub))
         path = test_file(task)
         cfg = {} if path is not None else task.lm_eval_config()
@@ -91,15 +97,18 @@ def dataset_records(suite, tasks: list[str]) -> list[dict[str, Any]]:
 
 
 def _entity(rec: dict[str, Any]) -> DatasetInput:
-    ds = Dataset(rec["name"], rec["digest"], rec["source_type"], json.dumps(rec["source"]),
-                 profile=json.dumps(rec["profile"]))
+    ds = Dataset(
+        rec["name"], rec["digest"], rec["source_type"], json.dumps(rec["source"]), profile=json.dumps(rec["profile"])
+    )
     return DatasetInput(ds, [InputTag(MLFLOW_DATASET_CONTEXT, rec["context"])])
 
 
 def log_inputs(tracker, run_id: str, records: list[dict[str, Any]]) -> int:
     """Log the records the run does not have yet as its inputs (by name, digest and context); returns how many."""
-    have = {(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}.get(MLFLOW_DATASET_CONTEXT))
-            for d in tracker.client.get_run(run_id).inputs.dataset_inputs}
+    have = {
+        (d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}.get(MLFLOW_DATASET_CONTEXT))
+        for d in tracker.client.get_run(run_id).inputs.dataset_inputs
+    }
     new = [r for r in records if (r["name"], r["digest"], r["context"]) not in have]
     if new:
         tracker.client.log_inputs(run_id, datasets=[_entity(r) for r in new])
@@ -108,30 +117,46 @@ def log_inputs(tracker, run_id: str, records: list[dict[str, Any]]) -> int:
 
 def stage_inputs(records: list[dict[str, Any]], trained: list[str], evaluated: list[str]) -> list[dict[str, Any]]:
     """A stage run's inputs: the train data of the tasks it trained, the test data of the tasks it was scored on."""
-    return [r for r in records
-            if (r["split"] == "train" and r["task"] in trained) or (r["split"] == "test" and r["task"] in evaluated)]
+    return [
+        r
+        for r in records
+        if (r["split"] == "train" and r["task"] in trained) or (r["split"] == "test" and r["task"] in evaluated)
+    ]
 
 
 def eval_datasets(records: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     """task -> the dataset_name / dataset_digest its acc/<task> points carry."""
-    return {r["task"]: {"dataset_name": r["name"], "dataset_digest": r["digest"]}
-            for r in records if r["split"] == "test"}
+    return {
+        r["task"]: {"dataset_name": r["name"], "dataset_digest": r["digest"]} for r in records if r["split"] == "test"
+    }
 
 
 # --- acc/<task> points, tied to their dataset and model ----------------------------------------------------
-def log_acc(tracker, parent_id: str, scores: dict[str, float], step: int, records: list[dict[str, Any]] | None,
-            model_id: str | None = None, *, once: bool = False) -> None:
+def log_acc(
+    tracker,
+    parent_id: str,
+    scores: dict[str, float],
+    step: int,
+    records: list[dict[str, Any]] | None,
+    model_id: str | None = None,
+    *,
+    once: bool = False,
+) -> None:
     """acc/<task> at `step` on the parent run, each with its test dataset and the stage's model (when known).
 
     once=True: only the points the run lacks at that step (a resume or a sync sends nothing twice)."""
     if once:
-        scores = {task: v for task, v in scores.items()
-                  if not any(m.step == step for m in tracker.client.get_metric_history(parent_id, f"acc/{task}"))}
+        scores = {
+            task: v
+            for task, v in scores.items()
+            if not any(m.step == step for m in tracker.client.get_metric_history(parent_id, f"acc/{task}"))
+        }
     _log_linked(tracker, parent_id, scores, step, records, model_id)
 
 
-def backfill_model_acc(tracker, model_id: str, stage_run_id: str, scores: dict[str, float], step: int,
-                       records: list[dict[str, Any]] | None) -> int:
+def backfill_model_acc(
+    tracker, model_id: str, stage_run_id: str, scores: dict[str, float], step: int, records: list[dict[str, Any]] | None
+) -> int:
     """The acc/<task> points a model lacks, logged on its stage run with model_id (the parent run had them before the
     model existed: a store from before lineage). Returns how many."""
     have = {m.key for m in tracker.client.get_logged_model(model_id).metrics or []}
@@ -140,12 +165,21 @@ def backfill_model_acc(tracker, model_id: str, stage_run_id: str, scores: dict[s
     return len(missing)
 
 
-def _log_linked(tracker, run_id: str, scores: dict[str, float], step: int, records: list[dict[str, Any]] | None,
-                model_id: str | None) -> None:
+def _log_linked(
+    tracker,
+    run_id: str,
+    scores: dict[str, float],
+    step: int,
+    records: list[dict[str, Any]] | None,
+    model_id: str | None,
+) -> None:
     links = eval_datasets(records or [])
     ts = int(time.time() * 1000)
-    items = [Metric(f"acc/{task}", float(v), ts, step, model_id=model_id, **links.get(task, {}))
-             for task, v in scores.items() if v is not None]
+    items = [
+        Metric(f"acc/{task}", float(v), ts, step, model_id=model_id, **links.get(task, {}))
+        for task, v in scores.items()
+        if v is not None
+    ]
     if items:
         tracker.client.log_batch(run_id, metrics=items)
 
@@ -157,8 +191,9 @@ def model_key(parent_id: str, stage: int) -> str:
 
 def find_model(tracker, parent_id: str, stage: int):
     """The LoggedModel of this stage of this sequence (READY ones first), or None."""
-    found = tracker.client.search_logged_models([tracker.experiment_id],
-                                                filter_string=f"tags.`{MODEL_KEY}` = '{model_key(parent_id, stage)}'")
+    found = tracker.client.search_logged_models(
+        [tracker.experiment_id], filter_string=f"tags.`{MODEL_KEY}` = '{model_key(parent_id, stage)}'"
+    )
     return sorted(found, key=lambda m: (str(m.status) != "READY", m.creation_timestamp))[0] if found else None
 
 
@@ -168,9 +203,14 @@ def model_params(run_dir: Path, info: dict[str, Any]) -> dict[str, str]:
     mask_density is the stage's measured mask density (LoRI-S), 1.0 for a dense adapter."""
     cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text()) or {}
     seq = cfg.get("sequence") or {}
-    return {"method": str(seq.get("method")), "stage": str(info["stage"]), "task": str(info.get("task")),
-            "rank": str(cfg.get("rank")), "mask_density": str(info.get("mask/density", 1.0)),
-            "seed": str(seq.get("seed"))}
+    return {
+        "method": str(seq.get("method")),
+        "stage": str(info["stage"]),
+        "task": str(info.get("task")),
+        "rank": str(cfg.get("rank")),
+        "mask_density": str(info.get("mask/density", 1.0)),
+        "seed": str(seq.get("seed")),
+    }
 
 
 def stage_model(tracker, parent_id: str, source_run_id: str | None, stage_dir: Path) -> str | None:
@@ -191,10 +231,21 @@ def stage_model(tracker, parent_id: str, source_run_id: str | None, stage_dir: P
         if model is None:
             params = model_params(run_dir, info)
             name = "-".join(p for p in (params["method"], f"seed{params['seed']}", stage_dir.name) if p)
-            tags = {MODEL_KEY: model_key(parent_id, t), "harness.run_dir": str(run_dir.resolve()),
-                    "harness.stage": str(t), "harness.task": params["task"], "harness.parent_run_id": parent_id}
-            model = tracker.client.create_logged_model(tracker.experiment_id, name=name, source_run_id=source_run_id,
-                                                       tags=tags, params=params, model_type=MODEL_TYPE)
+            tags = {
+                MODEL_KEY: model_key(parent_id, t),
+                "harness.run_dir": str(run_dir.resolve()),
+                "harness.stage": str(t),
+                "harness.task": params["task"],
+                "harness.parent_run_id": parent_id,
+            }
+            model = tracker.client.create_logged_model(
+                tracker.experiment_id,
+                name=name,
+                source_run_id=source_run_id,
+                tags=tags,
+                params=params,
+                model_type=MODEL_TYPE,
+            )
             if source_run_id:
                 tracker.client.log_outputs(source_run_id, [LoggedModelOutput(model.model_id, t)])
         tracker.client.log_model_artifacts(model.model_id, str(folder))
@@ -202,8 +253,14 @@ def stage_model(tracker, parent_id: str, source_run_id: str | None, stage_dir: P
     return model.model_id
 
 
-def mirror_stage_lineage(tracker, parent_id: str, child_id: str, stage_dir: Path, records: list[dict[str, Any]] | None,
-                         scores: dict[str, float]) -> str | None:
+def mirror_stage_lineage(
+    tracker,
+    parent_id: str,
+    child_id: str,
+    stage_dir: Path,
+    records: list[dict[str, Any]] | None,
+    scores: dict[str, float],
+) -> str | None:
     """A committed stage's model and its run's inputs (idempotent); returns the model id for its acc/<task> points."""
     info = read_json(Path(stage_dir) / "stage.json")
     if records:
@@ -242,8 +299,10 @@ def mark_model_training(tracker) -> None:
     if EXPERIMENT_KIND not in exp.tags:
         tracker.client.set_experiment_tag(tracker.experiment_id, EXPERIMENT_KIND, "custom_model_development")
 
-def begin_sequence(mirror, records: list[dict[str, Any]],
-                   system_metrics: bool) -> tuple[str | None, SystemMetricsMonitor | None]:
+
+def begin_sequence(
+    mirror, records: list[dict[str, Any]], system_metrics: bool
+) -> tuple[str | None, SystemMetricsMonitor | None]:
     """A sequence's start, once its parent run exists: its datasets as the parent's inputs, the parent's UI address
     (None for a local store) and, if wanted, the system-metrics monitor (None while tracking is behind)."""
     tracker, parent_id = mirror.tracker, mirror.parent_id
@@ -264,8 +323,10 @@ def registration_target(run_dir: Path, uri: str | None) -> tuple[str, str]:
     uri = uri or state.get("mlflow_tracking_uri")
     parent_id = state.get("mlflow_parent_run_id")
     if not uri or not parent_id or state.get("mirror_behind"):
-        raise HarnessError(f"{run_dir}: its MLflow mirror is not complete (no parent run, or tracking behind): run "
-                           f"`harness sync {run_dir}` first, then export with --register again.")
+        raise HarnessError(
+            f"{run_dir}: its MLflow mirror is not complete (no parent run, or tracking behind): run "
+            f"`harness sync {run_dir}` first, then export with --register again."
+        )
     check_reachable(uri)
     return uri, parent_id
 
@@ -285,10 +346,13 @@ def register_export(run_dir: Path, stage: int | None, name: str, experiment: str
     source_run = read_json(stages[t] / "stage.json").get("mlflow_run_id")
     model_id = stage_model(tracker, parent_id, source_run, stages[t])
     if model_id is None:
-        raise HarnessError(f"stage {t} of {run_dir} cannot be exported here (see the warning above); "
-                           "nothing registered")
+        raise HarnessError(
+            f"stage {t} of {run_dir} cannot be exported here (see the warning above); nothing registered"
+        )
     try:
-        tracker.client.create_registered_model(name, description="PEFT adapters registered by `harness export --register`")
+        tracker.client.create_registered_model(
+            name, description="PEFT adapters registered by `harness export --register`"
+        )
     except MlflowException as exc:
         if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
@@ -299,7 +363,13 @@ def register_export(run_dir: Path, stage: int | None, name: str, experiment: str
     # process-wide default tracking URI (MLflow 3.17), not this client's. The registry keeps no model_id: a tag does.
     source = tracker.client.get_logged_model(model_id).artifact_location
     tags = {"harness.run_dir": str(run_dir.resolve()), "harness.stage": str(t), "harness.model_id": model_id}
-    mv = tracker.client.create_model_version(name, source, run_id=parent_id, model_id=model_id, tags=tags,
-                                             run_link=run_url(uri, tracker.experiment_id, parent_id),
-                                             description=f"stage {t} of {run_dir.resolve()}")
+    mv = tracker.client.create_model_version(
+        name,
+        source,
+        run_id=parent_id,
+        model_id=model_id,
+        tags=tags,
+        run_link=run_url(uri, tracker.experiment_id, parent_id),
+        description=f"stage {t} of {run_dir.resolve()}",
+    )
     return f"registered: {name} version {mv.version} = stage {t} of {run_dir} (model {model_id}, run {parent_id})"

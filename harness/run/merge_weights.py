@@ -41,10 +41,14 @@ def check(cfg: ExperimentConfig, tasks: list[str]) -> None:
     if "fixed" in chosen and cfg.merge_weights is None:
         raise ConfigError("--merge-protocol fixed needs --merge-weights (one weight, or one per task)")
     if "paper" in chosen and len(tasks) not in PAPER_WEIGHTS[DENSE]:
-        raise ConfigError(f"--merge-protocol paper: the LoRI paper sets weights for 3 or 4 adapters, this merge has {len(tasks)} "
-                          f"({', '.join(tasks)}); choose tasks with --tasks, or use --merge-protocol tuned or fixed")
+        raise ConfigError(
+            f"--merge-protocol paper: the LoRI paper sets weights for 3 or 4 adapters, this merge has {len(tasks)} "
+            f"({', '.join(tasks)}); choose tasks with --tasks, or use --merge-protocol tuned or fixed"
+        )
     if cfg.merge_weights is not None and len(cfg.merge_weights) not in (1, len(tasks)):
-        raise ConfigError(f"--merge-weights: give one weight or one per task ({len(tasks)}: {', '.join(tasks)}), got {cfg.merge_weights}")
+        raise ConfigError(
+            f"--merge-weights: give one weight or one per task ({len(tasks)}: {', '.join(tasks)}), got {cfg.merge_weights}"
+        )
 
 
 def weights_for(cfg: ExperimentConfig, method: str, n: int, protocol: str) -> list[float] | None:

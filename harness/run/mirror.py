@@ -19,18 +19,31 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.run import lineage
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, is_disk_full, read_json
 from harness.locking import is_locked
+from harness.run import lineage
 from harness.run.folder import STAGE_MARKER, committed_stages, experiment_of, sequence_folders
-from harness.tracking.client import check_reachable, redact_uri, Tracker
+from harness.tracking.client import Tracker, check_reachable, redact_uri
 
 STATE = "state.json"
-RESULT_ARTIFACTS = ("matrix.csv", "matrix.json", "diagnostics.json", "matrix_heatmap.png", "config.yaml", "documents.json")
+RESULT_ARTIFACTS = (
+    "matrix.csv",
+    "matrix.json",
+    "diagnostics.json",
+    "matrix_heatmap.png",
+    "config.yaml",
+    "documents.json",
+)
 DEFERRED = "mirrored by the driver of --jobs when this sequence's process ends"
-FINAL_METRICS = {"acc": "ACC", "bwt": "BWT", "fwt": "FWT", "forgetting": "forgetting", "la": "LA",
-                 "general_ce_rise": "general_ce_rise"}  # summary.json key -> MLflow metric
+FINAL_METRICS = {
+    "acc": "ACC",
+    "bwt": "BWT",
+    "fwt": "FWT",
+    "forgetting": "forgetting",
+    "la": "LA",
+    "general_ce_rise": "general_ce_rise",
+}  # summary.json key -> MLflow metric
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -56,7 +69,9 @@ def mirror_stage(tracker, parent_id: str, child_id: str, stage_dir: Path, *, fre
     stage's model, its run's inputs and the acc points' links to them: harness/run/lineage.py."""
     info, ev, tr = (read_json(stage_dir / f) for f in (STAGE_MARKER, "eval.json", "train.json"))
     t = info["stage"]
-    stage_metrics = {k: v for k, v in info.items() if k not in ("stage", "task", "mlflow_run_id") and isinstance(v, (int, float))}
+    stage_metrics = {
+        k: v for k, v in info.items() if k not in ("stage", "task", "mlflow_run_id") and isinstance(v, (int, float))
+    }
     evals = {f"eval/{k}": v for k, v in ev["scores"].items()}
     if fresh:
         tracker.log_series(child_id, "train/loss", tr["losses"])
@@ -115,8 +130,10 @@ def sync_sequence(tracker, run_dir: Path) -> str:
     if parent_id is None:
         spec = state.get("mlflow_parent")
         if spec is None:
-            raise HarnessError(f"{run_dir / STATE}: no MLflow parent run and no record of one to create; "
-                               "this folder was not made by `harness run`.")
+            raise HarnessError(
+                f"{run_dir / STATE}: no MLflow parent run and no record of one to create; "
+                "this folder was not made by `harness run`."
+            )
         parent_id = tracker.create_parent(spec["name"], spec["tags"], spec["params"])
         update_state(run_dir, mlflow_parent_run_id=parent_id)
     ptags = (state.get("mlflow_parent") or {}).get("tags", {})
@@ -202,9 +219,11 @@ class Mirror:
     def _fall_behind(self, why) -> None:
         reason = str(why).strip().splitlines()[0][:200] if str(why).strip() else type(why).__name__
         if not self.behind:
-            self.say(f"[{self.label}] tracking is behind: {redact_uri(self.tracker.uri)} does not answer ({reason}). Training "
-                     "goes on and the run folder keeps everything; MLflow catches up when the server is back (at the next "
-                     "stage, `harness resume`, `harness report`, or `harness sync RUN_DIR`).")
+            self.say(
+                f"[{self.label}] tracking is behind: {redact_uri(self.tracker.uri)} does not answer ({reason}). Training "
+                "goes on and the run folder keeps everything; MLflow catches up when the server is back (at the next "
+                "stage, `harness resume`, `harness report`, or `harness sync RUN_DIR`)."
+            )
         self.behind = reason
         update_state(self.run_dir, mirror_behind=reason)
 
@@ -221,8 +240,10 @@ class Mirror:
             self.call(log_results, self.tracker, self.parent_id, self.run_dir, summary, fresh=True)
         write_summary()
         if self.behind and not self.catch_up() and not self.deferred:
-            self.say(f"[{self.label}] tracking is still behind at the end: the run folder is complete; once "
-                     f"{redact_uri(self.tracker.uri)} answers, `harness sync {self.run_dir}` (or `harness report`) mirrors it")
+            self.say(
+                f"[{self.label}] tracking is still behind at the end: the run folder is complete; once "
+                f"{redact_uri(self.tracker.uri)} answers, `harness sync {self.run_dir}` (or `harness report`) mirrors it"
+            )
 
     def catch_up(self) -> bool:
         """If behind and the store answers again: sync the whole folder and say so once. True when MLflow is level."""
@@ -240,7 +261,9 @@ class Mirror:
             return False
         self.behind = None
         update_state(self.run_dir, mirror_behind=None)
-        self.say(f"[{self.label}] tracking caught up: MLflow at {redact_uri(self.tracker.uri)} holds every committed stage again")
+        self.say(
+            f"[{self.label}] tracking caught up: MLflow at {redact_uri(self.tracker.uri)} holds every committed stage again"
+        )
         return True
 
 
@@ -265,7 +288,9 @@ def sync_path(path: Path, uri: str | None = None) -> list[str]:
     """`harness sync PATH`: every sequence folder at or under path; one line per folder."""
     folders = sequence_folders(path)
     if not folders:
-        raise HarnessError(f"{path}: no sequence folder here; pass results/<experiment>/<method>/seed-<s> or results/<experiment>.")
+        raise HarnessError(
+            f"{path}: no sequence folder here; pass results/<experiment>/<method>/seed-<s> or results/<experiment>."
+        )
     return [sync_folder(folder, experiment_of(folder), uri) for folder in folders]
 
 

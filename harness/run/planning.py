@@ -30,8 +30,8 @@ from harness import distributed as D
 from harness.config import ExperimentConfig
 from harness.config_loading import format_errors, nest_overrides, parse_cli_value
 from harness.errors import ConfigError, HarnessError
-from harness.methods import LR_FAMILIES, METHODS
 from harness.legacy_keys import flat_name
+from harness.methods import LR_FAMILIES, METHODS
 from harness.models import check_model_available, downloads_allowed, linear_shapes, model_config
 from harness.models import memory as MEM
 from harness.models.environment import resolve_device, resolve_dtype
@@ -89,7 +89,9 @@ def variants(cfg: ExperimentConfig) -> list[tuple[str | None, dict[str, Any], Ex
     for combo in itertools.product(*(cfg.grid[k] for k in keys)):
         values = dict(zip(keys, combo))
         data = cfg.model_dump(exclude_unset=True)  # unset method sections stay unset (they must not validate)
-        for k, v in nest_overrides({k: parse_cli_value(k, v) if isinstance(v, str) else v for k, v in values.items()}).items():
+        for k, v in nest_overrides(
+            {k: parse_cli_value(k, v) if isinstance(v, str) else v for k, v in values.items()}
+        ).items():
             data[k] = {**data.get(k, {}), **v} if isinstance(v, dict) else v
         try:
             vcfg = ExperimentConfig(**data)
@@ -99,7 +101,9 @@ def variants(cfg: ExperimentConfig) -> list[tuple[str | None, dict[str, Any], Ex
         dumped = vcfg.model_dump()  # a method knob under its YAML name (ewc.lambda is the field lambda_)
         values = {k: (dumped[k.split(".")[0]][k.split(".")[1]] if "." in k else getattr(vcfg, k)) for k in keys}
         # LoRI's knobs hash under their old top-level names: a mask_density sweep keeps its folders (knobs.flat_name).
-        vid = hashlib.sha256(json.dumps({flat_name(k): v for k, v in values.items()}, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        vid = hashlib.sha256(
+            json.dumps({flat_name(k): v for k, v in values.items()}, sort_keys=True, default=str).encode()
+        ).hexdigest()[:8]
         out.append((vid, values, vcfg))
     return out
 
@@ -110,7 +114,9 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
     specs = []
     for k in cfg.orders:
         if k < 0 or k >= len(suite.orders):
-            raise ConfigError(f"orders: suite {suite.name!r} has {len(suite.orders)} order(s) (0..{len(suite.orders) - 1}); got {k}")
+            raise ConfigError(
+                f"orders: suite {suite.name!r} has {len(suite.orders)} order(s) (0..{len(suite.orders) - 1}); got {k}"
+            )
         order = list(suite.orders[k])
         if cfg.tasks:
             unknown = [t for t in cfg.tasks if t not in order]
@@ -125,11 +131,19 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                     d = base / method / f"seed-{seed}"
                     if len(cfg.orders) > 1:
                         d = d / f"order-{k}"
-                    stages = [StagePlan(tasks, stage_budget(vcfg, suite, tasks, method, seed),
-                                        {f: stage_lr(vcfg, suite, tasks, f) for f in LR_FAMILIES})
-                              for tasks in METHODS[method].stage_plan(order)]
-                    specs.append(SequenceSpec(method, seed, k, order, d, vcfg, vid, values, stages,
-                                              strength(vcfg, suite, method)))
+                    stages = [
+                        StagePlan(
+                            tasks,
+                            stage_budget(vcfg, suite, tasks, method, seed),
+                            {f: stage_lr(vcfg, suite, tasks, f) for f in LR_FAMILIES},
+                        )
+                        for tasks in METHODS[method].stage_plan(order)
+                    ]
+                    specs.append(
+                        SequenceSpec(
+                            method, seed, k, order, d, vcfg, vid, values, stages, strength(vcfg, suite, method)
+                        )
+                    )
     return specs
 
 
@@ -142,18 +156,26 @@ def check_results_dir(path: Path) -> None:
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise HarnessError(f"results folder {path} is not writable ({probe} is a file, not a folder). Pass another --results-dir.")
+        raise HarnessError(
+            f"results folder {path} is not writable ({probe} is a file, not a folder). Pass another --results-dir."
+        )
     try:
         os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".harness-probe-"))
     except OSError as exc:
-        raise HarnessError(f"results folder {path} is not writable ({probe}: {exc.strerror}). Pass another --results-dir.") from None
+        raise HarnessError(
+            f"results folder {path} is not writable ({probe}: {exc.strerror}). Pass another --results-dir."
+        ) from None
 
 
 def b_shapes(linear: dict[str, tuple[int, int]], targets: list[str], rank: int) -> dict[str, tuple[int, int]]:
     """lora_B shapes (d_out, r) of every module PEFT would adapt, keyed like the adapter files."""
-    shapes = {f"{name}.lora_B.weight": (d_out, rank) for name, (d_out, _) in linear.items() if name.split(".")[-1] in targets}
+    shapes = {
+        f"{name}.lora_B.weight": (d_out, rank) for name, (d_out, _) in linear.items() if name.split(".")[-1] in targets
+    }
     if not shapes:
-        raise ConfigError(f"targets: none of {targets} names a Linear module of this model. Use names such as q_proj,v_proj.")
+        raise ConfigError(
+            f"targets: none of {targets} names a Linear module of this model. Use names such as q_proj,v_proj."
+        )
     return shapes
 
 
@@ -170,8 +192,10 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
     Several processes opening one sqlite store race on its schema and lock it ("database is
     locked"), so a parallel launcher with sqlite is refused before anything is written."""
     if cfg.jobs != 1 and D.is_distributed():
-        raise ConfigError(f"--jobs {cfg.jobs}: under torchrun / accelerate launch the ranks share one sequence; run several "
-                          "sequences at once without the launcher (--jobs), or one sequence over several processes (torchrun)")
+        raise ConfigError(
+            f"--jobs {cfg.jobs}: under torchrun / accelerate launch the ranks share one sequence; run several "
+            "sequences at once without the launcher (--jobs), or one sequence over several processes (torchrun)"
+        )
     if cfg.launcher == "local":
         return
     if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
@@ -179,14 +203,19 @@ def check_launcher(cfg: ExperimentConfig, uri: str) -> None:
             f"--launcher {cfg.launcher}: its jobs log to MLflow in parallel, which the store {uri} cannot take "
             "(several processes on one sqlite/file store fail). Start a tracking server shared by every job: "
             f"`harness tracking-server --results-dir {cfg.results_dir}` (or `make tracking-server`), then pass the URI it prints, "
-            "e.g. --tracking-uri http://127.0.0.1:5001 (or set MLFLOW_TRACKING_URI).")
+            "e.g. --tracking-uri http://127.0.0.1:5001 (or set MLFLOW_TRACKING_URI)."
+        )
     if cfg.launcher == "slurm":
         if cfg.job_gpus != int(cfg.job_gpus):
-            raise ConfigError(f"--job-gpus {cfg.job_gpus}: Slurm gives whole GPUs to a job; use 0, 1, 2, ... with --launcher slurm.")
+            raise ConfigError(
+                f"--job-gpus {cfg.job_gpus}: Slurm gives whole GPUs to a job; use 0, 1, 2, ... with --launcher slurm."
+            )
 
         if shutil.which("sbatch") is None:
-            raise HarnessError("--launcher slurm: no `sbatch` on PATH here. Run `harness run` on a Slurm login node "
-                               "(or use --launcher local / ray).")
+            raise HarnessError(
+                "--launcher slurm: no `sbatch` on PATH here. Run `harness run` on a Slurm login node "
+                "(or use --launcher local / ray)."
+            )
 
 
 def check_precision(cfg: ExperimentConfig) -> None:
@@ -208,11 +237,18 @@ def check_memory(cfg: ExperimentConfig, suite, specs: list[SequenceSpec], config
     budgets = [stage_budget(cfg, suite, [t], s.method, s.seed) for s in specs for t in s.tasks]
     adapter, adapted = MEM.adapter_sizes(shapes, cfg.targets, cfg.rank)
     seq_lens = [b["max_seq_len"] for b in budgets]
-    return MEM.preflight(shape, dtype=resolve_dtype(cfg.dtype, device, shape.params), adapter_params=adapter,
-                         adapted_params=adapted, batch_size=max(b["batch_size"] for b in budgets),
-                         seq_len=max(seq_lens) if all(seq_lens) else ASSUMED_SEQ_LEN,
-                         checkpointing=cfg.gradient_checkpointing, folded_eval=bool(cfg.eval_merged), device=device,
-                         free=MEM.free_memory(device) if device.type == "cuda" else None)
+    return MEM.preflight(
+        shape,
+        dtype=resolve_dtype(cfg.dtype, device, shape.params),
+        adapter_params=adapter,
+        adapted_params=adapted,
+        batch_size=max(b["batch_size"] for b in budgets),
+        seq_len=max(seq_lens) if all(seq_lens) else ASSUMED_SEQ_LEN,
+        checkpointing=cfg.gradient_checkpointing,
+        folded_eval=bool(cfg.eval_merged),
+        device=device,
+        free=MEM.free_memory(device) if device.type == "cuda" else None,
+    )
 
 
 def sequence_memory(cfg: ExperimentConfig, suite, specs: list[SequenceSpec]) -> MEM.Estimate | None:
@@ -245,7 +281,9 @@ def validate(cfg: ExperimentConfig):
             "On a machine with hub access set HF_HUB_OFFLINE=0 (or HARNESS_ALLOW_DOWNLOADS=1); without the hub, "
             "point HARNESS_DATA_OVERRIDES at local files of the same schema (see the README's Task suites)."
         )
-    check_general_tasks(cfg)  # lm-eval's registry: indexed (~11 s) only when general_tasks names a task outside general_include
+    check_general_tasks(
+        cfg
+    )  # lm-eval's registry: indexed (~11 s) only when general_tasks names a task outside general_include
     check_results_dir(cfg.results_dir)
     if not cfg.tracking_optional:  # with it, the run starts and its mirror catches up once the store answers
         check_reachable(uri)
@@ -260,10 +298,14 @@ def stage_lr(cfg: ExperimentConfig, suite, tasks: list[str], method: str) -> flo
 def stage_budget(cfg: ExperimentConfig, suite, tasks: list[str], method: str, seed: int) -> dict[str, Any]:
     """Config values win; the suite's budget fills the rest. A multi-task stage gets the sum of its tasks' steps."""
     b = suite.task(tasks[0]).budget_for(suite)
-    out = {"epochs": cfg.epochs if cfg.epochs is not None else b.epochs,
-           "batch_size": cfg.batch_size if cfg.batch_size is not None else b.batch_size,
-           "max_seq_len": cfg.max_seq_len if cfg.max_seq_len is not None else b.max_seq_len,
-           "max_steps": cfg.max_steps, "lr": stage_lr(cfg, suite, tasks, method), "steps": None}
+    out = {
+        "epochs": cfg.epochs if cfg.epochs is not None else b.epochs,
+        "batch_size": cfg.batch_size if cfg.batch_size is not None else b.batch_size,
+        "max_seq_len": cfg.max_seq_len if cfg.max_seq_len is not None else b.max_seq_len,
+        "max_steps": cfg.max_steps,
+        "lr": stage_lr(cfg, suite, tasks, method),
+        "steps": None,
+    }
     if len(tasks) > 1:
         out["steps"] = sum(_task_steps(cfg, suite, t, method, seed) for t in tasks)
     return out

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from harness import distributed as D, faults, metrics as MX
+from harness import distributed as D
+from harness import faults
+from harness import metrics as MX
 from harness.analysis import documents as DOCS
 from harness.config import ExperimentConfig
 from harness.errors import Interrupted
@@ -34,14 +36,29 @@ from harness.methods import METHODS, StageContext
 from harness.models.memory import peak_memory
 from harness.precision import precision_of
 from harness.provenance import git_commit
-from harness.run import general_eval as GEN, lineage
+from harness.run import general_eval as GEN
+from harness.run import lineage
 from harness.run.base_eval import BaseEval, BaseEvalCache, cache_key
 from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
 from harness.run.console import done_line, say, stage_line
 from harness.run.evaluate import validation_scores
-from harness.run.folder import (PRECISION, STAGE_MARKER, check_same_config, check_same_precision, clean_partial_writes,
-                                committed_stages, finished_stages, learn_check, method_seconds, result_hashes, verify_folder,
-                                verify_stages, write_documents, write_matrix_files, write_stage_marker)
+from harness.run.folder import (
+    PRECISION,
+    STAGE_MARKER,
+    check_same_config,
+    check_same_precision,
+    clean_partial_writes,
+    committed_stages,
+    finished_stages,
+    learn_check,
+    method_seconds,
+    result_hashes,
+    verify_folder,
+    verify_stages,
+    write_documents,
+    write_matrix_files,
+    write_stage_marker,
+)
 from harness.run.mirror import Mirror, general_metrics, mirror_stage, parent_record, read_state, update_state
 from harness.run.planning import SequenceSpec
 from harness.run.train import Recipe, compile_plan, example_batches, task_examples, train_method
@@ -51,8 +68,18 @@ from harness.timing import timed
 class SequenceRunner:
     """Runs (or resumes) one method x seed x order sequence."""
 
-    def __init__(self, cfg: ExperimentConfig, suite, spec: SequenceSpec, model, tokenizer, evaluator, tracker,
-                 progress: bool = True, base_cache: BaseEvalCache | None = None):
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        suite,
+        spec: SequenceSpec,
+        model,
+        tokenizer,
+        evaluator,
+        tracker,
+        progress: bool = True,
+        base_cache: BaseEvalCache | None = None,
+    ):
         self.cfg, self.suite, self.spec = cfg, suite, spec
         self.base_cache = base_cache if base_cache is not None else BaseEvalCache(None)
         self.model, self.tokenizer, self.evaluator, self.tracker = model, tokenizer, evaluator, tracker
@@ -67,7 +94,9 @@ class SequenceRunner:
         self.mirror: Mirror | None = None  # rank 0's MLflow runs (other ranks never log)
         self.precision: dict[str, Any] = {}  # harness/precision.py's record, set when the sequence starts
         self.child_id: str | None = None
-        self.datasets: list[dict[str, Any]] = []  # harness/run/lineage.py: the train and test data's records, with digests
+        self.datasets: list[
+            dict[str, Any]
+        ] = []  # harness/run/lineage.py: the train and test data's records, with digests
         self.monitor = None  # MLflow's system-metrics monitor on the parent run (knob system_metrics)
 
     # --- small facts -------------------------------------------------------------------------
@@ -101,13 +130,23 @@ class SequenceRunner:
     # --- the sequence ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         resolved = self.cfg.to_yaml_dict()
-        resolved["sequence"] = {"method": self.spec.method, "seed": self.spec.seed, "order_index": self.spec.order_index,
-                                "tasks": self.spec.tasks, "variant": self.spec.variant, "variant_values": self.spec.variant_values}
+        resolved["sequence"] = {
+            "method": self.spec.method,
+            "seed": self.spec.seed,
+            "order_index": self.spec.order_index,
+            "tasks": self.spec.tasks,
+            "variant": self.spec.variant,
+            "variant_values": self.spec.variant_values,
+        }
         check_same_config(self.run_dir / "config.yaml", resolved, self.spec.method)
-        self.precision = precision = precision_of(self.cfg, self.model).record()  # the same for every stage of the sequence
+        self.precision = precision = precision_of(
+            self.cfg, self.model
+        ).record()  # the same for every stage of the sequence
         check_same_precision(self.run_dir, precision)  # a resume under another precision is refused
         main = D.is_main()
-        lock = SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None  # rank 0 holds it for every rank
+        lock = (
+            SequenceLock(self.run_dir, wait=self.cfg.wait_for_lock) if main else None
+        )  # rank 0 holds it for every rank
         waiting = lambda who: say(f"[{self.spec.label}] waiting for {who} to finish this sequence")  # noqa: E731
         with lock.acquire(on_wait=waiting) if lock else contextlib.nullcontext():
             if main:
@@ -122,8 +161,11 @@ class SequenceRunner:
                 atomic_write_yaml(self.run_dir / "config.yaml", resolved)
                 atomic_write_json(self.run_dir / PRECISION, precision)
                 self._open_parent()
-                url, self.monitor = lineage.begin_sequence(self.mirror, self.datasets, lineage.system_metrics_wanted(
-                    self.cfg.system_metrics, next(self.model.parameters()).device))
+                url, self.monitor = lineage.begin_sequence(
+                    self.mirror,
+                    self.datasets,
+                    lineage.system_metrics_wanted(self.cfg.system_metrics, next(self.model.parameters()).device),
+                )
                 if url:
                     say(f"[{self.spec.label}] MLflow run: {url}")
             try:
@@ -174,16 +216,39 @@ class SequenceRunner:
     def _parent_record(self) -> dict[str, Any]:
         cfg, spec = self.cfg, self.spec
         first = self.spec.stages[0].budget
-        params = {"method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "task_order": ",".join(spec.tasks),
-                  "suite": self.suite.name, "model": cfg.model, "rank": cfg.rank, "alpha": cfg.scale_alpha,
-                  "targets": ",".join(cfg.targets), "eval_scope": cfg.eval_scope, "lr": first["lr"], "epochs": first["epochs"],
-                  "checkpoint_every": cfg.checkpoint_every, **self.recipe.model_dump(), **self.method_cls.params(cfg),
-                  "dtype": cfg.dtype, "adapter_dtype": cfg.adapter_dtype, "tf32": cfg.tf32,
-                  **{f"precision.{k}": v for k, v in self.precision.items()}}
-        tags = {"harness.method": spec.method, "harness.seed": str(spec.seed), "harness.order": str(spec.order_index),
-                "harness.suite": self.suite.name, "harness.model": cfg.model, "harness.experiment": cfg.experiment_name,
-                "harness.git_commit": git_commit(), "harness.run_dir": str(self.run_dir.resolve()),
-                "harness.reference": str(self.method_cls.reference).lower(), "harness.variant": spec.variant or ""}
+        params = {
+            "method": spec.method,
+            "seed": spec.seed,
+            "order_index": spec.order_index,
+            "task_order": ",".join(spec.tasks),
+            "suite": self.suite.name,
+            "model": cfg.model,
+            "rank": cfg.rank,
+            "alpha": cfg.scale_alpha,
+            "targets": ",".join(cfg.targets),
+            "eval_scope": cfg.eval_scope,
+            "lr": first["lr"],
+            "epochs": first["epochs"],
+            "checkpoint_every": cfg.checkpoint_every,
+            **self.recipe.model_dump(),
+            **self.method_cls.params(cfg),
+            "dtype": cfg.dtype,
+            "adapter_dtype": cfg.adapter_dtype,
+            "tf32": cfg.tf32,
+            **{f"precision.{k}": v for k, v in self.precision.items()},
+        }
+        tags = {
+            "harness.method": spec.method,
+            "harness.seed": str(spec.seed),
+            "harness.order": str(spec.order_index),
+            "harness.suite": self.suite.name,
+            "harness.model": cfg.model,
+            "harness.experiment": cfg.experiment_name,
+            "harness.git_commit": git_commit(),
+            "harness.run_dir": str(self.run_dir.resolve()),
+            "harness.reference": str(self.method_cls.reference).lower(),
+            "harness.variant": spec.variant or "",
+        }
         params.update({f"grid.{k}": v for k, v in (spec.variant_values or {}).items()})
         return parent_record(spec.label, tags, params)
 
@@ -197,8 +262,13 @@ class SequenceRunner:
             if 0 not in done and (self.eval_tasks(0) or self.cfg.general_ce_tokens or self.cfg.general_tasks):
                 self._stage0()  # under diagonal_final: no task, only the base model's general-text CE (and general_tasks)
         D.barrier()  # the others wait while rank 0 evaluates the base model
-        method = self.method_cls(self.cfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model,
-                                 task_examples=self.task_examples)
+        method = self.method_cls(
+            self.cfg,
+            seed=self.spec.seed,
+            tasks=self.spec.tasks,
+            base_model=self.model,
+            task_examples=self.task_examples,
+        )
         try:
             method.restore(done)
             for t in range(max(done, default=0) + 1, len(self.plan) + 1):
@@ -228,13 +298,25 @@ class SequenceRunner:
         evaluated once. Under diagonal_final no task is evaluated here, but the CE is: general_ce_rise needs it."""
         t0 = time.perf_counter()
         tasks = self.eval_tasks(0)
-        base = self.base_cache.get(cache_key(self.cfg, self.suite, self.model, tasks), lambda: BaseEval(
-            self.evaluator.evaluate(self.model, tasks, bf16_autocast=self.cfg.bf16_autocast),
-            general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens),
-            general=GEN.at_stage(self.model, self.tokenizer, self.cfg, 0, len(self.plan), progress=self.progress)))
+        base = self.base_cache.get(
+            cache_key(self.cfg, self.suite, self.model, tasks),
+            lambda: BaseEval(
+                self.evaluator.evaluate(self.model, tasks, bf16_autocast=self.cfg.bf16_autocast),
+                general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens),
+                general=GEN.at_stage(self.model, self.tokenizer, self.cfg, 0, len(self.plan), progress=self.progress),
+            ),
+        )
         ev, self.general_ce[0] = base.result, base.general_ce
-        evj = {"stage": 0, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s, "general_ce": self.general_ce[0],
-               **(base.general or {}), "base_eval": {"digest": base.digest, "cached": base.cached}}
+        evj = {
+            "stage": 0,
+            "scores": ev.scores,
+            "raw": ev.raw,
+            "n": ev.n_examples,
+            "wall_s": ev.wall_s,
+            "general_ce": self.general_ce[0],
+            **(base.general or {}),
+            "base_eval": {"digest": base.digest, "cached": base.cached},
+        }
         info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
         with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
             atomic_write_json(tmp / "eval.json", evj)
@@ -253,8 +335,13 @@ class SequenceRunner:
         t_stage = time.perf_counter()
         if D.is_main():
             self.mirror.catch_up()  # no-op unless tracking is behind and the server answers again
-            self.child_id = self.mirror.call(self.tracker.create_stage, self.mirror.parent_id, t, name,
-                                             {"harness.method": spec.method, "harness.seed": str(spec.seed)})
+            self.child_id = self.mirror.call(
+                self.tracker.create_stage,
+                self.mirror.parent_id,
+                t,
+                name,
+                {"harness.method": spec.method, "harness.seed": str(spec.seed)},
+            )
         budget = self.spec.stages[t - 1].budget
         examples = method.train_data(t, [ex for task in self.plan[t - 1] for ex in self.task_examples(task)])
         ckpt = StageCheckpointer(self.run_dir, t, name, cfg.checkpoint_every)
@@ -262,18 +349,37 @@ class SequenceRunner:
 
         def calibrate(max_steps: int | None, lr_method: str):
             tc = time.perf_counter()
-            self._train(method, examples, self.spec.stages[t - 1].budget_at(lr_method), t, f"{name} calib", max_steps=max_steps,
-                        calibration=True)
+            self._train(
+                method,
+                examples,
+                self.spec.stages[t - 1].budget_at(lr_method),
+                t,
+                f"{name} calib",
+                max_steps=max_steps,
+                calibration=True,
+            )
             calib["s"] += time.perf_counter() - tc
 
         batches = example_batches(self.tokenizer, examples, budget["max_seq_len"], next(self.model.parameters()).device)
 
-        _, setup_s = timed(method.begin_stage, StageContext(stage=t, task=name, run_dir=self.run_dir, calibrate=calibrate,
-                                                            resumed_extra=ckpt.load_extra(), batches=batches, n_examples=len(examples),
-                                                            compiled=self.compiling[1] is not None and not D.is_distributed()))
+        _, setup_s = timed(
+            method.begin_stage,
+            StageContext(
+                stage=t,
+                task=name,
+                run_dir=self.run_dir,
+                calibrate=calibrate,
+                resumed_extra=ckpt.load_extra(),
+                batches=batches,
+                n_examples=len(examples),
+                compiled=self.compiling[1] is not None and not D.is_distributed(),
+            ),
+        )
         ckpt.extra = method.checkpoint_extra()
         launch = self._check_ranks_agree(t, method, ckpt.extra)
-        res = self._train(method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt)
+        res = self._train(
+            method, examples, budget, t, f"[{spec.method} s{spec.seed}] {t}/{len(self.plan)} {name}", checkpointer=ckpt
+        )
         stats, teardown_s = timed(method.end_stage)  # the method's own cost, apart from training (stage.json)
         if launch:
             launch["rank0_trainable_elements"] = res.local_trainable  # under FSDP rank 0's shards only
@@ -281,8 +387,17 @@ class SequenceRunner:
             # Training an earlier process did (restored from the checkpoint) counts as if this stage had started earlier:
             # train_s includes it, so the stage's wall time must too (else "other" goes negative after a resume).
             method_s = {"method_setup_s": setup_s - calib["s"], "method_teardown_s": teardown_s}  # calibration apart
-            self._commit(t, method, res, {**stats, **launch, **method_s}, budget=budget, n_examples=len(examples), calib_s=calib["s"],
-                         t_stage=t_stage - ckpt.restored_train_s, resumed_train_s=ckpt.restored_train_s)
+            self._commit(
+                t,
+                method,
+                res,
+                {**stats, **launch, **method_s},
+                budget=budget,
+                n_examples=len(examples),
+                calib_s=calib["s"],
+                t_stage=t_stage - ckpt.restored_train_s,
+                resumed_train_s=ckpt.restored_train_s,
+            )
         D.barrier()  # the others wait while rank 0 evaluates and commits the stage
         if D.is_main():
             faults.pause("between-stages", self.run_dir, t)
@@ -301,8 +416,19 @@ class SequenceRunner:
         say(f"[{self.spec.label}] stage {t} state hash {digest}", every_rank=True)
         return {"world_size": D.world_size(), "distributed": self.cfg.distributed, "state_hash": digest}
 
-    def _commit(self, t: int, method, res, stats: dict[str, Any], *, budget: dict, n_examples: int, calib_s: float,
-                t_stage: float, resumed_train_s: float = 0.0) -> None:
+    def _commit(
+        self,
+        t: int,
+        method,
+        res,
+        stats: dict[str, Any],
+        *,
+        budget: dict,
+        n_examples: int,
+        calib_s: float,
+        t_stage: float,
+        resumed_train_s: float = 0.0,
+    ) -> None:
         """Rank 0: evaluate the trained stage, write its folder (atomically, stage.json last), mirror it to MLflow."""
         cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
         faults.pause("eval", self.run_dir, t)
@@ -310,53 +436,126 @@ class SequenceRunner:
         t_ce = time.perf_counter()
         self.general_ce[t] = general_ce(method.model, self.tokenizer, cfg.general_ce_tokens)
         ce_s = time.perf_counter() - t_ce
-        gen = GEN.at_stage(method.model, self.tokenizer, cfg, t, len(self.plan), progress=self.progress)  # general_tasks, when due
+        gen = GEN.at_stage(
+            method.model, self.tokenizer, cfg, t, len(self.plan), progress=self.progress
+        )  # general_tasks, when due
         stage_dir = self.run_dir / "stages" / f"{t}-{name}"
         t_save = time.perf_counter()
         previous = [p for p in (self.run_dir / "stages").glob(f"{t - 1}-*") if t > 1]
-        with atomic_dir(stage_dir, need=tree_size(previous[0]) if previous else None) as tmp:  # a stage takes about what the last did
+        with atomic_dir(
+            stage_dir, need=tree_size(previous[0]) if previous else None
+        ) as tmp:  # a stage takes about what the last did
             method.save_stage(tmp)
-            evj = {"stage": t, "task": name, "scores": ev.scores, "raw": ev.raw, "n": ev.n_examples, "wall_s": ev.wall_s,
-                   "general_ce": self.general_ce[t], "general_ce_s": ce_s, **gen}
-            trj = {"steps": res.steps, "tokens": res.tokens, "wall_s": res.wall_s, "tok_s": res.tok_s, "budget": budget,
-                   "losses": res.losses, "calibration_s": calib_s, "checkpoints": res.checkpoints,
-                   "resumed_from_step": res.resumed_from_step, "train_examples": n_examples, "compile_used": res.compile_used,
-                   "compile_note": res.compile_note, "compile_graphs": res.compile_graphs, "compile_recompiles": res.compile_recompiles}
+            evj = {
+                "stage": t,
+                "task": name,
+                "scores": ev.scores,
+                "raw": ev.raw,
+                "n": ev.n_examples,
+                "wall_s": ev.wall_s,
+                "general_ce": self.general_ce[t],
+                "general_ce_s": ce_s,
+                **gen,
+            }
+            trj = {
+                "steps": res.steps,
+                "tokens": res.tokens,
+                "wall_s": res.wall_s,
+                "tok_s": res.tok_s,
+                "budget": budget,
+                "losses": res.losses,
+                "calibration_s": calib_s,
+                "checkpoints": res.checkpoints,
+                "resumed_from_step": res.resumed_from_step,
+                "train_examples": n_examples,
+                "compile_used": res.compile_used,
+                "compile_note": res.compile_note,
+                "compile_graphs": res.compile_graphs,
+                "compile_recompiles": res.compile_recompiles,
+            }
             atomic_write_json(tmp / "eval.json", evj)
             write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
             atomic_write_json(tmp / "train.json", trj)
             total = time.perf_counter() - t_stage
-            overhead = (total - res.wall_s - ev.wall_s - calib_s - ce_s - gen.get("general_s", 0.0) - stats["method_setup_s"]
-                        - stats["method_teardown_s"])
+            overhead = (
+                total
+                - res.wall_s
+                - ev.wall_s
+                - calib_s
+                - ce_s
+                - gen.get("general_s", 0.0)
+                - stats["method_setup_s"]
+                - stats["method_teardown_s"]
+            )
             info = {
-                "stage": t, "task": name, "wall_s": total, "train_s": res.wall_s, "eval_s": ev.wall_s, "calibration_s": calib_s,
-                "checkpoint_s": res.checkpoint_s, "checkpoint_frac": res.checkpoint_s / total, "save_s": time.perf_counter() - t_save,
-                "overhead_s": overhead, "overhead_frac": overhead / total, "resumed_train_s": resumed_train_s,
-                "train_tok_s": res.tok_s, "train_steps": res.steps, "mlflow_run_id": self.child_id,
-                "precision": self.precision, **method.param_counts(), **stats,
+                "stage": t,
+                "task": name,
+                "wall_s": total,
+                "train_s": res.wall_s,
+                "eval_s": ev.wall_s,
+                "calibration_s": calib_s,
+                "checkpoint_s": res.checkpoint_s,
+                "checkpoint_frac": res.checkpoint_s / total,
+                "save_s": time.perf_counter() - t_save,
+                "overhead_s": overhead,
+                "overhead_frac": overhead / total,
+                "resumed_train_s": resumed_train_s,
+                "train_tok_s": res.tok_s,
+                "train_steps": res.steps,
+                "mlflow_run_id": self.child_id,
+                "precision": self.precision,
+                **method.param_counts(),
+                **stats,
                 "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
                 **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {}),
-                **({"general_s": gen["general_s"]} if gen else {})}
+                **({"general_s": gen["general_s"]} if gen else {}),
+            }
             write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
         self.fill_row(t, ev.scores)
         if self.child_id and not self.mirror.behind:
-            self.mirror.call(mirror_stage, self.tracker, self.mirror.parent_id, self.child_id, stage_dir, fresh=True,
-                             on_half=lambda: faults.pause("mlflow", self.run_dir, t))
+            self.mirror.call(
+                mirror_stage,
+                self.tracker,
+                self.mirror.parent_id,
+                self.child_id,
+                stage_dir,
+                fresh=True,
+                on_half=lambda: faults.pause("mlflow", self.run_dir, t),
+            )
         self.mirror.catch_up()
         self.child_id = None
         self.stage_wall[t] = total
         say(stage_line(spec.label, len(self.plan), info, evj, trj))
 
     @functools.cached_property
-    def compiling(self) -> tuple[str, tuple[int, int] | None]:  # (mode, the one shape of every compiled step; None: eager)
-        return compile_plan(self.cfg.compile, self.model, self.tokenizer, lambda: [
-            (s.budget, [ex for task in s.tasks for ex in self.task_examples(task)]) for s in self.spec.stages])
+    def compiling(
+        self,
+    ) -> tuple[str, tuple[int, int] | None]:  # (mode, the one shape of every compiled step; None: eager)
+        return compile_plan(
+            self.cfg.compile,
+            self.model,
+            self.tokenizer,
+            lambda: [(s.budget, [ex for task in s.tasks for ex in self.task_examples(task)]) for s in self.spec.stages],
+        )
 
     def _train(self, method, examples, budget, stage: int, desc: str, **kw):
-        return train_method(method, self.tokenizer, examples, budget, recipe=self.recipe, seed=self.spec.seed, stage=stage,
-                            bf16_autocast=self.cfg.bf16_autocast, desc=desc, progress=self.progress, distributed=self.cfg.distributed,
-                            compile_mode=self.compiling[0], compile_shape=self.compiling[1], **kw)
+        return train_method(
+            method,
+            self.tokenizer,
+            examples,
+            budget,
+            recipe=self.recipe,
+            seed=self.spec.seed,
+            stage=stage,
+            bf16_autocast=self.cfg.bf16_autocast,
+            desc=desc,
+            progress=self.progress,
+            distributed=self.cfg.distributed,
+            compile_mode=self.compiling[0],
+            compile_shape=self.compiling[1],
+            **kw,
+        )
 
     def _finish(self, method) -> dict[str, Any]:
         """Rank 0 writes the matrix, diagnostics and summary and logs them; every rank returns that summary."""
@@ -364,28 +563,55 @@ class SequenceRunner:
             return D.broadcast_object(None)
         spec, run_dir = self.spec, self.run_dir
         summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
-        learned = MX.learned(self.R, spec.tasks, self.cfg.learn_margin) if not self.method_cls.reference else {"LA": None, "not_learned": None}
+        learned = (
+            MX.learned(self.R, spec.tasks, self.cfg.learn_margin)
+            if not self.method_cls.reference
+            else {"LA": None, "not_learned": None}
+        )
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
         committed = committed_stages(run_dir)
         stage_docs = DOCS.read_stage_documents(committed)
         if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
             write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
-        atomic_write_json(run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()})
+        atomic_write_json(
+            run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()}
+        )
 
-        matrix_heatmap(self.R, spec.tasks, f"{spec.method} seed {spec.seed} order {spec.order_index}", run_dir / "matrix_heatmap.png")
+        matrix_heatmap(
+            self.R,
+            spec.tasks,
+            f"{spec.method} seed {spec.seed} order {spec.order_index}",
+            run_dir / "matrix_heatmap.png",
+        )
         summary = {
-            "method": spec.method, "seed": spec.seed, "order_index": spec.order_index, "tasks": spec.tasks,
-            "variant": spec.variant, "variant_values": spec.variant_values, "strength": spec.strength,
+            "method": spec.method,
+            "seed": spec.seed,
+            "order_index": spec.order_index,
+            "tasks": spec.tasks,
+            "variant": spec.variant,
+            "variant_values": spec.variant_values,
+            "strength": spec.strength,
             "reference": self.method_cls.reference,
-            "acc": summ["ACC"], "bwt": summ["BWT"], "fwt": summ["FWT"], "forgetting": summ["forgetting"], **counts,
-            "la": learned["LA"], "learn_margin": self.cfg.learn_margin, "not_learned": learned["not_learned"],
+            "acc": summ["ACC"],
+            "bwt": summ["BWT"],
+            "fwt": summ["FWT"],
+            "forgetting": summ["forgetting"],
+            **counts,
+            "la": learned["LA"],
+            "learn_margin": self.cfg.learn_margin,
+            "not_learned": learned["not_learned"],
             **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),
             **GEN.summary({t: read_json(d / "eval.json") for t, d in committed.items()}, len(self.plan)),
-            "validation": validation_scores(self.suite, self.tokenizer, self.cfg, method.model, spec.tasks, progress=self.progress),
-            "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)], **method_seconds(committed),
+            "validation": validation_scores(
+                self.suite, self.tokenizer, self.cfg, method.model, spec.tasks, progress=self.progress
+            ),
+            "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
+            **method_seconds(committed),
             "peak_memory": peak_memory(next(self.model.parameters()).device),
-            "mlflow_parent_run_id": self.mirror.parent_id, "mlflow_tracking_uri": self.tracker.uri, "complete": True,
+            "mlflow_parent_run_id": self.mirror.parent_id,
+            "mlflow_tracking_uri": self.tracker.uri,
+            "complete": True,
             "sha256": result_hashes(run_dir),
         }
         self.mirror.finish(summary, lambda: atomic_write_json(run_dir / "summary.json", summary))

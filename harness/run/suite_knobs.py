@@ -44,8 +44,10 @@ def _check(suite) -> None:
     for section, knobs in suite.method_knobs.items():
         where = f"{display(suite.file)}: method_knobs.{section}"
         if section not in users:
-            raise ConfigError(f"{where}: no method reads a section {section!r} (sections: {', '.join(sorted(users))}); "
-                              f"fix the name or drop it")
+            raise ConfigError(
+                f"{where}: no method reads a section {section!r} (sections: {', '.join(sorted(users))}); "
+                f"fix the name or drop it"
+            )
         model = ExperimentConfig.model_fields[section].annotation
         for key in knobs:
             if knob_field(model, key) is None:
@@ -55,13 +57,18 @@ def _check(suite) -> None:
 
 def check_lr_families(suite) -> None:
     """ConfigError naming suite.yaml when a budget recommends a rate for a learning-rate family no method has."""
-    where = [("budget.lr", suite.budget.lr)] + [(f"tasks[{i}].budget.lr", t.budget.lr) for i, t in enumerate(suite.tasks)
-                                                if t.budget is not None and t.budget.lr]
+    where = [("budget.lr", suite.budget.lr)] + [
+        (f"tasks[{i}].budget.lr", t.budget.lr)
+        for i, t in enumerate(suite.tasks)
+        if t.budget is not None and t.budget.lr
+    ]
     for key, rates in where:
         unknown = sorted(set(rates or {}) - set(LR_FAMILIES))
         if unknown:
-            raise ConfigError(f"{display(suite.file)}: {key}: {', '.join(map(repr, unknown))} is no learning-rate family "
-                              f"(families: {', '.join(sorted(LR_FAMILIES))}); fix the name or drop it")
+            raise ConfigError(
+                f"{display(suite.file)}: {key}: {', '.join(map(repr, unknown))} is no learning-rate family "
+                f"(families: {', '.join(sorted(LR_FAMILIES))}); fix the name or drop it"
+            )
 
 
 def with_suite_knobs(cfg: ExperimentConfig, suite) -> ExperimentConfig:

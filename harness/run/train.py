@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-from torch.func import functional_call
 from pydantic import BaseModel, ConfigDict, create_model
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from harness import distributed as D
@@ -27,9 +27,9 @@ from harness import faults
 from harness.config import RECIPE_KNOBS, ExperimentConfig
 from harness.errors import HarnessError
 from harness.losses import lm_loss, loss_terms
+from harness.precision import autocast_ctx
 from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.run.compiled import CompiledLoss, resolve_mode, sequence_shape, why_not
-from harness.precision import autocast_ctx
 from harness.seeding import stable_seed
 
 LOSS_EVERY = 10  # steps between reads of the loss (each read waits for the device)
@@ -53,8 +53,12 @@ class _RecipeRules(BaseModel):
 
 
 # The training recipe of every stage: the config's RECIPE_KNOBS fields themselves, not a copy of their declarations.
-Recipe = create_model("Recipe", __base__=_RecipeRules, __module__=__name__,
-                      **{k: (ExperimentConfig.model_fields[k].annotation, ExperimentConfig.model_fields[k]) for k in RECIPE_KNOBS})
+Recipe = create_model(
+    "Recipe",
+    __base__=_RecipeRules,
+    __module__=__name__,
+    **{k: (ExperimentConfig.model_fields[k].annotation, ExperimentConfig.model_fields[k]) for k in RECIPE_KNOBS},
+)
 
 
 def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
@@ -62,17 +66,25 @@ def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not getattr(base, "supports_gradient_checkpointing", False):
         if on:
-            raise HarnessError(f"--gradient-checkpointing true: {type(base).__name__} does not support it in transformers; "
-                               "leave it off for this model")
+            raise HarnessError(
+                f"--gradient-checkpointing true: {type(base).__name__} does not support it in transformers; "
+                "leave it off for this model"
+            )
         return
     # transformers 5.x renamed gradient to activation checkpointing (the old names warn, and go in v6)
     if hasattr(base, "activation_checkpointing_enable"):
-        active, enable, disable = base.is_activation_checkpointing, base.activation_checkpointing_enable, \
-            base.activation_checkpointing_disable
+        active, enable, disable = (
+            base.is_activation_checkpointing,
+            base.activation_checkpointing_enable,
+            base.activation_checkpointing_disable,
+        )
         kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
     else:
-        active, enable, disable = base.is_gradient_checkpointing, base.gradient_checkpointing_enable, \
-            base.gradient_checkpointing_disable
+        active, enable, disable = (
+            base.is_gradient_checkpointing,
+            base.gradient_checkpointing_enable,
+            base.gradient_checkpointing_disable,
+        )
         kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if on and not active:
         enable(**kwargs)
@@ -138,7 +150,9 @@ class LossLog:
             self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
 
 
-def tokenize_examples(tokenizer, examples: list[dict], max_seq_len: int | None, *, add_eos: bool = True) -> list[tuple[list[int], int]]:
+def tokenize_examples(
+    tokenizer, examples: list[dict], max_seq_len: int | None, *, add_eos: bool = True
+) -> list[tuple[list[int], int]]:
     """(ids, n_prompt_tokens) per example: prompt + completion (+ EOS), truncated from the left of the prompt.
 
     An example's own "eos" key (set from the recipe's completion_eos and its task's kind) wins over add_eos."""
@@ -177,10 +191,13 @@ def example_batches(tokenizer, examples: list[dict], max_seq_len: int | None, de
         chosen = [data[i] for i in (indices if indices is not None else range(len(data)))]
         for i in range(0, len(chosen), batch_size):
             yield collate(chosen[i : i + batch_size], pad_id, device)
+
     return batches
 
 
-def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reduction: str) -> tuple[dict[str, torch.Tensor], float | None]:
+def rank_batch(
+    items: list[tuple[list[int], int]], pad_id: int, device, reduction: str
+) -> tuple[dict[str, torch.Tensor], float | None]:
     """This rank's slice of a global batch and its loss scale; one process: the whole batch and no scale."""
     if not D.is_distributed():
         return collate(items, pad_id, device), None
@@ -190,8 +207,15 @@ def rank_batch(items: list[tuple[list[int], int]], pad_id: int, device, reductio
     return collate(mine, pad_id, device), weight * D.world_size() / max(1, loss_terms(items, reduction))
 
 
-def forward_loss(model, input_ids, attention_mask, labels, reduction: str, scale: float | None = None,
-                 overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def forward_loss(
+    model,
+    input_ids,
+    attention_mask,
+    labels,
+    reduction: str,
+    scale: float | None = None,
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The forward pass and the loss: what `compile` compiles (harness/run/compiled.py).
 
     overrides: parameters the forward uses instead of the model's (the method's weight_overrides)."""
@@ -200,8 +224,18 @@ def forward_loss(model, input_ids, attention_mask, labels, reduction: str, scale
     return lm_loss(logits, labels, reduction, scale=scale)
 
 
-def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recipe: Recipe, hooks: StageHooks | None,
-               bf16_autocast: bool = False, loss_scale: float | None = None, loss_fn: Callable | None = None) -> torch.Tensor:
+def train_step(
+    model,
+    batch,
+    params: list[torch.nn.Parameter],
+    opt,
+    sched,
+    recipe: Recipe,
+    hooks: StageHooks | None,
+    bf16_autocast: bool = False,
+    loss_scale: float | None = None,
+    loss_fn: Callable | None = None,
+) -> torch.Tensor:
     """One optimizer step: loss (+ the method's term), backward, hooks, clip, AdamW, schedule.
 
     Returns the loss as a detached tensor: reading it (a host-device synchronisation) is the caller's choice.
@@ -209,9 +243,18 @@ def train_step(model, batch, params: list[torch.nn.Parameter], opt, sched, recip
     the global batch's, averaged over ranks."""
     device = batch["input_ids"].device
     with autocast_ctx(device, bf16_autocast):
-        overrides = hooks.weight_overrides() if hasattr(hooks, "weight_overrides") else None  # optional in a hook object
-        loss = (loss_fn or forward_loss)(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                         recipe.loss_reduction, loss_scale, overrides)
+        overrides = (
+            hooks.weight_overrides() if hasattr(hooks, "weight_overrides") else None
+        )  # optional in a hook object
+        loss = (loss_fn or forward_loss)(
+            model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            recipe.loss_reduction,
+            loss_scale,
+            overrides,
+        )
     extra = hooks.extra_loss() if hooks is not None else None
     total = loss + extra if extra is not None else loss
     total.backward()
@@ -238,8 +281,9 @@ def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, 
     return opt, sched
 
 
-def _save_checkpoint(checkpointer: StageCheckpointer, staged, gen: torch.Generator, prog: Progress, t0: float, *,
-                     last: bool, stage: int) -> float:
+def _save_checkpoint(
+    checkpointer: StageCheckpointer, staged, gen: torch.Generator, prog: Progress, t0: float, *, last: bool, stage: int
+) -> float:
     """Write a mid-stage checkpoint (every rank gathers under FSDP; rank 0 writes); the seconds it took.
 
     `t0` is the stage's start shifted by earlier checkpoints' time, so prog.wall_s counts training only."""
@@ -304,7 +348,9 @@ def train_stage(
     plist, main = list(staged.params.values()), D.is_main()
     t0 = time.perf_counter() - prog.wall_s
     ckpt_s = 0.0
-    bar = tqdm(total=total, initial=prog.step, desc=desc, leave=False, disable=not progress or not main, dynamic_ncols=True)
+    bar = tqdm(
+        total=total, initial=prog.step, desc=desc, leave=False, disable=not progress or not main, dynamic_ncols=True
+    )
     losses = LossLog(prog.losses, bar)
     loss_fn = CompiledLoss(forward_loss, compile_mode, device, shape=compile_shape)
     try:
@@ -315,14 +361,19 @@ def train_stage(
             items = [data[i] for i in idx]
             batch, scale = rank_batch(items, pad_id, device, recipe.loss_reduction)
             batch = loss_fn.pad(batch, pad_id)
-            losses.add(train_step(staged.module, batch, plist, staged.opt, staged.sched, recipe, hooks, bf16_autocast, scale,
-                                  loss_fn))
+            losses.add(
+                train_step(
+                    staged.module, batch, plist, staged.opt, staged.sched, recipe, hooks, bf16_autocast, scale, loss_fn
+                )
+            )
             prog.step += 1
             prog.tokens += sum(len(ids) for ids, _ in items)  # the global batch's tokens (its attention mask's sum)
             bar.update(1)
             if checkpointer is not None and checkpointer.due(prog.step, total):
                 losses.flush()
-                ckpt_s += _save_checkpoint(checkpointer, staged, gen, prog, t0 + ckpt_s, last=prog.step >= total, stage=stage)
+                ckpt_s += _save_checkpoint(
+                    checkpointer, staged, gen, prog, t0 + ckpt_s, last=prog.step >= total, stage=stage
+                )
             if on_step is not None:
                 on_step(prog.step)
         losses.flush()
@@ -330,25 +381,67 @@ def train_stage(
         staged.close()
     finally:
         bar.close()
-    return TrainResult(steps=prog.step, tokens=prog.tokens, wall_s=time.perf_counter() - t0 - ckpt_s, losses=prog.losses,
-                       checkpoint_s=ckpt_s, checkpoints=checkpointer.saves if checkpointer else 0, resumed_from_step=resumed_from,
-                       local_trainable=local, compile_used=loss_fn.used, compile_note=loss_fn.reason,
-                       compile_graphs=loss_fn.graphs, compile_recompiles=loss_fn.recompiles)
+    return TrainResult(
+        steps=prog.step,
+        tokens=prog.tokens,
+        wall_s=time.perf_counter() - t0 - ckpt_s,
+        losses=prog.losses,
+        checkpoint_s=ckpt_s,
+        checkpoints=checkpointer.saves if checkpointer else 0,
+        resumed_from_step=resumed_from,
+        local_trainable=local,
+        compile_used=loss_fn.used,
+        compile_note=loss_fn.reason,
+        compile_graphs=loss_fn.graphs,
+        compile_recompiles=loss_fn.recompiles,
+    )
 
 
-def train_method(method, tokenizer, examples: list[dict], budget: dict, *, recipe: Recipe, seed: int, stage: int,
-                 bf16_autocast: bool, calibration: bool = False, max_steps: int | None = None,
-                 checkpointer: StageCheckpointer | None = None, desc: str = "train", progress: bool = True,
-                 distributed: str = "ddp", compile_mode: str = "none", compile_shape: tuple[int, int] | None = None) -> TrainResult:
+def train_method(
+    method,
+    tokenizer,
+    examples: list[dict],
+    budget: dict,
+    *,
+    recipe: Recipe,
+    seed: int,
+    stage: int,
+    bf16_autocast: bool,
+    calibration: bool = False,
+    max_steps: int | None = None,
+    checkpointer: StageCheckpointer | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    distributed: str = "ddp",
+    compile_mode: str = "none",
+    compile_shape: tuple[int, int] | None = None,
+) -> TrainResult:
     """One stage of a method (harness/methods) on a budget from planning.stage_budget; sequences and merging share it.
 
     calibration=True is the LoRI-D pre-run of a magnitude mask: no method hooks, its own data order."""
     return train_stage(
-        method.model, tokenizer, examples, method.trainable(), recipe=recipe, lr=budget["lr"], epochs=budget["epochs"],
-        batch_size=budget["batch_size"], steps=budget["steps"], max_steps=max_steps or budget["max_steps"],
-        max_seq_len=budget["max_seq_len"], seed=stable_seed(seed, "calib") if calibration else seed, stage=stage,
-        bf16_autocast=bf16_autocast, hooks=None if calibration else method, checkpointer=checkpointer, desc=desc, progress=progress,
-        distributed=distributed, compile_mode=compile_mode, compile_shape=compile_shape)
+        method.model,
+        tokenizer,
+        examples,
+        method.trainable(),
+        recipe=recipe,
+        lr=budget["lr"],
+        epochs=budget["epochs"],
+        batch_size=budget["batch_size"],
+        steps=budget["steps"],
+        max_steps=max_steps or budget["max_steps"],
+        max_seq_len=budget["max_seq_len"],
+        seed=stable_seed(seed, "calib") if calibration else seed,
+        stage=stage,
+        bf16_autocast=bf16_autocast,
+        hooks=None if calibration else method,
+        checkpointer=checkpointer,
+        desc=desc,
+        progress=progress,
+        distributed=distributed,
+        compile_mode=compile_mode,
+        compile_shape=compile_shape,
+    )
 
 
 def compile_plan(compile_knob: str, model, tokenizer, stages: Callable[[], list[tuple[dict, list[dict]]]]):

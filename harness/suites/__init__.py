@@ -13,7 +13,21 @@ from harness.suites.schema import Budget, HFSource, Sizes, Suite, TaskBudget, Ta
 from harness.suites.validation import validate_suite
 
 __all__ = [
-    "SUITE_FILE", "Budget", "HFSource", "Sizes", "Suite", "TaskBudget", "TaskSpec", "TrainSource",
-    "_LocalDataset", "_Subsample", "format_to_jinja", "list_suites", "load_suite", "read_records", "suites_dir",
-    "template_fields", "validate_suite",
+    "SUITE_FILE",
+    "Budget",
+    "HFSource",
+    "Sizes",
+    "Suite",
+    "TaskBudget",
+    "TaskSpec",
+    "TrainSource",
+    "_LocalDataset",
+    "_Subsample",
+    "format_to_jinja",
+    "list_suites",
+    "load_suite",
+    "read_records",
+    "suites_dir",
+    "template_fields",
+    "validate_suite",
 ]

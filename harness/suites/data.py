@@ -41,7 +41,9 @@ def template_fields(template: str) -> list[str]:
         if field is None:
             continue
         if not field.isidentifier():
-            raise ValueError(f"template field {{{field}}}: use plain names like {{text}} (no index, attribute or positional fields)")
+            raise ValueError(
+                f"template field {{{field}}}: use plain names like {{text}} (no index, attribute or positional fields)"
+            )
         if spec or conv:
             raise ValueError(f"template field {{{field}}}: format specs and conversions are not supported")
         fields.append(field)
@@ -68,8 +70,11 @@ def label_index(task: "TaskSpec", value: Any) -> int:
 def _field(task: "TaskSpec", record: dict, field: str) -> Any:
     col = task.train.columns.get(field, field)
     if col not in record:
-        raise ValueError(f"record has no column {col!r}" + (f" (field {field!r})" if col != field else "")
-                         + f"; columns: {sorted(record)}")
+        raise ValueError(
+            f"record has no column {col!r}"
+            + (f" (field {field!r})" if col != field else "")
+            + f"; columns: {sorted(record)}"
+        )
     return record[col]
 
 
@@ -120,8 +125,10 @@ def read_lm_eval_yaml(task: "TaskSpec") -> dict:
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise SuiteError(f"{display(path)}: not plain YAML (no !function or other tags; "
-                         f"callables are generated from suite.yaml): {e}") from None
+        raise SuiteError(
+            f"{display(path)}: not plain YAML (no !function or other tags; "
+            f"callables are generated from suite.yaml): {e}"
+        ) from None
     if not isinstance(cfg, dict):
         raise SuiteError(f"{display(path)}: expected a mapping of lm-eval task config keys")
     for key in _UNSUPPORTED_YAML_KEYS:
@@ -220,8 +227,10 @@ def validation_indices(task: "TaskSpec") -> list[int]:
         return []
     rows = selected_train_records(task)
     if task.validation.size >= len(rows):
-        raise SuiteError(f"{task.where}.validation.size: {task.validation.size}, but the task has only {len(rows)} training "
-                         "examples; carve fewer (the rest are trained on)")
+        raise SuiteError(
+            f"{task.where}.validation.size: {task.validation.size}, but the task has only {len(rows)} training "
+            "examples; carve fewer (the rest are trained on)"
+        )
     return sorted(random.Random(f"{VALIDATION_SEED}:{task.name}").sample(range(len(rows)), task.validation.size))
 
 
@@ -282,8 +291,10 @@ def test_records(task: "TaskSpec") -> list[dict]:
         return task._cache["test"]
     path = test_file(task)
     if path is None:
-        raise SuiteError(f"{task.where}: test data is not a local file ({task.lm_eval}: dataset_path "
-                         f"{read_lm_eval_yaml(task).get('dataset_path')!r})")
+        raise SuiteError(
+            f"{task.where}: test data is not a local file ({task.lm_eval}: dataset_path "
+            f"{read_lm_eval_yaml(task).get('dataset_path')!r})"
+        )
     rows = _read_checked(path, f"{display(task.lm_eval_path)}: dataset_kwargs.data_files")
     task._cache["test"] = rows
     return rows
@@ -292,7 +303,9 @@ def test_records(task: "TaskSpec") -> list[dict]:
 # ============================================================================ overrides
 def _overrides_from_folder(folder: Path, task_names: list[str]) -> dict[str, dict[str, Path]]:
     if not folder.is_dir():
-        raise SuiteError(f"data overrides: {folder} is not a folder (expected <task>.train.jsonl / <task>.test.jsonl files)")
+        raise SuiteError(
+            f"data overrides: {folder} is not a folder (expected <task>.train.jsonl / <task>.test.jsonl files)"
+        )
     out: dict[str, dict[str, Path]] = {}
     for t in task_names:
         for part in ("train", "test"):
@@ -304,7 +317,9 @@ def _overrides_from_folder(folder: Path, task_names: list[str]) -> dict[str, dic
     return out
 
 
-def resolve_data_overrides(data_overrides: str | Path | dict | None, task_names: list[str]) -> dict[str, dict[str, Path]]:
+def resolve_data_overrides(
+    data_overrides: str | Path | dict | None, task_names: list[str]
+) -> dict[str, dict[str, Path]]:
     """{task: {"train"/"test": file}} from a folder, a mapping or (when None) $HARNESS_DATA_OVERRIDES.
 
     A folder contributes only the files it has; a mapping's bare path means train only."""

@@ -58,8 +58,9 @@ class _Subsample:
 
     At most ``per_class`` per label (``label_column``) and at most ``n`` in all."""
 
-    def __init__(self, n: int | None, per_class: int | None = None, label_column: str = "label",
-                 seed: int = FIXED_DATA_SEED):
+    def __init__(
+        self, n: int | None, per_class: int | None = None, label_column: str = "label", seed: int = FIXED_DATA_SEED
+    ):
         self.n, self.per_class, self.label_column, self.seed = n, per_class, label_column, seed
 
     def __call__(self, dataset):
@@ -82,8 +83,10 @@ class _Subsample:
 
     def __repr__(self) -> str:
         # lm-eval logs configs with repr: name the class where users import it from
-        return (f"harness.suites._Subsample(n={self.n}, per_class={self.per_class}, "
-                f"label_column={self.label_column!r}, seed={self.seed})")
+        return (
+            f"harness.suites._Subsample(n={self.n}, per_class={self.per_class}, "
+            f"label_column={self.label_column!r}, seed={self.seed})"
+        )
 
 
 class _LocalDataset:
@@ -145,16 +148,20 @@ def metric_key(task: "TaskSpec") -> str:
         return f"{task.metric},none"
     if len(filters) == 1 and isinstance(filters[0], dict) and "name" in filters[0]:
         return f"{task.metric},{filters[0]['name']}"
-    raise SuiteError(f"{task.where}.metric: {task.lm_eval} has {len(filters)} filters; "
-                     f"write the metric key in full, e.g. {task.metric},<filter name>")
+    raise SuiteError(
+        f"{task.where}.metric: {task.lm_eval} has {len(filters)} filters; "
+        f"write the metric key in full, e.g. {task.metric},<filter name>"
+    )
 
 
 def _doc_to_target(task: "TaskSpec") -> str:
     if task.kind == "multiple_choice":
         lab = task.label_column
         # the record's label is a choice name or an int index (CSV: as text)
-        return ("{% set c = " + json.dumps(task.choices, ensure_ascii=False) + " %}"
-                "{{ c.index(" + lab + ") if " + lab + " in c else " + lab + " | int }}")
+        return (
+            "{% set c = " + json.dumps(task.choices, ensure_ascii=False) + " %}"
+            "{{ c.index(" + lab + ") if " + lab + " in c else " + lab + " | int }}"
+        )
     # gold = the rendered target without surrounding whitespace / stop string; the
     # generation is compared after the YAML's strip filter.
     return "{% filter trim %}" + format_to_jinja(task.target, task.train.columns) + "{% endfilter %}"

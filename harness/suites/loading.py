@@ -99,5 +99,7 @@ def list_suites() -> list[dict]:
         try:
             rows.append(load_suite(d).summary())
         except SuiteError as e:
-            rows.append({"name": d.name, "description": "", "n_tasks": 0, "n_orders": 0, "path": str(d), "error": str(e)})
+            rows.append(
+                {"name": d.name, "description": "", "n_tasks": 0, "n_orders": 0, "path": str(d), "error": str(e)}
+            )
     return rows

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import harness
-
 from harness.errors import SuiteError
 
 SUITE_FILE = "suite.yaml"
@@ -47,5 +46,7 @@ def resolve_suite_file(name_or_path: str | Path) -> Path:
         if cand.is_file():
             return cand.resolve()
     known = ", ".join(sorted(d.name for d in suites_dir().glob("*") if (d / SUITE_FILE).is_file())) or "none"
-    raise SuiteError(f"suite {name!r}: not a suite name in {display(suites_dir())} (known: {known}) "
-                     f"nor a path to a suite folder or {SUITE_FILE}")
+    raise SuiteError(
+        f"suite {name!r}: not a suite name in {display(suites_dir())} (known: {known}) "
+        f"nor a path to a suite folder or {SUITE_FILE}"
+    )

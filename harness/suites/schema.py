@@ -40,7 +40,9 @@ class TaskBudget(_Strict):
     epochs: float | None = Field(None, gt=0)
     batch_size: int | None = Field(None, ge=1)
     max_seq_len: int | None = Field(None, ge=8)
-    lr: dict[str, float] | None = None  # replaces the suite's whole mapping: the families it leaves out get their defaults
+    lr: dict[str, float] | None = (
+        None  # replaces the suite's whole mapping: the families it leaves out get their defaults
+    )
 
 
 class HFSource(_Strict):

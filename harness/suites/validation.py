@@ -54,7 +54,9 @@ def _check_labels(t: TaskSpec, rows: list[dict], where: str, problems: list[str]
 def _check_config_only(t: TaskSpec, cfg: dict, problems: list[str]) -> None:
     """Hub tasks: check the config constructs as an lm-eval TaskConfig without downloading."""
     try:
-        from lm_eval.config.task import TaskConfig  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+        from lm_eval.config.task import (
+            TaskConfig,  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+        )
 
         TaskConfig(**{k: v for k, v in cfg.items()})
     except Exception as e:  # noqa: BLE001
@@ -89,13 +91,17 @@ def _check_lm_eval_task(t: TaskSpec, cfg: dict, test_rows: list[dict], problems:
         problems.append(f"{where}: lm-eval cannot build task {cfg['task']!r}: {type(e).__name__}: {e}")
         return
     if task.OUTPUT_TYPE != OUTPUT_TYPE[t.kind]:
-        problems.append(f"{where}: output_type: {task.OUTPUT_TYPE!r} but suite kind {t.kind} needs {OUTPUT_TYPE[t.kind]!r}")
+        problems.append(
+            f"{where}: output_type: {task.OUTPUT_TYPE!r} but suite kind {t.kind} needs {OUTPUT_TYPE[t.kind]!r}"
+        )
         return
     docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
     metrics = {m["metric"] for m in (cfg.get("metric_list") or []) if isinstance(m, dict)}
     base_metric = t.metric.split(",")[0]
     if base_metric not in metrics:
-        problems.append(f"{where}: metric_list: has no metric {base_metric!r} (suite tasks[{t._index}].metric); has {sorted(metrics)}")
+        problems.append(
+            f"{where}: metric_list: has no metric {base_metric!r} (suite tasks[{t._index}].metric); has {sorted(metrics)}"
+        )
     if test_rows and len(docs) != len(test_rows):
         problems.append(f"{where}: lm-eval sees {len(docs)} test documents, the file has {len(test_rows)}")
     mismatches = 0
@@ -107,8 +113,10 @@ def _check_lm_eval_task(t: TaskSpec, cfg: dict, test_rows: list[dict], problems:
         if not ok:
             mismatches += 1
             if mismatches <= 2:
-                problems.append(f"{where}: test document {i}: lm-eval renders {got!r}, the suite (training format) "
-                                f"renders {(want.get('prompt'), want.get('completion'))!r}")
+                problems.append(
+                    f"{where}: test document {i}: lm-eval renders {got!r}, the suite (training format) "
+                    f"renders {(want.get('prompt'), want.get('completion'))!r}"
+                )
     if mismatches > 2:
         problems.append(f"{where}: {mismatches} of {len(docs)} test documents render differently in lm-eval")
 
@@ -116,7 +124,9 @@ def _check_lm_eval_task(t: TaskSpec, cfg: dict, test_rows: list[dict], problems:
 def _check_train(t: TaskSpec, tw: str, problems: list[str]) -> list[dict]:
     """Local training data: parses, renders, has the declared size and every label; returns the rendered examples."""
     try:
-        rows = data.selected_train_records(t)  # with the validation split: it must not overlap the test documents either
+        rows = data.selected_train_records(
+            t
+        )  # with the validation split: it must not overlap the test documents either
         data.validation_indices(t)  # a validation split larger than the data is refused here
         file = data.train_file(t)
         where = f"{tw}.train ({display(file)})"
@@ -164,7 +174,9 @@ def _check_task(t: TaskSpec, where_suite: str, problems: list[str], notes: list[
         return
     ot = raw_cfg.get("output_type")
     if ot != OUTPUT_TYPE[t.kind]:
-        problems.append(f"{display(t.lm_eval_path)}: output_type: {ot!r} but suite kind {t.kind} needs {OUTPUT_TYPE[t.kind]!r}")
+        problems.append(
+            f"{display(t.lm_eval_path)}: output_type: {ot!r} but suite kind {t.kind} needs {OUTPUT_TYPE[t.kind]!r}"
+        )
     try:
         _ = t.metric_key
     except SuiteError as e:
@@ -175,8 +187,10 @@ def _check_task(t: TaskSpec, where_suite: str, problems: list[str], notes: list[
     else:
         train_rendered = _check_train(t, tw, problems)
     if data.test_file(t) is None:
-        notes.append(f"{t.name}: test data is the hub dataset {cfg.get('dataset_path')} (not downloaded: "
-                     f"lm-eval task not built; config checked only)")
+        notes.append(
+            f"{t.name}: test data is the hub dataset {cfg.get('dataset_path')} (not downloaded: "
+            f"lm-eval task not built; config checked only)"
+        )
         _check_config_only(t, cfg, problems)
         return
     _check_test(t, tw, cfg, train_rendered, problems)

@@ -22,20 +22,26 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOKS = ("import json, sys; from harness.config import ExperimentConfig; "
-         "from harness.tools.stage_hooks_bench import run_stage_hooks; "
-         "cfg = ExperimentConfig(model=sys.argv[1], suite=sys.argv[2], methods=[sys.argv[3]]); "
-         "json.dump(run_stage_hooks(cfg, methods=(sys.argv[3],), suite_name=sys.argv[2], steps=int(sys.argv[4])), "
-         "open(sys.argv[5], 'w'), indent=1)")
+HOOKS = (
+    "import json, sys; from harness.config import ExperimentConfig; "
+    "from harness.tools.stage_hooks_bench import run_stage_hooks; "
+    "cfg = ExperimentConfig(model=sys.argv[1], suite=sys.argv[2], methods=[sys.argv[3]]); "
+    "json.dump(run_stage_hooks(cfg, methods=(sys.argv[3],), suite_name=sys.argv[2], steps=int(sys.argv[4])), "
+    "open(sys.argv[5], 'w'), indent=1)"
+)
 
 
 def _extract(rev: str, dest: Path) -> None:
     """The package as it was at `rev`, plus today's stage-hooks timer (the old code has no such mode)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "harness"], check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "harness"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    shutil.copy(ROOT / "harness" / "tools" / "stage_hooks_bench.py", dest / "harness" / "tools" / "stage_hooks_bench.py")
+    shutil.copy(
+        ROOT / "harness" / "tools" / "stage_hooks_bench.py", dest / "harness" / "tools" / "stage_hooks_bench.py"
+    )
 
 
 def _run(tree: Path, args: list[str], out: Path) -> dict:
@@ -58,14 +64,38 @@ def measure(before: str, model: str, suite: str, out: Path, steps: int = 3) -> d
             raw[side][method] = _run(tree, ["-c", HOOKS, model, suite, method, str(steps), str(path)], path)
     for side, tree in trees.items():
         path = out / f"{side}-bench.json"
-        raw[side]["bench"] = _run(tree, ["-m", "harness.cli", "bench", "--model", model, "--methods", "inclora,nlora",
-                                         "--steps", "10", "--json", str(path)], path)
-    ratios: dict = {"before": before, "model": model, "suite": suite, "device": raw["after"]["bench"].get("device_name")}
+        raw[side]["bench"] = _run(
+            tree,
+            [
+                "-m",
+                "harness.cli",
+                "bench",
+                "--model",
+                model,
+                "--methods",
+                "inclora,nlora",
+                "--steps",
+                "10",
+                "--json",
+                str(path),
+            ],
+            path,
+        )
+    ratios: dict = {
+        "before": before,
+        "model": model,
+        "suite": suite,
+        "device": raw["after"]["bench"].get("device_name"),
+    }
     for method in ("inflora", "ewc"):
         b, a = _hooks_s(raw["before"][method], method), _hooks_s(raw["after"][method], method)
-        ratios[method] = {"method_s_before": b, "method_s_after": a, "speedup": b / a if a > 0 else None,
-                          "share_of_stage_before": max(s["method_frac"] for s in raw["before"][method]["methods"][method]),
-                          "share_of_stage_after": max(s["method_frac"] for s in raw["after"][method]["methods"][method])}
+        ratios[method] = {
+            "method_s_before": b,
+            "method_s_after": a,
+            "speedup": b / a if a > 0 else None,
+            "share_of_stage_before": max(s["method_frac"] for s in raw["before"][method]["methods"][method]),
+            "share_of_stage_after": max(s["method_frac"] for s in raw["after"][method]["methods"][method]),
+        }
     for side in trees:
         rows = raw[side]["bench"]["methods"]
         ratios[f"nlora_vs_inclora_{side}"] = rows["nlora"]["step_s_median"] / rows["inclora"]["step_s_median"]
@@ -84,9 +114,11 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     r = measure(a.before, a.model, a.suite, out)
     for m in ("inflora", "ewc"):
-        print(f"{m}: setup+teardown over 2 stages {r[m]['method_s_before']:.1f} s -> {r[m]['method_s_after']:.1f} s "
-              f"({r[m]['speedup']:.1f}x); largest share of a stage's training {100 * r[m]['share_of_stage_before']:.0f}% -> "
-              f"{100 * r[m]['share_of_stage_after']:.0f}%")
+        print(
+            f"{m}: setup+teardown over 2 stages {r[m]['method_s_before']:.1f} s -> {r[m]['method_s_after']:.1f} s "
+            f"({r[m]['speedup']:.1f}x); largest share of a stage's training {100 * r[m]['share_of_stage_before']:.0f}% -> "
+            f"{100 * r[m]['share_of_stage_after']:.0f}%"
+        )
     print(f"N-LoRA step / IncLoRA step: {r['nlora_vs_inclora_before']:.2f}x -> {r['nlora_vs_inclora_after']:.2f}x")
     return 0
 

@@ -77,16 +77,25 @@ def _server_env() -> dict[str, str]:
     return env
 
 
-def server_command(backend_uri: str, artifacts_dir: Path, host: str, port: int, workers: int = 1,
-                   extra: tuple[str, ...] = ()) -> list[str]:
+def server_command(
+    backend_uri: str, artifacts_dir: Path, host: str, port: int, workers: int = 1, extra: tuple[str, ...] = ()
+) -> list[str]:
     """The `mlflow server` command line, run by this interpreter so it is the venv's MLflow (extra: more options)."""
     return [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_uri,
-        "--artifacts-destination", str(artifacts_dir),
-        "--host", host,
-        "--port", str(port),
-        "--workers", str(workers),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(artifacts_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
         *extra,
     ]
 
@@ -99,7 +108,9 @@ def _backend_uri(results_dir: Path, tracking_uri: str | None) -> str:
             "starting a dashboard"
         )
     if not (uri.startswith(("sqlite:", "postgresql", "mysql", "mssql"))):
-        raise HarnessError(f"the dashboard needs a database tracking URI (sqlite:///..., postgresql://...), got {redact_uri(uri)}")
+        raise HarnessError(
+            f"the dashboard needs a database tracking URI (sqlite:///..., postgresql://...), got {redact_uri(uri)}"
+        )
     check_store_exists(results_dir, uri)
     return uri
 
@@ -203,10 +214,7 @@ def _raise_interrupt(signum, frame):  # noqa: ARG001
 
 
 def serve_dashboard(
-    results_dir: Path,
-    port: int = 5000,
-    host: str = "127.0.0.1",
-    tracking_uri: str | None = None,
+    results_dir: Path, port: int = 5000, host: str = "127.0.0.1", tracking_uri: str | None = None
 ) -> int:
     """Run the MLflow UI over the results folder until Ctrl-C or SIGTERM/SIGHUP.
 
@@ -231,7 +239,10 @@ def serve_dashboard(
         except TrackingError:
             stop_server(proc)
             raise
-        print(f"MLflow dashboard: {url}  (store: {redact_uri(default_tracking_uri(Path(results_dir).resolve(), tracking_uri))}); Ctrl-C to stop", flush=True)
+        print(
+            f"MLflow dashboard: {url}  (store: {redact_uri(default_tracking_uri(Path(results_dir).resolve(), tracking_uri))}); Ctrl-C to stop",
+            flush=True,
+        )
         while proc.poll() is None:
             try:
                 proc.wait(timeout=1.0)

@@ -47,7 +47,9 @@ REFERENCE = "peft_fp32"
 def seeded_adapter(model: torch.nn.Module, cfg, *, seed: int = 0, relative_delta: float = 0.05):
     """A PeftModel with one adapter: A as the methods seed it, B seeded Gaussian scaled to ‖ΔW‖ = relative_delta·‖W0‖."""
 
-    seq = AdapterSequence(model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets, a_init=cfg.a_init, seed=seed)
+    seq = AdapterSequence(
+        model, rank=cfg.rank, alpha=cfg.scale_alpha, targets=cfg.targets, a_init=cfg.a_init, seed=seed
+    )
     name = seq.begin_task(1)
     g = torch.Generator().manual_seed(seed)
     for _, layer in seq.layers():
@@ -65,16 +67,22 @@ def load_adapter(model: torch.nn.Module, folder: Path):
         names = read_json(folder / "adapters.json")["adapters"]
         folders = {n: AdapterSequence.adapter_file(folder, n).parent for n in names}
         if not all((f / CONFIG).is_file() for f in folders.values()):  # e.g. LoRI-S: masks and values, not PEFT files
-            raise HarnessError(f"{folder}: this stage folder holds the method's own files, not a PEFT adapter; "
-                               "write one with `harness export RUN_DIR --stage T OUT` and pass OUT")
+            raise HarnessError(
+                f"{folder}: this stage folder holds the method's own files, not a PEFT adapter; "
+                "write one with `harness export RUN_DIR --stage T OUT` and pass OUT"
+            )
     elif (folder / CONFIG).is_file():
         names, folders = ["default"], {"default": folder}
     elif (folder / "stage.json").is_file():  # e.g. LoRI-S: masks and values only
-        raise HarnessError(f"{folder}: this stage folder holds the method's own files, not a PEFT adapter; "
-                           "write one with `harness export RUN_DIR --stage T OUT` and pass OUT")
+        raise HarnessError(
+            f"{folder}: this stage folder holds the method's own files, not a PEFT adapter; "
+            "write one with `harness export RUN_DIR --stage T OUT` and pass OUT"
+        )
     else:
-        raise HarnessError(f"{folder}: neither a PEFT adapter folder (adapter_config.json) nor a stage folder "
-                           "(adapters.json); pass e.g. results/<experiment>/<method>/seed-0/stages/1-<task>")
+        raise HarnessError(
+            f"{folder}: neither a PEFT adapter folder (adapter_config.json) nor a stage folder "
+            "(adapters.json); pass e.g. results/<experiment>/<method>/seed-0/stages/1-<task>"
+        )
     peft = load_adapters(model, folders)
     peft.base_model.set_adapter(names)
     return peft
@@ -85,12 +93,27 @@ def agreement(ref: list[dict], other: list[dict]) -> dict:
     if [d["doc_id"] for d in ref] != [d["doc_id"] for d in other]:
         raise RuntimeError("the two evaluations scored different documents")
     same = sum(a["pred"] == b["pred"] for a, b in zip(ref, other))
-    lls = [abs(x - y) for a, b in zip(ref, other) for x, y in zip(a.get("loglikelihoods", []), b.get("loglikelihoods", []))]
-    return {"documents": len(ref), "agree": same / len(ref) if ref else 1.0, "max_loglikelihood_diff": max(lls) if lls else None}
+    lls = [
+        abs(x - y) for a, b in zip(ref, other) for x, y in zip(a.get("loglikelihoods", []), b.get("loglikelihoods", []))
+    ]
+    return {
+        "documents": len(ref),
+        "agree": same / len(ref) if ref else 1.0,
+        "max_loglikelihood_diff": max(lls) if lls else None,
+    }
 
 
-def run_eval_modes(cfg, *, suite: str | None = None, modes: tuple[str, ...] = DEFAULT_MODES, adapter: Path | None = None,
-                   seed: int = 0, relative_delta: float = 0.05, repeats: int = 1, progress: bool = False) -> dict:
+def run_eval_modes(
+    cfg,
+    *,
+    suite: str | None = None,
+    modes: tuple[str, ...] = DEFAULT_MODES,
+    adapter: Path | None = None,
+    seed: int = 0,
+    relative_delta: float = 0.05,
+    repeats: int = 1,
+    progress: bool = False,
+) -> dict:
     """Time lm-eval on every task of the suite (default cfg.suite) with cfg.model in each mode; JSON-able result.
 
     Batch size, eval_limit, max length, device, dtype, rank, alpha, targets come from the experiment config.
@@ -103,8 +126,9 @@ def run_eval_modes(cfg, *, suite: str | None = None, modes: tuple[str, ...] = DE
     modes = (REFERENCE, *[m for m in modes if m != REFERENCE])
     set_torch_threads()
     s = load_suite(suite or cfg.suite)
-    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
-                            trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model(
+        cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+    )
     if adapter is not None:
         model = load_adapter(model, adapter)
     else:
@@ -113,12 +137,27 @@ def run_eval_modes(cfg, *, suite: str | None = None, modes: tuple[str, ...] = DE
     kw = dict(batch_size=cfg.eval_batch_size, max_length=cfg.eval_max_length, progress=progress)
     Evaluator(s, tok, limit=2, **kw).evaluate(model, tasks)  # warm-up: datasets built and cached, untimed
     ev = Evaluator(s, tok, limit=cfg.eval_limit, **kw)
-    out = {"model": cfg.model, "suite": s.name, "device": str(next(model.parameters()).device), "tasks": tasks,
-           "eval_limit": cfg.eval_limit, "batch_size": cfg.eval_batch_size, "reference": REFERENCE, "repeats": repeats,
-           "adapter": {"source": str(adapter)} if adapter is not None else
-           {"source": "seeded", "seed": seed, "relative_delta": relative_delta, "rank": cfg.rank, "alpha": cfg.scale_alpha,
-            "targets": cfg.targets},
-           "modes": {}}
+    out = {
+        "model": cfg.model,
+        "suite": s.name,
+        "device": str(next(model.parameters()).device),
+        "tasks": tasks,
+        "eval_limit": cfg.eval_limit,
+        "batch_size": cfg.eval_batch_size,
+        "reference": REFERENCE,
+        "repeats": repeats,
+        "adapter": {"source": str(adapter)}
+        if adapter is not None
+        else {
+            "source": "seeded",
+            "seed": seed,
+            "relative_delta": relative_delta,
+            "rank": cfg.rank,
+            "alpha": cfg.scale_alpha,
+            "targets": cfg.targets,
+        },
+        "modes": {},
+    }
     results, seconds = {}, {m: [] for m in modes}
     for _ in range(repeats):  # modes interleaved, so a slow spell of the machine hits every mode alike
         for mode in modes:
@@ -132,17 +171,24 @@ def run_eval_modes(cfg, *, suite: str | None = None, modes: tuple[str, ...] = DE
         per_task = {t: {"score": r.scores[t], **agreement(ref.samples[t], r.samples[t])} for t in tasks}
         n = sum(p["documents"] for p in per_task.values())
         med = statistics.median(seconds[mode])
-        out["modes"][mode] = {"seconds": med, "seconds_all": seconds[mode], "speedup": ref_s / med, "tasks": per_task,
-                              "agree": sum(p["agree"] * p["documents"] for p in per_task.values()) / n if n else 1.0}
+        out["modes"][mode] = {
+            "seconds": med,
+            "seconds_all": seconds[mode],
+            "speedup": ref_s / med,
+            "tasks": per_task,
+            "agree": sum(p["agree"] * p["documents"] for p in per_task.values()) / n if n else 1.0,
+        }
     return out
 
 
 def format_eval_table(res: dict) -> str:
     """Seconds, speed-up and agreement per mode, then the per-task scores."""
-    rows = [f"{res['model']} on {res['device']}, suite {res['suite']} ({len(res['tasks'])} tasks), "
-            f"eval_limit {res['eval_limit']}, batch {res['batch_size']}, adapter {res['adapter']['source']}, "
-            f"median of {res['repeats']} run(s) per mode; agree = share of documents answered as {res['reference']}",
-            f"{'mode':<13}{'seconds':>9}{'speed-up':>10}{'agree':>8}"]
+    rows = [
+        f"{res['model']} on {res['device']}, suite {res['suite']} ({len(res['tasks'])} tasks), "
+        f"eval_limit {res['eval_limit']}, batch {res['batch_size']}, adapter {res['adapter']['source']}, "
+        f"median of {res['repeats']} run(s) per mode; agree = share of documents answered as {res['reference']}",
+        f"{'mode':<13}{'seconds':>9}{'speed-up':>10}{'agree':>8}",
+    ]
     for name, m in res["modes"].items():
         rows.append(f"{name:<13}{m['seconds']:>9.2f}{m['speedup']:>9.2f}x{m['agree']:>8.3f}")
     rows += ["", f"{'task':<16}" + "".join(f"{name:>13}" for name in res["modes"])]
@@ -153,7 +199,10 @@ def format_eval_table(res: dict) -> str:
 
 # --- evaluation throughput: lm-eval vs a bare batched forward over the same requests ------------
 def _requests(suite, tasks: list[str], limit: int | None):
-    from lm_eval.tasks import TaskManager, get_task_dict  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+    from lm_eval.tasks import (  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
+        TaskManager,
+        get_task_dict,
+    )
 
     cfgs = suite.lm_eval_task_configs()
     td = get_task_dict([cfgs[t] for t in tasks], TaskManager(include_defaults=False))
@@ -213,8 +262,15 @@ def _bare_generate(model, tok, reqs, batch_size: int) -> None:
         tok.padding_side = side
 
 
-def run_eval_bench(model_name: str, suite_name: str, *, batch_size: int = 32, limit: int | None = None,
-                   device: str = "auto", dtype: str = "auto") -> dict:
+def run_eval_bench(
+    model_name: str,
+    suite_name: str,
+    *,
+    batch_size: int = 32,
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
     """Time lm-eval (as the scheduler calls it) and a bare batched scorer on the same requests."""
     set_torch_threads()
     suite = load_suite(suite_name)
@@ -223,12 +279,21 @@ def run_eval_bench(model_name: str, suite_name: str, *, batch_size: int = 32, li
     tasks = suite.task_names
     ll, gen = _requests(suite, tasks, limit)
     ev = Evaluator(suite, tok, batch_size=batch_size, limit=limit)
-    out = {"model": model_name, "suite": suite.name, "batch_size": batch_size, "requests": {"loglikelihood": len(ll), "generate_until": len(gen)}}
+    out = {
+        "model": model_name,
+        "suite": suite.name,
+        "batch_size": batch_size,
+        "requests": {"loglikelihood": len(ll), "generate_until": len(gen)},
+    }
     # lm-eval, per request type (tasks split by kind so each side times the same work).
-    by_kind = {"loglikelihood": [t for t in tasks if suite.task(t).kind == "multiple_choice"],
-               "generate_until": [t for t in tasks if suite.task(t).kind != "multiple_choice"]}
-    bare = {"loglikelihood": lambda: _bare_loglikelihood(model, tok, ll, batch_size),
-            "generate_until": lambda: _bare_generate(model, tok, gen, batch_size)}
+    by_kind = {
+        "loglikelihood": [t for t in tasks if suite.task(t).kind == "multiple_choice"],
+        "generate_until": [t for t in tasks if suite.task(t).kind != "multiple_choice"],
+    }
+    bare = {
+        "loglikelihood": lambda: _bare_loglikelihood(model, tok, ll, batch_size),
+        "generate_until": lambda: _bare_generate(model, tok, gen, batch_size),
+    }
     for kind, ts in by_kind.items():
         if not ts:
             continue

@@ -46,7 +46,9 @@ class EvidenceRun:
 
 def _settings(config: Path) -> dict:
     data = yaml.safe_load(config.read_text()) or {}
-    return {k: v for k, v in data.items() if k not in PER_SEQUENCE and k not in LAUNCH_KEYS}  # launch: never what it computes
+    return {
+        k: v for k, v in data.items() if k not in PER_SEQUENCE and k not in LAUNCH_KEYS
+    }  # launch: never what it computes
 
 
 def _target(root: Path, table: str, folder: Path, summary: dict) -> Path:
@@ -60,21 +62,27 @@ def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Pat
     Refused (HarnessError, nothing copied) when a sequence's settings differ from the table's or a file is missing."""
     finished = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
     if not finished:
-        raise HarnessError(f"{run_folder}: no finished sequence under it (a finished one has summary.json); "
-                           f"pass an experiment folder such as results/<experiment>/<experiment>")
+        raise HarnessError(
+            f"{run_folder}: no finished sequence under it (a finished one has summary.json); "
+            f"pass an experiment folder such as results/<experiment>/<experiment>"
+        )
     reference = _table_settings(root / table)
     plan = []
     for f in finished:
         missing = [n for n in REQUIRED if not (f / n).is_file()]
         if missing:
-            raise HarnessError(f"{f}: {', '.join(missing)} missing; evidence needs {', '.join(REQUIRED)} "
-                               f"(sequences written before documents.json existed cannot be evidence: re-run them)")
+            raise HarnessError(
+                f"{f}: {', '.join(missing)} missing; evidence needs {', '.join(REQUIRED)} "
+                f"(sequences written before documents.json existed cannot be evidence: re-run them)"
+            )
         settings = _settings(f / "config.yaml")
         reference = reference if reference is not None else settings
         diff = _differences(settings, reference)
         if diff:
-            raise HarnessError(f"{f}: its settings differ from table {table!r}'s in {', '.join(diff)}; a table never "
-                               f"pools runs made at different settings: collect it into a new table")
+            raise HarnessError(
+                f"{f}: its settings differ from table {table!r}'s in {', '.join(diff)}; a table never "
+                f"pools runs made at different settings: collect it into a new table"
+            )
         plan.append((f, _target(root, table, f, read_json(f / "summary.json"))))
     for src, dst in plan:
         dst.mkdir(parents=True, exist_ok=True)
@@ -113,8 +121,14 @@ def read_run(folder: Path) -> EvidenceRun:
     scores = None if problems else score_arrays(docs)
     ids = None if problems else {t: list(docs["documents"][t]["doc_ids"]) for t in docs["tasks"]}
     seed, order = str(summary["seed"]), str(summary["order_index"])
-    unit = ST.Unit(key=f"{seed}/{order}", tasks=list(matrix["tasks"]), R=R, scores=scores, doc_ids=ids,
-                   reference=bool(summary.get("reference")))
+    unit = ST.Unit(
+        key=f"{seed}/{order}",
+        tasks=list(matrix["tasks"]),
+        R=R,
+        scores=scores,
+        doc_ids=ids,
+        reference=bool(summary.get("reference")),
+    )
     return EvidenceRun(summary["method"], seed, order, summary, unit, problems)
 
 
@@ -122,8 +136,10 @@ def read_table(table_dir: Path) -> dict[str, list[EvidenceRun]]:
     """method -> its runs in the table, by seed; HarnessError when the table has no evidence."""
     folders = sorted({p.parent for p in Path(table_dir).rglob("summary.json")})
     if not folders:
-        raise HarnessError(f"{table_dir}: no evidence here; collect some with `harness evidence collect RUN_FOLDER "
-                           f"--table {Path(table_dir).name}`")
+        raise HarnessError(
+            f"{table_dir}: no evidence here; collect some with `harness evidence collect RUN_FOLDER "
+            f"--table {Path(table_dir).name}`"
+        )
     out: dict[str, list[EvidenceRun]] = {}
     for f in folders:
         r = read_run(f)
@@ -131,4 +147,3 @@ def read_table(table_dir: Path) -> dict[str, list[EvidenceRun]]:
     for runs in out.values():
         runs.sort(key=lambda r: (int(r.seed) if r.seed.isdigit() else r.seed, r.order))
     return out
-

@@ -26,20 +26,25 @@ def _refuse_too_few(experiment: str, methods: tuple[str, str], by_method: dict) 
     have = {m: sorted({r.seed for r in by_method.get(m, [])}) for m in methods}
     missing = [m for m in methods if m not in by_method]
     if missing:
-        raise HarnessError(f"plan-seeds: experiment {experiment!r} has no finished sequence of {', '.join(missing)} "
-                           f"(it has: {', '.join(sorted(by_method)) or 'none'}); name two of those with --methods A,B")
+        raise HarnessError(
+            f"plan-seeds: experiment {experiment!r} has no finished sequence of {', '.join(missing)} "
+            f"(it has: {', '.join(sorted(by_method)) or 'none'}); name two of those with --methods A,B"
+        )
     few = [f"{m} has {len(s)} ({', '.join(s) or 'none'})" for m, s in have.items() if len(s) < 2]
     if few:
-        raise HarnessError(f"plan-seeds: a plan needs the spread over at least 2 finished seeds of each method; "
-                           f"{'; '.join(few)}. Run more seeds first, e.g. `harness run --seeds 0,1,2 ...` "
-                           f"with the experiment's config")
+        raise HarnessError(
+            f"plan-seeds: a plan needs the spread over at least 2 finished seeds of each method; "
+            f"{'; '.join(few)}. Run more seeds first, e.g. `harness run --seeds 0,1,2 ...` "
+            f"with the experiment's config"
+        )
 
 
 def plan(experiment: str, results_dir: Path, methods: tuple[str, str], tracking_uri: str | None = None) -> list[dict]:
     """One row per metric: the test over the shared seeds and the seed plan (a = methods[0], b = methods[1])."""
     with quiet_mlflow():
-        exp = read_experiment(experiment, Path(results_dir).resolve(),
-                              default_tracking_uri(Path(results_dir).resolve(), tracking_uri))
+        exp = read_experiment(
+            experiment, Path(results_dir).resolve(), default_tracking_uri(Path(results_dir).resolve(), tracking_uri)
+        )
     runs, _, _, _ = select_variants(exp.runs)
     by_method = {m: [r for r in runs if r.method == m] for m in {r.method for r in runs}}
     _refuse_too_few(exp.name, methods, by_method)
@@ -50,28 +55,54 @@ def plan(experiment: str, results_dir: Path, methods: tuple[str, str], tracking_
         if t.sd is None:
             continue  # undefined for these runs (FWT without a full schedule, a reference method)
         doc_var = (t.document_se or 0.0) ** 2
-        rows.append({"metric": m, "higher_is_better": HIGHER_IS_BETTER[m], **t.as_json(),
-                     "needed_words": fmt_needed(t),
-                     "detectable_at": {n: OS.detectable_difference(n, t.sd, doc_var) for n in HORIZONS}})
+        rows.append(
+            {
+                "metric": m,
+                "higher_is_better": HIGHER_IS_BETTER[m],
+                **t.as_json(),
+                "needed_words": fmt_needed(t),
+                "detectable_at": {n: OS.detectable_difference(n, t.sd, doc_var) for n in HORIZONS},
+            }
+        )
     if not rows:
-        raise HarnessError(f"plan-seeds: {methods[0]} and {methods[1]} share fewer than 2 seeds (and task orders) in "
-                           f"experiment {exp.name!r}; run the same seeds for both")
+        raise HarnessError(
+            f"plan-seeds: {methods[0]} and {methods[1]} share fewer than 2 seeds (and task orders) in "
+            f"experiment {exp.name!r}; run the same seeds for both"
+        )
     return rows
 
 
 def format_plan(methods: tuple[str, str], rows: list[dict]) -> str:
     a, b = display_name(methods[0]), display_name(methods[1])
-    head = (f"{a} − {b}, paired t over the seeds both ran (80% power at a two-sided 5%; one comparison, no "
-            f"correction for others)")
-    cols = ["metric", "seeds", "difference", "95% CI", "p", "detectable now", *(f"at {n}" for n in HORIZONS),
-            "seeds needed for the observed difference"]
+    head = (
+        f"{a} − {b}, paired t over the seeds both ran (80% power at a two-sided 5%; one comparison, no "
+        f"correction for others)"
+    )
+    cols = [
+        "metric",
+        "seeds",
+        "difference",
+        "95% CI",
+        "p",
+        "detectable now",
+        *(f"at {n}" for n in HORIZONS),
+        "seeds needed for the observed difference",
+    ]
     lines = [head, "  ".join(cols)]
     for r in rows:
         decided = "decided" if r["decided"] else "undecided"
-        lines.append("  ".join([
-            r["metric"], str(r["n_pairs"]), f"{r['difference']:+.3f}",
-            f"[{r['low']:+.3f}, {r['high']:+.3f}]" if r["low"] is not None else "—",
-            f"{fmt_p(r['p'])} ({decided})" if r["p"] is not None else f"(no test under {OS.MIN_SEEDS} seeds)",
-            f"{r['detectable_difference']:.3f}",
-            *(f"{r['detectable_at'][n]:.3f}" for n in HORIZONS), r["needed_words"]]))
+        lines.append(
+            "  ".join(
+                [
+                    r["metric"],
+                    str(r["n_pairs"]),
+                    f"{r['difference']:+.3f}",
+                    f"[{r['low']:+.3f}, {r['high']:+.3f}]" if r["low"] is not None else "—",
+                    f"{fmt_p(r['p'])} ({decided})" if r["p"] is not None else f"(no test under {OS.MIN_SEEDS} seeds)",
+                    f"{r['detectable_difference']:.3f}",
+                    *(f"{r['detectable_at'][n]:.3f}" for n in HORIZONS),
+                    r["needed_words"],
+                ]
+            )
+        )
     return "\n".join(lines)

@@ -21,8 +21,8 @@ import torch
 from harness.config import ExperimentConfig
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
-from harness.suites import load_suite
 from harness.run.train import Recipe, collate, forward_loss, tokenize_examples, train_stage
+from harness.suites import load_suite
 
 
 def _grads(method, batches) -> torch.Tensor:
@@ -42,7 +42,9 @@ def _branch_rounding(method, batch) -> float:
         nonlocal num, den
         x = args[0]
         base = mod.base_layer(x)
-        branch = sum(mod.lora_B[a](mod.lora_A[a](x.to(mod.lora_A[a].weight.dtype))) * mod.scaling[a] for a in mod.active_adapters)
+        branch = sum(
+            mod.lora_B[a](mod.lora_A[a](x.to(mod.lora_A[a].weight.dtype))) * mod.scaling[a] for a in mod.active_adapters
+        )
         got = (base + branch).to(base.dtype).float() - base.float()
         num += float((got - branch.float()).norm() ** 2)
         den += float(branch.float().norm() ** 2)
@@ -55,8 +57,16 @@ def _branch_rounding(method, batch) -> float:
     return (num / den) ** 0.5 if den else float("nan")
 
 
-def probe(model_name: str, suite_name: str, method_name: str, tasks: tuple[str, str], *, steps: int, device: str,
-          batches: int = 4) -> dict:
+def probe(
+    model_name: str,
+    suite_name: str,
+    method_name: str,
+    tasks: tuple[str, str],
+    *,
+    steps: int,
+    device: str,
+    batches: int = 4,
+) -> dict:
     suite = load_suite(suite_name)
     model, tok = load_model(model_name, device=device, dtype="fp32")
     cfg = ExperimentConfig(model=model_name, suite=suite_name, methods=[method_name], device=device)
@@ -66,8 +76,22 @@ def probe(model_name: str, suite_name: str, method_name: str, tasks: tuple[str, 
         method.begin_stage(StageContext(stage=t, task=task, run_dir=Path("."), calibrate=lambda *a: None))
         if t == 1:
             examples = [{**ex, "eos": True} for ex in suite.task(task).train_examples()]
-            train_stage(method.model, tok, examples, method.trainable(), recipe=Recipe.from_config(cfg), lr=lr, epochs=1,
-                        batch_size=8, steps=steps, max_seq_len=64, seed=0, stage=1, hooks=method, progress=False)
+            train_stage(
+                method.model,
+                tok,
+                examples,
+                method.trainable(),
+                recipe=Recipe.from_config(cfg),
+                lr=lr,
+                epochs=1,
+                batch_size=8,
+                steps=steps,
+                max_seq_len=64,
+                seed=0,
+                stage=1,
+                hooks=method,
+                progress=False,
+            )
             method.end_stage()
     dev = next(method.model.parameters()).device
     data = tokenize_examples(tok, suite.task(tasks[1]).train_examples()[: 8 * batches], 64)
@@ -78,10 +102,18 @@ def probe(model_name: str, suite_name: str, method_name: str, tasks: tuple[str, 
         p.data = p.data.to(torch.bfloat16)
     g16, rounding = _grads(method, bs), _branch_rounding(method, bs[0])
     cos = float(torch.nn.functional.cosine_similarity(g32, g16, dim=0))
-    return {"model": model_name, "suite": suite_name, "method": method_name, "trained": tasks[0], "probed": tasks[1],
-            "stage1_steps": steps, "grad_cosine_bf16_vs_fp32": cos,
-            "grad_rel_error": float((g16 - g32).norm() / g32.norm()), "branch_output_rounding": rounding,
-            "trainable_elements": int(g32.numel())}
+    return {
+        "model": model_name,
+        "suite": suite_name,
+        "method": method_name,
+        "trained": tasks[0],
+        "probed": tasks[1],
+        "stage1_steps": steps,
+        "grad_cosine_bf16_vs_fp32": cos,
+        "grad_rel_error": float((g16 - g32).norm() / g32.norm()),
+        "branch_output_rounding": rounding,
+        "trainable_elements": int(g32.numel()),
+    }
 
 
 def main() -> None:
@@ -94,7 +126,10 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="Write the results here too.")
     a = p.parse_args()
-    out = [probe(a.model, a.suite, m, tuple(a.tasks.split(",")), steps=a.steps, device=a.device) for m in a.methods.split(",")]
+    out = [
+        probe(a.model, a.suite, m, tuple(a.tasks.split(",")), steps=a.steps, device=a.device)
+        for m in a.methods.split(",")
+    ]
     for r in out:
         print(json.dumps(r))
     if a.json:

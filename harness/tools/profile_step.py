@@ -46,16 +46,27 @@ def profile_step(step: Callable[[], object], device: torch.device, *, steps: int
     for e in events:
         if e.name.startswith("aten::"):
             self_cpu[e.name] += e.self_cpu_time_total / 1e6 / steps
-    return {"steps": steps, "wall_s": wall_s, "host_s": host_s, "device_s": device_s,
-            "device_busy_frac": device_s / wall_s if device_s is not None else None,
-            "aten_ops": aten / steps, "kernels": len(kernels) / steps if device.type == "cuda" else None,
-            "syncs": sum(names[k] for k in SYNC_EVENTS) / steps,
-            "top_ops_self_cpu_s": dict(self_cpu.most_common(top))}
+    return {
+        "steps": steps,
+        "wall_s": wall_s,
+        "host_s": host_s,
+        "device_s": device_s,
+        "device_busy_frac": device_s / wall_s if device_s is not None else None,
+        "aten_ops": aten / steps,
+        "kernels": len(kernels) / steps if device.type == "cuda" else None,
+        "syncs": sum(names[k] for k in SYNC_EVENTS) / steps,
+        "top_ops_self_cpu_s": dict(self_cpu.most_common(top)),
+    }
 
 
 def format_profile(name: str, p: dict) -> str:
-    dev = (f"device {p['device_s'] * 1e3:.1f} ms ({100 * p['device_busy_frac']:.0f}% busy), {p['kernels']:.0f} kernels"
-           if p["device_s"] is not None else "device: none (CPU)")
+    dev = (
+        f"device {p['device_s'] * 1e3:.1f} ms ({100 * p['device_busy_frac']:.0f}% busy), {p['kernels']:.0f} kernels"
+        if p["device_s"] is not None
+        else "device: none (CPU)"
+    )
     top = ", ".join(f"{k.removeprefix('aten::')} {v * 1e3:.1f}" for k, v in list(p["top_ops_self_cpu_s"].items())[:5])
-    return (f"{name:<22} wall {p['wall_s'] * 1e3:8.1f} ms  host {p['host_s'] * 1e3:8.1f} ms  {dev}  "
-            f"{p['aten_ops']:.0f} aten ops  {p['syncs']:.1f} syncs/step\n{'':<22} self-CPU ms: {top}")
+    return (
+        f"{name:<22} wall {p['wall_s'] * 1e3:8.1f} ms  host {p['host_s'] * 1e3:8.1f} ms  {dev}  "
+        f"{p['aten_ops']:.0f} aten ops  {p['syncs']:.1f} syncs/step\n{'':<22} self-CPU ms: {top}"
+    )

@@ -47,8 +47,11 @@ def _stage(method, cfg, suite, tok, t: int, task: str, steps: int, recipe, devic
         calib["s"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    method.begin_stage(StageContext(stage=t, task=task, run_dir=Path("."), calibrate=calibrate, batches=batches,
-                                    n_examples=len(examples)))
+    method.begin_stage(
+        StageContext(
+            stage=t, task=task, run_dir=Path("."), calibrate=calibrate, batches=batches, n_examples=len(examples)
+        )
+    )
     sync(device)
     setup_s = time.perf_counter() - t0 - calib["s"]
     params = list(method.trainable().values())
@@ -67,9 +70,17 @@ def _stage(method, cfg, suite, tok, t: int, task: str, steps: int, recipe, devic
     budget_steps = math.ceil(b["epochs"] * math.ceil(len(examples) / b["batch_size"]))
     step_s = statistics.median(times) if times else float("nan")
     train_est = budget_steps * step_s
-    return {"stage": t, "task": task, "method_setup_s": setup_s, "method_teardown_s": teardown_s, "calibration_s": calib["s"],
-            "step_s_median": step_s, "budget_steps": budget_steps, "train_s_est": train_est,
-            "method_frac": (setup_s + teardown_s) / train_est if train_est > 0 else float("nan")}
+    return {
+        "stage": t,
+        "task": task,
+        "method_setup_s": setup_s,
+        "method_teardown_s": teardown_s,
+        "calibration_s": calib["s"],
+        "step_s_median": step_s,
+        "budget_steps": budget_steps,
+        "train_s_est": train_est,
+        "method_frac": (setup_s + teardown_s) / train_est if train_est > 0 else float("nan"),
+    }
 
 
 def run_stage_hooks(cfg, *, methods: tuple[str, ...], suite_name: str, steps: int = 3) -> dict:
@@ -77,25 +88,43 @@ def run_stage_hooks(cfg, *, methods: tuple[str, ...], suite_name: str, steps: in
     set_torch_threads()
     suite = load_suite(suite_name)
     tasks = list(suite.orders[0][:2]) if suite.orders else [t.name for t in suite.tasks][:2]
-    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir,
-                            trust_remote_code=cfg.trust_remote_code)
+    model, tok = load_model(
+        cfg.model, device=cfg.device, dtype=cfg.dtype, cache_dir=cfg.cache_dir, trust_remote_code=cfg.trust_remote_code
+    )
     recipe, device = Recipe.from_config(cfg), next(model.parameters()).device
-    out: dict = {"model": cfg.model, "suite": suite_name, "tasks": tasks, "steps": steps, "device_name": device_name(device),
-                 "methods": {}}
+    out: dict = {
+        "model": cfg.model,
+        "suite": suite_name,
+        "tasks": tasks,
+        "steps": steps,
+        "device_name": device_name(device),
+        "methods": {},
+    }
     for name in methods:
-        method = METHODS[name](cfg, seed=0, tasks=tasks, base_model=model,
-                               task_examples=lambda task: task_examples(suite, task, recipe, limit=cfg.train_limit, seed=0))
-        out["methods"][name] = [_stage(method, cfg, suite, tok, t, task, steps, recipe, device) for t, task in enumerate(tasks, 1)]
+        method = METHODS[name](
+            cfg,
+            seed=0,
+            tasks=tasks,
+            base_model=model,
+            task_examples=lambda task: task_examples(suite, task, recipe, limit=cfg.train_limit, seed=0),
+        )
+        out["methods"][name] = [
+            _stage(method, cfg, suite, tok, t, task, steps, recipe, device) for t, task in enumerate(tasks, 1)
+        ]
         model = method.unload()
     return out
 
 
 def format_stage_hooks(res: dict) -> str:
-    rows = [f"model {res['model']} on {res['device_name']}, suite {res['suite']} ({', '.join(res['tasks'])}), "
-            f"{res['steps']} timed steps per stage",
-            f"{'method':<10}{'stage':>6}{'setup s':>10}{'teardown s':>12}{'step s':>9}{'stage train s (est.)':>22}{'method share':>14}"]
+    rows = [
+        f"model {res['model']} on {res['device_name']}, suite {res['suite']} ({', '.join(res['tasks'])}), "
+        f"{res['steps']} timed steps per stage",
+        f"{'method':<10}{'stage':>6}{'setup s':>10}{'teardown s':>12}{'step s':>9}{'stage train s (est.)':>22}{'method share':>14}",
+    ]
     for name, stages in res["methods"].items():
         for s in stages:
-            rows.append(f"{name:<10}{s['stage']:>6}{s['method_setup_s']:>10.2f}{s['method_teardown_s']:>12.2f}"
-                        f"{s['step_s_median']:>9.3f}{s['train_s_est']:>22.1f}{100 * s['method_frac']:>13.1f}%")
+            rows.append(
+                f"{name:<10}{s['stage']:>6}{s['method_setup_s']:>10.2f}{s['method_teardown_s']:>12.2f}"
+                f"{s['step_s_median']:>9.3f}{s['train_s_est']:>22.1f}{100 * s['method_frac']:>13.1f}%"
+            )
     return "\n".join(rows)

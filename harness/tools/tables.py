@@ -51,7 +51,9 @@ def _ci(s: OS.SeedInterval | OS.SeedTest, signed: bool = False) -> str:
 
 
 def _ce(runs: list[EvidenceRun]) -> dict[str, float]:
-    return {r.unit.key: float(r.summary["general_ce_rise"]) for r in runs if r.summary.get("general_ce_rise") is not None}
+    return {
+        r.unit.key: float(r.summary["general_ce_rise"]) for r in runs if r.summary.get("general_ce_rise") is not None
+    }
 
 
 def _ce_interval(runs: list[EvidenceRun]) -> OS.SeedInterval:
@@ -65,8 +67,10 @@ def _method_rows(label: str, by_method: dict[str, list[EvidenceRun]], methods: l
         units = [r.unit for r in runs]
         cells = [_ci(OS.seed_interval(units, k)) for k in ("ACC", "BWT", "LA")]
         per_seed = ", ".join(f"{r.summary['acc']:.3f}" for r in runs)
-        rows.append(f"| {label} | {display_name(m)} | {len(runs)} | {' | '.join(cells)} | {_ci(_ce_interval(runs), True)} "
-                    f"| {per_seed} |")
+        rows.append(
+            f"| {label} | {display_name(m)} | {len(runs)} | {' | '.join(cells)} | {_ci(_ce_interval(runs), True)} "
+            f"| {per_seed} |"
+        )
     return rows
 
 
@@ -80,8 +84,9 @@ def _cell(t: OS.SeedTest, higher: bool) -> str:
 def _pair_tests(table: PairTable, by_method: dict[str, list[EvidenceRun]]) -> list[OS.SeedTest]:
     ua, ub = ([r.unit for r in by_method.get(m, [])] for m in (table.a, table.b))
     tests = [OS.seed_test(ua, ub, m, (table.a, table.b)) for m in PAIR_METRICS]
-    return tests + [OS.values_test(_ce(by_method.get(table.a, [])), _ce(by_method.get(table.b, [])), CE,
-                                   (table.a, table.b))]
+    return tests + [
+        OS.values_test(_ce(by_method.get(table.a, [])), _ce(by_method.get(table.b, [])), CE, (table.a, table.b))
+    ]
 
 
 def _sentence(label: str, t: OS.SeedTest, higher: bool) -> str:
@@ -105,10 +110,16 @@ def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
         except HarnessError:
             suites.append((label, {}))
     a, b = display_name(table.a), display_name(table.b)
-    out = ["| suite | method | seeds | ACC [95% CI over seeds] | BWT | LA | general-text CE rise | ACC per seed |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| suite | method | seeds | ACC [95% CI over seeds] | BWT | LA | general-text CE rise | ACC per seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, by_method in suites:
-        out += _method_rows(label, by_method, [table.b, table.a]) if by_method else [f"| {label} | no evidence yet | | | | | | |"]
+        out += (
+            _method_rows(label, by_method, [table.b, table.a])
+            if by_method
+            else [f"| {label} | no evidence yet | | | | | | |"]
+        )
     out += ["", f"| suite | {a} − {b}: ACC | BWT | forgetting | LA | {CE} |", "|---|---|---|---|---|---|"]
     verdicts = []
     for label, by_method in suites:
@@ -117,16 +128,26 @@ def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
         tests = _pair_tests(table, by_method)
         if tests[0].p is None:
             n = {m: len(by_method.get(m, [])) for m in (table.a, table.b)}
-            verdicts.append(f"- {label}: {n[table.a]} seed(s) of {a} and {n[table.b]} of {b} so far; no test before "
-                            f"both have {OS.MIN_SEEDS}.")
+            verdicts.append(
+                f"- {label}: {n[table.a]} seed(s) of {a} and {n[table.b]} of {b} so far; no test before "
+                f"both have {OS.MIN_SEEDS}."
+            )
             continue
         higher = [HIGHER_IS_BETTER.get(t.metric, False) for t in tests]  # a CE rise: lower is better
         out.append(f"| {label} | " + " | ".join(_cell(t, h) for t, h in zip(tests, higher)) + " |")
         verdicts += [_sentence(label, t, h) for t, h in zip(tests, higher)]
-    flagged = [f"{display_name(r.method)} seed {r.seed} ({', '.join(r.summary['not_learned'])})"
-               for _, by_method in suites for runs in by_method.values() for r in runs if r.summary.get("not_learned")]
-    learned = (f"- Not learned at their own stage (a training failure, not forgetting): {'; '.join(flagged)}." if flagged
-               else "- Every task of every sequence here beat the base model at its own stage (none flagged as not learned).")
+    flagged = [
+        f"{display_name(r.method)} seed {r.seed} ({', '.join(r.summary['not_learned'])})"
+        for _, by_method in suites
+        for runs in by_method.values()
+        for r in runs
+        if r.summary.get("not_learned")
+    ]
+    learned = (
+        f"- Not learned at their own stage (a training failure, not forgetting): {'; '.join(flagged)}."
+        if flagged
+        else "- Every task of every sequence here beat the base model at its own stage (none flagged as not learned)."
+    )
     return "\n".join(out + [""] + verdicts + ([learned] if suites else [])) + "\n"
 
 
@@ -141,8 +162,10 @@ def rewrite(text: str, generated: dict[str, str]) -> str:
 def _check_files(files) -> None:
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
-        raise HarnessError(f"{', '.join(missing)}: not found from {Path.cwd()}; run `harness tables` (or `make tables`) "
-                           f"from the repository root")
+        raise HarnessError(
+            f"{', '.join(missing)}: not found from {Path.cwd()}; run `harness tables` (or `make tables`) "
+            f"from the repository root"
+        )
 
 
 def stale(files=FILES, root: Path = EVIDENCE_DIR) -> list[str]:

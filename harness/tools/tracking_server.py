@@ -29,10 +29,10 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.tools.dashboard import free_port, is_loopback, port_is_free, start_server, stop_server, wait_healthy
 from harness.errors import TrackingError
-from harness.tracking.client import redact_uri
+from harness.tools.dashboard import free_port, is_loopback, port_is_free, start_server, stop_server, wait_healthy
 from harness.tracking.auth import CREDENTIALS_ENV, RUNS_USER, ServerAuth, allowed_hosts
+from harness.tracking.client import redact_uri
 
 PG_ROOT = Path("/usr/lib/postgresql")
 PG_USER = "postgres"  # the OS account PostgreSQL runs under when the harness runs as root
@@ -50,22 +50,28 @@ class TrackingServerError(TrackingError):
 
 def find_postgres_bin() -> Path:
     """The newest /usr/lib/postgresql/<version>/bin holding initdb and pg_ctl (else those on PATH)."""
-    versions = sorted((p for p in PG_ROOT.glob("*/bin") if (p / "initdb").is_file() and (p / "pg_ctl").is_file()),
-                      key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.name.split(".")])
+    versions = sorted(
+        (p for p in PG_ROOT.glob("*/bin") if (p / "initdb").is_file() and (p / "pg_ctl").is_file()),
+        key=lambda p: [int(x) if x.isdigit() else 0 for x in p.parent.name.split(".")],
+    )
     if versions:
         return versions[-1]
     on_path = shutil.which("pg_ctl")
     if on_path and (Path(on_path).parent / "initdb").is_file():
         return Path(on_path).parent
-    raise PostgresUnavailableError(f"PostgreSQL is not installed (no initdb/pg_ctl under {PG_ROOT}/*/bin): {INSTALL_HINT}")
+    raise PostgresUnavailableError(
+        f"PostgreSQL is not installed (no initdb/pg_ctl under {PG_ROOT}/*/bin): {INSTALL_HINT}"
+    )
 
 
 def require_psycopg() -> None:
     try:
         import psycopg  # noqa: F401  # lazy: only a PostgreSQL backend needs it (0.05 s)
     except ImportError as exc:
-        raise TrackingServerError(f"the PostgreSQL driver is missing ({exc}): pip install 'psycopg[binary]' in this "
-                                  "environment (`make setup` installs the pinned version)") from None
+        raise TrackingServerError(
+            f"the PostgreSQL driver is missing ({exc}): pip install 'psycopg[binary]' in this "
+            "environment (`make setup` installs the pinned version)"
+        ) from None
 
 
 def normalize_backend_uri(uri: str) -> str:
@@ -76,19 +82,25 @@ def normalize_backend_uri(uri: str) -> str:
 
     shown = redact_uri(uri)
     if uri.startswith(("http://", "https://")):
-        raise TrackingServerError(f"--backend-uri {shown} is a tracking server already: pass it to `harness run --tracking-uri`")
+        raise TrackingServerError(
+            f"--backend-uri {shown} is a tracking server already: pass it to `harness run --tracking-uri`"
+        )
     scheme = uri.split("://", 1)[0] if "://" in uri else ""
     if scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
-        raise TrackingServerError(f"--backend-uri must be a PostgreSQL database (postgresql+psycopg://USER:PW@HOST:PORT/DB), "
-                                  f"got {shown}: a tracking server for several writers needs PostgreSQL (sqlite locks "
-                                  "under concurrent writers; for one process `harness run` uses sqlite itself)")
+        raise TrackingServerError(
+            f"--backend-uri must be a PostgreSQL database (postgresql+psycopg://USER:PW@HOST:PORT/DB), "
+            f"got {shown}: a tracking server for several writers needs PostgreSQL (sqlite locks "
+            "under concurrent writers; for one process `harness run` uses sqlite itself)"
+        )
     uri = "postgresql+psycopg://" + uri.split("://", 1)[1]
     try:
         url = make_url(uri)
     except ArgumentError as exc:
         raise TrackingServerError(f"--backend-uri {shown} is not a valid database URI: {exc}") from None
     if not url.host or not url.database:
-        raise TrackingServerError(f"--backend-uri {shown} needs a host and a database: postgresql+psycopg://USER:PW@HOST:PORT/DB")
+        raise TrackingServerError(
+            f"--backend-uri {shown} needs a host and a database: postgresql+psycopg://USER:PW@HOST:PORT/DB"
+        )
     return uri
 
 
@@ -130,8 +142,15 @@ class LocalPostgres:
         if self.as_root:
             cmd = ["runuser", "-u", PG_USER, "--", *cmd]
         try:
-            return subprocess.run(cmd, cwd=str(self.root), capture_output=True, text=True, timeout=timeout,
-                                  stdin=subprocess.DEVNULL, env={**os.environ, "LC_ALL": "C"})
+            return subprocess.run(
+                cmd,
+                cwd=str(self.root),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "LC_ALL": "C"},
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise PostgresUnavailableError(f"{argv[0]} failed: {exc}") from None
 
@@ -153,8 +172,9 @@ class LocalPostgres:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self.release()  # not ours: stop() must not touch the other server's PostgreSQL
-            raise TrackingServerError(f"another `harness tracking-server` is using {self.root}: stop it first, "
-                                      "or pass another --results-dir") from None
+            raise TrackingServerError(
+                f"another `harness tracking-server` is using {self.root}: stop it first, or pass another --results-dir"
+            ) from None
         if not self.password_file.exists():
             with os.fdopen(os.open(self.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
                 f.write(secrets.token_urlsafe(24) + "\n")
@@ -162,15 +182,17 @@ class LocalPostgres:
             try:
                 pg = pwd.getpwnam(PG_USER)
             except KeyError:
-                raise PostgresUnavailableError(f"there is no `{PG_USER}` user to run PostgreSQL as (root cannot): "
-                                               f"{INSTALL_HINT}") from None
+                raise PostgresUnavailableError(
+                    f"there is no `{PG_USER}` user to run PostgreSQL as (root cannot): {INSTALL_HINT}"
+                ) from None
             for path in [self.root, *self.root.iterdir()]:
                 os.chown(path, pg.pw_uid, pg.pw_gid, follow_symlinks=False)
             probe = subprocess.run(["runuser", "-u", PG_USER, "--", "test", "-w", str(self.root)], capture_output=True)
             if probe.returncode != 0:
                 raise PostgresUnavailableError(
                     f"PostgreSQL runs as the `{PG_USER}` user (it refuses root), which cannot reach {self.root}: "
-                    f"choose a --results-dir that user can enter (every parent folder needs o+x), e.g. under /srv or /tmp")
+                    f"choose a --results-dir that user can enter (every parent folder needs o+x), e.g. under /srv or /tmp"
+                )
         self._reap_orphans()
 
     def _reap_orphans(self) -> None:
@@ -182,23 +204,40 @@ class LocalPostgres:
                 _kill_group(pid)
         except (OSError, ValueError):
             pass
-        if (self.data / "postmaster.pid").exists() and self._run("pg_ctl", "status", "-D", str(self.data)).returncode == 0:
+        if (self.data / "postmaster.pid").exists() and self._run(
+            "pg_ctl", "status", "-D", str(self.data)
+        ).returncode == 0:
             print(f"stopping a PostgreSQL left running on {self.data} by an earlier tracking server", flush=True)
             self.stop()
 
     def start(self) -> str:
         """Start (initdb first if new); return the backend URI (no password: MLflow gets PGPASSWORD)."""
-        if not (self.data / "PG_VERSION").exists():  # initdb beside, then rename: an interrupted one leaves no half cluster
+        if not (
+            self.data / "PG_VERSION"
+        ).exists():  # initdb beside, then rename: an interrupted one leaves no half cluster
             fresh = self.root / "data.initdb"
             shutil.rmtree(fresh, ignore_errors=True)
-            proc = self._run("initdb", "-D", str(fresh), "-U", DB_ROLE, f"--pwfile={self.password_file}",
-                             "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8", "--locale=C")
+            proc = self._run(
+                "initdb",
+                "-D",
+                str(fresh),
+                "-U",
+                DB_ROLE,
+                f"--pwfile={self.password_file}",
+                "--auth-host=scram-sha-256",
+                "--auth-local=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            )
             if proc.returncode != 0:
                 raise self._fail("initdb", proc)
             try:
                 fresh.rename(self.data)
             except OSError as exc:
-                raise PostgresUnavailableError(f"{self.data} exists but is no PostgreSQL data folder ({exc}): remove it") from None
+                raise PostgresUnavailableError(
+                    f"{self.data} exists but is no PostgreSQL data folder ({exc}): remove it"
+                ) from None
         self.port = free_port()
         opts = f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories=''"
         proc = self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log), "-o", opts)
@@ -218,8 +257,15 @@ class LocalPostgres:
         import psycopg  # lazy: only a PostgreSQL backend needs it (0.05 s)
 
         try:
-            with psycopg.connect(host="127.0.0.1", port=self.port, user=DB_ROLE, password=self.password(),
-                                 dbname="postgres", autocommit=True, connect_timeout=10) as conn:
+            with psycopg.connect(
+                host="127.0.0.1",
+                port=self.port,
+                user=DB_ROLE,
+                password=self.password(),
+                dbname="postgres",
+                autocommit=True,
+                connect_timeout=10,
+            ) as conn:
                 if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone() is None:
                     conn.execute(f'CREATE DATABASE "{DB_NAME}"')
         except psycopg.Error as exc:
@@ -270,7 +316,9 @@ def _stop_signals():
             signal.signal(sig, handler)
 
 
-def _serve(results_dir: Path, port: int, backend: str, pg: LocalPostgres | None, host: str, auth: ServerAuth | None) -> int:
+def _serve(
+    results_dir: Path, port: int, backend: str, pg: LocalPostgres | None, host: str, auth: ServerAuth | None
+) -> int:
     env = {"PGPASSWORD": pg.password()} if pg is not None else {}  # secrets reach MLflow by its environment only
     extra: tuple[str, ...] = ()
     if auth is not None:
@@ -288,10 +336,14 @@ def _serve(results_dir: Path, port: int, backend: str, pg: LocalPostgres | None,
             auth.ensure_runs_user(url)
         shown = url if is_loopback(host) else f"http://{socket.getfqdn() if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"MLflow tracking server: {shown}  (artifacts: {results_dir / 'mlartifacts'})")
-        print(f"  tracking URI: {shown}   ->  harness run --tracking-uri {shown} ...  (or export MLFLOW_TRACKING_URI={shown})")
+        print(
+            f"  tracking URI: {shown}   ->  harness run --tracking-uri {shown} ...  (or export MLFLOW_TRACKING_URI={shown})"
+        )
         if auth is not None:
-            print(f"  authentication on: clients log in as `{RUNS_USER}`: export {CREDENTIALS_ENV}={auth.runs_file} (mode 600; or "
-                  f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); the admin's password is in {auth.admin_file}")
+            print(
+                f"  authentication on: clients log in as `{RUNS_USER}`: export {CREDENTIALS_ENV}={auth.runs_file} (mode 600; or "
+                f"MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD); the admin's password is in {auth.admin_file}"
+            )
         print("  Ctrl-C to stop", flush=True)
         while proc.poll() is None:
             if pg is not None and not pg.running():
@@ -311,22 +363,27 @@ def _serve(results_dir: Path, port: int, backend: str, pg: LocalPostgres | None,
             pid_file.unlink(missing_ok=True)
 
 
-def serve_tracking_server(results_dir: Path, port: int = 5001, backend_uri: str | None = None, host: str = "127.0.0.1",
-                          auth: bool = False) -> int:
+def serve_tracking_server(
+    results_dir: Path, port: int = 5001, backend_uri: str | None = None, host: str = "127.0.0.1", auth: bool = False
+) -> int:
     """Run PostgreSQL (unless backend_uri) and an MLflow tracking server on host:port until Ctrl-C or SIGTERM; stop both
     on the way out. 0 after a clean stop, non-zero when MLflow died on its own. A host other than loopback needs auth."""
     results_dir = Path(results_dir).resolve()
     if not is_loopback(host) and not auth:
-        raise TrackingServerError(f"--host {host}: the server would take writes from anyone who can reach that address. Add --auth "
-                                  "(MLflow's basic-auth: an admin password generated once, a `runs` user for the jobs), or "
-                                  "bind --host 127.0.0.1")
+        raise TrackingServerError(
+            f"--host {host}: the server would take writes from anyone who can reach that address. Add --auth "
+            "(MLflow's basic-auth: an admin password generated once, a `runs` user for the jobs), or "
+            "bind --host 127.0.0.1"
+        )
     backend = normalize_backend_uri(backend_uri) if backend_uri else None
     if not 1 <= port <= 65535:
         raise TrackingServerError(f"--port {port} is not a TCP port (1-65535)")
     require_psycopg()
     if auth and importlib.util.find_spec("flask_wtf") is None:
-        raise TrackingServerError("--auth: MLflow's basic-auth app needs Flask-WTF, missing here: pip install 'mlflow[auth]' "
-                                  "(`make setup` installs the pinned version)")
+        raise TrackingServerError(
+            "--auth: MLflow's basic-auth app needs Flask-WTF, missing here: pip install 'mlflow[auth]' "
+            "(`make setup` installs the pinned version)"
+        )
     pg = None if backend else LocalPostgres(results_dir / "postgres")
     with _stop_signals():
         try:
@@ -338,8 +395,11 @@ def serve_tracking_server(results_dir: Path, port: int = 5001, backend_uri: str 
                 pg.claim()  # before the port check: an orphaned MLflow server of this folder may hold the port
                 _check_port(port, host)
                 backend = pg.start()
-                print(f"backend: PostgreSQL ({pg.bin}) started here: data in {pg.data}, "
-                      f"127.0.0.1:{pg.port}, database/user {DB_NAME}, password in {pg.password_file}", flush=True)
+                print(
+                    f"backend: PostgreSQL ({pg.bin}) started here: data in {pg.data}, "
+                    f"127.0.0.1:{pg.port}, database/user {DB_NAME}, password in {pg.password_file}",
+                    flush=True,
+                )
             code = _serve(results_dir, port, backend, pg, host, ServerAuth(results_dir) if auth else None)
         except KeyboardInterrupt:
             code = 0

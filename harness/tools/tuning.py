@@ -34,8 +34,10 @@ from harness.run.folder import sequence_folders
 from harness.run.suite_knobs import knob_default
 from harness.tools.evidence import EVIDENCE_DIR
 
-SELECTION = ("the highest ACC of the final model on the validation split of every task (seed 0); a tie goes to the "
-             "knob's default, else to the first value in grid order; the test split never chooses")
+SELECTION = (
+    "the highest ACC of the final model on the validation split of every task (seed 0); a tie goes to the "
+    "knob's default, else to the first value in grid order; the test split never chooses"
+)
 
 
 def _knob_value(config: dict, knob: str) -> Any:
@@ -52,11 +54,18 @@ def _rows(folders: list[Path]) -> dict[str, list[dict[str, Any]]]:
         if knob is None:
             continue
         val = summary.get("validation") or {}
-        out.setdefault(summary["method"], []).append({
-            "value": _knob_value(config, knob), "seed": summary["seed"], "folder": f,
-            "validation_acc": val.get("acc") if val.get("complete") else None,
-            "acc": summary.get("acc"), "bwt": summary.get("bwt"), "forgetting": summary.get("forgetting"),
-            "la": summary.get("la")})
+        out.setdefault(summary["method"], []).append(
+            {
+                "value": _knob_value(config, knob),
+                "seed": summary["seed"],
+                "folder": f,
+                "validation_acc": val.get("acc") if val.get("complete") else None,
+                "acc": summary.get("acc"),
+                "bwt": summary.get("bwt"),
+                "forgetting": summary.get("forgetting"),
+                "la": summary.get("la"),
+            }
+        )
     return out
 
 
@@ -64,8 +73,10 @@ def choose(rows: list[dict[str, Any]], default: Any) -> dict[str, Any]:
     """The chosen row (SELECTION) of one method's rows in grid order; HarnessError when one has no validation ACC."""
     missing = [r["value"] for r in rows if r["validation_acc"] is None or not math.isfinite(r["validation_acc"])]
     if missing:
-        raise HarnessError(f"values {missing}: no validation ACC in summary.json; tuning needs a suite whose every task "
-                           f"has a validation split (suite.yaml `validation: {{size: N}}`)")
+        raise HarnessError(
+            f"values {missing}: no validation ACC in summary.json; tuning needs a suite whose every task "
+            f"has a validation split (suite.yaml `validation: {{size: N}}`)"
+        )
     best = max(r["validation_acc"] for r in rows)
     tied = [r for r in rows if r["validation_acc"] == best]
     return next((r for r in tied if r["value"] == default), tied[0])
@@ -80,12 +91,17 @@ def summarize(by_method: dict[str, list[dict[str, Any]]], suite: str) -> dict[st
         default = knob_default(knob)
         chosen = choose(rows, default)["value"] if len(rows) > 1 else None  # one value finished: nothing chosen yet
         methods[method] = {
-            "knob": knob, "default": default, "chosen": chosen,
+            "knob": knob,
+            "default": default,
+            "chosen": chosen,
             "at_grid_end": chosen is not None and chosen in (rows[0]["value"], rows[-1]["value"]),
-            "values": [{k: v for k, v in r.items() if k != "folder"} for r in rows]}
+            "values": [{k: v for k, v in r.items() if k != "folder"} for r in rows],
+        }
     if not methods:
-        raise HarnessError(f"no finished sequence of a method with a strength knob "
-                           f"({', '.join(m for m, c in METHODS.items() if c.strength)}) under these folders")
+        raise HarnessError(
+            f"no finished sequence of a method with a strength knob "
+            f"({', '.join(m for m, c in METHODS.items() if c.strength)}) under these folders"
+        )
     return {"suite": suite, "selection": SELECTION, "methods": methods}
 
 
@@ -93,8 +109,10 @@ def collect(run_folder: Path, suite: str, root: Path = EVIDENCE_DIR) -> dict[str
     """Write results/evidence/tuning-<suite>/ from the finished sequences under run_folder; the tuning.json written."""
     folders = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
     if not folders:
-        raise HarnessError(f"{run_folder}: no finished sequence under it; pass the tuning experiment's folder, "
-                           f"e.g. results/tune-{suite}/tune-{suite}")
+        raise HarnessError(
+            f"{run_folder}: no finished sequence under it; pass the tuning experiment's folder, "
+            f"e.g. results/tune-{suite}/tune-{suite}"
+        )
     by_method = _rows(folders)
     result = summarize(by_method, suite)
     out = root / f"tuning-{suite}"
@@ -114,14 +132,21 @@ def _fmt(x: Any) -> str:
 
 def format_tuning(result: dict[str, Any]) -> str:
     """The table `harness tuning` prints, and the suite.yaml lines that record the choice."""
-    lines = [f"suite {result['suite']}: chosen by {result['selection']}", "",
-             f"{'method':8} {'knob':20} {'value':>8} {'val ACC':>8} {'ACC':>7} {'BWT':>7} {'LA':>6}"]
+    lines = [
+        f"suite {result['suite']}: chosen by {result['selection']}",
+        "",
+        f"{'method':8} {'knob':20} {'value':>8} {'val ACC':>8} {'ACC':>7} {'BWT':>7} {'LA':>6}",
+    ]
     snippet = []
     for method, m in result["methods"].items():
         for r in m["values"]:
-            mark = " <- chosen" + (" (at the grid's end)" if m["at_grid_end"] else "") if r["value"] == m["chosen"] else ""
-            lines.append(f"{method:8} {m['knob']:20} {r['value']:>8g} {_fmt(r['validation_acc']):>8} "
-                         f"{_fmt(r['acc']):>7} {_fmt(r['bwt']):>7} {_fmt(r['la']):>6}{mark}")
+            mark = (
+                " <- chosen" + (" (at the grid's end)" if m["at_grid_end"] else "") if r["value"] == m["chosen"] else ""
+            )
+            lines.append(
+                f"{method:8} {m['knob']:20} {r['value']:>8g} {_fmt(r['validation_acc']):>8} "
+                f"{_fmt(r['acc']):>7} {_fmt(r['bwt']):>7} {_fmt(r['la']):>6}{mark}"
+            )
         section, key = m["knob"].split(".")
         if m["chosen"] is not None:
             snippet.append(f"  {section}: {{{key}: {m['chosen']}}}")
@@ -130,11 +155,20 @@ def format_tuning(result: dict[str, Any]) -> str:
 
 def markdown_tuning(result: dict[str, Any]) -> str:
     """The same choice as a Markdown table (docs/baselines.md pastes it)."""
-    lines = ["| method | knob | value | validation ACC | ACC (test) | BWT | LA | |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | knob | value | validation ACC | ACC (test) | BWT | LA | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for method, m in result["methods"].items():
         for r in m["values"]:
-            mark = ("**chosen**" + (", at the grid's end" if m["at_grid_end"] else "")) if r["value"] == m["chosen"] else ""
+            mark = (
+                ("**chosen**" + (", at the grid's end" if m["at_grid_end"] else ""))
+                if r["value"] == m["chosen"]
+                else ""
+            )
             mark += " (default)" if r["value"] == m["default"] else ""
-            lines.append(f"| {method} | `{m['knob']}` | {r['value']:g} | {_fmt(r['validation_acc'])} | {_fmt(r['acc'])} | "
-                         f"{_fmt(r['bwt'])} | {_fmt(r['la'])} | {mark.strip()} |")
+            lines.append(
+                f"| {method} | `{m['knob']}` | {r['value']:g} | {_fmt(r['validation_acc'])} | {_fmt(r['acc'])} | "
+                f"{_fmt(r['bwt'])} | {_fmt(r['la'])} | {mark.strip()} |"
+            )
     return "\n".join(lines)

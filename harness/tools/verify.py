@@ -21,15 +21,15 @@ import yaml
 
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
-from harness.methods import METHODS
-from harness.legacy_keys import upgrade_flat_keys
+from harness.checks import FAIL, OK, SKIP, Check
 from harness.errors import HarnessError
 from harness.integrity import HASHES, mismatches
 from harness.io import read_json
+from harness.legacy_keys import upgrade_flat_keys
+from harness.methods import METHODS
 from harness.run.export import method_of
 from harness.run.folder import STAGE_MARKER, committed_stages, sequence_folders
 from harness.suites import load_suite
-from harness.checks import FAIL, OK, SKIP, Check
 from harness.tools.verify_merge import merge_folders, verify_merge
 from harness.tracking.client import check_reachable, redact_uri
 
@@ -85,8 +85,12 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
                 problems.append(f"{d / 'eval.json'}: {task} score {v} is not lm-eval's {keys[task]} {raw[keys[task]]}")
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
-        return Check("metrics", FAIL if problems else OK, "; ".join(problems) or
-                     f"{len(done)} stage score(s) = lm-eval's metrics; sequence not finished: no matrix or summary yet")
+        return Check(
+            "metrics",
+            FAIL if problems else OK,
+            "; ".join(problems)
+            or f"{len(done)} stage score(s) = lm-eval's metrics; sequence not finished: no matrix or summary yet",
+        )
     summary, m = read_json(summary_path), read_json(run_dir / "matrix.json")
     R, tasks = MX.as_matrix(m["R"]), m["tasks"]
     for t, d in sorted(done.items()):
@@ -109,9 +113,17 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
             problems.append(f"summary.json {names[k]} = {summary.get(names[k])}, recomputed from the matrix {v}")
     if problems:
         return Check("metrics", FAIL, "; ".join(problems))
-    docs = "every cell recomputed from documents.json; " if docs_path.is_file() else "(no per-document scores: an older folder) "
-    return Check("metrics", OK, f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}ACC, BWT, FWT, forgetting"
-                                f"{', LA' if 'la' in summary else ''} recomputed from the matrix equal summary.json")
+    docs = (
+        "every cell recomputed from documents.json; "
+        if docs_path.is_file()
+        else "(no per-document scores: an older folder) "
+    )
+    return Check(
+        "metrics",
+        OK,
+        f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}ACC, BWT, FWT, forgetting"
+        f"{', LA' if 'la' in summary else ''} recomputed from the matrix equal summary.json",
+    )
 
 
 # --- MLflow ---------------------------------------------------------------------------------------
@@ -122,10 +134,12 @@ def check_mlflow(run_dir: Path, done: dict[int, Path], uri: str | None) -> Check
     if not parent_id or not uri:
         return Check("mlflow", SKIP, "no MLflow parent run recorded in state.json (`harness sync RUN_DIR` logs it)")
     try:
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
             raise HarnessError(f"no store at {uri}")
         check_reachable(uri, timeout_s=5)
-        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        from mlflow.tracking import (
+            MlflowClient,  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        )
 
         client = MlflowClient(tracking_uri=uri)
         parent = client.get_run(parent_id)
@@ -134,8 +148,12 @@ def check_mlflow(run_dir: Path, done: dict[int, Path], uri: str | None) -> Check
     problems = _compare_mlflow(client, parent, run_dir, done)
     if problems:
         return Check("mlflow", FAIL, "; ".join(problems) + ". `harness sync RUN_DIR` re-mirrors the folder")
-    return Check("mlflow", OK, f"parent {parent.info.status}, one FINISHED stage run per committed stage "
-                               f"({len([t for t in done if t > 0])}), metrics equal the folder ({redact_uri(uri)})")
+    return Check(
+        "mlflow",
+        OK,
+        f"parent {parent.info.status}, one FINISHED stage run per committed stage "
+        f"({len([t for t in done if t > 0])}), metrics equal the folder ({redact_uri(uri)})",
+    )
 
 
 def _compare_mlflow(client, parent, run_dir: Path, done: dict[int, Path]) -> list[str]:
@@ -148,7 +166,9 @@ def _compare_mlflow(client, parent, run_dir: Path, done: dict[int, Path]) -> lis
             if summary.get(s) is not None and not _same(parent.data.metrics.get(k), summary[s]):
                 problems.append(f"parent {k} = {parent.data.metrics.get(k)}, summary.json {summary[s]}")
     children: dict[int, list] = {}
-    for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000):
+    for r in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=1000
+    ):
         children.setdefault(int(r.data.tags.get("harness.stage", -1)), []).append(r)
     for t, d in sorted(done.items()):
         scores = read_json(d / "eval.json")["scores"]
@@ -160,7 +180,9 @@ def _compare_mlflow(client, parent, run_dir: Path, done: dict[int, Path]) -> lis
             continue
         runs = children.get(t, [])
         if len(runs) != 1 or runs[0].info.status != "FINISHED":
-            problems.append(f"stage {t}: {len(runs)} stage run(s) ({', '.join(r.info.status for r in runs) or 'none'}), expected one FINISHED")
+            problems.append(
+                f"stage {t}: {len(runs)} stage run(s) ({', '.join(r.info.status for r in runs) or 'none'}), expected one FINISHED"
+            )
             continue
         got = runs[0].data.metrics
         bad = [task for task, v in scores.items() if not _same(got.get(f"eval/{task}"), v)]
@@ -172,24 +194,42 @@ def _compare_mlflow(client, parent, run_dir: Path, done: dict[int, Path]) -> lis
 # --- the report -----------------------------------------------------------------------------------
 def verify_sequence(run_dir: Path, tracking_uri: str | None = None) -> list[Check]:
     run_dir = Path(run_dir)
-    cfg = upgrade_flat_keys(yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, note=False)  # older folders: flat LoRI keys
+    cfg = upgrade_flat_keys(
+        yaml.safe_load((run_dir / "config.yaml").read_text()) or {}, note=False
+    )  # older folders: flat LoRI keys
     done = committed_stages(run_dir)
     if not done:
         return [Check("stages", SKIP, "no committed stage yet")]
     name = method_of(run_dir, cfg)
-    own = METHODS[name].checks(run_dir, done, cfg) if name in METHODS else [
-        Check("method", SKIP, f"method {name!r} is not registered here (a method from outside the package: name its "
-                              f"module in $HARNESS_METHODS)")]
-    return [check_hashes(run_dir, done), *own, check_metrics(run_dir, done, cfg), check_mlflow(run_dir, done, tracking_uri)]
+    own = (
+        METHODS[name].checks(run_dir, done, cfg)
+        if name in METHODS
+        else [
+            Check(
+                "method",
+                SKIP,
+                f"method {name!r} is not registered here (a method from outside the package: name its "
+                f"module in $HARNESS_METHODS)",
+            )
+        ]
+    )
+    return [
+        check_hashes(run_dir, done),
+        *own,
+        check_metrics(run_dir, done, cfg),
+        check_mlflow(run_dir, done, tracking_uri),
+    ]
 
 
 def verify_path(path: Path, tracking_uri: str | None = None) -> tuple[str, bool]:
     """(the report's text, whether nothing failed) for a sequence or merge folder, or every one under path."""
     folders = [(f, verify_sequence) for f in sequence_folders(path)] + [(f, None) for f in merge_folders(path)]
     if not folders:
-        raise HarnessError(f"{path}: no sequence or merge folder here (a folder with config.yaml and stages/ or adapters/). "
-                           "Pass a run folder: results/<experiment>/<method>/seed-<s>, results/<experiment>/merge/<method>/"
-                           "seed-<s> or results/<experiment>.")
+        raise HarnessError(
+            f"{path}: no sequence or merge folder here (a folder with config.yaml and stages/ or adapters/). "
+            "Pass a run folder: results/<experiment>/<method>/seed-<s>, results/<experiment>/merge/<method>/"
+            "seed-<s> or results/<experiment>."
+        )
     lines, failed = [], 0
     for folder, verify in folders:
         checks = verify(folder, tracking_uri) if verify else verify_merge(folder)
@@ -197,6 +237,10 @@ def verify_path(path: Path, tracking_uri: str | None = None) -> tuple[str, bool]
         lines.append(f"{folder}")
         lines += [f"  {c.name:<8} {c.status:<8} {c.detail}" for c in checks]
     n_merge = sum(verify is None for _, verify in folders)
-    lines.append(f"{'FAILED' if failed else 'OK'}: {len(folders) - n_merge} sequence folder(s)"
-                 + (f" and {n_merge} merge folder(s)" if n_merge else "") + " checked" + (f", {failed} check(s) failed" if failed else ""))
+    lines.append(
+        f"{'FAILED' if failed else 'OK'}: {len(folders) - n_merge} sequence folder(s)"
+        + (f" and {n_merge} merge folder(s)" if n_merge else "")
+        + " checked"
+        + (f", {failed} check(s) failed" if failed else "")
+    )
     return "\n".join(lines), not failed

@@ -17,9 +17,9 @@ import numpy as np
 
 from harness import metrics as MX
 from harness.analysis import documents as DOCS
+from harness.checks import FAIL, OK, SKIP, Check
 from harness.integrity import HASHES, mismatches
 from harness.io import read_json
-from harness.checks import FAIL, OK, SKIP, Check
 
 _TOL = 1e-9
 
@@ -32,7 +32,9 @@ def merge_folders(path: Path) -> list[Path]:
     path = Path(path)
     if is_merge_folder(path):
         return [path]
-    return sorted({p.parent.parent.parent for p in path.rglob("adapters/*/train.json") if is_merge_folder(p.parent.parent.parent)})
+    return sorted(
+        {p.parent.parent.parent for p in path.rglob("adapters/*/train.json") if is_merge_folder(p.parent.parent.parent)}
+    )
 
 
 def check_hashes(folder: Path) -> Check:
@@ -73,8 +75,11 @@ def check_metrics(folder: Path) -> Check:
 def _metrics(folder: Path) -> Check:
     summary, single = read_json(folder / "summary.json"), read_json(folder / "single.json")
     tasks, S = summary["tasks"], np.array(single["S"], dtype=float)
-    bad = [f"single_diagonal[{t}] {summary['single_diagonal'][t]} != single.json {S[i, i]}"
-           for i, t in enumerate(tasks) if not _close(summary["single_diagonal"][t], S[i, i])]
+    bad = [
+        f"single_diagonal[{t}] {summary['single_diagonal'][t]} != single.json {S[i, i]}"
+        for i, t in enumerate(tasks)
+        if not _close(summary["single_diagonal"][t], S[i, i])
+    ]
     docs = read_json(folder / DOCS.DOCUMENTS_FILE) if (folder / DOCS.DOCUMENTS_FILE).is_file() else None
     rows = read_json(folder / "merged.json")["rows"]
     for name, entry in summary["merges"].items():
@@ -82,16 +87,24 @@ def _metrics(folder: Path) -> Check:
         matrix = DOCS.merge_matrix(docs, name) if docs else None
         if matrix is not None:
             recomputed["documents.json"] = MX.merge_summary(np.diag(matrix[0]), list(matrix[1]))
-        bad += [f"{name}: {k} {entry.get(k)} != {src} {v[k]}" for src, v in recomputed.items()
-                for k in ("normalised_accuracy", "average_drop") if not _close(entry.get(k), v[k])]
+        bad += [
+            f"{name}: {k} {entry.get(k)} != {src} {v[k]}"
+            for src, v in recomputed.items()
+            for k in ("normalised_accuracy", "average_drop")
+            if not _close(entry.get(k), v[k])
+        ]
         full = [r for r in rows if len(r["tasks"]) == len(tasks) and r["scores"] == entry["scores"]]
         if not full:
             bad.append(f"{name}: no merged.json row has summary.json's scores")
     if bad:
         return Check("metrics", FAIL, "; ".join(bad))
     source = "documents.json and merged.json" if docs else "merged.json (no documents.json)"
-    return Check("metrics", OK, f"{len(summary['merges'])} merge(s): normalised accuracy and average drop recomputed from "
-                               f"{source} equal summary.json; the single diagonal equals single.json")
+    return Check(
+        "metrics",
+        OK,
+        f"{len(summary['merges'])} merge(s): normalised accuracy and average drop recomputed from "
+        f"{source} equal summary.json; the single diagonal equals single.json",
+    )
 
 
 def verify_merge(folder: Path) -> list[Check]:

@@ -51,9 +51,11 @@ def read_credentials(path: Path) -> tuple[str, str]:
         cp.read_string(Path(path).read_text())
         return cp[_SECTION][_USER_KEY].strip(), cp[_SECTION][_PASSWORD_KEY].strip()
     except (OSError, KeyError, configparser.Error) as exc:
-        raise HarnessError(f"{CREDENTIALS_ENV}={path}: cannot read tracking credentials from it ({exc}). It must be the "
-                           f"`runs-credentials` file `harness tracking-server --auth` wrote ([{_SECTION}] with "
-                           f"{_USER_KEY} and {_PASSWORD_KEY}).") from None
+        raise HarnessError(
+            f"{CREDENTIALS_ENV}={path}: cannot read tracking credentials from it ({exc}). It must be the "
+            f"`runs-credentials` file `harness tracking-server --auth` wrote ([{_SECTION}] with "
+            f"{_USER_KEY} and {_PASSWORD_KEY})."
+        ) from None
 
 
 def load_client_credentials() -> None:
@@ -72,7 +74,11 @@ class ServerAuth:
 
     def __init__(self, results_dir: Path):
         self.root = Path(results_dir) / "auth"
-        self.ini, self.admin_file, self.runs_file = self.root / "basic_auth.ini", self.root / "admin-password", self.root / "runs-credentials"
+        self.ini, self.admin_file, self.runs_file = (
+            self.root / "basic_auth.ini",
+            self.root / "admin-password",
+            self.root / "runs-credentials",
+        )
 
     def prepare(self) -> dict[str, str]:
         """Make the files (once); returns the environment the server needs."""
@@ -82,12 +88,18 @@ class ServerAuth:
             admin = _private_file(self.admin_file, lambda: secrets.token_urlsafe(24) + "\n").strip()
             _private_file(self.runs_file, lambda: credentials_text(RUNS_USER, secrets.token_urlsafe(24)))
             key = _private_file(self.root / "flask-secret-key", lambda: secrets.token_urlsafe(32) + "\n").strip()
-            self.ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{(self.root / 'users.db').resolve()}\n"
-                                f"admin_username = {ADMIN_USER}\n"
-                                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            self.ini.write_text(
+                f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{(self.root / 'users.db').resolve()}\n"
+                f"admin_username = {ADMIN_USER}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            )
         except OSError as exc:
             raise TrackingError(f"cannot prepare the tracking server's credentials in {self.root}: {exc}") from None
-        return {"MLFLOW_AUTH_CONFIG_PATH": str(self.ini), "MLFLOW_AUTH_ADMIN_PASSWORD": admin, "MLFLOW_FLASK_SERVER_SECRET_KEY": key}
+        return {
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.ini),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": key,
+        }
 
     def ensure_runs_user(self, url: str) -> None:
         """Create the runs user as the admin (or set its password to the file's when it exists already)."""
@@ -97,13 +109,19 @@ class ServerAuth:
             self._admin_request(url, "POST", "/api/2.0/mlflow/users/create", body)
         except urllib.error.HTTPError as exc:
             if "RESOURCE_ALREADY_EXISTS" not in exc.read().decode(errors="replace"):
-                raise TrackingError(f"the tracking server at {url} refused to create the `{username}` user (HTTP {exc.code})") from None
+                raise TrackingError(
+                    f"the tracking server at {url} refused to create the `{username}` user (HTTP {exc.code})"
+                ) from None
             self._admin_request(url, "PATCH", "/api/2.0/mlflow/users/update-password", body)
 
     def _admin_request(self, url: str, method: str, path: str, body: dict) -> None:
         token = base64.b64encode(f"{ADMIN_USER}:{self.admin_file.read_text().strip()}".encode()).decode()
-        req = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body).encode(), method=method,
-                                     headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"})
+        req = urllib.request.Request(
+            url.rstrip("/") + path,
+            data=json.dumps(body).encode(),
+            method=method,
+            headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+        )
         with urllib.request.urlopen(req, timeout=30):
             pass
 

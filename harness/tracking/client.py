@@ -59,17 +59,21 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
                 "or omit them to use the embedded sqlite store under the results folder."
             ) from None
     elif is_local_sqlite(uri):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         parent = db.parent if db.parent != Path("") else Path(".")
         probe = parent
         while not probe.exists():
             probe = probe.parent
         if not os.access(probe, os.W_OK):
-            raise TrackingError(f"cannot write the MLflow store {db}: {probe} is not writable. Choose another --results-dir.")
+            raise TrackingError(
+                f"cannot write the MLflow store {db}: {probe} is not writable. Choose another --results-dir."
+            )
     elif uri.startswith("file:"):
         pass
     elif "://" not in uri:
-        raise TrackingError(f"tracking URI {uri!r} is not a URI: use sqlite:///ABS/path.db, http://host:port, or omit it")
+        raise TrackingError(
+            f"tracking URI {uri!r} is not a URI: use sqlite:///ABS/path.db, http://host:port, or omit it"
+        )
 
 
 def redact_uri(uri: str) -> str:
@@ -89,7 +93,7 @@ def redact_uri(uri: str) -> str:
 def local_store_path(uri: str) -> Path | None:
     """The file behind a sqlite URI (None for servers and other databases)."""
     if uri.startswith("sqlite:///"):
-        rest = uri[len("sqlite:///"):].split("?", 1)[0]
+        rest = uri[len("sqlite:///") :].split("?", 1)[0]
         if rest in ("", ":memory:"):
             return None
         return Path(rest)  # sqlite:////abs/x.db -> /abs/x.db; sqlite:///rel/x.db -> rel/x.db
@@ -105,8 +109,11 @@ def check_store_exists(results_dir: Path, uri: str) -> None:
 
 # MLflow's client retries a dead server 7 times with exponential backoff and waits 120 s per request: minutes of
 # silence per call. The run folder is the source of truth and the mirror catches up later, so fail within seconds.
-BOUNDED_RETRIES = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+BOUNDED_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
 
 
 def bound_client_retries() -> None:
@@ -141,9 +148,17 @@ class Tracker:
     optional=True (--tracking-optional): a store that cannot be opened leaves experiment_id None (open() later)
     instead of raising."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, optional: bool = False,
-                 deferred: bool = False):
-        from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        artifact_root: Path | None = None,
+        optional: bool = False,
+        deferred: bool = False,
+    ):
+        from mlflow.tracking import (
+            MlflowClient,  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        )
 
         # The client only: mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to this process
         # (and its children), silently redirecting the next experiment run in the same process.
@@ -195,7 +210,9 @@ class Tracker:
         try:
             run = self.client.get_run(run_id)
             if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage == "deleted":
-                raise LookupError(f"it is {'deleted' if run.info.lifecycle_stage == 'deleted' else 'in another experiment'}")
+                raise LookupError(
+                    f"it is {'deleted' if run.info.lifecycle_stage == 'deleted' else 'in another experiment'}"
+                )
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "harness.interrupted", "false")
         except Exception as exc:  # MLflow raises many types for a missing run or a broken store
@@ -206,11 +223,16 @@ class Tracker:
             ) from None
 
     def create_stage(self, parent_id: str, stage: int, task: str, tags: dict[str, str]) -> str:
-        return self.create_child(parent_id, f"stage-{stage}-{task}",
-                                 {**tags, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task})
+        return self.create_child(
+            parent_id,
+            f"stage-{stage}-{task}",
+            {**tags, "harness.kind": "stage", "harness.stage": str(stage), "harness.task": task},
+        )
 
     def create_child(self, parent_id: str, name: str, tags: dict[str, str]) -> str:
-        return self.client.create_run(self.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_id}).info.run_id
+        return self.client.create_run(
+            self.experiment_id, run_name=name, tags={**tags, "mlflow.parentRunId": parent_id}
+        ).info.run_id
 
     def stage_children(self, parent_id: str) -> list:
         return self.client.search_runs(
@@ -246,7 +268,9 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float | None], step: int = 0) -> None:
-        from mlflow.entities import Metric  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        from mlflow.entities import (
+            Metric,  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        )
 
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
@@ -254,7 +278,9 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 500])
 
     def log_series(self, run_id: str, key: str, values: list[float]) -> None:
-        from mlflow.entities import Metric  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        from mlflow.entities import (
+            Metric,  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+        )
 
         ts = int(time.time() * 1000)
         items = [Metric(key, float(v), ts, i + 1) for i, v in enumerate(values)]
@@ -290,8 +316,13 @@ class Tracker:
 def open_tracker(cfg, uri: str, *, deferred: bool = False) -> Tracker:
     """The MLflow tracker of experiment config `cfg` (an ExperimentConfig): creates the experiment on first use, afterwards
     only looks it up. deferred: a tracker that never opens the store (a `--jobs` process; its driver mirrors the folder)."""
-    return Tracker(uri, cfg.experiment_name, artifact_root=Path(cfg.results_dir) / "mlartifacts", optional=cfg.tracking_optional,
-                   deferred=deferred)
+    return Tracker(
+        uri,
+        cfg.experiment_name,
+        artifact_root=Path(cfg.results_dir) / "mlartifacts",
+        optional=cfg.tracking_optional,
+        deferred=deferred,
+    )
 
 
 def mark_killed(client, run_id: str) -> None:
@@ -310,7 +341,9 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
     path = local_store_path(uri)
     if path is not None and not path.exists():
         return 0
-    from mlflow.tracking import MlflowClient  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+    from mlflow.tracking import (
+        MlflowClient,  # lazy: MLflow loads in ~1 s; commands that only read folders need none of it
+    )
 
     client = MlflowClient(tracking_uri=uri)
     try:
@@ -318,7 +351,9 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
         exp_ids = [e.experiment_id for e in exps if e is not None]
         if not exp_ids:
             return 0
-        running = client.search_runs(exp_ids, "tags.`harness.kind` = 'sequence' and attributes.status = 'RUNNING'", max_results=1000)
+        running = client.search_runs(
+            exp_ids, "tags.`harness.kind` = 'sequence' and attributes.status = 'RUNNING'", max_results=1000
+        )
     except Exception as exc:  # noqa: BLE001 - the report/dashboard itself says what is wrong with the store
         log.info("cannot look for interrupted runs in %s: %s", redact_uri(uri), exc)
         return 0
@@ -327,7 +362,9 @@ def mark_interrupted(uri: str, experiment: str | None) -> int:
         run_dir = run.data.tags.get("harness.run_dir")
         if not run_dir or is_locked(Path(run_dir)) is not False:
             continue
-        children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'")
+        children = client.search_runs(
+            [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"
+        )
         for r in [*children, run]:
             mark_killed(client, r.info.run_id)
         n += 1

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from harness.adapters.peft_folder import Adapter, dense_stage
 from harness.adapters.keys import a_key
+from harness.adapters.peft_folder import Adapter, dense_stage
 from harness.adapters.sequence import init_A, lora_config
 from harness.errors import HarnessError
 from harness.methods.lori import stage_files as SF
@@ -49,32 +49,46 @@ def lori_s_adapters(run_cfg: dict, folders: list[Path]) -> tuple[list[Adapter], 
 def regenerate_A(meta: dict, d_in: dict[str, int], dtype: torch.dtype, folder: Path) -> dict[str, torch.Tensor]:
     """A LoRI-S stage's A, regenerated from the seed in its lori.json and checked against the sha256 stored there."""
     suffix = ".lora_B.weight"
-    A = {a_key(k): init_A((meta["rank"], d), init=meta["a_init"], seed=meta["seed"], task=meta["a_task"],
-                          key=k[: -len(suffix)]).to(dtype) for k, d in d_in.items()}
+    A = {
+        a_key(k): init_A(
+            (meta["rank"], d), init=meta["a_init"], seed=meta["seed"], task=meta["a_task"], key=k[: -len(suffix)]
+        ).to(dtype)
+        for k, d in d_in.items()
+    }
     if tensors_digest(A) != meta.get("a_sha256"):
-        raise HarnessError(f"{folder}/{SF.META}: A regenerated from seed {meta['seed']} does not match the stored sha256 "
-                           "(another torch version, or another model than the run's?). Export with the environment that wrote it.")
+        raise HarnessError(
+            f"{folder}/{SF.META}: A regenerated from seed {meta['seed']} does not match the stored sha256 "
+            "(another torch version, or another model than the run's?). Export with the environment that wrote it."
+        )
     return A
 
 
 def module_d_in(run_cfg: dict, b_keys: list[str]) -> dict[str, int]:
     """d_in of every adapted module, from the model's config on the meta device (no weights)."""
     model = run_cfg.get("model")
-    config = model_config(model, cache_dir=run_cfg.get("cache_dir"), trust_remote_code=bool(run_cfg.get("trust_remote_code")))
+    config = model_config(
+        model, cache_dir=run_cfg.get("cache_dir"), trust_remote_code=bool(run_cfg.get("trust_remote_code"))
+    )
     if config is None:
-        raise HarnessError(f"cannot read the config of model {model!r} here: export needs its module shapes to regenerate A "
-                           "(no weights). Make the model available as for `harness run`, then export again.")
+        raise HarnessError(
+            f"cannot read the config of model {model!r} here: export needs its module shapes to regenerate A "
+            "(no weights). Make the model available as for `harness run`, then export again."
+        )
     linear = linear_shapes(config)
     prefix, suffix = "base_model.model.", ".lora_B.weight"
     out = {}
     for k in b_keys:
         name = k[: -len(suffix)].removeprefix(prefix)
         if name not in linear:
-            raise HarnessError(f"module {name} of the stage files is not a Linear of model {model!r}; was the run made with another model?")
+            raise HarnessError(
+                f"module {name} of the stage files is not a Linear of model {model!r}; was the run made with another model?"
+            )
         out[k] = linear[name][1]
     return out
 
 
 def lori_s_config(meta: dict, model: str | None) -> dict:
-    cfg = lora_config(meta["rank"], meta["alpha"], meta["targets"], base_model_name_or_path=model, inference_mode=True).to_dict()
+    cfg = lora_config(
+        meta["rank"], meta["alpha"], meta["targets"], base_model_name_or_path=model, inference_mode=True
+    ).to_dict()
     return json.loads(json.dumps(cfg, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))

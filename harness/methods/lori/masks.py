@@ -50,7 +50,9 @@ def max_disjoint_tasks(density: float) -> int:
     return math.floor(1 / _exact(density))
 
 
-def _select(scores: torch.Tensor, used: torch.Tensor, k: int, policy: str, max_overlap: float, where: str) -> torch.Tensor:
+def _select(
+    scores: torch.Tensor, used: torch.Tensor, k: int, policy: str, max_overlap: float, where: str
+) -> torch.Tensor:
     """Boolean mask (flat) choosing k positions of `scores` under the overlap policy."""
     n = scores.numel()
     flat = scores.reshape(-1).float()
@@ -71,6 +73,7 @@ def _select(scores: torch.Tensor, used: torch.Tensor, k: int, policy: str, max_o
             f"{where}: mask capacity exhausted: task needs {k} positions, {free_idx.numel()} unused and at most "
             f"{quota_used} reusable remain. Lower mask_density, shorten the sequence, or relax overlap_policy."
         )
+
     # Best k among free positions, best quota among used ones; the top k of their union is the
     # optimum of "top-k subject to at most quota from used" (a used pick only displaces a worse one).
     def top(idx: torch.Tensor, m: int) -> torch.Tensor:
@@ -103,12 +106,14 @@ def allocate(
     scope="module" gives every module exactly its own density.
     """
     keys = list(scores)
-    used = {k: (used[k] if used is not None and k in used else torch.zeros_like(scores[k], dtype=torch.bool)) for k in keys}
+    used = {
+        k: (used[k] if used is not None and k in used else torch.zeros_like(scores[k], dtype=torch.bool)) for k in keys
+    }
     if scope == "module":
         return {
-            k: _select(scores[k].cpu(), used[k].cpu(), k_for(scores[k].numel(), density), policy, max_overlap, k).reshape(
-                scores[k].shape
-            )
+            k: _select(
+                scores[k].cpu(), used[k].cpu(), k_for(scores[k].numel(), density), policy, max_overlap, k
+            ).reshape(scores[k].shape)
             for k in keys
         }
     if scope != "global":
@@ -149,7 +154,9 @@ def check_capacity(
     if policy == "independent" or n_tasks <= 1:
         return
     groups = (
-        {k: math.prod(s) for k, s in shapes.items()} if scope == "module" else {"all modules": sum(math.prod(s) for s in shapes.values())}
+        {k: math.prod(s) for k, s in shapes.items()}
+        if scope == "module"
+        else {"all modules": sum(math.prod(s) for s in shapes.values())}
     )
     for where, n in groups.items():
         k = k_for(n, density)
@@ -204,6 +211,8 @@ def subspace_overlap_matrix(task_As: list[Mapping[str, torch.Tensor]]) -> dict[s
     """Per-module and mean A-subspace overlap between every pair of tasks."""
     T = len(task_As)
     keys = list(task_As[0]) if T else []
-    per_module = {k: [[subspace_overlap(task_As[i][k], task_As[j][k]) for j in range(T)] for i in range(T)] for k in keys}
+    per_module = {
+        k: [[subspace_overlap(task_As[i][k], task_As[j][k]) for j in range(T)] for i in range(T)] for k in keys
+    }
     mean = [[sum(per_module[k][i][j] for k in keys) / max(1, len(keys)) for j in range(T)] for i in range(T)]
     return {"matrix": mean, "per_module": per_module}

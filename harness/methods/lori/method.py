@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from harness.adapters.keys import a_key
-from harness.methods.lori import masks as M
-from harness.methods.lori.knobs import SECTION, LoRIKnobs
-from harness.methods.lori import stage_files as SF
-from harness.methods.lori.sparse import SparseStage, index_to_mask, mask_index
 from harness.errors import HarnessError
 from harness.methods.base import Method, StageContext, register
+from harness.methods.lori import masks as M
+from harness.methods.lori import stage_files as SF
+from harness.methods.lori.knobs import SECTION, LoRIKnobs
+from harness.methods.lori.sparse import SparseStage, index_to_mask, mask_index
 from harness.seeding import stable_seed, tensors_digest
 
 
@@ -46,7 +46,11 @@ class LoRID(Method):
     def diagnostics(self) -> dict:
         """A-subspace overlap ||A_i A_j^T||_F / (||A_i|| ||A_j||) between the tasks' projections."""
         a = self.adapters
-        As = [a.a_tensors(n) for n in a.adapters] if a.a_mode == "per_task" else [a.a_tensors(a.adapters[0])] * len(self.tasks)
+        As = (
+            [a.a_tensors(n) for n in a.adapters]
+            if a.a_mode == "per_task"
+            else [a.a_tensors(a.adapters[0])] * len(self.tasks)
+        )
         return {"subspace_overlap": {"tasks": self.tasks, "matrix": M.subspace_overlap_matrix(As)["matrix"]}}
 
 
@@ -55,7 +59,9 @@ class LoRIS(LoRID):
     name = "lori-s"
     display = "LoRI-S"
     summary = "LoRI-S: frozen random A, B trained only under a sparse per-task mask (~5% of LoRA's parameters)."
-    source = "Zhang et al. 2025 (LoRI), W = W0 + s·(B ⊙ M)·A; masks across tasks: this project (disjoint / max_overlap)."
+    source = (
+        "Zhang et al. 2025 (LoRI), W = W0 + s·(B ⊙ M)·A; masks across tasks: this project (disjoint / max_overlap)."
+    )
     lr_method = "lori-s"
     lr_default = 1e-2  # ~10x lori-d, as the paper
 
@@ -71,13 +77,25 @@ class LoRIS(LoRID):
 
     @classmethod
     def params(cls, cfg) -> dict:
-        return {**super().params(cfg), "mask_strategy": cfg.lori.mask_strategy, "mask_density": cfg.lori.mask_density,
-                "mask_scope": cfg.lori.mask_scope, "overlap_policy": cfg.lori.overlap_policy, "max_overlap": cfg.lori.max_overlap}
+        return {
+            **super().params(cfg),
+            "mask_strategy": cfg.lori.mask_strategy,
+            "mask_density": cfg.lori.mask_density,
+            "mask_scope": cfg.lori.mask_scope,
+            "overlap_policy": cfg.lori.overlap_policy,
+            "max_overlap": cfg.lori.max_overlap,
+        }
 
     @classmethod
     def preflight(cls, cfg, shapes, n_tasks) -> None:
-        M.check_capacity(shapes, n_tasks, density=cfg.lori.mask_density, policy=cfg.lori.overlap_policy, max_overlap=cfg.lori.max_overlap,
-                         scope="module" if cfg.lori.mask_strategy == "random" else cfg.lori.mask_scope)
+        M.check_capacity(
+            shapes,
+            n_tasks,
+            density=cfg.lori.mask_density,
+            policy=cfg.lori.overlap_policy,
+            max_overlap=cfg.lori.max_overlap,
+            scope="module" if cfg.lori.mask_strategy == "random" else cfg.lori.mask_scope,
+        )
 
     # --- masks as positions --------------------------------------------------------------------
     def _dense(self, index: dict[str, torch.Tensor]) -> M.Masks:
@@ -96,8 +114,10 @@ class LoRIS(LoRID):
         stages = sorted(t for t in done if t > 0)
         dense = [t for t in stages if not SF.is_sparse_stage(done[t])]
         if dense != stages[: len(dense)]:
-            raise HarnessError(f"{done[dense[-1]]}: a LoRI-S stage in the older dense layout after sparse ones; "
-                               "delete the stage folders from that one on to redo them.")
+            raise HarnessError(
+                f"{done[dense[-1]]}: a LoRI-S stage in the older dense layout after sparse ones; "
+                "delete the stage folders from that one on to redo them."
+            )
         for t in stages:
             name = self.adapters.begin_task(t)
             if t in dense:
@@ -125,9 +145,11 @@ class LoRIS(LoRID):
     def _check_A(self, name: str, meta: dict, folder: Path) -> None:
         digest = tensors_digest(self._a(name))
         if digest != meta.get("a_sha256"):
-            raise HarnessError(f"{folder}/{SF.META}: A regenerated from seed {self.seed} does not match the A this stage trained "
-                               "with (sha256 differs: another torch version, a_init or model?). Re-run with the environment "
-                               "that wrote it, or delete the stage folders to redo them.")
+            raise HarnessError(
+                f"{folder}/{SF.META}: A regenerated from seed {self.seed} does not match the A this stage trained "
+                "with (sha256 differs: another torch version, a_init or model?). Re-run with the environment "
+                "that wrote it, or delete the stage folders to redo them."
+            )
 
     def _a(self, name: str) -> dict[str, torch.Tensor]:
 
@@ -141,8 +163,13 @@ class LoRIS(LoRID):
         self.b_shapes = {k: tuple(m.weight.shape) for k, m in modules.items()}
         used = self._used()
         if ctx.resumed_extra:
-            index = {k[len("mask/"):]: mask_index(v.bool()) if v.dtype == torch.uint8 else v.to(torch.int32)  # uint8: older dense masks
-                     for k, v in ctx.resumed_extra.items() if k.startswith("mask/")}
+            index = {
+                k[len("mask/") :]: mask_index(v.bool())
+                if v.dtype == torch.uint8
+                else v.to(torch.int32)  # uint8: older dense masks
+                for k, v in ctx.resumed_extra.items()
+                if k.startswith("mask/")
+            }
             masks = self._dense(index)
         else:
             masks = self._choose_masks(ctx, self.adapters.b_params(self.adapter), used)
@@ -167,19 +194,30 @@ class LoRIS(LoRID):
             scores, scope = M.random_scores(shapes, stable_seed(self.seed, "task", ctx.stage)), "module"
         else:
             start = {k: p.detach().clone() for k, p in b_params.items()}
-            ctx.calibrate(self.cfg.lori.calibration_steps, "lori-d")  # a LoRI-D run (dense B trains), at LoRI-D's learning rate
+            ctx.calibrate(
+                self.cfg.lori.calibration_steps, "lori-d"
+            )  # a LoRI-D run (dense B trains), at LoRI-D's learning rate
             with torch.no_grad():
                 scores = {k: (p.detach() - start[k]).abs().float().cpu() for k, p in b_params.items()}
                 for k, p in b_params.items():
                     p.copy_(start[k])  # throw the calibration B away: retrain from the start under the mask
             scope = self.cfg.lori.mask_scope
-        return M.allocate(scores, used, density=self.cfg.lori.mask_density, policy=self.cfg.lori.overlap_policy,
-                          max_overlap=self.cfg.lori.max_overlap, scope=scope)
+        return M.allocate(
+            scores,
+            used,
+            density=self.cfg.lori.mask_density,
+            policy=self.cfg.lori.overlap_policy,
+            max_overlap=self.cfg.lori.max_overlap,
+            scope=scope,
+        )
 
     def held_tensors(self) -> list[torch.Tensor]:
         """The mask positions held (this stage's and the committed stages'); no copy of B, no dense mask."""
-        tensors = [*(self.sparse.index().values() if self.sparse else []), *(self.stage_index or {}).values(),
-                   *(v for m in self.task_masks for v in m.values())]
+        tensors = [
+            *(self.sparse.index().values() if self.sparse else []),
+            *(self.stage_index or {}).values(),
+            *(v for m in self.task_masks for v in m.values()),
+        ]
         return list({(t.device, t.data_ptr()): t for t in tensors}.values())
 
     def checkpoint_extra(self) -> dict[str, torch.Tensor]:
@@ -195,11 +233,23 @@ class LoRIS(LoRID):
         """The stage's mask and values, and how to regenerate and check A; the sequence's B is the replay of its stages."""
         a = self.adapters
         modules = a.b_modules(self.adapter)
-        values = {k: mod.weight.detach().reshape(-1)[self.stage_index[k].to(mod.weight.device)] for k, mod in modules.items()}
+        values = {
+            k: mod.weight.detach().reshape(-1)[self.stage_index[k].to(mod.weight.device)] for k, mod in modules.items()
+        }
         dtype = next(iter(values.values())).dtype
-        meta = {"adapter": self.adapter, "a_mode": a.a_mode, "rank": a.rank, "alpha": a.alpha, "targets": a.targets,
-                "a_init": a.a_init, "seed": a.seed, "a_task": a.a_task(self.stage), "dtype": str(dtype).removeprefix("torch."),
-                "nnz": int(sum(v.numel() for v in values.values())), "a_sha256": tensors_digest(self._a(self.adapter))}
+        meta = {
+            "adapter": self.adapter,
+            "a_mode": a.a_mode,
+            "rank": a.rank,
+            "alpha": a.alpha,
+            "targets": a.targets,
+            "a_init": a.a_init,
+            "seed": a.seed,
+            "a_task": a.a_task(self.stage),
+            "dtype": str(dtype).removeprefix("torch."),
+            "nnz": int(sum(v.numel() for v in values.values())),
+            "a_sha256": tensors_digest(self._a(self.adapter)),
+        }
         SF.save_stage(folder, self._dense(self.stage_index), values, meta)
 
     @classmethod
@@ -213,7 +263,9 @@ class LoRIS(LoRID):
         checked against the sha256 stored with the stage (harness/methods/lori/export.py)."""
         if not SF.is_sparse_stage(stages[-1]):
             return super().export(run_cfg, stages, out)
-        from harness.adapters.peft_folder import write_adapters  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        from harness.adapters.peft_folder import (
+            write_adapters,  # lazy: PEFT loads in ~2 s; config and --help need none of it
+        )
         from harness.methods.lori.export import lori_s_adapters, lori_s_config  # lazy: the same
 
         adapters, meta = lori_s_adapters(run_cfg, stages)
@@ -227,11 +279,15 @@ class LoRIS(LoRID):
 
     def param_counts(self) -> dict[str, int]:
         counts = super().param_counts()
-        counts["trainable_params_effective"] = max((sum(v.numel() for v in m.values()) for m in self.task_masks), default=0)
+        counts["trainable_params_effective"] = max(
+            (sum(v.numel() for v in m.values()) for m in self.task_masks), default=0
+        )
         return counts
 
     def diagnostics(self) -> dict:
         out = super().diagnostics()
-        out["mask_overlap"] = {"tasks": self.tasks[: len(self.task_masks)],
-                               "matrix": M.mask_overlap_matrix([self._dense(m) for m in self.task_masks])}
+        out["mask_overlap"] = {
+            "tasks": self.tasks[: len(self.task_masks)],
+            "matrix": M.mask_overlap_matrix([self._dense(m) for m in self.task_masks]),
+        }
         return out

@@ -71,8 +71,12 @@ class SparseStage:
     modules: lora_B Linear per key (the adapter's B files' keys); index: the mask's flat positions per key
     (mask_index)."""
 
-    def __init__(self, modules: Mapping[str, nn.Linear], index: Mapping[str, torch.Tensor],
-                 functional: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Linear],
+        index: Mapping[str, torch.Tensor],
+        functional: Mapping[str, str] | None = None,
+    ):
         """functional: each module's name in the model the step calls (its weight is then passed to the forward by
         `overrides()`, the module untouched); None: registered as a parametrization."""
         self.modules = dict(modules)

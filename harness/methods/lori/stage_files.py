@@ -51,8 +51,11 @@ def save_masks(folder: Path, masks: Mapping[str, torch.Tensor]) -> None:
     ranks = {m.shape[1] for m in masks.values()}
     if len(ranks) != 1:
         raise ValueError(f"masks of one adapter share its rank, got {sorted(ranks)}")
-    save_file({k: pack_mask(v) for k, v in masks.items()}, str(Path(folder) / MASKS),
-              metadata={"format": MASK_FORMAT, "rank": str(ranks.pop())})
+    save_file(
+        {k: pack_mask(v) for k, v in masks.items()},
+        str(Path(folder) / MASKS),
+        metadata={"format": MASK_FORMAT, "rank": str(ranks.pop())},
+    )
 
 
 def load_masks(folder: Path) -> dict[str, torch.Tensor] | None:
@@ -87,13 +90,19 @@ def read_stage(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.T
     folder = Path(folder)
     missing = [n for n in (MASKS, VALUES, META) if not (folder / n).exists()]
     if missing:
-        raise HarnessError(f"{folder}: LoRI-S stage files missing ({', '.join(missing)}); delete the stage folder to redo the stage.")
+        raise HarnessError(
+            f"{folder}: LoRI-S stage files missing ({', '.join(missing)}); delete the stage folder to redo the stage."
+        )
     masks, values = load_masks(folder), load_file(str(folder / VALUES))
     meta = json.loads((folder / META).read_text())
-    bad = sorted(set(masks) ^ set(values)) + [k for k in masks if k in values and int(masks[k].sum()) != values[k].numel()]
+    bad = sorted(set(masks) ^ set(values)) + [
+        k for k in masks if k in values and int(masks[k].sum()) != values[k].numel()
+    ]
     if bad:
-        raise HarnessError(f"{folder}: {MASKS} and {VALUES} do not match (keys or counts differ: {bad[:3]}); "
-                           "delete the stage folder to redo the stage.")
+        raise HarnessError(
+            f"{folder}: {MASKS} and {VALUES} do not match (keys or counts differ: {bad[:3]}); "
+            "delete the stage folder to redo the stage."
+        )
     return masks, values, meta
 
 

@@ -24,7 +24,10 @@ def _stage_B(folder: Path, prev: dict[str, torch.Tensor] | None) -> tuple[dict, 
 
     if SF.is_sparse_stage(folder):
         masks, values, meta = SF.read_stage(folder)
-        B = {k: (prev[k].clone() if prev and k in prev else torch.zeros(m.shape, dtype=values[k].dtype)) for k, m in masks.items()}
+        B = {
+            k: (prev[k].clone() if prev and k in prev else torch.zeros(m.shape, dtype=values[k].dtype))
+            for k, m in masks.items()
+        }
         for k in masks:
             SF.apply_values(B[k], mask_index(masks[k]), values[k])
         return masks, B, meta
@@ -73,7 +76,9 @@ def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
             moved = {k: int(((B_t[k] != prev[k]) & ~masks[k]).sum()) for k in masks if k in prev}
             if sum(moved.values()):
                 k = max(moved, key=moved.get)
-                problems.append(f"stage {t}: {sum(moved.values())} entries of B outside its mask changed (e.g. {moved[k]} in {k})")
+                problems.append(
+                    f"stage {t}: {sum(moved.values())} entries of B outside its mask changed (e.g. {moved[k]} in {k})"
+                )
             if meta is not None:
                 d_in = d_in or module_d_in(cfg, list(masks))
                 regenerate_A(meta, d_in, getattr(torch, meta["dtype"]), folder)  # HarnessError when the sha256 differs
@@ -85,6 +90,10 @@ def check_masks(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
     if problems:
         return Check("masks", FAIL, "; ".join(problems))
     policy = (cfg.get("lori") or {}).get("overlap_policy", "disjoint")
-    return Check("masks", OK, f"{len([t for t in done if t > 0])} stage mask(s) keep overlap policy {policy}; B outside each "
-                              f"stage's mask unchanged; A regenerated from seed {cfg['sequence']['seed']} matches at "
-                              f"{regenerated} stage(s)")
+    return Check(
+        "masks",
+        OK,
+        f"{len([t for t in done if t > 0])} stage mask(s) keep overlap policy {policy}; B outside each "
+        f"stage's mask unchanged; A regenerated from seed {cfg['sequence']['seed']} matches at "
+        f"{regenerated} stage(s)",
+    )
