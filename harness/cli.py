@@ -85,8 +85,8 @@ def _training_commands(sub) -> None:
     s.set_defaults(func="cmd_suites")
 
 
-def _folder_commands(sub) -> None:
-    """Commands over results: report, dashboard, tracking-server, export, sync, verify."""
+def _report_commands(sub) -> None:
+    """report, plan-seeds: read an experiment's run folders."""
     rep = sub.add_parser("report", help="Write the forgetting report (HTML + PNG + CSV/JSON) from the run folders.")
     rep.add_argument(
         "experiment", nargs="?", help="Experiment name (default: the only experiment folder under --results-dir)."
@@ -124,6 +124,9 @@ def _folder_commands(sub) -> None:
     ps.add_argument("--json", dest="plan_json", metavar="FILE", help="Also write the plan as JSON.")
     ps.set_defaults(func="cmd_plan_seeds")
 
+
+def _evidence_commands(sub) -> None:
+    """evidence, tuning, tables: the committed evidence and the README's tables built from it."""
     ev = sub.add_parser(
         "evidence",
         help="Copy finished sequences' compact evidence (summary, matrix, documents, config) "
@@ -157,6 +160,9 @@ def _folder_commands(sub) -> None:
     )
     tb.set_defaults(func="cmd_tables")
 
+
+def _server_commands(sub) -> None:
+    """dashboard, tracking-server: MLflow servers."""
     d = sub.add_parser("dashboard", help="Serve the MLflow UI over the results store on 127.0.0.1.")
     d.add_argument("--results-dir", default="results", help="Results folder [default: results].")
     d.add_argument("--port", type=int, default=5000, help="Port [default: 5000].")
@@ -193,6 +199,9 @@ def _folder_commands(sub) -> None:
     )
     ts.set_defaults(func="cmd_tracking_server")
 
+
+def _sequence_folder_commands(sub) -> None:
+    """export, sync, verify: one sequence folder, or every one under a folder."""
     e = sub.add_parser(
         "export",
         help="Write a sequence's adapter at a committed stage as a stock PEFT folder "
@@ -331,7 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _training_commands(sub)
-    _folder_commands(sub)
+    _report_commands(sub)  # then the commands over results, in --help order
+    _evidence_commands(sub)
+    _server_commands(sub)
+    _sequence_folder_commands(sub)
     _bench_command(sub)
     return p
 

@@ -10,7 +10,8 @@ evaluated) is None, never a guess. LIBRARY_NOTE says how other libraries differ.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -143,17 +144,6 @@ def reference_acc_values(R) -> np.ndarray:
     return np.asarray(R, dtype=float)[..., -1, :].mean(axis=-1)
 
 
-# Metric name -> its definition on a stack of matrices (the names of summarize, MLflow and summary.json).
-METRIC_VALUES = {
-    "ACC": acc_values,
-    "BWT": bwt_values,
-    "FWT": fwt_values,
-    "forgetting": forgetting_values,
-    "LA": learning_accuracy_values,
-}
-REFERENCE_VALUES = {"ACC": reference_acc_values}
-
-
 def learn_gains(R: np.ndarray) -> list[float | None]:
     """Per task: its score right after its own stage minus the base model's, R[j, j] - b_j (None where either is missing)."""
     T = _check(R)
@@ -169,17 +159,6 @@ def not_learned(R: np.ndarray, margin: float) -> list[int] | None:
     if all(g is None for g in gains):
         return None
     return [j for j, g in enumerate(gains) if g is not None and g < margin]
-
-
-def summarize(R: np.ndarray) -> dict[str, float | None]:
-    """All four metrics as a dict with the names used in MLflow and summary.json."""
-    return {"ACC": acc(R), "BWT": bwt(R), "FWT": fwt(R), "forgetting": forgetting(R)}
-
-
-def summarize_reference(R: np.ndarray) -> dict[str, float | None]:
-    """A reference row (multi-task training, one stage): ACC of its final row; BWT, FWT, forgetting do not apply."""
-    final = [float(v) for v in R[-1]]
-    return {"ACC": _mean_or_none(final), "BWT": None, "FWT": None, "forgetting": None}
 
 
 MERGE_DEFINITIONS = """\
@@ -230,19 +209,97 @@ def interference_matrix(
     return out
 
 
-def learned(R: np.ndarray, tasks: list[str], margin: float) -> dict[str, Any]:
-    """summary.json's LA and the tasks whose own-stage score did not clear the base score by `margin` (None: not judged).
-
-    Not for a reference run (one stage, every task at once): it has no per-task own stage."""
-    flagged = not_learned(R, margin)
-    return {"LA": learning_accuracy(R), "not_learned": None if flagged is None else [tasks[j] for j in flagged]}
-
-
 def general_ce_summary(per_stage: list[float | None]) -> dict[str, Any]:
-    """summary.json's general-ability forgetting: CE per stage (0 = the base model), the base's, its rise after the last stage."""
-    base, last = per_stage[0], per_stage[-1]
-    return {
-        "general_ce": per_stage,
-        "general_ce_base": base,
-        "general_ce_rise": last - base if base is not None and last is not None else None,
-    }
+    """summary.json's general-ability record: CE per stage (0 = the base model) and the base's (its rise: TABLE)."""
+    return {"general_ce": per_stage, "general_ce_base": per_stage[0]}
+
+
+def general_ce_rise_values(per_stage) -> np.ndarray:
+    """The general-text cross-entropy after the last stage minus the base model's (stage 0); NaN if either is missing."""
+    ce = np.asarray([np.nan if v is None else float(v) for v in per_stage], dtype=float)
+    return np.asarray(ce[-1] - ce[0] if len(ce) else np.nan)
+
+
+# --- the metric table: each metric declared once ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metric:
+    """One metric, declared once. summary.json, MLflow, `harness verify`, the report and docs/metrics.md iterate TABLE,
+    so a new metric is one entry (and a hand-computed test).
+
+    `values` is the definition on one input or a stack of them (the bootstrap evaluates thousands at once), NaN where
+    undefined; its input is the accuracy matrix R (`over="matrix"`) or the general-text CE per stage (`"general_ce"`)."""
+
+    name: str  # the report's column, the comparisons' name and the MLflow metric on the parent run
+    key: str  # summary.json's key
+    values: Callable[[Any], np.ndarray]
+    higher_is_better: bool
+    definition: str  # the formula, as docs/metrics.md prints it
+    undefined: str  # when it is None
+    reference: Callable[[Any], np.ndarray] | None = None  # on a reference run's matrix (one multi-task stage)
+    over: str = "matrix"
+
+    def of(self, x, reference: bool = False) -> float | None:
+        """The metric of one input (a reference run uses `reference`; None where that is not defined)."""
+        fn = self.reference if reference else self.values
+        if fn is None:
+            return None
+        if self.over == "matrix" and not reference:  # a reference run's matrix: its own stages (base, all tasks)
+            _check(np.asarray(x, dtype=float))
+        return _scalar(fn(x))
+
+
+TABLE: list[Metric] = [
+    Metric("ACC", "acc", acc_values, True, "(1/T) Σ_j R[T, j]", "never, once the final row is evaluated",
+           reference=reference_acc_values),
+    Metric("BWT", "bwt", bwt_values, True, "(1/(T-1)) Σ_{j<T} (R[T, j] - R[j, j])",
+           "T = 1; a reference run (one multi-task stage)"),
+    Metric("FWT", "fwt", fwt_values, True, "(1/(T-1)) Σ_{j>=2} (R[j-1, j] - b_j)",
+           "T = 1; tasks not evaluated one stage early (eval_scope seen, eval_schedule diagonal_final or every:K)"),
+    Metric("forgetting", "forgetting", forgetting_values, False,
+           "(1/(T-1)) Σ_{j<T} max_{l in 1..T-1} (R[l, j] - R[T, j])",
+           "T = 1; a stage from j's own to T not evaluated on j (eval_schedule diagonal_final or every:K)"),
+    Metric("LA", "la", learning_accuracy_values, True, "(1/T) Σ_j R[j, j]", "a reference run (no per-task stage)"),
+    Metric("general_ce_rise", "general_ce_rise", general_ce_rise_values, False,
+           "general_ce after stage T - general_ce of the base model (nats/token, the fixed general text)",
+           "general_ce_tokens = 0, or the base model's CE not measured", over="general_ce"),
+]  # fmt: skip
+
+
+def table(over: str | None = None) -> list[Metric]:
+    """The metrics (over one input kind, or all), read at call time: a metric added to TABLE shows up everywhere."""
+    return [m for m in TABLE if over is None or m.over == over]
+
+
+def metric(name: str) -> Metric:
+    return next(m for m in TABLE if m.name == name)
+
+
+def metric_values(reference: bool = False) -> dict[str, Callable]:
+    """Name -> definition on a stack of matrices (only the metrics a reference run defines, for one)."""
+    return {m.name: (m.reference if reference else m.values) for m in table("matrix") if not reference or m.reference}
+
+
+def summarize(R: np.ndarray, reference: bool = False) -> dict[str, float | None]:
+    """Every matrix metric of R by name (a reference run: ACC of its final row; the others do not apply)."""
+    return {m.name: m.of(R, reference) for m in table("matrix")}
+
+
+def summary_values(R: np.ndarray, general_ce: list[float | None], reference: bool = False) -> dict[str, float | None]:
+    """summary.json's metric keys: every metric in TABLE, from the matrix or the per-stage general-text CE."""
+    inputs = {"matrix": R, "general_ce": general_ce}
+    return {m.key: m.of(inputs[m.over], reference and m.over == "matrix") for m in TABLE}
+
+
+def not_learned_tasks(R: np.ndarray, tasks: list[str], margin: float) -> list[str] | None:
+    """summary.json's not_learned: the tasks whose own-stage score did not clear the base score by `margin` (None: not
+    judged). Not for a reference run (one stage, every task at once): it has no per-task own stage."""
+    flagged = not_learned(R, margin)
+    return None if flagged is None else [tasks[j] for j in flagged]
+
+
+def markdown_table() -> str:
+    """docs/metrics.md's table of every metric (a test checks that the page holds it)."""
+    rows = ["| metric | summary.json | MLflow | definition | better | None when |", "|---|---|---|---|---|---|"]
+    rows += [f"| {m.name} | `{m.key}` | `{m.name}` | {m.definition} | {'higher' if m.higher_is_better else 'lower'} | "
+             f"{m.undefined} |" for m in TABLE]  # fmt: skip
+    return "\n".join(rows)

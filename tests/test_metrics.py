@@ -37,7 +37,7 @@ def test_forgetting_excludes_stage_zero():
 
 def test_single_task_sequence_has_only_acc():
     R = as_matrix([[0.1], [0.8]])
-    assert summarize(R) == {"ACC": pytest.approx(0.8), "BWT": None, "FWT": None, "forgetting": None}
+    assert summarize(R) == {"ACC": pytest.approx(0.8), "BWT": None, "FWT": None, "forgetting": None, "LA": 0.8}
 
 
 def test_fwt_undefined_when_future_tasks_not_evaluated():

@@ -138,7 +138,7 @@ def _log_sequence(
     import numpy as np
     from mlflow.entities import Metric, Param
 
-    from harness.metrics import summarize_reference
+    from harness.metrics import summarize
 
     ts = 1_760_000_000_000
     tags = {
@@ -153,7 +153,7 @@ def _log_sequence(
         **({"harness.reference": "true"} if reference else {}),
     }
     rid = client.create_run(exp_id, start_time=ts, tags=tags, run_name=f"{method}-s{seed}-o0").info.run_id
-    m = summarize_reference(np.array(R)) if reference else hand_metrics(R)
+    m = summarize(np.array(R), reference=True) if reference else hand_metrics(R)
     params = {
         "method": method,
         "seed": seed,
@@ -300,6 +300,7 @@ def test_hand_metrics_match_the_reference_formulas():
         "BWT": None,
         "FWT": None,
         "forgetting": None,
+        "LA": pytest.approx(0.9),
     }
 
 

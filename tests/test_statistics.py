@@ -25,7 +25,7 @@ METRICS = ("ACC", "BWT", "FWT", "forgetting", "LA")
 
 
 def truth(P: np.ndarray) -> dict[str, float]:
-    return {m: float(MX.METRIC_VALUES[m](P)) for m in METRICS}
+    return {m: float(MX.metric_values()[m](P)) for m in METRICS}
 
 
 def synthetic_units(rng, P, *, n_seeds: int, n_docs: int, seed_sd: float, shared=None, keys=None) -> list[ST.Unit]:

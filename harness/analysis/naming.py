@@ -7,13 +7,45 @@ harness no longer knows (an old folder) keeps its raw name and sorts after the k
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from harness import metrics as MX
 from harness.methods import METHODS
 
-METRICS = ("ACC", "BWT", "FWT", "forgetting", "LA")
-# Higher is better for ACC/BWT/FWT and LA (learning accuracy: plasticity), lower is better for forgetting.
-HIGHER_IS_BETTER = {"ACC": True, "BWT": True, "FWT": True, "forgetting": False, "LA": True}
+
+class _MatrixMetrics(Sequence):
+    """The names of the metrics defined on the accuracy matrix, in harness.metrics.TABLE's order, read when used."""
+
+    def __getitem__(self, i):
+        return [m.name for m in MX.table("matrix")][i]
+
+    def __len__(self) -> int:
+        return len(MX.table("matrix"))
+
+    def __repr__(self) -> str:
+        return repr(tuple(self))
+
+
+class _Directions(Mapping):
+    """Metric name -> whether higher is better, for every metric in harness.metrics.TABLE, read when used."""
+
+    def __getitem__(self, name: str) -> bool:
+        for m in MX.TABLE:
+            if m.name == name:
+                return m.higher_is_better
+        raise KeyError(name)
+
+    def __iter__(self):
+        return iter([m.name for m in MX.TABLE])
+
+    def __len__(self) -> int:
+        return len(MX.TABLE)
+
+
+# The report's metric columns (ACC, BWT, FWT, forgetting, LA, and any metric added to the table) and their directions.
+METRICS = _MatrixMetrics()
+HIGHER_IS_BETTER = _Directions()
 # How a reference method (e.g. multi-task training) is marked wherever it appears.
 REFERENCE_LABEL = "reference (upper bound)"
 

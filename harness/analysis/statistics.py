@@ -96,7 +96,7 @@ class Comparison:
 
 
 def metric_functions(reference: bool) -> dict:
-    return MX.REFERENCE_VALUES if reference else MX.METRIC_VALUES
+    return MX.metric_values(reference)
 
 
 def unit_functions(unit: Unit) -> dict:
@@ -214,7 +214,7 @@ def estimate(
 
 def estimates(units: list[Unit], metrics, **kw) -> dict[str, Estimate]:
     """estimate() for each metric that applies to the units (a reference run defines ACC only)."""
-    fns = unit_functions(units[0]) if units else MX.METRIC_VALUES
+    fns = unit_functions(units[0]) if units else MX.metric_values()
     return {m: estimate(units, m, **kw) for m in metrics if m in fns}
 
 

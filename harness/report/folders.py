@@ -28,7 +28,7 @@ from harness.analysis.runs import INTERRUPTED, RUNNING, SequenceRun, UnfinishedR
 from harness.errors import HarnessError
 from harness.io import read_json
 from harness.locking import is_locked
-from harness.metrics import LEARN_MARGIN, learning_accuracy, not_learned, summarize, summarize_reference
+from harness.metrics import LEARN_MARGIN, metric, not_learned, summarize
 from harness.report.tracked import Tracked
 from harness.run.folder import committed_stages, verify_results
 
@@ -139,9 +139,7 @@ def _num(v: Any) -> float:
 def _consistency_notes(recorded: dict[str, float], R: np.ndarray, reference: bool) -> list[str]:
     """Where summary.json's metric disagrees with harness.metrics' definitions on the sequence's own matrix."""
     try:
-        recomputed = (
-            {**summarize_reference(R), "LA": None} if reference else {**summarize(R), "LA": learning_accuracy(R)}
-        )
+        recomputed = summarize(R, reference)
     except ValueError:  # a malformed matrix defines nothing
         recomputed = {m: None for m in METRICS}
     notes = []
@@ -208,9 +206,10 @@ def load_sequence(folder: Path, summary: dict, label: str, tracked: Tracked) -> 
     parent = state.get("mlflow_parent") or {}
     reference = bool(summary.get("reference"))
     tasks, R = _matrix(read_json(folder / "matrix.json"), reference)
-    recorded = {m: _num(summary.get(m.lower())) for m in METRICS}
-    if "la" not in summary and not reference:  # summaries written before LA existed: from the matrix
-        recorded["LA"] = _num(learning_accuracy(R))
+    # A metric the summary predates (LA before it was recorded, a metric added to the table since): from the matrix.
+    recorded = {
+        m: _num(summary[metric(m).key] if metric(m).key in summary else metric(m).of(R, reference)) for m in METRICS
+    }
     notes = _consistency_notes(recorded, R, reference)
     run_id = summary.get("mlflow_parent_run_id") or state.get("mlflow_parent_run_id") or ""
     margin = float(summary.get("learn_margin") or LEARN_MARGIN)

@@ -26,7 +26,7 @@ from harness.analysis.intervals import (
     units_by_method,
 )
 from harness.analysis.merging import MergingSummary, merging_json, merging_rows, summarize_merging
-from harness.analysis.naming import HIGHER_IS_BETTER, method_sort_key
+from harness.analysis.naming import HIGHER_IS_BETTER, METRICS, method_sort_key
 from harness.analysis.numbers import json_clean
 from harness.analysis.sensitivity import SELECTION_CRITERION, select_variants
 from harness.analysis.statistics import LEVEL, N_BOOT, SEED
@@ -83,7 +83,7 @@ def _write_tables(
             "generated_at": now.isoformat(),
             "std_definition": _STD_DEFINITION,
             "units": "fractions in [-1, 1]",
-            "higher_is_better": HIGHER_IS_BETTER,
+            "higher_is_better": {m: HIGHER_IS_BETTER[m] for m in METRICS},
             "methods": rows,
             "verdicts": verdict,
             "runs": df.to_dict(orient="records") if df is not None else [],

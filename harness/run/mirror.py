@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from harness import metrics as MX
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, is_disk_full, read_json
 from harness.locking import is_locked
@@ -36,14 +37,6 @@ RESULT_ARTIFACTS = (
     "documents.json",
 )
 DEFERRED = "mirrored by the driver of --jobs when this sequence's process ends"
-FINAL_METRICS = {
-    "acc": "ACC",
-    "bwt": "BWT",
-    "fwt": "FWT",
-    "forgetting": "forgetting",
-    "la": "LA",
-    "general_ce_rise": "general_ce_rise",
-}  # summary.json key -> MLflow metric
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -108,12 +101,12 @@ def log_general(tracker, parent_id: str, ev: dict[str, Any], t: int, *, fresh: b
 
 def log_results(tracker, parent_id: str, run_dir: Path, summary: dict[str, Any], *, fresh: bool) -> None:
     """A finished sequence's final metrics and result files on its parent run, then FINISHED."""
-    final = {m: summary.get(k) for k, m in FINAL_METRICS.items()}
+    final = {m.name: summary.get(m.key) for m in MX.TABLE}  # every metric of the table, None included
     final.update({k: v for k, v in summary.items() if k.startswith("trainable_params")})
     val = summary.get("validation") or {}  # the final model on the validation split (grid selection reads val_ACC)
     final.update({"val_ACC": val.get("acc"), **{f"val/{t}": v for t, v in (val.get("scores") or {}).items()}})
     final.update({f"general_change/{t}": g["change"] for t, g in (summary.get("general_tasks") or {}).items()})
-    final = {k: v for k, v in final.items() if k in FINAL_METRICS.values() or v is not None}
+    final = {k: v for k, v in final.items() if k in {m.name for m in MX.TABLE} or v is not None}
     (tracker.log_metrics if fresh else tracker.mirror_metrics)(parent_id, final)
     for name in RESULT_ARTIFACTS:
         if (Path(run_dir) / name).is_file():

@@ -24,24 +24,17 @@ import numpy as np
 
 from harness import distributed as D
 from harness import faults
-from harness import metrics as MX
-from harness.analysis import documents as DOCS
 from harness.config import ExperimentConfig
 from harness.errors import Interrupted
-from harness.general_text import general_ce
-from harness.heatmap import matrix_heatmap
-from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json, tree_size
+from harness.io import atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
-from harness.models.memory import peak_memory
 from harness.precision import precision_of
-from harness.provenance import git_commit
-from harness.run import general_eval as GEN
 from harness.run import lineage
-from harness.run.base_eval import BaseEval, BaseEvalCache, cache_key
-from harness.run.checkpoint import StageCheckpointer, remove_checkpoint
-from harness.run.console import done_line, say, stage_line
-from harness.run.evaluate import validation_scores
+from harness.run import records as REC
+from harness.run.base_eval import BaseEvalCache
+from harness.run.checkpoint import StageCheckpointer
+from harness.run.console import say
 from harness.run.folder import (
     PRECISION,
     STAGE_MARKER,
@@ -50,22 +43,17 @@ from harness.run.folder import (
     clean_partial_writes,
     committed_stages,
     finished_stages,
-    learn_check,
-    method_seconds,
-    result_hashes,
     verify_folder,
     verify_stages,
-    write_documents,
-    write_matrix_files,
-    write_stage_marker,
 )
-from harness.run.mirror import Mirror, general_metrics, mirror_stage, parent_record, read_state, update_state
+from harness.run.mirror import Mirror, read_state, update_state
 from harness.run.planning import SequenceSpec
+from harness.run.stage_commit import StageCommits
 from harness.run.train import Recipe, compile_plan, example_batches, task_examples, train_method
 from harness.timing import timed
 
 
-class SequenceRunner:
+class SequenceRunner(StageCommits):
     """Runs (or resumes) one method x seed x order sequence."""
 
     def __init__(
@@ -214,43 +202,10 @@ class SequenceRunner:
             self.mirror.parent_id = parent_id
 
     def _parent_record(self) -> dict[str, Any]:
-        cfg, spec = self.cfg, self.spec
         first = self.spec.stages[0].budget
-        params = {
-            "method": spec.method,
-            "seed": spec.seed,
-            "order_index": spec.order_index,
-            "task_order": ",".join(spec.tasks),
-            "suite": self.suite.name,
-            "model": cfg.model,
-            "rank": cfg.rank,
-            "alpha": cfg.scale_alpha,
-            "targets": ",".join(cfg.targets),
-            "eval_scope": cfg.eval_scope,
-            "lr": first["lr"],
-            "epochs": first["epochs"],
-            "checkpoint_every": cfg.checkpoint_every,
-            **self.recipe.model_dump(),
-            **self.method_cls.params(cfg),
-            "dtype": cfg.dtype,
-            "adapter_dtype": cfg.adapter_dtype,
-            "tf32": cfg.tf32,
-            **{f"precision.{k}": v for k, v in self.precision.items()},
-        }
-        tags = {
-            "harness.method": spec.method,
-            "harness.seed": str(spec.seed),
-            "harness.order": str(spec.order_index),
-            "harness.suite": self.suite.name,
-            "harness.model": cfg.model,
-            "harness.experiment": cfg.experiment_name,
-            "harness.git_commit": git_commit(),
-            "harness.run_dir": str(self.run_dir.resolve()),
-            "harness.reference": str(self.method_cls.reference).lower(),
-            "harness.variant": spec.variant or "",
-        }
-        params.update({f"grid.{k}": v for k, v in (spec.variant_values or {}).items()})
-        return parent_record(spec.label, tags, params)
+        return REC.sequence_parent_record(
+            self.cfg, self.spec, self.suite.name, self.method_cls, self.recipe, self.precision, first
+        )
 
     def _run_stages(self) -> dict[str, Any]:
         main = D.is_main()
@@ -292,42 +247,6 @@ class SequenceRunner:
         if done:
             say(f"[{self.spec.label}] resuming: stages {sorted(done)} finished")
         self.mirror.sync()
-
-    def _stage0(self) -> None:
-        """The base model on every task (b_j, for FWT) and its general-text CE; the same for every method and seed, so
-        evaluated once. Under diagonal_final no task is evaluated here, but the CE is: general_ce_rise needs it."""
-        t0 = time.perf_counter()
-        tasks = self.eval_tasks(0)
-        base = self.base_cache.get(
-            cache_key(self.cfg, self.suite, self.model, tasks),
-            lambda: BaseEval(
-                self.evaluator.evaluate(self.model, tasks, bf16_autocast=self.cfg.bf16_autocast),
-                general_ce(self.model, self.tokenizer, self.cfg.general_ce_tokens),
-                general=GEN.at_stage(self.model, self.tokenizer, self.cfg, 0, len(self.plan), progress=self.progress),
-            ),
-        )
-        ev, self.general_ce[0] = base.result, base.general_ce
-        evj = {
-            "stage": 0,
-            "scores": ev.scores,
-            "raw": ev.raw,
-            "n": ev.n_examples,
-            "wall_s": ev.wall_s,
-            "general_ce": self.general_ce[0],
-            **(base.general or {}),
-            "base_eval": {"digest": base.digest, "cached": base.cached},
-        }
-        info = {"stage": 0, "task": None, "wall_s": time.perf_counter() - t0, "mlflow_run_id": None}
-        with atomic_dir(self.run_dir / "stages" / "0-base") as tmp:
-            atomic_write_json(tmp / "eval.json", evj)
-            write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(0, ev.documents or {}))
-            write_stage_marker(tmp, info)
-        self.fill_row(0, ev.scores)
-        self.mirror.call(lineage.log_acc, self.tracker, self.mirror.parent_id, ev.scores, 0, self.datasets)
-        if general_metrics(evj):  # general_ce and general/<task> at step 0
-            self.mirror.call(self.tracker.log_metrics, self.mirror.parent_id, general_metrics(evj), step=0)
-        self.stage_wall[0] = time.perf_counter() - t0
-        say(stage_line(self.spec.label, len(self.plan), info, evj))
 
     def _stage(self, t: int, method) -> None:
         """Every rank: set up and train the stage; then rank 0 evaluates and commits it while the others wait."""
@@ -416,118 +335,6 @@ class SequenceRunner:
         say(f"[{self.spec.label}] stage {t} state hash {digest}", every_rank=True)
         return {"world_size": D.world_size(), "distributed": self.cfg.distributed, "state_hash": digest}
 
-    def _commit(
-        self,
-        t: int,
-        method,
-        res,
-        stats: dict[str, Any],
-        *,
-        budget: dict,
-        n_examples: int,
-        calib_s: float,
-        t_stage: float,
-        resumed_train_s: float = 0.0,
-    ) -> None:
-        """Rank 0: evaluate the trained stage, write its folder (atomically, stage.json last), mirror it to MLflow."""
-        cfg, spec, name = self.cfg, self.spec, self.stage_name(t)
-        faults.pause("eval", self.run_dir, t)
-        ev = self.evaluator.evaluate(method.model, self.eval_tasks(t), bf16_autocast=cfg.bf16_autocast)
-        t_ce = time.perf_counter()
-        self.general_ce[t] = general_ce(method.model, self.tokenizer, cfg.general_ce_tokens)
-        ce_s = time.perf_counter() - t_ce
-        gen = GEN.at_stage(
-            method.model, self.tokenizer, cfg, t, len(self.plan), progress=self.progress
-        )  # general_tasks, when due
-        stage_dir = self.run_dir / "stages" / f"{t}-{name}"
-        t_save = time.perf_counter()
-        previous = [p for p in (self.run_dir / "stages").glob(f"{t - 1}-*") if t > 1]
-        with atomic_dir(
-            stage_dir, need=tree_size(previous[0]) if previous else None
-        ) as tmp:  # a stage takes about what the last did
-            method.save_stage(tmp)
-            evj = {
-                "stage": t,
-                "task": name,
-                "scores": ev.scores,
-                "raw": ev.raw,
-                "n": ev.n_examples,
-                "wall_s": ev.wall_s,
-                "general_ce": self.general_ce[t],
-                "general_ce_s": ce_s,
-                **gen,
-            }
-            trj = {
-                "steps": res.steps,
-                "tokens": res.tokens,
-                "wall_s": res.wall_s,
-                "tok_s": res.tok_s,
-                "budget": budget,
-                "losses": res.losses,
-                "calibration_s": calib_s,
-                "checkpoints": res.checkpoints,
-                "resumed_from_step": res.resumed_from_step,
-                "train_examples": n_examples,
-                "compile_used": res.compile_used,
-                "compile_note": res.compile_note,
-                "compile_graphs": res.compile_graphs,
-                "compile_recompiles": res.compile_recompiles,
-            }
-            atomic_write_json(tmp / "eval.json", evj)
-            write_documents(tmp / DOCS.DOCUMENTS_FILE, DOCS.stage_documents(t, ev.documents or {}))
-            atomic_write_json(tmp / "train.json", trj)
-            total = time.perf_counter() - t_stage
-            overhead = (
-                total
-                - res.wall_s
-                - ev.wall_s
-                - calib_s
-                - ce_s
-                - gen.get("general_s", 0.0)
-                - stats["method_setup_s"]
-                - stats["method_teardown_s"]
-            )
-            info = {
-                "stage": t,
-                "task": name,
-                "wall_s": total,
-                "train_s": res.wall_s,
-                "eval_s": ev.wall_s,
-                "calibration_s": calib_s,
-                "checkpoint_s": res.checkpoint_s,
-                "checkpoint_frac": res.checkpoint_s / total,
-                "save_s": time.perf_counter() - t_save,
-                "overhead_s": overhead,
-                "overhead_frac": overhead / total,
-                "resumed_train_s": resumed_train_s,
-                "train_tok_s": res.tok_s,
-                "train_steps": res.steps,
-                "mlflow_run_id": self.child_id,
-                "precision": self.precision,
-                **method.param_counts(),
-                **stats,
-                "learn_check": learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
-                **({"general_ce": self.general_ce[t], "general_ce_s": ce_s} if self.general_ce[t] is not None else {}),
-                **({"general_s": gen["general_s"]} if gen else {}),
-            }
-            write_stage_marker(tmp, info)
-        remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
-        self.fill_row(t, ev.scores)
-        if self.child_id and not self.mirror.behind:
-            self.mirror.call(
-                mirror_stage,
-                self.tracker,
-                self.mirror.parent_id,
-                self.child_id,
-                stage_dir,
-                fresh=True,
-                on_half=lambda: faults.pause("mlflow", self.run_dir, t),
-            )
-        self.mirror.catch_up()
-        self.child_id = None
-        self.stage_wall[t] = total
-        say(stage_line(spec.label, len(self.plan), info, evj, trj))
-
     @functools.cached_property
     def compiling(
         self,
@@ -556,64 +363,3 @@ class SequenceRunner:
             compile_shape=self.compiling[1],
             **kw,
         )
-
-    def _finish(self, method) -> dict[str, Any]:
-        """Rank 0 writes the matrix, diagnostics and summary and logs them; every rank returns that summary."""
-        if not D.is_main():
-            return D.broadcast_object(None)
-        spec, run_dir = self.spec, self.run_dir
-        summ = MX.summarize(self.R) if not self.method_cls.reference else MX.summarize_reference(self.R)
-        learned = (
-            MX.learned(self.R, spec.tasks, self.cfg.learn_margin)
-            if not self.method_cls.reference
-            else {"LA": None, "not_learned": None}
-        )
-        counts = method.param_counts()
-        write_matrix_files(run_dir, self.R, spec.tasks)
-        committed = committed_stages(run_dir)
-        stage_docs = DOCS.read_stage_documents(committed)
-        if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
-            write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
-        atomic_write_json(
-            run_dir / "diagnostics.json", {"mask_overlap": None, "subspace_overlap": None, **method.diagnostics()}
-        )
-
-        matrix_heatmap(
-            self.R,
-            spec.tasks,
-            f"{spec.method} seed {spec.seed} order {spec.order_index}",
-            run_dir / "matrix_heatmap.png",
-        )
-        summary = {
-            "method": spec.method,
-            "seed": spec.seed,
-            "order_index": spec.order_index,
-            "tasks": spec.tasks,
-            "variant": spec.variant,
-            "variant_values": spec.variant_values,
-            "strength": spec.strength,
-            "reference": self.method_cls.reference,
-            "acc": summ["ACC"],
-            "bwt": summ["BWT"],
-            "fwt": summ["FWT"],
-            "forgetting": summ["forgetting"],
-            **counts,
-            "la": learned["LA"],
-            "learn_margin": self.cfg.learn_margin,
-            "not_learned": learned["not_learned"],
-            **MX.general_ce_summary([self.general_ce.get(t) for t in range(len(self.plan) + 1)]),
-            **GEN.summary({t: read_json(d / "eval.json") for t, d in committed.items()}, len(self.plan)),
-            "validation": validation_scores(
-                self.suite, self.tokenizer, self.cfg, method.model, spec.tasks, progress=self.progress
-            ),
-            "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
-            **method_seconds(committed),
-            "peak_memory": peak_memory(next(self.model.parameters()).device),
-            "mlflow_parent_run_id": self.mirror.parent_id,
-            "mlflow_tracking_uri": self.tracker.uri,
-            "complete": True,
-            "sha256": result_hashes(run_dir),
-        }
-        self.mirror.finish(summary, lambda: atomic_write_json(run_dir / "summary.json", summary))
-        say(done_line(spec.label, summary))
-        return D.broadcast_object(summary)

@@ -1,8 +1,9 @@
 """One stage of training: fresh AdamW, loss on completion tokens only, the method's hooks every step.
 
 The recipe (what the loss sees and how the step is taken) is explicit and logged: EOS after the
-completion or not, warm-up, clipping, loss reduction, weight decay. `train_step` is THE training
-step: `harness bench` times this same function.
+completion or not, warm-up, clipping, loss reduction, weight decay (harness/run/recipe.py, with the optimizer it
+builds; the data as batches: harness/run/batches.py). `train_step` is THE training step: `harness bench` times this
+same function.
 
 Under torchrun / accelerate launch (harness/distributed.py) every rank draws the same global data
 order and trains on its slice of each global batch; its loss is the sum of its terms scaled by
@@ -18,47 +19,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, create_model
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from harness import distributed as D
 from harness import faults
-from harness.config import RECIPE_KNOBS, ExperimentConfig
 from harness.errors import HarnessError
-from harness.losses import lm_loss, loss_terms
+from harness.losses import lm_loss
 from harness.precision import autocast_ctx
+from harness.run.batches import collate, example_batches, rank_batch, task_examples, tokenize_examples  # noqa: F401  # re-exported
 from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.run.compiled import CompiledLoss, resolve_mode, sequence_shape, why_not
+from harness.run.recipe import Recipe, lr_factor, make_optimizer  # noqa: F401  # re-exported
 from harness.seeding import stable_seed
 
 LOSS_EVERY = 10  # steps between reads of the loss (each read waits for the device)
-
-
-class _RecipeRules(BaseModel):
-    """What the recipe's knobs mean for a step; the knobs themselves (type, default, help) are config.py's fields."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    @classmethod
-    def from_config(cls, cfg) -> "_RecipeRules":
-        return cls(**{k: getattr(cfg, k) for k in cls.model_fields})
-
-    def add_eos(self, generative: bool) -> bool:
-        """auto: EOS only where it is the stop signal (generation); a choice's EOS is never scored."""
-        return self.completion_eos == "always" or (self.completion_eos == "auto" and generative)
-
-    def warmup_for(self, total_steps: int) -> int:
-        return self.warmup_steps if self.warmup_steps else int(math.ceil(self.warmup_ratio * total_steps))
-
-
-# The training recipe of every stage: the config's RECIPE_KNOBS fields themselves, not a copy of their declarations.
-Recipe = create_model(
-    "Recipe",
-    __base__=_RecipeRules,
-    __module__=__name__,
-    **{k: (ExperimentConfig.model_fields[k].annotation, ExperimentConfig.model_fields[k]) for k in RECIPE_KNOBS},
-)
 
 
 def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
@@ -90,17 +65,6 @@ def set_checkpointing(model: torch.nn.Module, on: bool) -> None:
         enable(**kwargs)
     elif not on and active:
         disable()
-
-
-def task_examples(suite, task: str, recipe: Recipe, *, limit: int | None, seed: int) -> list[dict]:
-    """A task's training examples, each marked with whether EOS follows its completion (the recipe)."""
-    add = recipe.add_eos(suite.task(task).kind == "generate")
-    return [{**ex, "eos": add} for ex in suite.task(task).train_examples(limit=limit, seed=seed)]
-
-
-def lr_factor(step: int, warmup: int) -> float:
-    """Linear warm-up to the full rate over `warmup` steps (step 0 gets 1/(warmup+1)), then constant."""
-    return min(1.0, (step + 1) / (warmup + 1)) if warmup > 0 else 1.0
 
 
 class StageHooks(Protocol):
@@ -148,63 +112,6 @@ class LossLog:
             self.losses.extend(torch.stack(self.pending).float().cpu().tolist())
             self.pending = []
             self.bar.set_postfix(loss=f"{self.losses[-1]:.3f}")
-
-
-def tokenize_examples(
-    tokenizer, examples: list[dict], max_seq_len: int | None, *, add_eos: bool = True
-) -> list[tuple[list[int], int]]:
-    """(ids, n_prompt_tokens) per example: prompt + completion (+ EOS), truncated from the left of the prompt.
-
-    An example's own "eos" key (set from the recipe's completion_eos and its task's kind) wins over add_eos."""
-    out = []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for ex in examples:
-        p = tokenizer(ex["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(ex["completion"], add_special_tokens=False)["input_ids"] + (eos if ex.get("eos", add_eos) else [])
-        if max_seq_len is not None and len(p) + len(c) > max_seq_len:
-            keep = max(1, max_seq_len - len(c))
-            p = p[-keep:]
-            c = c[: max_seq_len - len(p)]
-        out.append((p + c, len(p)))
-    return out
-
-
-def collate(batch: list[tuple[list[int], int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    L = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), L), -100, dtype=torch.long)
-    attn = torch.zeros((len(batch), L), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(batch):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attn[i, : len(ids)] = 1
-        labels[i, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-    return {"input_ids": input_ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
-
-
-def example_batches(tokenizer, examples: list[dict], max_seq_len: int | None, device):
-    """batches(indices, batch_size): those training examples (None = all, in order) as model inputs on `device`, for
-    methods that measure a stage's data outside training (StageContext.batches)."""
-    data = tokenize_examples(tokenizer, examples, max_seq_len)
-    pad_id = tokenizer.pad_token_id or 0
-
-    def batches(indices: list[int] | None, batch_size: int):
-        chosen = [data[i] for i in (indices if indices is not None else range(len(data)))]
-        for i in range(0, len(chosen), batch_size):
-            yield collate(chosen[i : i + batch_size], pad_id, device)
-
-    return batches
-
-
-def rank_batch(
-    items: list[tuple[list[int], int]], pad_id: int, device, reduction: str
-) -> tuple[dict[str, torch.Tensor], float | None]:
-    """This rank's slice of a global batch and its loss scale; one process: the whole batch and no scale."""
-    if not D.is_distributed():
-        return collate(items, pad_id, device), None
-    mine, weight = D.shard(items), 1.0
-    if not mine:  # a last batch shorter than the world: this rank still steps (collectives), adding nothing
-        mine, weight = items[:1], 0.0
-    return collate(mine, pad_id, device), weight * D.world_size() / max(1, loss_terms(items, reduction))
 
 
 def forward_loss(
@@ -271,16 +178,6 @@ def train_step(
     return loss.detach().clone() if loss_scale is None else torch.tensor(D.mean_over_ranks(loss))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], lr: float, recipe: Recipe, total_steps: int):
-    """AdamW with its state in the parameters' dtype (fp32 adapters: harness/precision.py); fused into a few kernels
-    on CUDA (one launch per step instead of one per tensor), PyTorch's default implementation on CPU."""
-    fused = bool(params) and all(p.device.type == "cuda" for p in params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=recipe.weight_decay, fused=fused or None)
-    warmup = recipe.warmup_for(total_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup))
-    return opt, sched
-
-
 def _save_checkpoint(
     checkpointer: StageCheckpointer, staged, gen: torch.Generator, prog: Progress, t0: float, *, last: bool, stage: int
 ) -> float:
@@ -296,6 +193,46 @@ def _save_checkpoint(
     if not last and D.is_main():
         faults.pause("mid-train", checkpointer.run_dir, stage)
     return spent
+
+
+def _stage_steps(n_examples: int, batch_size: int, epochs: float, steps: int | None, max_steps: int | None) -> int:
+    """The stage's optimizer steps: `steps` if given, else `epochs` over the data; max_steps caps it."""
+    total = steps if steps is not None else math.ceil(epochs * math.ceil(n_examples / batch_size))
+    return min(total, max_steps) if max_steps is not None else total
+
+
+def _next_items(prog: Progress, data: list, batch_size: int, gen: torch.Generator) -> list[tuple[list[int], int]]:
+    """The next global batch in the stage's data order (a fresh permutation from `gen` once the order runs out)."""
+    if not prog.order:
+        prog.order = torch.randperm(len(data), generator=gen).tolist()
+    idx, prog.order = prog.order[:batch_size], prog.order[batch_size:]
+    return [data[i] for i in idx]
+
+
+def _stage_result(
+    prog: Progress,
+    wall_s: float,
+    ckpt_s: float,
+    checkpointer: StageCheckpointer | None,
+    resumed_from: int,
+    local: int,
+    loss_fn: CompiledLoss,
+) -> TrainResult:
+    """What a finished stage reports: its progress, its time (training and checkpoints) and how its step ran."""
+    return TrainResult(
+        steps=prog.step,
+        tokens=prog.tokens,
+        wall_s=wall_s,
+        losses=prog.losses,
+        checkpoint_s=ckpt_s,
+        checkpoints=checkpointer.saves if checkpointer else 0,
+        resumed_from_step=resumed_from,
+        local_trainable=local,
+        compile_used=loss_fn.used,
+        compile_note=loss_fn.reason,
+        compile_graphs=loss_fn.graphs,
+        compile_recompiles=loss_fn.recompiles,
+    )
 
 
 def train_stage(
@@ -333,9 +270,7 @@ def train_stage(
     device = next(model.parameters()).device
     data = tokenize_examples(tokenizer, examples, max_seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    total = steps if steps is not None else math.ceil(epochs * math.ceil(len(data) / batch_size))
-    if max_steps is not None:
-        total = min(total, max_steps)
+    total = _stage_steps(len(data), batch_size, epochs, steps, max_steps)
     plist = list(params.values())
     # The stage is a function of (checkpoint, config): its own generator, never global RNG state.
     gen = torch.Generator().manual_seed(stable_seed(seed, "stage", stage))
@@ -355,10 +290,7 @@ def train_stage(
     loss_fn = CompiledLoss(forward_loss, compile_mode, device, shape=compile_shape)
     try:
         while prog.step < total:
-            if not prog.order:
-                prog.order = torch.randperm(len(data), generator=gen).tolist()
-            idx, prog.order = prog.order[:batch_size], prog.order[batch_size:]
-            items = [data[i] for i in idx]
+            items = _next_items(prog, data, batch_size, gen)
             batch, scale = rank_batch(items, pad_id, device, recipe.loss_reduction)
             batch = loss_fn.pad(batch, pad_id)
             losses.add(
@@ -381,20 +313,7 @@ def train_stage(
         staged.close()
     finally:
         bar.close()
-    return TrainResult(
-        steps=prog.step,
-        tokens=prog.tokens,
-        wall_s=time.perf_counter() - t0 - ckpt_s,
-        losses=prog.losses,
-        checkpoint_s=ckpt_s,
-        checkpoints=checkpointer.saves if checkpointer else 0,
-        resumed_from_step=resumed_from,
-        local_trainable=local,
-        compile_used=loss_fn.used,
-        compile_note=loss_fn.reason,
-        compile_graphs=loss_fn.graphs,
-        compile_recompiles=loss_fn.recompiles,
-    )
+    return _stage_result(prog, time.perf_counter() - t0 - ckpt_s, ckpt_s, checkpointer, resumed_from, local, loss_fn)
 
 
 def train_method(

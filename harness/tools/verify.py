@@ -104,13 +104,15 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
     docs_path = run_dir / DOCS.DOCUMENTS_FILE
     if docs_path.is_file():  # every cell again, from each document's score
         problems += [f"{docs_path}: {p}" for p in DOCS.check_documents(read_json(docs_path), R)]
-    recomputed = MX.summarize_reference(R) if summary.get("reference") else MX.summarize(R)
-    names = {"ACC": "acc", "BWT": "bwt", "FWT": "fwt", "forgetting": "forgetting"}
-    if not summary.get("reference") and "la" in summary:  # LA (learning accuracy), since summaries recorded it
-        recomputed, names = {**recomputed, "LA": MX.learning_accuracy(R)}, {**names, "LA": "la"}
-    for k, v in recomputed.items():
-        if not _same(v, summary.get(names[k])):
-            problems.append(f"summary.json {names[k]} = {summary.get(names[k])}, recomputed from the matrix {v}")
+    # Every metric of harness.metrics.TABLE that summary.json records (a folder keeps the ones of its day), recomputed
+    # from the matrix, or from the stages' general-text CE.
+    ce = [read_json(done[t] / "eval.json").get("general_ce") if t in done else None for t in range(len(R))]
+    inputs, checked = {"matrix": R, "general_ce": ce}, []
+    for m in (m for m in MX.TABLE if m.key in summary):
+        v = m.of(inputs[m.over], bool(summary.get("reference")) and m.over == "matrix")
+        checked.append(m.name)
+        if not _same(v, summary.get(m.key)):
+            problems.append(f"summary.json {m.key} = {summary.get(m.key)}, recomputed from the matrix {v}")
     if problems:
         return Check("metrics", FAIL, "; ".join(problems))
     docs = (
@@ -121,8 +123,8 @@ def check_metrics(run_dir: Path, done: dict[int, Path], cfg: dict) -> Check:
     return Check(
         "metrics",
         OK,
-        f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}ACC, BWT, FWT, forgetting"
-        f"{', LA' if 'la' in summary else ''} recomputed from the matrix equal summary.json",
+        f"matrix = eval.json of {len(done)} stage(s) = lm-eval's metrics; {docs}{', '.join(checked)} recomputed "
+        "from the matrix equal summary.json",
     )
 
 
