@@ -23,8 +23,9 @@ from harness.run.export import export_adapter
 from harness.run.folder import config_knobs, experiment_of, sequence_folders, verify_folder
 from harness.run.lineage import register_export, registration_target
 from harness.run.merge import run_merge
-from harness.run.mirror import catch_up_folders, is_behind, sync_path
+from harness.run.mirror import is_behind
 from harness.run.planning import experiment_dir, validate
+from harness.run.sync import catch_up_folders, sync_path
 from harness.suites import list_suites, load_suite, validate_suite
 from harness.tools import tables as published_tables
 from harness.tools.bench import format_table, run_bench, write_json

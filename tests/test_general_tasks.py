@@ -18,7 +18,7 @@ from harness.cli import main
 from harness.config_loading import load_config
 from harness.report.tables import general_task_rows
 from harness.run import general_eval as GEN
-from harness.run.mirror import sync_folder
+from harness.run.sync import sync_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 OWN = ROOT / "tests" / "data" / "general"

@@ -93,37 +93,25 @@ def test_folding_gives_the_adapter_outputs_and_restores_base_weights_bit_for_bit
         assert torch.equal(l.get_base_layer().weight, before[n])
 
 
+MERGE_ARGS = [
+    "--suite",
+    "smoke",
+    "--model",
+    "tiny-llama",
+    "--seeds",
+    "0",
+    "--epochs",
+    "2",
+    "--merge-methods",
+    "cat,linear",
+]
+MERGE_ARGS += ["--merge-pairs", "true", "--no-progress", "--no-report", "--experiment", "mg"]
+
+
 @pytest.fixture(scope="module")
 def merge_run(tmp_path_factory):
     results = tmp_path_factory.mktemp("merge")
-    assert (
-        main(
-            [
-                "merge",
-                "--suite",
-                "smoke",
-                "--model",
-                "tiny-llama",
-                "--methods",
-                "lora,lori-s",
-                "--seeds",
-                "0",
-                "--epochs",
-                "2",
-                "--merge-methods",
-                "cat,linear",
-                "--merge-pairs",
-                "true",
-                "--no-progress",
-                "--no-report",
-                "--results-dir",
-                str(results),
-                "--experiment",
-                "mg",
-            ]
-        )
-        == 0
-    )
+    assert main(["merge", *MERGE_ARGS, "--methods", "lora,lori-s", "--results-dir", str(results)]) == 0
     return results
 
 
@@ -275,3 +263,50 @@ def test_bad_merge_input_exits_2_and_writes_nothing(tmp_path, capsys, args, need
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
     assert not results.exists()
+
+
+@pytest.mark.slow
+def test_a_merge_killed_at_a_stage_boundary_resumes_to_the_same_merge_table(merge_run, tmp_path, capsys):
+    """SIGKILL after the first task adapter is committed; the same command again finishes the merge, keeping that
+    adapter, and gives the uninterrupted run's single matrix and merge table; MLflow counts every piece once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    results = tmp_path / "r"
+    folder = results / "mg" / "merge" / "lora" / "seed-0"
+    command = ["merge", *MERGE_ARGS, "--methods", "lora", "--results-dir", str(results)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "between-stages:1"}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", *command], cwd=root, env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while not (folder / ".paused-between-stages").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = (folder / "adapters" / "parity" / "train.json").read_bytes()
+    assert not (folder / "adapters" / "weather").exists() and not (folder / "single.json").exists()
+
+    assert main(command) == 0
+    assert (folder / "adapters" / "parity" / "train.json").read_bytes() == kept  # not retrained
+    reference = merge_run / "mg" / "merge" / "lora" / "seed-0"
+    for name in ("single.json", "merged.csv", "single.csv"):
+        ours, theirs = (folder / name).read_text(), (reference / name).read_text()
+        assert (json.loads(ours)["S"] == json.loads(theirs)["S"]) if name.endswith(".json") else ours == theirs, name
+    rows = [
+        (r["combination"], r["tasks"], r["scores"]) for r in json.loads((folder / "merged.json").read_text())["rows"]
+    ]
+    assert rows == [
+        (r["combination"], r["tasks"], r["scores"]) for r in json.loads((reference / "merged.json").read_text())["rows"]
+    ]
+    c = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    exp = c.get_experiment_by_name("mg")
+    [parent] = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'merge'")
+    kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and all(k.info.status == "FINISHED" for k in kids)
+    assert sorted(k.data.tags["harness.kind"] for k in kids) == ["merge-adapter"] * 3 + ["merge-combination"] * 8

@@ -173,3 +173,71 @@ def test_tracking_optional_starts_without_the_server_and_report_or_sync_mirror_t
     again = cli("sync", str(results / "offline"))  # on demand, and idempotent: nothing is logged twice
     assert again.returncode == 0 and "(FINISHED) and 3 stage run(s)" in again.stdout, again.stdout + again.stderr
     check_mirrored(server, seq, "offline")
+
+
+@pytest.mark.slow
+def test_a_server_stopped_during_a_merge_leaves_mlflow_complete_after_sync(server, tmp_path):
+    """`harness merge` survives an outage as a sequence does: the merge finishes from the folder, says once that
+    tracking is behind, and `harness sync` on the merge folder, once the server is back, completes MLflow."""
+    server.start()
+    results = tmp_path / "r"
+    folder = results / "mo" / "merge" / "lora" / "seed-0"
+    pause = folder / ".paused-between-stages"
+    args = ["--suite", "smoke", "--model", "tiny-llama", "--methods", "lora", "--seeds", "0", "--no-progress"]
+    args += ["--tasks", "parity,weather", "--max-steps", "1", "--merge-methods", "cat", "--experiment", "mo"]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "harness.cli",
+            "merge",
+            *args,
+            "--results-dir",
+            str(results),
+            "--tracking-uri",
+            server.url,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "HARNESS_FAULT_PAUSE": "between-stages:1"},
+    )
+    try:
+        wait_paused(pause, proc)  # the first adapter is committed and mirrored
+        server.stop()
+        pause.unlink()  # the second adapter, the single matrix and the merge run with the server away
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert err.count("tracking is behind") == 1 and "still behind at the end" in err and "Traceback" not in err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["complete"]
+
+    server.start()
+    out = cli("sync", str(folder))
+    assert out.returncode == 0 and "(FINISHED) and 3 child run(s)" in out.stdout, out.stdout + out.stderr
+    c = MlflowClient(tracking_uri=server.url)
+    exp = c.get_experiment_by_name("mo")
+    [parent] = c.search_runs([exp.experiment_id], "tags.`harness.kind` = 'merge'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["merged/cat/normalised_accuracy"] == pytest.approx(
+        summary["merges"]["cat"]["normalised_accuracy"]
+    )
+    kids = {
+        k.info.run_name: k
+        for k in c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    }
+    assert sorted(kids) == ["adapter-parity", "adapter-weather", "cat-parity+weather"]
+    assert all(k.info.status == "FINISHED" for k in kids.values())
+    [row] = json.loads((folder / "merged.json").read_text())["rows"]
+    assert {t: kids["cat-parity+weather"].data.metrics[f"eval/{t}"] for t in row["scores"]} == pytest.approx(
+        row["scores"]
+    )
+    for task in ("parity", "weather"):
+        steps = json.loads((folder / "adapters" / task / "train.json").read_text())["steps"]
+        assert kids[f"adapter-{task}"].data.metrics["train_steps"] == steps
+    assert cli("sync", str(folder)).returncode == 0  # idempotent: nothing twice
+    assert len(c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")) == 3

@@ -21,7 +21,7 @@ from harness.errors import HarnessError, Interrupted
 from harness.io import read_json
 from harness.launchers.local import write_experiment_files
 from harness.launchers.processes import ProcessBackend, local_backend
-from harness.run.merge import MergeSpec, merge_config, plan_merge
+from harness.run.merge_plan import MergeSpec, merge_config, plan_merge
 from harness.run.planning import experiment_dir, sequence_memory, validate
 from harness.tracking.client import open_tracker
 

@@ -208,6 +208,20 @@ def experiment_of(run_dir: Path) -> str:
     return load_config(None, {**data, "results_dir": "."}).experiment_name
 
 
+def is_merge_folder(folder: Path) -> bool:
+    """A `harness merge` folder (results/<experiment>/merge/<method>/seed-<s>): task adapters and a config.yaml."""
+    return (Path(folder) / "adapters").is_dir() and (Path(folder) / "config.yaml").is_file()
+
+
+def merge_folders(path: Path) -> list[Path]:
+    """Every merge folder at or under path, sorted."""
+    path = Path(path)
+    if is_merge_folder(path):
+        return [path]
+    found = {p.parent.parent.parent for p in path.rglob("adapters/*/train.json")}
+    return sorted(f for f in found if is_merge_folder(f))
+
+
 def sequence_folders(root: Path) -> list[Path]:
     """Every sequence folder at or under root (a folder with config.yaml and stages/), sorted."""
     root = Path(root)

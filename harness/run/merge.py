@@ -14,152 +14,99 @@ Folder (a contract; see README), per method and seed:
                                                 merge of all tasks on each task (harness.analysis.documents), the
                                                 report's bootstrap over documents; written with summary.json
         summary.json                            per combination: normalised accuracy, average drop; interference
-A task adapter is trained once and reused by every merge; resume skips finished adapters, the
-single matrix and finished merge rows. MLflow: a parent run per (method, seed) with tag
-harness.kind=merge, a child run per trained adapter and per merge.
+A task adapter is trained once and reused by every merge. Each piece (an adapter, the single matrix, a merge row, the
+summary) is committed to the folder before anything else looks at it, so a merge killed anywhere resumes, by the same
+command, to the same table: finished adapters (checked against their hashes), the single matrix and finished rows are
+kept. MLflow follows the folder (harness/run/merge_mirror.py) through the same Mirror a sequence uses: a parent run per
+(method, seed) with tag harness.kind=merge, a child run per trained adapter and per merge; a tracking server that stops
+answering does not stop the merge, and `harness sync` (or the next resume) brings MLflow level.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from harness import faults
 from harness import metrics as MX
 from harness.adapters.combine import MERGED, folded, load_adapters, merge, relative_error
 from harness.adapters.peft_folder import write_peft_folder
-from harness.analysis.documents import DOCUMENTS_FILE, merge_documents
 from harness.analysis.merging import CROSS_TERM_TOL
 from harness.config import ExperimentConfig
-from harness.errors import ConfigError
-from harness.integrity import HASHES, check_recorded, file_hashes, folder_hashes
-from harness.io import atomic_dir, atomic_write_json, atomic_write_text, atomic_write_yaml, read_json
+from harness.errors import Interrupted
+from harness.integrity import HASHES, check_recorded, folder_hashes
+from harness.io import atomic_dir, atomic_write_json, atomic_write_yaml, read_json
 from harness.locking import SequenceLock
 from harness.methods import METHODS, StageContext
 from harness.models import load_model, module_shapes, set_torch_threads
 from harness.provenance import git_commit
+from harness.run import merge_records as REC
 from harness.run import merge_weights as MW
 from harness.run.evaluate import Evaluator, validation_evaluator
-from harness.run.planning import experiment_dir, preflight_methods, stage_budget, validate
+from harness.run.merge_mirror import row_name, sync_merge
+from harness.run.merge_plan import MergeSpec, merge_config, plan_merge
+from harness.run.mirror import Mirror, parent_record, read_state, update_state
+from harness.run.planning import preflight_methods, stage_budget, validate
 from harness.run.train import Recipe, task_examples, train_method
 from harness.tracking.client import open_tracker
-
-MERGE_RESULT_FILES = [
-    "single.json",
-    "single.csv",
-    "merged.json",
-    "merged.csv",
-    "documents.json",
-]  # hashed in summary.json
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-@dataclass
-class MergeSpec:
-    method: str
-    seed: int
-    tasks: list[str]
-    run_dir: Path
-
-    @property
-    def label(self) -> str:
-        return f"merge/{self.method}/seed-{self.seed}"
-
-
-def merge_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The knobs a separately trained task adapter uses: its own A (or the shared one) and its mask policy."""
-    policy = "disjoint" if cfg.merge_masks == "disjoint" else "independent"
-    lori = cfg.lori.model_copy(update={"a_mode": cfg.merge_a, "max_overlap": 0.0, "overlap_policy": policy})
-    return cfg.model_copy(update={"lori": lori})
-
-
-def plan_merge(cfg: ExperimentConfig, suite) -> list[MergeSpec]:
-    bad = [m for m in cfg.methods if not METHODS[m].independent_adapters]
-    if bad:
-        ok = [m for m, c in METHODS.items() if c.independent_adapters]
-        raise ConfigError(
-            f"--methods: {bad} do not train independent task adapters and cannot be merged; use {', '.join(ok)}"
-        )
-    order = list(suite.orders[cfg.orders[0]])
-    tasks = [t for t in order if not cfg.tasks or t in cfg.tasks]
-    if len(tasks) < 2:
-        raise ConfigError(f"tasks: merging needs at least 2 tasks, got {tasks}")
-    if cfg.merge_weight_grid is not None:
-        missing = [t for t in tasks if suite.task(t).validation is None]
-        if missing or any(w <= 0 for w in cfg.merge_weight_grid) or not cfg.merge_weight_grid:
-            raise ConfigError(
-                f"--merge-weight-grid {cfg.merge_weight_grid}: give positive weights, and the suite needs a "
-                f"validation split on every merged task (suite.yaml tasks[].validation: {{size: N}}); "
-                f"{', '.join(missing) or 'every task has one'}"
-            )
-    MW.check(cfg, tasks)
-    return [
-        MergeSpec(m, s, tasks, experiment_dir(cfg) / "merge" / m / f"seed-{s}") for m in cfg.methods for s in cfg.seeds
-    ]
-
-
 class MergeRunner:
-    """One (method, seed): task adapters, single-adapter matrix, merges."""
+    """One (method, seed): task adapters, single-adapter matrix, merges. Each piece is committed to the folder, then
+    the Mirror lets MLflow follow (harness/run/merge_mirror.py)."""
 
     def __init__(
         self, cfg: ExperimentConfig, suite, spec: MergeSpec, model, tokenizer, evaluator, tracker, progress: bool = True
     ):
         self.cfg, self.mcfg, self.suite, self.spec = cfg, merge_config(cfg), suite, spec
-        self.model, self.tokenizer, self.evaluator, self.tracker, self.progress = (
-            model,
-            tokenizer,
-            evaluator,
-            tracker,
-            progress,
-        )
-        self.dir = spec.run_dir
+        self.model, self.tokenizer, self.evaluator, self.tracker = model, tokenizer, evaluator, tracker
+        self.progress, self.dir = progress, spec.run_dir
         self.protocols = MW.protocols(cfg, len(spec.tasks))
         self.weights = {p: MW.weights_for(cfg, spec.method, len(spec.tasks), p) for p in self.protocols}  # tuned: None
         self.validator = (
             validation_evaluator(suite, tokenizer, cfg, progress=progress) if "tuned" in self.protocols else None
         )
+        self.mirror: Mirror | None = None
 
     def run(self) -> dict[str, Any]:
         with SequenceLock(self.dir, wait=self.cfg.wait_for_lock).acquire():
+            self.mirror = Mirror(self.tracker, self.dir, self.spec.label, say, sync=sync_merge)
             if (self.dir / "summary.json").exists() and read_json(self.dir / "summary.json").get("complete"):
                 say(f"[{self.spec.label}] already complete: skipping")
+                self.mirror.catch_up()  # a merge that finished while the tracking server was away
                 return read_json(self.dir / "summary.json")
+            merge_knobs = {"method": self.spec.method, "seed": self.spec.seed, "tasks": self.spec.tasks}
             atomic_write_yaml(
                 self.dir / "config.yaml",
-                {
-                    **self.cfg.to_yaml_dict(),
-                    "merge": {
-                        "method": self.spec.method,
-                        "seed": self.spec.seed,
-                        "tasks": self.spec.tasks,
-                        "protocols": self.protocols,
-                    },
-                },
+                {**self.cfg.to_yaml_dict(), "merge": {**merge_knobs, "protocols": self.protocols}},
             )
             self._verify_adapters()
-            self.parent_id = self._open_parent()
+            self._open_parent()
             try:
                 folders = {task: self._adapter(t, task) for t, task in enumerate(self.spec.tasks, start=1)}
                 S = self._single(folders)
-                rows = self._merges(folders, S)
-                out = self._finish(S, rows)
+                return self._finish(S, self._merges(folders, S))
+            except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: KILLED; the same command continues
+                self._end_parent(self.tracker.mark_killed)
+                raise Interrupted(getattr(exc, "why", None) or str(exc) or "Ctrl-C") from None
             except BaseException:
-                self.tracker.finish(self.parent_id, "FAILED")
+                self._end_parent(lambda run_id: self.tracker.finish(run_id, "FAILED"))
                 raise
-            self.tracker.finish(self.parent_id, "FINISHED")
-            return out
+
+    def _end_parent(self, end) -> None:
+        if self.mirror.parent_id:
+            self.mirror.call(end, self.mirror.parent_id)
 
     def _verify_adapters(self) -> None:
         """Finished task adapters are reused as they are: check them against the hashes their train.json recorded."""
@@ -171,16 +118,15 @@ class MergeRunner:
                 f"Delete {marker.parent} and run the same `harness merge` command again: that adapter is retrained.",
             )
 
-    def _open_parent(self) -> str:
-        state = self.dir / "state.json"
-        if state.exists():
-            parent_id = read_json(state)["mlflow_parent_run_id"]
-            self.tracker.reopen(parent_id, state)
-            done = {read_json(p).get("mlflow_run_id") for p in self.dir.glob("adapters/*/train.json")}
-            if (self.dir / "merged.json").exists():
-                done |= {r.get("mlflow_run_id") for r in read_json(self.dir / "merged.json")["rows"]}
-            self.tracker.drop_unfinished_children(parent_id, done)
-            return parent_id
+    def _open_parent(self) -> None:
+        """Reopen the parent run (a resume: MLflow first brought level with the folder), or create it; what to create
+        is kept in state.json first, so a store that does not answer now gets it when the mirror catches up."""
+        state = read_state(self.dir)
+        if state.get("mlflow_parent_run_id") or state.get("mlflow_parent"):
+            self.mirror.sync()  # pieces a kill or an outage kept from MLflow; interrupted children deleted
+            if self.mirror.parent_id:
+                self.mirror.call(self.tracker.reopen, self.mirror.parent_id, self.dir / "state.json")
+            return
         c, s = self.cfg, self.spec
         tags = {
             "harness.protocol": "merge",
@@ -206,9 +152,19 @@ class MergeRunner:
             "merge_a": c.merge_a,
             **Recipe.from_config(c).model_dump(),
         }
-        parent_id = self.tracker.create_parent(s.label, tags, params, kind="merge")
-        atomic_write_json(state, {"mlflow_parent_run_id": parent_id, "mlflow_tracking_uri": self.tracker.uri})
-        return parent_id
+        update_state(self.dir, mlflow_parent=parent_record(s.label, tags, params), mlflow_tracking_uri=self.tracker.uri)
+        record = read_state(self.dir)["mlflow_parent"]
+        create = self.tracker.create_parent
+        parent_id = self.mirror.call(create, record["name"], record["tags"], record["params"], kind="merge")
+        if parent_id:
+            update_state(self.dir, mlflow_parent_run_id=parent_id)
+            self.mirror.parent_id = parent_id
+
+    def _child(self, name: str, tags: dict[str, str]) -> str | None:
+        """A child run for the piece about to run (None while tracking is behind: the mirror creates it later)."""
+        if not self.mirror.parent_id:
+            return None
+        return self.mirror.call(self.tracker.create_child, self.mirror.parent_id, name, tags)
 
     # --- task adapters ------------------------------------------------------------------------
     def _adapter(self, t: int, task: str) -> Path:
@@ -216,9 +172,7 @@ class MergeRunner:
         final = self.dir / "adapters" / task
         if (final / "train.json").exists():
             return final
-        child = self.tracker.create_child(
-            self.parent_id, f"adapter-{task}", {"harness.kind": "merge-adapter", "harness.task": task}
-        )
+        child = self._child(f"adapter-{task}", {"harness.kind": "merge-adapter", "harness.task": task})
         method = METHODS[self.spec.method](self.mcfg, seed=self.spec.seed, tasks=self.spec.tasks, base_model=self.model)
         if self.cfg.merge_masks == "disjoint":  # what earlier tasks used, for the allocator to avoid (LoRI-S: masks)
             for s, earlier in enumerate(self.spec.tasks[: t - 1], start=1):
@@ -236,43 +190,33 @@ class MergeRunner:
                 )  # what the method keeps (lori-s: masks, values, lori.json), then a stock PEFT folder
                 shutil.rmtree(tmp / "adapter", ignore_errors=True)
                 write_peft_folder(method.adapters, tmp)
-                atomic_write_json(
-                    tmp / "train.json",
-                    {
-                        "task": task,
-                        "steps": res.steps,
-                        "wall_s": res.wall_s,
-                        "losses": res.losses,
-                        "budget": b,
-                        "mlflow_run_id": child,
-                        **method.param_counts(),
-                        **stats,
-                        HASHES: folder_hashes(tmp),
-                    },
-                )
+                record = {"task": task, "steps": res.steps, "wall_s": res.wall_s, "losses": res.losses, "budget": b}
+                record.update(mlflow_run_id=child, **method.param_counts(), **stats)
+                atomic_write_json(tmp / "train.json", {**record, HASHES: folder_hashes(tmp)})
         finally:
             self.model = method.unload()
-        self.tracker.log_series(child, "train/loss", res.losses)
-        self.tracker.log_metrics(child, {"train_s": res.wall_s, "train_steps": res.steps, **stats})
-        self.tracker.finish(child, "FINISHED")
+        self.mirror.observe()
         say(
             f"[{self.spec.label}] adapter {t}/{len(self.spec.tasks)} {task}: loss {res.losses[0]:.3f}->{res.losses[-1]:.3f} "
             f"{res.steps} steps in {res.wall_s:.1f}s"
         )
+        faults.pause("between-stages", self.dir, t)
         return final
 
     def _train(self, method, task: str, budget: dict, t: int, **kw):
         recipe = Recipe.from_config(self.mcfg)
+        examples = task_examples(self.suite, task, recipe, limit=self.mcfg.train_limit, seed=self.spec.seed)
+        desc = f"[merge {self.spec.method} s{self.spec.seed}] {task}"
         return train_method(
             method,
             self.tokenizer,
-            task_examples(self.suite, task, recipe, limit=self.mcfg.train_limit, seed=self.spec.seed),
+            examples,
             budget,
             recipe=recipe,
             seed=self.spec.seed,
             stage=t,
             bf16_autocast=self.cfg.bf16_autocast,
-            desc=f"[merge {self.spec.method} s{self.spec.seed}] {task}",
+            desc=desc,
             progress=self.progress,
             **kw,
         )
@@ -301,19 +245,16 @@ class MergeRunner:
                 self.model = model.unload()
             S[i] = [ev.scores[t] for t in tasks]
             docs[task] = ev.documents[task]  # the diagonal's documents: what normalised accuracy divides by
-            self.tracker.log_metrics(self.parent_id, {f"single/{task}": S[i, i]})
-        atomic_write_json(path, {"tasks": tasks, "S": S.tolist(), "documents": docs})
-        atomic_write_text(
-            self.dir / "single.csv", _csv(["adapter", *tasks], [[t, *row] for t, row in zip(tasks, S.tolist())])
-        )
+        REC.write_single(self.dir, tasks, S, docs)
+        self.mirror.observe()
         say(f"[{self.spec.label}] single adapters: " + " ".join(f"{t}={S[i, i]:.2f}" for i, t in enumerate(tasks)))
+        faults.pause("between-stages", self.dir, len(tasks) + 1)
         return S
 
     def _merge_sets(self) -> list[tuple[str, str, list[str]]]:
         """(protocol, combination, tasks) of every merge: each protocol's full merges, then (merge_pairs) its pairs."""
-        subsets = [list(self.spec.tasks)] + (
-            [list(p) for p in itertools.combinations(self.spec.tasks, 2)] if self.cfg.merge_pairs else []
-        )
+        pairs = [list(p) for p in itertools.combinations(self.spec.tasks, 2)] if self.cfg.merge_pairs else []
+        subsets = [list(self.spec.tasks)] + pairs
         return [(p, c, sub) for p in self.protocols for sub in subsets for c in self.cfg.merge_methods]
 
     def label(self, row: dict) -> str:
@@ -326,39 +267,26 @@ class MergeRunner:
         for protocol, combination, subset in self._merge_sets():
             if (protocol, combination, tuple(subset)) not in done:
                 rows.append(self._merge_one(folders, protocol, combination, subset, S))
-                atomic_write_json(path, {"rows": rows})
-                self._write_merged_csv(rows)
+                REC.write_merged(self.dir, self.spec.tasks, rows, self.label)
+                self.mirror.observe()
         return rows
 
     def _select_weight(self, folders: dict[str, Path], combination: str, subset: list[str]) -> dict[str, Any]:
-        """merge_weight_grid: each candidate (the same weight for every adapter) merged and scored on the validation
-        split of the subset's tasks; the best mean wins (the first on a tie). A best weight at an end of the grid is
-        pushed past it (half the lowest, twice the highest), up to merge_grid_extend times, until it is interior. The
-        test documents are not looked at."""
-        scores = {w: self._validation_score(folders, combination, subset, w) for w in self.cfg.merge_weight_grid}
-        extended = []
-        for _ in range(self.cfg.merge_grid_extend):
-            chosen = max(scores, key=scores.get)
-            if chosen not in (min(scores), max(scores)) or len(scores) < 2:
-                break
-            w = chosen / 2 if chosen == min(scores) else chosen * 2
-            scores[w] = self._validation_score(folders, combination, subset, w)
-            extended.append(w)
-        chosen = max(scores, key=scores.get)
-        edge = chosen in (min(scores), max(scores)) and len(scores) > 1
+        """merge_weight_grid: each candidate scored on the validation split of the subset's tasks (harness/run/
+        merge_weights.py `select`). The test documents are not looked at."""
+        selection = MW.select(
+            self.cfg.merge_weight_grid,
+            self.cfg.merge_grid_extend,
+            lambda w: self._validation_score(folders, combination, subset, w),
+        )
+        scores = {c["weight"]: c["validation_score"] for c in selection["candidates"]}
         say(
-            f"[{self.spec.label}] {combination}: weight {chosen:g} chosen on the validation split ("
+            f"[{self.spec.label}] {combination}: weight {selection['chosen']:g} chosen on the validation split ("
             + " ".join(f"{w:g}={v:.3f}" for w, v in scores.items())
             + ")"
-            + (" AT THE GRID'S END" if edge else "")
+            + (" AT THE GRID'S END" if selection["at_grid_end"] else "")
         )
-        return {
-            "split": "validation",
-            "candidates": [{"weight": w, "validation_score": v} for w, v in scores.items()],
-            "chosen": chosen,
-            "extended": extended,
-            "at_grid_end": edge,
-        }
+        return selection
 
     def _validation_score(self, folders: dict[str, Path], combination: str, subset: list[str], w: float) -> float:
         model = load_adapters(self.model, {t: folders[t] for t in subset})
@@ -370,19 +298,16 @@ class MergeRunner:
             self.model = model.unload()
         return sum(ev.scores.values()) / len(subset)
 
-    def _merge_one(
-        self, folders: dict[str, Path], protocol: str, combination: str, subset: list[str], S: np.ndarray
-    ) -> dict:
+    def _merge_one(self, folders: dict[str, Path], protocol: str, combination: str, subset: list[str], S) -> dict:
         tasks = self.spec.tasks
         selection = self._select_weight(folders, combination, subset) if protocol == "tuned" else None
-        weights = (
-            [selection["chosen"]] * len(subset)
-            if selection
-            else [self.weights[protocol][tasks.index(t)] for t in subset]
-        )
-        name = f"{MW.label(combination, protocol, self.protocols)}-{'+'.join(subset)}"
-        child = self.tracker.create_child(
-            self.parent_id, name, {"harness.kind": "merge-combination", "harness.combination": combination}
+        if selection:
+            weights = [selection["chosen"]] * len(subset)
+        else:
+            weights = [self.weights[protocol][tasks.index(t)] for t in subset]
+        probe = {"combination": combination, "protocol": protocol, "tasks": subset}
+        child = self._child(
+            row_name(probe, self.protocols), {"harness.kind": "merge-combination", "harness.combination": combination}
         )
         model = load_adapters(self.model, {t: folders[t] for t in subset})
         try:
@@ -393,137 +318,36 @@ class MergeRunner:
                 ev = self.evaluator.evaluate(model, eval_tasks, bf16_autocast=self.cfg.bf16_autocast)
         finally:
             self.model = model.unload()
-        row = {
-            "combination": combination,
-            "protocol": protocol,
-            "tasks": subset,
-            "weights": weights,
-            "density": self.cfg.merge_density,
-            "scores": ev.scores,
-            "relative_error": rel,
-            "cross_terms": rel > CROSS_TERM_TOL,
-            "eval_s": ev.wall_s,
-            "mlflow_run_id": child,
-            "weight_selection": selection,
-            "documents": ev.documents,
-        }
+        row = REC.merge_row(
+            combination,
+            protocol,
+            subset,
+            weights,
+            ev,
+            density=self.cfg.merge_density,
+            relative_error=rel,
+            cross_terms=rel > CROSS_TERM_TOL,
+            mlflow_run_id=child,
+            weight_selection=selection,
+        )
         if len(subset) == len(tasks):
             row.update(MX.merge_summary(S, [ev.scores[t] for t in tasks]))
-        self.tracker.log_metrics(
-            child,
-            {
-                "relative_error": rel,
-                **{f"eval/{t}": v for t, v in ev.scores.items()},
-                **{k: row[k] for k in ("average_drop", "normalised_accuracy") if row.get(k) is not None},
-            },
-        )
-        self.tracker.finish(child, "FINISHED")
         warn = f"  WARNING: ΔW is {rel:.1%} off Σ w_i ΔW_i (cross terms B_i A_j)" if row["cross_terms"] else ""
-        say(f"[{self.spec.label}] {name}: " + " ".join(f"{t}={v:.2f}" for t, v in ev.scores.items()) + warn)
+        scores = " ".join(f"{t}={v:.2f}" for t, v in ev.scores.items())
+        say(f"[{self.spec.label}] {row_name(row, self.protocols)}: {scores}{warn}")
         return row
 
-    def _write_merged_csv(self, rows: list[dict]) -> None:
-        tasks = self.spec.tasks
-        atomic_write_text(
-            self.dir / "merged.csv",
-            _csv(
-                ["combination", "tasks", *tasks, "average_drop", "normalised_accuracy", "relative_error"],
-                [
-                    [
-                        self.label(r),
-                        "+".join(r["tasks"]),
-                        *[r["scores"].get(t, "") for t in tasks],
-                        r.get("average_drop", ""),
-                        r.get("normalised_accuracy", ""),
-                        r["relative_error"],
-                    ]
-                    for r in rows
-                ],
-            ),
-        )
-
     def _finish(self, S: np.ndarray, rows: list[dict]) -> dict[str, Any]:
-        tasks, full = self.spec.tasks, [r for r in rows if len(r["tasks"]) == len(self.spec.tasks)]
-        summary: dict[str, Any] = {
-            "protocol": "merge",
-            "method": self.spec.method,
-            "seed": self.spec.seed,
-            "tasks": tasks,
-            "weights": self.weights[self.protocols[0]],
-            "merge_protocols": self.protocols,
-            "protocol_weights": self.weights,
-            "single_diagonal": {t: float(S[i, i]) for i, t in enumerate(tasks)},
-            "merges": {
-                self.label(r): {
-                    k: r.get(k)
-                    for k in (
-                        "combination",
-                        "protocol",
-                        "normalised_accuracy",
-                        "average_drop",
-                        "relative_error",
-                        "cross_terms",
-                        "weights",
-                        "weight_selection",
-                    )
-                }
-                | {"scores": r["scores"]}
-                for r in full
-            },
-            "interference": {},
-            "mlflow_parent_run_id": self.parent_id,
-            "complete": True,
-        }
-        for name in summary["merges"] if self.cfg.merge_pairs else []:
-            pairs = {
-                (tasks.index(r["tasks"][0]), tasks.index(r["tasks"][1])): (
-                    r["scores"][r["tasks"][0]],
-                    r["scores"][r["tasks"][1]],
-                )
-                for r in rows
-                if self.label(r) == name and len(r["tasks"]) == 2
-            }
-            summary["interference"][name] = MX.interference_matrix(S, pairs)
-        for r in full:
-            self.tracker.log_metrics(
-                self.parent_id,
-                {
-                    f"merged/{self.label(r).replace('@', '/')}/{k}": r.get(k)
-                    for k in ("normalised_accuracy", "average_drop", "relative_error")
-                },
-            )
-        single_docs = read_json(self.dir / "single.json").get("documents")
-        if single_docs and all(r.get("documents") for r in full):  # folders begun before documents were kept have none
-            atomic_write_json(
-                self.dir / DOCUMENTS_FILE,
-                merge_documents(tasks, single_docs, {self.label(r): r["documents"] for r in full}),
-            )
-            self.tracker.log_artifact(self.parent_id, self.dir / DOCUMENTS_FILE)
-        for f in ("single.json", "merged.json", "config.yaml"):
-            self.tracker.log_artifact(self.parent_id, self.dir / f)
-        summary[HASHES] = file_hashes(
-            self.dir, MERGE_RESULT_FILES
-        )  # harness verify checks them (tools/verify_merge.py)
+        facts = {"protocols": self.protocols, "weights": self.weights, "pairs": self.cfg.merge_pairs}
+        summary = REC.merge_summary(self.dir, self.spec, S, rows, self.label, parent_id=self.mirror.parent_id, **facts)
         atomic_write_json(self.dir / "summary.json", summary)
-        self.tracker.log_json(self.parent_id, summary, "summary.json")
-        say(
-            f"[{self.spec.label}] done: "
-            + "  ".join(
-                f"{c} norm.acc {v['normalised_accuracy']:.3f}"
-                for c, v in summary["merges"].items()
-                if v["normalised_accuracy"] is not None
-            )
-        )
+        self.mirror.settle()  # results, files and FINISHED to MLflow (or, if the store is away, how to sync later)
+        merges = summary["merges"].items()
+        done = [
+            f"{c} norm.acc {v['normalised_accuracy']:.3f}" for c, v in merges if v["normalised_accuracy"] is not None
+        ]
+        say(f"[{self.spec.label}] done: " + "  ".join(done))
         return summary
-
-
-def _csv(header: list[str], rows: list[list]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in rows:
-        w.writerow([f"{v:.6f}" if isinstance(v, float) else v for v in r])
-    return buf.getvalue()
 
 
 def run_merge(cfg: ExperimentConfig, *, progress: bool = True, threads: int | None = None) -> list[dict[str, Any]]:

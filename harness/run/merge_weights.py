@@ -7,7 +7,7 @@
   weights for 2 adapters or more than 4, so a pair merge (merge_pairs) keeps the weight of the full merge, and other
   task counts are refused.
 - tuned: every adapter at the candidate of merge_weight_grid that scores best on the validation split (chosen per
-  method, seed and combination; harness/run/merge.py `_select_weight`).
+  method, seed and combination; `select` below).
 - fixed: merge_weights as given (one for all, or one per task).
 - equal: 1/T each (T adapters): the plain average.
 Several protocols in one run share the task adapters and the single-adapter matrix; each gets its own merges, labelled
@@ -66,3 +66,27 @@ def weights_for(cfg: ExperimentConfig, method: str, n: int, protocol: str) -> li
 def label(combination: str, protocol: str, all_protocols: list[str]) -> str:
     """A merge's name in summary.json, documents.json, merged.csv and the report."""
     return combination if len(all_protocols) == 1 else f"{combination}@{protocol}"
+
+
+def select(grid: list[float], extend: int, score) -> dict:
+    """The tuned protocol's choice: score(w) for each candidate w of the grid (the same weight for every adapter), the
+    best wins (the first on a tie). A best weight at an end of the grid is pushed past it (half the lowest, twice the
+    highest), up to `extend` times, until it is interior. Returns merged.json's `weight_selection`."""
+    scores = {w: score(w) for w in grid}
+    extended = []
+    for _ in range(extend):
+        chosen = max(scores, key=scores.get)
+        if chosen not in (min(scores), max(scores)) or len(scores) < 2:
+            break
+        w = chosen / 2 if chosen == min(scores) else chosen * 2
+        scores[w] = score(w)
+        extended.append(w)
+    chosen = max(scores, key=scores.get)
+    edge = chosen in (min(scores), max(scores)) and len(scores) > 1
+    return {
+        "split": "validation",
+        "candidates": [{"weight": w, "validation_score": v} for w, v in scores.items()],
+        "chosen": chosen,
+        "extended": extended,
+        "at_grid_end": edge,
+    }

@@ -22,10 +22,9 @@ from typing import Any, Callable
 from harness import metrics as MX
 from harness.errors import HarnessError
 from harness.io import atomic_write_json, is_disk_full, read_json
-from harness.locking import is_locked
 from harness.run import lineage
-from harness.run.folder import STAGE_MARKER, committed_stages, experiment_of, sequence_folders
-from harness.tracking.client import Tracker, check_reachable, redact_uri
+from harness.run.folder import STAGE_MARKER, committed_stages
+from harness.tracking.client import check_reachable, redact_uri
 
 STATE = "state.json"
 RESULT_ARTIFACTS = (
@@ -149,8 +148,7 @@ def sync_sequence(tracker, run_dir: Path) -> str:
     for runs in by_stage.values():  # runs of interrupted stages, and duplicates: no stage counts twice
         for r in runs:
             if r.info.run_id not in keep:
-                tracker.finish(r.info.run_id, "KILLED")
-                tracker.client.delete_run(r.info.run_id)
+                tracker.delete(r.info.run_id)
     summary = read_json(run_dir / "summary.json") if (run_dir / "summary.json").is_file() else {}
     if summary.get("complete"):
         log_results(tracker, parent_id, run_dir, summary, fresh=False)
@@ -170,10 +168,12 @@ def _stage_run(tracker, parent_id: str, t: int, info: dict, runs: list, tags: di
 
 # --- a running sequence's mirror ----------------------------------------------------------------------
 class Mirror:
-    """One running sequence's MLflow calls: sent while the store answers, skipped (and caught up later) while it does not."""
+    """One running sequence's (or merge's) MLflow calls: sent while the store answers, skipped (and caught up later,
+    by `sync`, which reads only the folder) while it does not."""
 
-    def __init__(self, tracker, run_dir: Path, label: str, say: Callable[[str], None]):
+    def __init__(self, tracker, run_dir: Path, label: str, say: Callable[[str], None], sync: Callable | None = None):
         self.tracker, self.run_dir, self.label, self.say = tracker, Path(run_dir), label, say
+        self.sync_fn = sync or sync_sequence  # (tracker, run_dir) -> parent run id: the folder into MLflow
         self.remote = tracker.uri.startswith(("http://", "https://"))
         state = read_state(run_dir)
         self.behind: str | None = state.get("mirror_behind")
@@ -224,8 +224,21 @@ class Mirror:
         """Bring MLflow level with the folder now (a resume's start: what a kill or an outage kept from it)."""
         if self.behind:
             self.catch_up()
-        elif (parent_id := self.call(sync_sequence, self.tracker, self.run_dir)) is not None:
+        elif (parent_id := self.call(self.sync_fn, self.tracker, self.run_dir)) is not None:
             self.parent_id = parent_id
+
+    def observe(self) -> None:
+        """After a commit: MLflow follows the folder (a merge's pieces: harness/run/merge_mirror.py)."""
+        self.sync()
+
+    def settle(self) -> None:
+        """The end of the work: one more sync, and if the store is still away, how to mirror the folder later."""
+        self.sync()
+        if self.behind and not self.deferred:
+            self.say(
+                f"[{self.label}] tracking is still behind at the end: the run folder is complete; once "
+                f"{redact_uri(self.tracker.uri)} answers, `harness sync {self.run_dir}` mirrors it"
+            )
 
     def finish(self, summary: dict[str, Any], write_summary: Callable[[], None]) -> None:
         """The finished sequence: results to the parent run (FINISHED), then summary.json, the folder's last word."""
@@ -248,7 +261,7 @@ class Mirror:
             check_reachable(self.tracker.uri, timeout_s=3)
             if self.tracker.experiment_id is None:
                 self.tracker.open()
-            self.parent_id = sync_sequence(self.tracker, self.run_dir)
+            self.parent_id = self.sync_fn(self.tracker, self.run_dir)
         except Exception as exc:  # noqa: BLE001 - still unreachable (or failing again): stay behind, quietly
             self.behind = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             return False
@@ -258,44 +271,6 @@ class Mirror:
             f"[{self.label}] tracking caught up: MLflow at {redact_uri(self.tracker.uri)} holds every committed stage again"
         )
         return True
-
-
-def sync_folder(run_dir: Path, experiment: str, uri: str | None = None) -> str:
-    """`harness sync`: mirror one sequence folder into the store it was logged to (or `uri`); returns a line saying so."""
-
-    if is_locked(run_dir):  # its own process mirrors it (and must keep its stage run in progress)
-        return f"{run_dir}: skipped: a process is running this sequence; it catches MLflow up itself"
-    state = read_state(run_dir)
-    uri = uri or state.get("mlflow_tracking_uri")
-    if not uri:
-        raise HarnessError(f"{Path(run_dir) / STATE}: no tracking URI recorded; pass --tracking-uri")
-    check_reachable(uri)
-    tracker = Tracker(uri, experiment)
-    parent_id = sync_sequence(tracker, run_dir)
-    update_state(run_dir, mirror_behind=None)
-    n = len([t for t in committed_stages(run_dir) if t > 0])
-    return f"{run_dir}: MLflow at {redact_uri(uri)} holds parent run {parent_id} ({tracker.status(parent_id)}) and {n} stage run(s)"
-
-
-def sync_path(path: Path, uri: str | None = None) -> list[str]:
-    """`harness sync PATH`: every sequence folder at or under path; one line per folder."""
-    folders = sequence_folders(path)
-    if not folders:
-        raise HarnessError(
-            f"{path}: no sequence folder here; pass results/<experiment>/<method>/seed-<s> or results/<experiment>."
-        )
-    return [sync_folder(folder, experiment_of(folder), uri) for folder in folders]
-
-
-def catch_up_folders(root: Path) -> list[str]:
-    """Before a report: mirror the folders whose MLflow lags (the report reads MLflow); a line per folder, warnings too."""
-    lines = []
-    for folder in (f for f in sequence_folders(root) if is_behind(f)):
-        try:
-            lines.append(sync_folder(folder, experiment_of(folder)))
-        except HarnessError as exc:
-            lines.append(f"warning: {folder} is not in MLflow yet, so not in this report ({exc})")
-    return lines
 
 
 def parent_record(name: str, tags: dict[str, str], params: dict[str, Any]) -> dict[str, Any]:

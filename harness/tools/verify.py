@@ -28,9 +28,9 @@ from harness.io import read_json
 from harness.legacy_keys import upgrade_flat_keys
 from harness.methods import METHODS
 from harness.run.export import method_of
-from harness.run.folder import STAGE_MARKER, committed_stages, sequence_folders
+from harness.run.folder import STAGE_MARKER, committed_stages, merge_folders, sequence_folders
 from harness.suites import load_suite
-from harness.tools.verify_merge import merge_folders, verify_merge
+from harness.tools.verify_merge import verify_merge
 from harness.tracking.client import check_reachable, redact_uri
 
 _TOL = 1e-9

@@ -24,19 +24,6 @@ from harness.io import read_json
 _TOL = 1e-9
 
 
-def is_merge_folder(folder: Path) -> bool:
-    return (folder / "adapters").is_dir() and (folder / "config.yaml").is_file()
-
-
-def merge_folders(path: Path) -> list[Path]:
-    path = Path(path)
-    if is_merge_folder(path):
-        return [path]
-    return sorted(
-        {p.parent.parent.parent for p in path.rglob("adapters/*/train.json") if is_merge_folder(p.parent.parent.parent)}
-    )
-
-
 def check_hashes(folder: Path) -> Check:
     bad, files = [], 0
     markers = sorted(folder.glob("adapters/*/train.json"))

@@ -249,6 +249,11 @@ class Tracker:
                 n += 1
         return n
 
+    def delete(self, run_id: str) -> None:
+        """End a run KILLED and delete it (a duplicate, or a piece of work a kill interrupted)."""
+        self.client.set_terminated(run_id, status="KILLED")
+        self.client.delete_run(run_id)
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
