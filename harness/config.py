@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import Field, create_model, field_validator, model_validator
 
-from harness.config_fields import DEFAULT_TARGETS, KnobFields  # noqa: F401  (DEFAULT_TARGETS: its old home)
+from harness.config_fields import KnobFields
 from harness.legacy_keys import upgrade_flat_keys
 from harness.methods import LR_FAMILIES, METHODS, lr_knob
 

@@ -22,7 +22,8 @@ from harness.config import ExperimentConfig
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
 from harness.run.checkpoint import StageCheckpointer
-from harness.run.train import Recipe, train_stage
+from harness.run.recipe import Recipe
+from harness.run.train import train_stage
 from harness.suites import load_suite
 
 TASKS = ["parity", "weather", "copy"]

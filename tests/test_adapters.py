@@ -12,7 +12,8 @@ from harness.errors import CapacityError
 from harness.methods.lori import masks as M
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.sparse import SparseStage, mask_index
-from harness.run.train import Recipe, train_stage
+from harness.run.recipe import Recipe
+from harness.run.train import train_stage
 from harness.seeding import stable_seed
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

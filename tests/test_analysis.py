@@ -209,7 +209,7 @@ def test_merging_summary_means_over_seeds_and_flags_cross_terms_above_the_tolera
 
 
 def test_the_page_names_each_methods_chosen_merge_weight_per_seed():
-    from harness.report.page import _chosen_weights
+    from harness.report.merge_page import _chosen_weights
 
     runs = [
         merge_run("lora", "0", 0.6, 0.3, None),

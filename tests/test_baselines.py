@@ -19,8 +19,8 @@ from harness.methods.ewc import ewc_penalty
 from harness.methods.inflora import design_A, grow_basis
 from harness.methods.migu import row_mask
 from harness.models import load_model
+from harness.run.batches import collate, tokenize_examples
 from harness.run.export import export_adapter
-from harness.run.train import collate, tokenize_examples
 
 BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress", "--no-report"]
 NEW = ["nlora", "inflora", "ewc", "migu"]

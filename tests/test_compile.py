@@ -22,8 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from harness.config import ExperimentConfig  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
+from harness.run.batches import collate  # noqa: E402
 from harness.run.compiled import BUCKET, pad_to_bucket, pad_to_shape, why_not  # noqa: E402
-from harness.run.train import Recipe, collate, forward_loss, train_stage  # noqa: E402
+from harness.run.recipe import Recipe  # noqa: E402
+from harness.run.train import forward_loss, train_stage  # noqa: E402
 from harness.suites import load_suite  # noqa: E402
 
 LOSS_RTOL = 1e-4
@@ -67,7 +69,7 @@ def _train(name: str, compile_mode: str):
 def test_padding_to_a_bucket_does_not_change_the_loss():
     model, tok = load_model("tiny-llama")
     examples = load_suite("smoke").task("weather").train_examples()[:8]
-    from harness.run.train import tokenize_examples
+    from harness.run.batches import tokenize_examples
 
     batch = collate(tokenize_examples(tok, examples, 32), 0, "cpu")
     padded = pad_to_bucket(batch, 0)

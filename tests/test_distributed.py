@@ -30,7 +30,7 @@ from harness import distributed as D
 from harness.errors import ConfigError, HarnessError
 from harness.losses import lm_loss
 from harness.methods.lori.stage_files import load_masks
-from harness.run.train import collate, rank_batch
+from harness.run.batches import collate, rank_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]

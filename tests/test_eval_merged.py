@@ -24,7 +24,8 @@ from harness.errors import HarnessError  # noqa: E402
 from harness.methods import METHODS, StageContext  # noqa: E402
 from harness.models import load_model  # noqa: E402
 from harness.run.evaluate import Evaluator  # noqa: E402
-from harness.run.train import Recipe, train_stage  # noqa: E402
+from harness.run.recipe import Recipe  # noqa: E402
+from harness.run.train import train_stage  # noqa: E402
 from harness.suites import load_suite  # noqa: E402
 
 LL_TOL = 1e-3

@@ -14,7 +14,8 @@ from harness.methods import METHODS, StageContext
 from harness.models import load_model, model_config, module_shapes, resolve_dtype
 from harness.models import memory as M
 from harness.models.shapes import linear_shapes
-from harness.run.train import Recipe, set_checkpointing, train_stage
+from harness.run.recipe import Recipe
+from harness.run.train import set_checkpointing, train_stage
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA3_8B = LlamaConfig(

@@ -24,7 +24,8 @@ from harness.models import load_model  # noqa: E402
 from harness.precision import exact_matmuls, precision_of, set_tf32  # noqa: E402
 from harness.run.evaluate import Evaluator  # noqa: E402
 from harness.run.planning import check_precision  # noqa: E402
-from harness.run.train import Recipe, make_optimizer, train_stage  # noqa: E402
+from harness.run.recipe import Recipe, make_optimizer  # noqa: E402
+from harness.run.train import train_stage  # noqa: E402
 from harness.suites import load_suite  # noqa: E402
 
 TASKS = ["weather", "copy"]
@@ -71,7 +72,8 @@ def test_bf16_base_keeps_adapters_and_adamw_state_in_fp32(name):
         assert layer.lora_B[method.adapter].weight.dtype == torch.float32
     opt, _ = make_optimizer(list(trainable.values()), 1e-3, Recipe.from_config(cfg), 4)
     suite = load_suite("smoke")
-    from harness.run.train import collate, tokenize_examples, train_step
+    from harness.run.batches import collate, tokenize_examples
+    from harness.run.train import train_step
 
     device = next(method.model.parameters()).device
     batch = collate(tokenize_examples(tok, suite.task("weather").train_examples()[:4], 32), 0, device)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from harness.losses import lm_loss
-from harness.run.train import Recipe, lr_factor, make_optimizer, tokenize_examples
+from harness.run.batches import tokenize_examples
+from harness.run.recipe import Recipe, lr_factor, make_optimizer
 
 
 class Tok:

@@ -15,7 +15,8 @@ from harness.methods.lori import masks as M
 from harness.methods.lori import stage_files as SF
 from harness.methods.lori.sparse import SparseStage, mask_index
 from harness.run.checkpoint import Progress, StageCheckpointer
-from harness.run.train import Recipe, make_optimizer, train_stage, train_step
+from harness.run.recipe import Recipe, make_optimizer
+from harness.run.train import train_stage, train_step
 from harness.seeding import stable_seed
 
 

@@ -35,7 +35,7 @@ from harness.analysis.sensitivity import SELECTION_CRITERION
 from harness.analysis.statistics import N_BOOT
 from harness.metrics import LIBRARY_NOTE, MERGE_DEFINITIONS, METRIC_DEFINITIONS
 from harness.report.dates import run_dates
-from harness.report.merge_page import _chosen_weights, merging_context  # noqa: F401  # _chosen_weights: re-exported
+from harness.report.merge_page import merging_context
 from harness.report.tables import (
     COST_HEADERS,
     GENERAL_HEADERS,

@@ -49,12 +49,14 @@ from harness.models import load_model, module_shapes, set_torch_threads
 from harness.provenance import git_commit
 from harness.run import merge_records as REC
 from harness.run import merge_weights as MW
+from harness.run.batches import task_examples
 from harness.run.evaluate import Evaluator, validation_evaluator
 from harness.run.merge_mirror import row_name, sync_merge
 from harness.run.merge_plan import MergeSpec, merge_config, plan_merge
 from harness.run.mirror import Mirror, parent_record, read_state, update_state
 from harness.run.planning import preflight_methods, stage_budget, validate
-from harness.run.train import Recipe, task_examples, train_method
+from harness.run.recipe import Recipe
+from harness.run.train import train_method
 from harness.tracking.client import open_tracker
 
 

@@ -33,6 +33,7 @@ from harness.precision import precision_of
 from harness.run import lineage
 from harness.run import records as REC
 from harness.run.base_eval import BaseEvalCache
+from harness.run.batches import example_batches, task_examples
 from harness.run.checkpoint import StageCheckpointer
 from harness.run.console import say
 from harness.run.folder import (
@@ -48,8 +49,9 @@ from harness.run.folder import (
 )
 from harness.run.mirror import Mirror, read_state, update_state
 from harness.run.planning import SequenceSpec
+from harness.run.recipe import Recipe
 from harness.run.stage_commit import StageCommits
-from harness.run.train import Recipe, compile_plan, example_batches, task_examples, train_method
+from harness.run.train import compile_plan, train_method
 from harness.timing import timed
 
 

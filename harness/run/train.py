@@ -27,10 +27,10 @@ from harness import faults
 from harness.errors import HarnessError
 from harness.losses import lm_loss
 from harness.precision import autocast_ctx
-from harness.run.batches import collate, example_batches, rank_batch, task_examples, tokenize_examples  # noqa: F401  # re-exported
+from harness.run.batches import rank_batch, tokenize_examples
 from harness.run.checkpoint import Progress, StageCheckpointer
 from harness.run.compiled import CompiledLoss, resolve_mode, sequence_shape, why_not
-from harness.run.recipe import Recipe, lr_factor, make_optimizer  # noqa: F401  # re-exported
+from harness.run.recipe import Recipe, make_optimizer
 from harness.seeding import stable_seed
 
 LOSS_EVERY = 10  # steps between reads of the loss (each read waits for the device)

@@ -26,7 +26,8 @@ from harness.models import load_model, set_torch_threads
 from harness.models.environment import device_name
 from harness.precision import autocast_ctx, precision_of, set_tf32
 from harness.run.compiled import CompiledLoss, resolve_mode
-from harness.run.train import Recipe, forward_loss, make_optimizer, train_step
+from harness.run.recipe import Recipe, make_optimizer
+from harness.run.train import forward_loss, train_step
 from harness.tools.profile_step import format_profile, profile_step
 from harness.tools.profile_step import sync as _sync
 

@@ -21,7 +21,9 @@ import torch
 from harness.config import ExperimentConfig
 from harness.methods import METHODS, StageContext
 from harness.models import load_model
-from harness.run.train import Recipe, collate, forward_loss, tokenize_examples, train_stage
+from harness.run.batches import collate, tokenize_examples
+from harness.run.recipe import Recipe
+from harness.run.train import forward_loss, train_stage
 from harness.suites import load_suite
 
 

@@ -24,8 +24,10 @@ from pathlib import Path
 from harness.methods import METHODS, StageContext
 from harness.models import load_model, set_torch_threads
 from harness.models.environment import device_name
+from harness.run.batches import example_batches, task_examples
 from harness.run.planning import stage_budget
-from harness.run.train import Recipe, example_batches, make_optimizer, task_examples, train_step
+from harness.run.recipe import Recipe, make_optimizer
+from harness.run.train import train_step
 from harness.suites import load_suite
 from harness.tools.profile_step import sync
 

@@ -25,15 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness.tools.dashboard import is_loopback, port_is_free, start_server, stop_server, wait_healthy
-from harness.tools.postgres import (  # noqa: F401  (PG_USER, DB_ROLE: their old home)
-    DB_NAME,
-    DB_ROLE,
-    INSTALL_HINT,
-    PG_USER,
-    LocalPostgres,
-    PostgresUnavailableError,
-    TrackingServerError,
-)
+from harness.tools.postgres import DB_NAME, INSTALL_HINT, LocalPostgres, PostgresUnavailableError, TrackingServerError
 from harness.tracking.auth import CREDENTIALS_ENV, RUNS_USER, ServerAuth, allowed_hosts
 from harness.tracking.client import redact_uri
 
