@@ -111,7 +111,7 @@ TUNE_SUITES ?= default mc4
 # scales), and one more where the default suite's choice sat at an end (2026-12-06: EWC 1e4, N-LoRA 1e-5, InfLoRA
 # 0.99, MIGU 0.1).
 TUNE_GRIDS ?= ewc:ewc.lambda=100,1000,10000,100000 nlora:nlora.lambda_l1=1e-6,1e-5,1e-4,1e-3 \
-  olora:olora.lambda_orth=0.05,0.5,5 migu:migu.top_fraction=0.03,0.1,0.3,0.6 inflora:inflora.threshold=0.9,0.95,0.99,0.999
+  olora:olora.lambda_orth=0.05,0.5,5 migu:migu.top_fraction=0.01,0.03,0.1,0.3,0.6 inflora:inflora.threshold=0.9,0.95,0.99,0.999
 tune-baselines: $(STAMP)
 	mkdir -p $(RESULTS); n=$$(nproc); units=""; for suite in $(TUNE_SUITES); do for mg in $(TUNE_GRIDS); do \
 	  units="$$units $$suite@$$mg"; done; done; pids=""; for i in $$(seq 0 $$((n - 1))); do \

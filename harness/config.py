@@ -1,4 +1,4 @@
-"""Every knob of an experiment, defined once: type, default, help. CLI flags and docs read it here.
+"""The experiment config: every knob (declared in harness/config_fields.py) with its checks and derived values.
 
 An experiment config is YAML (yaml.safe_load) whose keys are the fields of ExperimentConfig; CLI flags
 (`--field-name`) override YAML; the result is validated before anything is trained or written. The knobs every

@@ -1,6 +1,6 @@
 """An experiment config from a YAML file and command-line flags: parsing, nesting, validation, error messages.
 
-The knobs themselves (type, default, help) are declared once, in harness/config.py; the CLI builds its flags
+The knobs themselves (type, default, help) are declared once, in harness/config_fields.py; the CLI builds its flags
 from `cli_fields()` here (--rank, --olora-lambda-orth, and LoRI's old names such as --mask-density as aliases).
 """
 

@@ -28,7 +28,8 @@ docs/statistics.md); the older std rule is kept as a column (verdicts_std_rule).
 Modules: read (one experiment) over folders (sequence folders), merge_folders and tracked (what only
 MLflow has); the analysis is harness/analysis/ (aggregate, intervals, sensitivity, merging, general_ce:
 pure functions over the runs); figures and merge_figures (every Matplotlib figure, on harness/heatmap.py),
-tables and page + templates/report.html.j2 (index.html), write (the folder).
+tables, page and merge_page (the Merging section) + templates/report.html.j2 (index.html), dates (the run
+dates), write (the folder).
 """
 
 from harness.report.write import write_report

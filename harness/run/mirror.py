@@ -174,6 +174,11 @@ class Mirror:
     def __init__(self, tracker, run_dir: Path, label: str, say: Callable[[str], None], sync: Callable | None = None):
         self.tracker, self.run_dir, self.label, self.say = tracker, Path(run_dir), label, say
         self.sync_fn = sync or sync_sequence  # (tracker, run_dir) -> parent run id: the folder into MLflow
+        self.hint = (  # when MLflow catches up
+            "at the next stage, `harness resume`, `harness report`, or `harness sync RUN_DIR`"
+            if sync is None
+            else "after the next piece, the same command run again, `harness report`, or `harness sync RUN_DIR`"
+        )
         self.remote = tracker.uri.startswith(("http://", "https://"))
         state = read_state(run_dir)
         self.behind: str | None = state.get("mirror_behind")
@@ -214,8 +219,7 @@ class Mirror:
         if not self.behind:
             self.say(
                 f"[{self.label}] tracking is behind: {redact_uri(self.tracker.uri)} does not answer ({reason}). Training "
-                "goes on and the run folder keeps everything; MLflow catches up when the server is back (at the next "
-                "stage, `harness resume`, `harness report`, or `harness sync RUN_DIR`)."
+                f"goes on and the run folder keeps everything; MLflow catches up when the server is back ({self.hint})."
             )
         self.behind = reason
         update_state(self.run_dir, mirror_behind=reason)

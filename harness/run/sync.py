@@ -21,7 +21,7 @@ def sync_folder(run_dir: Path, experiment: str, uri: str | None = None, sync: Ca
     to (or `uri`); returns a line saying so."""
 
     if is_locked(run_dir):  # its own process mirrors it (and must keep its stage run in progress)
-        return f"{run_dir}: skipped: a process is running this sequence; it catches MLflow up itself"
+        return f"{run_dir}: skipped: a process is running it; it catches MLflow up itself"
     state = read_state(run_dir)
     uri = uri or state.get("mlflow_tracking_uri")
     if not uri:
@@ -54,9 +54,11 @@ def sync_path(path: Path, uri: str | None = None) -> list[str]:
 def catch_up_folders(root: Path) -> list[str]:
     """Before a report: mirror the folders whose MLflow lags (the report reads MLflow); a line per folder, warnings too."""
     lines = []
-    for folder in (f for f in sequence_folders(root) if is_behind(f)):
+    behind = [(f, experiment_of(f), None) for f in sequence_folders(root) if is_behind(f)]
+    behind += [(f, merge_experiment(f), sync_merge) for f in merge_folders(root) if is_behind(f)]
+    for folder, experiment, sync in behind:
         try:
-            lines.append(sync_folder(folder, experiment_of(folder)))
+            lines.append(sync_folder(folder, experiment, sync=sync))
         except HarnessError as exc:
             lines.append(f"warning: {folder} is not in MLflow yet, so not in this report ({exc})")
     return lines

@@ -4,7 +4,7 @@
              (single.json/.csv, merged.json/.csv, documents.json) against those summary.json recorded
     metrics  the single-adapter diagonal equals single.json's; each merge's normalised accuracy and average drop,
              recomputed from its per-document scores (documents.json) and from merged.json's scores, equal summary.json
-    mlflow   not compared for merge folders (the folder is the record; `harness sync` does not mirror merges)
+    mlflow   not compared for merge folders (the folder is the record; `harness sync` mirrors it)
 
 Reads only.
 """
