@@ -85,7 +85,9 @@ ablation: $(STAMP)
 # The all-methods table over 3 seeds at today's defaults, on both CPU suites (full evaluation: FWT, forgetting, the
 # general-text cross-entropy after every stage), JOBS sequences at a time as the ablation; reports and intervals in
 # results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it;
-# each report also compares REPORT_BASELINE with every other method (the README's "LoRI-S − method" columns).
+# each report also compares REPORT_BASELINE with every other method. One seed (every method) at a time; each finished
+# seed's compact evidence goes to results/evidence/all-methods-<suite>/ (commit it), and `make tables` writes the
+# README's all-methods block from it, naming the cells still missing.
 # Every baseline runs at its suite's tuned strength (suite.yaml method_knobs, make tune-baselines; the report's
 # "Baseline strength" table says which). All 13 methods x 3 seeds x 2 suites is about 8 h on 2 cores (8-25 min a
 # sequence; InfLoRA's covariance passes are the slowest): ALL_METHODS=... runs a subset, and finished ones are skipped.
@@ -93,9 +95,11 @@ ALL_METHODS ?= lori-s,lori-d,lora,inclora,olora,nlora,inflora,ewc,migu,sdlora,os
 ALL_SEEDS ?= 0,1,2
 REPORT_BASELINE ?= lori-s
 all-methods: $(STAMP)
-	mkdir -p $(RESULTS); for suite in default mc4; do \
-	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds $(ALL_SEEDS) --jobs $(JOBS) \
+	mkdir -p $(RESULTS); for suite in default mc4; do for s in $$(echo $(ALL_SEEDS) | tr , ' '); do \
+	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds $$s --jobs $(JOBS) \
 	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-report $(ARGS) || exit $$?; \
+	  $(BIN)/harness evidence $(RESULTS)/all-methods-$$suite/all-methods-$$suite --table all-methods-$$suite || exit $$?; \
+	  done; \
 	  $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
 	    $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; \
 	done

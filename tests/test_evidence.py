@@ -48,6 +48,23 @@ def test_collected_evidence_reads_back_as_the_same_runs_and_gives_a_table(result
     assert tables.rewrite(text, {"x": block}) == f"intro\n<!-- evidence:x -->\n{block}<!-- /evidence:x -->\nend\n"
 
 
+def test_the_all_methods_table_tests_each_method_against_the_lead_and_names_the_missing_cells(results, tmp_path):
+    from harness.tools.methods_table import MethodsTable, methods_block
+
+    root = tmp_path / "evidence"
+    collect(results / "docs", "t", root)
+    table = MethodsTable("m", "lori-s", (("s", "t"), ("other", "none")), ("lori-s", "lora", "ewc"))
+    block = methods_block(table, root)
+    by_method = read_table(root / "t")
+    t = OS.seed_test([r.unit for r in by_method["lori-s"]], [r.unit for r in by_method["lora"]], "ACC")
+    row = next(line for line in block.splitlines() if line.startswith("| s | LoRA | 3 |"))
+    assert f"{t.difference:+.3f}".replace("-", "−") in row and ("decided" in row)  # one comparison: Holm p = p
+    assert "| other | no evidence yet |" in block
+    assert (
+        "- Missing (fewer than 3 seeds at today's defaults): s: ewc 0/3; other: lori-s 0/3, lora 0/3, ewc 0/3." in block
+    )
+
+
 def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
     root = tmp_path / "evidence"
     collect(results / "docs" / "lora" / "seed-0", "t", root)

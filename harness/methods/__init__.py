@@ -54,6 +54,7 @@ _ORDER = (
     "osf",
 )
 METHODS: dict[str, type[Method]] = {**{n: REGISTRY[n] for n in _ORDER}, **REGISTRY}
+BUILT_IN = _ORDER  # the methods this package ships (the all-methods table's rows), before any plugin
 
 # Learning-rate families: each method that starts one (lr_method == its name) and its default rate.
 LR_FAMILIES: dict[str, float] = {m.lr_method: m.lr_default for m in METHODS.values() if m.lr_default is not None}

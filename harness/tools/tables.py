@@ -20,7 +20,9 @@ from harness.analysis.intervals import fmt_needed, fmt_p
 from harness.analysis.naming import HIGHER_IS_BETTER, display_name
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
+from harness.methods import BUILT_IN
 from harness.tools.evidence import EVIDENCE_DIR, EvidenceRun, read_table
+from harness.tools.methods_table import MethodsTable, methods_block
 
 CE = "general-text CE rise"
 PAIR_METRICS = ("ACC", "BWT", "forgetting", "LA")
@@ -37,6 +39,9 @@ class PairTable:
 
 
 PUBLISHED = (PairTable("headline", "lori-s", "lora", (("default", "headline-default"), ("mc4", "headline-mc4"))),)
+ALL_METHODS = MethodsTable(
+    "all-methods", "lori-s", (("default", "all-methods-default"), ("mc4", "all-methods-mc4")), BUILT_IN
+)
 FILES = (Path("README.md"),)
 BLOCK = re.compile(r"(<!-- evidence:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /evidence:(?P=name) -->)", re.S)
 
@@ -152,7 +157,7 @@ def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
 
 
 def blocks(root: Path = EVIDENCE_DIR) -> dict[str, str]:
-    return {t.name: pair_block(t, root) for t in PUBLISHED}
+    return {**{t.name: pair_block(t, root) for t in PUBLISHED}, ALL_METHODS.name: methods_block(ALL_METHODS, root)}
 
 
 def rewrite(text: str, generated: dict[str, str]) -> str:
