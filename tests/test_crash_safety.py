@@ -331,6 +331,26 @@ def test_eval_schedule_diagonal_final_evaluates_2T_minus_1_cells_and_reports_na(
     assert "Running loglikelihood requests" not in out.stderr  # lm-eval's own bars only with -v
 
 
+def test_the_plan_says_what_each_stage_evaluates_and_the_progress_display_counts_it(tmp_path):
+    """The schedule is resolved once, in the plan: the runner evaluates it and the driver's bar counts it (stage 0 is
+    committed under diagonal_final too when the base model's general-text CE is measured)."""
+    from harness.config import ExperimentConfig
+    from harness.launchers.progress import StageMonitor
+    from harness.run.planning import plan
+    from harness.suites import load_suite
+
+    suite = load_suite("smoke")
+    cfg = ExperimentConfig(model="tiny-llama", suite="smoke", methods=["lora"], results_dir=str(tmp_path))
+    [full] = plan(cfg, suite)
+    assert full.schedule.tasks == (("parity", "weather", "copy"),) * 4 and full.schedule.base_stage
+    diagonal = cfg.model_copy(update={"eval_schedule": "diagonal_final"})
+    [spec] = plan(diagonal, suite)
+    assert spec.schedule.tasks == ((), ("parity",), ("weather",), ("parity", "weather", "copy"))
+    assert spec.schedule.base_stage and StageMonitor([spec], progress=False).total == 4
+    [no_ce] = plan(diagonal.model_copy(update={"general_ce_tokens": 0}), suite)
+    assert not no_ce.schedule.base_stage and StageMonitor([no_ce], progress=False).total == 3
+
+
 def test_eval_limit_draws_the_same_seeded_subset_at_every_stage():
     from harness.run.evaluate import Evaluator
     from harness.suites import load_suite

@@ -40,8 +40,8 @@ class StageMonitor:
     def __init__(self, specs: list[SequenceSpec], *, progress: bool = True):
         self.specs = specs
         self.n_stages = {s.run_dir: len(s.stages) for s in specs}  # the plan's stages (planning.plan fills them)
-        # Stage 0 (the base model) is a committed stage too, unless the schedule skips the base row.
-        with_base = {s.run_dir: s.cfg.full_row_every is not None for s in specs}
+        # Stage 0 (the base model) is a committed stage too when the plan's schedule has one.
+        with_base = {s.run_dir: s.schedule is None or s.schedule.base_stage for s in specs}
         self.total = sum(n + with_base[d] for d, n in self.n_stages.items())
         self.seen: set[Path] = set()
         self.finished: set[Path] = set()

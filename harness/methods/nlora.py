@@ -28,26 +28,27 @@ TILE_ROWS = 256  # rows of B·A held at once: 256 x d_in floats (0.6 MB at d_in 
 
 
 class _TiledL1(torch.autograd.Function):
-    """‖B A‖₁ without materialising B·A: forward and backward walk row tiles of B, and backward recomputes each
-    tile instead of keeping it (peak extra memory: one tile). d‖BA‖₁/dB = sign(BA) Aᵀ, d/dA = Bᵀ sign(BA)."""
+    """‖B A‖₁ without materialising B·A: one walk over row tiles of B computes the norm and, from the same tile, its
+    gradients d‖BA‖₁/dB = sign(BA) Aᵀ and d/dA = Bᵀ sign(BA), kept for backward (the size of A and B). Peak extra
+    memory: one tile; each tile is computed once (a backward that recomputed it cost a fourth more)."""
 
     @staticmethod
     def forward(ctx, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(A, B)
         total = torch.zeros((), dtype=torch.promote_types(A.dtype, B.dtype), device=A.device)
+        gA, gB = torch.zeros_like(A), torch.empty_like(B)
         for i in range(0, B.shape[0], TILE_ROWS):
-            total += (B[i : i + TILE_ROWS] @ A).abs().sum()
+            rows = B[i : i + TILE_ROWS]
+            tile = rows @ A
+            total += torch.linalg.vector_norm(tile, ord=1)
+            sign = tile.sign_()  # in place: the tile's values are not needed any more
+            gB[i : i + TILE_ROWS] = sign @ A.T
+            gA.addmm_(rows.T, sign)
+        ctx.save_for_backward(gA, gB)
         return total
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        A, B = ctx.saved_tensors
-        gA, gB = torch.zeros_like(A), torch.empty_like(B)
-        for i in range(0, B.shape[0], TILE_ROWS):
-            rows = B[i : i + TILE_ROWS]
-            sign = torch.sign(rows @ A)
-            gB[i : i + TILE_ROWS] = sign @ A.T
-            gA += rows.T @ sign
+        gA, gB = ctx.saved_tensors
         return grad * gA, grad * gB
 
 

@@ -55,6 +55,38 @@ class StagePlan:
         return {**self.budget, "lr": self.lr_of[family]}
 
 
+@dataclass(frozen=True)
+class EvalSchedule:
+    """What each stage of a sequence evaluates, resolved before anything runs (eval_scope, eval_schedule): the runner
+    evaluates it and the progress display counts it; a cell left out stays NaN (n/a, never guessed)."""
+
+    tasks: tuple[tuple[str, ...], ...]  # stage 0 (the base model), 1..S: the tasks scored after it
+    base_stage: bool  # stage 0 is committed: it scores tasks, or the base model's general-text CE or general_tasks
+
+    def at(self, stage: int) -> list[str]:
+        return list(self.tasks[stage])
+
+
+def eval_schedule(cfg: ExperimentConfig, reference: bool, tasks: list[str], plan: list[list[str]]) -> EvalSchedule:
+    """Stage 0 scores every task unless eval_schedule is diagonal_final (2T-1 evaluations, no base row); stage t < S
+    scores only its own task(s) unless it is a full row (every:K); a full row is every task (eval_scope all, or a
+    reference method) or the tasks seen so far (seen)."""
+    every, last = cfg.full_row_every, len(plan)
+
+    def at(stage: int) -> tuple[str, ...]:
+        if stage == 0:
+            return tuple(tasks) if every is not None else ()
+        if stage < last and (every is None or stage % every):
+            return tuple(t for t in tasks if t in plan[stage - 1])  # the diagonal: R[t, t] only
+        if cfg.eval_scope == "all" or reference:
+            return tuple(tasks)
+        seen = {t for ts in plan[:stage] for t in ts}
+        return tuple(t for t in tasks if t in seen)
+
+    rows = tuple(at(s) for s in range(last + 1))
+    return EvalSchedule(rows, bool(rows[0] or cfg.general_ce_tokens or cfg.general_tasks))
+
+
 @dataclass
 class SequenceSpec:
     method: str
@@ -67,6 +99,7 @@ class SequenceSpec:
     variant_values: dict[str, Any] | None = None
     stages: list[StagePlan] = field(default_factory=list)  # stages 1..S, from plan()
     strength: dict[str, Any] | None = None  # the method's strength knob, its value and its source (run/suite_knobs)
+    schedule: EvalSchedule | None = None  # what each stage evaluates, from plan()
 
     @property
     def label(self) -> str:
@@ -139,9 +172,20 @@ def plan(cfg: ExperimentConfig, suite) -> list[SequenceSpec]:
                         )
                         for tasks in METHODS[method].stage_plan(order)
                     ]
+                    schedule = eval_schedule(vcfg, METHODS[method].reference, order, [s.tasks for s in stages])
                     specs.append(
                         SequenceSpec(
-                            method, seed, k, order, d, vcfg, vid, values, stages, strength(vcfg, suite, method)
+                            method,
+                            seed,
+                            k,
+                            order,
+                            d,
+                            vcfg,
+                            vid,
+                            values,
+                            stages,
+                            strength(vcfg, suite, method),
+                            schedule,
                         )
                     )
     return specs

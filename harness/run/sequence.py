@@ -48,7 +48,7 @@ from harness.run.folder import (
     verify_stages,
 )
 from harness.run.mirror import Mirror, read_state, update_state
-from harness.run.planning import SequenceSpec
+from harness.run.planning import SequenceSpec, eval_schedule
 from harness.run.recipe import Recipe
 from harness.run.stage_commit import StageCommits
 from harness.run.train import compile_plan, train_method
@@ -76,6 +76,7 @@ class SequenceRunner(StageCommits):
         self.progress = progress
         self.method_cls = METHODS[spec.method]
         self.plan = [s.tasks for s in spec.stages]  # tasks trained at stages 1..S (planning resolved them)
+        self.schedule = spec.schedule or eval_schedule(cfg, self.method_cls.reference, spec.tasks, self.plan)
         self.R = np.full((len(self.plan) + 1, len(spec.tasks)), np.nan)
         self.recipe = Recipe.from_config(cfg)
         self.run_dir = spec.run_dir
@@ -95,16 +96,8 @@ class SequenceRunner(StageCommits):
         return tasks[0] if len(tasks) == 1 else "all"
 
     def eval_tasks(self, stage: int) -> list[str]:
-        """What stage `stage` evaluates under eval_scope and eval_schedule (cells left out stay NaN: n/a, never guessed)."""
-        every, last = self.cfg.full_row_every, len(self.plan)
-        if stage == 0:
-            return list(self.spec.tasks) if every is not None else []  # diagonal_final: 2T-1 evaluations, no base row
-        if stage < last and (every is None or stage % every):
-            return [t for t in self.spec.tasks if t in self.plan[stage - 1]]  # the diagonal: R[t, t] only
-        if self.cfg.eval_scope == "all" or self.method_cls.reference:
-            return list(self.spec.tasks)
-        seen = {t for tasks in self.plan[:stage] for t in tasks}
-        return [t for t in self.spec.tasks if t in seen]
+        """What stage `stage` evaluates (the plan's schedule: harness/run/planning.py eval_schedule)."""
+        return self.schedule.at(stage)
 
     def task_examples(self, task: str) -> list[dict]:
         return task_examples(self.suite, task, self.recipe, limit=self.cfg.train_limit, seed=self.spec.seed)
@@ -216,7 +209,7 @@ class SequenceRunner(StageCommits):
         done = D.main_then_all(self._committed_verified)
         if main:
             self._replay_committed(done)
-            if 0 not in done and (self.eval_tasks(0) or self.cfg.general_ce_tokens or self.cfg.general_tasks):
+            if 0 not in done and self.schedule.base_stage:
                 self._stage0()  # under diagonal_final: no task, only the base model's general-text CE (and general_tasks)
         D.barrier()  # the others wait while rank 0 evaluates the base model
         method = self.method_cls(
