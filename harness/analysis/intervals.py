@@ -100,6 +100,16 @@ def fmt_p(p: float | None) -> str:
     return "—" if p is None else ("p < 0.001" if p < 0.001 else f"p = {p:.3f}")
 
 
+def fmt_seed_ci(s: OS.SeedInterval | OS.SeedTest, signed: bool = False) -> str:
+    """A mean (or a difference, signed) with its interval over seeds, as the published tables print it."""
+    f = "{:+.3f}" if signed else "{:.3f}"
+    mean = s.mean if isinstance(s, OS.SeedInterval) else s.difference
+    if mean is None:
+        return "—"
+    text = f.format(mean) if s.low is None else f"{f.format(mean)} [{f.format(s.low)}, {f.format(s.high)}]"
+    return text.replace("-", "−")
+
+
 def fmt_needed(t: OS.SeedTest) -> str:
     """How many seeds the observed difference and spread need (80% power at 5%)."""
     if t.seeds_needed is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.analysis import over_seeds as OS
-from harness.analysis.intervals import fmt_needed, fmt_p
+from harness.analysis.intervals import fmt_needed, fmt_p, fmt_seed_ci
 from harness.analysis.naming import display_name, is_reference_method
 from harness.errors import HarnessError
 from harness.tools.evidence import EVIDENCE_DIR, EvidenceRun, read_table
@@ -31,22 +31,13 @@ class MethodsTable:
     min_seeds: int = 3
 
 
-def _ci(s) -> str:
-    mean = s.mean if isinstance(s, OS.SeedInterval) else s.difference
-    if mean is None:
-        return "—"
-    f = "{:.3f}" if isinstance(s, OS.SeedInterval) else "{:+.3f}"
-    text = f.format(mean) if s.low is None else f"{f.format(mean)} [{f.format(s.low)}, {f.format(s.high)}]"
-    return text.replace("-", "−")
-
-
 def _verdict(t: OS.SeedTest | None) -> str:
     if t is None:
         return ""
     if t.p is None:
         return f"— (fewer than {OS.MIN_SEEDS} paired seeds)"
     word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
-    return f"{_ci(t)}, Holm {fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)}: {word}"
+    return f"{fmt_seed_ci(t, True)}, Holm {fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)}: {word}"
 
 
 def _suite_rows(table: MethodsTable, label: str, by_method: dict[str, list[EvidenceRun]]) -> list[str]:
@@ -57,7 +48,7 @@ def _suite_rows(table: MethodsTable, label: str, by_method: dict[str, list[Evide
     rows = []
     for m in (m for m in table.methods if m in by_method):
         units = [r.unit for r in by_method[m]]
-        cells = [_ci(OS.seed_interval(units, k)) for k in ("ACC", "BWT")]
+        cells = [fmt_seed_ci(OS.seed_interval(units, k)) for k in ("ACC", "BWT")]
         rows.append(f"| {label} | {display_name(m)} | {len(units)} | {' | '.join(cells)} | {_verdict(tests.get(m))} |")
     return rows
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.analysis import over_seeds as OS
-from harness.analysis.intervals import fmt_needed, fmt_p
+from harness.analysis.intervals import fmt_needed, fmt_p, fmt_seed_ci
 from harness.analysis.naming import HIGHER_IS_BETTER, display_name
 from harness.errors import HarnessError
 from harness.io import atomic_write_text
@@ -46,15 +46,6 @@ FILES = (Path("README.md"),)
 BLOCK = re.compile(r"(<!-- evidence:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /evidence:(?P=name) -->)", re.S)
 
 
-def _ci(s: OS.SeedInterval | OS.SeedTest, signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    mean = s.mean if isinstance(s, OS.SeedInterval) else s.difference
-    if mean is None:
-        return "—"
-    text = f.format(mean) if s.low is None else f"{f.format(mean)} [{f.format(s.low)}, {f.format(s.high)}]"
-    return text.replace("-", "−")
-
-
 def _ce(runs: list[EvidenceRun]) -> dict[str, float]:
     return {
         r.unit.key: float(r.summary["general_ce_rise"]) for r in runs if r.summary.get("general_ce_rise") is not None
@@ -70,10 +61,10 @@ def _method_rows(label: str, by_method: dict[str, list[EvidenceRun]], methods: l
     for m in methods:
         runs = by_method.get(m, [])
         units = [r.unit for r in runs]
-        cells = [_ci(OS.seed_interval(units, k)) for k in ("ACC", "BWT", "LA")]
+        cells = [fmt_seed_ci(OS.seed_interval(units, k)) for k in ("ACC", "BWT", "LA")]
         per_seed = ", ".join(f"{r.summary['acc']:.3f}" for r in runs)
         rows.append(
-            f"| {label} | {display_name(m)} | {len(runs)} | {' | '.join(cells)} | {_ci(_ce_interval(runs), True)} "
+            f"| {label} | {display_name(m)} | {len(runs)} | {' | '.join(cells)} | {fmt_seed_ci(_ce_interval(runs), True)} "
             f"| {per_seed} |"
         )
     return rows
@@ -83,7 +74,7 @@ def _cell(t: OS.SeedTest, higher: bool) -> str:
     if t.p is None:
         return f"— (fewer than {OS.MIN_SEEDS} seeds)"
     word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
-    return f"{_ci(t, True)}, {fmt_p(t.p)}: {word}"
+    return f"{fmt_seed_ci(t, True)}, {fmt_p(t.p)}: {word}"
 
 
 def _pair_tests(table: PairTable, by_method: dict[str, list[EvidenceRun]]) -> list[OS.SeedTest]:
@@ -99,7 +90,7 @@ def _sentence(label: str, t: OS.SeedTest, higher: bool) -> str:
     if t.p is None:
         return f"- {label}, {t.metric}: not defined for these runs."
     better, worse = (a, b) if (t.difference > 0) == higher else (b, a)
-    head = f"- {label}, {t.metric} ({t.n_pairs} seeds): {a} − {b} = {_ci(t, True)}, {fmt_p(t.p)}"
+    head = f"- {label}, {t.metric} ({t.n_pairs} seeds): {a} − {b} = {fmt_seed_ci(t, True)}, {fmt_p(t.p)}"
     power = f"{t.n_pairs} seeds detect {t.detectable:.3f} with 80% power"
     if t.decided:
         return f"{head}: **{better} is better than {worse}** ({power})."
