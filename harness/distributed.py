@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.nn.utils.parametrize import ParametrizationList
 
 from harness.errors import ConfigError, HarnessError
+from harness.models.environment import cpu_cores, set_torch_threads
 from harness.seeding import tensors_digest
 
 # Bounds a wait at a barrier or collective: rank 0 evaluating a large suite alone can take long. A rank
@@ -98,11 +99,7 @@ def init(device: str = "auto") -> None:
             )
         torch.cuda.set_device(local_rank())
     else:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // local_world_size()))
+        set_torch_threads(max(1, cpu_cores() // local_world_size()))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     atexit.register(cleanup)
 

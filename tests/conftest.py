@@ -12,6 +12,14 @@ os.environ["DO_NOT_TRACK"] = "true"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("HARNESS_CACHE_DIR", str(ROOT / ".cache" / "models"))
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# Several test workers share the cores: each gets its share of torch threads (harness.models.set_torch_threads reads
+# the cap; its subprocesses inherit it). Threads beyond the cores made the suite ~40% slower on 2 cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # in-process tests that never call set_torch_threads
 
 
 def sigint_at_default() -> None:

@@ -100,15 +100,14 @@ def reference(tmp_path_factory):
     return read_matrix(results / "crash" / "lori-s" / "seed-0" / "matrix.csv")[1]
 
 
-KILL_POINTS = ["mid-train:2", "checkpoint-write:2", "eval:2", "mlflow:2", "between-stages:1"]
+# One sequence killed at every point in turn, each resume running on to the next point: every kill resumes from a
+# state some earlier kill and resume left, and the last resume must give the uninterrupted matrix. Order: each point
+# must still lie ahead after the previous resume. checkpoint-write:2 before mid-train:2, so stage 2 finally resumes
+# from its first complete checkpoint (step 5); eval and mlflow on the last stage (its resume also finishes the sequence).
+KILL_POINTS = ["between-stages:1", "checkpoint-write:2", "mid-train:2", "eval:3", "mlflow:3"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_then_resume_equals_uninterrupted(point, reference, tmp_path):
-    results = tmp_path / "r"
-    seq = results / "crash" / "lori-s" / "seed-0"
-    proc = start("run", *RUN, "--results-dir", str(results), "--experiment", "crash", pause=point)
+def _kill_at(point: str, seq: Path, results: Path, proc) -> None:
     wait_for(seq / f".paused-{point.split(':')[0]}", proc)
     kill(proc)
     if point.startswith("mid-train"):
@@ -116,20 +115,31 @@ def test_sigkill_then_resume_equals_uninterrupted(point, reference, tmp_path):
     # Killed runs stay RUNNING until someone looks: the report marks them interrupted (lock free).
     from harness.tracking.client import mark_interrupted
 
-    assert mark_interrupted(f"sqlite:///{results / 'mlflow.db'}", "crash") == 1
-    parent = mlflow_client(results).search_runs(
-        [mlflow_client(results).get_experiment_by_name("crash").experiment_id], "tags.`harness.kind` = 'sequence'"
+    assert mark_interrupted(f"sqlite:///{results / 'mlflow.db'}", "crash") == 1, point
+    client = mlflow_client(results)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("crash").experiment_id], "tags.`harness.kind` = 'sequence'"
     )[0]
-    assert parent.info.status == "KILLED" and parent.data.tags["harness.interrupted"] == "true"
+    assert parent.info.status == "KILLED" and parent.data.tags["harness.interrupted"] == "true", point
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(reference, tmp_path):
+    results = tmp_path / "r"
+    seq = results / "crash" / "lori-s" / "seed-0"
+    proc = start("run", *RUN, "--results-dir", str(results), "--experiment", "crash", pause=KILL_POINTS[0])
+    _kill_at(KILL_POINTS[0], seq, results, proc)
+    for point in KILL_POINTS[1:]:
+        proc = start("resume", str(seq), "--no-report", "--no-progress", pause=point)
+        _kill_at(point, seq, results, proc)
 
     out = cli("resume", str(seq), "--no-report", "--no-progress")
     assert out.returncode == 0, out.stderr[-2000:]
     np.testing.assert_array_equal(read_matrix(seq / "matrix.csv")[1], reference)
     check_mlflow(results, "crash", seq, n_stages=3)
     assert not (seq / "checkpoint").exists(), "the last stage committed: no checkpoint is left behind"
-    if point.startswith("mid-train"):
-        train = json.loads(next((seq / "stages").glob("2-*/train.json")).read_text())
-        assert train["resumed_from_step"] == 5 and train["steps"] == 24
+    train = json.loads(next((seq / "stages").glob("2-*/train.json")).read_text())
+    assert train["resumed_from_step"] == 5 and train["steps"] == 24, "stage 2 resumed from its step-5 checkpoint"
 
 
 @pytest.mark.slow

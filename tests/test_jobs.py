@@ -251,7 +251,7 @@ def test_jobs_auto_takes_one_job_per_core_and_no_more_than_memory_or_sequences_a
     from harness.errors import HarnessError
     from harness.launchers import processes as P
 
-    monkeypatch.setattr(P, "cores", lambda: 8)
+    monkeypatch.setattr(P, "cpu_cores", lambda: 8)
     gib = P.MEM.GiB
     assert P.plan_jobs("auto", 20, device_type="cpu", footprint=gib, free=100 * gib, how="estimated") == (8, 1)
     assert P.plan_jobs("auto", 3, device_type="cpu", footprint=gib, free=100 * gib, how="estimated") == (3, 2)

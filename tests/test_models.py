@@ -361,10 +361,18 @@ def test_default_cache_dir_precedence(monkeypatch, tmp_path):
     assert default_cache_dir() == Path.home() / ".cache" / "lori-harness"
 
 
-def test_set_torch_threads_uses_the_cpus_this_process_may_run_on():
+def test_set_torch_threads_uses_the_cpus_this_process_may_run_on_capped_by_omp_num_threads(monkeypatch):
     previous = torch.get_num_threads()
     try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         n = set_torch_threads()
         assert n == len(os.sched_getaffinity(0)) == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # a share of a machine that other processes use too
+        assert set_torch_threads() == 1 == torch.get_num_threads()
+        assert set_torch_threads(4) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "64")  # a cap, never more threads than cores
+        assert set_torch_threads() == n
+        monkeypatch.setenv("OMP_NUM_THREADS", "")  # unset in effect: no cap
+        assert set_torch_threads() == n
     finally:
         torch.set_num_threads(previous)

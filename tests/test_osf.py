@@ -27,6 +27,13 @@ def frozen_basis(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U[:, :k], Vh[:k]
 
 
+def zero(x: torch.Tensor, of: torch.Tensor) -> None:
+    """x, a projection of `of`, is zero up to fp32 rounding: below 1e-3 of `of`'s largest entry (a broken property
+    leaves a part of the order of `of` itself; SVD rounding differs with the CPU thread count, ~1e-5 here)."""
+    scale = float(of.detach().abs().max())
+    assert float(x.abs().max()) <= 1e-3 * scale, f"{float(x.abs().max()):.3g} is not zero next to {scale:.3g}"
+
+
 # --- the defining property --------------------------------------------------------------------------------------
 def test_training_leaves_each_weights_part_in_its_frozen_subspace_unchanged_and_the_trained_factors_orthogonal(
     tmp_path,
@@ -46,18 +53,17 @@ def test_training_leaves_each_weights_part_in_its_frozen_subspace_unchanged_and_
             p = layer.osf_svd_params["default"]
             with torch.no_grad():
                 delta = layer.get_delta_weight("default")  # W_t - W_{t-1}
-            zero = lambda x: torch.testing.assert_close(x, torch.zeros_like(x), rtol=0, atol=1e-5)  # noqa: E731
-            zero(Uh.T @ delta)  # the weight's part in its frozen subspace did not move ...
-            zero(delta @ Vh.T)
-            zero(Uh.T @ p["U_low"].detach())  # ... because what trains is orthogonal to it
-            zero(p["V_low"].detach() @ Vh.T)
+            zero(Uh.T @ delta, delta)  # the weight's part in its frozen subspace did not move ...
+            zero(delta @ Vh.T, delta)
+            zero(Uh.T @ p["U_low"].detach(), p["U_low"])  # ... because what trains is orthogonal to it
+            zero(p["V_low"].detach() @ Vh.T, p["V_low"])
             first.setdefault(n, (before[n], Uh, Vh))
             if (
                 t == 2
             ):  # stage 1's frozen subspace, inside stage 2's here (see harness/methods/osf.py): unchanged since W_0
                 W0, Uh1, Vh1 = first[n]
-                zero(Uh1.T @ (before[n] + delta - W0))
-                zero((before[n] + delta - W0) @ Vh1.T)
+                zero(Uh1.T @ (before[n] + delta - W0), before[n] + delta - W0)
+                zero((before[n] + delta - W0) @ Vh1.T, before[n] + delta - W0)
             moved = max(moved, float(delta.abs().max()))
         assert moved > 0.1, "training must move the weights for the check to mean anything"
         assert method.end_stage()["osf/frozen_drift"] < 1e-6

@@ -417,3 +417,37 @@ def test_train_test_overlap_and_prompt_mismatch_are_caught(smoke_copy):
 def test_suite_error_is_a_harness_error():
     with pytest.raises(HarnessError):
         load_suite("no-such-suite")
+
+
+def test_lm_eval_renders_each_document_as_before_with_each_template_compiled_once(monkeypatch):
+    """harness.suites.lm_eval_configs.task_manager keeps lm-eval's compiled Jinja templates (lm-eval compiles one per
+    document and field): the prompts, targets and choices are the uncached rendering's, from one compile a template."""
+    import jinja2
+    from lm_eval import utils
+
+    from harness.suites.lm_eval_configs import task_manager
+
+    suite = load_suite("default")
+    cfgs = [suite.task(t).lm_eval_config() for t in ("stars", "dates")]
+    tasks = task_manager().load(cfgs)["tasks"]
+    compiles = []
+    real = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda src: compiles.append(src) or real(src))
+    fresh = jinja2.Environment(loader=jinja2.BaseLoader, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    n = 0
+    for cfg in cfgs:
+        task = tasks[cfg["task"]]
+        for doc in task.test_docs():
+            n += 1
+            assert task.doc_to_text(doc) == fresh.from_string(cfg["doc_to_text"]).render(**doc)
+            target = task.doc_to_target(doc)
+            assert str(target) == fresh.from_string(cfg["doc_to_target"]).render(**doc)
+            if "doc_to_choice" in cfg and isinstance(cfg["doc_to_choice"], str):
+                assert task.doc_to_choice(doc) == eval(fresh.from_string(cfg["doc_to_choice"]).render(**doc))  # noqa: S307
+    assert n == 200
+    templates = {
+        c[k] for c in cfgs for k in ("doc_to_text", "doc_to_target", "doc_to_choice") if isinstance(c.get(k), str)
+    }
+    assert len(compiles) <= len(templates), (
+        f"{len(compiles)} compiles for {len(templates)} templates over {n} documents"
+    )

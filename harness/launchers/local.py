@@ -89,10 +89,7 @@ def run_experiment(
     tracking_by_driver (it writes its folder only; the driver mirrors it into MLflow)."""
     suite, specs, uri, shapes_checked = planned_sequences(cfg, only, preflight=preflight)
     check_launch(cfg, suite, specs)
-    if threads is None:
-        set_torch_threads()
-    else:
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
     D.init(cfg.device)  # several processes: join the group now, so each GPU rank loads onto its own device
     torch.manual_seed(0)
     t0 = time.perf_counter()

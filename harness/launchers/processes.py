@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.io import atomic_write_json
 from harness.models import memory as MEM
-from harness.models.environment import resolve_device
+from harness.models.environment import cpu_cores, resolve_device
 
 STOP_GRACE_S = 120.0  # how long a job may take to stop after SIGTERM (it finishes writing, then exits) before SIGKILL
 PR_SET_PDEATHSIG = 1
@@ -35,13 +34,6 @@ PR_SET_PDEATHSIG = 1
 # (1.5 GiB) plus this is 2.7 GiB: high by about 40%, so --jobs errs towards fewer processes, never towards swapping.
 CPU_PROCESS_BYTES = int(1.2 * MEM.GiB)
 MEMORY_MARGIN = 1.1  # a footprint is planned at 110% of what was measured or estimated
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def _die_with_parent() -> (
@@ -73,7 +65,7 @@ def plan_jobs(
 
     footprint: one sequence's peak memory (measured, else estimated: `how` says which); free: the device's free memory
     (CPU: MemAvailable; CUDA: free GPU memory); either None where unknown (then memory decides nothing)."""
-    n_cores = cores()
+    n_cores = cpu_cores()
     fits = None if footprint is None or free is None else max(0, int(free // (footprint * MEMORY_MARGIN)))
     if requested == "auto":
         n = n_cores if device_type == "cpu" else (fits or 1)

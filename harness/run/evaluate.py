@@ -38,6 +38,7 @@ from harness.analysis.documents import sample_scores
 from harness.precision import autocast_dtype, exact_matmuls
 from harness.seeding import stable_seed
 from harness.suites.data import test_file, test_records
+from harness.suites.lm_eval_configs import task_manager as lm_eval_task_manager
 
 log = logging.getLogger(__name__)
 FOLD_CHECK_DOCS = 8  # documents per task that eval_merged's first evaluation also answers through PEFT
@@ -70,8 +71,6 @@ class Evaluator:
         merged: bool | None = False,
         bf16: bool = False,
     ):
-        from lm_eval.tasks import TaskManager  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
-
         self.suite = suite
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -84,7 +83,7 @@ class Evaluator:
         self.checked_fold = False  # eval_merged: the first evaluation of a model with adapters checks folding first
         self.fold_agreement: dict[str, float] | None = None
         # Task configs are passed as dicts: no folder to index.
-        self.task_manager = TaskManager(include_defaults=False)
+        self.task_manager = lm_eval_task_manager()
 
     @classmethod
     def from_config(cls, suite, tokenizer, cfg, *, progress: bool = True) -> "Evaluator":

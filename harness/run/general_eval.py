@@ -29,6 +29,7 @@ from harness.errors import ConfigError, HarnessError
 from harness.models.environment import downloads_allowed
 from harness.precision import exact_matmuls
 from harness.run.evaluate import has_adapters, run_lm_eval
+from harness.suites.lm_eval_configs import task_manager as lm_eval_task_manager
 
 _MANAGERS: dict[tuple[str | None, bool], Any] = {}  # one TaskManager per (include folder, built-ins) in this process
 
@@ -37,9 +38,7 @@ def task_manager(include: Path | None, defaults: bool):
     """lm-eval's TaskManager over the include folder and (defaults) lm-eval's built-in tasks; built once per process."""
     key = (str(include) if include is not None else None, defaults)
     if key not in _MANAGERS:
-        from lm_eval.tasks import TaskManager  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
-
-        _MANAGERS[key] = TaskManager(include_defaults=defaults, include_path=key[0])
+        _MANAGERS[key] = lm_eval_task_manager(key[0], include_defaults=defaults)
     return _MANAGERS[key]
 
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from harness import faults
 from harness import metrics as MX
@@ -358,10 +357,7 @@ def run_merge(cfg: ExperimentConfig, *, progress: bool = True, threads: int | No
     mcfg = merge_config(cfg)
     suite, seq_specs, uri, shapes_checked = validate(mcfg)
     specs = plan_merge(cfg, suite)
-    if threads is None:
-        set_torch_threads()
-    else:
-        torch.set_num_threads(threads)
+    set_torch_threads(threads)
     t0 = time.perf_counter()
     model, tokenizer = load_model(
         cfg.model,

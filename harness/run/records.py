@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from harness import metrics as MX
 from harness.provenance import git_commit
@@ -80,6 +81,7 @@ def stage_record(t: int, name: str, res, ev, timings: dict[str, float], stats: d
         "resumed_train_s": timings["resumed_train_s"],
         "train_tok_s": res.tok_s,
         "train_steps": res.steps,
+        "torch_threads": torch.get_num_threads(),  # CPU sums may split differently with another count
         "mlflow_run_id": facts["mlflow_run_id"],
         "precision": facts["precision"],
         **facts["param_counts"],

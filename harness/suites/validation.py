@@ -12,7 +12,7 @@ from pathlib import Path
 
 from harness.errors import SuiteError
 from harness.suites import data
-from harness.suites.lm_eval_configs import OUTPUT_TYPE
+from harness.suites.lm_eval_configs import OUTPUT_TYPE, task_manager
 from harness.suites.loading import load_suite
 from harness.suites.locations import display
 from harness.suites.schema import Suite, TaskSpec
@@ -82,11 +82,9 @@ def _compare_doc(t: TaskSpec, task, doc, record) -> tuple[bool, object, dict]:
 
 def _check_lm_eval_task(t: TaskSpec, cfg: dict, test_rows: list[dict], problems: list[str]) -> None:
     """Build the task in lm-eval and compare its prompts / golds with the suite's rendering."""
-    from lm_eval.tasks import TaskManager  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
-
     where = display(t.lm_eval_path)
     try:
-        task = TaskManager(include_defaults=False).load([cfg])["tasks"][cfg["task"]]
+        task = task_manager().load([cfg])["tasks"][cfg["task"]]
     except Exception as e:  # noqa: BLE001 - lm-eval raises anything
         problems.append(f"{where}: lm-eval cannot build task {cfg['task']!r}: {type(e).__name__}: {e}")
         return

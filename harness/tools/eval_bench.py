@@ -32,6 +32,7 @@ from harness.io import read_json
 from harness.models import load_model, set_torch_threads
 from harness.run.evaluate import Evaluator
 from harness.suites import load_suite
+from harness.suites.lm_eval_configs import task_manager
 
 MODES = {  # name -> (merged, bf16)
     "peft_fp32": (False, False),
@@ -199,13 +200,10 @@ def format_eval_table(res: dict) -> str:
 
 # --- evaluation throughput: lm-eval vs a bare batched forward over the same requests ------------
 def _requests(suite, tasks: list[str], limit: int | None):
-    from lm_eval.tasks import (  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
-        TaskManager,
-        get_task_dict,
-    )
+    from lm_eval.tasks import get_task_dict  # lazy: lm-eval loads in ~0.6 s; config checks and --help need none of it
 
     cfgs = suite.lm_eval_task_configs()
-    td = get_task_dict([cfgs[t] for t in tasks], TaskManager(include_defaults=False))
+    td = get_task_dict([cfgs[t] for t in tasks], task_manager())
     ll, gen = [], []
     for task in td.values():
         task.build_all_requests(limit=limit, rank=0, world_size=1)
