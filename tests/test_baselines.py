@@ -195,6 +195,18 @@ def test_inflora_top_r_solver_and_shared_inputs_give_the_full_decompositions_res
         assert torch.allclose(top.abs(), full.abs(), atol=1e-8) and torch.allclose(
             (top * full).sum(0).abs(), torch.ones(8, dtype=torch.float64)
         )
+    # With nothing kept, A and the first basis come from C's own eigenpairs (never C Cᵀ): the same subspaces, and the
+    # same energy count, as the left singular vectors of C.
+    ref = left_singular(C)[0]
+    A = design_A(C, None, 8).double() * 3**0.5
+    assert torch.allclose((A @ ref[:, :8]).abs(), torch.eye(8, dtype=torch.float64), atol=1e-6)
+    for threshold in (0.5, 0.9, 0.99):
+        s = left_singular(C)[1]
+        r = int((torch.cumsum(s**2 / (s**2).sum(), 0) < threshold).sum())
+        basis = grow_basis(C, None, threshold)
+        assert basis.shape[1] == max(r, 1) and torch.allclose(
+            (basis.T @ ref[:, : max(r, 1)]).abs().diagonal(), torch.ones(max(r, 1), dtype=torch.float64)
+        )
     calls = []
     covs = {"q": C, "k": C, "o": C.clone()}
     got = per_input(["q", "k", "o"], covs, {}, lambda c, u: calls.append(1) or design_A(c, u, 4))
