@@ -113,8 +113,8 @@ all-methods: $(STAMP)
 # results/evidence/tuning-<suite>/; the chosen values go into the suite's method_knobs by hand (commit both).
 TUNE_SUITES ?= default mc4
 # The grids: three values a decade apart around each default (MIGU's fraction and InfLoRA's threshold on their own
-# scales), grown past an end wherever the default suite's choice sat there (2026-12-07: EWC 1e4 with 1e5 running,
-# O-LoRA 5, InfLoRA 0.999, MIGU 0.03; N-LoRA's 1e-5 is interior).
+# scales), grown past an end wherever the default suite's choice sat there, until every choice was inside its grid
+# (2026-12-07: EWC 1e5, N-LoRA 1e-5, MIGU 0.03; O-LoRA 5 and InfLoRA 0.999 tie with 50 and 0.9999).
 TUNE_GRIDS ?= ewc:ewc.lambda=100,1000,10000,100000,1000000 nlora:nlora.lambda_l1=1e-6,1e-5,1e-4,1e-3 \
   olora:olora.lambda_orth=0.05,0.5,5,50 migu:migu.top_fraction=0.01,0.03,0.1,0.3,0.6 \
   inflora:inflora.threshold=0.9,0.95,0.99,0.999,0.9999
