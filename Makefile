@@ -43,8 +43,9 @@ format: $(STAMP)
 
 # The test files run side by side, one worker per core; a file's tests stay together (its servers and runs are
 # module fixtures). The longest files go first, so that no worker is left alone with one at the end (measured with
-# --durations, 2026-12-06). One worker per core: a third worker on 2 cores did not shorten the run (2026-12-07: about
-# 29 min either way, nothing else running). TEST_WORKERS=0 runs them in this one process.
+# --durations, 2026-12-06). One worker per core, each with its share of torch threads (tests/conftest.py sets
+# OMP_NUM_THREADS): 19.6 min on 2 cores (2026-12-07); a third worker did not shorten the run. TEST_WORKERS=0 runs them
+# in this one process.
 TEST_WORKERS ?= auto
 LONG_TESTS := tests/test_crash_safety.py tests/test_tracking_server.py tests/test_launcher_ray.py tests/test_jobs.py \
   tests/test_lineage.py tests/test_tracking_outage.py tests/test_distributed.py tests/test_merging.py tests/test_compile.py \

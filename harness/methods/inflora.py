@@ -57,11 +57,17 @@ class InfLoRAKnobs(BaseModel):
         return self
 
 
+def eigh_desc(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors (columns) of a symmetric S, largest first."""
+    evals, evecs = torch.linalg.eigh(S)
+    return evals.flip(0), evecs.flip(1)
+
+
 def left_singular(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left singular vectors (columns) and singular values of M, largest first (float64, via eigh of M Mᵀ)."""
     M = M.double()
-    evals, evecs = torch.linalg.eigh(M @ M.T)
-    return evecs.flip(1), evals.flip(0).clamp(min=0).sqrt()
+    evals, evecs = eigh_desc(M @ M.T)
+    return evecs, evals.clamp(min=0).sqrt()
 
 
 def project_out(C: torch.Tensor, U: torch.Tensor | None) -> torch.Tensor:
@@ -76,7 +82,7 @@ def top_eigvecs(S: torch.Tensor, k: int) -> torch.Tensor:
     S = S.double()
     d = S.shape[0]
     if S.device.type != "cpu" or k >= d:
-        return torch.linalg.eigh(S)[1].flip(1)[:, :k]
+        return eigh_desc(S)[1][:, :k]
     _, vecs = scipy_linalg.eigh(S.numpy(), subset_by_index=[d - k, d - 1], driver="evr")
     return torch.from_numpy(vecs[:, ::-1].copy())
 
@@ -118,8 +124,8 @@ def per_input(names: list[str], covs: dict[str, torch.Tensor], bases: dict[str, 
 def grow_basis(C: torch.Tensor, U: torch.Tensor | None, threshold: float) -> torch.Tensor:
     """The kept basis after a task with input covariance C: DualGPM's update (InfLoRA code, update_DualGPM 'remove')."""
     if U is None:  # C is symmetric positive semi-definite: its singular values and vectors are its eigenpairs
-        evals, evecs = torch.linalg.eigh(C.double())
-        vecs, s = evecs.flip(1), evals.flip(0).clamp(min=0)
+        evals, vecs = eigh_desc(C.double())
+        s = evals.clamp(min=0)
         ratio = s**2 / (s**2).sum()
         r = int((torch.cumsum(ratio, 0) < threshold).sum())
         return vecs[:, : max(r, 1)].contiguous()

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from harness import metrics as MX
 from harness.provenance import git_commit
@@ -53,7 +52,7 @@ def stage_record(t: int, name: str, res, ev, timings: dict[str, float], stats: d
     """stage.json (the commit marker): where the stage's time went, its counts and the method's own statistics.
 
     timings: total (the stage's wall), calib_s, ce_s, general_s, save_s, resumed_train_s. facts: mlflow_run_id,
-    precision, param_counts, learn_check, general_ce."""
+    precision, param_counts, learn_check, general_ce, torch_threads."""
     total = timings["total"]
     overhead = (
         total
@@ -81,7 +80,7 @@ def stage_record(t: int, name: str, res, ev, timings: dict[str, float], stats: d
         "resumed_train_s": timings["resumed_train_s"],
         "train_tok_s": res.tok_s,
         "train_steps": res.steps,
-        "torch_threads": torch.get_num_threads(),  # CPU sums may split differently with another count
+        "torch_threads": facts["torch_threads"],  # CPU sums may split differently with another count
         "mlflow_run_id": facts["mlflow_run_id"],
         "precision": facts["precision"],
         **facts["param_counts"],

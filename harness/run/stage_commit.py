@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from harness import distributed as D
 from harness import faults
 from harness.analysis import documents as DOCS
@@ -123,6 +125,7 @@ class StageCommits:
                 param_counts=method.param_counts(),
                 learn_check=learn_check(self.plan[t - 1], ev.scores, self.base_scores(), cfg.learn_margin),
                 general_ce=self.general_ce[t],
+                torch_threads=torch.get_num_threads(),
             )
             write_stage_marker(tmp, info)
         remove_checkpoint(self.run_dir)  # the stage is committed: its mid-stage checkpoint is stale
