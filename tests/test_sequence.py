@@ -61,6 +61,8 @@ def test_run_folder_layout_and_matrix(smoke_run):
         assert summary["trainable_params_effective"] > 0
         for s in stages[1:]:
             files = {p.name for p in (d / "stages" / s).iterdir()}
+            threads = json.loads((d / "stages" / s / "stage.json").read_text())["torch_threads"]
+            assert isinstance(threads, int) and threads >= 1  # what the CPU sums depended on
             if method == "lori-s":  # what the stage trained (mask, values, how to regenerate A), never a dense B
                 assert {"masks.safetensors", "values.safetensors", "lori.json"} <= files and "adapter" not in files
             else:
