@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup lint format test test-fast run-sequence merge ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
+.PHONY: setup lint format test test-fast run-sequence merge merge-table ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -70,6 +70,19 @@ MERGE_PROTOCOL ?= paper,tuned
 merge: $(STAMP)
 	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --jobs $(JOBS) --results-dir $(RESULTS) \
 	  --merge-protocol $(MERGE_PROTOCOL) $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS)
+
+# docs/merging.md's merge table (issue #37's capacity check): make merge at ranks 8 and 32 on MERGE_SEEDS, both
+# protocols, each rank its own experiment, its merge runs collected into results/evidence/merge-r<rank>/, then the
+# published tables rewritten. About 2.5 h per rank on one core (one core per rank: JOBS=1 and run two at a time, or
+# JOBS=auto); finished (method, seed) runs are skipped, so it grows a table seed by seed.
+MERGE_SEEDS ?= 0,1,2
+merge-table: $(STAMP)
+	mkdir -p $(RESULTS); for r in 8 32; do \
+	  $(BIN)/harness merge --suite default --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(MERGE_SEEDS) --jobs $(JOBS) \
+	    --rank $$r --experiment merge-r$$r --results-dir $(RESULTS)/merge-r$$r --merge-protocol paper,tuned \
+	    --merge-weight-grid $(MERGE_WEIGHT_GRID) $(ARGS) || exit $$?; \
+	  $(BIN)/harness evidence $(RESULTS)/merge-r$$r/merge-r$$r --table merge-r$$r || exit $$?; \
+	done; $(BIN)/harness tables
 
 # The training-recipe ablation: recipe knobs x {lora, lori-s} x 3 seeds, one grid per suite (see README).
 # ACC and BWT need only R[t,t] and the final row: diagonal_final evaluation (2T-1 instead of T(T+1) evaluations).

@@ -129,10 +129,10 @@ def _evidence_commands(sub) -> None:
     """evidence, tuning, tables: the committed evidence and the README's tables built from it."""
     ev = sub.add_parser(
         "evidence",
-        help="Copy finished sequences' compact evidence (summary, matrix, documents, config) "
-        "into results/evidence/TABLE/, the source of the published tables.",
+        help="Copy finished sequences' (or merge runs') compact evidence (summary, matrix or merged scores, "
+        "documents, config) into results/evidence/TABLE/, the source of the published tables.",
     )
-    ev.add_argument("run_folder", metavar="RUN_FOLDER", help="A sequence folder or a folder above sequence folders.")
+    ev.add_argument("run_folder", metavar="RUN_FOLDER", help="A sequence or merge folder, or a folder above them.")
     ev.add_argument(
         "--table", required=True, help="Evidence table name, e.g. headline-default (a folder under results/evidence/)."
     )
@@ -153,7 +153,9 @@ def _evidence_commands(sub) -> None:
     tu.add_argument("--markdown", action="store_true", help="Print the choice as a Markdown table (docs/baselines.md).")
     tu.set_defaults(func="cmd_tuning")
     tb = sub.add_parser(
-        "tables", help="Rewrite the README's result tables from results/evidence/ (run from the repository root)."
+        "tables",
+        help="Rewrite the README's and docs/merging.md's result tables from results/evidence/ "
+        "(run from the repository root).",
     )
     tb.add_argument(
         "--check", action="store_true", help="Change nothing; exit 1 and name the tables that differ from the evidence."

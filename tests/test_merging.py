@@ -1,11 +1,14 @@
 """Merging: exactness of PEFT combinations against Σ w_i s_i B_i A_i, folding with exact restore, the merge protocol end to end."""
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from scipy import stats
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from harness.adapters.combine import MERGED, folded, load_adapters, lora_layers, merge, relative_error
@@ -310,3 +313,61 @@ def test_a_merge_killed_at_a_stage_boundary_resumes_to_the_same_merge_table(merg
     kids = c.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert parent.info.status == "FINISHED" and all(k.info.status == "FINISHED" for k in kids)
     assert sorted(k.data.tags["harness.kind"] for k in kids) == ["merge-adapter"] * 3 + ["merge-combination"] * 8
+
+
+def _seed_copy(src: Path, dst: Path, seed: int, factor: float) -> None:
+    """An evidence folder for another seed: the merged scores scaled by factor (documents.json then no longer
+    recomputes them, so the table's intervals are over seeds alone: checkable by hand)."""
+    shutil.copytree(src, dst)
+    summary = json.loads((src / "summary.json").read_text())
+    for entry in summary["merges"].values():
+        entry["scores"] = {t: v * factor for t, v in entry["scores"].items()}
+    (dst / "summary.json").write_text(json.dumps({**summary, "seed": seed}))
+
+
+def _t_interval(x: list[float]) -> str:
+    mean, half = float(np.mean(x)), float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def test_merge_evidence_gives_the_merge_table_with_its_tests_over_seeds(merge_run, tmp_path):
+    from harness.errors import HarnessError
+    from harness.tools.evidence import collect
+    from harness.tools.merge_table import MergeTable, merge_block
+
+    root = tmp_path / "evidence"
+    written = collect(merge_run / "mg", "r8", root)
+    assert sorted(str(w.relative_to(root)) for w in written) == ["r8/lora/seed-0", "r8/lori-s/seed-0"]
+    assert all((w / n).is_file() for w in written for n in ("merged.json", "documents.json", "single.json"))
+    (root / "seq" / "lora" / "seed-0").mkdir(parents=True)
+    (root / "seq" / "lora" / "seed-0" / "summary.json").write_text("{}")  # a sequence table
+    with pytest.raises(HarnessError, match="table 'seq' holds sequences; these are merge runs"):
+        collect(merge_run / "mg", "seq", root)
+    factors = {"lora": (1.0, 0.9, 0.8), "lori-s": (1.0, 0.97, 0.95)}
+    for table, scale in (("r8", 1.0), ("r32", 0.5)):
+        for m, fs in factors.items():
+            src = root / "r8" / m / "seed-0"
+            for seed, f in enumerate(fs):
+                if table == "r8" and seed == 0:
+                    continue
+                _seed_copy(src, root / table / m / f"seed-{seed}", seed, f * scale)
+    block = merge_block(MergeTable("m", (("8", "r8"), ("32", "r32"))), root)
+
+    summary = {m: json.loads((root / "r8" / m / "seed-0" / "summary.json").read_text()) for m in factors}
+    S = {m: summary[m]["single_diagonal"] for m in factors}
+
+    def norm(m: str, f: float) -> float:  # the mean of m_j / S[j, j] over tasks with S[j, j] > 0, by hand
+        scores = summary[m]["merges"]["cat"]["scores"]
+        return float(np.mean([scores[t] * f / S[m][t] for t in S[m] if S[m][t] > 0]))
+
+    row = next(line for line in block.splitlines() if line.startswith("| 8 | `cat` |"))
+    for m, fs in factors.items():
+        assert _t_interval([norm(m, f) for f in fs]) in row, (m, row)
+    best, other = sorted(factors, key=lambda m: -np.mean([norm(m, f) for f in factors[m]]))
+    d = [norm(best, fa) - norm(other, fb) for fa, fb in zip(factors[best], factors[other])]
+    names = {"lora": "LoRA", "lori-s": "LoRI-S"}
+    assert f"{names[best]} − {names[other]} {np.mean(d):+.3f}".replace("-", "−") in row.replace("-", "−")
+    assert "Seeds: rank 8: 0, 1, 2; rank 32: 0, 1, 2." in block
+    between = next(line for line in block.splitlines() if line.startswith("| LoRA |"))
+    lora_d = [norm("lora", 0.5 * f) - norm("lora", f) for f in factors["lora"]]
+    assert f"{np.mean(lora_d):+.3f}".replace("-", "−") in between

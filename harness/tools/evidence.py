@@ -2,12 +2,14 @@
 
     results/evidence/<table>/<method>/seed-<s>[/order-<k>]/
         summary.json  matrix.csv  matrix.json  documents.json  config.yaml  precision.json   (about 15 KB)
+    results/evidence/<table>/<method>/seed-<s>/          (a merge run: `harness merge`)
+        summary.json  single.json  merged.json  documents.json  config.yaml  single.csv  merged.csv
 
-`harness evidence collect RUN_FOLDER --table NAME` copies each finished sequence's files there (atomically, one
-file at a time; an existing seed is replaced only by the same run). A table never pools runs made at different
-settings: every sequence's config.yaml, less its seed and sequence block, must agree with the table's first.
-Anyone can add seeds to a table later without re-running the earlier ones; harness/tools/tables.py turns the
-evidence into the README's tables.
+`harness evidence RUN_FOLDER --table NAME` copies each finished sequence's (or merge run's) files there
+(atomically, one file at a time; an existing seed is replaced only by the same run). A table never pools runs made
+at different settings: every run's config.yaml, less its seed and sequence (merge) block, must agree with the
+table's first, and a table holds sequences or merge runs, never both. Anyone can add seeds to a table later without
+re-running the earlier ones; harness/tools/tables.py turns the evidence into the README's and docs' tables.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ from harness.analysis.documents import check_documents, score_arrays
 from harness.config import LAUNCH_KEYS, ExperimentConfig
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes, read_json
-from harness.run.folder import sequence_folders
+from harness.run.folder import merge_folders, sequence_folders
 
 EVIDENCE_DIR = Path("results") / "evidence"
 REQUIRED = ("summary.json", "matrix.json", "documents.json", "config.yaml")
 OPTIONAL = ("matrix.csv", "precision.json")  # for readers; copied when the sequence has them
-# Knobs that may differ between the sequences of one table: what a sequence is, and where it was written.
-PER_SEQUENCE = ("seeds", "sequence", "methods", "results_dir", "tracking_uri", "experiment", "orders")
+MERGE_REQUIRED = ("summary.json", "single.json", "merged.json", "documents.json", "config.yaml")
+MERGE_OPTIONAL = ("single.csv", "merged.csv")
+MERGE_MARK = "merged.json"  # an evidence folder holding it is a merge run's
+# Knobs that may differ between the runs of one table: what a run is, and where it was written.
+PER_SEQUENCE = ("seeds", "sequence", "merge", "methods", "results_dir", "tracking_uri", "experiment", "orders")
 
 
 @dataclass
@@ -56,24 +61,45 @@ def _target(root: Path, table: str, folder: Path, summary: dict) -> Path:
     return out / f"order-{summary['order_index']}" if folder.name.startswith("order-") else out
 
 
-def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Path]:
-    """Copy every finished sequence under run_folder into the table's evidence; the folders written.
+def _finished(run_folder: Path) -> tuple[list[Path], tuple[str, ...], tuple[str, ...]]:
+    """(finished runs under run_folder, the files evidence needs, the files copied when present): the sequences,
+    or, when there are none, the merge runs (a finished one has summary.json saying complete)."""
+    sequences = [f for f in sequence_folders(run_folder) if (f / "summary.json").is_file()]
+    if sequences:
+        return sequences, REQUIRED, OPTIONAL
+    merges = [f for f in merge_folders(run_folder) if (f / "summary.json").is_file()]
+    merges = [f for f in merges if read_json(f / "summary.json").get("complete")]
+    if merges:
+        return merges, MERGE_REQUIRED, MERGE_OPTIONAL
+    raise HarnessError(
+        f"{run_folder}: no finished sequence or merge run under it (a finished one has summary.json); "
+        f"pass an experiment folder such as results/<experiment>/<experiment>"
+    )
 
-    Refused (HarnessError, nothing copied) when a sequence's settings differ from the table's or a file is missing."""
-    finished = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
-    if not finished:
+
+def _check_kind(root: Path, table: str, merge: bool) -> None:
+    held = [p.parent for p in (root / table).rglob("summary.json")] if (root / table).is_dir() else []
+    if held and any((p / MERGE_MARK).is_file() for p in held) != merge:
+        kinds = ("sequences", "merge runs") if merge else ("merge runs", "sequences")
         raise HarnessError(
-            f"{run_folder}: no finished sequence under it (a finished one has summary.json); "
-            f"pass an experiment folder such as results/<experiment>/<experiment>"
+            f"table {table!r} holds {kinds[0]}; these are {kinds[1]}: collect them into a table of their own"
         )
+
+
+def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Path]:
+    """Copy every finished sequence (or merge run) under run_folder into the table's evidence; the folders written.
+
+    Refused (HarnessError, nothing copied) when a run's settings differ from the table's or a file is missing."""
+    finished, required, optional = _finished(Path(run_folder))
+    _check_kind(root, table, required is MERGE_REQUIRED)
     reference = _table_settings(root / table)
     plan = []
     for f in finished:
-        missing = [n for n in REQUIRED if not (f / n).is_file()]
+        missing = [n for n in required if not (f / n).is_file()]
         if missing:
             raise HarnessError(
-                f"{f}: {', '.join(missing)} missing; evidence needs {', '.join(REQUIRED)} "
-                f"(sequences written before documents.json existed cannot be evidence: re-run them)"
+                f"{f}: {', '.join(missing)} missing; evidence needs {', '.join(required)} "
+                f"(runs written before documents.json existed cannot be evidence: re-run them)"
             )
         settings = _settings(f / "config.yaml")
         reference = reference if reference is not None else settings
@@ -86,7 +112,7 @@ def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Pat
         plan.append((f, _target(root, table, f, read_json(f / "summary.json"))))
     for src, dst in plan:
         dst.mkdir(parents=True, exist_ok=True)
-        for n in REQUIRED + tuple(n for n in OPTIONAL if (src / n).is_file()):
+        for n in required + tuple(n for n in optional if (src / n).is_file()):
             atomic_write_bytes(dst / n, (src / n).read_bytes())
     return [dst for _, dst in plan]
 

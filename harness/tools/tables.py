@@ -1,6 +1,6 @@
 """The README's and docs' result tables, generated from the committed evidence (results/evidence/).
 
-A published table sits between two markers in a Markdown file:
+A published table sits between two markers in a Markdown file (FILES):
 
     <!-- evidence:NAME -->  ...generated...  <!-- /evidence:NAME -->
 
@@ -22,6 +22,7 @@ from harness.errors import HarnessError
 from harness.io import atomic_write_text
 from harness.methods import BUILT_IN
 from harness.tools.evidence import EVIDENCE_DIR, EvidenceRun, read_table
+from harness.tools.merge_table import MergeTable, merge_block
 from harness.tools.methods_table import MethodsTable, methods_block
 
 CE = "general-text CE rise"
@@ -42,7 +43,8 @@ PUBLISHED = (PairTable("headline", "lori-s", "lora", (("default", "headline-defa
 ALL_METHODS = MethodsTable(
     "all-methods", "lori-s", (("default", "all-methods-default"), ("mc4", "all-methods-mc4")), BUILT_IN
 )
-FILES = (Path("README.md"),)
+MERGE = MergeTable("merge", (("8", "merge-r8"), ("32", "merge-r32")))
+FILES = (Path("README.md"), Path("docs") / "merging.md")
 BLOCK = re.compile(r"(<!-- evidence:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /evidence:(?P=name) -->)", re.S)
 
 
@@ -148,7 +150,11 @@ def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
 
 
 def blocks(root: Path = EVIDENCE_DIR) -> dict[str, str]:
-    return {**{t.name: pair_block(t, root) for t in PUBLISHED}, ALL_METHODS.name: methods_block(ALL_METHODS, root)}
+    return {
+        **{t.name: pair_block(t, root) for t in PUBLISHED},
+        ALL_METHODS.name: methods_block(ALL_METHODS, root),
+        MERGE.name: merge_block(MERGE, root),
+    }
 
 
 def rewrite(text: str, generated: dict[str, str]) -> str:

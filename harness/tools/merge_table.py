@@ -1,0 +1,158 @@
+"""The merge table of docs/merging.md, generated from committed merge evidence (results/evidence/merge-r<rank>/).
+
+One evidence table per adapter rank, each holding `harness merge` runs (method x seed) collected with
+`harness evidence RUN_FOLDER --table NAME`. Per rank and merge (`combination@protocol`), each method's mean
+normalised accuracy over its seeds with the t interval over seeds (the test documents' shared noise added:
+harness.analysis.over_seeds), the weight each seed's `tuned` merge chose, and the best method against each other
+one: the paired t over seeds, Holm-adjusted within the row. The row "alone" is each adapter on its own task (the
+mean of S[j, j] over tasks): the capacity check. A second table puts each method's rank against its other rank on
+the same seeds. Merge runs are read as the report reads them (harness.report.merge_folders), without MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from harness.analysis import over_seeds as OS
+from harness.analysis.intervals import fmt_needed, fmt_p, fmt_seed_ci
+from harness.analysis.merging import NORM, merge_unit
+from harness.analysis.naming import display_name, method_sort_key, num_sort_key
+from harness.analysis.runs import MergeRun
+from harness.errors import HarnessError
+from harness.io import read_json
+from harness.report.merge_folders import load_merge
+from harness.report.tracked import Tracked
+from harness.tools.evidence import EVIDENCE_DIR, MERGE_MARK
+
+ALONE = "alone: mean S[j, j]"
+
+
+@dataclass(frozen=True)
+class MergeTable:
+    """Merge runs at several adapter ranks (one evidence table per rank)."""
+
+    name: str
+    ranks: tuple[tuple[str, str], ...]  # (rank label, evidence table)
+
+
+def read_merge_table(table_dir: Path) -> list[MergeRun]:
+    """Every merge run of an evidence table, by method then seed; HarnessError when it holds none."""
+    folders = sorted({p.parent for p in Path(table_dir).rglob(MERGE_MARK)})
+    if not folders:
+        raise HarnessError(
+            f"{table_dir}: no merge evidence here; collect some with `harness evidence RESULTS/<experiment> "
+            f"--table {Path(table_dir).name}`"
+        )
+    offline = Tracked(client=None, uri="")
+    runs = [
+        load_merge(f, read_json(f / "summary.json"), yaml.safe_load((f / "config.yaml").read_text()) or {}, offline)
+        for f in folders
+    ]
+    return sorted(runs, key=lambda r: (method_sort_key(r.method), num_sort_key(r.seed)))
+
+
+def _alone(runs: list[MergeRun]) -> dict[str, float]:
+    """seed -> the mean over tasks of each adapter alone on its own task."""
+    return {r.seed: float(np.mean([r.single[t] for t in r.tasks])) for r in runs}
+
+
+def _weights(runs: list[MergeRun], combination: str) -> str:
+    picks = [r.merges[combination] for r in runs if combination in r.merges]
+    if not picks or any(e.get("chosen_weight") is None for e in picks):
+        return ""
+    return " (" + ", ".join(f"{e['chosen_weight']:g}" + ("*" if e["at_grid_end"] else "") for e in picks) + ")"
+
+
+def _verdict(tests: list[OS.SeedTest]) -> str:
+    said = []
+    for t in tests:
+        head = f"{display_name(t.a)} − {display_name(t.b)}"
+        if t.p is None:
+            said.append(f"{head}: — (fewer than {OS.MIN_SEEDS} paired seeds)")
+            continue
+        p = fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)
+        word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
+        said.append(f"{head} {fmt_seed_ci(t, True)}, Holm {p}: {word}")
+    return "; ".join(said)
+
+
+def _family(means: dict[str, float], test) -> list[OS.SeedTest]:
+    """The best method (highest mean) against each other one, Holm-adjusted together."""
+    ranked = sorted((m for m in means if np.isfinite(means[m])), key=lambda m: -means[m])
+    tests = [test(ranked[0], other) for other in ranked[1:]]
+    OS.holm_adjust([t for t in tests if t.p is not None])
+    return tests
+
+
+def _rank_rows(label: str, runs: list[MergeRun], methods: list[str]) -> list[str]:
+    by = {m: [r for r in runs if r.method == m] for m in methods}
+    alone = {m: _alone(by[m]) for m in methods}
+    intervals = {m: OS.values_interval(list(alone[m].values())) for m in methods}
+    tests = _family(
+        {m: intervals[m].mean for m in methods if intervals[m].mean is not None},
+        lambda a, b: OS.values_test(alone[a], alone[b], ALONE, (a, b)),
+    )
+    rows = [
+        f"| {label} | {ALONE} | " + " | ".join(fmt_seed_ci(intervals[m]) for m in methods) + f" | {_verdict(tests)} |"
+    ]
+    for c in dict.fromkeys(c for r in runs for c in r.merges):
+        units = {m: [merge_unit(r, c) for r in by[m] if c in r.merges] for m in methods}
+        cis = {m: OS.seed_interval(units[m], NORM) for m in methods}
+        tests = _family(
+            {m: cis[m].mean for m in methods if cis[m].mean is not None},
+            lambda a, b: OS.seed_test(units[a], units[b], NORM, (a, b)),
+        )
+        cells = [fmt_seed_ci(cis[m]) + _weights(by[m], c) if units[m] else "—" for m in methods]
+        rows.append(f"| {label} | `{c}` | " + " | ".join(cells) + f" | {_verdict(tests)} |")
+    return rows
+
+
+def _between_ranks(table: MergeTable, read: dict[str, list[MergeRun]], methods: list[str]) -> list[str]:
+    """Per method, the last rank minus the first on the same seeds (the paired t over seeds, each p alone)."""
+    (lo, lo_runs), (hi, hi_runs) = (
+        (table.ranks[0][0], read[table.ranks[0][0]]),
+        (table.ranks[-1][0], read[table.ranks[-1][0]]),
+    )
+    combos = list(dict.fromkeys(c for r in lo_runs + hi_runs for c in r.merges))
+    out = [
+        f"| method | rank {hi} − rank {lo}: {ALONE} | " + " | ".join(f"`{c}`" for c in combos) + " |",
+        "|---" * (len(combos) + 2) + "|",
+    ]
+    for m in methods:
+        a, b = [r for r in hi_runs if r.method == m], [r for r in lo_runs if r.method == m]
+        tests = [OS.values_test(_alone(a), _alone(b), ALONE, (m, m))]
+        for c in combos:
+            tests.append(
+                OS.seed_test(
+                    [merge_unit(r, c) for r in a if c in r.merges], [merge_unit(r, c) for r in b if c in r.merges], NORM
+                )
+            )
+        cells = ["—" if t.p is None else f"{fmt_seed_ci(t, True)}, {fmt_p(t.p)}" for t in tests]
+        out.append(f"| {display_name(m)} | " + " | ".join(cells) + " |")
+    return out
+
+
+def merge_block(table: MergeTable, root: Path = EVIDENCE_DIR) -> str:
+    """The Markdown of the merge table: a row per (rank, merge), then each method's rank against its other rank."""
+    read: dict[str, list[MergeRun]] = {}
+    for label, name in table.ranks:
+        try:
+            read[label] = read_merge_table(root / name)
+        except HarnessError:
+            read[label] = []
+    methods = sorted({r.method for runs in read.values() for r in runs}, key=method_sort_key)
+    if not methods:
+        return "No merge evidence yet (`make merge-table`).\n"
+    names = " | ".join(display_name(m) for m in methods)
+    out = [f"| rank | merge | {names} | best − each other (Holm within the row) |", "|---" * (len(methods) + 3) + "|"]
+    for label, _ in table.ranks:
+        out += _rank_rows(label, read[label], methods) if read[label] else [f"| {label} | no evidence yet |"]
+    seeds = {label: sorted({r.seed for r in runs}, key=num_sort_key) for label, runs in read.items()}
+    out += ["", "Seeds: " + "; ".join(f"rank {k}: {', '.join(v) or 'none'}" for k, v in seeds.items()) + "."]
+    if len(table.ranks) > 1 and all(read[label] for label, _ in table.ranks):
+        out += ["", *_between_ranks(table, read, methods)]
+    return "\n".join(out) + "\n"
