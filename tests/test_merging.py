@@ -367,7 +367,7 @@ def test_merge_evidence_gives_the_merge_table_with_its_tests_over_seeds(merge_ru
     d = [norm(best, fa) - norm(other, fb) for fa, fb in zip(factors[best], factors[other])]
     names = {"lora": "LoRA", "lori-s": "LoRI-S"}
     assert f"{names[best]} − {names[other]} {np.mean(d):+.3f}".replace("-", "−") in row.replace("-", "−")
-    assert "Seeds: rank 8: 0, 1, 2; rank 32: 0, 1, 2." in block
+    assert "Seeds: rank 8: LoRI-S 0, 1, 2; LoRA 0, 1, 2 | rank 32: LoRI-S 0, 1, 2; LoRA 0, 1, 2." in block
     between = next(line for line in block.splitlines() if line.startswith("| LoRA |"))
     lora_d = [norm("lora", 0.5 * f) - norm("lora", f) for f in factors["lora"]]
     assert f"{np.mean(lora_d):+.3f}".replace("-", "−") in between

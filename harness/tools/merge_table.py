@@ -136,6 +136,30 @@ def _between_ranks(table: MergeTable, read: dict[str, list[MergeRun]], methods: 
     return out
 
 
+def _seeds_line(read: dict[str, list[MergeRun]], methods: list[str]) -> str:
+    def seeds(runs: list[MergeRun], m: str) -> str:
+        return ", ".join(sorted((r.seed for r in runs if r.method == m), key=num_sort_key)) or "none"
+
+    ranks = [
+        f"rank {k}: " + "; ".join(f"{display_name(m)} {seeds(runs, m)}" for m in methods) for k, runs in read.items()
+    ]
+    return "Seeds: " + " | ".join(ranks) + "."
+
+
+def _paper_line(dirs: list[Path], methods: list[str]) -> str:
+    """The `paper` protocol's per-adapter weights as the runs recorded them (summary.json's protocol_weights)."""
+    weights: dict[str, str] = {}
+    for f in sorted(p.parent for d in dirs for p in Path(d).rglob(MERGE_MARK)):
+        summary = read_json(f / "summary.json")
+        w = (summary.get("protocol_weights") or {}).get("paper")
+        if w and summary["method"] not in weights:
+            weights[summary["method"]] = ", ".join(f"{x:g}" for x in dict.fromkeys(w))
+    if not weights:
+        return ""
+    listed = "; ".join(f"{display_name(m)} {weights[m]}" for m in methods if m in weights)
+    return f"`paper` weights (each adapter): {listed}. `tuned`: the weight each seed chose, in brackets."
+
+
 def merge_block(table: MergeTable, root: Path = EVIDENCE_DIR) -> str:
     """The Markdown of the merge table: a row per (rank, merge), then each method's rank against its other rank."""
     read: dict[str, list[MergeRun]] = {}
@@ -151,8 +175,8 @@ def merge_block(table: MergeTable, root: Path = EVIDENCE_DIR) -> str:
     out = [f"| rank | merge | {names} | best − each other (Holm within the row) |", "|---" * (len(methods) + 3) + "|"]
     for label, _ in table.ranks:
         out += _rank_rows(label, read[label], methods) if read[label] else [f"| {label} | no evidence yet |"]
-    seeds = {label: sorted({r.seed for r in runs}, key=num_sort_key) for label, runs in read.items()}
-    out += ["", "Seeds: " + "; ".join(f"rank {k}: {', '.join(v) or 'none'}" for k, v in seeds.items()) + "."]
+    paper = _paper_line([root / name for _, name in table.ranks], methods)
+    out += ["", _seeds_line(read, methods)] + (["", paper] if paper else [])
     if len(table.ranks) > 1 and all(read[label] for label, _ in table.ranks):
         out += ["", *_between_ranks(table, read, methods)]
     return "\n".join(out) + "\n"
