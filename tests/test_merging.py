@@ -338,7 +338,8 @@ def test_merge_evidence_gives_the_merge_table_with_its_tests_over_seeds(merge_ru
     root = tmp_path / "evidence"
     written = collect(merge_run / "mg", "r8", root)
     assert sorted(str(w.relative_to(root)) for w in written) == ["r8/lora/seed-0", "r8/lori-s/seed-0"]
-    assert all((w / n).is_file() for w in written for n in ("merged.json", "documents.json", "single.json"))
+    assert all((w / n).is_file() for w in written for n in ("summary.json", "documents.json", "merged.csv"))
+    assert not any((w / n).exists() for w in written for n in ("merged.json", "single.json", "adapters"))
     (root / "seq" / "lora" / "seed-0").mkdir(parents=True)
     (root / "seq" / "lora" / "seed-0" / "summary.json").write_text("{}")  # a sequence table
     with pytest.raises(HarnessError, match="table 'seq' holds sequences; these are merge runs"):

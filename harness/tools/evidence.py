@@ -3,7 +3,7 @@
     results/evidence/<table>/<method>/seed-<s>[/order-<k>]/
         summary.json  matrix.csv  matrix.json  documents.json  config.yaml  precision.json   (about 15 KB)
     results/evidence/<table>/<method>/seed-<s>/          (a merge run: `harness merge`)
-        summary.json  single.json  merged.json  documents.json  config.yaml  single.csv  merged.csv
+        summary.json  documents.json  config.yaml  merged.csv  single.csv                  (about 50 KB)
 
 `harness evidence RUN_FOLDER --table NAME` copies each finished sequence's (or merge run's) files there
 (atomically, one file at a time; an existing seed is replaced only by the same run). A table never pools runs made
@@ -30,9 +30,10 @@ from harness.run.folder import merge_folders, sequence_folders
 EVIDENCE_DIR = Path("results") / "evidence"
 REQUIRED = ("summary.json", "matrix.json", "documents.json", "config.yaml")
 OPTIONAL = ("matrix.csv", "precision.json")  # for readers; copied when the sequence has them
-MERGE_REQUIRED = ("summary.json", "single.json", "merged.json", "documents.json", "config.yaml")
-MERGE_OPTIONAL = ("single.csv", "merged.csv")
-MERGE_MARK = "merged.json"  # an evidence folder holding it is a merge run's
+# A merge run's summary.json holds every merge's per-task scores and weight choice; documents.json recomputes them.
+MERGE_REQUIRED = ("summary.json", "documents.json", "config.yaml", "merged.csv")
+MERGE_OPTIONAL = ("single.csv",)
+MERGE_MARK = "merged.csv"  # an evidence folder holding it is a merge run's
 # Knobs that may differ between the runs of one table: what a run is, and where it was written.
 PER_SEQUENCE = ("seeds", "sequence", "merge", "methods", "results_dir", "tracking_uri", "experiment", "orders")
 
