@@ -372,3 +372,5 @@ def test_merge_evidence_gives_the_merge_table_with_its_tests_over_seeds(merge_ru
     between = next(line for line in block.splitlines() if line.startswith("| LoRA |"))
     lora_d = [norm("lora", 0.5 * f) - norm("lora", f) for f in factors["lora"]]
     assert f"{np.mean(lora_d):+.3f}".replace("-", "−") in between
+    short = merge_block(MergeTable("s", (("8", "r8"), ("32", "r32")), ("cat",), between_ranks=False), root)
+    assert row in short and "| 8 | `linear` |" not in short and "rank 32 − rank 8" not in short

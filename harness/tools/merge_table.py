@@ -37,6 +37,8 @@ class MergeTable:
 
     name: str
     ranks: tuple[tuple[str, str], ...]  # (rank label, evidence table)
+    merges: tuple[str, ...] = ()  # the `combination@protocol` rows shown (empty: every merge the runs made)
+    between_ranks: bool = True  # also each method's last rank against its first
 
 
 def read_merge_table(table_dir: Path) -> list[MergeRun]:
@@ -88,7 +90,7 @@ def _family(means: dict[str, float], test) -> list[OS.SeedTest]:
     return tests
 
 
-def _rank_rows(label: str, runs: list[MergeRun], methods: list[str]) -> list[str]:
+def _rank_rows(label: str, runs: list[MergeRun], methods: list[str], shown: tuple[str, ...]) -> list[str]:
     by = {m: [r for r in runs if r.method == m] for m in methods}
     alone = {m: _alone(by[m]) for m in methods}
     intervals = {m: OS.values_interval(list(alone[m].values())) for m in methods}
@@ -99,7 +101,7 @@ def _rank_rows(label: str, runs: list[MergeRun], methods: list[str]) -> list[str
     rows = [
         f"| {label} | {ALONE} | " + " | ".join(fmt_seed_ci(intervals[m]) for m in methods) + f" | {_verdict(tests)} |"
     ]
-    for c in dict.fromkeys(c for r in runs for c in r.merges):
+    for c in (c for c in dict.fromkeys(c for r in runs for c in r.merges) if not shown or c in shown):
         units = {m: [merge_unit(r, c) for r in by[m] if c in r.merges] for m in methods}
         cis = {m: OS.seed_interval(units[m], NORM) for m in methods}
         tests = _family(
@@ -174,9 +176,11 @@ def merge_block(table: MergeTable, root: Path = EVIDENCE_DIR) -> str:
     names = " | ".join(display_name(m) for m in methods)
     out = [f"| rank | merge | {names} | best − each other (Holm within the row) |", "|---" * (len(methods) + 3) + "|"]
     for label, _ in table.ranks:
-        out += _rank_rows(label, read[label], methods) if read[label] else [f"| {label} | no evidence yet |"]
+        out += (
+            _rank_rows(label, read[label], methods, table.merges) if read[label] else [f"| {label} | no evidence yet |"]
+        )
     paper = _paper_line([root / name for _, name in table.ranks], methods)
     out += ["", _seeds_line(read, methods)] + (["", paper] if paper else [])
-    if len(table.ranks) > 1 and all(read[label] for label, _ in table.ranks):
+    if table.between_ranks and len(table.ranks) > 1 and all(read[label] for label, _ in table.ranks):
         out += ["", *_between_ranks(table, read, methods)]
     return "\n".join(out) + "\n"
