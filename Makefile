@@ -71,16 +71,19 @@ merge: $(STAMP)
 	$(BIN)/harness merge --suite $(SUITE) --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(SEEDS) --jobs $(JOBS) --results-dir $(RESULTS) \
 	  --merge-protocol $(MERGE_PROTOCOL) $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS)
 
-# docs/merging.md's merge table (issue #37's capacity check): make merge at ranks 8 and 32 on MERGE_SEEDS, both
+# docs/merging.md's merge table (issue #37's capacity check): make merge at each of MERGE_RANKS on MERGE_SEEDS, both
 # protocols, each rank its own experiment, its merge runs collected into results/evidence/merge-r<rank>/, then the
-# published tables rewritten. About 2.5 h per rank on one core (one core per rank: JOBS=1 and run two at a time, or
-# JOBS=auto); finished (method, seed) runs are skipped, so it grows a table seed by seed.
+# published tables rewritten (harness/tools/tables.py publishes ranks 8 and 32). One (method, seed) takes about 24 min
+# on one core (4 adapters ~8 min; the single matrix, both protocols and the tuned grid's validation evaluations
+# ~16 min): about 1.8 h of both cores per rank. Finished (method, seed) runs are skipped, so a table grows seed by
+# seed, and MERGE_RANKS=32 runs one rank.
 MERGE_SEEDS ?= 0,1,2
+MERGE_RANKS ?= 8 32
 merge-table: $(STAMP)
-	mkdir -p $(RESULTS); for r in 8 32; do \
+	mkdir -p $(RESULTS); for r in $(MERGE_RANKS); do \
 	  $(BIN)/harness merge --suite default --model $(MODEL) --methods $(MERGE_METHODS) --seeds $(MERGE_SEEDS) --jobs $(JOBS) \
 	    --rank $$r --experiment merge-r$$r --results-dir $(RESULTS)/merge-r$$r --merge-protocol paper,tuned \
-	    --merge-weight-grid $(MERGE_WEIGHT_GRID) $(ARGS) || exit $$?; \
+	    $(if $(MERGE_WEIGHT_GRID),--merge-weight-grid $(MERGE_WEIGHT_GRID)) $(ARGS) || exit $$?; \
 	  $(BIN)/harness evidence $(RESULTS)/merge-r$$r/merge-r$$r --table merge-r$$r || exit $$?; \
 	done; $(BIN)/harness tables
 

@@ -315,19 +315,35 @@ def test_a_merge_killed_at_a_stage_boundary_resumes_to_the_same_merge_table(merg
     assert sorted(k.data.tags["harness.kind"] for k in kids) == ["merge-adapter"] * 3 + ["merge-combination"] * 8
 
 
-def _seed_copy(src: Path, dst: Path, seed: int, factor: float) -> None:
-    """An evidence folder for another seed: the merged scores scaled by factor (documents.json then no longer
-    recomputes them, so the table's intervals are over seeds alone: checkable by hand)."""
+def _copy_run(src: Path, dst: Path, method: str, seed: int, merged: float, single: float) -> None:
+    """An evidence folder for another (method, seed): the merged scores scaled by `merged`, each adapter's own score
+    by `single` (documents.json then no longer recomputes them, so the table's intervals are over seeds alone, which
+    a hand computation can check)."""
     shutil.copytree(src, dst)
     summary = json.loads((src / "summary.json").read_text())
     for entry in summary["merges"].values():
-        entry["scores"] = {t: v * factor for t, v in entry["scores"].items()}
-    (dst / "summary.json").write_text(json.dumps({**summary, "seed": seed}))
+        entry["scores"] = {t: v * merged for t, v in entry["scores"].items()}
+    summary["single_diagonal"] = {t: v * single for t, v in summary["single_diagonal"].items()}
+    (dst / "summary.json").write_text(json.dumps({**summary, "method": method, "seed": seed}))
 
 
-def _t_interval(x: list[float]) -> str:
+def _ci(x) -> str:
+    """mean [low, high]: the 95% t interval over seeds, by hand, as the tables print it (signed for differences)."""
     mean, half = float(np.mean(x)), float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
     return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def _signed(x) -> str:
+    mean, half = float(np.mean(x)), float(stats.t.ppf(0.975, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x)))
+    return f"{mean:+.3f} [{mean - half:+.3f}, {mean + half:+.3f}]".replace("-", "−")
+
+
+# (merged, single) scale per seed 0, 1, 2 of each method's copies; lora seed 0 is the real run.
+SCALES = {
+    "lora": ((1.0, 1.0), (0.9, 0.98), (0.8, 1.02)),
+    "lori-d": ((0.7, 1.0), (0.75, 0.97), (0.6, 1.0)),
+    "lori-s": ((0.95, 0.99), (0.97, 1.01), (0.93, 0.96)),
+}
 
 
 def test_merge_evidence_gives_the_merge_table_with_its_tests_over_seeds(merge_run, tmp_path):
@@ -344,33 +360,42 @@ def test_merge_evidence_gives_the_merge_table_with_its_tests_over_seeds(merge_ru
     (root / "seq" / "lora" / "seed-0" / "summary.json").write_text("{}")  # a sequence table
     with pytest.raises(HarnessError, match="table 'seq' holds sequences; these are merge runs"):
         collect(merge_run / "mg", "seq", root)
-    factors = {"lora": (1.0, 0.9, 0.8), "lori-s": (1.0, 0.97, 0.95)}
-    for table, scale in (("r8", 1.0), ("r32", 0.5)):
-        for m, fs in factors.items():
-            src = root / "r8" / m / "seed-0"
-            for seed, f in enumerate(fs):
-                if table == "r8" and seed == 0:
-                    continue
-                _seed_copy(src, root / table / m / f"seed-{seed}", seed, f * scale)
-    block = merge_block(MergeTable("m", (("8", "r8"), ("32", "r32"))), root)
+    src = root / "r8" / "lora" / "seed-0"
+    shutil.move(root / "r8" / "lori-s", tmp_path / "lori-s")  # every other run is a scaled copy of LoRA's
+    for table, rank_scale in (("r8", 1.0), ("r32", 0.5)):
+        for m, scales in SCALES.items():
+            for seed, (merged, single) in enumerate(scales):
+                if (table, m, seed) != ("r8", "lora", 0):
+                    _copy_run(src, root / table / m / f"seed-{seed}", m, seed, merged * rank_scale, single)
+    block = merge_block(MergeTable("m", (("8", "r8"), ("32", "r32")), ("lora", "lori-d", "lori-s")), root)
 
-    summary = {m: json.loads((root / "r8" / m / "seed-0" / "summary.json").read_text()) for m in factors}
-    S = {m: summary[m]["single_diagonal"] for m in factors}
+    def by_hand(table: str, m: str, seed: int, key: str) -> float:
+        s = json.loads((root / table / m / f"seed-{seed}" / "summary.json").read_text())
+        S = s["single_diagonal"]
+        if key == "alone":
+            return float(np.mean(list(S.values())))
+        scores = s["merges"]["cat"]["scores"]  # normalised accuracy: mean of m_j / S[j, j] where S[j, j] > 0
+        return float(np.mean([scores[t] / S[t] for t in S if S[t] > 0]))
 
-    def norm(m: str, f: float) -> float:  # the mean of m_j / S[j, j] over tasks with S[j, j] > 0, by hand
-        scores = summary[m]["merges"]["cat"]["scores"]
-        return float(np.mean([scores[t] * f / S[m][t] for t in S[m] if S[m][t] > 0]))
-
-    row = next(line for line in block.splitlines() if line.startswith("| 8 | `cat` |"))
-    for m, fs in factors.items():
-        assert _t_interval([norm(m, f) for f in fs]) in row, (m, row)
-    best, other = sorted(factors, key=lambda m: -np.mean([norm(m, f) for f in factors[m]]))
-    d = [norm(best, fa) - norm(other, fb) for fa, fb in zip(factors[best], factors[other])]
-    names = {"lora": "LoRA", "lori-s": "LoRI-S"}
-    assert f"{names[best]} − {names[other]} {np.mean(d):+.3f}".replace("-", "−") in row.replace("-", "−")
-    assert "Seeds: rank 8: LoRI-S 0, 1, 2; LoRA 0, 1, 2 | rank 32: LoRI-S 0, 1, 2; LoRA 0, 1, 2." in block
-    between = next(line for line in block.splitlines() if line.startswith("| LoRA |"))
-    lora_d = [norm("lora", 0.5 * f) - norm("lora", f) for f in factors["lora"]]
-    assert f"{np.mean(lora_d):+.3f}".replace("-", "−") in between
-    short = merge_block(MergeTable("s", (("8", "r8"), ("32", "r32")), ("cat",), between_ranks=False), root)
-    assert row in short and "| 8 | `linear` |" not in short and "rank 32 − rank 8" not in short
+    for key, label in (("alone", "alone: mean S[j, j]"), ("cat", "`cat`")):
+        cells = next(r for r in block.splitlines() if r.startswith(f"| 8 | {label} |")).split(" | ")
+        values = {m: [by_hand("r8", m, k, key) for k in range(3)] for m in SCALES}
+        for col, m in enumerate(("lora", "lori-d", "lori-s"), start=2):
+            assert cells[col] == _ci(values[m]), (key, m, cells[col])
+        best = max(values, key=lambda m: np.mean(values[m]))
+        others = sorted((m for m in values if m != best), key=lambda m: -np.mean(values[m]))
+        p = [stats.ttest_rel(values[best], values[o]).pvalue for o in others]
+        holm = [min(1.0, 2 * min(p)), max(min(1.0, 2 * min(p)), max(p))]  # Holm over a family of 2
+        holm = holm if p[0] <= p[1] else holm[::-1]
+        for o, q in zip(others, holm):
+            d = [a - b for a, b in zip(values[best], values[o])]
+            assert f"{_signed(d)}, Holm {'p < 0.001' if q < 0.001 else f'p = {q:.3f}'}" in cells[5], (key, o, cells[5])
+    assert "Seeds: rank 8: LoRA 0, 1, 2; LoRI-D 0, 1, 2; LoRI-S 0, 1, 2 | rank 32: LoRA 0, 1, 2;" in block
+    assert "No cell is missing." in block
+    between = next(line for line in block.splitlines() if line.startswith("| LoRA |")).split(" | ")
+    lora_d = [by_hand("r32", "lora", k, "cat") - by_hand("r8", "lora", k, "cat") for k in range(3)]
+    assert between[2].startswith(_signed(lora_d))
+    shutil.rmtree(root / "r8" / "lori-d")
+    short = merge_block(MergeTable("s", (("8", "r8"),), ("lora", "lori-d", "lori-s"), ("cat",)), root)
+    assert "| 8 | `linear` |" not in short and "rank 32 − rank 8" not in short
+    assert "Missing (fewer than 3 seeds): rank 8 LoRI-D 0/3." in short

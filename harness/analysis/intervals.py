@@ -119,6 +119,14 @@ def fmt_needed(t: OS.SeedTest) -> str:
     return f"more than {OS.MAX_SEEDS}"
 
 
+def fmt_holm_verdict(t: OS.SeedTest) -> str:
+    """A table cell: the difference with its interval over seeds, the Holm p, decided or the seeds it needs."""
+    if t.p is None:
+        return f"— (fewer than {OS.MIN_SEEDS} paired seeds)"
+    word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
+    return f"{fmt_seed_ci(t, True)}, Holm {fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)}: {word}"
+
+
 def _how(t: OS.SeedTest) -> str:
     holm = f", Holm {fmt_p(t.p_adjusted)} over {t.family} comparisons" if t.family > 1 else ""
     return (

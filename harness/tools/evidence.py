@@ -164,7 +164,7 @@ def read_table(table_dir: Path) -> dict[str, list[EvidenceRun]]:
     folders = sorted({p.parent for p in Path(table_dir).rglob("summary.json")})
     if not folders:
         raise HarnessError(
-            f"{table_dir}: no evidence here; collect some with `harness evidence collect RUN_FOLDER "
+            f"{table_dir}: no evidence here; collect some with `harness evidence RUN_FOLDER "
             f"--table {Path(table_dir).name}`"
         )
     out: dict[str, list[EvidenceRun]] = {}

@@ -5,8 +5,9 @@ One evidence table per adapter rank, each holding `harness merge` runs (method x
 normalised accuracy over its seeds with the t interval over seeds (the test documents' shared noise added:
 harness.analysis.over_seeds), the weight each seed's `tuned` merge chose, and the best method against each other
 one: the paired t over seeds, Holm-adjusted within the row. The row "alone" is each adapter on its own task (the
-mean of S[j, j] over tasks): the capacity check. A second table puts each method's rank against its other rank on
-the same seeds. Merge runs are read as the report reads them (harness.report.merge_folders), without MLflow.
+mean of S[j, j] over tasks, its interval over seeds alone): the capacity check. A second table puts each method's
+last rank against its first on the same seeds (each p alone). A method with fewer than `min_seeds` seeds at a rank is
+named as missing. Merge runs are read as the report reads them (harness.report.merge_folders), never from MLflow.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import yaml
 
 from harness.analysis import over_seeds as OS
-from harness.analysis.intervals import fmt_needed, fmt_p, fmt_seed_ci
+from harness.analysis.intervals import fmt_holm_verdict, fmt_p, fmt_seed_ci
 from harness.analysis.merging import NORM, merge_unit
 from harness.analysis.naming import display_name, method_sort_key, num_sort_key
 from harness.analysis.runs import MergeRun
@@ -37,8 +38,10 @@ class MergeTable:
 
     name: str
     ranks: tuple[tuple[str, str], ...]  # (rank label, evidence table)
+    methods: tuple[str, ...]  # the methods the table should hold, in display order
     merges: tuple[str, ...] = ()  # the `combination@protocol` rows shown (empty: every merge the runs made)
     between_ranks: bool = True  # also each method's last rank against its first
+    min_seeds: int = 3
 
 
 def read_merge_table(table_dir: Path) -> list[MergeRun]:
@@ -70,21 +73,12 @@ def _weights(runs: list[MergeRun], combination: str) -> str:
 
 
 def _verdict(tests: list[OS.SeedTest]) -> str:
-    said = []
-    for t in tests:
-        head = f"{display_name(t.a)} − {display_name(t.b)}"
-        if t.p is None:
-            said.append(f"{head}: — (fewer than {OS.MIN_SEEDS} paired seeds)")
-            continue
-        p = fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)
-        word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
-        said.append(f"{head} {fmt_seed_ci(t, True)}, Holm {p}: {word}")
-    return "; ".join(said)
+    return "; ".join(f"{display_name(t.a)} − {display_name(t.b)} {fmt_holm_verdict(t)}" for t in tests)
 
 
-def _family(means: dict[str, float], test) -> list[OS.SeedTest]:
-    """The best method (highest mean) against each other one, Holm-adjusted together."""
-    ranked = sorted((m for m in means if np.isfinite(means[m])), key=lambda m: -means[m])
+def _family(means: dict[str, float | None], test) -> list[OS.SeedTest]:
+    """The best method (highest mean) against each other one, Holm-adjusted together; none without 2 finite means."""
+    ranked = sorted((m for m, v in means.items() if v is not None and np.isfinite(v)), key=lambda m: -means[m])
     tests = [test(ranked[0], other) for other in ranked[1:]]
     OS.holm_adjust([t for t in tests if t.p is not None])
     return tests
@@ -95,8 +89,7 @@ def _rank_rows(label: str, runs: list[MergeRun], methods: list[str], shown: tupl
     alone = {m: _alone(by[m]) for m in methods}
     intervals = {m: OS.values_interval(list(alone[m].values())) for m in methods}
     tests = _family(
-        {m: intervals[m].mean for m in methods if intervals[m].mean is not None},
-        lambda a, b: OS.values_test(alone[a], alone[b], ALONE, (a, b)),
+        {m: intervals[m].mean for m in methods}, lambda a, b: OS.values_test(alone[a], alone[b], ALONE, (a, b))
     )
     rows = [
         f"| {label} | {ALONE} | " + " | ".join(fmt_seed_ci(intervals[m]) for m in methods) + f" | {_verdict(tests)} |"
@@ -104,10 +97,7 @@ def _rank_rows(label: str, runs: list[MergeRun], methods: list[str], shown: tupl
     for c in (c for c in dict.fromkeys(c for r in runs for c in r.merges) if not shown or c in shown):
         units = {m: [merge_unit(r, c) for r in by[m] if c in r.merges] for m in methods}
         cis = {m: OS.seed_interval(units[m], NORM) for m in methods}
-        tests = _family(
-            {m: cis[m].mean for m in methods if cis[m].mean is not None},
-            lambda a, b: OS.seed_test(units[a], units[b], NORM, (a, b)),
-        )
+        tests = _family({m: cis[m].mean for m in methods}, lambda a, b: OS.seed_test(units[a], units[b], NORM, (a, b)))
         cells = [fmt_seed_ci(cis[m]) + _weights(by[m], c) if units[m] else "—" for m in methods]
         rows.append(f"| {label} | `{c}` | " + " | ".join(cells) + f" | {_verdict(tests)} |")
     return rows
@@ -119,9 +109,15 @@ def _between_ranks(table: MergeTable, read: dict[str, list[MergeRun]], methods: 
         (table.ranks[0][0], read[table.ranks[0][0]]),
         (table.ranks[-1][0], read[table.ranks[-1][0]]),
     )
-    combos = list(dict.fromkeys(c for r in lo_runs + hi_runs for c in r.merges))
+    combos = [
+        c
+        for c in dict.fromkeys(c for r in lo_runs + hi_runs for c in r.merges)
+        if not table.merges or c in table.merges
+    ]
     out = [
-        f"| method | rank {hi} − rank {lo}: {ALONE} | " + " | ".join(f"`{c}`" for c in combos) + " |",
+        f"| method | rank {hi} − rank {lo} (paired t over seeds, each p alone): {ALONE} | "
+        + " | ".join(f"`{c}`" for c in combos)
+        + " |",
         "|---" * (len(combos) + 2) + "|",
     ]
     for m in methods:
@@ -138,49 +134,62 @@ def _between_ranks(table: MergeTable, read: dict[str, list[MergeRun]], methods: 
     return out
 
 
-def _seeds_line(read: dict[str, list[MergeRun]], methods: list[str]) -> str:
-    def seeds(runs: list[MergeRun], m: str) -> str:
-        return ", ".join(sorted((r.seed for r in runs if r.method == m), key=num_sort_key)) or "none"
+def _seeds_lines(table: MergeTable, read: dict[str, list[MergeRun]], methods: list[str]) -> list[str]:
+    """Which seeds each cell has, and the cells with fewer than min_seeds (never filled from other settings)."""
 
-    ranks = [
-        f"rank {k}: " + "; ".join(f"{display_name(m)} {seeds(runs, m)}" for m in methods) for k, runs in read.items()
+    def seeds(runs: list[MergeRun], m: str) -> list[str]:
+        return sorted((r.seed for r in runs if r.method == m), key=num_sort_key)
+
+    listed = " | ".join(
+        f"rank {k}: " + "; ".join(f"{display_name(m)} {', '.join(seeds(runs, m)) or 'none'}" for m in methods)
+        for k, runs in read.items()
+    )
+    short = [
+        f"rank {k} {display_name(m)} {len(seeds(runs, m))}/{table.min_seeds}"
+        for k, runs in read.items()
+        for m in methods
+        if len(seeds(runs, m)) < table.min_seeds
     ]
-    return "Seeds: " + " | ".join(ranks) + "."
+    missing = f"Missing (fewer than {table.min_seeds} seeds): {', '.join(short)}." if short else "No cell is missing."
+    notes = [f"{r.method} seed {r.seed}: {n}" for runs in read.values() for r in runs for n in r.notes]
+    return [f"Seeds: {listed}.", "", missing] + (["", "Notes: " + "; ".join(notes) + "."] if notes else [])
 
 
 def _paper_line(dirs: list[Path], methods: list[str]) -> str:
-    """The `paper` protocol's per-adapter weights as the runs recorded them (summary.json's protocol_weights)."""
-    weights: dict[str, str] = {}
+    """The `paper` protocol's per-adapter weights as the runs recorded them (summary.json's protocol_weights), and
+    how to read the `tuned` brackets."""
+    weights: dict[str, set[str]] = {}
     for f in sorted(p.parent for d in dirs for p in Path(d).rglob(MERGE_MARK)):
         summary = read_json(f / "summary.json")
         w = (summary.get("protocol_weights") or {}).get("paper")
-        if w and summary["method"] not in weights:
-            weights[summary["method"]] = ", ".join(f"{x:g}" for x in dict.fromkeys(w))
+        if w:
+            weights.setdefault(summary["method"], set()).add(", ".join(f"{x:g}" for x in dict.fromkeys(w)))
+    tuned = (
+        "`tuned`: the weight each seed chose on the validation split, in brackets (a grid end's pick is tried "
+        "again past that end, so a weight outside the grid can be chosen; * marks a pick still at an end)."
+    )
     if not weights:
-        return ""
-    listed = "; ".join(f"{display_name(m)} {weights[m]}" for m in methods if m in weights)
-    return f"`paper` weights (each adapter): {listed}. `tuned`: the weight each seed chose, in brackets."
+        return tuned
+    listed = "; ".join(f"{display_name(m)} {' or '.join(sorted(weights[m]))}" for m in methods if m in weights)
+    return f"`paper` weights (each adapter): {listed}. {tuned}"
 
 
 def merge_block(table: MergeTable, root: Path = EVIDENCE_DIR) -> str:
-    """The Markdown of the merge table: a row per (rank, merge), then each method's rank against its other rank."""
+    """The Markdown of the merge table: a row per (rank, merge), the seeds and missing cells, then each method's
+    last rank against its first."""
     read: dict[str, list[MergeRun]] = {}
     for label, name in table.ranks:
         try:
             read[label] = read_merge_table(root / name)
         except HarnessError:
             read[label] = []
-    methods = sorted({r.method for runs in read.values() for r in runs}, key=method_sort_key)
-    if not methods:
-        return "No merge evidence yet (`make merge-table`).\n"
+    methods = list(table.methods)
     names = " | ".join(display_name(m) for m in methods)
     out = [f"| rank | merge | {names} | best − each other (Holm within the row) |", "|---" * (len(methods) + 3) + "|"]
     for label, _ in table.ranks:
-        out += (
-            _rank_rows(label, read[label], methods, table.merges) if read[label] else [f"| {label} | no evidence yet |"]
-        )
-    paper = _paper_line([root / name for _, name in table.ranks], methods)
-    out += ["", _seeds_line(read, methods)] + (["", paper] if paper else [])
+        empty = [f"| {label} | no evidence yet |" + " |" * (len(methods) + 1)]
+        out += _rank_rows(label, read[label], methods, table.merges) if read[label] else empty
+    out += ["", *_seeds_lines(table, read, methods), "", _paper_line([root / n for _, n in table.ranks], methods)]
     if table.between_ranks and len(table.ranks) > 1 and all(read[label] for label, _ in table.ranks):
         out += ["", *_between_ranks(table, read, methods)]
     return "\n".join(out) + "\n"

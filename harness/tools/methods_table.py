@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.analysis import over_seeds as OS
-from harness.analysis.intervals import fmt_needed, fmt_p, fmt_seed_ci
+from harness.analysis.intervals import fmt_holm_verdict, fmt_seed_ci
 from harness.analysis.naming import display_name, is_reference_method
 from harness.errors import HarnessError
 from harness.tools.evidence import EVIDENCE_DIR, EvidenceRun, read_table
@@ -32,12 +32,7 @@ class MethodsTable:
 
 
 def _verdict(t: OS.SeedTest | None) -> str:
-    if t is None:
-        return ""
-    if t.p is None:
-        return f"— (fewer than {OS.MIN_SEEDS} paired seeds)"
-    word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
-    return f"{fmt_seed_ci(t, True)}, Holm {fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)}: {word}"
+    return "" if t is None else fmt_holm_verdict(t)
 
 
 def _suite_rows(table: MethodsTable, label: str, by_method: dict[str, list[EvidenceRun]]) -> list[str]:

@@ -43,10 +43,11 @@ PUBLISHED = (PairTable("headline", "lori-s", "lora", (("default", "headline-defa
 ALL_METHODS = MethodsTable(
     "all-methods", "lori-s", (("default", "all-methods-default"), ("mc4", "all-methods-mc4")), BUILT_IN
 )
-MERGE_RANKS = (("8", "merge-r8"), ("32", "merge-r32"))
-MERGE = MergeTable("merge", MERGE_RANKS)  # docs/merging.md
+MERGE_RANKS = (("8", "merge-r8"), ("32", "merge-r32"))  # the Makefile's MERGE_RANKS
+MERGE_METHODS = ("lora", "lori-d", "lori-s")  # the Makefile's MERGE_METHODS
+MERGE = MergeTable("merge", MERGE_RANKS, MERGE_METHODS)  # docs/merging.md
 # The README's: the exact merge (`cat`) under both protocols; the rest in docs/merging.md.
-MERGE_SUMMARY = MergeTable("merge-summary", MERGE_RANKS, ("cat@paper", "cat@tuned"), between_ranks=False)
+MERGE_SUMMARY = MergeTable("merge-summary", MERGE_RANKS, MERGE_METHODS, ("cat@paper", "cat@tuned"), between_ranks=False)
 FILES = (Path("README.md"), Path("docs") / "merging.md")
 BLOCK = re.compile(r"(<!-- evidence:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /evidence:(?P=name) -->)", re.S)
 
