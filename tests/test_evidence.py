@@ -78,6 +78,18 @@ def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
     # A knob the older config.yaml does not name ran at its default: such runs pair with newer ones.
     (other / "config.yaml").write_text(yaml.safe_dump({**cfg, "gradient_checkpointing": False}))
     assert len(collect(results / "docs", "t", root)) == 6
+    # A method's section is written only when that method ran in the experiment: runs without it pair with runs
+    # that have it (LoRA launched alone has no `lori` section) ...
+    for seed in ("0", "1", "2"):
+        path = results / "docs" / "lori-s" / f"seed-{seed}" / "config.yaml"
+        c = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**c, "gradient_checkpointing": False, "lori": {"mask_density": 0.1}}))
+    assert len(collect(results / "docs", "t", root)) == 6
+    # ... but runs that have it must agree, whichever run the table holds first.
+    path = results / "docs" / "lori-s" / "seed-2" / "config.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "lori": {"mask_density": 0.5}}))
+    with pytest.raises(HarnessError, match="settings differ from table 't'.s in lori;"):
+        collect(results / "docs", "t", root)
 
 
 def test_plan_seeds_answers_from_the_runs_that_exist(results, tmp_path, capsys):

@@ -25,6 +25,7 @@ from harness.analysis.documents import check_documents, score_arrays
 from harness.config import LAUNCH_KEYS, ExperimentConfig
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes, read_json
+from harness.methods import METHODS
 from harness.run.folder import merge_folders, sequence_folders
 
 EVIDENCE_DIR = Path("results") / "evidence"
@@ -103,7 +104,7 @@ def collect(run_folder: Path, table: str, root: Path = EVIDENCE_DIR) -> list[Pat
                 f"(runs written before documents.json existed cannot be evidence: re-run them)"
             )
         settings = _settings(f / "config.yaml")
-        reference = reference if reference is not None else settings
+        reference = _joined(reference, settings) if reference is not None else settings
         diff = _differences(settings, reference)
         if diff:
             raise HarnessError(
@@ -127,13 +128,30 @@ def _value(settings: dict, key: str):
     return field.default if field is not None else None
 
 
+def _sections() -> set[str]:
+    return {m.section for m in METHODS.values() if m.section}
+
+
+def _joined(reference: dict, settings: dict) -> dict:
+    """The table's settings: its first run's, plus every method section that only a later run wrote."""
+    return {**reference, **{k: v for k, v in settings.items() if k in _sections() and k not in reference}}
+
+
 def _differences(settings: dict, reference: dict) -> list[str]:
-    return sorted(k for k in set(settings) | set(reference) if _value(settings, k) != _value(reference, k))
+    """The knobs whose values differ. A method's config section is written only when that method is among the
+    experiment's methods (a LoRA run launched alone has no `lori` section), so one that only one side has is not a
+    difference; runs that have it must agree (the table's reference holds the first value any run wrote)."""
+    sections = _sections()
+    keys = {k for k in set(settings) | set(reference) if k not in sections or (k in settings and k in reference)}
+    return sorted(k for k in keys if _value(settings, k) != _value(reference, k))
 
 
 def _table_settings(table_dir: Path) -> dict | None:
-    first = next(iter(sorted(table_dir.rglob("config.yaml"))), None) if table_dir.is_dir() else None
-    return _settings(first) if first else None
+    configs = sorted(table_dir.rglob("config.yaml")) if table_dir.is_dir() else []
+    reference = None
+    for c in configs:
+        reference = _joined(reference, _settings(c)) if reference is not None else _settings(c)
+    return reference
 
 
 def _matrix(matrix: dict) -> np.ndarray:
