@@ -139,3 +139,13 @@ def test_the_seed_interval_covers_the_true_value_over_seeds():
         e = OS.seed_interval(a, "ACC", n_boot=N_BOOT)
         hits += e.low <= truth <= e.high
     assert 0.90 <= hits / 200 <= 0.99
+
+
+def test_an_undecided_test_never_says_it_needs_no_more_seeds_than_it_has():
+    from harness.analysis.intervals import fmt_needed
+
+    t = OS.SeedTest("a", "b", "ACC", 3, difference=0.16, p=0.03, seeds_needed=3, p_adjusted=0.053, family=2)
+    assert not t.decided and fmt_needed(t) == "more than 3"
+    t.p_adjusted = 0.03  # decided: the planning estimate stands
+    assert t.decided and fmt_needed(t) == "about 3"
+    assert fmt_needed(OS.SeedTest("a", "b", "ACC", 3, difference=0.1, p=0.4, seeds_needed=9)) == "about 9"

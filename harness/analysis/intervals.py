@@ -111,7 +111,11 @@ def fmt_seed_ci(s: OS.SeedInterval | OS.SeedTest, signed: bool = False) -> str:
 
 
 def fmt_needed(t: OS.SeedTest) -> str:
-    """How many seeds the observed difference and spread need (80% power at 5%)."""
+    """How many seeds the observed difference and spread need (80% power at 5%). An undecided test whose estimate
+    is no more than the seeds it has (80% power still misses one time in five, and Holm's correction is not in the
+    estimate) needs more than it has."""
+    if t.seeds_needed is not None and not t.decided and t.p is not None and t.seeds_needed <= t.n_pairs:
+        return f"more than {t.n_pairs}"
     if t.seeds_needed is not None:
         return f"about {t.seeds_needed}"
     if OS.documents_limit(t):
