@@ -145,7 +145,14 @@ def _evidence_commands(sub) -> None:
     tu.add_argument(
         "run_folder",
         metavar="RUN_FOLDER",
-        help="The tuning experiment's folder, e.g. results/tune-default/tune-default.",
+        nargs="?",
+        help="The tuning experiment's folder (default results/tune-SUITE/tune-SUITE); its finished sequences join "
+        "the values already in the evidence.",
+    )
+    tu.add_argument(
+        "--pending",
+        metavar="METHOD:KNOB=V1,V2,...",
+        help="Print the part of this grid with no evidence yet (nothing when all have some), and write nothing.",
     )
     tu.add_argument(
         "--suite", required=True, help="The suite the grid ran on (names the evidence folder tuning-SUITE)."

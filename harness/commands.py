@@ -37,6 +37,7 @@ from harness.tools.plan_seeds import plan as plan_seeds
 from harness.tools.tracking_server import serve_tracking_server
 from harness.tools.tuning import collect as collect_tuning
 from harness.tools.tuning import format_tuning, markdown_tuning
+from harness.tools.tuning import pending as pending_tuning
 from harness.tools.verify import verify_path
 from harness.tracking.client import default_tracking_uri, mark_interrupted
 
@@ -264,7 +265,10 @@ def cmd_evidence(args: argparse.Namespace) -> int:
 
 
 def cmd_tuning(args: argparse.Namespace) -> int:
-    result = collect_tuning(Path(args.run_folder), args.suite)
+    if args.pending:
+        print(pending_tuning(args.pending, args.suite))
+        return 0
+    result = collect_tuning(Path(args.run_folder or f"results/tune-{args.suite}/tune-{args.suite}"), args.suite)
     print(markdown_tuning(result) if args.markdown else format_tuning(result))
     return 0
 

@@ -8,7 +8,7 @@ import yaml
 
 from harness.cli import main
 from harness.errors import HarnessError
-from harness.tools.tuning import choose, collect
+from harness.tools.tuning import choose, collect, pending
 
 
 def row(value, val, acc=0.5):
@@ -30,10 +30,11 @@ def test_a_value_without_validation_acc_is_refused():
         choose([row(100.0, 0.7), row(1000.0, None)], 1000.0)
 
 
-def fake_sequence(root: Path, value: float, val: float, acc: float) -> None:
+def fake_sequence(root: Path, value: float, val: float, acc: float, rank: int = 8) -> None:
     folder = root / f"variant-{value:g}" / "ewc" / "seed-0"
     (folder / "stages").mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"methods": ["ewc"], "ewc": {"lambda": value}}))
+    config = {"methods": ["ewc"], "ewc": {"lambda": value}, "grid": {"ewc.lambda": [str(value)]}, "rank": rank}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
     summary = {
         "method": "ewc",
         "seed": 0,
@@ -71,10 +72,45 @@ def test_the_command_prints_the_table_and_the_suite_lines(tmp_path, capsys, monk
         "| ewc | `ewc.lambda` | 1000 | 0.600 | 0.300 | -0.200 | 0.900 | **chosen**, at the grid's end (default) |"
         in capsys.readouterr().out
     )
-    assert main(["tuning", str(tmp_path / "nothing"), "--suite", "default"]) == 2
+    assert main(["tuning", str(tmp_path / "nothing"), "--suite", "default"]) == 0  # the evidence just written
+    assert main(["tuning", str(tmp_path / "nothing"), "--suite", "mc4"]) == 2  # no runs, no evidence
 
 
 def test_one_finished_value_chooses_nothing(tmp_path):
     fake_sequence(tmp_path / "tune", 100.0, 0.5, 0.4)
     ewc = collect(tmp_path / "tune", "default", root=tmp_path / "evidence")["methods"]["ewc"]
     assert ewc["chosen"] is None and not ewc["at_grid_end"]
+
+
+def test_a_tuning_grows_from_its_evidence_across_sessions(tmp_path):
+    evidence = tmp_path / "evidence"
+    fake_sequence(tmp_path / "first", 100.0, 0.5, 0.4)
+    fake_sequence(tmp_path / "first", 1000.0, 0.6, 0.3)
+    collect(tmp_path / "first", "default", root=evidence)
+    # a fresh clone: the first session's runs are gone, its evidence is not
+    assert pending("ewc:ewc.lambda=100,1e3,1e4", "default", root=evidence) == "ewc:ewc.lambda=1e4"
+    assert pending("ewc:ewc.lambda=100,1000", "default", root=evidence) == ""
+    fake_sequence(tmp_path / "second", 10000.0, 0.8, 0.2)
+    fake_sequence(tmp_path / "second", 100.0, 0.4, 0.4)  # a value run again replaces its evidence
+    ewc = collect(tmp_path / "second", "default", root=evidence)["methods"]["ewc"]
+    assert [(v["value"], v["validation_acc"]) for v in ewc["values"]] == [(100.0, 0.4), (1000.0, 0.6), (10000.0, 0.8)]
+    assert ewc["chosen"] == 10000.0
+    alone = collect(tmp_path / "absent", "default", root=evidence)["methods"]["ewc"]
+    assert alone == ewc  # the evidence alone gives the same choice
+
+
+def test_a_run_at_other_settings_never_joins_the_evidence(tmp_path):
+    evidence = tmp_path / "evidence"
+    fake_sequence(tmp_path / "first", 100.0, 0.5, 0.4)
+    collect(tmp_path / "first", "default", root=evidence)
+    fake_sequence(tmp_path / "second", 1000.0, 0.6, 0.3, rank=32)
+    with pytest.raises(HarnessError, match="settings differ .* in rank"):
+        collect(tmp_path / "second", "default", root=evidence)
+    assert not (evidence / "tuning-default" / "ewc" / "ewc.lambda=1000.0").exists()
+
+
+def test_pending_refuses_a_grid_it_cannot_read():
+    with pytest.raises(HarnessError, match="expected METHOD:KNOB=V1,V2"):
+        pending("lora:lora.x=1", "default")
+    with pytest.raises(HarnessError, match="must be numbers"):
+        pending("ewc:ewc.lambda=big", "default")

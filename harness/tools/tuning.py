@@ -11,6 +11,11 @@ the first tied value in grid order. A choice at an end of the grid is flagged: t
         <method>/<knob>=<value>/summary.json          each finished sequence's summary and config (about 6 KB)
         <method>/<knob>=<value>/config.yaml
 
+A tuning grows over sessions: `collect` joins the values already in the evidence with the finished sequences under
+the run folder (a value run again replaces its evidence), refusing runs whose settings differ from the evidence's
+(other than the strength knobs and the grid), and `pending` names the values of a grid that have no evidence yet, so
+`make tune-baselines` on a fresh clone runs only those.
+
 tuning.json: {"suite", "selection", "methods": {method: {"knob", "default", "chosen" (null while fewer than two values
 have finished), "at_grid_end", "values":
 [{"value", "seed", "validation_acc", "acc", "bwt", "forgetting", "la"}, ...]}}}. The chosen values go into the suite's
@@ -32,7 +37,7 @@ from harness.io import atomic_write_bytes, atomic_write_text, read_json
 from harness.methods import METHODS
 from harness.run.folder import sequence_folders
 from harness.run.suite_knobs import knob_default
-from harness.tools.evidence import EVIDENCE_DIR
+from harness.tools.evidence import EVIDENCE_DIR, _differences, _settings
 
 SELECTION = (
     "the highest ACC of the final model on the validation split of every task (seed 0); a tie goes to the "
@@ -105,18 +110,51 @@ def summarize(by_method: dict[str, list[dict[str, Any]]], suite: str) -> dict[st
     return {"suite": suite, "selection": SELECTION, "methods": methods}
 
 
-def collect(run_folder: Path, suite: str, root: Path = EVIDENCE_DIR) -> dict[str, Any]:
-    """Write results/evidence/tuning-<suite>/ from the finished sequences under run_folder; the tuning.json written."""
-    folders = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
+def _evidence_folders(out: Path) -> list[Path]:
+    """The value folders already in a suite's tuning evidence (both files present: a folder being written is not)."""
+    found = sorted(p.parent for p in out.glob("*/*/summary.json")) if out.is_dir() else []
+    return [f for f in found if (f / "config.yaml").is_file()]
+
+
+def _shared_settings(folder: Path) -> dict[str, Any]:
+    """A run's settings less what a tuning varies: the methods' sections (the knob) and the grid."""
+    sections = {m.section for m in METHODS.values() if m.section}
+    return {k: v for k, v in _settings(folder / "config.yaml").items() if k not in sections and k != "grid"}
+
+
+def _check_settings(folders: list[Path]) -> None:
+    """HarnessError unless every run agrees with the first (the evidence's oldest) on what the tuning holds fixed."""
     if not folders:
-        raise HarnessError(
-            f"{run_folder}: no finished sequence under it; pass the tuning experiment's folder, "
-            f"e.g. results/tune-{suite}/tune-{suite}"
-        )
-    by_method = _rows(folders)
-    result = summarize(by_method, suite)
+        return
+    reference = _shared_settings(folders[0])
+    for f in folders[1:]:
+        diff = _differences(_shared_settings(f), reference)
+        if diff:
+            raise HarnessError(
+                f"{f}: its settings differ from {folders[0]}'s in {', '.join(diff)}; a tuning compares values at "
+                f"the same settings: run it with those, or tune into a fresh evidence folder"
+            )
+
+
+def collect(run_folder: Path, suite: str, root: Path = EVIDENCE_DIR) -> dict[str, Any]:
+    """Write results/evidence/tuning-<suite>/ from its evidence and the finished sequences under run_folder (which
+    may be absent when the evidence has values); the tuning.json written."""
     out = root / f"tuning-{suite}"
-    for method, rows in by_method.items():
+    held = _evidence_folders(out)
+    runs = [f for f in sequence_folders(Path(run_folder)) if (f / "summary.json").is_file()]
+    if not runs and not held:
+        raise HarnessError(
+            f"{run_folder}: no finished sequence under it and no evidence in {out}; pass the tuning experiment's "
+            f"folder, e.g. results/tune-{suite}/tune-{suite}"
+        )
+    _check_settings(held + runs)
+    fresh = _rows(runs)
+    by_method = _rows(held)
+    for method, rows in fresh.items():
+        values = {r["value"] for r in rows}
+        by_method[method] = [r for r in by_method.get(method, []) if r["value"] not in values] + rows
+    result = summarize(by_method, suite)
+    for method, rows in fresh.items():
         for r in rows:
             dst = out / method / f"{METHODS[method].strength}={r['value']}"
             dst.mkdir(parents=True, exist_ok=True)
@@ -124,6 +162,23 @@ def collect(run_folder: Path, suite: str, root: Path = EVIDENCE_DIR) -> dict[str
                 atomic_write_bytes(dst / name, (r["folder"] / name).read_bytes())
     atomic_write_text(out / "tuning.json", json.dumps(json_clean(result), indent=1))
     return result
+
+
+def pending(grid: str, suite: str, root: Path = EVIDENCE_DIR) -> str:
+    """The part of one method's grid ("METHOD:KNOB=V1,V2,...", as TUNE_GRIDS writes it) with no evidence yet, in the
+    same form, or "" when every value has some (values compare as numbers: 1e-6 is 1e-06)."""
+    method, _, spec = grid.partition(":")
+    knob, _, values = spec.partition("=")
+    if method not in METHODS or METHODS[method].strength != knob or not values:
+        strong = ", ".join(f"{m}:{c.strength}" for m, c in METHODS.items() if c.strength)
+        raise HarnessError(f"--pending {grid!r}: expected METHOD:KNOB=V1,V2,... with one of {strong}")
+    out = root / f"tuning-{suite}" / method
+    done = {float(f.name.partition("=")[2]) for f in _evidence_folders(out.parent) if f.parent == out}
+    try:
+        left = [v for v in values.split(",") if float(v) not in done]
+    except ValueError:
+        raise HarnessError(f"--pending {grid!r}: the values must be numbers") from None
+    return f"{method}:{knob}={','.join(left)}" if left else ""
 
 
 def _fmt(x: Any) -> str:
