@@ -105,7 +105,8 @@ ablation: $(STAMP)
 # results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it;
 # each report also compares REPORT_BASELINE with every other method. One seed (every method) at a time; each finished
 # seed's compact evidence goes to results/evidence/all-methods-<suite>/ (commit it), and `make tables` writes the
-# README's all-methods block from it, naming the cells still missing.
+# README's all-methods block from it, naming the cells still missing. A (method, seed) whose evidence is committed is
+# not run again, so the table grows across sessions from fresh clones.
 # Every baseline runs at its suite's tuned strength (suite.yaml method_knobs, make tune-baselines; the report's
 # "Baseline strength" table says which). All 13 methods x 3 seeds x 2 suites is about 8 h on 2 cores (8-25 min a
 # sequence; InfLoRA's covariance passes are the slowest): ALL_METHODS=... runs a subset, and finished ones are skipped.
@@ -114,7 +115,10 @@ ALL_SEEDS ?= 0,1,2
 REPORT_BASELINE ?= lori-s
 all-methods: $(STAMP)
 	mkdir -p $(RESULTS); for suite in default mc4; do for s in $$(echo $(ALL_SEEDS) | tr , ' '); do \
-	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $(ALL_METHODS) --seeds $$s --jobs $(JOBS) \
+	  todo=$$(for m in $$(echo $(ALL_METHODS) | tr , ' '); do \
+	    [ -f results/evidence/all-methods-$$suite/$$m/seed-$$s/summary.json ] || printf '%s,' $$m; done); \
+	  [ -n "$$todo" ] || continue; \
+	  $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $${todo%,} --seeds $$s --jobs $(JOBS) \
 	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-report $(ARGS) || exit $$?; \
 	  $(BIN)/harness evidence $(RESULTS)/all-methods-$$suite/all-methods-$$suite --table all-methods-$$suite || exit $$?; \
 	  done; \
