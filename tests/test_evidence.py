@@ -92,6 +92,22 @@ def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
         collect(results / "docs", "t", root)
 
 
+def test_one_table_s_evidence_pools_into_another_at_the_same_settings(results, tmp_path):
+    root = tmp_path / "evidence"
+    collect(results / "docs" / "lora", "headline", root)
+    collect(results / "docs" / "lori-s", "all", root)
+    written = collect(root / "headline", "all", root)  # the headline's LoRA seeds join the all-methods table
+    assert sorted(w.relative_to(root).as_posix() for w in written) == [f"all/lora/seed-{s}" for s in "012"]
+    for w in written:
+        for name in ("summary.json", "matrix.json", "documents.json", "config.yaml"):
+            assert (w / name).read_bytes() == (results / "docs" / "lora" / w.name / name).read_bytes()
+    assert sorted(read_table(root / "all")) == ["lora", "lori-s"]
+    cfg = root / "headline" / "lora" / "seed-0" / "config.yaml"
+    cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), "rank": 32}))
+    with pytest.raises(HarnessError, match="settings differ from table 'all'.s in rank"):
+        collect(root / "headline", "all", root)
+
+
 def test_plan_seeds_answers_from_the_runs_that_exist(results, tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert (

@@ -5,7 +5,8 @@
     results/evidence/<table>/<method>/seed-<s>/          (a merge run: `harness merge`)
         summary.json  documents.json  config.yaml  merged.csv  single.csv                  (about 50 KB)
 
-`harness evidence RUN_FOLDER --table NAME` copies each finished sequence's (or merge run's) files there
+`harness evidence RUN_FOLDER --table NAME` copies each finished sequence's (or merge run's) files there (RUN_FOLDER
+may also be another table's evidence, e.g. the headline's LoRI-S and LoRA seeds pooled into the all-methods table)
 (atomically, one file at a time; an existing seed is replaced only by the same run). A table never pools runs made
 at different settings: every run's config.yaml, less its seed and sequence (merge) block, must agree with the
 table's first, and a table holds sequences or merge runs, never both. Anyone can add seeds to a table later without
@@ -73,9 +74,14 @@ def _finished(run_folder: Path) -> tuple[list[Path], tuple[str, ...], tuple[str,
     merges = [f for f in merges if read_json(f / "summary.json").get("complete")]
     if merges:
         return merges, MERGE_REQUIRED, MERGE_OPTIONAL
+    held = sorted({p.parent for p in Path(run_folder).rglob("summary.json")})  # another table's evidence
+    for required, optional in ((REQUIRED, OPTIONAL), (MERGE_REQUIRED, MERGE_OPTIONAL)):
+        found = [f for f in held if all((f / n).is_file() for n in required)]
+        if found and (required is MERGE_REQUIRED) == all((f / MERGE_MARK).is_file() for f in found):
+            return found, required, optional
     raise HarnessError(
-        f"{run_folder}: no finished sequence or merge run under it (a finished one has summary.json); "
-        f"pass an experiment folder such as results/<experiment>/<experiment>"
+        f"{run_folder}: no finished sequence or merge run under it (a finished one has summary.json), nor another "
+        f"table's evidence; pass an experiment folder such as results/<experiment>/<experiment>"
     )
 
 
