@@ -140,20 +140,10 @@ def _evidence_commands(sub) -> None:
     tu = sub.add_parser(
         "tuning",
         help="Choose each baseline's strength from a tuning grid on the validation split "
-        "(make tune-baselines) and write its evidence to results/evidence/tuning-SUITE/.",
+        "(make tune-baselines) and write its evidence to results/evidence/tuning-SUITE/, joined with what is there.",
     )
-    tu.add_argument(
-        "run_folder",
-        metavar="RUN_FOLDER",
-        nargs="?",
-        help="The tuning experiment's folder (default results/tune-SUITE/tune-SUITE); its finished sequences join "
-        "the values already in the evidence.",
-    )
-    tu.add_argument(
-        "--pending",
-        metavar="METHOD:KNOB=V1,V2,...",
-        help="Print the part of this grid with no evidence yet (nothing when all have some), and write nothing.",
-    )
+    tu.add_argument("run_folder", metavar="RUN_FOLDER", nargs="?", help="Default: results/tune-SUITE/tune-SUITE.")
+    tu.add_argument("--pending", metavar="M:KNOB=V1,V2,...", help="Print this grid's values without evidence yet.")
     tu.add_argument(
         "--suite", required=True, help="The suite the grid ran on (names the evidence folder tuning-SUITE)."
     )
