@@ -145,7 +145,9 @@ def test_an_undecided_test_never_says_it_needs_no_more_seeds_than_it_has():
     from harness.analysis.intervals import fmt_needed
 
     t = OS.SeedTest("a", "b", "ACC", 3, difference=0.16, p=0.03, seeds_needed=3, p_adjusted=0.053, family=2)
-    assert not t.decided and fmt_needed(t) == "more than 3"
+    assert not t.decided and fmt_needed(t) == "more than 3 seeds"
     t.p_adjusted = 0.03  # decided: the planning estimate stands
-    assert t.decided and fmt_needed(t) == "about 3"
-    assert fmt_needed(OS.SeedTest("a", "b", "ACC", 3, difference=0.1, p=0.4, seeds_needed=9)) == "about 9"
+    assert t.decided and fmt_needed(t) == "about 3 seeds"
+    assert fmt_needed(OS.SeedTest("a", "b", "ACC", 3, difference=0.1, p=0.4, seeds_needed=9)) == "about 9 seeds"
+    noisy = OS.SeedTest("a", "b", "ACC", 3, difference=0.01, p=0.4, document_se=0.05)  # no seed count decides it
+    assert fmt_needed(noisy).startswith("more test documents: no number of seeds decides it")

@@ -115,19 +115,19 @@ def fmt_needed(t: OS.SeedTest) -> str:
     is no more than the seeds it has (80% power still misses one time in five, and Holm's correction is not in the
     estimate) needs more than it has."""
     if t.seeds_needed is not None and not t.decided and t.p is not None and t.seeds_needed <= t.n_pairs:
-        return f"more than {t.n_pairs}"
+        return f"more than {t.n_pairs} seeds"
     if t.seeds_needed is not None:
-        return f"about {t.seeds_needed}"
+        return f"about {t.seeds_needed} seeds"
     if OS.documents_limit(t):
-        return "more than any number of seeds gives (the test documents' shared noise is larger than the gap)"
-    return f"more than {OS.MAX_SEEDS}"
+        return "more test documents: no number of seeds decides it (the documents' shared noise is larger than the gap)"
+    return f"more than {OS.MAX_SEEDS} seeds"
 
 
 def fmt_holm_verdict(t: OS.SeedTest) -> str:
     """A table cell: the difference with its interval over seeds, the Holm p, decided or the seeds it needs."""
     if t.p is None:
         return f"— (fewer than {OS.MIN_SEEDS} paired seeds)"
-    word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
+    word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)}"
     return f"{fmt_seed_ci(t, True)}, Holm {fmt_p(t.p_adjusted if t.p_adjusted is not None else t.p)}: {word}"
 
 
@@ -164,7 +164,7 @@ def paired_sentence(m: str, a_row: dict, b_row: dict, t: OS.SeedTest, higher: bo
         return f"{vs}: {better} is better by {d_txt} ({_how(t)})"
     return (
         f"{vs}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.3f} with this spread needs "
-        f"{fmt_needed(t)} seeds ({_how(t)})"
+        f"{fmt_needed(t)} ({_how(t)})"
     )
 
 
@@ -270,7 +270,7 @@ def general_ce_verdicts(
         else:
             sentences.append(
                 f"{a} vs {b}: undecided: {t.n_pairs} seeds; the observed {t.difference:+.2f} with this "
-                f"spread needs {fmt_needed(t)} seeds ({_how(t)})"
+                f"spread needs {fmt_needed(t)} ({_how(t)})"
             )
     return sentences, [{**t.as_json(), "significant": t.decided, "role": role} for t, (_, _, role) in zip(tests, pairs)]
 

@@ -79,7 +79,7 @@ def _method_rows(label: str, by_method: dict[str, list[EvidenceRun]], methods: l
 def _cell(t: OS.SeedTest, higher: bool) -> str:
     if t.p is None:
         return f"— (fewer than {OS.MIN_SEEDS} seeds)"
-    word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)} seeds"
+    word = "decided" if t.decided else f"undecided, needs {fmt_needed(t)}"
     return f"{fmt_seed_ci(t, True)}, {fmt_p(t.p)}: {word}"
 
 
@@ -100,7 +100,7 @@ def _sentence(label: str, t: OS.SeedTest, higher: bool) -> str:
     power = f"{t.n_pairs} seeds detect {t.detectable:.3f} with 80% power"
     if t.decided:
         return f"{head}: **{better} is better than {worse}** ({power})."
-    return f"{head}: undecided; the observed difference with this spread needs {fmt_needed(t)} seeds ({power})."
+    return f"{head}: undecided; the observed difference with this spread needs {fmt_needed(t)} ({power})."
 
 
 def pair_block(table: PairTable, root: Path = EVIDENCE_DIR) -> str:
