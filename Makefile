@@ -73,10 +73,10 @@ merge: $(STAMP)
 
 # docs/merging.md's merge table (issue #37's capacity check): make merge at each of MERGE_RANKS on MERGE_SEEDS, both
 # protocols, each rank its own experiment, its merge runs collected into results/evidence/merge-r<rank>/, then the
-# published tables rewritten (harness/tools/tables.py publishes ranks 8 and 32). One (method, seed) takes about 24 min
-# on one core (4 adapters ~8 min; the single matrix, both protocols and the tuned grid's validation evaluations
-# ~16 min): about 1.8 h of both cores per rank. Finished (method, seed) runs are skipped, so a table grows seed by
-# seed, and MERGE_RANKS=32 runs one rank.
+# published tables rewritten (harness/tools/tables.py publishes ranks 8 and 32). One (method, seed) at rank 32 took
+# 12 min on one core with nothing else running (2026-12-07; 16-19 min beside the test suite): about 1 h of both cores
+# per rank. Finished (method, seed) runs are skipped (from the run folder; a fresh clone: MERGE_METHODS=... names the
+# methods still missing), so a table grows seed by seed, and MERGE_RANKS=32 runs one rank.
 MERGE_SEEDS ?= 0,1,2
 MERGE_RANKS ?= 8 32
 merge-table: $(STAMP)
