@@ -127,12 +127,12 @@ all-methods: $(STAMP)
 	done
 
 # Baseline strength (#35): each baseline's strength knob over a small grid, seed 0, on each CPU suite, chosen on the
-# validation split (docs/baselines.md has the grids, the choice and its evidence). The (suite, method) grids are dealt
-# round-robin to one chain per core, each chain running one value at a time. Values that already have evidence in
+# validation split (docs/baselines.md has the grids, the choice and its evidence). The (suite, method, value) runs
+# are dealt round-robin to one chain per core, each running one at a time. Values that already have evidence in
 # results/evidence/tuning-<suite>/ are skipped (`harness tuning --pending`), and `harness tuning` adds each value to
-# that evidence as it finishes (validation and test ACC per value, the choice): commit it, and a
-# tuning cut short resumes from a fresh clone; a value can be added to a grid later. The chosen values go into the
-# suite's method_knobs by hand (commit both).
+# that evidence as it finishes (validation and test ACC per value, the choice): commit it, and a tuning cut short
+# resumes from a fresh clone; a value can be added to a grid later. The chosen values go into the suite's
+# method_knobs by hand (commit both). One value took 9-10 min on one core on mc4 (2026-12-07).
 TUNE_SUITES ?= default mc4
 # The grids: three values a decade apart around each default (MIGU's fraction and InfLoRA's threshold on their own
 # scales), grown past an end wherever the default suite's choice sat there, until every choice was inside its grid
@@ -142,14 +142,14 @@ TUNE_GRIDS ?= ewc:ewc.lambda=100,1000,10000,100000,1000000 nlora:nlora.lambda_l1
   inflora:inflora.threshold=0.9,0.95,0.99,0.999,0.9999
 tune-baselines: $(STAMP)
 	mkdir -p $(RESULTS); n=$$(nproc); units=""; for suite in $(TUNE_SUITES); do for mg in $(TUNE_GRIDS); do \
-	  units="$$units $$suite@$$mg"; done; done; pids=""; for i in $$(seq 0 $$((n - 1))); do \
+	  kv=$${mg#*:}; for v in $$(echo $${kv#*=} | tr , ' '); do units="$$units $$suite@$${mg%%:*}:$${kv%%=*}=$$v"; done; \
+	  done; done; pids=""; for i in $$(seq 0 $$((n - 1))); do \
 	  ( k=0; for u in $$units; do if [ $$((k % n)) -eq $$i ]; then suite=$${u%%@*}; \
-	      mg=$$($(BIN)/harness tuning --suite $$suite --pending "$${u#*@}") || exit $$?; kv=$${mg#*:}; \
-	      for v in $$(echo $${kv#*=} | tr , ' '); do \
+	      mg=$$($(BIN)/harness tuning --suite $$suite --pending "$${u#*@}") || exit $$?; if [ -n "$$mg" ]; then \
 	      taskset -c $$i $(BIN)/harness run --suite $$suite --model $(MODEL) --methods $${mg%%:*} --seeds 0 \
-	        --grid "$${kv%%=*}=$$v" --eval-schedule diagonal_final --experiment tune-$$suite --results-dir $(RESULTS)/tune-$$suite \
+	        --grid "$${mg#*:}" --eval-schedule diagonal_final --experiment tune-$$suite --results-dir $(RESULTS)/tune-$$suite \
 	        --no-progress --no-report $(ARGS) || exit $$?; \
-	      $(BIN)/harness tuning $(RESULTS)/tune-$$suite/tune-$$suite --suite $$suite > /dev/null || exit $$?; done; fi; \
+	      $(BIN)/harness tuning $(RESULTS)/tune-$$suite/tune-$$suite --suite $$suite > /dev/null || exit $$?; fi; fi; \
 	    k=$$((k + 1)); done ) > $(RESULTS)/tune-$$i.log 2>&1 & \
 	  pids="$$pids $$!"; done; status=0; for p in $$pids; do wait $$p || status=$$?; done; \
 	for suite in $(TUNE_SUITES); do $(BIN)/harness tuning $(RESULTS)/tune-$$suite/tune-$$suite --suite $$suite || status=$$?; done; \
