@@ -75,10 +75,11 @@ def _finished(run_folder: Path) -> tuple[list[Path], tuple[str, ...], tuple[str,
     if merges:
         return merges, MERGE_REQUIRED, MERGE_OPTIONAL
     held = sorted({p.parent for p in Path(run_folder).rglob("summary.json")})  # another table's evidence
-    for required, optional in ((REQUIRED, OPTIONAL), (MERGE_REQUIRED, MERGE_OPTIONAL)):
-        found = [f for f in held if all((f / n).is_file() for n in required)]
-        if found and (required is MERGE_REQUIRED) == all((f / MERGE_MARK).is_file() for f in found):
-            return found, required, optional
+    merge = bool(held) and all((f / MERGE_MARK).is_file() for f in held)
+    required, optional = (MERGE_REQUIRED, MERGE_OPTIONAL) if merge else (REQUIRED, OPTIONAL)
+    found = [f for f in held if all((f / n).is_file() for n in required)]
+    if found:
+        return found, required, optional
     raise HarnessError(
         f"{run_folder}: no finished sequence or merge run under it (a finished one has summary.json), nor another "
         f"table's evidence; pass an experiment folder such as results/<experiment>/<experiment>"

@@ -37,7 +37,7 @@ from harness.io import atomic_write_bytes, atomic_write_text, read_json
 from harness.methods import METHODS
 from harness.run.folder import sequence_folders
 from harness.run.suite_knobs import knob_default
-from harness.tools.evidence import EVIDENCE_DIR, _differences, _settings
+from harness.tools.evidence import EVIDENCE_DIR, _differences, _sections, _settings
 
 SELECTION = (
     "the highest ACC of the final model on the validation split of every task (seed 0); a tie goes to the "
@@ -110,15 +110,16 @@ def summarize(by_method: dict[str, list[dict[str, Any]]], suite: str) -> dict[st
     return {"suite": suite, "selection": SELECTION, "methods": methods}
 
 
-def _evidence_folders(out: Path) -> list[Path]:
-    """The value folders already in a suite's tuning evidence (both files present: a folder being written is not)."""
-    found = sorted(p.parent for p in out.glob("*/*/summary.json")) if out.is_dir() else []
+def _evidence_folders(out: Path, method: str = "*") -> list[Path]:
+    """The value folders already in a suite's tuning evidence, of one method or all (both files present: a folder
+    being written is not)."""
+    found = sorted(p.parent for p in out.glob(f"{method}/*/summary.json")) if out.is_dir() else []
     return [f for f in found if (f / "config.yaml").is_file()]
 
 
 def _shared_settings(folder: Path) -> dict[str, Any]:
     """A run's settings less what a tuning varies: the methods' sections (the knob) and the grid."""
-    sections = {m.section for m in METHODS.values() if m.section}
+    sections = _sections()
     return {k: v for k, v in _settings(folder / "config.yaml").items() if k not in sections and k != "grid"}
 
 
@@ -172,8 +173,7 @@ def pending(grid: str, suite: str, root: Path = EVIDENCE_DIR) -> str:
     if method not in METHODS or METHODS[method].strength != knob or not values:
         strong = ", ".join(f"{m}:{c.strength}" for m, c in METHODS.items() if c.strength)
         raise HarnessError(f"--pending {grid!r}: expected METHOD:KNOB=V1,V2,... with one of {strong}")
-    out = root / f"tuning-{suite}" / method
-    done = {float(f.name.partition("=")[2]) for f in _evidence_folders(out.parent) if f.parent == out}
+    done = {float(f.name.partition("=")[2]) for f in _evidence_folders(root / f"tuning-{suite}", method)}
     try:
         left = [v for v in values.split(",") if float(v) not in done]
     except ValueError:
