@@ -18,7 +18,7 @@ PORT ?= 5000
 TRACKING_PORT ?= 5001
 ARGS ?=
 
-.PHONY: setup lint format test test-fast run-sequence merge merge-table ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
+.PHONY: setup lint format test test-fast check-mutations run-sequence merge merge-table ablation all-methods tune-baselines headline evidence tables report dashboard bench cost-ratios tracking-server clean-venv
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ test: lint
 # The inner loop: every test except the end-to-end ones marked slow (they still run in `make test` and CI).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(TEST_FILES) $(ARGS)
+
+# Each baseline property test fails when its property is broken: one source edit per property in a scratch worktree
+# of HEAD (commit first), the guarding test run against it (tests/mutations.py lists both; about 4 min).
+check-mutations: $(STAMP)
+	$(BIN)/python tests/mutations.py $(ARGS)
 
 run-sequence: $(STAMP)
 	$(BIN)/harness run --suite $(SUITE) --model $(MODEL) --methods $(METHODS) --seeds $(SEEDS) --results-dir $(RESULTS) $(ARGS)
