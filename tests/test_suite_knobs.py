@@ -80,7 +80,10 @@ def test_a_bad_method_knob_names_the_suite_file_and_the_key(tmp_path, knobs, mes
         specs(folder, methods=["ewc"])
 
 
-def test_summary_records_the_strength_a_sequence_ran_at(tmp_path):
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_summary_records_the_strength_a_sequence_ran_at(tmp_path, jobs):
+    """In this process and as a --jobs process (which re-plans from the config the driver sends it: a config dumped
+    before the suite's knobs were filled in held every knob at its default, and the job ran untuned)."""
     folder = suite_with(tmp_path, {"ewc": {"lambda": 400}})
     assert (
         main(
@@ -104,12 +107,15 @@ def test_summary_records_the_strength_a_sequence_ran_at(tmp_path):
                 str(tmp_path / "r"),
                 "--experiment",
                 "k",
+                "--jobs",
+                jobs,
                 "--no-progress",
                 "--no-report",
             ]
         )
         == 0
     )
+    assert yaml.safe_load((tmp_path / "r" / "k" / "config.yaml").read_text())["ewc"]["lambda"] == 400
     seq = tmp_path / "r" / "k" / "ewc" / "seed-0"
     assert json.loads((seq / "summary.json").read_text())["strength"] == {
         "knob": "ewc.lambda",

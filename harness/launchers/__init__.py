@@ -16,10 +16,18 @@ from typing import Any
 
 from harness.launchers.driver import run_jobs
 from harness.launchers.local import run_experiment
+from harness.run.suite_knobs import with_suite_knobs
+from harness.suites import load_suite
 
 
 def run_sequences(cfg, *, progress: bool = True, only: Path | None = None) -> list[dict[str, Any]]:
-    """Every sequence of the experiment (or the one in folder `only`) on cfg.launcher; their summaries."""
+    """Every sequence of the experiment (or the one in folder `only`) on cfg.launcher; their summaries.
+
+    The suite's method_knobs are filled in here, once, before anything is written or sent: the experiment's
+    config.yaml records the strengths its sequences run at, and a job (a --jobs process, a Ray task, a Slurm job)
+    re-plans from a config that already holds them (a config that left them unset was dumped with every knob at
+    its default, which then read as the experiment's own value: every baseline of a --jobs run ran untuned)."""
+    cfg = with_suite_knobs(cfg, load_suite(cfg.suite))
     if cfg.launcher == "local" and cfg.jobs == 1:
         return run_experiment(cfg, progress=progress, only=only)
 
