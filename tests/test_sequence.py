@@ -9,6 +9,7 @@ import pytest
 
 from harness import metrics as MX
 from harness.cli import main
+from harness.provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--suite", "smoke", "--model", "tiny-llama", "--seeds", "0", "--no-progress"]
@@ -59,10 +60,13 @@ def test_run_folder_layout_and_matrix(smoke_run):
         for key, name in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
             assert summary[key] == pytest.approx(recomputed[name], abs=1e-6)
         assert summary["trainable_params_effective"] > 0
+        assert summary["git_commits"] == [git_commit()]  # one code version trained every stage
         for s in stages[1:]:
             files = {p.name for p in (d / "stages" / s).iterdir()}
-            threads = json.loads((d / "stages" / s / "stage.json").read_text())["torch_threads"]
+            marker = json.loads((d / "stages" / s / "stage.json").read_text())
+            threads = marker["torch_threads"]
             assert isinstance(threads, int) and threads >= 1  # what the CPU sums depended on
+            assert marker["git_commit"] == git_commit()  # the code that trained it
             if method == "lori-s":  # what the stage trained (mask, values, how to regenerate A), never a dense B
                 assert {"masks.safetensors", "values.safetensors", "lori.json"} <= files and "adapter" not in files
             else:

@@ -118,6 +118,17 @@ def method_seconds(committed: dict[int, Path]) -> dict[str, float]:
     return {k: sum(m.get(k, 0.0) for m in markers) for k in ("method_setup_s", "method_teardown_s")}
 
 
+def code_commits(committed: dict[int, Path]) -> list[str]:
+    """The harness commits that trained the committed stages (stage.json git_commit), distinct, in stage order: more
+    than one when a resume ran other code than the stages before it."""
+    out: list[str] = []
+    for t in sorted(committed):
+        commit = read_json(committed[t] / STAGE_MARKER).get("git_commit")
+        if commit and commit not in out:
+            out.append(commit)
+    return out
+
+
 def committed_stages(run_dir: Path) -> dict[int, Path]:
     """Stage folders (`<t>-<name>`, stage 0 included) whose commit marker exists, by index; read only."""
     sdir = Path(run_dir) / "stages"

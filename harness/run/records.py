@@ -81,6 +81,7 @@ def stage_record(t: int, name: str, res, ev, timings: dict[str, float], stats: d
         "train_tok_s": res.tok_s,
         "train_steps": res.steps,
         "torch_threads": facts["torch_threads"],  # CPU sums may split differently with another count
+        "git_commit": git_commit(),  # the harness code that trained this stage (a resume may run other code)
         "mlflow_run_id": facts["mlflow_run_id"],
         "precision": facts["precision"],
         **facts["param_counts"],

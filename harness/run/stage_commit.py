@@ -26,6 +26,7 @@ from harness.run.checkpoint import remove_checkpoint
 from harness.run.console import done_line, say, stage_line
 from harness.run.evaluate import validation_scores
 from harness.run.folder import (
+    code_commits,
     committed_stages,
     learn_check,
     method_seconds,
@@ -189,6 +190,7 @@ class StageCommits:
             ),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
             **method_seconds(committed),
+            "git_commits": code_commits(committed),
             "peak_memory": peak_memory(next(self.model.parameters()).device),
             "mlflow_parent_run_id": self.mirror.parent_id,
             "mlflow_tracking_uri": self.tracker.uri,
