@@ -108,7 +108,8 @@ ablation: $(STAMP)
 # The all-methods table over 3 seeds at today's defaults, on both CPU suites (full evaluation: FWT, forgetting, the
 # general-text cross-entropy after every stage), JOBS sequences at a time as the ablation; reports and intervals in
 # results/all-methods-<suite>/all-methods-<suite>/report/. The README's headline table (LoRI-S vs LoRA) is part of it;
-# each report also compares REPORT_BASELINE with every other method. One seed (every method) at a time; each finished
+# each report also compares REPORT_BASELINE with every other method (when this run folder holds it: a method pooled
+# from the headline's evidence, as LoRI-S is, runs in no all-methods folder). One seed (every method) at a time; each finished
 # seed's compact evidence goes to results/evidence/all-methods-<suite>/ (commit it), and `make tables` writes the
 # README's all-methods block from it, naming the cells still missing. A (method, seed) whose evidence is committed is
 # not run again, so the table grows across sessions from fresh clones.
@@ -127,8 +128,10 @@ all-methods: $(STAMP)
 	    --experiment all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite --no-report $(ARGS) || exit $$?; \
 	  $(BIN)/harness evidence $(RESULTS)/all-methods-$$suite/all-methods-$$suite --table all-methods-$$suite || exit $$?; \
 	  done; \
+	  exp=$(RESULTS)/all-methods-$$suite/all-methods-$$suite; [ -d $$exp ] || continue; \
+	  base=$(REPORT_BASELINE); [ -n "$$base" ] && [ -d $$exp/$$base ] || base=""; \
 	  $(BIN)/harness report all-methods-$$suite --results-dir $(RESULTS)/all-methods-$$suite \
-	    $(if $(REPORT_BASELINE),--baseline $(REPORT_BASELINE)) || exit $$?; \
+	    $${base:+--baseline $$base} || exit $$?; \
 	done
 
 # Baseline strength (#35): each baseline's strength knob over a small grid, seed 0, on each CPU suite, chosen on the
