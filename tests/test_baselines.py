@@ -179,6 +179,28 @@ def test_inflora_kept_basis_follows_the_codes_energy_criterion_by_hand():
     assert torch.allclose(A.abs(), torch.tensor([[0.0, 0.0, 3**-0.5, 0.0]]), atol=1e-7)
 
 
+def test_inflora_top_r_solver_gives_the_same_bits_whatever_blas_threads_the_process_has():
+    """scipy's OpenBLAS defaults to one thread per CPU; the solver holds it to torch's count, so a --jobs process (two
+    OpenBLAS threads) and a pinned one (one) design the same A bit for bit. Without the limit the bits differ here."""
+    from threadpoolctl import threadpool_limits
+
+    from harness.methods.inflora import top_eigvecs
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3000, 1536, generator=g, dtype=torch.float64)
+    S = X.T @ X / 3000
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with threadpool_limits(limits=1, user_api="blas"):
+            one = top_eigvecs(S, 8)
+        with threadpool_limits(limits=2, user_api="blas"):
+            two = top_eigvecs(S, 8)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 @pytest.mark.slow
 def test_inflora_top_r_solver_and_shared_inputs_give_the_full_decompositions_result():
     """The top-r eigensolver equals the full eigh's first r vectors (up to sign), and modules fed one input share one

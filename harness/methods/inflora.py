@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from scipy import linalg as scipy_linalg
+from threadpoolctl import threadpool_limits
 
 from harness.errors import HarnessError
 from harness.methods.base import register
@@ -83,7 +84,11 @@ def top_eigvecs(S: torch.Tensor, k: int) -> torch.Tensor:
     d = S.shape[0]
     if S.device.type != "cpu" or k >= d:
         return eigh_desc(S)[1][:, :k]
-    _, vecs = scipy_linalg.eigh(S.numpy(), subset_by_index=[d - k, d - 1], driver="evr")
+    # scipy's LAPACK runs on its own OpenBLAS threads (one per CPU, whatever torch was given): held to torch's count,
+    # so the bits depend only on the threads stage.json records. Two OpenBLAS threads in a --jobs process gave other
+    # bits than one under taskset, and at threshold 0.999 another kept basis two stages later.
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        _, vecs = scipy_linalg.eigh(S.numpy(), subset_by_index=[d - k, d - 1], driver="evr")
     return torch.from_numpy(vecs[:, ::-1].copy())
 
 
