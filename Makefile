@@ -147,7 +147,7 @@ TUNE_SUITES ?= default mc4
 # (2026-12-07: EWC 1e5, N-LoRA 1e-5, MIGU 0.03; O-LoRA 5 and InfLoRA 0.999 tie with 50 and 0.9999).
 TUNE_GRIDS ?= ewc:ewc.lambda=100,1000,10000,100000,1000000 nlora:nlora.lambda_l1=1e-6,1e-5,1e-4,1e-3 \
   olora:olora.lambda_orth=0.05,0.5,5,50 migu:migu.top_fraction=0.01,0.03,0.1,0.3,0.6 \
-  inflora:inflora.threshold=0.9,0.95,0.99,0.999,0.9999
+  inflora:inflora.threshold=0.9,0.95,0.99,0.999,0.9999,0.99999
 tune-baselines: $(STAMP)
 	mkdir -p $(RESULTS); n=$$(nproc); units=""; for suite in $(TUNE_SUITES); do for mg in $(TUNE_GRIDS); do \
 	  kv=$${mg#*:}; for v in $$(echo $${kv#*=} | tr , ' '); do units="$$units $$suite@$${mg%%:*}:$${kv%%=*}=$$v"; done; \
