@@ -90,6 +90,13 @@ def test_a_table_never_pools_runs_made_at_other_settings(results, tmp_path):
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "lori": {"mask_density": 0.5}}))
     with pytest.raises(HarnessError, match="settings differ from table 't'.s in lori;"):
         collect(results / "docs", "t", root)
+    # A sequence's config also holds the sections of the experiment's other methods; they are not its settings (an
+    # EWC row does not depend on `inflora`): lori-s runs that differ only in `ewc` pool.
+    for seed, lam in (("0", 5.0), ("1", 5.0), ("2", 7.0)):
+        path = results / "docs" / "lori-s" / f"seed-{seed}" / "config.yaml"
+        c = yaml.safe_load(path.read_text())
+        path.write_text(yaml.safe_dump({**c, "lori": {"mask_density": 0.1}, "ewc": {"lambda": lam}}))
+    assert len(collect(results / "docs", "t", root)) == 6
 
 
 def test_one_table_s_evidence_pools_into_another_at_the_same_settings(results, tmp_path):

@@ -53,9 +53,15 @@ class EvidenceRun:
 
 
 def _settings(config: Path) -> dict:
+    """What a run computed from: its config less the launch and per-sequence keys, and, for a sequence, less the
+    sections of the experiment's other methods (an EWC sequence does not read `inflora`: an InfLoRA default that
+    moved must not set the EWC rows apart from the InfLoRA row run after it)."""
     data = yaml.safe_load(config.read_text()) or {}
+    method = (data.get("sequence") or {}).get("method")
+    own = METHODS[method].section if method in METHODS else None
+    others = _sections() - {own} if method in METHODS else set()
     return {
-        k: v for k, v in data.items() if k not in PER_SEQUENCE and k not in LAUNCH_KEYS
+        k: v for k, v in data.items() if k not in PER_SEQUENCE and k not in LAUNCH_KEYS and k not in others
     }  # launch: never what it computes
 
 
