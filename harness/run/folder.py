@@ -112,21 +112,20 @@ def clean_partial_writes(run_dir: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def method_seconds(committed: dict[int, Path]) -> dict[str, float]:
+def stage_markers(committed: dict[int, Path]) -> list[dict]:
+    """The committed stages' stage.json, in stage order (read once for summary.json's totals below)."""
+    return [read_json(committed[t] / STAGE_MARKER) for t in sorted(committed)]
+
+
+def method_seconds(markers: list[dict]) -> dict[str, float]:
     """summary.json's totals of the seconds the committed stages spent in the method's own setup and teardown."""
-    markers = [read_json(p / STAGE_MARKER) for p in committed.values()]
     return {k: sum(m.get(k, 0.0) for m in markers) for k in ("method_setup_s", "method_teardown_s")}
 
 
-def code_commits(committed: dict[int, Path]) -> list[str]:
+def code_commits(markers: list[dict]) -> list[str]:
     """The harness commits that trained the committed stages (stage.json git_commit), distinct, in stage order: more
     than one when a resume ran other code than the stages before it."""
-    out: list[str] = []
-    for t in sorted(committed):
-        commit = read_json(committed[t] / STAGE_MARKER).get("git_commit")
-        if commit and commit not in out:
-            out.append(commit)
-    return out
+    return list(dict.fromkeys(m["git_commit"] for m in markers if m.get("git_commit")))
 
 
 def committed_stages(run_dir: Path) -> dict[int, Path]:

@@ -31,6 +31,7 @@ from harness.run.folder import (
     learn_check,
     method_seconds,
     result_hashes,
+    stage_markers,
     write_documents,
     write_matrix_files,
     write_stage_marker,
@@ -154,6 +155,7 @@ class StageCommits:
         counts = method.param_counts()
         write_matrix_files(run_dir, self.R, spec.tasks)
         committed = committed_stages(run_dir)
+        markers = stage_markers(committed)
         stage_docs = DOCS.read_stage_documents(committed)
         if stage_docs and len(stage_docs) == len(committed):  # stages committed before per-document files have none
             write_documents(run_dir / DOCS.DOCUMENTS_FILE, DOCS.gather(stage_docs, spec.tasks, self.R.shape[0]))
@@ -189,8 +191,8 @@ class StageCommits:
                 self.suite, self.tokenizer, self.cfg, method.model, spec.tasks, progress=self.progress
             ),
             "stage_wall_s": [self.stage_wall.get(t) for t in range(len(self.plan) + 1)],
-            **method_seconds(committed),
-            "git_commits": code_commits(committed),
+            **method_seconds(markers),
+            "git_commits": code_commits(markers),
             "peak_memory": peak_memory(next(self.model.parameters()).device),
             "mlflow_parent_run_id": self.mirror.parent_id,
             "mlflow_tracking_uri": self.tracker.uri,

@@ -57,9 +57,8 @@ def _settings(config: Path) -> dict:
     sections of the experiment's other methods (an EWC sequence does not read `inflora`: an InfLoRA default that
     moved must not set the EWC rows apart from the InfLoRA row run after it)."""
     data = yaml.safe_load(config.read_text()) or {}
-    method = (data.get("sequence") or {}).get("method")
-    own = METHODS[method].section if method in METHODS else None
-    others = _sections() - {own} if method in METHODS else set()
+    method = METHODS.get((data.get("sequence") or {}).get("method"))
+    others = _sections() - {method.section} if method else set()
     return {
         k: v for k, v in data.items() if k not in PER_SEQUENCE and k not in LAUNCH_KEYS and k not in others
     }  # launch: never what it computes
